@@ -1,0 +1,1 @@
+"""d2prune: distributed D2 Pruning for image-text pools."""
