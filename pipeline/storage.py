@@ -28,24 +28,22 @@ _BRACE_ALT = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand WebDataset-style brace patterns: ``{00000..00009}`` (zero-padded ranges) and ``{a,b}``."""
-    match = _BRACE_RANGE.search(pattern)
-    if match:
+    """Expand WebDataset-style brace patterns left to right: ``{00000..00009}`` (zero-padded
+    ranges) and ``{a,b}`` alternatives."""
+    matches = [m for m in (_BRACE_RANGE.search(pattern), _BRACE_ALT.search(pattern)) if m]
+    if not matches:
+        return [pattern]
+    match = min(matches, key=lambda m: m.start())
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    if match.re is _BRACE_RANGE:
         lo, hi = match.group(1), match.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
         if int(hi) < int(lo):
             raise ValueError(f"brace range {match.group(0)} in {pattern!r} is empty (end before start)")
-        out: list[str] = []
-        for i in range(int(lo), int(hi) + 1):
-            out.extend(expand_braces(pattern[: match.start()] + str(i).zfill(width) + pattern[match.end():]))
-        return out
-    match = _BRACE_ALT.search(pattern)
-    if match:
-        out = []
-        for alt in match.group(1).split(","):
-            out.extend(expand_braces(pattern[: match.start()] + alt + pattern[match.end():]))
-        return out
-    return [pattern]
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = match.group(1).split(",")
+    return [url for choice in choices for url in expand_braces(head + choice + tail)]
 
 
 def expand_urls(spec: str | Iterable[str]) -> list[str]:
