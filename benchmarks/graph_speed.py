@@ -1,0 +1,158 @@
+"""Speed and recall@10 of the graph stage's kNN path against exact brute force (FAISS flat).
+
+    python benchmarks/graph_speed.py --n 1000000 --json benchmarks/results/graph_speed.json
+    python benchmarks/graph_speed.py --quick          # N = 10^5, under two minutes
+
+Vectors: 512-d unit vectors with cluster structure, like CLIP embeddings (see clip_like_vectors),
+generated from a seed, in chunks.
+
+The kNN path is `pipeline.graph.knn_graph` with the config's defaults (nlist = about 4*sqrt(N),
+nprobe from GraphConfig, seeded training sample of train_size): the same functions the Ray stage
+runs per task (tests/test_graph.py checks the stage's output equals knn_graph's). Its time includes
+training, adding and searching all N nodes.
+
+Exact brute force over all N queries is too slow at 10^6 on two cores, so it is timed on a seeded
+sample of --exact-queries nodes and extrapolated linearly (exact search cost is linear in the number
+of queries); recall@10 is measured on that sample (self removed by id on both sides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from pipeline.config import GraphConfig  # noqa: E402
+from pipeline.graph import exact_knn, knn_graph, recall_at_k  # noqa: E402
+
+
+def clip_like_vectors(n: int, dim: int = 512, seed: int = 0, latent: int = 64, chunk: int = 100_000) -> np.ndarray:
+    """Unit vectors with CLIP-like structure: N/500 clusters grouped under 20 topics in a 64-d latent
+    space (cluster spreads drawn from [0.5, 1.0]), mapped to `dim` by a fixed random matrix, plus
+    isotropic noise and a shared offset (CLIP embeddings share a common direction). The run reports
+    the mean cosine to the nearest and 10th neighbour and between random pairs."""
+    rng = np.random.default_rng(seed)
+    clusters = max(50, n // 500)
+    projection = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
+    topics = rng.normal(size=(20, latent))
+    centres = (topics[rng.integers(0, 20, clusters)] + 0.7 * rng.normal(size=(clusters, latent))).astype(np.float32)
+    spreads = rng.uniform(0.5, 1.0, size=clusters).astype(np.float32)
+    offset = 2.0 * rng.normal(size=dim).astype(np.float32) / np.sqrt(dim)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        c = rng.integers(0, clusters, stop - start)
+        z = centres[c] + spreads[c, None] * rng.normal(size=(stop - start, latent)).astype(np.float32)
+        x = z @ projection + 0.05 * rng.normal(size=(stop - start, dim)).astype(np.float32) + offset
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[start:stop] = x
+    return out
+
+
+def run_knn(x: np.ndarray, k: int, sample: np.ndarray, exact_nb: np.ndarray, **kwargs) -> dict:
+    timings: dict = {}
+    start = time.perf_counter()
+    nb, _, cells = knn_graph(x, k, timings=timings, **kwargs)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "train_s": timings["train"], "add_s": timings["add"], "search_s": timings["search"],
+        "recall": recall_at_k(nb[sample], exact_nb),
+        "index_bytes": int(timings["index_bytes"]),
+        "cells": int(len(np.unique(cells))),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="N = 10^5")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--exact-queries", type=int, default=10_000)
+    parser.add_argument("--nprobe", type=int, default=None, help="default: GraphConfig's")
+    parser.add_argument("--nlist", type=int, default=None, help="default: GraphConfig's (about 4*sqrt(N))")
+    parser.add_argument("--pq-m", type=int, nargs="*", default=None, help="ivfpq sub-quantisers to report (default: GraphConfig's)")
+    parser.add_argument("--no-pq", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    n = 100_000 if args.quick else args.n
+    defaults = GraphConfig()
+    nprobe = args.nprobe or defaults.nprobe
+    common = dict(nlist=args.nlist or defaults.nlist, nprobe=nprobe, seed=args.seed, train_size=defaults.train_size)
+
+    t = time.perf_counter()
+    x = clip_like_vectors(n, args.dim, seed=args.seed)
+    gen_s = time.perf_counter() - t
+
+    rng = np.random.default_rng(args.seed + 1)
+    sample = np.sort(rng.choice(n, size=min(args.exact_queries, n), replace=False))
+    t = time.perf_counter()
+    exact_nb, exact_sqd = exact_knn(x, args.k, sample)
+    exact_sample_s = time.perf_counter() - t
+    pairs = rng.choice(n, size=(2, 2000))
+    geometry = {
+        "mean_cos_nearest": float(1 - exact_sqd[:, 0].mean() / 2),
+        "mean_cos_kth": float(1 - exact_sqd[:, -1].mean() / 2),
+        "mean_cos_random_pair": float((x[pairs[0]] * x[pairs[1]]).sum(1).mean()),
+    }
+    exact_all_s = exact_sample_s * n / len(sample)
+
+    rows = []
+    ivf = run_knn(x, args.k, sample, exact_nb, index="ivfflat", **common)
+    rows.append({"index": "ivfflat", **ivf})
+    if not args.no_pq:
+        for pq_m in args.pq_m or [defaults.pq_m]:
+            r = run_knn(x, args.k, sample, exact_nb, index="ivfpq", pq_m=pq_m, pq_bits=defaults.pq_bits, **common)
+            rows.append({"index": f"ivfpq (pq_m={pq_m})", **r})
+    vector_bytes = n * args.dim * 4
+    for r in rows:
+        r["speedup"] = exact_all_s / r["seconds"]
+        r["memory_fraction"] = r["index_bytes"] / vector_bytes
+
+    from pipeline.graph import resolve_nlist, training_ids
+
+    nlist = resolve_nlist("ivfflat", n, len(training_ids(n, defaults.train_size, args.seed)), common["nlist"])
+    result = {
+        "benchmark": "graph_speed",
+        "n": n, "dim": args.dim, "k": args.k, "nlist": nlist, "nprobe": nprobe,
+        "train_size": min(n, defaults.train_size),
+        "exact_queries": int(len(sample)),
+        "exact_sample_seconds": exact_sample_s,
+        "exact_all_seconds_extrapolated": exact_all_s,
+        "generate_seconds": gen_s,
+        "data_geometry": geometry,
+        "recall": rows[0]["recall"],
+        "speedup": rows[0]["speedup"],
+        "rows": rows,
+        "float32_vector_bytes": vector_bytes,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), python {platform.python_version()}",
+        "faiss_threads": __import__("faiss").omp_get_max_threads(),
+    }
+
+    print(f"graph_speed N={n} d={args.dim} k={args.k} nlist={nlist} nprobe={nprobe} "
+          f"exact: {exact_sample_s:.1f}s for {len(sample)} queries -> {exact_all_s:.0f}s for all N (extrapolated)")
+    print("data: mean cosine nearest %.3f, %dth %.3f, random pairs %.3f" % (
+        geometry["mean_cos_nearest"], args.k, geometry["mean_cos_kth"], geometry["mean_cos_random_pair"]))
+    print(f"{'index':<20} {'recall@10':>9} {'total s':>8} {'train':>7} {'add':>7} {'search':>7} "
+          f"{'speedup':>8} {'index MB':>9} {'mem/f32':>8}")
+    for r in rows:
+        print(f"{r['index']:<20} {r['recall']:>9.4f} {r['seconds']:>8.1f} {r['train_s']:>7.1f} {r['add_s']:>7.1f} "
+              f"{r['search_s']:>7.1f} {r['speedup']:>7.1f}x {r['index_bytes'] / 2**20:>9.1f} {r['memory_fraction']:>8.4f}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

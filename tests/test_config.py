@@ -1,0 +1,104 @@
+"""The job config: validation errors name the bad key, --set overrides, the example configs."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, config_from_dict, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def minimal(**extra):
+    raw = {"workdir": "/tmp/w", "input": {"shards": "/tmp/p/{00000..00001}.tar"}, "output": {"url": "/tmp/o"}}
+    raw.update(extra)
+    return raw
+
+
+def test_example_configs_exist_and_validate():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "datacomp-small.yaml", "laion-style.yaml"} <= names
+    for path in CONFIGS:
+        cfg = load_config(path)
+        for stage in ("embed", "graph", "select", "write"):
+            assert len(cfg.fingerprint(stage)) == 16
+
+
+def test_example_configs_say_what_they_promise():
+    demo = load_config(CONFIGS[[p.name for p in CONFIGS].index("demo.yaml")])
+    assert demo.embed.model_config_path == "pipeline/demo/assets/tiny_clip.json"
+    assert demo.embed.pretrained == "pipeline/demo/assets/tiny_clip.pt"
+    small = load_config(Path(CONFIGS[0]).parent / "datacomp-small.yaml")
+    assert small.embed.encoder == "precomputed"
+    assert small.embed.precomputed.score_column == "clip_l14_similarity_score"
+    assert small.graph.k == 1 and small.select.gamma_reverse == 1.0 and small.select.prune_rate == 0.7
+    laion = load_config(Path(CONFIGS[0]).parent / "laion-style.yaml")
+    assert (laion.embed.model, laion.embed.pretrained) == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert laion.storage.endpoint_url.startswith("http")
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'select\.gama_reverse'"):
+        config_from_dict(minimal(select={"gama_reverse": 1.0}))
+    with pytest.raises(ConfigError, match=r"unknown key 'outptu'"):
+        config_from_dict(minimal(outptu={"url": "x"}))
+
+
+@pytest.mark.parametrize("section,key,value,needle", [
+    ("graph", "k", "many", "graph.k"),
+    ("graph", "k", 0, "graph.k"),
+    ("select", "prune_rate", 1.5, "select.prune_rate"),
+    ("select", "method", "magic", "select.method"),
+    ("select", "partitions", "some", "select.partitions"),
+    ("output", "samples_per_shard", -3, "output.samples_per_shard"),
+])
+def test_bad_types_and_ranges_name_the_field(section, key, value, needle):
+    raw = minimal()
+    raw.setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        config_from_dict(raw)
+
+
+def test_missing_required_section_is_named():
+    raw = minimal()
+    del raw["output"]
+    with pytest.raises(ConfigError, match="output"):
+        config_from_dict(raw)
+
+
+def test_set_overrides_parse_yaml_scalars_and_lists(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("workdir: /tmp/w\ninput: {shards: a.tar}\noutput: {url: /tmp/o}\n")
+    cfg = load_config(path, ["select.prune_rate=0.5", "graph.k=7", "embed.pretrained=null",
+                             "input.shards=[a.tar, b.tar]", "select.partitions=cells", "select.partitions=3"])
+    assert cfg.select.prune_rate == 0.5 and cfg.graph.k == 7 and cfg.embed.pretrained is None
+    assert cfg.input.shards == ["a.tar", "b.tar"] and cfg.select.partitions == 3
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["select.prune_rate"])
+    with pytest.raises(ConfigError, match=r"unknown key 'select\.nope'"):
+        load_config(path, ["select.nope=1"])
+
+
+def test_fingerprints_change_only_for_the_stages_that_depend_on_a_setting():
+    base = config_from_dict(minimal())
+    k = config_from_dict(minimal(graph={"k": 3}))
+    rate = config_from_dict(minimal(select={"prune_rate": 0.5}))
+    assert base.fingerprint("embed") == k.fingerprint("embed")
+    assert base.fingerprint("graph") != k.fingerprint("graph")
+    assert base.fingerprint("graph") == rate.fingerprint("graph")
+    assert base.fingerprint("select") != rate.fingerprint("select")
+    assert base.fingerprint("write") != rate.fingerprint("write")  # the chain carries it
+
+
+def test_cli_exit_code_2_with_one_line_reason(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text("workdir: /tmp/w\ninput: {shards: a.tar}\noutput: {url: /tmp/o}\nselect: {bogus: 1}\n")
+    assert main(["select", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("d2prune: error:") and "select.bogus" in err[-1]
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    # beta larger than the prune rate cannot meet the budget: refused before any work
+    assert main(["run", str(path), "--set", "select={beta: 0.5, prune_rate: 0.3}"]) == 2
+    assert "select.beta=0.5" in capsys.readouterr().err

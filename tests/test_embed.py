@@ -1,0 +1,291 @@
+"""The embed stage end to end on small broken pools (local and S3), with the tiny open_clip model:
+row counts, norms, scores, skip counts, determinism, resume, checkpoint loading, precomputed."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.embed import (
+    ModelSpec,
+    UidRegistry,
+    build_embed_dataset,
+    image_pipeline,
+    preprocess_config,
+    run_embed_stage,
+    uid_hashes,
+)
+from pipeline.shards import ShardError
+from pipeline.storage import Store, join
+from pipeline.testing import (
+    TINY_MODEL_CONFIG,
+    TINY_MODEL_NAME,
+    make_config,
+    render_image,
+    write_precomputed,
+)
+from pipeline.workdir import part_name, stage_dir
+
+slow = pytest.mark.slow
+
+
+def _pool_cfg(workdir, manifest, **sections):
+    return make_config(str(workdir), manifest.shards, **sections)
+
+
+def _read_parts(store, cfg, n):
+    directory = stage_dir(cfg, "embed")
+    return [store.read_parquet(join(directory, part_name(i) + ".parquet")) for i in range(n)]
+
+
+def _vectors(table, column):
+    return np.asarray(table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(
+        table.num_rows, -1).astype(np.float32)
+
+
+def _check_against_manifest(store, cfg, manifest, stats):
+    parts = _read_parts(store, cfg, len(manifest.shards))
+    for i, (table, kept) in enumerate(zip(parts, manifest.kept)):
+        assert table.column("uid").to_pylist() == [k["uid"] for k in kept], f"part {i}"
+        assert table.column("key").to_pylist() == [k["key"] for k in kept]
+        assert set(table.column("shard").to_pylist()) <= {manifest.shards[i]}
+        part_stats = store.read_json(join(stage_dir(cfg, "embed"), part_name(i) + ".stats.json"))
+        assert part_stats == {"shard": manifest.shards[i], "samples": len(kept),
+                              "skipped": dict(sorted(manifest.skipped[i].items()))}
+    assert stats["samples"] == manifest.n_kept
+    assert stats["skipped"] == dict(sorted(manifest.skipped_total.items()))
+    assert store.exists(join(stage_dir(cfg, "embed"), "_SUCCESS.json"))
+    assert store.read_json(join(stage_dir(cfg, "embed"), "_stats.json"))["samples"] == manifest.n_kept
+    return parts
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local, small_pool, tmp_path_factory):
+    store = Store()
+    cfg = _pool_cfg(tmp_path_factory.mktemp("embed") / "work", small_pool)
+    stats = run_embed_stage(cfg, store)
+    return cfg, stats, _read_parts(store, cfg, len(small_pool.shards))
+
+
+@slow
+def test_embed_local_pool_rows_norms_scores_and_skips(local_run, small_pool):
+    cfg, stats, _ = local_run
+    parts = _check_against_manifest(Store(), cfg, small_pool, stats)
+    schema = parts[0].schema
+    assert schema.names == ["uid", "shard", "key", "clip_score", "image_embedding", "text_embedding"]
+    dim = TINY_MODEL_CONFIG["embed_dim"]
+    assert schema.field("image_embedding").type == pa.list_(pa.float16(), dim)
+    assert schema.field("text_embedding").type == pa.list_(pa.float16(), dim)
+    assert schema.field("clip_score").type == pa.float32()
+    table = pa.concat_tables(parts)
+    image, text = _vectors(table, "image_embedding"), _vectors(table, "text_embedding")
+    np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=2e-3)
+    score = table.column("clip_score").to_numpy()
+    np.testing.assert_allclose(score, (image * text).sum(axis=1), atol=3e-3)
+    assert len(set(table.column("uid").to_pylist())) == table.num_rows
+    # different pictures get different embeddings (the model actually saw the pixels)
+    assert len({row.tobytes() for row in image}) == table.num_rows
+    assert stats["samples_this_run"] == small_pool.n_kept and stats["samples_per_s"] > 0
+    assert stats["device"] == "cpu" and stats["embedding_dim"] == dim
+
+
+@slow
+def test_embed_is_deterministic(local_run, small_pool, tmp_path):
+    cfg, _, first = local_run
+    store = Store()
+    # a different actor count and read parallelism must not change a single bit
+    again = _pool_cfg(tmp_path / "work", small_pool, embed={"num_actors": 1, "torch_threads": 2})
+    run_embed_stage(again, store)
+    for a, b in zip(first, _read_parts(store, again, len(small_pool.shards))):
+        assert a.equals(b)
+
+
+@slow
+def test_resume_after_kill_embeds_each_shard_once(local_run, small_pool, tmp_path):
+    _, _, reference = local_run
+    store = Store()
+    cfg = _pool_cfg(tmp_path / "work", small_pool)
+    directory = stage_dir(cfg, "embed")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(index):
+        if index == 1:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        run_embed_stage(cfg, store, on_part_committed=kill_after_two)
+    committed = sorted(n for n in os.listdir(directory) if n.endswith(".parquet"))
+    assert committed == ["part-00000.parquet", "part-00001.parquet"]
+    assert not store.exists(join(directory, "_SUCCESS.json"))
+    before = {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in committed}
+
+    embedded = []
+    stats = run_embed_stage(cfg, store, on_part_committed=embedded.append)
+    assert embedded == [2, 3]  # only the shards without a part
+    assert {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in committed} == before
+    assert stats["shards_resumed"] == 2 and stats["shards_embedded"] == 2
+    assert stats["samples"] == small_pool.n_kept
+    assert stats["skipped"] == dict(sorted(small_pool.skipped_total.items()))
+    for a, b in zip(reference, _read_parts(store, cfg, len(small_pool.shards))):
+        assert a.equals(b)
+
+    # a lost part in the middle is re-embedded with the same cross-shard de-duplication
+    os.remove(os.path.join(directory, "part-00002.parquet"))
+    os.remove(os.path.join(directory, "_SUCCESS.json"))
+    embedded.clear()
+    run_embed_stage(cfg, store, on_part_committed=embedded.append)
+    assert embedded == [2]
+    assert _read_parts(store, cfg, 4)[2].equals(reference[2])
+
+    # a committed stage is not run again
+    embedded.clear()
+    assert run_embed_stage(cfg, store, on_part_committed=embedded.append)["samples"] == small_pool.n_kept
+    assert embedded == []
+
+
+@slow
+def test_embed_through_s3(ray_local, s3_store, s3_pool, s3_bucket, s3_server):
+    cfg = make_config(f"{s3_bucket}/work-embed", s3_pool.shards, storage={"endpoint_url": s3_server})
+    stats = run_embed_stage(cfg, s3_store)
+    parts = _check_against_manifest(s3_store, cfg, s3_pool, stats)
+    assert sum(p.num_rows for p in parts) == s3_pool.n_kept
+    assert s3_store.ls(stage_dir(cfg, "embed"))[:1] == ["_FINGERPRINT.json"]
+
+
+@slow
+def test_local_checkpoint_is_loaded(ray_local, small_pool, tiny_checkpoint, local_run, tmp_path):
+    import open_clip
+    import torch
+
+    from pipeline.embed import register_model_config
+    from pipeline.shards import decode_image, iter_shard_samples
+
+    store = Store()
+    cfg = make_config(str(tmp_path / "work"), small_pool.shards[:1], embed={"pretrained": tiny_checkpoint})
+    run_embed_stage(cfg, store)
+    table = _read_parts(store, cfg, 1)[0]
+    assert table.column("uid").to_pylist() == [k["uid"] for k in small_pool.kept[0]]
+    # the same samples through open_clip directly, with the model loaded from the same file
+    register_model_config(TINY_MODEL_NAME, TINY_MODEL_CONFIG)
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL_NAME, pretrained=tiny_checkpoint)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL_NAME)
+    samples = {s.uid: s for s in iter_shard_samples(store, small_pool.shards[0], cfg.input) if s.problem is None}
+    uids = table.column("uid").to_pylist()[:8]
+    images = torch.stack([preprocess(decode_image(samples[u].image_bytes)) for u in uids])
+    with torch.no_grad():
+        expected_image = torch.nn.functional.normalize(model.encode_image(images), dim=-1).numpy()
+        expected_text = torch.nn.functional.normalize(
+            model.encode_text(tokenizer([samples[u].caption for u in uids])), dim=-1).numpy()
+    np.testing.assert_allclose(_vectors(table, "image_embedding")[:8], expected_image, atol=2e-3)
+    np.testing.assert_allclose(_vectors(table, "text_embedding")[:8], expected_text, atol=2e-3)
+    # and it is not the seeded random model of the default run
+    random_weights = local_run[2][0]
+    assert not np.allclose(_vectors(random_weights, "image_embedding")[:8], expected_image, atol=1e-2)
+
+
+@slow
+def test_missing_shard_fails_before_any_work(ray_local, small_pool, tmp_path):
+    missing = small_pool.shards[0].replace("00000.tar", "00042.tar")
+    cfg = make_config(str(tmp_path / "work"), small_pool.shards + [missing])
+    with pytest.raises(ShardError, match="00042.tar: not found"):
+        run_embed_stage(cfg, Store())
+    assert not os.path.exists(tmp_path / "work")
+
+
+@slow
+def test_precomputed_encoder(ray_local, tmp_path):
+    store = Store()
+    pre = write_precomputed(str(tmp_path / "meta"), n_files=3, per_file=20, dim=16)
+    shards = [str(tmp_path / "pool" / f"{i:05d}.tar") for i in range(3)]
+    cfg = make_config(str(tmp_path / "work"), shards, embed={
+        "encoder": "precomputed",
+        "precomputed": {"metadata": str(tmp_path / "meta" / "{00000000..00000002}.parquet")},
+    })
+    stats = run_embed_stage(cfg, store)
+    parts = _read_parts(store, cfg, 3)
+    assert [p.column("uid").to_pylist() for p in parts] == pre.kept_uids
+    assert stats["skipped"] == {"duplicate_uid": 1} and stats["samples"] == 59
+    assert stats["embedding_dim"] == 16
+    for i, part in enumerate(parts):
+        assert set(part.column("shard").to_pylist()) == {shards[i]}
+        rows = [j for j in range(20) if not (i == 1 and j == 2)]
+        img = pre.image[i][rows].astype(np.float32)
+        np.testing.assert_allclose(_vectors(part, "image_embedding"),
+                                   img / np.linalg.norm(img, axis=1, keepdims=True), atol=2e-3)
+        np.testing.assert_allclose(part.column("clip_score").to_numpy(), pre.scores[i][rows], atol=1e-6)
+        assert part.schema.field("text_embedding").type == pa.list_(pa.float16(), 16)
+
+
+def test_precomputed_file_count_must_match_shards(tmp_path):
+    from pipeline.embed import precomputed_files
+
+    cfg = make_config(str(tmp_path / "work"), ["a.tar", "b.tar"], embed={
+        "encoder": "precomputed", "precomputed": {"metadata": "m/{0..2}.parquet"}})
+    with pytest.raises(ValueError, match="3 files but input.shards has 2"):
+        precomputed_files(cfg, 2)
+
+
+@slow
+def test_decoding_runs_in_tasks_not_in_the_model_actor(ray_local, small_pool, tmp_path):
+    import json
+
+    cfg = make_config(str(tmp_path / "work"), small_pool.shards)
+    spec = ModelSpec(TINY_MODEL_NAME, None, json.dumps(TINY_MODEL_CONFIG))
+    pp_json = json.dumps(preprocess_config(spec))
+    ds = build_embed_dataset(cfg, Store(), spec, pp_json, [(0, small_pool.shards[0])], gpus=0, threads=1)
+    ds = ds.materialize()
+    summary = ds.stats()
+    # two physical operators: the read/decode tasks and the actor pool, never one fused worker
+    assert "read_and_preprocess)->MapBatches(ClipEmbedder" not in summary
+    assert "MapBatches(read_and_preprocess)" in summary and "MapBatches(ClipEmbedder)" in summary
+    assert ds.count() == len(small_pool.kept[0]) + 1  # the shard's rows and its end marker
+
+
+def test_split_transform_equals_model_transform():
+    import open_clip
+    import torch
+
+    spec = ModelSpec("ViT-B-32", None)
+    pp = preprocess_config(spec)
+    pipe = image_pipeline(pp)
+    assert pipe.split and pipe.size == (224, 224)
+    _, _, full = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None, load_weights=False)
+    image, _ = render_image(np.random.default_rng(0), 300)
+    image = image.resize((300, 260))
+    expected = full(image)
+    pixels = torch.from_numpy(pipe(image)).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(pipe.mean).view(3, 1, 1)
+    std = torch.tensor(pipe.std).view(3, 1, 1)
+    torch.testing.assert_close((pixels - mean) / std, expected, atol=1e-5, rtol=0)
+
+
+def test_preprocess_config_matches_a_real_build():
+    import open_clip
+
+    from pipeline.embed import register_model_config
+
+    register_model_config(TINY_MODEL_NAME, TINY_MODEL_CONFIG)
+    spec = ModelSpec(TINY_MODEL_NAME, None, None)
+    model = open_clip.create_model(TINY_MODEL_NAME, pretrained=None)
+    real = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.visual.preprocess_cfg.items()}
+    assert preprocess_config(spec) == real
+
+
+def test_uid_registry_matches_a_set():
+    rng = np.random.default_rng(0)
+    registry, reference = UidRegistry(), set()
+    for _ in range(30):
+        batch = [f"u{v}" for v in rng.integers(0, 3000, size=int(rng.integers(1, 200)))]
+        hashes = uid_hashes(batch)
+        assert registry.contains(hashes).tolist() == [u in reference for u in batch]
+        registry.add(hashes)
+        reference.update(batch)
+    assert len(set(uid_hashes(sorted(reference)).tolist())) == len(reference)
+    assert len(registry) >= len(reference)  # levels are unique; merged ones dedupe
