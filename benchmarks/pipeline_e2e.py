@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 
 def machine() -> str:
@@ -47,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.testing import make_config, save_random_checkpoint, write_pool
 
     setup_logging()
+    load_before = os.getloadavg()[0]
     base = args.dir or tempfile.mkdtemp(prefix="d2prune-bench-")
     os.makedirs(base, exist_ok=True)
     try:
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
         shards = os.path.join(base, "pool", f"{{00000..{n_shards - 1:05d}}}.tar")
         cfg = make_config(
             os.path.join(base, "work"), shards, os.path.join(base, "out"),
-            embed={"pretrained": ckpt, "batch_size": 256, "num_actors": 2, "torch_threads": 1},
+            embed={"pretrained": ckpt, "batch_size": 256, "num_actors": 1, "torch_threads": 1},
             graph={"k": args.k, "index": "ivfflat", "nlist": None, "nprobe": 16, "recall_sample": 1000},
             select={"prune_rate": args.prune_rate, "partitions": "cells"},
-            output={"samples_per_shard": 2000},
+            overrides=["output.samples_per_shard=2000"],
             ray={"num_cpus": os.cpu_count(), "object_store_memory": 1_000_000_000},
         )
         config_path = os.path.join(base, "job.yaml")
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
         select_stats = store.read_json(os.path.join(base, "work", "selection", "_stats.json"))
 
         variants = []
-        for spec in args.partitions.split(","):
-            spec = spec.strip()
+        specs = [(s.strip(), False) for s in args.partitions.split(",")] + [("cells", True)]
+        for spec, use_ray in specs:
             partitions = spec if spec == "cells" else int(spec)
             raw = cfg.model_dump()
             raw["select"]["partitions"] = partitions
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
 
             variant = config_from_dict(raw)
             t0 = time.perf_counter()
-            _, stats = coordinator.select(variant, store, use_ray=False)
+            _, stats = coordinator.select(variant, store, use_ray=use_ray)
             variants.append({
-                "partitions": spec, "n_partitions": stats["partitions"],
+                "partitions": spec, "ray_tasks": use_ray, "n_partitions": stats["partitions"],
                 "seconds": round(time.perf_counter() - t0, 3),
                 "seconds_by_step": stats["seconds"],
                 "cross_partition_edge_fraction": round(stats["cross_partition_edge_fraction"], 4),
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
             "select_stage": {k: select_stats.get(k) for k in (
                 "partitions", "cross_partition_edge_fraction", "overlap_with_exact", "seconds", "used_ray")},
             "select_variants": variants,
+            "load_average_1min": {"start": round(load_before, 1), "end": round(os.getloadavg()[0], 1)},
         }
     finally:
         if args.dir is None:
@@ -133,16 +134,21 @@ def markdown(r: dict) -> str:
         f"{r['recall_at_k']}), D2 keeping {r['budget']} (30%). Command: `benchmarks/pipeline_e2e.py "
         f"--samples {r['samples']}`.",
         "",
+        f"Load average (1 min) at start/end: {r['load_average_1min']['start']}/{r['load_average_1min']['end']} "
+        "(other work was running concurrently on the 2 cores: timings are pessimistic).",
+        "",
         "| stage | seconds |",
         "|---|---|",
     ]
     for stage, seconds in r["stage_seconds"].items():
         lines.append(f"| {stage} | {seconds:.1f} |")
     lines += [f"| whole job | {r['job_seconds']:.1f} |", "",
-              "Select stage alone on the same graph (in process), partitioned vs the exact global greedy:", "",
-              "| partitions | P | seconds | cross-partition edges | overlap with exact |", "|---|---|---|---|---|"]
+              "Select stage alone on the same graph, partitioned vs the exact global greedy (same selection in process or in Ray tasks):", "",
+              "| partitions | P | where | seconds | cross-partition edges | overlap with exact |",
+              "|---|---|---|---|---|---|"]
     for v in r["select_variants"]:
-        lines.append(f"| {v['partitions']} | {v['n_partitions']} | {v['seconds']:.2f} | "
+        where = "Ray tasks" if v["ray_tasks"] else "in process"
+        lines.append(f"| {v['partitions']} | {v['n_partitions']} | {where} | {v['seconds']:.2f} | "
                      f"{v['cross_partition_edge_fraction']:.3f} | {v['overlap_with_exact']:.4f} |")
     lines.append("")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -187,15 +188,37 @@ def run_job(config: str, overrides: list[str] | None = None, force: str | None =
     return summarize(cfg, store, results)
 
 
+_EXC_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$")
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The original exception behind Ray's wrappers (RayTaskError.cause) and explicit chaining."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException) and cause is not err:
+            err = cause
+        elif err.__cause__ is not None and type(err).__module__.startswith("ray"):
+            err = err.__cause__
+        else:
+            break
+    return err
+
+
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    lines = [line for line in text.splitlines() if line.strip()]
-    # Ray wraps task errors in a traceback; the last line carries the cause
-    if len(lines) > 1 and not isinstance(err, ConfigError):
-        return f"{type(err).__name__}: {lines[-1].strip()}"
+    """A one-line reason: the original exception's type and first line (config errors: every key)."""
     if isinstance(err, ConfigError):
-        return "; ".join(line.strip() for line in lines)
-    return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
+        return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    inner = _innermost(err)
+    lines = [line for line in str(inner).splitlines() if line.strip()]
+    if type(inner).__module__.startswith("ray") and len(lines) > 1:
+        # a remote traceback as text: its last "SomeError: message" line is the cause
+        found = [m for m in map(_EXC_LINE.match, lines) if m and not m.group(1).startswith("ray.")]
+        if found:
+            return f"{found[-1].group(1)}: {found[-1].group(2).strip()}"
+    name = type(inner).__name__
+    return f"{name}: {lines[0].strip()}" if lines else name
 
 
 def exit_code_for(err: BaseException) -> int:
@@ -207,9 +230,9 @@ def exit_code_for(err: BaseException) -> int:
         return EXIT_STALE
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    cause = getattr(err, "cause", None)  # RayTaskError carries the original exception
-    if isinstance(cause, BaseException) and cause is not err:
-        return exit_code_for(cause)
+    inner = _innermost(err)  # e.g. the error inside a Ray task
+    if inner is not err:
+        return exit_code_for(inner)
     return EXIT_FAILED
 
 

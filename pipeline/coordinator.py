@@ -426,7 +426,12 @@ def _baseline(cfg: JobConfig, store: Store, method: str, kept: np.ndarray, score
 
 
 def select(cfg: JobConfig, store: Store, use_ray: bool | None = None) -> tuple[Any, dict[str, Any]]:
-    """Compute the selection (no writing): (pyarrow table of selected.parquet, stats)."""
+    """Compute the selection (no writing): (pyarrow table of selected.parquet, stats).
+
+    ``use_ray``: None = Ray tasks when N >= RAY_MIN_NODES; True/False force either path (the
+    result is the same).
+    """
+    import pandas as pd
     import pyarrow as pa
 
     from . import d2
@@ -438,8 +443,6 @@ def select(cfg: JobConfig, store: Store, use_ray: bool | None = None) -> tuple[A
     g = read_graph(store, cfg)
     uids = g["uids"]
     n = len(uids)
-    import pandas as pd
-
     index = pd.Index(uids)
     if not index.is_unique:
         dup = index[index.duplicated()].unique()[:5].tolist()
@@ -501,7 +504,6 @@ def select(cfg: JobConfig, store: Store, use_ray: bool | None = None) -> tuple[A
             local_order = sel.order
             final = sel.final_scores
             partition = np.zeros(len(local_order), np.int32)
-            budgets = np.array([budget])
         else:
             from .selectors import balanced_budgets
 

@@ -151,8 +151,15 @@ def write_output_shard(store: Store, cfg: JobConfig, plan_url: str, index: int, 
 
 def _ray_data_write(row: dict[str, Any], store: Store, cfg: JobConfig, plan_url: str,
                     fail_at: int | None) -> dict[str, Any]:
-    result = write_output_shard(store, cfg, plan_url, int(row["index"]), fail_at)
-    return {"index": result["index"], "written": result["written"]}
+    # A failed shard is reported, not raised: the other shards still get written (a re-run has
+    # less left to do) and the driver raises one clear error naming the failed shards.
+    index = int(row["index"])
+    try:
+        result = write_output_shard(store, cfg, plan_url, index, fail_at)
+        return {"index": index, "written": result["written"], "error": ""}
+    except Exception as err:  # noqa: BLE001 - turned into the stage's error below
+        log.error("output shard %s failed: %s: %s", shard_name(index), type(err).__name__, err)
+        return {"index": index, "written": False, "error": f"{type(err).__name__}: {err}"}
 
 
 # ================================================================================================
@@ -208,8 +215,13 @@ def _write_plan(store: Store, url: str, table, samples_per_shard: int) -> None:
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
-    # one row group per output shard: a shard's task reads only its own rows
-    pq.write_table(table, buf, row_group_size=samples_per_shard, compression="zstd")
+    # one row group per output shard: a shard's task reads only its own rows (a single chunk, so
+    # the writer cuts row groups at exactly every samples_per_shard rows)
+    pq.write_table(table.combine_chunks(), buf, row_group_size=samples_per_shard, compression="zstd")
+    meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    if any(size != samples_per_shard for size in sizes[:-1]):
+        raise RuntimeError(f"plan row groups {sizes[:5]}... are not {samples_per_shard} rows each")
     store.write_bytes(url, buf.getvalue())
 
 
@@ -297,7 +309,8 @@ def run_write_stage(cfg: JobConfig, store: Store) -> dict[str, Any]:
     if store.exists(plan_url):
         with store.open(plan_url, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            n_samples, n_shards = pf.metadata.num_rows, pf.metadata.num_row_groups
+            n_samples = pf.metadata.num_rows
+        n_shards = -(-n_samples // cfg.output.samples_per_shard)
         uids = store.read_parquet(plan_url, columns=["uid"]).column("uid").to_pylist()
     else:
         plan = build_plan(store, cfg)
@@ -327,6 +340,12 @@ def run_write_stage(cfg: JobConfig, store: Store) -> dict[str, Any]:
             fn_kwargs={"store": store, "cfg": cfg, "plan_url": plan_url, "fail_at": fail_at})
         results = sorted(ds.take_all(), key=lambda r: r["index"])
         written = sum(1 for r in results if r["written"])
+        failed = [r for r in results if r["error"]]
+        if failed:
+            raise RuntimeError(
+                f"{len(failed)} of {len(pending)} output shards failed ({written} written, committed and kept "
+                f"for a re-run); first: shard {shard_name(failed[0]['index'])}: {failed[0]['error']}"
+            )
 
     check = check_output(store, cfg, n_shards, uids)
     embed_stats = _read_optional(store, join(workdir.stage_dir(cfg, "embed"), "_stats.json"))

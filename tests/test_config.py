@@ -102,3 +102,23 @@ def test_cli_exit_code_2_with_one_line_reason(tmp_path, capsys):
     # beta larger than the prune rate cannot meet the budget: refused before any work
     assert main(["run", str(path), "--set", "select={beta: 0.5, prune_rate: 0.3}"]) == 2
     assert "select.beta=0.5" in capsys.readouterr().err
+
+
+def test_deploy_manifests_parse_and_their_job_config_validates():
+    import yaml
+
+    from pipeline.config import config_from_dict
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    kinds = {}
+    for path in sorted((deploy / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            kinds.setdefault(doc["kind"], []).append(doc)
+    assert {"RayJob", "RayCluster", "CronJob", "ConfigMap"} <= set(kinds)
+    job_yaml = kinds["ConfigMap"][0]["data"]["job.yaml"]
+    config_from_dict(yaml.safe_load(job_yaml), source="deploy/k8s/rayjob.yaml")
+    for rayjob in kinds["RayJob"]:
+        entry = rayjob["spec"]["entrypoint"]
+        assert "/app/jobs/filter_pool.py" in entry and (deploy.parent / "jobs" / "filter_pool.py").exists()
+    assert "filter_pool.py" in (deploy / "slurm" / "d2prune.sbatch").read_text()
+    assert "pip install ." in (deploy / "Dockerfile").read_text()

@@ -5,7 +5,6 @@ The embed and graph stages' outputs are written directly here (clustered random 
 against the in-process ones in the tests marked slow.
 """
 
-import io
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import coordinator, d2, workdir
-from pipeline.config import ConfigError, config_from_dict
+from pipeline.config import config_from_dict
 from pipeline.coordinator import (
     build_partitions,
     datacomp_subset,
@@ -289,3 +288,12 @@ def test_ray_paths_equal_in_process_paths(tmp_path, monkeypatch, ray_local):
     assert ray_stats["used_ray"] and not local_stats["used_ray"]
     assert ray_table.equals(local_table)
     assert ray_stats["overlap_with_exact"] == local_stats["overlap_with_exact"]
+
+
+def test_prune_everything_gives_an_empty_selection(tmp_path):
+    cfg, store, _ = make_workdir(tmp_path, n=200, select={"partitions": 3, "prune_rate": 1.0})
+    stats = run_select_stage(cfg, store)
+    assert stats["selected"] == 0 and stats["pruned"] == 200
+    assert read_selected(store, cfg)["uid"] == []
+    subset = np.load(join(workdir.stage_dir(cfg, "select"), "subset.npy"))
+    assert subset.dtype == U16 and subset.shape == (0,)
