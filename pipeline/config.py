@@ -145,10 +145,17 @@ class SelectConfig(_Section):
     gamma_forward: float = Field(1.0, ge=0.0, description="Forward message-passing kernel width.")
     gamma_reverse: float = Field(1.0, ge=0.0, description="Reverse message-passing kernel width.")
     forward_rounds: int = Field(1, ge=1, description="Forward message-passing rounds.")
-    partitions: int | Literal["cells"] = Field(
-        "cells",
-        description="'cells' = one partition per IVF cell; an integer = that many balanced partitions built "
-        "from cells; 1 = the exact global greedy.",
+    partitions: int | Literal["auto", "cells"] = Field(
+        "auto",
+        description="'auto' = the exact global greedy (1 partition) up to `partition_max_nodes` nodes, else "
+        "ceil(N / partition_max_nodes) balanced partitions built from IVF cells; 'cells' = one partition "
+        "per IVF cell; an integer = that many balanced partitions built from cells; 1 = the exact greedy.",
+    )
+    partition_max_nodes: int = Field(
+        10_000_000,
+        gt=0,
+        description="'auto' partitioning: most nodes one reverse-greedy task handles (the exact greedy at "
+        "10^7 nodes takes under a minute and ~4 GB, benchmarks/results/d2_speed.md).",
     )
     budget_mode: Literal["proportional", "uniform"] = Field(
         "proportional", description="How the budget is split over partitions (spec section 6)."

@@ -84,9 +84,13 @@ def check_select_settings(cfg: JobConfig) -> None:
         )
 
 
-def build_partitions(cells: np.ndarray, partitions: int | str) -> tuple[np.ndarray, int]:
+def build_partitions(cells: np.ndarray, partitions: int | str,
+                     max_nodes: int | None = None) -> tuple[np.ndarray, int]:
     """Partition label (0..P-1, int32) of every node, and P.
 
+    ``"auto"``: P = ceil(N / max_nodes), so pools the exact greedy handles in one process get the
+    exact global greedy (partitioning only approximates it: pipeline_e2e.md measures the loss),
+    and larger pools get as few balanced partitions as fit.
     ``"cells"``: one partition per distinct cell, numbered in increasing cell id. An integer P:
     whole cells are packed into P partitions, largest cell first, each into the partition holding
     the fewest nodes so far (ties: lowest partition id); deterministic. Asking for more partitions
@@ -96,12 +100,16 @@ def build_partitions(cells: np.ndarray, partitions: int | str) -> tuple[np.ndarr
     n = cells.shape[0]
     if n == 0:
         return np.zeros(0, np.int32), 0
+    if partitions == "auto":
+        if not max_nodes or max_nodes < 1:
+            raise ConfigError("select.partition_max_nodes must be >= 1 with partitions: auto")
+        partitions = -(-n // max_nodes)
     uniq, inverse, sizes = np.unique(cells, return_inverse=True, return_counts=True)
     if partitions == "cells":
         return inverse.astype(np.int32), int(len(uniq))
     p = int(partitions)
     if p < 1:
-        raise ConfigError(f"select.partitions must be 'cells' or an integer >= 1, got {partitions!r}")
+        raise ConfigError(f"select.partitions must be 'auto', 'cells' or an integer >= 1, got {partitions!r}")
     if p >= len(uniq):
         return inverse.astype(np.int32), int(len(uniq))
     import heapq
@@ -497,7 +505,7 @@ def select(cfg: JobConfig, store: Store, use_ray: bool | None = None) -> tuple[A
         seconds["forward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        labels, n_parts = build_partitions(g["cells"][kept], s.partitions)
+        labels, n_parts = build_partitions(g["cells"][kept], s.partitions, s.partition_max_nodes)
         sizes = np.bincount(labels, minlength=n_parts) if n_parts else np.zeros(0, np.int64)
         if n_parts <= 1:
             sel = d2.reverse_select(graph, forward, budget, s.gamma_reverse)

@@ -297,3 +297,13 @@ def test_prune_everything_gives_an_empty_selection(tmp_path):
     assert read_selected(store, cfg)["uid"] == []
     subset = np.load(join(workdir.stage_dir(cfg, "select"), "subset.npy"))
     assert subset.dtype == U16 and subset.shape == (0,)
+
+
+def test_build_partitions_auto_is_exact_until_max_nodes():
+    cells = np.array([5, 5, 5, 5, 2, 2, 2, 9, 9, 7])
+    labels, p = build_partitions(cells, "auto", max_nodes=10)
+    assert p == 1 and labels.tolist() == [0] * 10
+    labels, p = build_partitions(cells, "auto", max_nodes=4)  # ceil(10 / 4) = 3 partitions of whole cells
+    assert p == 3
+    for c in np.unique(cells):
+        assert len(set(labels[cells == c].tolist())) == 1
