@@ -70,6 +70,29 @@ def run_knn(x: np.ndarray, k: int, sample: np.ndarray, exact_nb: np.ndarray, **k
     }
 
 
+def progress(message: str) -> None:
+    print(f"[graph_speed] {message}", file=sys.stderr, flush=True)
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        f"### N = {result['n']:,} ({result['dim']}-d, k = {result['k']}, nlist = {result['nlist']}, "
+        f"nprobe = {result['nprobe']}, train_size = {result['train_size']:,})",
+        "",
+        f"Exact brute force (FAISS flat): {result['exact_sample_seconds']:.1f} s for {result['exact_queries']:,} "
+        f"seeded queries, extrapolated to {result['exact_all_seconds_extrapolated']:.0f} s for all N.",
+        "",
+        "| index | recall@10 | total s | train s | add s | search s | speedup vs exact | index MB | index / float32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['index']} | {r['recall']:.4f} | {r['seconds']:.1f} | {r['train_s']:.1f} | {r['add_s']:.1f} | "
+            f"{r['search_s']:.1f} | {r['speedup']:.1f}x | {r['index_bytes'] / 2**20:.1f} | {r['memory_fraction']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -82,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pq-m", type=int, nargs="*", default=None, help="ivfpq sub-quantisers to report (default: GraphConfig's)")
     parser.add_argument("--no-pq", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="write the result as JSON (top-level recall, speedup)")
+    parser.add_argument("--md", default=None, help="append the result table as markdown to this file")
     args = parser.parse_args(argv)
     n = 100_000 if args.quick else args.n
     defaults = GraphConfig()
@@ -92,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     x = clip_like_vectors(n, args.dim, seed=args.seed)
     gen_s = time.perf_counter() - t
+    progress(f"generated {n} x {args.dim} vectors in {gen_s:.1f}s")
 
     rng = np.random.default_rng(args.seed + 1)
     sample = np.sort(rng.choice(n, size=min(args.exact_queries, n), replace=False))
@@ -105,14 +130,17 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_cos_random_pair": float((x[pairs[0]] * x[pairs[1]]).sum(1).mean()),
     }
     exact_all_s = exact_sample_s * n / len(sample)
+    progress(f"exact search of {len(sample)} queries: {exact_sample_s:.1f}s")
 
     rows = []
     ivf = run_knn(x, args.k, sample, exact_nb, index="ivfflat", **common)
     rows.append({"index": "ivfflat", **ivf})
+    progress(f"ivfflat: {ivf['seconds']:.1f}s recall {ivf['recall']:.4f}")
     if not args.no_pq:
         for pq_m in args.pq_m or [defaults.pq_m]:
             r = run_knn(x, args.k, sample, exact_nb, index="ivfpq", pq_m=pq_m, pq_bits=defaults.pq_bits, **common)
             rows.append({"index": f"ivfpq (pq_m={pq_m})", **r})
+            progress(f"ivfpq pq_m={pq_m}: {r['seconds']:.1f}s recall {r['recall']:.4f}")
     vector_bytes = n * args.dim * 4
     for r in rows:
         r["speedup"] = exact_all_s / r["seconds"]
@@ -147,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['index']:<20} {r['recall']:>9.4f} {r['seconds']:>8.1f} {r['train_s']:>7.1f} {r['add_s']:>7.1f} "
               f"{r['search_s']:>7.1f} {r['speedup']:>7.1f}x {r['index_bytes'] / 2**20:>9.1f} {r['memory_fraction']:>8.4f}")
+    if args.md:
+        with open(args.md, "a") as fh:
+            fh.write(markdown_table(result) + "\n")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
