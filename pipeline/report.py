@@ -23,7 +23,6 @@ import base64
 import datetime as _dt
 import html
 import io
-import json
 import logging
 import tarfile
 from typing import Any
@@ -42,7 +41,7 @@ MAP_POINTS = 4000  # points in the PCA map (a seeded sample of larger pools)
 EXAMPLES_PER_GRID = 16
 THUMB_PX = 112
 KEPT_COLOUR, DROPPED_COLOUR = "#1b7f3b", "#c0392b"
-METHOD_COLOURS = {"d2": "#1f5fa8", "score_topk": "#e08a1e", "random": "#8a8a8a"}
+METHOD_COLOURS = {"d2": "#1f5fa8", "d2_no_prefilter": "#8fb4de", "score_topk": "#e08a1e", "random": "#8a8a8a"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,18 +145,21 @@ def _fmt(value: Any) -> str:
 
 
 def _flatten(stats: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
+    """Nested stats as (dotted.key, value) rows; long lists are summarised, not dumped."""
     if isinstance(stats, dict):
-        for key in stats:
-            rows.extend(_flatten(stats[key], f"{prefix}{key}." if isinstance(stats[key], dict) and stats[key]
-                                 else f"{prefix}{key}"))
-            if isinstance(stats[key], dict) and not stats[key]:
-                pass
+        if not stats:
+            return [(prefix.rstrip("."), "{}")] if prefix else []
+        rows: list[tuple[str, Any]] = []
+        for key, value in stats.items():
+            rows.extend(_flatten(value, f"{prefix}{key}."))
         return rows
+    key = prefix.rstrip(".")
     if isinstance(stats, list):
+        if stats and all(isinstance(v, dict) for v in stats):
+            return [(key, f"{len(stats)} entries (see _stats.json)")]
         text = ", ".join(str(v) for v in stats[:8]) + (f", ... ({len(stats)} items)" if len(stats) > 8 else "")
-        return [(prefix.rstrip("."), text)]
-    return [(prefix.rstrip("."), stats)]
+        return [(key, text)]
+    return [(key, stats)]
 
 
 def _table(rows: list[list[Any]], header: list[str] | None = None, cls: str = "") -> str:
@@ -165,8 +167,7 @@ def _table(rows: list[list[Any]], header: list[str] | None = None, cls: str = ""
     if header:
         out.append("<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
     for row in rows:
-        out.append("<tr>" + "".join(f"<td>{c if isinstance(c, str) and c.startswith('<') else _fmt(c)}</td>"
-                                    for c in row) + "</tr>")
+        out.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>")
     out.append("</table>")
     return "".join(out)
 
@@ -209,22 +210,41 @@ def _summary_section(stats: dict[str, dict | None], kept_n: int | None, n_total:
     return cards + _table(rows)
 
 
+# The numbers of each stage shown up front; everything else in the stage's stats is one click away.
+KEY_STATS = {
+    "embed": ("samples", "skipped", "skipped_total", "model", "device", "samples_per_s", "seconds"),
+    "graph": ("n_nodes", "vector", "k", "index", "nlist", "nprobe", "recall_at_k", "recall_sample", "seconds"),
+    "select": ("method", "n_nodes", "budget", "selected", "prefiltered", "pruned", "score_offset", "partitions",
+               "cross_partition_edge_fraction", "overlap_with_exact", "gamma_forward", "gamma_reverse", "seconds.total"),
+    "write": ("samples_written", "output_shards", "integrity", "shards_url", "seconds"),
+}
+
+
 def _stage_section(stage: str, stats: dict | None, success: dict | None) -> str:
     title = f"<h3>{stage}</h3>"
     if stats is None:
-        return title + _note(f"Stage {stage} has no _stats.json (not run, or not committed yet).")
+        return f'<div class="stage">{title}' + _note(f"Stage {stage} has no _stats.json (not run, or not committed yet).") + "</div>"
     committed = "committed" if success else "not committed"
     when = ""
     if success and success.get("committed_at"):
         when = _dt.datetime.fromtimestamp(float(success["committed_at"]), _dt.timezone.utc).strftime(" %Y-%m-%d %H:%M UTC")
-    rows = [[k, v] for k, v in _flatten(stats)]
-    return title + f'<p class="meta">{committed}{when}</p>' + _table(rows, cls="kv")
+    rows = _flatten(stats)
+    wanted = KEY_STATS.get(stage, ())
+    key_rows = [[k, v] for want in wanted for k, v in rows if k == want or k.startswith(want + ".")]
+    shown = {r[0] for r in key_rows}
+    rest = [[k, v] for k, v in rows if k not in shown]
+    details = (f"<details><summary>all {len(rows)} numbers</summary>{_table(rest, cls='kv')}</details>"
+               if rest else "")
+    return (f'<div class="stage">{title}<p class="meta">{committed}{when}</p>'
+            f"{_table(key_rows or [[k, v] for k, v in rows], cls='kv')}{details}</div>")
 
 
 def _ground_truth_section(gt: dict[str, Any]) -> str:
     from .demo.evaluate import comparison_rows
 
     results = gt.get("results") or {}
+    order = [m for m in gt.get("methods") or [] if m in results] + [m for m in results if m not in (gt.get("methods") or [])]
+    results = {m: results[m] for m in order}
     titles = gt.get("titles") or {m: m for m in results}
     context = gt.get("context") or {}
     try:
@@ -251,7 +271,8 @@ def _ground_truth_section(gt: dict[str, Any]) -> str:
         keys = ("prune_rate", "beta", "gamma_forward", "gamma_reverse", "partitions", "score_offset")
         parts.append('<p class="meta">D2 settings: ' + ", ".join(
             f"{k}={html.escape(str(settings.get(k)))}" for k in keys if k in settings) +
-            f", graph k={html.escape(str((gt.get('settings') or {}).get('graph', {}).get('k')))}</p>")
+            f", graph: {html.escape(str(((gt.get('settings') or {}).get('graph') or {}).get('vector')))} embeddings, "
+            f"k={html.escape(str(((gt.get('settings') or {}).get('graph') or {}).get('k')))}</p>")
     return "".join(parts)
 
 
@@ -291,13 +312,11 @@ def _ground_truth_plot(results: dict[str, dict], titles: dict[str, str]) -> str:
     first = results[methods[0]] if methods else {}
     if first.get("pool"):
         keep = first.get("kept", 0) / first["pool"]
-        ax.axhline(keep, color="#555", lw=0.8, ls="--")
-        ax.text(len(metrics) - 0.5, keep + 0.01, f"keep rate {keep:.0%}", ha="right", va="bottom", fontsize=7,
-                color="#555")
+        ax.axhline(keep, color="#555", lw=0.8, ls="--", label=f"keep rate ({keep:.0%})")
     ax.set_xticks(x, [label for _, label in metrics], fontsize=8)
     ax.set_ylim(0, 1.12)
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0], ["0%", "25%", "50%", "75%", "100%"])
-    ax.legend(fontsize=8, ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, 1.16), frameon=False)
+    ax.legend(fontsize=8, ncol=len(methods) + 1, loc="upper center", bbox_to_anchor=(0.5, 1.16), frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return _png_data_uri(fig)
 
@@ -308,12 +327,14 @@ def _score_histogram(scores: np.ndarray, kept: np.ndarray) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.2, 3.4))
+    fig, ax = plt.subplots(figsize=(5.4, 4.2))
     bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-9, 40)
     ax.hist(scores[~kept], bins=bins, color=DROPPED_COLOUR, alpha=0.6, label=f"dropped ({int((~kept).sum()):,})")
     ax.hist(scores[kept], bins=bins, color=KEPT_COLOUR, alpha=0.6, label=f"kept ({int(kept.sum()):,})")
     ax.set_xlabel("CLIP score (cosine of image and caption embeddings)")
-    ax.set_ylabel("samples")
+    ax.set_ylabel("samples (log scale)")
+    ax.set_yscale("log")
+    ax.set_title("CLIP score of kept and dropped samples", fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return _png_data_uri(fig)
@@ -339,7 +360,7 @@ def _embedding_map(vectors: np.ndarray, kept: np.ndarray, seed: int = 0) -> str:
     norms = np.linalg.norm(vectors[rows], axis=1, keepdims=True)
     xy = pca_2d(vectors[rows] / np.maximum(norms, 1e-12))
     k = kept[rows]
-    fig, ax = plt.subplots(figsize=(6.2, 5.0))
+    fig, ax = plt.subplots(figsize=(5.4, 4.2))
     ax.scatter(xy[~k, 0], xy[~k, 1], s=6, c=DROPPED_COLOUR, alpha=0.35, lw=0, label="dropped")
     ax.scatter(xy[k, 0], xy[k, 1], s=9, c=KEPT_COLOUR, alpha=0.85, lw=0, label="kept")
     ax.set_xlabel("PC 1")
@@ -453,10 +474,11 @@ table{border-collapse:collapse;font-size:13px;margin:6px 0 10px;background:#fff}
 td,th{border:1px solid #ddd;padding:4px 9px;text-align:left;vertical-align:top}th{background:#f0f0f0}
 table.gt td:not(:first-child),table.gt th:not(:first-child){text-align:right;min-width:110px}
 table.gt{font-size:14px}table.kv td:first-child{color:#444;font-family:monospace;font-size:12px}
-.stages{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:6px 24px}
+.stages{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:6px 28px;align-items:start}
 .cards{display:flex;gap:14px;margin:10px 0 14px}.card{background:#fff;border:1px solid #ddd;border-radius:8px;padding:10px 18px}
 .card b{display:block;font-size:24px}.card span{color:#666;font-size:12px}.card.kept b{color:#1b7f3b}.card.dropped b{color:#c0392b}
-.plots{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}img.plot{max-width:100%;background:#fff;border:1px solid #e3e3e3}
+.plots{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}img.plot{max-width:100%;background:#fff;border:1px solid #e3e3e3}img.plot.half{max-width:calc(50% - 10px)}
+.stage table{width:100%}td{overflow-wrap:anywhere}details{font-size:12px;margin-bottom:8px}summary{cursor:pointer;color:#1f5fa8}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(132px,1fr));gap:10px}
 figure{margin:0;background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:6px;font-size:11px;line-height:1.3}
 figure img{width:100%;image-rendering:auto;border-radius:3px}.noimg{height:100px;background:#eee;color:#888;display:flex;align-items:center;justify-content:center}
@@ -503,7 +525,7 @@ def build_report(workdir_url: str, store: Store | None = None) -> str:
         for name, fn in (("CLIP score histogram", lambda: _score_histogram(table["clip_score"].astype(float), kept)),
                          ("embedding map", lambda: _embedding_map(table["image_embedding"], kept))):
             try:
-                plots.append(f'<img class="plot" alt="{name}" src="{fn()}">')
+                plots.append(f'<img class="plot half" alt="{name}" src="{fn()}">')
             except Exception as err:  # noqa: BLE001
                 log.warning("report: %s failed: %s", name, err)
                 plots.append(_note(f"{name} not drawn: {err}"))

@@ -8,7 +8,6 @@ exercise exactly what build_report reads. The end-to-end report of a real run is
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 

@@ -36,8 +36,13 @@ MODEL_NAME = "tiny_clip"  # open_clip registers a config JSON under its file ste
 REPO_DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 GROUND_TRUTH_FILE = "demo_ground_truth.json"
 
-# The baselines the demo compares D2 with, at the same budget on the same committed embeddings.
-BASELINES = {"score_topk": "CLIP-score top-k", "random": "random"}
+# What the demo compares D2 with, at the same budget on the same committed embeddings and graph:
+# D2 without its pre-filter (what beta contributes), and the two classic baselines.
+BASELINES = {
+    "d2_no_prefilter": "D2, beta=0",
+    "score_topk": "CLIP-score top-k",
+    "random": "random",
+}
 
 # Used when the package is installed without the repository's configs/ directory.
 _FALLBACK_CONFIG: dict[str, Any] = {
@@ -50,9 +55,18 @@ _FALLBACK_CONFIG: dict[str, Any] = {
     "ray": {"num_cpus": 2},
 }
 
-# The demo's own settings on top of configs/demo.yaml; see the README ("what the demo shows") and
-# demo_ground_truth.json's "settings" for why they are what they are.
-DEMO_SELECT: dict[str, Any] = {}
+# The demo's own settings on top of configs/demo.yaml, found by diagnosis on the demo's own pool
+# (docs/demo_tuning.md has the measurements; `python -m pipeline.demo.sweep` reproduces them):
+# * graph on image+text: a sample is a *pair*; on image embeddings alone a mismatched pair sits
+#   among the matched pictures of its kind and inherits their forward score;
+# * gamma 10 instead of 1: the tiny CLIP's kNN edges are short (median squared distance ~0.04), so
+#   with gamma=1 every edge weighs ~0.96 and the forward pass is a plain neighbour sum; gamma is a
+#   kernel width and must match the distance scale (at 10 the kNN edges weigh ~0.5-0.85);
+# * beta 0.1: the CLIP-score histogram has a low mode (scores < 0.7) holding 10% of the pool: the
+#   pre-filter cuts exactly that mode; a larger beta starts cutting the rare colour, which the tiny
+#   CLIP scores lower (it saw it rarely), and coverage falls.
+DEMO_GRAPH: dict[str, Any] = {"vector": "image+text"}
+DEMO_SELECT: dict[str, Any] = {"beta": 0.1, "gamma_forward": 10.0, "gamma_reverse": 10.0}
 
 
 def _base_config() -> dict[str, Any]:
@@ -74,6 +88,7 @@ def demo_config(out_dir: str, shards: str, quick: bool) -> dict[str, Any]:
     embed = raw.setdefault("embed", {})
     embed.update(encoder="open_clip", model=MODEL_NAME, model_config_path=str(MODEL_CONFIG),
                  pretrained=str(CHECKPOINT))
+    raw.setdefault("graph", {}).update(DEMO_GRAPH)
     raw.setdefault("select", {}).update(DEMO_SELECT)
     ray = raw.setdefault("ray", {})
     ray.setdefault("num_cpus", 2)
@@ -112,13 +127,14 @@ def evaluate_job(cfg, store, ground_truth_path: str) -> dict[str, Any]:
     select_stats = store.read_json(join(sel_dir, "_stats.json"))
     results = {"d2": evaluate_selection(ground_truth, d2_uids)}
     selections = {"d2": d2_uids}
-    for method in BASELINES:
+    for name in BASELINES:
         variant = cfg.model_copy(deep=True)
-        variant.select.method = method
-        variant.select.beta = 0.0  # the baselines as published: plain top-k, plain random
+        # the baselines as published (plain top-k, plain random) and D2 without its pre-filter
+        variant.select.method = "d2" if name == "d2_no_prefilter" else name
+        variant.select.beta = 0.0
         table, _ = coordinator.select(variant, store, use_ray=False)
-        selections[method] = table.column("uid").to_pylist()
-        results[method] = evaluate_selection(ground_truth, selections[method])
+        selections[name] = table.column("uid").to_pylist()
+        results[name] = evaluate_selection(ground_truth, selections[name])
     return {"results": results, "selections": selections, "select_stats": select_stats}
 
 
@@ -170,7 +186,9 @@ def run_demo(out_dir: str = "d2prune-demo", quick: bool = False) -> str:
         "pool": {k: manifest[k] for k in ("samples", "planted", "seed", "shards", "ground_truth")},
         "budget": evaluation["select_stats"].get("budget"),
         "settings": {"select": cfg.select.model_dump(), "graph": cfg.graph.model_dump(),
-                     "embed_model": cfg.embed.model, "baselines": "same budget, select.beta=0"},
+                     "embed_model": cfg.embed.model,
+                     "baselines": "same budget and graph; select.beta=0 (no pre-filter)"},
+        "methods": list(results),  # display order (the JSON file itself has sorted keys)
         "titles": titles,
         "context": context,
         "results": results,

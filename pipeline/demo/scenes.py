@@ -65,6 +65,15 @@ BACKGROUNDS = {
     "olive": (110, 115, 40),
     "pink": (235, 170, 195),
 }
+TEXTURE_PERIOD = 8  # pixels between stripes / dots on the canvas
+# How often each shape and colour occurs in the demo pool (and in the tiny CLIP's training pairs,
+# which are drawn from the same kind of data the model is later asked to filter, as a web-trained
+# CLIP is): rare kinds are rare for the model too, so it scores them less confidently.
+RARE_RATE = 0.01
+POOL_SHAPE_PROBS = {**{s: (1 - RARE_RATE) / len(COMMON_SHAPES) for s in COMMON_SHAPES},
+                    **{s: RARE_RATE / len(RARE_SHAPES) for s in RARE_SHAPES}}
+POOL_COLOUR_PROBS = {**{c: (1 - RARE_RATE) / len(COMMON_COLOURS) for c in COMMON_COLOURS},
+                     **{c: RARE_RATE / len(RARE_COLOURS) for c in RARE_COLOURS}}
 # A shape must stand out from its background: pairs closer than this (RGB distance) are redrawn.
 MIN_CONTRAST = 90.0
 
@@ -80,6 +89,7 @@ class Scene:
     jitter_x: int = 0  # pixel offsets of the shape centre, so no two pictures are identical
     jitter_y: int = 0
     background_seed: int = 0  # seed of the background's gradient and grain
+    texture_phase: int = 0  # offset (pixels) of the stripes/dots, so a shifted copy is still in-distribution
     template: int = 0  # which caption wording
 
     @property
@@ -135,6 +145,7 @@ def sample_scene(rng: np.random.Generator, shape_probs: dict[str, float] | None 
         jitter_x=int(rng.integers(-4, 5)),
         jitter_y=int(rng.integers(-4, 5)),
         background_seed=int(rng.integers(2**31)),
+        texture_phase=int(rng.integers(TEXTURE_PERIOD)),
         template=int(rng.integers(len(CAPTION_TEMPLATES))),
     )
 
@@ -190,15 +201,15 @@ def _texture_layer(scene: Scene, size: int) -> Image.Image:
     contrast = (25, 25, 25) if luminance > 110 else (235, 235, 235)
     layer = Image.new("RGB", (size, size), base)
     draw = ImageDraw.Draw(layer)
+    period = TEXTURE_PERIOD
+    phase = scene.texture_phase % period
     if scene.texture == "striped":
-        period = 8
-        for x0 in range(-size, size, period):  # diagonal stripes
+        for x0 in range(-size - period + phase, size, period):  # diagonal stripes
             draw.polygon([(x0, 0), (x0 + period // 2, 0), (x0 + period // 2 + size, size), (x0 + size, size)],
                          fill=contrast)
     elif scene.texture == "dotted":
-        period = 8
-        for y in range(period // 2, size, period):
-            for x in range(period // 2, size, period):
+        for y in range(phase - period // 2, size + period, period):
+            for x in range(phase - period // 2, size + period, period):
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=contrast)
     return layer
 
@@ -262,7 +273,7 @@ def near_duplicate(picture: Image.Image, variant: str, rng: np.random.Generator)
             arr[:, dx:] = arr[:, dx - 1:dx]
         return Image.fromarray(arr.astype(np.uint8)), 90
     if variant == "recoloured":  # a slight colour cast and brightness change
-        gains = rng.uniform(0.9, 1.1, size=3)
-        arr = np.clip(arr * gains + rng.uniform(-10, 10), 0, 255)
+        gains = rng.uniform(0.95, 1.05, size=3)
+        arr = np.clip(arr * gains + rng.uniform(-6, 6), 0, 255)
         return Image.fromarray(arr.astype(np.uint8)), 90
     raise ValueError(f"unknown near-duplicate variant {variant!r}; variants are {', '.join(DUPLICATE_VARIANTS)}")

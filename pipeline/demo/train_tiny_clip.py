@@ -37,6 +37,9 @@ CONFIG_PATH = os.path.join(ASSETS, f"{MODEL_NAME}.json")
 CHECKPOINT_PATH = os.path.join(ASSETS, f"{MODEL_NAME}.pt")
 TRAIN_SEED = 7  # training pairs; the demo pool uses pool.POOL_SEED, the held-out check HELDOUT_SEED
 HELDOUT_SEED = 99
+# held-out pictures that all have the rare shape or the rare colour (half and half in expectation)
+RARE_ONLY = {"shape_probs": {**{s: 0.5 / len(scenes.COMMON_SHAPES) for s in scenes.COMMON_SHAPES},
+                             **{s: 0.5 / len(scenes.RARE_SHAPES) for s in scenes.RARE_SHAPES}}}
 
 
 def load_model(checkpoint: str | None = CHECKPOINT_PATH):
@@ -48,8 +51,10 @@ def load_model(checkpoint: str | None = CHECKPOINT_PATH):
     return model, preprocess, open_clip.get_tokenizer(MODEL_NAME)
 
 
-def make_pairs(n: int, seed: int, preprocess) -> tuple["torch.Tensor", list[scenes.Scene]]:
-    """`n` pictures (as the model's input tensors, float16) and their scenes, drawn uniformly."""
+def make_pairs(n: int, seed: int, preprocess, shape_probs: dict[str, float] | None = scenes.POOL_SHAPE_PROBS,
+               colour_probs: dict[str, float] | None = scenes.POOL_COLOUR_PROBS) -> tuple["torch.Tensor", list[scenes.Scene]]:
+    """`n` pictures (as the model's input tensors, float16) and their scenes; kinds as often as in
+    the demo pool unless other probabilities are given."""
     import torch
     from PIL import Image
 
@@ -57,7 +62,7 @@ def make_pairs(n: int, seed: int, preprocess) -> tuple["torch.Tensor", list[scen
     images = torch.empty((n, 3, *_input_size(preprocess)), dtype=torch.float16)
     drawn = []
     for i in range(n):
-        scene = scenes.sample_scene(rng)
+        scene = scenes.sample_scene(rng, shape_probs, colour_probs)
         jpeg = scenes.encode_jpeg(scenes.render(scene), quality=int(rng.integers(40, 96)))
         images[i] = preprocess(Image.open(io.BytesIO(jpeg)).convert("RGB")).to(torch.float16)
         drawn.append(scene)
@@ -113,7 +118,8 @@ def evaluate(model, tokenizer, images, drawn: list[scenes.Scene], seed: int = 0)
     }
 
 
-def train(steps: int, batch_size: int, n_pairs: int, lr: float, seed: int = TRAIN_SEED) -> dict:
+def train(steps: int, batch_size: int, n_pairs: int, lr: float, seed: int = TRAIN_SEED,
+          checkpoint: str = CHECKPOINT_PATH) -> dict:
     import open_clip
     import torch
 
@@ -122,6 +128,7 @@ def train(steps: int, batch_size: int, n_pairs: int, lr: float, seed: int = TRAI
     t0 = time.time()
     images, drawn = make_pairs(n_pairs, seed, preprocess)
     held_images, held_drawn = make_pairs(2000, HELDOUT_SEED, preprocess)
+    rare_images, rare_drawn = make_pairs(400, HELDOUT_SEED + 1, preprocess, **RARE_ONLY)
     data_s = time.time() - t0
     print(f"generated {n_pairs} training and 2000 held-out pairs in {data_s:.0f}s", flush=True)
 
@@ -152,15 +159,16 @@ def train(steps: int, batch_size: int, n_pairs: int, lr: float, seed: int = TRAI
                   f"{time.time() - t1:.0f}s", flush=True)
     train_s = time.time() - t1
     metrics = evaluate(model, tokenizer, held_images, held_drawn)
+    rare_metrics = evaluate(model, tokenizer, rare_images, rare_drawn)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    torch.save(state, CHECKPOINT_PATH)
+    torch.save(state, checkpoint)
     record = {
         "seed": seed, "heldout_seed": HELDOUT_SEED, "steps": steps, "batch_size": batch_size,
         "n_pairs": n_pairs, "lr": lr, "data_seconds": round(data_s, 1), "train_seconds": round(train_s, 1),
-        "torch_threads": torch.get_num_threads(), "heldout": metrics,
-        "checkpoint_bytes": os.path.getsize(CHECKPOINT_PATH),
+        "torch_threads": torch.get_num_threads(), "heldout": metrics, "heldout_rare_kinds": rare_metrics,
+        "checkpoint_bytes": os.path.getsize(checkpoint),
     }
-    with open(os.path.join(ASSETS, f"{MODEL_NAME}.train.json"), "w") as fh:
+    with open(os.path.splitext(checkpoint)[0] + ".train.json", "w") as fh:
         json.dump(record, fh, indent=2)
     return record
 
@@ -172,14 +180,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=20000)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=TRAIN_SEED)
+    parser.add_argument("--checkpoint", default=CHECKPOINT_PATH,
+                        help="where to write the weights (and NAME.train.json beside them)")
     parser.add_argument("--eval-only", action="store_true", help="measure the shipped checkpoint on held-out pairs")
     args = parser.parse_args(argv)
     if args.eval_only:
-        model, preprocess, tokenizer = load_model()
+        model, preprocess, tokenizer = load_model(args.checkpoint)
         images, drawn = make_pairs(2000, HELDOUT_SEED, preprocess)
-        print(json.dumps(evaluate(model, tokenizer, images, drawn), indent=2))
+        print("held-out pairs:", json.dumps(evaluate(model, tokenizer, images, drawn), indent=2))
+        images, drawn = make_pairs(400, HELDOUT_SEED + 1, preprocess, **RARE_ONLY)
+        print("held-out pairs with the rare shape:", json.dumps(evaluate(model, tokenizer, images, drawn), indent=2))
         return
-    record = train(args.steps, args.batch_size, args.pairs, args.lr, args.seed)
+    record = train(args.steps, args.batch_size, args.pairs, args.lr, args.seed, args.checkpoint)
     print(json.dumps(record, indent=2))
 
 
