@@ -48,6 +48,7 @@ from .config import EmbedConfig, InputConfig, JobConfig
 from .runtime import cluster_gpus, init_ray
 from .shards import (
     DUPLICATE_UID,
+    READ_BLOCK_SIZE,
     UNDECODABLE_IMAGE,
     ImageDecodeError,
     ShardError,
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 STAGE = "embed"
 BAD_EMBEDDING = "bad_embedding"  # precomputed encoder: a non-finite or all-zero vector
 BAD_METADATA = "bad_metadata"
+READ_WORKER_BASE_MEMORY = 640 * 2**20
 
 
 # -- model specification, shared by the driver, the read tasks and the actors ---------------------
@@ -244,10 +246,11 @@ def tokenize(tokenizer, captions: list[str]) -> np.ndarray:
 
 # -- read + decode (Ray Data map task, one shard per call) ---------------------------------------
 
-def _chunk(shard_index: int, rows: list[tuple], images: ImagePipeline, tokenizer) -> dict[str, np.ndarray]:
+def _chunk(shard_index: int, chunk: int, rows: list[tuple], images: ImagePipeline, tokenizer) -> dict[str, np.ndarray]:
     n = len(rows)
     return {
         "shard_index": np.full(n, shard_index, dtype=np.int64),
+        "chunk": np.full(n, chunk, dtype=np.int64),
         "sample_index": np.array([r[0] for r in rows], dtype=np.int64),
         "uid": np.array([r[1] for r in rows], dtype=object),
         "key": np.array([r[2] for r in rows], dtype=object),
@@ -262,6 +265,7 @@ def _chunk(shard_index: int, rows: list[tuple], images: ImagePipeline, tokenizer
 def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeline, context: int):
     return {
         "shard_index": np.array([shard_index], dtype=np.int64),
+        "chunk": np.array([-1], dtype=np.int64),
         "sample_index": np.array([-1], dtype=np.int64),
         "uid": np.array([""], dtype=object),
         "key": np.array([""], dtype=object),
@@ -276,7 +280,8 @@ def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeli
 def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: InputConfig, spec: ModelSpec,
                         pp_json: str, chunk_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data generator UDF: stream each shard of `batch`, decode and preprocess its usable
-    samples, yield chunks of `chunk_size` rows, then the shard's end-of-shard marker."""
+    samples, yield chunks of `chunk_size` rows (numbered per shard: one chunk = one model
+    forward), then the shard's end-of-shard marker."""
     images, tokenizer = _worker_preprocessors(spec, pp_json)
     context = tokenize(tokenizer, ["x"]).shape[1]
     for shard_index, url in zip(batch["shard_index"].tolist(), batch["shard"].tolist()):
@@ -294,11 +299,11 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
                 continue
             rows.append((sample.index, sample.uid, sample.key, pixels, sample.caption))
             if len(rows) == chunk_size:
-                yield _chunk(shard_index, rows, images, tokenizer)
+                yield _chunk(shard_index, n_good // chunk_size, rows, images, tokenizer)
                 n_good += len(rows)
                 rows = []
         if rows:
-            yield _chunk(shard_index, rows, images, tokenizer)
+            yield _chunk(shard_index, n_good // chunk_size, rows, images, tokenizer)
             n_good += len(rows)
         yield _marker(shard_index, n_good, skipped, images, context)
 
@@ -375,7 +380,11 @@ class ClipEncoder:
 
 
 class ClipEmbedder(ClipEncoder):
-    """The Ray Data callable class (one instance per actor, model loaded once)."""
+    """The Ray Data callable class (one instance per actor, model loaded once).
+
+    A Ray Data block may hold several read chunks (Ray coalesces small outputs); each chunk gets
+    its own forward pass, so a sample's batch mates are always its chunk (determinism) and the
+    forward batch is `embed.batch_size` however blocks are shaped."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         is_marker = np.asarray(batch["is_marker"], dtype=bool)
@@ -383,15 +392,25 @@ class ClipEmbedder(ClipEncoder):
         image_emb = np.zeros((n, self.dim), dtype=np.float16)
         text_emb = np.zeros((n, self.dim), dtype=np.float16)
         scores = np.zeros(n, dtype=np.float32)
-        real = ~is_marker
-        if real.any():
-            img, txt, score = self.encode(batch["image"][real], batch["tokens"][real])
-            image_emb[real] = img.astype(np.float16)
-            text_emb[real] = txt.astype(np.float16)
-            scores[real] = score.astype(np.float32)
+        embedded_at = np.zeros(n, dtype=np.float64)
+        chunk_id = np.stack([np.asarray(batch["shard_index"]), np.asarray(batch["chunk"])], axis=1)
+        real = np.flatnonzero(~is_marker)
+        start = 0
+        while start < len(real):  # runs of rows of one chunk (rows of a chunk are contiguous)
+            stop = start + 1
+            while stop < len(real) and (chunk_id[real[stop]] == chunk_id[real[start]]).all():
+                stop += 1
+            rows = real[start:stop]
+            img, txt, score = self.encode(batch["image"][rows], batch["tokens"][rows])
+            image_emb[rows] = img.astype(np.float16)
+            text_emb[rows] = txt.astype(np.float16)
+            scores[rows] = score.astype(np.float32)
+            embedded_at[rows] = time.time()
+            start = stop
         out = {k: batch[k] for k in ("shard_index", "sample_index", "uid", "key", "is_marker",
                                      "marker_samples", "marker_skipped")}
-        out.update(image_embedding=image_emb, text_embedding=text_emb, clip_score=scores)
+        out.update(image_embedding=image_emb, text_embedding=text_emb, clip_score=scores,
+                   embedded_at=embedded_at)
         return out
 
 
@@ -547,10 +566,13 @@ class PartCommitter:
         if (~keep).any():
             skipped[DUPLICATE_UID] += int((~keep).sum())
         idx = np.flatnonzero(keep)
-        image = result.image[idx] if len(idx) else np.zeros((0, self.dim or 1), np.float16)
-        text = result.text[idx] if len(idx) else np.zeros((0, self.dim or 1), np.float16)
-        if len(idx):
-            self.dim = image.shape[1]
+        if result.image.ndim == 2 and result.image.shape[1] > 0:
+            self.dim = result.image.shape[1]
+        if self.dim is None:
+            raise RuntimeError(f"embedding dimension unknown for the empty shard {url}")
+        # an empty part still has the D-sized list type, so every part has one schema
+        image = result.image[idx] if len(idx) else np.zeros((0, self.dim), np.float16)
+        text = result.text[idx] if len(idx) else np.zeros((0, self.dim), np.float16)
         table = part_table(url, [result.uids[i] for i in idx], [result.keys[i] for i in idx],
                            result.scores[idx], image, text)
         stats = {"shard": url, "samples": len(idx), "skipped": dict(sorted(skipped.items()))}
@@ -583,12 +605,16 @@ def build_embed_dataset(cfg: JobConfig, store: Store, spec: ModelSpec, pp_json: 
 
     use_gpu = gpus > 0
     pp = json.loads(pp_json)
-    # A read chunk is one model batch; make sure Ray Data does not split it (see module docstring).
-    context = ray.data.DataContext.get_current()
-    size = pp["size"] if isinstance(pp["size"], list) else [pp["size"], pp["size"]]
-    chunk_bytes = cfg.embed.batch_size * size[0] * size[1] * 3 * 4  # float32 upper bound
-    context.target_max_block_size = max(context.target_max_block_size or 0, 2 * chunk_bytes)
     ds = shards_dataset(shards)
+    # A read chunk is one model batch; make sure Ray Data does not split it (see module docstring).
+    # Set on this dataset's own context (derived datasets inherit it; other stages are unaffected).
+    context = ds.context
+    size = pp["size"] if isinstance(pp["size"], list) else [pp["size"], pp["size"]]
+    # float32 pixels (an upper bound: the split pipeline ships uint8) + tokens and strings
+    chunk_bytes = cfg.embed.batch_size * (size[0] * size[1] * 3 * 4 + 4096)
+    # Blocks are cut at whole chunks as long as a block never grows past 1.5x the target (Ray
+    # then slices it): with a target of >= 4 chunks it stays <= 1.25x.
+    context.target_max_block_size = max(context.target_max_block_size or 0, 4 * chunk_bytes)
     ds = ds.map_batches(
         read_and_preprocess,
         batch_size=1,
@@ -596,11 +622,13 @@ def build_embed_dataset(cfg: JobConfig, store: Store, spec: ModelSpec, pp_json: 
         fn_kwargs={"store": store, "input_cfg": cfg.input, "spec": spec, "pp_json": pp_json,
                    "chunk_size": cfg.embed.batch_size},
         num_cpus=1,
-        # Ray's default for tasks, stated explicitly for a second reason: Ray Data fuses a task map
-        # into a following actor map when their remote args are identical (they are for a 1-CPU
-        # actor), which would decode inside the model actor. A task-only arg keeps the operators
-        # apart, so decoding runs in parallel tasks (tests check the plan).
-        max_retries=3,
+        # What a read task holds: the worker itself (torch, torchvision and open_clip imported for
+        # the model's transform and tokenizer: ~550 MiB RSS measured), a chunk being built and
+        # the one being handed out, and s3fs's read-ahead. Stating it also keeps Ray Data from
+        # fusing this task map into the actor map that follows (it fuses when the remote args are
+        # identical, as they are for a 1-CPU actor), which would decode inside the model actor;
+        # tests check the plan.
+        memory=READ_WORKER_BASE_MEMORY + 2 * chunk_bytes + 2 * READ_BLOCK_SIZE,
     )
     return ds.map_batches(
         ClipEmbedder,
@@ -612,6 +640,28 @@ def build_embed_dataset(cfg: JobConfig, store: Store, spec: ModelSpec, pp_json: 
         num_gpus=gpus if use_gpu else None,
         num_cpus=cfg.embed.cpus_per_actor,
     )
+
+
+def model_embed_dim(spec: ModelSpec) -> int | None:
+    """The architecture's embedding width (for the schema of parts whose shard has no usable
+    sample); None for hub models, whose dimension is then taken from the first embedded rows."""
+    from open_clip import get_model_config
+
+    spec.ensure_registered()
+    config = get_model_config(spec.name) if ":" not in spec.name else None
+    return int(config["embed_dim"]) if config and "embed_dim" in config else None
+
+
+def steady_rate(forward_times: Counter) -> float | None:
+    """Samples/s between the end of the first and of the last forward pass: the stage's rate once
+    the model is loaded and data flows (start-up excluded; starved forwards show as gaps)."""
+    if len(forward_times) < 2:
+        return None
+    times = sorted(forward_times)
+    log.debug("forward passes ended at %s", [(round(t - times[0], 2), forward_times[t]) for t in times])
+    span = times[-1] - times[0]
+    rows = sum(forward_times.values()) - forward_times[times[0]]
+    return round(rows / span, 3) if span > 0 else None
 
 
 def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[int],
@@ -630,11 +680,14 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
     log.info("embedding %d shard(s) with %s (pretrained=%s) on %d %s actor(s), batch %d, preprocessing %s",
              len(pending), spec.name, spec.pretrained, cfg.embed.num_actors, device, cfg.embed.batch_size, pp)
 
+    committer.dim = model_embed_dim(spec)
     ds = build_embed_dataset(cfg, store, spec, pp_json, [(i, urls[i]) for i in pending], gpus, threads)
     partial: dict[int, _ShardAccumulator] = {}
+    forward_times: Counter = Counter()  # forward end time -> rows (for the steady-state rate)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         markers = np.asarray(batch["is_marker"], dtype=bool)
         shard_index = np.asarray(batch["shard_index"])
+        forward_times.update(np.asarray(batch["embedded_at"])[~markers].tolist())
         for index in np.unique(shard_index).tolist():
             acc = partial.setdefault(index, _ShardAccumulator())
             sel = shard_index == index
@@ -652,7 +705,8 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
         raise RuntimeError(f"embed stage ended with incomplete shards: {[urls[i] for i in missing]}")
     return {"encoder": "open_clip", "model": spec.name, "pretrained": spec.pretrained, "device": device,
             "precision": precision, "actors": cfg.embed.num_actors, "torch_threads": threads,
-            "batch_size": cfg.embed.batch_size, "preprocess": pp}
+            "batch_size": cfg.embed.batch_size, "preprocess": pp,
+            "steady_samples_per_s": steady_rate(forward_times)}
 
 
 # -- precomputed (DataComp metadata parquet + npz) --------------------------------------------------

@@ -60,7 +60,7 @@ SKIP_REASONS = (MISSING_IMAGE, UNDECODABLE_IMAGE, MISSING_CAPTION, BAD_METADATA,
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _BLOCK = tarfile.BLOCKSIZE
 # s3fs reads ahead this much per request; a shard is read front to back, so big blocks are cheap.
-_READ_BLOCK_SIZE = 16 * 2**20
+READ_BLOCK_SIZE = 16 * 2**20
 
 
 class ShardError(RuntimeError):
@@ -206,7 +206,7 @@ def iter_shard_samples(
     """
     seen: set[str] = set()
     index = 0
-    with store.fs(url).open(store.path(url), "rb", block_size=_READ_BLOCK_SIZE) as fh:
+    with store.fs(url).open(store.path(url), "rb", block_size=READ_BLOCK_SIZE) as fh:
         for key, members, error in iter_tar_groups(fh):
             if error is not None:
                 log.warning("shard %s is damaged after %d samples (%s): keeping the samples before the damage",

@@ -166,10 +166,25 @@ def test_local_checkpoint_is_loaded(ray_local, small_pool, tiny_checkpoint, loca
     from pipeline.embed import register_model_config
     from pipeline.shards import decode_image, iter_shard_samples
 
+    import io
+    import json
+    import tarfile
+
     store = Store()
-    cfg = make_config(str(tmp_path / "work"), small_pool.shards[:1], embed={"pretrained": tiny_checkpoint})
-    run_embed_stage(cfg, store)
-    table = _read_parts(store, cfg, 1)[0]
+    # a second shard with no usable sample (captions only): its part is empty but typed like the rest
+    no_images = tmp_path / "no-images.tar"
+    with tarfile.open(no_images, "w") as tf:
+        for i in range(3):
+            for ext, data in (("txt", b"a caption"), ("json", json.dumps({"uid": f"x{i}"}).encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    cfg = make_config(str(tmp_path / "work"), [small_pool.shards[0], str(no_images)],
+                      embed={"pretrained": tiny_checkpoint})
+    stats = run_embed_stage(cfg, store)
+    table, empty = _read_parts(store, cfg, 2)
+    assert empty.num_rows == 0 and empty.schema.equals(table.schema)
+    assert stats["per_shard"][1]["skipped"] == {"missing_image": 3}
     assert table.column("uid").to_pylist() == [k["uid"] for k in small_pool.kept[0]]
     # the same samples through open_clip directly, with the model loaded from the same file
     register_model_config(TINY_MODEL_NAME, TINY_MODEL_CONFIG)
@@ -260,7 +275,7 @@ def test_split_transform_equals_model_transform():
     image, _ = render_image(np.random.default_rng(0), 300)
     image = image.resize((300, 260))
     expected = full(image)
-    pixels = torch.from_numpy(pipe(image)).permute(2, 0, 1).float() / 255.0
+    pixels = torch.from_numpy(pipe(image).copy()).permute(2, 0, 1).float() / 255.0
     mean = torch.tensor(pipe.mean).view(3, 1, 1)
     std = torch.tensor(pipe.std).view(3, 1, 1)
     torch.testing.assert_close((pixels - mean) / std, expected, atol=1e-5, rtol=0)
