@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .config import EmbedConfig, InputConfig, JobConfig
+from .config import ConfigError, EmbedConfig, InputConfig, JobConfig
 from .runtime import cluster_gpus, init_ray
 from .shards import (
     DUPLICATE_UID,
@@ -664,6 +664,24 @@ def steady_rate(forward_times: Counter) -> float | None:
     return round(rows / span, 3) if span > 0 else None
 
 
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def check_cpu_budget(num_actors: int, cpus_per_actor: float, total_cpus: float) -> None:
+    """The model actors hold their CPUs for the whole stage; the read/decode tasks need at least
+    one more, or the stream starves and the stage waits forever. Refuse that up front."""
+    reserved = num_actors * cpus_per_actor
+    if total_cpus and reserved > total_cpus - 1:
+        raise ConfigError(
+            f"embed.num_actors ({num_actors}) x embed.cpus_per_actor ({cpus_per_actor}) reserves "
+            f"{reserved:g} of the cluster's {total_cpus:g} CPUs, leaving less than one for reading and "
+            "decoding shards: lower num_actors or cpus_per_actor (torch_threads can stay higher)"
+        )
+
+
 def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[int],
                    committer: PartCommitter) -> dict[str, Any]:
     spec = model_spec(cfg, store)
@@ -674,6 +692,7 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
     if gpus < 0:
         gpus = 1.0 if cluster_gpus() > 0 else 0.0
     use_gpu = gpus > 0
+    check_cpu_budget(cfg.embed.num_actors, cfg.embed.cpus_per_actor, cluster_cpus())
     threads = cfg.embed.torch_threads or max(1, int(round(cfg.embed.cpus_per_actor)))
     device = "cuda" if use_gpu else "cpu"
     precision = cfg.embed.precision if cfg.embed.precision != "auto" else ("bf16/fp16" if use_gpu else "fp32")

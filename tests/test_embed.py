@@ -304,3 +304,13 @@ def test_uid_registry_matches_a_set():
         reference.update(batch)
     assert len(set(uid_hashes(sorted(reference)).tolist())) == len(reference)
     assert len(registry) >= len(reference)  # levels are unique; merged ones dedupe
+
+
+def test_actor_pool_that_starves_the_readers_is_refused():
+    from pipeline.config import ConfigError
+    from pipeline.embed import check_cpu_budget
+
+    check_cpu_budget(num_actors=1, cpus_per_actor=1, total_cpus=2)
+    check_cpu_budget(num_actors=3, cpus_per_actor=1, total_cpus=16)
+    with pytest.raises(ConfigError, match="num_actors"):
+        check_cpu_budget(num_actors=2, cpus_per_actor=1, total_cpus=2)
