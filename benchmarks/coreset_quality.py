@@ -83,6 +83,9 @@ class Recipe:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Gradient-norm clip: without it lr 0.1 can blow up on small, hard coresets (seen: a 1k-sample
+    # D2 coreset spiked to loss 12.8 at step 40, killed the ReLUs and ended at chance, 10%).
+    grad_clip: float = 2.0
     warmup_fraction: float = 0.05
     # Off: at this compute budget (hundreds of steps) augmentation slows convergence so much that
     # the full pool and a 10% random subset score nearly the same (measured: 87.1% vs 86.9% at 700
@@ -108,13 +111,22 @@ class Settings:
     recipe: Recipe = field(default_factory=Recipe)
     # D2 sweep grid (chosen on the validation split, per pruning rate)
     d2_k_grid: tuple[int, ...] = (5, 10)
-    d2_gamma_r_grid: tuple[float, ...] = (0.1, 1.0, 3.0)
+    d2_gamma_r_grid: tuple[float, ...] = (0.1, 1.0, 3.0)  # first stage uses the middle value
+    # Forward kernel width. The paper fixes gamma_f = 1 in its raw feature distances; in our
+    # dimensionless units (median kNN distance = 1) gamma_f = 1 makes the forward score follow the
+    # node's *degree* (measured: corr 0.75 with degree, -0.25 with difficulty), gamma_f = 10 makes
+    # it follow the difficulty more (class-mean corr 0.58; 100 switches the forward pass practically
+    # off). So it is swept too.
+    d2_gamma_f_grid: tuple[float, ...] = (1.0, 10.0, 100.0)  # 100: forward pass practically off
     d2_beta_grid: tuple[float, ...] = (0.0, 0.1, 0.3)
-    d2_gamma_f: float = 1.0  # the paper's fixed forward kernel width
     d2_score_floor: float = 0.05  # added to [0,1]-scaled difficulty so that no node has score 0
     ccs_beta_grid: tuple[float, ...] = (0.0, 0.1, 0.3)
     ccs_strata: int = 50  # the CCS paper's number of strata
     difficulties: tuple[str, ...] = ("aum", "forgetting")  # D2 variants in the table
+    # Where D2's chosen configuration loses to random on the validation split, one-change
+    # ablations of it are trained there (2 seeds) to find out why; never on the test set.
+    investigate: bool = True
+    investigate_k: int = 20
     workers: int = 2
     threads_per_worker: int = 1
 
@@ -141,14 +153,16 @@ def quick_settings() -> Settings:
         pool_size=10_000,
         val_size=2_000,
         split_seed=0,
-        dyn_epochs=4,
+        dyn_epochs=3,
         dyn_seeds=(0,),
         el2n_epoch=1,
-        train_steps=250,
+        train_steps=200,
         seeds=(0,),
         rates=(0.5, 0.9),
         d2_k_grid=(5,),
         d2_gamma_r_grid=(0.1, 1.0),
+        d2_gamma_f_grid=(1.0, 10.0),
+        investigate=False,
         d2_beta_grid=(0.0, 0.1),
         ccs_beta_grid=(0.0, 0.1),
         difficulties=("aum", "forgetting"),
@@ -161,10 +175,10 @@ def full_settings() -> Settings:
         pool_size=None,
         val_size=5_000,
         split_seed=0,
-        dyn_epochs=5,
+        dyn_epochs=4,
         dyn_seeds=(0, 1),
         el2n_epoch=1,
-        train_steps=600,
+        train_steps=400,
         seeds=(0, 1, 2),
         rates=(0.3, 0.5, 0.7, 0.9),
     )
@@ -363,8 +377,12 @@ def train(
         if on_batch is not None:
             on_batch(pos, logits.detach())
         loss = F.cross_entropy(logits, y[idx])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training diverged: loss {float(loss)} at step {step} (seed {seed})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
         if on_step is not None:
             on_step(step + 1, model)
@@ -508,61 +526,82 @@ class ResultLog:
 # ================================================================================================
 
 
-def compute_dynamics(settings: Settings, data: dict[str, np.ndarray], pool: np.ndarray, log: Callable[[str], None]) -> dict[str, np.ndarray]:
-    """Train on the pool with each dynamics seed; forgetting and AUM averaged over seeds, EL2N
-    averaged over seeds after `el2n_epoch` epochs, features from the first seed's final model."""
+def dynamics_one_seed(settings: Settings, x, y_np: np.ndarray, x_test, y_test, seed: int, features: bool, log=print) -> dict[str, Any]:
+    """One dynamics training on the pool tensors: forgetting, AUM, EL2N (after `el2n_epoch`
+    epochs), test accuracy and (when asked) the final penultimate features."""
     import torch
 
     recipe = settings.recipe
-    x = torch.from_numpy(standardise(data["train_images"][pool]))
-    y_np = data["train_labels"][pool].astype(np.int64)
     y = torch.from_numpy(y_np)
-    x_test = torch.from_numpy(standardise(data["test_images"]))
-    y_test = torch.from_numpy(data["test_labels"].astype(np.int64))
-    steps_per_epoch = math.ceil(len(pool) / recipe.batch_size)
+    steps_per_epoch = math.ceil(len(y_np) / recipe.batch_size)
     total = settings.dyn_epochs * steps_per_epoch
-    forgetting, aum, el2ns, test_acc, never = [], [], [], [], []
-    features = None
-    for seed in settings.dyn_seeds:
-        rec = DynamicsRecorder(y_np)
-        el2n_box: dict[str, np.ndarray] = {}
-        clock = time.time()
+    if not 1 <= settings.el2n_epoch <= settings.dyn_epochs:
+        raise ValueError(f"el2n_epoch={settings.el2n_epoch} must be in 1..dyn_epochs={settings.dyn_epochs}")
+    rec = DynamicsRecorder(y_np)
+    box: dict[str, np.ndarray] = {}
+    clock = time.time()
 
-        def on_step(step: int, model, _box=el2n_box, _clock=clock, _seed=seed) -> None:
-            if step == settings.el2n_epoch * steps_per_epoch:
-                model.eval()
-                _box["v"] = el2n(softmax(predict(model, x)), y_np)
-                model.train()
-            if step % steps_per_epoch == 0:
-                log(f"  dynamics seed {_seed}: epoch {step // steps_per_epoch}/{settings.dyn_epochs} ({time.time() - _clock:.0f}s)")
+    def on_step(step: int, model) -> None:
+        if step == settings.el2n_epoch * steps_per_epoch:
+            model.eval()
+            box["el2n"] = el2n(softmax(predict(model, x)), y_np)
+            model.train()
+        if step % steps_per_epoch == 0:
+            log(f"  dynamics seed {seed}: epoch {step // steps_per_epoch}/{settings.dyn_epochs} ({time.time() - clock:.0f}s)")
 
-        def on_batch(pos, logits, _rec=rec) -> None:
-            _rec.update(pos, logits.numpy())
+    def on_batch(pos, logits) -> None:
+        rec.update(pos, logits.numpy())
 
-        model = train(x, y, total, seed, recipe, on_batch=on_batch, on_step=on_step)
-        if "v" not in el2n_box:
-            raise RuntimeError(f"el2n_epoch={settings.el2n_epoch} is beyond dyn_epochs={settings.dyn_epochs}")
-        forgetting.append(rec.forgetting())
-        never.append(~rec.ever_correct)
-        aum.append(rec.aum())
-        el2ns.append(el2n_box["v"])
-        test_acc.append(accuracy(model, x_test, y_test))
-        if features is None:
-            features = predict(model, x, features=True).astype(np.float32)
-        log(f"  dynamics seed {seed}: done, test acc {test_acc[-1]:.4f} ({time.time() - clock:.0f}s)")
+    model = train(x, y, total, seed, recipe, on_batch=on_batch, on_step=on_step)
+    out = {
+        "forgetting": rec.forgetting(),
+        "aum": rec.aum(),
+        "el2n": box["el2n"],
+        "never_learned": (~rec.ever_correct).astype(np.float64),
+        "test_acc": accuracy(model, x_test, y_test),
+        "seconds": time.time() - clock,
+    }
+    if features:
+        out["features"] = predict(model, x, features=True).astype(np.float32)
+    return out
+
+
+def run_dynamics_job(settings: Settings, pool: np.ndarray, seed: int, features: bool) -> dict[str, Any]:
+    """:func:`dynamics_one_seed` in a worker process (data loaded by :func:`_worker_init`)."""
+    import torch
+
+    idx = torch.from_numpy(np.asarray(pool, dtype=np.int64))
+    y_np = _WORKER["y"][idx].numpy()
+    return dynamics_one_seed(
+        settings, _WORKER["x"][idx], y_np, _WORKER["x_test"], _WORKER["y_test"], seed, features, log=lambda m: None
+    )
+
+
+def compute_dynamics(settings: Settings, pool: np.ndarray, executor: cf.Executor, log: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """All dynamics seeds in parallel worker processes; forgetting, AUM and EL2N averaged over
+    seeds, features from the first seed's final model."""
+    futures = [
+        executor.submit(run_dynamics_job, settings, pool, seed, i == 0) for i, seed in enumerate(settings.dyn_seeds)
+    ]
+    outs = []
+    for seed, fut in zip(settings.dyn_seeds, futures):
+        outs.append(fut.result())
+        log(f"  dynamics seed {seed}: test acc {outs[-1]['test_acc']:.4f} ({outs[-1]['seconds']:.0f}s)")
     return {
         "pool": pool,
-        "labels": y_np,
-        "forgetting": np.mean(forgetting, axis=0),
-        "aum": np.mean(aum, axis=0),
-        "el2n": np.mean(el2ns, axis=0),
-        "features": features,
-        "dyn_test_acc": np.asarray(test_acc),
-        "never_learned": np.mean(never, axis=0),  # fraction of dynamics seeds that never learned it
+        "labels": None,  # filled by the caller
+        "forgetting": np.mean([o["forgetting"] for o in outs], axis=0),
+        "aum": np.mean([o["aum"] for o in outs], axis=0),
+        "el2n": np.mean([o["el2n"] for o in outs], axis=0),
+        "features": outs[0]["features"],
+        "dyn_test_acc": np.asarray([o["test_acc"] for o in outs]),
+        "never_learned": np.mean([o["never_learned"] for o in outs], axis=0),  # fraction of seeds
     }
 
 
-def load_or_compute_dynamics(settings: Settings, data: dict[str, np.ndarray], log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], np.ndarray, float, bool]:
+def load_or_compute_dynamics(
+    settings: Settings, data: dict[str, np.ndarray], executor: cf.Executor, log: Callable[[str], None]
+) -> tuple[dict[str, np.ndarray], np.ndarray, float, bool]:
     """(dynamics arrays, val ids, seconds spent, loaded from cache?)."""
     pool, val = stratified_split(data["train_labels"], settings.val_size, settings.pool_size, settings.split_seed)
     key = short_hash(settings.dynamics_key())
@@ -576,10 +615,8 @@ def load_or_compute_dynamics(settings: Settings, data: dict[str, np.ndarray], lo
         return dyn, val, 0.0, True
     log(f"dynamics: training on {len(pool)} pool images, {settings.dyn_epochs} epochs x {len(settings.dyn_seeds)} seeds")
     clock = time.time()
-    import torch
-
-    torch.set_num_threads(max(1, settings.workers * settings.threads_per_worker))
-    dyn = compute_dynamics(settings, data, pool, log)
+    dyn = compute_dynamics(settings, pool, executor, log)
+    dyn["labels"] = data["train_labels"][pool].astype(np.int64)
     atomic_save_npz(path, **dyn)
     return dyn, val, time.time() - clock, False
 
@@ -615,12 +652,20 @@ def d2_scores(difficulty: np.ndarray, floor: float) -> tuple[np.ndarray, float]:
 
 
 def difficulty(dyn: dict[str, np.ndarray], name: str) -> np.ndarray:
-    """Higher = harder. AUM is negated (low margin = hard)."""
+    """Higher = harder (= more worth keeping for D2). AUM is negated (low margin = hard).
+
+    Two ablations used by the investigation: ``none`` (every sample equal: D2 reduces to graph
+    density and diversity) and ``easy`` (AUM itself: easy samples first).
+    """
     if name == "aum":
         return -dyn["aum"]
     if name in ("forgetting", "el2n"):
         return dyn[name]
-    raise ValueError(f"unknown difficulty {name!r} (aum, forgetting, el2n)")
+    if name == "none":
+        return np.zeros_like(dyn["aum"], dtype=np.float64)
+    if name == "easy":
+        return dyn["aum"].astype(np.float64)
+    raise ValueError(f"unknown difficulty {name!r} (aum, forgetting, el2n, none, easy)")
 
 
 @dataclass
@@ -643,9 +688,12 @@ class ClassGraphs:
         return symmetrize_knn(self.neighbors[c][:, :k], self.distances[c][:, :k])
 
 
-def build_class_graphs(features: np.ndarray, labels: np.ndarray, k_max: int) -> ClassGraphs:
+def build_class_graphs(features: np.ndarray, labels: np.ndarray, k_max: int, unit_k: int | None = None) -> ClassGraphs:
     """kNN per class with the project's ``pipeline.graph.knn_graph`` (exact flat index: a class
-    has a few thousand nodes). The paper builds its CIFAR graphs per class too."""
+    has a few thousand nodes). The paper builds its CIFAR graphs per class too.
+
+    The distance unit is the median squared distance to the first `unit_k` (default `k_max`)
+    neighbours, so searching further (a larger `k_max`) does not change the unit."""
     import faiss
 
     from pipeline.graph import knn_graph
@@ -654,18 +702,34 @@ def build_class_graphs(features: np.ndarray, labels: np.ndarray, k_max: int) -> 
     clock = time.time()
     x = l2_normalise(features)
     class_ids, nbs, dists = [], [], []
-    for c in range(N_CLASSES):
+    for c in np.unique(labels):
         ids = np.flatnonzero(labels == c)
         nb, d, _ = knn_graph(x[ids], k_max, index="flat")
         class_ids.append(ids)
         nbs.append(nb)
         dists.append(d)
-    finite = np.concatenate([d[np.isfinite(d)] for d in dists])
+    uk = k_max if unit_k is None else min(unit_k, k_max)
+    finite = np.concatenate([d[:, :uk][np.isfinite(d[:, :uk])] for d in dists])
     unit = float(np.median(finite))
     if not unit > 0:
         raise ValueError(f"median kNN distance is {unit}: features collapsed?")
     dists = [(d / unit).astype(np.float32) for d in dists]
     return ClassGraphs(class_ids, nbs, dists, unit, k_max, time.time() - clock)
+
+
+def forward_bias(graphs: ClassGraphs, scores: np.ndarray, k: int, gamma_f: float) -> dict[str, float]:
+    """What the forward pass rewards: Pearson correlation of the forward score with the node's
+    degree and with its own score, averaged over the class graphs."""
+    from pipeline.d2 import forward_pass
+
+    with_degree, with_score = [], []
+    for c, ids in enumerate(graphs.class_ids):
+        g = graphs.csr(c, k)
+        deg = np.diff(g.indptr).astype(np.float64)
+        fwd = forward_pass(g, scores[ids], gamma_f)
+        with_degree.append(np.corrcoef(fwd, deg)[0, 1])
+        with_score.append(np.corrcoef(fwd, scores[ids])[0, 1])
+    return {"corr_with_degree": float(np.mean(with_degree)), "corr_with_score": float(np.mean(with_score))}
 
 
 @dataclass(frozen=True)
@@ -751,7 +815,7 @@ class Selector:
         if method.name == "kcenter":
             return self._kcenter(budget)
         if method.name == "d2":
-            return self._d2(rate, p["difficulty"], p["k"], p["gamma_r"], p["beta"])
+            return self._d2(rate, p["difficulty"], p["k"], p["gamma_f"], p["gamma_r"], p["beta"])
         raise ValueError(f"unknown method {method.name!r}")
 
     def _kcenter(self, budget: int) -> np.ndarray:
@@ -772,7 +836,7 @@ class Selector:
         budgets = selectors.balanced_budgets(np.array([len(o) for o in orders]), budget, mode="uniform")
         return np.concatenate([o[: int(b)] for o, b in zip(orders, budgets)])
 
-    def _d2(self, rate: float, diff_name: str, k: int, gamma_r: float, beta: float) -> np.ndarray:
+    def _d2(self, rate: float, diff_name: str, k: int, gamma_f: float, gamma_r: float, beta: float) -> np.ndarray:
         """Label-balanced D2 as in the paper: β pre-filter on AUM over the pool (the budget still
         counts the whole pool), uniform class budgets over the survivors, D2 on each class's graph
         restricted to its survivors."""
@@ -788,7 +852,7 @@ class Selector:
         for c, ids in enumerate(self.graphs.class_ids):
             local = np.flatnonzero(keep[ids])  # survivor positions inside the class graph
             graph = subgraph(self.graphs.csr(c, k), local)
-            sel = d2_select(graph, scores[ids[local]], int(budgets[c]), self.settings.d2_gamma_f, gamma_r)
+            sel = d2_select(graph, scores[ids[local]], int(budgets[c]), gamma_f, gamma_r)
             out.append(ids[local[sel.order]])
         return np.concatenate(out)
 
@@ -860,55 +924,68 @@ class Job:
 
 
 class Runner:
-    def __init__(self, settings: Settings, selector: Selector, val_ids: np.ndarray, results: ResultLog, log):
+    def __init__(self, settings: Settings, selector: Selector, val_ids: np.ndarray, results: ResultLog, log, executor: cf.Executor):
         self.settings = settings
         self.selector = selector
         self.pool = selector.dyn["pool"]
         self.val_ids = val_ids
         self.results = results
         self.log = log
-        self.pool_exec = cf.ProcessPoolExecutor(
-            max_workers=settings.workers,
-            mp_context=mp.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(settings.threads_per_worker,),
-        )
+        self.pool_exec = executor
         self.train_seconds = 0.0
         self.jobs_run = 0
+        self.skipped = 0
 
-    def close(self) -> None:
-        self.pool_exec.shutdown(wait=True, cancel_futures=True)
-
-    def run(self, jobs: list[Job]) -> dict[str, dict]:
-        """Run the jobs not yet checkpointed; returns the records of all `jobs`."""
+    def run(self, jobs: list[Job], deadline: float | None = None) -> dict[str, dict]:
+        """Run the jobs not yet checkpointed, in order, at most `workers` at a time; no job starts
+        after `deadline` (time.time()). Returns the records of the finished `jobs`."""
         todo = [j for j in dict.fromkeys(jobs) if j.key() not in self.results.done]
-        futures = {}
-        for job in todo:
-            ids = self.pool[self.selector.select(job.method, job.rate, job.seed)]
-            eval_ids = self.val_ids if job.split == "val" else None
-            fut = self.pool_exec.submit(
-                run_training_job, ids, eval_ids, job.seed, self.settings.train_steps, dataclasses.asdict(self.settings.recipe)
-            )
-            futures[fut] = (job, len(ids))
-        for fut in cf.as_completed(futures):
-            job, size = futures[fut]
-            out = fut.result()
-            rec = {
-                "key": job.key(),
-                "split": job.split,
-                "method": job.method.name,
-                "params": job.method.p,
-                "rate": job.rate,
-                "seed": job.seed,
-                "size": size,
-                "acc": out["acc"],
-                "seconds": out["seconds"],
-            }
-            self.results.add(rec)
-            self.train_seconds += out["seconds"]
-            self.jobs_run += 1
-            self.log(f"  {job.split:4s} {job.method.key():60s} rate={job.rate:.1f} seed={job.seed} n={size:6d} acc={out['acc']:.4f} ({out['seconds']:.0f}s)")
-        return {j.key(): self.results.done[j.key()] for j in jobs}
+        pending: dict[cf.Future, tuple[Job, int]] = {}
+        queue = list(todo)
+        skipped = 0
+        while queue or pending:
+            while queue and len(pending) < self.settings.workers:
+                job = queue.pop(0)
+                if deadline is not None and time.time() > deadline:
+                    skipped += 1 + len(queue)
+                    queue.clear()
+                    break
+                ids = self.pool[self.selector.select(job.method, job.rate, job.seed)]
+                eval_ids = self.val_ids if job.split == "val" else None
+                fut = self.pool_exec.submit(
+                    run_training_job, ids, eval_ids, job.seed, self.settings.train_steps, dataclasses.asdict(self.settings.recipe)
+                )
+                pending[fut] = (job, len(ids))
+            if not pending:
+                break
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                job, size = pending.pop(fut)
+                self._record(job, size, fut.result())
+        if skipped:
+            self.log(f"  deadline reached: {skipped} trainings not started")
+            self.skipped += skipped
+        return {j.key(): self.results.done[j.key()] for j in jobs if j.key() in self.results.done}
+
+    def _record(self, job: Job, size: int, out: dict) -> None:
+        rec = {
+            "key": job.key(),
+            "split": job.split,
+            "method": job.method.name,
+            "params": job.method.p,
+            "rate": job.rate,
+            "seed": job.seed,
+            "size": size,
+            "acc": out["acc"],
+            "seconds": out["seconds"],
+        }
+        self.results.add(rec)
+        self.train_seconds += out["seconds"]
+        self.jobs_run += 1
+        self.log(
+            f"  {job.split:4s} {job.method.key():60s} rate={job.rate:.1f} seed={job.seed} n={size:6d} "
+            f"acc={out['acc']:.4f} ({out['seconds']:.0f}s)"
+        )
 
 
 # ================================================================================================
@@ -916,8 +993,10 @@ class Runner:
 # ================================================================================================
 
 
-def d2_method(difficulty_name: str, k: int, gamma_r: float, beta: float) -> Method:
-    return Method("d2", (("beta", beta), ("difficulty", difficulty_name), ("gamma_r", gamma_r), ("k", k)))
+def d2_method(difficulty_name: str, k: int, gamma_r: float, beta: float, gamma_f: float = 1.0) -> Method:
+    return Method(
+        "d2", (("beta", beta), ("difficulty", difficulty_name), ("gamma_f", gamma_f), ("gamma_r", gamma_r), ("k", k))
+    )
 
 
 def ccs_method(beta: float) -> Method:
@@ -934,79 +1013,120 @@ def _best(records: list[tuple[Method, dict]]) -> tuple[Method, float]:
 
 
 def sweep(settings: Settings, runner: Runner, log) -> dict[str, Any]:
-    """Staged search per pruning rate on the validation split (seed 0):
-    D2 (each difficulty): gamma_r over its grid at k=k_grid[0], beta=0; then the other k at the
-    best gamma_r; then beta > 0 (below the rate) at the best (k, gamma_r); then the better
-    difficulty. CCS: beta over its grid (below the rate). Stages run all rates together so both
-    workers stay busy."""
+    """Staged search per pruning rate on the validation split (seed 0).
+
+    D2: A) difficulty x gamma_f (k = k_grid[0], middle gamma_r, beta = 0), the best goes on;
+    A2) the other gamma_r values; B) the other k values; C) beta > 0 (below the rate). Each step
+    keeps the best so far. CCS: beta over its grid (below the rate). Random is trained on the
+    validation split too, as a reference. Each stage runs all rates at once so both workers stay
+    busy. A staged search, not a full grid: the full grid is
+    |difficulty|·|gamma_f|·|gamma_r|·|k|·|beta| = 108 trainings per rate, too many for this CPU.
+    """
     seed = settings.seeds[0]
-    val = lambda m, r: Job(m, r, seed, "val")  # noqa: E731
     rates = settings.rates
     k0 = settings.d2_k_grid[0]
-    chosen: dict[str, Any] = {"d2": {}, "ccs": {}}
+    chosen: dict[str, Any] = {"d2": {}, "ccs": {}, "d2_stage_a": {}}
     trials: list[dict] = []
 
-    def record(m: Method, r: float, rec: dict) -> None:
-        trials.append({"method": m.name, "params": m.p, "rate": r, "val_acc": rec["acc"]})
+    def val(m: Method, r: float) -> Job:
+        return Job(m, r, seed, "val")
 
-    # Stage A (+ CCS, independent of the D2 stages)
-    stage_a = {(d, r): [d2_method(d, k0, g, 0.0) for g in settings.d2_gamma_r_grid] for d in settings.difficulties for r in rates}
+    def acc_of(res: dict, m: Method, r: float) -> dict:
+        rec = res[val(m, r).key()]
+        trials.append({"method": m.name, "params": m.p, "rate": r, "val_acc": rec["acc"]})
+        return rec
+
+    g_mid = settings.d2_gamma_r_grid[len(settings.d2_gamma_r_grid) // 2]
+    stage_a = {
+        (d, r): [d2_method(d, k0, g_mid, 0.0, gf) for gf in settings.d2_gamma_f_grid]
+        for d in settings.difficulties
+        for r in rates
+    }
     ccs = {r: [ccs_method(b) for b in settings.ccs_beta_grid if b < r] for r in rates}
-    jobs = [val(m, r) for (d, r), ms in stage_a.items() for m in ms] + [val(m, r) for r, ms in ccs.items() for m in ms]
-    log(f"sweep stage A: {len(jobs)} validation trainings")
+    refs = {r: [Method("random")] for r in rates}  # reference point on the validation split
+    jobs = (
+        [val(m, r) for (d, r), ms in stage_a.items() for m in ms]
+        + [val(m, r) for r, ms in ccs.items() for m in ms]
+        + [val(m, r) for r, ms in refs.items() for m in ms]
+    )
+    log(f"sweep stage A (difficulty x gamma_f, +CCS, +random): {len(jobs)} validation trainings")
     res = runner.run(jobs)
     for r, ms in ccs.items():
-        best, acc = _best([(m, res[val(m, r).key()]) for m in ms])
-        chosen["ccs"][str(r)] = {"beta": best.p["beta"], "val_acc": acc}
-        for m in ms:
-            record(m, r, res[val(m, r).key()])
-    best_a = {}
-    for (d, r), ms in stage_a.items():
-        for m in ms:
-            record(m, r, res[val(m, r).key()])
-        best_a[(d, r)] = _best([(m, res[val(m, r).key()]) for m in ms])
-    # Stage B: the other k values
-    stage_b = {
-        (d, r): [d2_method(d, k, best_a[(d, r)][0].p["gamma_r"], 0.0) for k in settings.d2_k_grid[1:]]
-        for d in settings.difficulties
-        for r in rates
-    }
-    jobs = [val(m, r) for (d, r), ms in stage_b.items() for m in ms]
-    log(f"sweep stage B: {len(jobs)} validation trainings")
-    res = runner.run(jobs)
-    best_b = {}
-    for (d, r), ms in stage_b.items():
-        for m in ms:
-            record(m, r, res[val(m, r).key()])
-        cands = [(best_a[(d, r)][0], {"acc": best_a[(d, r)][1]})] + [(m, res[val(m, r).key()]) for m in ms]
-        best_b[(d, r)] = _best(cands)
-    # Stage C: the pre-filter
-    stage_c = {
-        (d, r): [
-            d2_method(d, best_b[(d, r)][0].p["k"], best_b[(d, r)][0].p["gamma_r"], b)
-            for b in settings.d2_beta_grid
-            if 0 < b < r
-        ]
-        for d in settings.difficulties
-        for r in rates
-    }
-    jobs = [val(m, r) for (d, r), ms in stage_c.items() for m in ms]
-    log(f"sweep stage C: {len(jobs)} validation trainings")
-    res = runner.run(jobs)
+        best_ccs, acc = _best([(m, acc_of(res, m, r)) for m in ms])
+        chosen["ccs"][str(r)] = {"beta": best_ccs.p["beta"], "val_acc": acc}
+    for r, ms in refs.items():
+        chosen.setdefault("random_val_acc", {})[str(r)] = acc_of(res, ms[0], r)["acc"]
+    best: dict[float, tuple[Method, float]] = {}
     for r in rates:
         per_diff = []
         for d in settings.difficulties:
-            ms = stage_c[(d, r)]
-            for m in ms:
-                record(m, r, res[val(m, r).key()])
-            cands = [(best_b[(d, r)][0], {"acc": best_b[(d, r)][1]})] + [(m, res[val(m, r).key()]) for m in ms]
-            per_diff.append(_best(cands))
-        best, acc = _best(per_diff)
-        chosen["d2"][str(r)] = dict(best.p, val_acc=acc)
-        chosen.setdefault("d2_by_difficulty", {})[str(r)] = {
-            m.p["difficulty"]: dict(m.p, val_acc=a) for m, a in per_diff
-        }
+            m, a = _best([(m, acc_of(res, m, r)) for m in stage_a[(d, r)]])
+            chosen["d2_stage_a"].setdefault(str(r), {})[d] = dict(m.p, val_acc=a)
+            per_diff.append((m, {"acc": a}))
+        best[r] = _best(per_diff)
+
+    def variant(m: Method, **change) -> Method:
+        p = dict(m.p, **change)
+        return d2_method(p["difficulty"], p["k"], p["gamma_r"], p["beta"], p["gamma_f"])
+
+    for stage, make in (
+        ("A2 (gamma_r)", lambda m, r: [variant(m, gamma_r=g) for g in settings.d2_gamma_r_grid if g != g_mid]),
+        ("B (k)", lambda m, r: [variant(m, k=k) for k in settings.d2_k_grid[1:]]),
+        ("C (beta)", lambda m, r: [variant(m, beta=b) for b in settings.d2_beta_grid if 0 < b < r]),
+    ):
+        cands = {r: make(best[r][0], r) for r in rates}
+        jobs = [val(m, r) for r, ms in cands.items() for m in ms]
+        log(f"sweep stage {stage}: {len(jobs)} validation trainings")
+        res = runner.run(jobs)
+        for r, ms in cands.items():
+            best[r] = _best([(best[r][0], {"acc": best[r][1]})] + [(m, acc_of(res, m, r)) for m in ms])
+    for r in rates:
+        chosen["d2"][str(r)] = dict(best[r][0].p, val_acc=best[r][1])
     return {"chosen": chosen, "trials": trials}
+
+
+def investigate(settings: Settings, runner: Runner, sw: dict[str, Any], log, deadline: float | None) -> dict[str, Any]:
+    """At each rate where the chosen D2 scored below random on the validation split, train
+    one-change ablations of the chosen configuration on the validation split (2 seeds each):
+    the scores (none: pure density/diversity; easy: easy samples first), the reverse kernel
+    (gamma_r = 0.01: suppress neighbours almost fully), the graph (k = investigate_k), the forward
+    pass (gamma_f = 100: practically off). Diagnostics of each selection come with it."""
+    chosen = sw["chosen"]
+    seeds = settings.seeds[:2]
+    out: dict[str, Any] = {}
+    for r in settings.rates:
+        d2 = chosen["d2"][str(r)]
+        if d2["val_acc"] >= chosen["random_val_acc"][str(r)]:
+            continue
+        base = d2_method(d2["difficulty"], d2["k"], d2["gamma_r"], d2["beta"], d2["gamma_f"])
+
+        def variant(**change) -> Method:
+            p = dict(base.p, **change)
+            return d2_method(p["difficulty"], p["k"], p["gamma_r"], p["beta"], p["gamma_f"])
+
+        variants = {
+            "random": Method("random"),
+            "ccs (chosen)": ccs_method(chosen["ccs"][str(r)]["beta"]),
+            "d2 (chosen)": base,
+            "d2, scores = constant": variant(difficulty="none"),
+            "d2, scores = easiness (+AUM)": variant(difficulty="easy"),
+            "d2, gamma_r = 0.01": variant(gamma_r=0.01),
+            f"d2, k = {settings.investigate_k}": variant(k=settings.investigate_k),
+            "d2, gamma_f = 100 (forward off)": variant(gamma_f=100.0),
+        }
+        jobs = [Job(m, r, s, "val") for m in variants.values() for s in seeds]
+        log(f"investigation at rate {r}: D2 val {d2['val_acc']:.4f} < random {chosen['random_val_acc'][str(r)]:.4f}; {len(jobs)} validation trainings")
+        res = runner.run(jobs, deadline=deadline)
+        probe = np.random.default_rng(0).choice(runner.selector.n, size=min(2000, runner.selector.n), replace=False)
+        rows = {}
+        for name, m in variants.items():
+            accs = [res[k]["acc"] for k in (Job(m, r, s, "val").key() for s in seeds) if k in res]
+            if accs:
+                rows[name] = dict(
+                    summarise(accs), params=m.p, diagnostics=runner.selector.diagnostics(runner.selector.select(m, r, seeds[0]), probe)
+                )
+        out[str(r)] = rows
+    return out
 
 
 def table_methods(chosen: dict[str, Any], rate: float) -> list[Method]:
@@ -1018,7 +1138,7 @@ def table_methods(chosen: dict[str, Any], rate: float) -> list[Method]:
         ccs_method(chosen["ccs"][str(rate)]["beta"]),
         Method("moderate"),
         Method("kcenter"),
-        d2_method(d2["difficulty"], d2["k"], d2["gamma_r"], d2["beta"]),
+        d2_method(d2["difficulty"], d2["k"], d2["gamma_r"], d2["beta"], d2["gamma_f"]),
     ]
 
 
@@ -1035,6 +1155,25 @@ def summarise(values: list[float]) -> dict[str, Any]:
 ROW_ORDER = ["random", "forgetting", "el2n", "ccs", "moderate", "kcenter", "d2"]
 
 
+def run_time_note(timing: dict[str, Any]) -> str:
+    invs = timing.get("invocations") or []
+    if len(invs) <= 1:
+        return f"{timing['total_s'] / 60:.1f} min ({timing['trainings']} trainings)"
+    parts = ", ".join(f"{i['wall_s'] / 60:.1f} min ({i['trainings']} trainings)" for i in invs)
+    return f"{timing['all_invocations_wall_s'] / 60:.1f} min over {len(invs)} invocations: {parts}"
+
+
+def fmt_cell(c: dict[str, Any]) -> str:
+    return f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}" if c["n"] > 1 else f"{100 * c['mean']:.2f}"
+
+
+def seeds_note(report: dict[str, Any]) -> str:
+    ns = sorted({c["n"] for row in report["table"].values() for c in row.values()})
+    if len(ns) == 1:
+        return f"{ns[0]} training seed(s)"
+    return f"{ns[0]}–{ns[-1]} training seeds (the run hit its time limit; n per cell in the JSON)"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     rates = report["settings"]["rates"]
     table = report["table"]
@@ -1043,7 +1182,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"Test accuracy (%) of a CNN trained from scratch on each coreset, mean ± std over "
-        f"{len(report['settings']['seeds'])} seed(s); pool = {report['data']['pool']} training images "
+        f"{seeds_note(report)}; pool = {report['data']['pool']} training images "
         f"({report['data']['val']} held out for validation), test = {report['data']['test']} images. "
         f"Every training run: {report['settings']['train_steps']} SGD steps of batch "
         f"{report['settings']['recipe']['batch_size']} (equal compute for every method and rate). "
@@ -1061,7 +1200,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if full:
         lines.append(
             f"| Full pool (0% pruned) | "
-            + " | ".join(f"{100 * full['mean']:.2f} ± {100 * full['std']:.2f}" for _ in rates)
+            + " | ".join(fmt_cell(full) for _ in rates)
             + " |"
         )
     for row in ROW_ORDER:
@@ -1073,28 +1212,43 @@ def render_markdown(report: dict[str, Any]) -> str:
             if c is None:
                 cells.append("–")
                 continue
-            txt = f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
+            txt = fmt_cell(c)
             cells.append(f"**{txt}**" if best[r] == row else txt)
         lines.append(f"| {report['labels'][row]} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Hyper-parameters chosen on the validation split (never the test set):")
     lines.append("")
-    lines.append("| rate | D2 difficulty | k | γ_r | β | D2 val acc | CCS β | CCS val acc |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("| rate | D2 difficulty | k | γ_f | γ_r | β | D2 val acc | CCS β | CCS val acc | Random val acc |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     ch = report["sweep"]["chosen"]
     for r in rates:
         d, c = ch["d2"][str(r)], ch["ccs"][str(r)]
         lines.append(
-            f"| {int(round(r * 100))}% | {d['difficulty']} | {d['k']} | {d['gamma_r']} | {d['beta']} | "
-            f"{100 * d['val_acc']:.2f} | {c['beta']} | {100 * c['val_acc']:.2f} |"
+            f"| {int(round(r * 100))}% | {d['difficulty']} | {d['k']} | {d['gamma_f']} | {d['gamma_r']} | {d['beta']} | "
+            f"{100 * d['val_acc']:.2f} | {c['beta']} | {100 * c['val_acc']:.2f} | "
+            f"{100 * ch.get('random_val_acc', {}).get(str(r), float('nan')):.2f} |"
         )
     lines.append("")
+    for r, rows in report.get("investigation", {}).items():
+        lines.append(
+            f"Investigation at {int(round(float(r) * 100))}% pruning (D2 below random on validation): validation "
+            f"accuracy (%), mean over {max(v['n'] for v in rows.values())} seeds, one change to the chosen D2 each; "
+            f"hardness = mean AUM-difficulty percentile of the coreset (0.5 = like random), coverage = mean squared "
+            f"distance from a pool sample to its nearest coreset member (lower = better covered)."
+        )
+        lines.append("")
+        lines.append("| variant | val acc | hardness | coverage |")
+        lines.append("|---|---|---|---|")
+        for name, v in rows.items():
+            dg = v["diagnostics"]
+            lines.append(f"| {name} | {fmt_cell(v)} | {dg['hardness_pct']:.3f} | {dg['coverage_sqdist']:.4f} |")
+        lines.append("")
     g = report["graph"]
     lines.append(
         f"D2: per-class exact kNN graphs (`pipeline.graph.knn_graph`, flat index) on L2-normalised "
         f"penultimate features, symmetrised with `pipeline.d2.symmetrize_knn`; squared distances in "
         f"units of the median kNN squared distance ({g['unit']:.4g}), so γ is dimensionless; "
-        f"γ_f = {report['settings']['d2_gamma_f']}; difficulty scaled to [0, 1] + "
+        f"difficulty scaled to [0, 1] + "
         f"{report['settings']['d2_score_floor']}; β pre-filter drops the lowest-AUM samples; "
         f"uniform class budgets (`selectors.balanced_budgets`). CCS: negated AUM, "
         f"{report['settings']['ccs_strata']} strata. k-center greedy: per class, uniform class budgets."
@@ -1102,12 +1256,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("")
     m = report["machine"]
     lines.append(
-        f"Machine: {m['description']}. Run time {report['timing']['total_s'] / 60:.1f} min "
-        f"({report['timing']['trainings']} trainings this invocation, {report['settings']['workers']} worker process(es) "
-        f"× {report['settings']['threads_per_worker']} thread). {m['contention']}"
+        f"Machine: {m['description']}. Wall time {run_time_note(report['timing'])}; "
+        f"{report['settings']['workers']} training process(es) × {report['settings']['threads_per_worker']} thread. "
+        f"{m['contention']}"
     )
     lines.append("")
     return "\n".join(lines)
+
+
+def graph_stats(settings: Settings, graphs: ClassGraphs, dyn: dict[str, np.ndarray]) -> dict[str, Any]:
+    out: dict[str, Any] = {"unit": graphs.unit, "k_max": graphs.k_max, "seconds": graphs.seconds, "by_k": {}}
+    scores, _ = d2_scores(difficulty(dyn, "aum"), settings.d2_score_floor)
+    for k in settings.d2_k_grid:
+        deg = np.concatenate([np.diff(graphs.csr(c, k).indptr) for c in range(len(graphs.class_ids))])
+        out["by_k"][str(k)] = {
+            "degree_percentiles_0_50_90_99_100": [float(v) for v in np.percentile(deg, [0, 50, 90, 99, 100])],
+            "forward_bias_aum": {str(gf): forward_bias(graphs, scores, k, gf) for gf in settings.d2_gamma_f_grid},
+        }
+    return out
 
 
 def machine_description() -> dict[str, str]:
@@ -1126,6 +1292,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, help="write the markdown table here")
     ap.add_argument("--workers", type=int, help="training processes (default: settings)")
     ap.add_argument("--contention", default="", help="note on concurrent load, copied into the report")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        help="no table training starts after this many minutes from launch; cells then report the "
+        "seeds that finished (the table runs seed by seed, so earlier seeds are complete)",
+    )
     args = ap.parse_args(argv)
     settings = quick_settings() if args.quick else full_settings()
     if args.workers:
@@ -1137,33 +1309,47 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch  # noqa: F401  (fail early if the environment lacks it)
 
+    torch.set_num_threads(1)  # the main process only selects; training runs in the workers
     data = load_fashion_mnist()
-    dyn, val_ids, dyn_seconds, dyn_cached = load_or_compute_dynamics(settings, data, log)
+    executor = cf.ProcessPoolExecutor(
+        max_workers=settings.workers,
+        mp_context=mp.get_context("spawn"),  # fork after torch/OpenMP start-up can hang
+        initializer=_worker_init,
+        initargs=(settings.threads_per_worker,),
+    )
+    try:
+        return _main(args, settings, data, executor, start, log)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _main(args, settings: Settings, data: dict[str, np.ndarray], executor: cf.Executor, start: float, log) -> int:
+    dyn, val_ids, dyn_seconds, dyn_cached = load_or_compute_dynamics(settings, data, executor, log)
     labels = dyn["labels"].astype(np.int64)
     log(
         f"dynamics: dyn-model test acc {dyn['dyn_test_acc']}, never learned (any seed) "
         f"{int((dyn['never_learned'] > 0).sum())}, unforgettable {int((dyn['forgetting'] == 0).sum())} of {len(labels)}"
     )
-    graphs = build_class_graphs(dyn["features"], labels, max(settings.d2_k_grid))
+    k_search = max(settings.d2_k_grid + ((settings.investigate_k,) if settings.investigate else ()))
+    graphs = build_class_graphs(dyn["features"], labels, k_search, unit_k=max(settings.d2_k_grid))
     log(f"graph: per-class flat kNN (k={graphs.k_max}) in {graphs.seconds:.1f}s, median sq distance {graphs.unit:.4g}")
     selector = Selector(settings, dyn, graphs)
     run_dir = CACHE_DIR / f"run-{settings.mode}-{short_hash(settings.run_key())}"
     results = ResultLog(run_dir / "results.jsonl")
     log(f"checkpoint: {run_dir / 'results.jsonl'} ({len(results.done)} trainings already done)")
-    runner = Runner(settings, selector, val_ids, results, log)
-    try:
-        sw = sweep(settings, runner, log)
-        log(f"sweep chosen: {json.dumps(sw['chosen'])}")
-        # The table, seed by seed so a partial run still has whole tables for the first seeds.
-        jobs = []
-        for seed in settings.seeds:
-            jobs.append(Job(Method("full"), 0.0, seed, "test"))
-            for r in settings.rates:
-                jobs += [Job(m, r, seed, "test") for m in table_methods(sw["chosen"], r)]
-        log(f"table: {len(jobs)} test trainings")
-        res = runner.run(jobs)
-    finally:
-        runner.close()
+    runner = Runner(settings, selector, val_ids, results, log, executor)
+    sw = sweep(settings, runner, log)
+    log(f"sweep chosen: {json.dumps(sw['chosen'])}")
+    # The table, seed by seed so a partial run still has whole tables for the first seeds.
+    jobs = []
+    for seed in settings.seeds:
+        jobs.append(Job(Method("full"), 0.0, seed, "test"))
+        for r in settings.rates:
+            jobs += [Job(m, r, seed, "test") for m in table_methods(sw["chosen"], r)]
+    log(f"table: {len(jobs)} test trainings")
+    deadline = start + 60 * args.max_minutes if args.max_minutes is not None else None
+    res = runner.run(jobs, deadline=deadline)
+    investigation = investigate(settings, runner, sw, log, deadline) if settings.investigate else {}
 
     table: dict[str, dict[str, Any]] = {}
     labels_by_row = {}
@@ -1171,11 +1357,15 @@ def main(argv: list[str] | None = None) -> int:
     probe = np.random.default_rng(0).choice(len(labels), size=min(2000, len(labels)), replace=False)
     for r in settings.rates:
         for m in table_methods(sw["chosen"], r):
-            accs = [res[Job(m, r, s, "test").key()]["acc"] for s in settings.seeds]
+            accs = [res[k]["acc"] for k in (Job(m, r, s, "test").key() for s in settings.seeds) if k in res]
+            if not accs:
+                continue
             table.setdefault(m.name, {})[str(r)] = dict(summarise(accs), params=m.p, size=selector.budget(r))
             labels_by_row[m.name] = m.label()
             diagnostics.setdefault(m.name, {})[str(r)] = selector.diagnostics(selector.select(m, r, settings.seeds[0]), probe)
-    full = summarise([res[Job(Method("full"), 0.0, s, "test").key()]["acc"] for s in settings.seeds])
+    full = summarise(
+        [res[k]["acc"] for k in (Job(Method("full"), 0.0, s, "test").key() for s in settings.seeds) if k in res]
+    )
     machine = machine_description()
     machine["contention"] = args.contention
     total = time.time() - start
@@ -1198,8 +1388,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": dyn_seconds,
             "from_cache": dyn_cached,
         },
-        "graph": {"unit": graphs.unit, "k_max": graphs.k_max, "seconds": graphs.seconds},
+        "graph": graph_stats(settings, graphs, dyn),
         "sweep": sw,
+        "investigation": investigation,
         "full": full,
         "table": table,
         "labels": labels_by_row,
@@ -1209,10 +1400,25 @@ def main(argv: list[str] | None = None) -> int:
         "timing": {
             "total_s": total,
             "trainings": runner.jobs_run,
+            "trainings_skipped_by_deadline": runner.skipped,
             "training_cpu_s": runner.train_seconds,
             "checkpoint": str(run_dir.relative_to(REPO)),
         },
     }
+    # Wall time of every invocation that built this checkpoint (a resumed run reuses earlier work).
+    inv_path = run_dir / "invocations.jsonl"
+    this = {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+        "wall_s": round(total, 1),
+        "trainings": runner.jobs_run,
+        "dynamics_s": round(dyn_seconds, 1),
+        "argv": sys.argv[1:],
+    }
+    with open(inv_path, "a") as f:
+        f.write(json.dumps(this) + "\n")
+    invocations = [json.loads(line) for line in open(inv_path) if line.strip()]
+    report["timing"]["invocations"] = invocations
+    report["timing"]["all_invocations_wall_s"] = round(sum(i["wall_s"] for i in invocations), 1)
     md = render_markdown(report)
     print(md)
     if args.json:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .d2 import _check_budget  # one budget rule for D2 and the baselines
+
 __all__ = [
     "balanced_budgets",
     "ccs_select",
@@ -32,15 +34,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _check_budget(budget, n: int) -> int:
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)):
-        raise ValueError(f"budget must be an integer, got {budget!r}")
-    b = int(budget)
-    if b < 0:
-        raise ValueError(f"budget must be >= 0, got {b}")
-    return min(b, n)
 
 
 def _check_scores(scores, what: str = "scores") -> np.ndarray:
