@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
             os.path.join(base, "work"), shards, os.path.join(base, "out"),
             embed={"pretrained": ckpt, "batch_size": 256, "num_actors": 1, "torch_threads": 1},
             graph={"k": args.k, "index": "ivfflat", "nlist": None, "nprobe": 16, "recall_sample": 1000},
-            select={"prune_rate": args.prune_rate, "partitions": "cells"},
+            select={"prune_rate": args.prune_rate},  # partitions: the default (auto)
             overrides=["output.samples_per_shard=2000"],
             ray={"num_cpus": os.cpu_count(), "object_store_memory": 1_000_000_000},
         )
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         variants = []
         specs = [(s.strip(), False) for s in args.partitions.split(",")] + [("cells", True)]
         for spec, use_ray in specs:
-            partitions = spec if spec == "cells" else int(spec)
+            partitions = spec if spec in ("auto", "cells") else int(spec)
             raw = cfg.model_dump()
             raw["select"]["partitions"] = partitions
             from pipeline.config import config_from_dict
