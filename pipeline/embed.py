@@ -30,6 +30,7 @@ Why these choices:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -44,9 +45,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .config import ConfigError, EmbedConfig, InputConfig, JobConfig
+from .config import ConfigError, InputConfig, JobConfig, PrecomputedConfig
 from .runtime import cluster_gpus, init_ray
 from .shards import (
+    BAD_METADATA,
     DUPLICATE_UID,
     READ_BLOCK_SIZE,
     UNDECODABLE_IMAGE,
@@ -54,6 +56,7 @@ from .shards import (
     ShardError,
     decode_image,
     iter_shard_samples,
+    listing,
     shard_urls,
     shards_dataset,
     verify_shards,
@@ -65,7 +68,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "embed"
 BAD_EMBEDDING = "bad_embedding"  # precomputed encoder: a non-finite or all-zero vector
-BAD_METADATA = "bad_metadata"
 READ_WORKER_BASE_MEMORY = 640 * 2**20
 
 
@@ -232,11 +234,13 @@ def image_pipeline(pp: dict[str, Any]) -> ImagePipeline:
 
 @lru_cache(maxsize=4)
 def _worker_preprocessors(spec: ModelSpec, pp_json: str):
-    """Per-process cache of the image pipeline and tokenizer (built once per read worker)."""
+    """Per-process cache of the image pipeline, tokenizer and its context length (built once per
+    read worker)."""
     import open_clip
 
     spec.ensure_registered()
-    return image_pipeline(json.loads(pp_json)), open_clip.get_tokenizer(spec.name)
+    tokenizer = open_clip.get_tokenizer(spec.name)
+    return image_pipeline(json.loads(pp_json)), tokenizer, tokenize(tokenizer, ["x"]).shape[1]
 
 
 def tokenize(tokenizer, captions: list[str]) -> np.ndarray:
@@ -246,7 +250,7 @@ def tokenize(tokenizer, captions: list[str]) -> np.ndarray:
 
 # -- read + decode (Ray Data map task, one shard per call) ---------------------------------------
 
-def _chunk(shard_index: int, chunk: int, rows: list[tuple], images: ImagePipeline, tokenizer) -> dict[str, np.ndarray]:
+def _chunk(shard_index: int, chunk: int, rows: list[tuple], tokenizer) -> dict[str, np.ndarray]:
     n = len(rows)
     return {
         "shard_index": np.full(n, shard_index, dtype=np.int64),
@@ -282,8 +286,7 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
     """Ray Data generator UDF: stream each shard of `batch`, decode and preprocess its usable
     samples, yield chunks of `chunk_size` rows (numbered per shard: one chunk = one model
     forward), then the shard's end-of-shard marker."""
-    images, tokenizer = _worker_preprocessors(spec, pp_json)
-    context = tokenize(tokenizer, ["x"]).shape[1]
+    images, tokenizer, context = _worker_preprocessors(spec, pp_json)
     for shard_index, url in zip(batch["shard_index"].tolist(), batch["shard"].tolist()):
         skipped: Counter = Counter()
         rows: list[tuple] = []
@@ -299,11 +302,11 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
                 continue
             rows.append((sample.index, sample.uid, sample.key, pixels, sample.caption))
             if len(rows) == chunk_size:
-                yield _chunk(shard_index, n_good // chunk_size, rows, images, tokenizer)
+                yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer)
                 n_good += len(rows)
                 rows = []
         if rows:
-            yield _chunk(shard_index, n_good // chunk_size, rows, images, tokenizer)
+            yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer)
             n_good += len(rows)
         yield _marker(shard_index, n_good, skipped, images, context)
 
@@ -395,18 +398,14 @@ class ClipEmbedder(ClipEncoder):
         embedded_at = np.zeros(n, dtype=np.float64)
         chunk_id = np.stack([np.asarray(batch["shard_index"]), np.asarray(batch["chunk"])], axis=1)
         real = np.flatnonzero(~is_marker)
-        start = 0
-        while start < len(real):  # runs of rows of one chunk (rows of a chunk are contiguous)
-            stop = start + 1
-            while stop < len(real) and (chunk_id[real[stop]] == chunk_id[real[start]]).all():
-                stop += 1
-            rows = real[start:stop]
+        # runs of rows of one chunk (rows of a chunk are contiguous): cut where the chunk id changes
+        cuts = np.flatnonzero((chunk_id[real[1:]] != chunk_id[real[:-1]]).any(axis=1)) + 1
+        for rows in np.split(real, cuts) if len(real) else []:
             img, txt, score = self.encode(batch["image"][rows], batch["tokens"][rows])
             image_emb[rows] = img.astype(np.float16)
             text_emb[rows] = txt.astype(np.float16)
             scores[rows] = score.astype(np.float32)
             embedded_at[rows] = time.time()
-            start = stop
         out = {k: batch[k] for k in ("shard_index", "sample_index", "uid", "key", "is_marker",
                                      "marker_samples", "marker_skipped")}
         out.update(image_embedding=image_emb, text_embedding=text_emb, clip_score=scores,
@@ -436,10 +435,10 @@ class UidRegistry:
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         found = np.zeros(len(hashes), dtype=bool)
-        for level in self._levels:
+        for level in self._levels:  # never empty (add skips empty input)
             pos = np.searchsorted(level, hashes)
             pos[pos == len(level)] = 0
-            found |= level[pos] == hashes if len(level) else False
+            found |= level[pos] == hashes
         return found
 
     def add(self, hashes: np.ndarray) -> None:
@@ -730,9 +729,7 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
 
 # -- precomputed (DataComp metadata parquet + npz) --------------------------------------------------
 
-def _load_precomputed(store: Store, meta_url: str, npz_url: str, pc) -> ShardResult:
-    import io
-
+def _load_precomputed(store: Store, meta_url: str, npz_url: str, pc: PrecomputedConfig) -> ShardResult:
     table = store.read_parquet(meta_url)
     if "uid" not in table.column_names:
         raise ValueError(f"precomputed metadata {meta_url} has no 'uid' column")
@@ -791,7 +788,7 @@ def _run_precomputed(cfg: JobConfig, store: Store, urls: list[str], pending: lis
     pc = cfg.embed.precomputed
     metadata, embeddings = precomputed_files(cfg, len(urls))
     load = ray.remote(num_cpus=1)(_load_precomputed)
-    window = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    window = max(2, int(cluster_cpus()))
     in_flight: list[tuple[int, Any]] = []
     todo = list(pending)
     while todo or in_flight:
@@ -811,9 +808,7 @@ def _verify_precomputed_inputs(cfg: JobConfig, store: Store, n_shards: int) -> N
         exists = list(pool.map(store.exists, files))
     missing = [f for f, ok in zip(files, exists) if not ok]
     if missing:
-        shown = "\n".join(f"  {m}" for m in missing[:20])
-        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise ShardError(f"{len(missing)} precomputed embedding file(s) not found:\n{shown}{more}")
+        raise ShardError(f"{len(missing)} precomputed embedding file(s) not found:\n{listing(missing)}")
 
 
 def run_embed_stage(cfg: JobConfig, store: Store,
@@ -835,7 +830,8 @@ def run_embed_stage(cfg: JobConfig, store: Store,
     init_ray(cfg.ray)
     claim_stage_dir(store, cfg, STAGE)
     committed = committed_parts(store, cfg, len(urls))
-    pending = [i for i in range(len(urls)) if i not in set(committed)]
+    done = set(committed)
+    pending = [i for i in range(len(urls)) if i not in done]
     if committed:
         log.info("resuming embed stage: %d of %d shard(s) already committed", len(committed), len(urls))
     committer = PartCommitter(store, cfg, urls, pending, committed, on_part_committed)
@@ -847,11 +843,10 @@ def run_embed_stage(cfg: JobConfig, store: Store,
     seconds = time.perf_counter() - started
 
     per_shard = dict(committer.stats)
-    earlier = [i for i in committed]
-    if earlier:
-        with ThreadPoolExecutor(max_workers=min(16, len(earlier))) as pool:
-            loaded = pool.map(lambda i: store.read_json(join(directory, part_name(i) + ".stats.json")), earlier)
-            per_shard.update(zip(earlier, loaded))
+    if committed:
+        with ThreadPoolExecutor(max_workers=min(16, len(committed))) as pool:
+            loaded = pool.map(lambda i: store.read_json(join(directory, part_name(i) + ".stats.json")), committed)
+            per_shard.update(zip(committed, loaded))
     dim = committer.dim
     if dim is None:  # nothing embedded in this run: read it from a committed part
         first = next((i for i in sorted(per_shard) if per_shard[i]["samples"] > 0), None)

@@ -38,10 +38,9 @@ import json
 import logging
 import re
 import tarfile
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from .config import InputConfig
 from .storage import Store, basename, expand_urls
@@ -223,10 +222,6 @@ def iter_shard_samples(
             index += 1
 
 
-def count_problems(samples: Iterable[Sample]) -> Counter:
-    return Counter(s.problem for s in samples if s.problem is not None)
-
-
 # -- images -------------------------------------------------------------------------------------
 
 class ImageDecodeError(ValueError):
@@ -283,6 +278,13 @@ def _probe(store: Store, url: str) -> str | None:
     return None
 
 
+def listing(lines: list[str], limit: int = 20) -> str:
+    """Indented lines for an error message naming bad inputs: the first `limit`, then a count."""
+    shown = "\n".join(f"  {line}" for line in lines[:limit])
+    more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+    return shown + more
+
+
 def verify_shards(store: Store, urls: list[str], max_workers: int = 16) -> None:
     """Check up front that every shard exists and starts with a tar header: one small ranged read
     per shard, in parallel threads. Raises ShardError naming every bad shard (the first 20)."""
@@ -290,11 +292,9 @@ def verify_shards(store: Store, urls: list[str], max_workers: int = 16) -> None:
         raise ShardError("no input shards given")
     with ThreadPoolExecutor(max_workers=min(max_workers, len(urls))) as pool:
         problems = list(pool.map(lambda u: _probe(store, u), urls))
-    bad = [(u, p) for u, p in zip(urls, problems) if p is not None]
+    bad = [f"{u}: {p}" for u, p in zip(urls, problems) if p is not None]
     if bad:
-        shown = "\n".join(f"  {u}: {p}" for u, p in bad[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise ShardError(f"{len(bad)} of {len(urls)} input shard(s) missing or unreadable:\n{shown}{more}")
+        raise ShardError(f"{len(bad)} of {len(urls)} input shard(s) missing or unreadable:\n{listing(bad)}")
 
 
 def shards_dataset(shards: list[tuple[int, str]]):
