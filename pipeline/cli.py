@@ -117,12 +117,12 @@ def run_stages(cfg: JobConfig, store: Store, stages: list[str]) -> dict[str, Any
 
 
 def _write_outputs_missing(store: Store, cfg: JobConfig) -> bool:
+    # the same test as the write stage's own resume check (metadata and tar of every shard)
     from . import workdir
-    from .write import shard_name, shards_dir
+    from .write import missing_shards
 
     stats = store.read_json(join(workdir.stage_dir(cfg, "write"), "_stats.json"))
-    return any(not store.exists(join(shards_dir(cfg), shard_name(i) + ".parquet"))
-               for i in range(int(stats.get("output_shards", 0))))
+    return bool(missing_shards(store, cfg, int(stats.get("output_shards", 0))))
 
 
 def summarize(cfg: JobConfig, store: Store, results: dict[str, Any]) -> dict[str, Any]:

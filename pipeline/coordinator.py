@@ -52,7 +52,7 @@ import numpy as np
 
 from . import workdir
 from .config import ConfigError, JobConfig
-from .storage import Store, join
+from .storage import Store, basename, join
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,21 @@ def check_select_settings(cfg: JobConfig) -> None:
         )
 
 
+def pack_largest_first(sizes: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin (0..n_bins-1, int32) of every item: largest item first (ties: lowest item index), each
+    into the bin holding the least so far (ties: lowest bin id). Deterministic."""
+    import heapq
+
+    sizes = np.asarray(sizes, np.int64)
+    bins = np.empty(len(sizes), np.int32)
+    heap = [(0, b) for b in range(n_bins)]
+    for item in np.lexsort((np.arange(len(sizes)), -sizes)):
+        load, b = heapq.heappop(heap)
+        bins[item] = b
+        heapq.heappush(heap, (load + int(sizes[item]), b))
+    return bins
+
+
 def build_partitions(cells: np.ndarray, partitions: int | str,
                      max_nodes: int | None = None) -> tuple[np.ndarray, int]:
     """Partition label (0..P-1, int32) of every node, and P.
@@ -112,16 +127,8 @@ def build_partitions(cells: np.ndarray, partitions: int | str,
         raise ConfigError(f"select.partitions must be 'auto', 'cells' or an integer >= 1, got {partitions!r}")
     if p >= len(uniq):
         return inverse.astype(np.int32), int(len(uniq))
-    import heapq
-
-    order = np.lexsort((uniq, -sizes))  # size descending, cell id ascending
-    cell_to_part = np.empty(len(uniq), np.int32)
-    heap = [(0, pid) for pid in range(p)]
-    for c in order:
-        load, pid = heapq.heappop(heap)
-        cell_to_part[c] = pid
-        heapq.heappush(heap, (load + int(sizes[c]), pid))
-    return cell_to_part[inverse], p
+    # uniq is sorted, so ties between equal-sized cells go by cell id
+    return pack_largest_first(sizes, p)[inverse], p
 
 
 @numba.njit(cache=True, nogil=True)
@@ -209,7 +216,7 @@ def read_graph(store: Store, cfg: JobConfig) -> dict[str, Any]:
         raise ValueError(f"{graph_dir}/nodes.parquet: node ids are not 0..{n - 1} in order")
     uids = nodes.column("uid").to_numpy(zero_copy_only=False).astype(object)
 
-    urls = [u for u in store.glob(join(graph_dir, "part-*.parquet"))]
+    urls = store.glob(join(graph_dir, "part-*.parquet"))
     neighbors = sq = cells = None
     seen = np.zeros(n, bool)
     for url in urls:
@@ -251,19 +258,21 @@ def _numeric(column, what: str) -> np.ndarray:
 
 def read_scores(store: Store, cfg: JobConfig, uids: np.ndarray) -> tuple[np.ndarray, str]:
     """The raw ``select.score`` value of every node (float64, node order) and where it came from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     column = cfg.select.score
     if cfg.select.score_file:
         url = cfg.select.score_file
         if not store.exists(url):
             raise FileNotFoundError(f"select.score_file {url} does not exist")
-        import pyarrow.parquet as pq
-
-        with store.open(url, "rb") as fh:
-            names = pq.ParquetFile(fh).schema_arrow.names
-        for needed in ("uid", column):
-            if needed not in names:
-                raise ValueError(f"select.score_file {url} has no column {needed!r} (columns: {names})")
-        table = store.read_parquet(url, columns=["uid", column])
+        with store.open(url, "rb") as fh:  # one open: check the schema, then read from the same file
+            pf = pq.ParquetFile(fh)
+            names = pf.schema_arrow.names
+            for needed in ("uid", column):
+                if needed not in names:
+                    raise ValueError(f"select.score_file {url} has no column {needed!r} (columns: {names})")
+            table = pf.read(columns=["uid", column])
         import pandas as pd
 
         file_uids = pd.Index(table.column("uid").to_numpy(zero_copy_only=False).astype(str))
@@ -283,20 +292,17 @@ def read_scores(store: Store, cfg: JobConfig, uids: np.ndarray) -> tuple[np.ndar
         emb_dir = workdir.stage_dir(cfg, "embed")
         urls = store.glob(join(emb_dir, "part-*.parquet"))
         pieces, part_uids = [], []
-        for url in sorted(urls, key=lambda u: u.rsplit("/", 1)[-1]):
-            import pyarrow.parquet as pq
-
-            with store.open(url, "rb") as fh:
-                schema = pq.ParquetFile(fh).schema_arrow
-            if column not in schema.names:
-                import pyarrow as pa
-
-                numeric = [f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
-                raise ValueError(
-                    f"select.score={column!r} is not a column of the embedding parts ({url}); numeric columns "
-                    f"there: {numeric}; or give select.score_file"
-                )
-            table = store.read_parquet(url, columns=["uid", column])
+        for url in sorted(urls, key=basename):
+            with store.open(url, "rb") as fh:  # one open: check the schema, then read from the same file
+                pf = pq.ParquetFile(fh)
+                schema = pf.schema_arrow
+                if column not in schema.names:
+                    numeric = [f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+                    raise ValueError(
+                        f"select.score={column!r} is not a column of the embedding parts ({url}); numeric columns "
+                        f"there: {numeric}; or give select.score_file"
+                    )
+                table = pf.read(columns=["uid", column])
             pieces.append(_numeric(table.column(column), f"{url} column {column!r}"))
             part_uids.append(table.column("uid").to_numpy(zero_copy_only=False))
         scores = np.concatenate(pieces) if pieces else np.zeros(0)
@@ -375,15 +381,12 @@ def _reverse_task(graph, forward, jobs, gamma):
 
 def _pack_jobs(jobs: list[tuple[int, np.ndarray, int]], n_tasks: int) -> list[list]:
     """Partitions into at most n_tasks groups of similar node totals (largest first into the lightest)."""
-    import heapq
-
     n_tasks = max(1, min(n_tasks, len(jobs)))
-    heap = [(0, t) for t in range(n_tasks)]
+    jobs = sorted(jobs, key=lambda j: j[0])  # ties between equal sizes go by partition id
+    task_of = pack_largest_first(np.array([len(j[1]) for j in jobs], np.int64), n_tasks)
     groups: list[list] = [[] for _ in range(n_tasks)]
-    for job in sorted(jobs, key=lambda j: (-len(j[1]), j[0])):
-        load, t = heapq.heappop(heap)
+    for job, t in zip(jobs, task_of):
         groups[t].append(job)
-        heapq.heappush(heap, (load + len(job[1]), t))
     return [g for g in groups if g]
 
 

@@ -34,14 +34,15 @@ import re
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
 from . import workdir
 from .config import JobConfig
-from .shards import iter_shard_samples
-from .storage import Store, basename, expand_urls, join
+from .shards import iter_shard_samples, shard_urls
+from .storage import Store, basename, join
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,17 @@ def shards_dir(cfg: JobConfig) -> str:
 
 def shard_name(index: int) -> str:
     return f"{index:05d}"
+
+
+def shard_committed(store: Store, cfg: JobConfig, index: int) -> bool:
+    """Output shard `index` is committed: its metadata (written last) and its tar both exist."""
+    stem = join(shards_dir(cfg), shard_name(index))
+    return store.exists(stem + ".parquet") and store.exists(stem + ".tar")
+
+
+def missing_shards(store: Store, cfg: JobConfig, n_shards: int) -> list[int]:
+    """Indices of the output shards 0..n_shards-1 that are not committed."""
+    return [i for i in range(n_shards) if not shard_committed(store, cfg, i)]
 
 
 def output_key(uid: str) -> str:
@@ -90,18 +102,16 @@ def write_output_shard(store: Store, cfg: JobConfig, plan_url: str, index: int, 
     out_dir = shards_dir(cfg)
     tar_url = join(out_dir, shard_name(index) + ".tar")
     meta_url = join(out_dir, shard_name(index) + ".parquet")
-    if store.exists(meta_url) and store.exists(tar_url):
+    if shard_committed(store, cfg, index):
         return {"index": index, "written": False, "samples": None}
     with store.open(plan_url, "rb") as fh:
         plan = pq.ParquetFile(fh).read_row_group(index).to_pydict()
-    wanted: dict[tuple[str, str], int] = {}
-    for row, (src, key) in enumerate(zip(plan["source_shard"], plan["source_key"])):
-        wanted[(src, key)] = row
+    wanted = {(src, key): row for row, (src, key) in enumerate(zip(plan["source_shard"], plan["source_key"]))}
     found: list[dict[str, bytes] | None] = [None] * len(plan["uid"])
 
-    # the same reader as the embed stage, so both agree on what a sample, its key and uid are
-    for src in dict.fromkeys(plan["source_shard"]):  # input shards in plan order, each once
-        todo = sum(1 for s in plan["source_shard"] if s == src)
+    # the same reader as the embed stage, so both agree on what a sample, its key and uid are;
+    # Counter keeps the input shards in plan order, each once, with how many rows each still owes
+    for src, todo in Counter(plan["source_shard"]).items():
         for sample in iter_shard_samples(store, src, cfg.input):
             row = wanted.get((src, sample.key))
             if row is None or found[row] is not None or sample.problem is not None:
@@ -176,7 +186,7 @@ def build_plan(store: Store, cfg: JobConfig):
     if selected["uid"].duplicated().any():
         dup = selected["uid"][selected["uid"].duplicated()].unique()[:5].tolist()
         raise ValueError(f"selected.parquet lists uids more than once, e.g. {dup}")
-    shard_urls = expand_urls(cfg.input.shards)
+    n_inputs = len(shard_urls(cfg.input))
     emb_dir = workdir.stage_dir(cfg, "embed")
     frames = []
     for url in store.glob(join(emb_dir, "part-*.parquet")):
@@ -195,9 +205,9 @@ def build_plan(store: Store, cfg: JobConfig):
     if joined["uid"].duplicated().any():
         dup = joined["uid"][joined["uid"].duplicated()].unique()[:5].tolist()
         raise ValueError(f"selected uids appear in more than one pool sample, e.g. {dup}")
-    bad_index = joined["source_index"] >= len(shard_urls)
+    bad_index = joined["source_index"] >= n_inputs
     if bad_index.any():
-        raise ValueError(f"embedding parts index input shards beyond the {len(shard_urls)} of input.shards")
+        raise ValueError(f"embedding parts index input shards beyond the {n_inputs} of input.shards")
     joined = joined.sort_values(["source_index", "position"], kind="stable").reset_index(drop=True)
     joined["out_shard"] = np.arange(len(joined)) // cfg.output.samples_per_shard
     return pa.table({
@@ -218,7 +228,8 @@ def _write_plan(store: Store, url: str, table, samples_per_shard: int) -> None:
     # one row group per output shard: a shard's task reads only its own rows (a single chunk, so
     # the writer cuts row groups at exactly every samples_per_shard rows)
     pq.write_table(table.combine_chunks(), buf, row_group_size=samples_per_shard, compression="zstd")
-    meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+    buf.seek(0)
+    meta = pq.ParquetFile(buf).metadata
     sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     if any(size != samples_per_shard for size in sizes[:-1]):
         raise RuntimeError(f"plan row groups {sizes[:5]}... are not {samples_per_shard} rows each")
@@ -234,19 +245,16 @@ def check_output(store: Store, cfg: JobConfig, n_shards: int, expected_uids: lis
     import pandas as pd
 
     out_dir = shards_dir(cfg)
+    uncommitted = [shard_name(i) for i in missing_shards(store, cfg, n_shards)]
+    if uncommitted:
+        raise RuntimeError(f"output shards not committed: {uncommitted[:10]} ({len(uncommitted)} in all)")
     uids: list[str] = []
-    missing_shards = []
     per_shard = []
     for index in range(n_shards):
         meta_url = join(out_dir, shard_name(index) + ".parquet")
-        if not store.exists(meta_url) or not store.exists(join(out_dir, shard_name(index) + ".tar")):
-            missing_shards.append(shard_name(index))
-            continue
         part = store.read_parquet(meta_url, columns=["uid"]).column("uid").to_pylist()
         per_shard.append(len(part))
         uids.extend(part)
-    if missing_shards:
-        raise RuntimeError(f"output shards not committed: {missing_shards[:10]} ({len(missing_shards)} in all)")
     written = pd.Series(uids, dtype=object)
     repeated = written[written.duplicated()].unique().tolist()
     expected = set(expected_uids)
@@ -277,9 +285,7 @@ def run_write_stage(cfg: JobConfig, store: Store) -> dict[str, Any]:
     out_plan_url = join(cfg.output.url, OUTPUT_PLAN)
     if workdir.is_committed(store, cfg, "write"):
         stats = store.read_json(join(write_dir, "_stats.json"))
-        missing = [i for i in range(stats["output_shards"])
-                   if not store.exists(join(shards_dir(cfg), shard_name(i) + ".parquet"))
-                   or not store.exists(join(shards_dir(cfg), shard_name(i) + ".tar"))]
+        missing = missing_shards(store, cfg, stats["output_shards"])
         if not missing:
             log.info("write stage already committed: %d shards in %s", stats["output_shards"], shards_dir(cfg))
             return stats
@@ -304,29 +310,21 @@ def run_write_stage(cfg: JobConfig, store: Store) -> dict[str, Any]:
             f"{shards_dir(cfg)} already holds files not written by this job; use an empty output.url"
         )
 
-    import pyarrow.parquet as pq
-
-    if store.exists(plan_url):
-        with store.open(plan_url, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            n_samples = pf.metadata.num_rows
-        n_shards = -(-n_samples // cfg.output.samples_per_shard)
+    if store.exists(plan_url):  # resuming: the plan fixed by an earlier run
         uids = store.read_parquet(plan_url, columns=["uid"]).column("uid").to_pylist()
     else:
         plan = build_plan(store, cfg)
-        n_samples = plan.num_rows
-        n_shards = -(-n_samples // cfg.output.samples_per_shard)
         _write_plan(store, plan_url, plan, cfg.output.samples_per_shard)
         uids = plan.column("uid").to_pylist()
+    n_samples = len(uids)
+    n_shards = -(-n_samples // cfg.output.samples_per_shard)
     if not store.exists(out_plan_url):
         store.write_json(out_plan_url, {"fingerprint": fingerprint, "workdir": cfg.workdir,
                                         "output_shards": n_shards, "samples": n_samples})
 
     fail_at = os.environ.get(FAIL_ENV)
     fail_at = int(fail_at) if fail_at not in (None, "") else None
-    pending = [i for i in range(n_shards)
-               if not (store.exists(join(shards_dir(cfg), shard_name(i) + ".parquet"))
-                       and store.exists(join(shards_dir(cfg), shard_name(i) + ".tar")))]
+    pending = missing_shards(store, cfg, n_shards)
     log.info("write: %d samples into %d shards (%d already committed)", n_samples, n_shards, n_shards - len(pending))
     written = 0
     if pending:
