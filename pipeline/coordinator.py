@@ -52,7 +52,7 @@ import numpy as np
 
 from . import workdir
 from .config import ConfigError, JobConfig
-from .storage import Store, basename, join
+from .storage import Store, join
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def read_graph(store: Store, cfg: JobConfig) -> dict[str, Any]:
         raise ValueError(f"{graph_dir}/nodes.parquet: node ids are not 0..{n - 1} in order")
     uids = nodes.column("uid").to_numpy(zero_copy_only=False).astype(object)
 
-    urls = store.glob(join(graph_dir, "part-*.parquet"))
+    urls = workdir.committed_parts(store, cfg, "graph")
     neighbors = sq = cells = None
     seen = np.zeros(n, bool)
     for url in urls:
@@ -289,10 +289,8 @@ def read_scores(store: Store, cfg: JobConfig, uids: np.ndarray) -> tuple[np.ndar
             )
         scores, source = values[where], f"{url}:{column}"
     else:
-        emb_dir = workdir.stage_dir(cfg, "embed")
-        urls = store.glob(join(emb_dir, "part-*.parquet"))
         pieces, part_uids = [], []
-        for url in sorted(urls, key=basename):
+        for url in workdir.committed_parts(store, cfg, "embed"):
             with store.open(url, "rb") as fh:  # one open: check the schema, then read from the same file
                 pf = pq.ParquetFile(fh)
                 schema = pf.schema_arrow
@@ -311,7 +309,7 @@ def read_scores(store: Store, cfg: JobConfig, uids: np.ndarray) -> tuple[np.ndar
         # (a mismatch would silently give every node another sample's score).
         if len(emb_uids) != len(uids) or not np.array_equal(emb_uids, uids):
             raise ValueError(
-                f"the embedding parts in {emb_dir} do not match the graph's nodes.parquet "
+                f"the embedding parts in {workdir.stage_dir(cfg, 'embed')} do not match the graph's nodes.parquet "
                 f"({len(emb_uids)} vs {len(uids)} rows or another order): rerun with --force-from graph"
             )
         source = f"embeddings:{column}"

@@ -96,3 +96,10 @@ def commit_stage(store: Store, cfg: JobConfig, stage: str, stats: dict[str, Any]
 def clear_stage(store: Store, cfg: JobConfig, stage: str) -> None:
     """Remove a stage's output (used by --force-from)."""
     store.rm(stage_dir(cfg, stage), recursive=True)
+
+
+def committed_parts(store: Store, cfg: JobConfig, stage: str) -> list[str]:
+    """URLs of a stage's committed ``part-NNNNN.parquet`` files, in part order (the node order of
+    the graph). Temporary files of an interrupted local write are hidden (``.part-…tmp-…``) and
+    never match."""
+    return store.glob(join(stage_dir(cfg, stage), "part-*.parquet"))

@@ -187,9 +187,8 @@ def build_plan(store: Store, cfg: JobConfig):
         dup = selected["uid"][selected["uid"].duplicated()].unique()[:5].tolist()
         raise ValueError(f"selected.parquet lists uids more than once, e.g. {dup}")
     n_inputs = len(shard_urls(cfg.input))
-    emb_dir = workdir.stage_dir(cfg, "embed")
     frames = []
-    for url in store.glob(join(emb_dir, "part-*.parquet")):
+    for url in workdir.committed_parts(store, cfg, "embed"):
         name = basename(url)[: -len(".parquet")]
         table = store.read_parquet(url, columns=["uid", "shard", "key", "clip_score"]).to_pandas()
         table["source_index"] = int(name.split("-")[1])
