@@ -388,12 +388,11 @@ def knn_graph(
     add_vectors(ivf, x, ids, assign=iq[:, 0])
     steps["add"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    neighbors, sq_distances, _ = search_knn(ivf, x, ids, k, nprobe, coarse=(dq, iq))
+    neighbors, sq_distances, cells = search_knn(ivf, x, ids, k, nprobe, coarse=(dq, iq))
     steps["search"] = time.perf_counter() - clock
     if timings is not None:
         timings.update(steps)
         timings["index_bytes"] = index_bytes(ivf)
-    cells = iq[:, 0].astype(np.int32)
     if distance == "euclidean":
         sq_distances = np.sqrt(sq_distances)
     return neighbors, sq_distances, cells
@@ -579,15 +578,12 @@ def list_embedding_parts(store, cfg) -> tuple[list[EmbeddingPart], int]:
     """The committed embedding parts in sorted name order with their node offsets, and the graph
     vector dimension."""
     from . import workdir
+    from .storage import basename
 
-    emb_dir = workdir.stage_dir(cfg, "embed")
-    urls = [u for u in store.glob(join_url(emb_dir, "part-*.parquet"))]
+    urls = workdir.committed_parts(store, cfg, "embed")  # sorted: one directory, so name order
     if not urls:
-        raise FileNotFoundError(f"no embedding parts (part-*.parquet) in {emb_dir}")
-    names = [_basename(u)[: -len(".parquet")] for u in urls]
-    order = np.argsort(names, kind="stable")
-    urls = [urls[i] for i in order]
-    names = [names[i] for i in order]
+        raise FileNotFoundError(f"no embedding parts (part-*.parquet) in {workdir.stage_dir(cfg, 'embed')}")
+    names = [basename(u)[: -len(".parquet")] for u in urls]
     rows, dim = _part_layout(store, urls, cfg.graph.vector)
     offsets = np.concatenate([[0], np.cumsum(rows)])[:-1]
     return [EmbeddingPart(n, u, int(r), int(o)) for n, u, r, o in zip(names, urls, rows, offsets)], dim
@@ -597,10 +593,6 @@ def join_url(base: str, *parts: str) -> str:
     from .storage import join
 
     return join(base, *parts)
-
-
-def _basename(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -616,6 +608,23 @@ def _ids_by_part(parts: list[EmbeddingPart], ids: np.ndarray) -> list[tuple[Embe
         sel = ids[where == idx]
         out.append((parts[idx], sel - parts[idx].offset))
     return out
+
+
+def _read_whole_part(store, part: EmbeddingPart, vector: str) -> np.ndarray:
+    """All graph vectors of `part`, which must still hold the rows the stage planned with."""
+    x = read_part_vectors(store, part.url, vector)
+    if x.shape[0] != part.rows:
+        raise RuntimeError(f"{part.url} has {x.shape[0]} rows, {part.rows} when the stage started")
+    return x
+
+
+def _submit_gather(store, vector: str, by_part: list[tuple[EmbeddingPart, np.ndarray]], parts_per_task: int) -> list:
+    """Ray tasks gathering the vectors of the (part, local rows) pairs, `parts_per_task` parts each."""
+    import ray
+
+    gather = ray.remote(num_cpus=1)(_gather_rows)
+    return [gather.remote(store, vector, [(p.url, rows, p.offset) for p, rows in chunk])
+            for chunk in _chunks(by_part, parts_per_task)]
 
 
 # -- Ray task bodies (plain functions; wrapped with ray.remote in run_graph_stage) -----------------
@@ -644,9 +653,11 @@ def _local_copy(store, url: str, local_path: str) -> str:
 
 
 def _read_index_url(store, url: str):
+    from .storage import basename
+
     faiss = _faiss()
     with tempfile.TemporaryDirectory(prefix="d2prune-graph-") as tmp:
-        path = _local_copy(store, url, os.path.join(tmp, _basename(url)))
+        path = _local_copy(store, url, os.path.join(tmp, basename(url)))
         return faiss.read_index(path)
 
 
@@ -674,9 +685,7 @@ def _add_task(store, index_dir: str, shard: str, vector: str, parts: list[Embedd
     start = time.perf_counter()
     ivf = _read_index_url(store, join_url(index_dir, TRAINED))
     for part in parts:
-        x = read_part_vectors(store, part.url, vector)
-        if x.shape[0] != part.rows:
-            raise RuntimeError(f"{part.url} has {x.shape[0]} rows, {part.rows} when the stage started")
+        x = _read_whole_part(store, part, vector)
         add_vectors(ivf, x, np.arange(part.offset, part.offset + part.rows, dtype=np.int64))
     _write_index_url(store, join_url(index_dir, f"{shard}.faissindex"), ivf)
     return shard, int(ivf.ntotal), time.perf_counter() - start
@@ -752,10 +761,8 @@ def _search_task(store, index_dir: str, graph_dir: str, vector: str, k: int, npr
     done = []
     for part in parts:
         start = time.perf_counter()
-        x = read_part_vectors(store, part.url, vector)
+        x = _read_whole_part(store, part, vector)
         ids = np.arange(part.offset, part.offset + part.rows, dtype=np.int64)
-        if x.shape[0] != part.rows:
-            raise RuntimeError(f"{part.url} has {x.shape[0]} rows, {part.rows} when the stage started")
         neighbors, sq_distances, cells = search_knn(ivf, x, ids, k, nprobe)
         store.write_parquet(join_url(graph_dir, f"{part.name}.parquet"),
                             graph_part_table(ids, neighbors, sq_distances, cells))
@@ -881,15 +888,12 @@ def run_graph_stage(cfg, store) -> dict[str, Any]:
 
     init_ray(cfg.ray)
     node_cpus = _max_node_cpus()
-    gather = ray.remote(num_cpus=1)(_gather_rows)
     steps_run = []
 
     # 1. train on one worker, from a seeded sample gathered in parallel
     if not store.exists(join_url(index_dir, TRAINED)) and not store.exists(join_url(index_dir, MERGED)):
         t0 = time.perf_counter()
-        by_part = _ids_by_part(parts, train_ids)
-        piece_refs = [gather.remote(store, g.vector, [(p.url, rows, p.offset) for p, rows in chunk])
-                      for chunk in _chunks(by_part, g.parts_per_task)]
+        piece_refs = _submit_gather(store, g.vector, _ids_by_part(parts, train_ids), g.parts_per_task)
         train = ray.remote(num_cpus=node_cpus)(_train_task)
         ray.get(train.remote(store, index_dir, dim, g.index, nlist, g.pq_m, g.pq_bits, cfg.seed, *piece_refs))
         seconds["train"] = time.perf_counter() - t0
@@ -971,9 +975,7 @@ def _measure_recall(store, cfg, parts: list[EmbeddingPart], graph_dir: str, n_no
     if len(sample) == 0:
         return None, 0
     by_part = _ids_by_part(parts, sample)
-    gather = ray.remote(num_cpus=1)(_gather_rows)
-    pieces = [ray.get(r) for r in [gather.remote(store, g.vector, [(p.url, rows, p.offset) for p, rows in chunk])
-                                   for chunk in _chunks(by_part, g.parts_per_task)]]
+    pieces = ray.get(_submit_gather(store, g.vector, by_part, g.parts_per_task))
     ids = np.concatenate([p[0] for p in pieces])
     vecs = np.concatenate([p[1] for p in pieces])
     order = np.argsort(ids)

@@ -25,18 +25,18 @@ import html
 import io
 import logging
 import tarfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .storage import Store, basename, join
-from .workdir import STAGE_DIRS
+from .workdir import STAGE_DIRS, SUCCESS
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 GROUND_TRUTH_FILE = "demo_ground_truth.json"
-STAGE_ORDER = ("embed", "graph", "select", "write")
+STAGE_ORDER = tuple(STAGE_DIRS)  # embed, graph, select, write
 MAP_POINTS = 4000  # points in the PCA map (a seeded sample of larger pools)
 EXAMPLES_PER_GRID = 16
 THUMB_PX = 112
@@ -59,10 +59,13 @@ def _fixed_list_to_numpy(column) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
 
 
+def _embedding_part_urls(store: Store, workdir_url: str) -> list[str]:
+    return sorted(store.glob(join(workdir_url, STAGE_DIRS["embed"], "part-*.parquet")), key=basename)
+
+
 def read_embedding_table(store: Store, workdir_url: str, with_vectors: bool) -> dict[str, np.ndarray] | None:
     """uid, shard, key, clip_score (and image embeddings) of every committed embedding part."""
-    emb_dir = join(workdir_url, STAGE_DIRS["embed"])
-    urls = sorted(store.glob(join(emb_dir, "part-*.parquet")), key=basename)
+    urls = _embedding_part_urls(store, workdir_url)
     if not urls:
         return None
     columns = ["uid", "shard", "key", "clip_score"] + (["image_embedding"] if with_vectors else [])
@@ -75,6 +78,22 @@ def read_embedding_table(store: Store, workdir_url: str, with_vectors: bool) -> 
             else:
                 pieces[c].append(table.column(c).to_numpy(zero_copy_only=False))
     return {c: np.concatenate(v) for c, v in pieces.items()}
+
+
+def read_image_embeddings(store: Store, workdir_url: str, rows: np.ndarray, n_total: int) -> np.ndarray:
+    """float32 image embeddings of the sorted global `rows` of the embedding parts, reading one
+    part's column at a time (the map needs a sample; the pool's vectors need not fit in memory)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out, offset = [], 0
+    for url in _embedding_part_urls(store, workdir_url):
+        column = store.read_parquet(url, columns=["image_embedding"]).column("image_embedding")
+        local = rows[(rows >= offset) & (rows < offset + len(column))] - offset
+        if len(local):
+            out.append(_fixed_list_to_numpy(column.take(local)).astype(np.float32))
+        offset += len(column)
+    if offset != n_total:
+        raise RuntimeError(f"the embedding parts now hold {offset} rows, {n_total} when the report started")
+    return np.concatenate(out)
 
 
 def read_selected(store: Store, workdir_url: str) -> dict[str, np.ndarray] | None:
@@ -349,17 +368,21 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
     return centred @ (comps * signs[:, None]).T
 
 
-def _embedding_map(vectors: np.ndarray, kept: np.ndarray, seed: int = 0) -> str:
+def map_rows(n: int, seed: int = 0) -> np.ndarray:
+    """Sorted rows of the pool drawn in the embedding map: all, or a seeded MAP_POINTS sample."""
+    return np.sort(np.random.default_rng(seed).choice(n, MAP_POINTS, replace=False)) if n > MAP_POINTS else np.arange(n)
+
+
+def _embedding_map(vectors: np.ndarray, kept: np.ndarray, n: int) -> str:
+    """PCA scatter of the map sample: `vectors` and `kept` are its rows (:func:`map_rows`) of `n`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(vectors)
-    rows = np.sort(np.random.default_rng(seed).choice(n, MAP_POINTS, replace=False)) if n > MAP_POINTS else np.arange(n)
-    norms = np.linalg.norm(vectors[rows], axis=1, keepdims=True)
-    xy = pca_2d(vectors[rows] / np.maximum(norms, 1e-12))
-    k = kept[rows]
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    xy = pca_2d(vectors / np.maximum(norms, 1e-12))
+    k = np.asarray(kept, dtype=bool)
     fig, ax = plt.subplots(figsize=(5.4, 4.2))
     ax.scatter(xy[~k, 0], xy[~k, 1], s=6, c=DROPPED_COLOUR, alpha=0.35, lw=0, label="dropped")
     ax.scatter(xy[k, 0], xy[k, 1], s=9, c=KEPT_COLOUR, alpha=0.85, lw=0, label="kept")
@@ -368,14 +391,15 @@ def _embedding_map(vectors: np.ndarray, kept: np.ndarray, seed: int = 0) -> str:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=8, frameon=False, markerscale=2)
-    title = f"{len(rows):,} of {n:,} samples" if n > len(rows) else f"all {n:,} samples"
+    title = f"{len(vectors):,} of {n:,} samples" if n > len(vectors) else f"all {n:,} samples"
     ax.set_title(f"image embeddings, PCA ({title})", fontsize=9)
     return _png_data_uri(fig)
 
 
 def _example_grid(store: Store, table: dict[str, np.ndarray], rows: np.ndarray, labels: dict[str, str],
-                  output_index: dict[str, tuple[str, str]] | None) -> str:
-    """Thumbnails with captions of the samples at `rows` of the embedding table."""
+                  output_index: Callable[[], dict[str, tuple[str, str]] | None] | None) -> str:
+    """Thumbnails with captions of the samples at `rows` of the embedding table. `output_index`
+    (uid -> output shard and key) is called only when some input shard lacks a sample."""
     wanted: dict[str, set[str]] = {}
     for r in rows:
         wanted.setdefault(str(table["shard"][r]), set()).add(str(table["key"][r]))
@@ -387,12 +411,15 @@ def _example_grid(store: Store, table: dict[str, np.ndarray], rows: np.ndarray, 
                 members[(shard, key)] = m
         except (FileNotFoundError, OSError, tarfile.TarError) as err:
             missing_shards.append(f"{shard} ({type(err).__name__})")
-    if output_index is not None:  # kept samples whose input shard is gone: the output shards have them
+    index = None  # kept samples whose input shard is gone: the output shards have them
+    if output_index is not None and any((str(table["shard"][r]), str(table["key"][r])) not in members for r in rows):
+        index = output_index()
+    if index is not None:
         fallback: dict[str, set[str]] = {}
         for r in rows:
             uid = str(table["uid"][r])
-            if (str(table["shard"][r]), str(table["key"][r])) not in members and uid in output_index:
-                shard, key = output_index[uid]
+            if (str(table["shard"][r]), str(table["key"][r])) not in members and uid in index:
+                shard, key = index[uid]
                 fallback.setdefault(shard, set()).add(key)
         for shard, keys in fallback.items():
             try:
@@ -401,8 +428,8 @@ def _example_grid(store: Store, table: dict[str, np.ndarray], rows: np.ndarray, 
                 continue
             for r in rows:
                 uid = str(table["uid"][r])
-                if uid in output_index and output_index[uid][0] == shard and output_index[uid][1] in got:
-                    members[(str(table["shard"][r]), str(table["key"][r]))] = got[output_index[uid][1]]
+                if uid in index and index[uid][0] == shard and index[uid][1] in got:
+                    members[(str(table["shard"][r]), str(table["key"][r]))] = got[index[uid][1]]
     cells = []
     for r in rows:
         m = members.get((str(table["shard"][r]), str(table["key"][r])))
@@ -494,14 +521,14 @@ def build_report(workdir_url: str, store: Store | None = None) -> str:
     if not store.exists(workdir_url):
         raise FileNotFoundError(f"work directory {workdir_url} does not exist")
     stats = {s: _read_json_optional(store, join(workdir_url, STAGE_DIRS[s], "_stats.json")) for s in STAGE_ORDER}
-    success = {s: _read_json_optional(store, join(workdir_url, STAGE_DIRS[s], "_SUCCESS.json")) for s in STAGE_ORDER}
+    success = {s: _read_json_optional(store, join(workdir_url, STAGE_DIRS[s], SUCCESS)) for s in STAGE_ORDER}
     gt = _read_json_optional(store, join(workdir_url, GROUND_TRUTH_FILE))
 
     sections: list[str] = []
     table = selected = None
     kept = None
     try:
-        table = read_embedding_table(store, workdir_url, with_vectors=True)
+        table = read_embedding_table(store, workdir_url, with_vectors=False)
         selected = read_selected(store, workdir_url)
     except Exception as err:  # noqa: BLE001 - a damaged part is named on the page; the stage stats still show
         log.warning("report: could not read embeddings/selection: %s", err)
@@ -522,8 +549,10 @@ def build_report(workdir_url: str, store: Store | None = None) -> str:
         sections.append(_note("No selection committed yet: no kept/dropped split to show."))
     else:
         plots = []
+        drawn = map_rows(n_total)
         for name, fn in (("CLIP score histogram", lambda: _score_histogram(table["clip_score"].astype(float), kept)),
-                         ("embedding map", lambda: _embedding_map(table["image_embedding"], kept))):
+                         ("embedding map", lambda: _embedding_map(
+                             read_image_embeddings(store, workdir_url, drawn, n_total), kept[drawn], n_total))):
             try:
                 plots.append(f'<img class="plot half" alt="{name}" src="{fn()}">')
             except Exception as err:  # noqa: BLE001
@@ -532,25 +561,27 @@ def build_report(workdir_url: str, store: Store | None = None) -> str:
         sections.append('<div class="plots">' + "".join(plots) + "</div>")
 
         labels = _ground_truth_labels(gt)
-        out_index = _output_index(store, stats.get("write"))
         rng = np.random.default_rng(0)
         kept_rows = np.flatnonzero(kept)
         dropped_rows = np.flatnonzero(~kept)
         scores = table["clip_score"].astype(float)
-        grids = [
-            ("kept-h", "Kept (a random sample)", kept_rows),
-            ("dropped-h", "Dropped (a random sample)", dropped_rows),
-            ("dropped-h", "Dropped with the lowest CLIP scores", dropped_rows[np.argsort(scores[dropped_rows], kind="stable")]),
+        grids = [  # (css class, title, candidate rows, random sample of them or their first ones)
+            ("kept-h", "Kept (a random sample)", kept_rows, True),
+            ("dropped-h", "Dropped (a random sample)", dropped_rows, True),
+            ("dropped-h", "Dropped with the lowest CLIP scores",
+             dropped_rows[np.argsort(scores[dropped_rows], kind="stable")], False),
         ]
-        for cls, title, pool_rows in grids:
+        for cls, title, pool_rows, sampled in grids:
             if not len(pool_rows):
                 continue
-            if title.startswith("Dropped with"):
-                rows = pool_rows[:EXAMPLES_PER_GRID]
-            else:
+            if sampled:
                 rows = np.sort(rng.choice(pool_rows, min(EXAMPLES_PER_GRID, len(pool_rows)), replace=False))
+            else:
+                rows = pool_rows[:EXAMPLES_PER_GRID]
+            # only kept samples are in the output shards, the fallback when an input shard is gone
+            out_index = (lambda: _output_index(store, stats.get("write"))) if cls == "kept-h" else None
             try:
-                grid = _example_grid(store, table, rows, labels, out_index if cls == "kept-h" else None)
+                grid = _example_grid(store, table, rows, labels, out_index)
             except Exception as err:  # noqa: BLE001
                 log.warning("report: examples failed: %s", err)
                 grid = _note(f"examples not shown: {err}")

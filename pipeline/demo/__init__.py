@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..report import GROUND_TRUTH_FILE, build_report
+
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -34,7 +36,6 @@ MODEL_CONFIG = ASSETS / "tiny_clip.json"
 CHECKPOINT = ASSETS / "tiny_clip.pt"
 MODEL_NAME = "tiny_clip"  # open_clip registers a config JSON under its file stem
 REPO_DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-GROUND_TRUTH_FILE = "demo_ground_truth.json"
 
 # What the demo compares D2 with, at the same budget on the same committed embeddings and graph:
 # D2 without its pre-filter (what beta contributes), and the two classic baselines.
@@ -197,9 +198,6 @@ def run_demo(out_dir: str = "d2prune-demo", quick: bool = False) -> str:
     from ..storage import join
 
     store.write_json(join(cfg.workdir, GROUND_TRUTH_FILE), record)
-
-    from ..report import build_report
-
     report = build_report(cfg.workdir, store)
     print_summary(summary)
     print()

@@ -36,8 +36,6 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
 def _graph_variant(cfg, store, vector: str, k: int):
     """`cfg` with another graph, built by the graph stage in a side work dir (embeddings copied)."""
     from ..graph import run_graph_stage
-    from ..runtime import init_ray
-    from ..workdir import is_committed
 
     if vector == cfg.graph.vector and k == cfg.graph.k:
         return cfg
@@ -47,9 +45,7 @@ def _graph_variant(cfg, store, vector: str, k: int):
     variant.graph.k = k
     if not os.path.exists(os.path.join(variant.workdir, "embeddings")):
         shutil.copytree(os.path.join(cfg.workdir, "embeddings"), os.path.join(variant.workdir, "embeddings"))
-    if not is_committed(store, variant, "graph"):
-        init_ray(variant.ray)
-        run_graph_stage(variant, store)
+    run_graph_stage(variant, store)  # starts Ray itself; returns at once when already committed
     return variant
 
 
