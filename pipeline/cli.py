@@ -282,9 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
 
-            result = run_demo(args.out, quick=args.quick)
-            if result is not None:
-                print(result)
+            run_demo(args.out, quick=args.quick)  # prints its table and the report's path
         elif args.command == "report":
             from .report import build_report
 
