@@ -52,7 +52,7 @@ import numpy as np
 
 from . import workdir
 from .config import ConfigError, JobConfig
-from .storage import Store, join
+from .storage import Store, fixed_list_to_numpy, join
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +193,6 @@ def subset_npy_bytes(subset: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _fixed_list(column, name: str, where: str) -> np.ndarray:
-    import pyarrow as pa
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not pa.types.is_fixed_size_list(arr.type):
-        raise ValueError(f"{where}: column {name} must be a fixed_size_list, got {arr.type}")
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
-
-
 # ================================================================================================
 # Reading the graph and the scores
 # ================================================================================================
@@ -222,8 +213,8 @@ def read_graph(store: Store, cfg: JobConfig) -> dict[str, Any]:
     for url in urls:
         table = store.read_parquet(url, columns=["node", "neighbors", "sq_distances", "cell"])
         part_nodes = table.column("node").to_numpy()
-        nb = _fixed_list(table.column("neighbors"), "neighbors", url)
-        dd = _fixed_list(table.column("sq_distances"), "sq_distances", url)
+        nb = fixed_list_to_numpy(table.column("neighbors"), "neighbors", url)
+        dd = fixed_list_to_numpy(table.column("sq_distances"), "sq_distances", url)
         if neighbors is None:
             k = nb.shape[1]
             neighbors = np.full((n, k), -1, np.int64)

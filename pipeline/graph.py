@@ -524,26 +524,15 @@ def _task_threads() -> int:
     return threads
 
 
-def _fixed_list_to_numpy(column, name: str, part: str) -> np.ndarray:
-    import pyarrow as pa
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not pa.types.is_fixed_size_list(arr.type):
-        raise ValueError(f"{part}: column {name} must be fixed_size_list<float16>[D], got {arr.type}")
-    if arr.null_count:
-        raise ValueError(f"{part}: column {name} has {arr.null_count} null embeddings")
-    dim = arr.type.list_size
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(len(arr), dim)
-
-
 def read_part_vectors(store, url: str, vector: str, rows: np.ndarray | None = None) -> np.ndarray:
     """The graph vectors (prepare_vectors) of one embedding part, optionally only some rows."""
+    from .storage import fixed_list_to_numpy  # storage stays out of the pure maths' imports
+
     columns = list(EMBEDDING_COLUMNS[vector])
     table = store.read_parquet(url, columns=columns)
     if rows is not None:
         table = table.take(np.asarray(rows, dtype=np.int64))
-    arrays = {c: _fixed_list_to_numpy(table.column(c), c, url) for c in columns}
+    arrays = {c: fixed_list_to_numpy(table.column(c), c, url) for c in columns}
     return prepare_vectors(arrays.get("image_embedding"), arrays.get("text_embedding"), vector)
 
 
@@ -992,6 +981,8 @@ def _measure_recall(store, cfg, parts: list[EmbeddingPart], graph_dir: str, n_no
         best_d, best_i = merge_topk(best_d, best_i, d, i, g.k + 1)
     exact_neighbors, _ = remove_self(best_i, best_d, ids, g.k)
 
+    from .storage import fixed_list_to_numpy
+
     approx = np.full((len(ids), g.k), -1, np.int64)
     for part, rows in by_part:
         table = store.read_parquet(join_url(graph_dir, f"{part.name}.parquet"), columns=["node", "neighbors"])
@@ -999,5 +990,5 @@ def _measure_recall(store, cfg, parts: list[EmbeddingPart], graph_dir: str, n_no
         nodes = table.column("node").to_numpy()
         if not np.array_equal(nodes, rows + part.offset):
             raise RuntimeError(f"graph part {part.name} rows are not in node order")
-        approx[np.searchsorted(ids, nodes)] = _fixed_list_to_numpy(table.column("neighbors"), "neighbors", part.name)
+        approx[np.searchsorted(ids, nodes)] = fixed_list_to_numpy(table.column("neighbors"), "neighbors", part.name)
     return recall_at_k(approx, exact_neighbors), int(len(ids))

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .storage import Store, basename, join
+from .storage import Store, basename, fixed_list_to_numpy, join
 from .workdir import STAGE_DIRS, SUCCESS
 
 log = logging.getLogger(__name__)
@@ -52,13 +52,6 @@ def _read_json_optional(store: Store, url: str) -> dict[str, Any] | None:
     return store.read_json(url) if store.exists(url) else None
 
 
-def _fixed_list_to_numpy(column) -> np.ndarray:
-    import pyarrow as pa
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
-
-
 def _embedding_part_urls(store: Store, workdir_url: str) -> list[str]:
     return sorted(store.glob(join(workdir_url, STAGE_DIRS["embed"], "part-*.parquet")), key=basename)
 
@@ -74,7 +67,7 @@ def read_embedding_table(store: Store, workdir_url: str, with_vectors: bool) -> 
         table = store.read_parquet(url, columns=columns)
         for c in columns:
             if c == "image_embedding":
-                pieces[c].append(_fixed_list_to_numpy(table.column(c)).astype(np.float32))
+                pieces[c].append(fixed_list_to_numpy(table.column(c), c, url).astype(np.float32))
             else:
                 pieces[c].append(table.column(c).to_numpy(zero_copy_only=False))
     return {c: np.concatenate(v) for c, v in pieces.items()}
@@ -89,7 +82,7 @@ def read_image_embeddings(store: Store, workdir_url: str, rows: np.ndarray, n_to
         column = store.read_parquet(url, columns=["image_embedding"]).column("image_embedding")
         local = rows[(rows >= offset) & (rows < offset + len(column))] - offset
         if len(local):
-            out.append(_fixed_list_to_numpy(column.take(local)).astype(np.float32))
+            out.append(fixed_list_to_numpy(column.take(local), "image_embedding", url).astype(np.float32))
         offset += len(column)
     if offset != n_total:
         raise RuntimeError(f"the embedding parts now hold {offset} rows, {n_total} when the report started")

@@ -222,6 +222,19 @@ class Store:
             self.fs(url).put_file(local_path, self.path(url))
 
 
+def fixed_list_to_numpy(column, name: str, where: str):
+    """A fixed_size_list column (embeddings, kNN lists) as an [rows, size] numpy array; a column of
+    another type or with nulls is an error naming the column and the file."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_fixed_size_list(arr.type):
+        raise ValueError(f"{where}: column {name} must be a fixed_size_list, got {arr.type}")
+    if arr.null_count:
+        raise ValueError(f"{where}: column {name} has {arr.null_count} null rows")
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 
