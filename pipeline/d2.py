@@ -238,6 +238,21 @@ def _check_scores(scores, n: int, what: str = "scores") -> np.ndarray:
     return arr
 
 
+def _check_finite_scores(scores, what: str = "scores") -> np.ndarray:
+    """1-D numeric scores as float64 (no copy when already float64), every value finite."""
+    s = np.asarray(scores)
+    if s.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {s.shape}")
+    if s.size and s.dtype.kind not in "iuf":
+        raise ValueError(f"{what} must be numeric, got dtype {s.dtype}")
+    s = s.astype(np.float64, copy=False)
+    bad = ~np.isfinite(s)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{what}[{i}] = {float(s[i])!r} is not finite")
+    return s
+
+
 def _check_gamma(gamma, name: str) -> float:
     g = float(gamma)
     if not math.isfinite(g) or g < 0:
@@ -714,14 +729,7 @@ def shift_nonnegative(scores, offset: float | None = None) -> tuple[np.ndarray, 
     Raises:
         ValueError: scores not 1-D, a score not finite, or a negative result (first index named).
     """
-    s = np.asarray(scores)
-    if s.ndim != 1:
-        raise ValueError(f"scores must be 1-D, got shape {s.shape}")
-    s = s.astype(np.float64, copy=True)
-    bad = ~np.isfinite(s)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"scores[{i}] = {float(s[i])!r} is not finite")
+    s = _check_finite_scores(scores).copy()
     if offset is None:
         off = float(-s.min()) if s.size else 0.0
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .d2 import _check_budget  # one budget rule for D2 and the baselines
+from .d2 import _check_finite_scores as _check_scores
 
 __all__ = [
     "balanced_budgets",
@@ -34,20 +35,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _check_scores(scores, what: str = "scores") -> np.ndarray:
-    s = np.asarray(scores)
-    if s.ndim != 1:
-        raise ValueError(f"{what} must be 1-D, got shape {s.shape}")
-    if s.size and s.dtype.kind not in "iuf":
-        raise ValueError(f"{what} must be numeric, got dtype {s.dtype}")
-    s = s.astype(np.float64, copy=False)
-    bad = ~np.isfinite(s)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"{what}[{i}] = {float(s[i])!r} is not finite")
-    return s
 
 
 def _check_embeddings(embeddings) -> np.ndarray:
