@@ -101,15 +101,11 @@ def encode_image(image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-@dataclass
-class PoolManifest:
-    """What a correct reader of a generated pool keeps and skips, shard by shard."""
+class _ShardCounts:
+    """Totals of a manifest's per-shard ``kept`` samples and ``skipped`` counts."""
 
-    shards: list[str]
-    kept: list[list[dict[str, str]]]  # per shard, in tar order: {"uid", "key", "caption"}
-    skipped: list[dict[str, int]]  # per shard: reason -> count
-    truncated_shards: list[int] = field(default_factory=list)
-    without_json_uid: list[int] = field(default_factory=list)  # per shard: kept samples whose json has no uid
+    kept: list[list[dict[str, Any]]]
+    skipped: list[dict[str, int]]
 
     @property
     def kept_uids(self) -> list[str]:
@@ -125,6 +121,17 @@ class PoolManifest:
         for counts in self.skipped:
             total.update(counts)
         return dict(total)
+
+
+@dataclass
+class PoolManifest(_ShardCounts):
+    """What a correct reader of a generated pool keeps and skips, shard by shard."""
+
+    shards: list[str]
+    kept: list[list[dict[str, str]]]  # per shard, in tar order: {"uid", "key", "caption"}
+    skipped: list[dict[str, int]]  # per shard: reason -> count
+    truncated_shards: list[int] = field(default_factory=list)
+    without_json_uid: list[int] = field(default_factory=list)  # per shard: kept samples whose json has no uid
 
     def to_json(self) -> dict[str, Any]:
         return {"shards": self.shards, "kept": self.kept, "skipped": self.skipped,
@@ -256,7 +263,7 @@ FILTERED_CAPTIONS = {"caption_not_english": "ein kleiner roter Hund spielt im Ga
 
 
 @dataclass
-class DataCompManifest:
+class DataCompManifest(_ShardCounts):
     """What a correct reader of :func:`write_datacomp_pool`'s pool keeps, skips and joins."""
 
     metadata_dir: str
@@ -271,21 +278,6 @@ class DataCompManifest:
     metadata_without_uid: int
     arrays: list[dict[str, np.ndarray]]  # per metadata file: npz key -> float16 array as written
     scores: list[dict[str, np.ndarray]]  # per metadata file: score column -> float64
-
-    @property
-    def kept_uids(self) -> list[str]:
-        return [s["uid"] for shard in self.kept for s in shard]
-
-    @property
-    def n_kept(self) -> int:
-        return sum(len(k) for k in self.kept)
-
-    @property
-    def skipped_total(self) -> dict[str, int]:
-        total: Counter = Counter()
-        for counts in self.skipped:
-            total.update(counts)
-        return dict(total)
 
 
 def _original_size(rng: np.random.Generator, j: int) -> tuple[int, int]:

@@ -249,3 +249,138 @@ def test_precomputed_inputs_that_cannot_work_fail_before_any_work(datacomp_pool,
     (bad / "x.npz").write_bytes(buf.getvalue())
     with pytest.raises(MetadataError, match=r"x.npz: array 'l14_img' has shape \(29, 16\), but .*x.parquet has 30"):
         verify_precomputed_inputs(_precomputed_config(tmp_path, pool, metadata=str(bad)), store)
+
+
+# -- the whole job on the real layout, through S3 ---------------------------------------------------
+
+def resharder_select(store, shard_urls, subset):
+    """What DataComp's resharder.py selects from `shard_urls` with `subset` (a sorted ``u8,u8``
+    array): every sample (consecutive tar members sharing a key) whose json ``uid`` is found by
+    binary search, once per occurrence; samples without json or uid are skipped, as there.
+    Returns [(uid, {ext: bytes})] in shard order."""
+    out = []
+    for url in shard_urls:
+        with tarfile.open(fileobj=io.BytesIO(store.read_bytes(url))) as tar:
+            groups: list[tuple[str, dict[str, bytes]]] = []
+            for info in tar:
+                key, ext = info.name.split(".", 1)
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, {}))
+                groups[-1][1][ext] = tar.extractfile(info).read()
+        for _, members in groups:
+            uid = json.loads(members["json"]).get("uid") if "json" in members else None
+            if uid is None:
+                continue
+            value = np.array([divmod(int(uid, 16), 2**64)], U16)[0]
+            count = np.searchsorted(subset, value, "right") - np.searchsorted(subset, value, "left")
+            out += [(uid, members)] * int(count)
+    return out
+
+
+@pytest.fixture(scope="module")
+def datacomp_job(tmp_path_factory, s3_server, s3_bucket, s3_store, ray_local):
+    """`d2prune run` on a DataComp pool on S3, its metadata/ and shards/ folders given unchanged."""
+    import yaml
+
+    root = f"{s3_bucket}/datacomp"
+    pool = write_datacomp_pool(root, store=s3_store, n_shards=3, per_shard=20, n_metadata_files=2, seed=3)
+    raw = {
+        "workdir": f"{root}/work",
+        "storage": {"endpoint_url": s3_server},
+        "input": {"shards": f"{root}/shards/{{00000000..00000002}}.tar"},
+        "embed": {"encoder": "precomputed", "precomputed": {"metadata": f"{root}/metadata", "bucket_rows": 25}},
+        "graph": {"k": 3, "index": "flat", "recall_sample": 0},
+        "select": {"method": "d2", "prune_rate": 0.5, "score_offset": 1.0},
+        "output": {"url": f"{root}/out", "samples_per_shard": 10, "shard_name_width": 8},
+        "ray": {"num_cpus": 2, "object_store_memory": 300_000_000},
+    }
+    config = tmp_path_factory.mktemp("datacomp-job") / "datacomp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return {"pool": pool, "raw": raw, "config": str(config), "store": s3_store, "root": root}
+
+
+@pytest.mark.slow
+def test_datacomp_pool_end_to_end_through_s3(datacomp_job, capsys, tmp_path):
+    from pipeline.cli import main
+    from pipeline.core.d2 import budget_for
+
+    job, store, pool = datacomp_job, datacomp_job["store"], datacomp_job["pool"]
+    assert main(["run", job["config"]]) == 0
+    printed = capsys.readouterr().out
+    work, out = job["raw"]["workdir"], job["raw"]["output"]["url"]
+
+    # every reason counted, in the stage stats and in what the user reads
+    embed = store.read_json(join(work, "embeddings", "_stats.json"))
+    assert embed["samples"] == pool.n_kept and embed["skipped"] == dict(sorted(pool.skipped_total.items()))
+    assert embed["not_in_shards"] == pool.not_in_shards > 0
+    assert f"not in the shards (failed downloads, not counted above): {pool.not_in_shards}" in printed
+    assert f"dropped    : {pool.skipped_total['no_embedding']} (not in the metadata: no_embedding)" in printed
+    assert f"report     : {work}/report.html" in printed and store.exists(f"{work}/report.html")
+
+    # output shards in img2dataset's layout, 8-digit names, metadata a DataComp user reads
+    selected = store.read_parquet(join(work, "selection", "selected.parquet")).to_pydict()
+    budget = budget_for(pool.n_kept, 0.5)
+    assert len(selected["uid"]) == budget
+    shards_dir = join(out, "shards")
+    names = sorted(n for n in store.ls(shards_dir) if n.endswith(".tar"))
+    assert names == [f"{i:08d}.tar" for i in range(-(-budget // 10))]
+    assert store.read_json(join(shards_dir, "sizes.json")) == {n: min(10, budget - 10 * i) for i, n in enumerate(names)}
+    by_uid = {s["uid"]: s for shard in pool.kept for s in shard}
+    rank = dict(zip(selected["uid"], selected["rank"]))
+    written: dict[str, dict[str, bytes]] = {}
+    for name in names:
+        stem = join(shards_dir, name[: -len(".tar")])
+        meta = store.read_parquet(stem + ".parquet").to_pydict()
+        assert list(meta) == ["uid", "key", "text", "url", "original_width", "original_height", "sha256", "clip_score",
+                              "rank", "source_shard", "source_key"]
+        assert store.read_json(stem + "_stats.json")["successes"] == len(meta["uid"])
+        for j, uid in enumerate(meta["uid"]):
+            sample = by_uid[uid]
+            assert [meta[c][j] for c in ("text", "url", "original_width", "original_height", "sha256", "source_key")] \
+                == [sample[c] for c in ("caption", "url", "original_width", "original_height", "sha256", "key")]
+            assert meta["rank"][j] == rank[uid]
+        with tarfile.open(fileobj=io.BytesIO(store.read_bytes(stem + ".tar"))) as tar:
+            for info in tar:
+                key, ext = info.name.split(".", 1)
+                written.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    assert sorted(written) == sorted(selected["uid"])
+
+    # subset.npy with DataComp's resharder over the *input* shards selects exactly what was written
+    local = tmp_path / "subset.npy"
+    local.write_bytes(store.read_bytes(join(work, "selection", "subset.npy")))
+    subset = np.load(local, mmap_mode="r")
+    assert subset.dtype == U16 and len(subset) == budget
+    found = resharder_select(store, pool.shards, subset)
+    first: dict[str, dict[str, bytes]] = {}
+    for uid, members in found:
+        first.setdefault(uid, members)
+    assert sorted(first) == sorted(written)
+    for uid, members in first.items():
+        assert members == written[uid]  # the same bytes (the earliest copy of a uid repeated in the pool)
+    # the one uid the pool holds twice is the only one the resharder would emit twice
+    repeated = [uid for uid in first if sum(u == uid for u, _ in found) > 1]
+    assert all(uid == pool.kept[0][0]["uid"] for uid in repeated)
+
+
+def test_datacomp_settings_are_validated_and_fingerprinted_where_they_matter(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.job import stage_fingerprints
+
+    def cfg(**precomputed):
+        return make_config(str(tmp_path / "w"), ["a.tar"], embed={"encoder": "precomputed", "precomputed": {
+            "metadata": "m/", **precomputed}})
+
+    base = stage_fingerprints(cfg())
+    # what is joined changes every stage; how the join is cut into tasks changes none
+    assert stage_fingerprints(cfg(image_key=["l14_img", "b32_img"]))["embed"] != base["embed"]
+    assert stage_fingerprints(cfg(score_column="clip_b32_similarity_score"))["select"] != base["select"]
+    assert stage_fingerprints(cfg(bucket_rows=7, shards_per_task=3)) == base
+    wide = stage_fingerprints(make_config(str(tmp_path / "w"), ["a.tar"], overrides=["output.shard_name_width=8"]))
+    narrow = stage_fingerprints(make_config(str(tmp_path / "w"), ["a.tar"]))
+    assert wide["write"] != narrow["write"] and wide["select"] == narrow["select"]
+    for bad, needle in ((["embed.precomputed.image_key=[]"], "image_key: Value error, must name at least one"),
+                        (["output.shard_name_width=0"], "shard_name_width"),
+                        (["select.prefilter.basic=true"], "not applied by the select stage yet")):
+        with pytest.raises(ConfigError, match=needle):
+            make_config(str(tmp_path / "w"), ["a.tar"], overrides=bad,
+                        embed={"encoder": "precomputed", "precomputed": {"metadata": "m/"}})
