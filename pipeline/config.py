@@ -86,8 +86,9 @@ class PrecomputedConfig(_Section):
         "clip_b32_similarity_score); rows where it is null get the cosine of their image and text vectors.",
     )
     bucket_rows: int = Field(
-        200_000, gt=0, description="Memory knob of the join: metadata rows per join bucket (a join task holds "
-        "one bucket's vectors: bucket_rows x the vectors' bytes). Fixed for a run when its join starts.",
+        100_000, gt=0, description="Memory knob of the join: metadata rows per join bucket. A join task holds "
+        "~0.25 GB + ~15 KB per bucket row with l14 image+text vectors (0.4 GB at 10k, 0.8 GB at 40k: "
+        "benchmarks/results/precomputed_join.md), ~1.7 GB at 100k. Fixed for a run when its join starts.",
     )
     shards_per_task: int = Field(
         16, gt=0, description="Input shards read (json uids, captions, sizes) per Ray task of the join.",

@@ -82,20 +82,24 @@ def test_bucketed_writer_keeps_rows_per_bucket_in_order_with_and_without_spills(
     import pyarrow as pa
 
     schema = pa.schema([("uid", pa.string()), ("x", pa.int64())])
-    added = []
     for limit in (2**30, 64):  # everything in memory; a spill after every piece
-        writer = BucketedWriter(schema, memory_limit=limit)
+        writer = BucketedWriter(schema, 6, memory_limit=limit)
+        added = []
         for piece in range(4):
             uids = [f"u{piece}-{i}" for i in range(30)]
-            buckets = uid_buckets(uid_hashes(uids), 5)
+            buckets = uid_buckets(uid_hashes(uids), 5)  # bucket 5 stays empty
             writer.add(pa.table({"uid": uids, "x": np.arange(30) + 30 * piece}), buckets)
             added += list(zip(buckets.tolist(), uids))
-        url = str(tmp_path / f"b-{limit}.parquet")
+        url = str(tmp_path / f"b-{limit}.bkt")
         writer.commit(Store(), url)
-        for bucket in range(6):  # bucket 5 is empty
-            assert read_bucket(Store(), url, bucket).column("uid").to_pylist() == \
-                [u for b, u in added if b == bucket]
-        added = []
+        for bucket in range(6):
+            table = read_bucket(Store(), url, bucket)
+            assert table.schema == schema
+            assert table.column("uid").to_pylist() == [u for b, u in added if b == bucket]
+    with pytest.raises(ValueError, match="has 6 buckets, not 7"):
+        read_bucket(Store(), url, 6)
+    with pytest.raises(ValueError, match=r"bucket ids outside 0..5"):
+        BucketedWriter(schema, 6).add(pa.table({"uid": ["a"], "x": [1]}), np.array([6]))
 
 
 # -- the metadata files -----------------------------------------------------------------------------

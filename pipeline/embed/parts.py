@@ -17,7 +17,7 @@ import numpy as np
 
 from ..formats.buckets import uid_hashes
 from ..formats.datacomp import uid_notes
-from ..formats.embeddings import part_table
+from ..formats.embeddings import part_table, write_part
 from ..formats.webdataset import DUPLICATE_UID
 from ..storage import Store, join
 from ..workdir import part_name
@@ -177,7 +177,7 @@ def commit_part(store: Store, directory: str, index: int, shard_url: str, table,
         stats["uid_notes"] = notes
     name = part_name(index)
     store.write_json(join(directory, name + ".stats.json"), stats)
-    store.write_parquet(join(directory, name + ".parquet"), table)
+    write_part(store, join(directory, name + ".parquet"), table)
     if stats["skipped"]:
         log.warning("shard %s: %d samples embedded, skipped %s", shard_url, table.num_rows,
                     ", ".join(f"{k}={v}" for k, v in stats["skipped"].items()))

@@ -16,14 +16,14 @@ files that exist, so a killed job resumes at the step it was in)::
     plan.json               metadata files with rows and array widths, buckets, shard tasks: fixed
                             by the first run (a resume never mixes two bucketings)
     samples-TTTTT.json      (1) per task of `shards_per_task` input shards: per shard, usable samples
-    samples-TTTTT.parquet       and skips by reason; every usable sample's uid, shard, position, key,
-                                caption and original size, bucketed by uid (the parquet commits)
+    samples-TTTTT.bkt           and skips by reason; every usable sample's uid, shard, position, key,
+                                caption and original size, bucketed by uid (the .bkt commits)
     metadata-MMMMM.json     (1) per metadata file: rows, rows without a uid; its rows (uid, file, row,
-    metadata-MMMMM.parquet      score, L2-normalised vectors, ok), bucketed by uid
+    metadata-MMMMM.bkt          score, L2-normalised vectors, ok), bucketed by uid
     groups.json             consecutive shards grouped to at most `bucket_rows` usable samples
     joined-BBBBB.json       (2) per bucket: metadata rows whose uid is in no shard, repeated uids
-    skipped-BBBBB.parquet       (shard, reason, count) of samples not kept, bucketed by shard group
-    joined-BBBBB.parquet        the kept rows, bucketed by shard group (commits the bucket)
+    skipped-BBBBB.bkt           (shard, reason, count) of samples not kept, bucketed by shard group
+    joined-BBBBB.bkt            the kept rows, bucketed by shard group (commits the bucket)
     part-NNNNN.*            (3) per shard group: its rows from every joined file, in shard order, as
                                 the usual parts (:func:`~.parts.commit_part`), one per input shard
     ../precomputed.json     the join's counts (not_in_shards, ...); then ``_join/`` is removed
@@ -72,7 +72,13 @@ NO_UID = "no_uid"  # the sample's json has no uid: it cannot be looked up in the
 NO_EMBEDDING = "no_embedding"  # in the shards, but its uid is on no metadata row
 BAD_EMBEDDING = "bad_embedding"  # its metadata vectors are not finite, or zero
 PRECOMPUTED_REASONS = (NO_UID, NO_EMBEDDING, BAD_EMBEDDING)
-METADATA_CHUNK_ROWS = 16384
+# What a join or parts task holds besides its bucket (the worker with pyarrow and pandas, ~0.5
+# GB), and how many copies of a bucket's rows it makes on the way (decode, take, sort, encode):
+# both measured (benchmarks/precomputed_join.py); declared to Ray so a node runs no more of them
+# than its memory holds.
+TASK_BASE_MEMORY = 600 * 2**20
+BUCKET_COPIES = 6
+METADATA_CHUNK_ROWS = 8192  # rows read at once: ~25 MB of l14 vectors (peak task RSS ~0.6 GB, measured)
 
 
 def keys_of(value: str | list[str]) -> list[str]:
@@ -146,7 +152,7 @@ def samples_task(store: Store, cfg: JobConfig, urls: list[str], lo: int, hi: int
     write their usable samples bucketed by uid, and per shard the counts."""
     import pyarrow as pa
 
-    writer = BucketedWriter(_samples_schema())
+    writer = BucketedWriter(_samples_schema(), n_buckets)
     counts = {}
     for shard in range(lo, hi):
         url = urls[shard]
@@ -167,7 +173,7 @@ def samples_task(store: Store, cfg: JobConfig, urls: list[str], lo: int, hi: int
         table = pa.table(rows, schema=_samples_schema())
         writer.add(table, uid_buckets(uid_hashes(rows["uid"]), n_buckets))
         counts[str(shard)] = {"usable": table.num_rows, "skipped": dict(skipped)}
-    store.write_json(out_url[: -len(".parquet")] + ".json", counts)
+    store.write_json(out_url[: -len(".bkt")] + ".json", counts)
     writer.commit(store, out_url)
 
 
@@ -202,7 +208,7 @@ def metadata_task(store: Store, pc: PrecomputedConfig, file_index: int, parquet:
 
     image_keys, text_keys = keys_of(pc.image_key), keys_of(pc.text_key)
     columns = ["uid", pc.score_column] + (["original_width", "original_height"] if sizes_in_metadata else [])
-    writer = BucketedWriter(_metadata_schema(dim))
+    writer = BucketedWriter(_metadata_schema(dim), n_buckets)
     position = 0
     without_uid = 0
     for batch, arrays in iter_metadata_chunks(store, parquet, npz, columns, _all_keys(pc), METADATA_CHUNK_ROWS):
@@ -232,7 +238,7 @@ def metadata_task(store: Store, pc: PrecomputedConfig, file_index: int, parquet:
         table = table.take(keep)
         writer.add(table, uid_buckets(uid_hashes(table.column("uid").to_pylist()), n_buckets))
         position += n
-    store.write_json(out_url[: -len(".parquet")] + ".json", {"rows": position, "without_uid": without_uid})
+    store.write_json(out_url[: -len(".bkt")] + ".json", {"rows": position, "without_uid": without_uid})
     writer.commit(store, out_url)
 
 
@@ -249,7 +255,7 @@ def _first_per_uid(uids, order_keys: list[np.ndarray]) -> tuple[np.ndarray, np.n
 
 
 def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str], metadata_files_: list[str],
-              group_of_shard: list[int], n_groups: int) -> None:
+              group_of_shard: list[int]) -> None:
     """Join bucket `bucket` of both sides by uid; write the kept rows and the skip counts, each
     bucketed by shard group, then the bucket's own counts."""
     import pandas as pd
@@ -257,7 +263,7 @@ def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str],
     import pyarrow.compute as pc
 
     samples = pa.concat_tables([read_bucket(store, u, bucket) for u in sample_files]).combine_chunks()
-    meta = pa.concat_tables([read_bucket(store, u, bucket) for u in metadata_files_]).combine_chunks()
+    meta = pa.concat_tables([read_bucket(store, u, bucket) for u in metadata_files_])  # vectors: no copy
 
     s_uid = samples.column("uid").to_numpy(zero_copy_only=False)
     s_shard = samples.column("shard").to_numpy()
@@ -281,9 +287,10 @@ def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str],
                         "reason": pa.array([k[1] for k in counted], pa.string()),
                         "count": pa.array(list(counted.values()), pa.int64())})
     groups = np.asarray(group_of_shard, np.int64)
-    skipped_writer = BucketedWriter(skipped.schema)
+    n_groups = int(groups.max()) + 1
+    skipped_writer = BucketedWriter(skipped.schema, n_groups)
     skipped_writer.add(skipped, groups[skipped.column("shard").to_numpy()] if skipped.num_rows else np.zeros(0, np.int64))
-    skipped_writer.commit(store, join(join_dir, f"skipped-{bucket:05d}.parquet"))
+    skipped_writer.commit(store, join(join_dir, f"skipped-{bucket:05d}.bkt"))
 
     keep = winners[ok]
     rows = meta_of[ok]
@@ -297,13 +304,13 @@ def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str],
         "image_embedding": kept_meta.column("image_embedding"), "text_embedding": kept_meta.column("text_embedding"),
         "caption": kept.column("caption"), **sizes,
     })
-    writer = BucketedWriter(table.schema)
+    writer = BucketedWriter(table.schema, n_groups)
     writer.add(table, groups[table.column("shard").to_numpy()] if table.num_rows else np.zeros(0, np.int64))
     store.write_json(join(join_dir, f"joined-{bucket:05d}.json"), {
         "not_in_shards": int(len(meta_rows) - matched.sum()),
         "metadata_duplicate_uid": int((~m_first).sum()),
     })
-    writer.commit(store, join(join_dir, f"joined-{bucket:05d}.parquet"))
+    writer.commit(store, join(join_dir, f"joined-{bucket:05d}.bkt"))
 
 
 # -- step 3: the parts of one shard group ---------------------------------------------------------
@@ -314,9 +321,9 @@ def parts_task(store: Store, directory: str, join_dir: str, group: int, urls: li
     of every joined bucket; returns each part's stats."""
     import pyarrow as pa
 
-    kept = pa.concat_tables([read_bucket(store, join(join_dir, f"joined-{b:05d}.parquet"), group)
+    kept = pa.concat_tables([read_bucket(store, join(join_dir, f"joined-{b:05d}.bkt"), group)
                              for b in range(n_buckets)]).combine_chunks()
-    skipped = pa.concat_tables([read_bucket(store, join(join_dir, f"skipped-{b:05d}.parquet"), group)
+    skipped = pa.concat_tables([read_bucket(store, join(join_dir, f"skipped-{b:05d}.bkt"), group)
                                 for b in range(n_buckets)]).combine_chunks()
     shard_col = kept.column("shard").to_numpy()
     order = np.lexsort((kept.column("position").to_numpy(), shard_col)) if kept.num_rows else np.zeros(0, np.int64)
@@ -362,11 +369,12 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
     existing = set(store.ls(join_dir))
 
     # step 1: both sides bucketed by uid
-    sample_urls = [join(join_dir, f"samples-{t:05d}.parquet") for t in range(len(plan["shard_tasks"]))]
-    meta_urls = [join(join_dir, f"metadata-{m:05d}.parquet") for m in range(len(files))]
+    sample_urls = [join(join_dir, f"samples-{t:05d}.bkt") for t in range(len(plan["shard_tasks"]))]
+    meta_urls = [join(join_dir, f"metadata-{m:05d}.bkt") for m in range(len(files))]
     samples_remote = ray.remote(num_cpus=1)(samples_task)
     metadata_remote = ray.remote(num_cpus=1)(metadata_task)
-    refs = [samples_remote.remote(store, cfg, urls, lo, hi, n_buckets, url)
+    urls_ref = ray.put(urls)  # O(shards) names: shipped once, not once per task
+    refs = [samples_remote.remote(store, cfg, urls_ref, lo, hi, n_buckets, url)
             for (lo, hi), url in zip(plan["shard_tasks"], sample_urls) if url.rsplit("/", 1)[1] not in existing]
     refs += [metadata_remote.remote(store, pc, m, parquet, npz, dim, n_buckets, plan["sizes_in_metadata"], url)
              for m, ((parquet, npz, _), url) in enumerate(zip(files, meta_urls)) if url.rsplit("/", 1)[1] not in existing]
@@ -378,7 +386,7 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
 
     counts: dict[str, dict[str, Any]] = {}
     for url in sample_urls:
-        counts.update(store.read_json(url[: -len(".parquet")] + ".json"))
+        counts.update(store.read_json(url[: -len(".bkt")] + ".json"))
     usable = [int(counts[str(i)]["usable"]) for i in range(len(urls))]
     groups_url = join(join_dir, "groups.json")
     if store.exists(groups_url):
@@ -391,9 +399,12 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
     # step 2: one task per bucket
     t1 = time.perf_counter()
     existing = set(store.ls(join_dir))
-    join_remote = ray.remote(num_cpus=1)(join_task)
-    refs = [join_remote.remote(store, join_dir, b, sample_urls, meta_urls, group_of_shard, len(groups))
-            for b in range(n_buckets) if f"joined-{b:05d}.parquet" not in existing]
+    row_bytes = 2 * dim * 2 + 256  # two float16 vectors, uid, key, caption
+    memory = TASK_BASE_MEMORY + BUCKET_COPIES * int(plan["bucket_rows"] * 1.2) * row_bytes  # 1.2: hash imbalance
+    join_remote = ray.remote(num_cpus=1, memory=memory)(join_task)
+    groups_ref = ray.put(group_of_shard)
+    refs = [join_remote.remote(store, join_dir, b, sample_urls, meta_urls, groups_ref)
+            for b in range(n_buckets) if f"joined-{b:05d}.bkt" not in existing]
     for _ in as_completed(refs):
         pass
     seconds["join"] = round(time.perf_counter() - t1, 3)
@@ -401,13 +412,13 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
     # step 3: one task per shard group with pending parts, each committing its parts in shard order
     t2 = time.perf_counter()
     todo = set(pending)
-    parts_remote = ray.remote(num_cpus=1)(parts_task)
+    parts_remote = ray.remote(num_cpus=1, memory=memory)(parts_task)
     refs = []
     for g, (lo, hi) in enumerate(groups):
         shards = [i for i in range(lo, hi) if i in todo]
         if shards:
             tar_skips = {str(i): counts[str(i)]["skipped"] for i in shards}
-            refs.append(parts_remote.remote(store, directory, join_dir, g, urls, shards, tar_skips, n_buckets, dim))
+            refs.append(parts_remote.remote(store, directory, join_dir, g, urls_ref, shards, tar_skips, n_buckets, dim))
     new_stats: dict[int, dict[str, Any]] = {}
     for done in as_completed(refs):
         for shard, stats in sorted(done.items()):
@@ -420,7 +431,7 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
     for b in range(n_buckets):
         totals.update(store.read_json(join(join_dir, f"joined-{b:05d}.json")))
     for url in meta_urls:
-        metadata_without_uid += store.read_json(url[: -len(".parquet")] + ".json")["without_uid"]
+        metadata_without_uid += store.read_json(url[: -len(".bkt")] + ".json")["without_uid"]
     info = {
         "encoder": "precomputed",
         "model": f"precomputed:{'+'.join(keys_of(pc.image_key))}/{'+'.join(keys_of(pc.text_key))}",

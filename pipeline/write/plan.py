@@ -10,10 +10,10 @@ committed embedding parts through bucketed files (the shuffle of :mod:`pipeline.
 why: :mod:`pipeline.embed.precomputed`). Under ``WORKDIR/write/`` (every file committed
 atomically; a rerun skips what exists)::
 
-    _join/selected-CCCCC.*   (1) per row group of selected.parquet: (uid, rank) bucketed by uid;
+    _join/selected-CCCCC.*   (1) per row group of selected.parquet: (uid, rank) bucketed by uid (.bkt);
                                  .json: its rows and the sum of their uid hashes
     _join/pool-TTTTT.*       (1) per group of parts: (uid, part, position, key, clip_score) bucketed
-                                 by uid; .json: each part's input shard and rows
+                                 by uid; .json: each part's input shard
     _join/joined-BBBBB.*     (2) per bucket: the selected rows with their part and position,
                                  bucketed by group of parts; .json: selected rows per part. A
                                  selected uid in no part, in two parts, or selected twice is an error
@@ -65,9 +65,9 @@ def selection_task(store: Store, selected_url: str, row_group: int, n_buckets: i
     with store.open(selected_url, "rb") as fh:
         table = pq.ParquetFile(fh).read_row_group(row_group, columns=["uid", "rank"])
     uids = table.column("uid").to_pylist()
-    writer = BucketedWriter(table.schema)
+    writer = BucketedWriter(table.schema, n_buckets)
     writer.add(table, uid_buckets(uid_hashes(uids), n_buckets))
-    store.write_json(out_url[: -len(".parquet")] + ".json", {"rows": len(uids), "hash_sum": str(hash_sum(uids))})
+    store.write_json(out_url[: -len(".bkt")] + ".json", {"rows": len(uids), "hash_sum": str(hash_sum(uids))})
     writer.commit(store, out_url)
 
 
@@ -82,7 +82,7 @@ def pool_task(store: Store, parts: list[tuple[int, EmbeddingPart]], n_buckets: i
     """(uid, part ordinal, position, key, clip_score) of every row of `parts`, bucketed by uid."""
     import pyarrow as pa
 
-    writer = BucketedWriter(_pool_schema())
+    writer = BucketedWriter(_pool_schema(), n_buckets)
     shards = {}
     for ordinal, part in parts:
         table = store.read_parquet(part.url, columns=["uid", "shard", "key", "clip_score"])
@@ -97,7 +97,7 @@ def pool_task(store: Store, parts: list[tuple[int, EmbeddingPart]], n_buckets: i
                          "position": pa.array(np.arange(part.rows, dtype=np.int64)), "key": table.column("key"),
                          "clip_score": table.column("clip_score").cast(pa.float32())})
         writer.add(rows, uid_buckets(uid_hashes(uids), n_buckets))
-    store.write_json(out_url[: -len(".parquet")] + ".json", {"shards": shards})
+    store.write_json(out_url[: -len(".bkt")] + ".json", {"shards": shards})
     writer.commit(store, out_url)
 
 
@@ -108,7 +108,7 @@ def _examples(values) -> list:
 
 
 def join_task(store: Store, join_dir: str, bucket: int, selected_urls: list[str], pool_urls: list[str],
-              parts_per_group: int) -> None:
+              parts_per_group: int, n_groups: int) -> None:
     """The selected rows of bucket `bucket` with their part and position, bucketed by group of
     `parts_per_group` consecutive parts."""
     import pandas as pd
@@ -134,12 +134,12 @@ def join_task(store: Store, join_dir: str, bucket: int, selected_urls: list[str]
                       "part": pa.array(part.astype(np.int32)),
                       "position": pa.array(joined["position"].to_numpy(np.int64)),
                       "key": pa.array(joined["key"].astype(str).tolist(), pa.string())})
-    writer = BucketedWriter(table.schema)
+    writer = BucketedWriter(table.schema, n_groups)
     writer.add(table, part // parts_per_group)
     counts = pd.Series(part).value_counts()
     store.write_json(join(join_dir, f"joined-{bucket:05d}.json"),
                      {"selected_per_part": {str(k): int(v) for k, v in counts.items()}})
-    writer.commit(store, join(join_dir, f"joined-{bucket:05d}.parquet"))
+    writer.commit(store, join(join_dir, f"joined-{bucket:05d}.bkt"))
 
 
 # -- step 3 ---------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def plan_task(store: Store, join_dir: str, plan_dir: str, group: int, n_buckets:
     """Write the plan pieces of the parts of group `group` ({ordinal: (part name, shard URL)})."""
     import pyarrow as pa
 
-    rows = pa.concat_tables([read_bucket(store, join(join_dir, f"joined-{b:05d}.parquet"), group)
+    rows = pa.concat_tables([read_bucket(store, join(join_dir, f"joined-{b:05d}.bkt"), group)
                              for b in range(n_buckets)]).combine_chunks()
     part = rows.column("part").to_numpy()
     order = np.lexsort((rows.column("position").to_numpy(), part))
@@ -188,8 +188,8 @@ def build_plan(store: Store, cfg: JobConfig) -> dict[str, Any]:
     groups = [list(range(lo, min(lo + PARTS_PER_TASK, len(parts)))) for lo in range(0, len(parts), PARTS_PER_TASK)]
     existing = set(store.ls(join_dir))
 
-    selected_urls = [join(join_dir, f"selected-{r:05d}.parquet") for r in range(row_groups)]
-    pool_urls = [join(join_dir, f"pool-{t:05d}.parquet") for t in range(len(groups))]
+    selected_urls = [join(join_dir, f"selected-{r:05d}.bkt") for r in range(row_groups)]
+    pool_urls = [join(join_dir, f"pool-{t:05d}.bkt") for t in range(len(groups))]
     select_remote = ray.remote(num_cpus=1)(selection_task)
     pool_remote = ray.remote(num_cpus=1)(pool_task)
     refs = [select_remote.remote(store, selected_url, r, n_buckets, url)
@@ -200,20 +200,20 @@ def build_plan(store: Store, cfg: JobConfig) -> dict[str, Any]:
         pass
 
     join_remote = ray.remote(num_cpus=1)(join_task)
-    for _ in as_completed([join_remote.remote(store, join_dir, b, selected_urls, pool_urls, PARTS_PER_TASK)
-                           for b in range(n_buckets) if selected_urls and f"joined-{b:05d}.parquet" not in existing]):
+    for _ in as_completed([join_remote.remote(store, join_dir, b, selected_urls, pool_urls, PARTS_PER_TASK, len(groups))
+                           for b in range(n_buckets) if selected_urls and f"joined-{b:05d}.bkt" not in existing]):
         pass
 
     shards: dict[str, str] = {}
     for url in pool_urls:
-        shards.update(store.read_json(url[: -len(".parquet")] + ".json")["shards"])
+        shards.update(store.read_json(url[: -len(".bkt")] + ".json")["shards"])
     selected_per_part = np.zeros(len(parts), np.int64)
     for b in range(n_buckets if selected_urls else 0):  # an empty selection.parquet has no row group
         for ordinal, count in store.read_json(join(join_dir, f"joined-{b:05d}.json"))["selected_per_part"].items():
             selected_per_part[int(ordinal)] += count
     selection_rows, selection_hash = 0, 0
     for url in selected_urls:
-        info = store.read_json(url[: -len(".parquet")] + ".json")
+        info = store.read_json(url[: -len(".bkt")] + ".json")
         selection_rows += info["rows"]
         selection_hash = (selection_hash + int(info["hash_sum"])) % 2**64
     samples = int(selected_per_part.sum())
