@@ -38,6 +38,11 @@ __all__ = [
     "CSRGraph",
     "Selection",
     "budget_for",
+    "check_budget",
+    "check_finite_scores",
+    "check_gamma",
+    "check_graph",
+    "check_scores",
     "cross_edge_fraction",
     "d2_select",
     "forward_pass",
@@ -220,7 +225,7 @@ class Selection:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_scores(scores, n: int, what: str = "scores") -> np.ndarray:
+def check_scores(scores, n: int, what: str = "scores") -> np.ndarray:
     """float64 copy-free view of ``scores`` after checking shape, finiteness and sign."""
     arr = np.asarray(scores)
     if arr.ndim != 1 or arr.shape[0] != n:
@@ -238,7 +243,7 @@ def _check_scores(scores, n: int, what: str = "scores") -> np.ndarray:
     return arr
 
 
-def _check_finite_scores(scores, what: str = "scores") -> np.ndarray:
+def check_finite_scores(scores, what: str = "scores") -> np.ndarray:
     """1-D numeric scores as float64 (no copy when already float64), every value finite."""
     s = np.asarray(scores)
     if s.ndim != 1:
@@ -253,7 +258,8 @@ def _check_finite_scores(scores, what: str = "scores") -> np.ndarray:
     return s
 
 
-def _check_gamma(gamma, name: str) -> float:
+def check_gamma(gamma, name: str) -> float:
+    """``gamma`` as a float after checking it is finite and >= 0 (ValueError naming ``name``)."""
     g = float(gamma)
     if not math.isfinite(g) or g < 0:
         # A negative width turns the kernel into exp(+d): far nodes would weigh more than near ones.
@@ -261,7 +267,8 @@ def _check_gamma(gamma, name: str) -> float:
     return g
 
 
-def _check_graph(graph) -> CSRGraph:
+def check_graph(graph) -> CSRGraph:
+    """``graph`` itself when it is a :class:`CSRGraph`, else TypeError."""
     if not isinstance(graph, CSRGraph):
         raise TypeError(f"expected a CSRGraph, got {type(graph).__name__}")
     return graph
@@ -281,7 +288,8 @@ def budget_for(n: int, prune_rate: float) -> int:
     return int(round((1.0 - p) * n))
 
 
-def _check_budget(budget, n: int) -> int:
+def check_budget(budget, n: int) -> int:
+    """A budget as an int capped at ``n``; ValueError for non-integers (bools too) and negatives."""
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)):
         raise ValueError(f"budget must be an integer, got {budget!r}")
     b = int(budget)
@@ -634,9 +642,9 @@ def forward_pass(graph: CSRGraph, scores, gamma: float = 1.0, rounds: int = 1) -
         ValueError: scores not float[N], not finite or negative (first bad index named);
             gamma negative or not finite; rounds negative.
     """
-    graph = _check_graph(graph)
-    s = _check_scores(scores, graph.n_nodes)
-    g = _check_gamma(gamma, "gamma")
+    graph = check_graph(graph)
+    s = check_scores(scores, graph.n_nodes)
+    g = check_gamma(gamma, "gamma")
     r = int(rounds)
     if r < 0 or r != rounds:
         raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}")
@@ -664,10 +672,10 @@ def reverse_select(graph: CSRGraph, forward_scores, budget: int, gamma: float = 
         :class:`Selection` (``order`` has ``min(budget, N)`` ids). Isolated nodes are never
         discounted, so they are picked in order of their own score.
     """
-    graph = _check_graph(graph)
-    s = _check_scores(forward_scores, graph.n_nodes, "forward_scores")
-    g = _check_gamma(gamma, "gamma")
-    b = _check_budget(budget, graph.n_nodes)
+    graph = check_graph(graph)
+    s = check_scores(forward_scores, graph.n_nodes, "forward_scores")
+    g = check_gamma(gamma, "gamma")
+    b = check_budget(budget, graph.n_nodes)
     if graph.n_nodes == 0 or b == 0:
         return Selection(np.zeros(0, np.int64), s.copy(), s.copy())
     order, final = _reverse_kernel(graph.indptr, graph.indices, graph.distances, s, b, g)
@@ -729,7 +737,7 @@ def shift_nonnegative(scores, offset: float | None = None) -> tuple[np.ndarray, 
     Raises:
         ValueError: scores not 1-D, a score not finite, or a negative result (first index named).
     """
-    s = _check_finite_scores(scores).copy()
+    s = check_finite_scores(scores).copy()
     if offset is None:
         off = float(-s.min()) if s.size else 0.0
     else:
@@ -753,7 +761,7 @@ def subgraph(graph: CSRGraph, node_ids) -> CSRGraph:
     Raises:
         ValueError: ids not 1-D integers, out of range, or repeated (first one named).
     """
-    graph = _check_graph(graph)
+    graph = check_graph(graph)
     ids = np.asarray(node_ids)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
         raise ValueError(f"node_ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
@@ -785,7 +793,7 @@ def cross_edge_fraction(graph: CSRGraph, labels) -> float:
     Raises:
         ValueError: labels not of shape (N,).
     """
-    graph = _check_graph(graph)
+    graph = check_graph(graph)
     lab = np.asarray(labels)
     if lab.ndim != 1 or lab.shape[0] != graph.n_nodes:
         raise ValueError(f"labels must have shape ({graph.n_nodes},), got {lab.shape}")
