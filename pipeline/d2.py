@@ -5,7 +5,9 @@ Pure numpy + numba; no Ray, no I/O. The maths is ``shared/design/d2-spec.md``:
 * :func:`symmetrize_knn` turns directed kNN lists (FAISS output) into an undirected
   :class:`CSRGraph` (spec §2);
 * :func:`forward_pass` is the forward message passing (§3), with an optional number of rounds;
-* :func:`reverse_select` is the reverse message passing with exact greedy selection (§4);
+* :func:`reverse_select` is the reverse message passing with exact greedy selection (§4), on
+  int64 fixed-point scores (:func:`fixed_point_shift`, :func:`quantize_scores`, §7.5) so that
+  the partitioned greedy of :mod:`pipeline.d2_exact` reproduces it bit for bit;
 * :func:`d2_select` runs both.
 
 Helpers for the coordinator: :func:`budget_for`, :func:`prefilter_mask` (§1),
@@ -17,9 +19,9 @@ Conventions
 * Node ids are ``0..N-1``. Scores: higher = more worth keeping; they must be finite and
   non-negative (the reverse pass otherwise *raises* neighbours), which every entry point checks,
   naming the first bad index.
-* Edge weights are ``exp(-gamma * d)`` with ``d`` whatever distance the graph holds (squared
-  Euclidean from FAISS, or plain Euclidean if the caller took the square root): this module never
-  transforms distances.
+* Edge weights are ``exp(-gamma * d)`` (:func:`edge_weight`, the one helper every kernel uses)
+  with ``d`` whatever distance the graph holds (squared Euclidean from FAISS, or plain Euclidean
+  if the caller took the square root): this module never transforms distances.
 * Ties in the greedy go to the lowest node id, so the selected set *and* its order are a pure
   function of the inputs.
 * Compiled kernels use ``cache=True`` so a process loads them from ``__pycache__`` instead of
@@ -45,12 +47,21 @@ __all__ = [
     "check_scores",
     "cross_edge_fraction",
     "d2_select",
+    "dequantize_scores",
+    "edge_weight",
+    "fixed_point_shift",
     "forward_pass",
     "prefilter_mask",
+    "quantize_scores",
     "reverse_select",
     "shift_nonnegative",
     "subgraph",
+    "suppress",
+    "suppression",
     "symmetrize_knn",
+    "FIXED_POINT_BITS",
+    "FIXED_POINT_FLOOR",
+    "MAX_FIXED_POINT_SCORE",
 ]
 
 # Below this many nodes, neighbour ids fit int32, which halves the graph's largest array.
@@ -195,9 +206,11 @@ class Selection:
     Attributes:
         order: int64[B] selected node ids in selection order (``order[0]`` picked first).
         forward_scores: float64[N] the scores the reverse pass started from.
-        final_scores: float64[N] each node's score when the greedy stopped: for a selected node,
-            its score at the moment it was selected (selected nodes are never updated again); for
-            the others, the score after every discount from selected neighbours.
+        final_scores: float64[N] each node's score when the greedy stopped, as the reverse pass's
+            fixed point ``q / 2**S`` (see :func:`fixed_point_shift`): for a selected node, its
+            score at the moment it was selected (selected nodes are never updated again); for
+            the others, the score after every discount from selected neighbours. With budget 0,
+            the forward scores unchanged.
     """
 
     order: np.ndarray
@@ -296,6 +309,59 @@ def check_budget(budget, n: int) -> int:
     if b < 0:
         raise ValueError(f"budget must be >= 0, got {b}")
     return min(b, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-point scores of the reverse pass (spec §4, §7.5)
+# --------------------------------------------------------------------------------------------
+
+# The reverse pass runs on int64 scores q = floor(s * 2**S + 0.5) so that the order in which a
+# node's discounts arrive cannot change its score (integer subtraction is associative; float is
+# not): the sequential kernel and the partitioned one (d2_exact) then agree bit for bit.
+# S is chosen from the largest forward score M so that every initial q is <= 2**FIXED_POINT_BITS
+# (relative resolution 2**-44 of M, ~6e-14). Scores only fall; a score is held at
+# FIXED_POINT_FLOOR (= -(2**52 - 1), about -256 M) if discounts would take it lower, so every q
+# satisfies |q| < 2**52, converts to float64 exactly, and no int64 arithmetic can overflow. The
+# floor is part of the rule: it is order-independent too, max(max(q - a, F) - b, F) =
+# max(q - a - b, F) for a, b >= 0, and only ever reached by a node pushed below -256 M.
+FIXED_POINT_BITS = 44
+FIXED_POINT_FLOOR = -(2**52 - 1)
+# Largest forward score the fixed point accepts (q * 2**-S must stay a finite float64).
+MAX_FIXED_POINT_SCORE = 2.0**960
+# S is capped so that 2**-S is a normal float64 and q * 2**-S stays exact (only matters for
+# forward scores below 2**-978, which then get fewer than 44 bits).
+_MAX_SHIFT = 1022
+
+
+def fixed_point_shift(max_forward_score) -> int:
+    """The shift S of the reverse pass's fixed point for a largest forward score ``M``.
+
+    ``S = FIXED_POINT_BITS - e`` where ``M < 2**e`` (``math.frexp``), capped at 1022, so that
+    ``floor(s * 2**S + 0.5) <= 2**FIXED_POINT_BITS`` for every ``0 <= s <= M``. A pure function
+    of one number: a partitioned run gets the same S as a sequential one from the global
+    maximum (the max of the partitions' maxima). ``M = 0`` gives ``FIXED_POINT_BITS``.
+
+    Raises:
+        ValueError: M negative, not finite, or >= MAX_FIXED_POINT_SCORE (2**960).
+    """
+    m = float(max_forward_score)
+    if not math.isfinite(m) or m < 0:
+        raise ValueError(f"max_forward_score must be finite and >= 0, got {max_forward_score!r}")
+    if m >= MAX_FIXED_POINT_SCORE:
+        raise ValueError(f"forward scores up to {m!r} are too large for the fixed point (limit 2**960)")
+    _, e = math.frexp(m)
+    return min(FIXED_POINT_BITS - e, _MAX_SHIFT)
+
+
+def quantize_scores(scores, shift: int) -> np.ndarray:
+    """int64 ``floor(s * 2**shift + 0.5)`` of float64 scores (exact: the scaling is by a power of
+    two and the result stays below 2**53, where adding 0.5 is exact)."""
+    return np.floor(np.ldexp(np.asarray(scores, dtype=np.float64), int(shift)) + 0.5).astype(np.int64)
+
+
+def dequantize_scores(q, shift: int) -> np.ndarray:
+    """float64 ``q / 2**shift`` (exact for |q| < 2**53)."""
+    return np.ldexp(np.asarray(q, dtype=np.int64).astype(np.float64), -int(shift))
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +471,34 @@ def _symmetrize_kernel(neighbors, distances, idx_template, dist_template):
 
 
 @numba.njit(cache=True, nogil=True)
+def edge_weight(gamma, d):
+    """``exp(-gamma * d)`` in float64: THE edge weight of every kernel (forward and reverse,
+    sequential and partitioned), so all of them get identical bits. Scalar libm ``exp``; never
+    replace it by a vectorised numpy exp on this path (its last bit may differ)."""
+    return math.exp(-gamma * np.float64(d))
+
+
+@numba.njit(cache=True, nogil=True)
+def suppression(w, q):
+    """The reverse-pass update a picked node with fixed-point score ``q`` sends over an edge of
+    weight ``w``: ``floor(w * max(q, 0) + 0.5)`` as int64 (round half up, never banker's).
+    Exact and >= 0; ``q <= 0`` suppresses nothing (spec §4)."""
+    if q <= 0:
+        return np.int64(0)
+    return np.int64(math.floor(w * np.float64(q) + 0.5))
+
+
+@numba.njit(cache=True, nogil=True)
+def suppress(q, amount):
+    """``max(q - amount, FIXED_POINT_FLOOR)`` for ``amount >= 0``. Because every amount is
+    non-negative, applying several in any order (or their sum at once) gives the same result."""
+    r = q - amount
+    if r < FIXED_POINT_FLOOR:
+        return np.int64(FIXED_POINT_FLOOR)
+    return r
+
+
+@numba.njit(cache=True, nogil=True)
 def _forward_kernel(indptr, indices, distances, scores, gamma, rounds):
     """``rounds`` rounds of s_i + sum_j exp(-gamma d_ij) * s_prev_j, summed in CSR order."""
     n = scores.shape[0]
@@ -414,7 +508,7 @@ def _forward_kernel(indptr, indices, distances, scores, gamma, rounds):
         for i in range(n):
             total = scores[i]
             for e in range(indptr[i], indptr[i + 1]):
-                total += math.exp(-gamma * np.float64(distances[e])) * prev[indices[e]]
+                total += edge_weight(gamma, distances[e]) * prev[indices[e]]
             out[i] = total
         prev[:] = out
     return out
@@ -424,24 +518,6 @@ def _forward_kernel(indptr, indices, distances, scores, gamma, rounds):
 def _before(key_a, id_a, key_b, id_b):
     """Heap order: higher score first, then lower node id."""
     return key_a > key_b or (key_a == key_b and id_a < id_b)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _sift_up(heap_key, heap_id, pos, p):
-    key = heap_key[p]
-    node = heap_id[p]
-    while p > 0:
-        parent = (p - 1) >> 1
-        if _before(key, node, heap_key[parent], heap_id[parent]):
-            heap_key[p] = heap_key[parent]
-            heap_id[p] = heap_id[parent]
-            pos[heap_id[p]] = p
-            p = parent
-        else:
-            break
-    heap_key[p] = key
-    heap_id[p] = node
-    pos[node] = p
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -468,27 +544,29 @@ def _sift_down(heap_key, heap_id, pos, p, size):
 
 
 @numba.njit(cache=True, nogil=True)
-def _reverse_kernel(indptr, indices, distances, forward_scores, budget, gamma):
-    """Exact greedy of spec §4 with an indexed binary max-heap (eager key updates).
+def _reverse_kernel(indptr, indices, distances, q0, budget, gamma):
+    """Exact greedy of spec §4 on int64 fixed-point scores, with an indexed binary max-heap.
 
     The heap holds every unselected node keyed by (current score desc, id asc); ``pos`` maps a
-    node to its heap slot (-1 once selected). Discounting a neighbour updates its key in place
-    and re-sifts it from where it is (down when the score fell, up in the rare case it rose
-    because the selected node's score had gone negative), so the top is always the exact
-    argmax, with no stale entries and O(N) memory. Cost: O(N) heapify + O((B + B·k̄) log N).
+    node to its heap slot (-1 once selected). A picked node suppresses each unselected
+    neighbour by ``suppression(w, max(its score, 0))`` >= 0, so keys only ever fall and a
+    discounted node only ever sifts down from its own slot: the top is always the exact argmax,
+    with no stale entries and O(N) memory. Cost: O(N) heapify + O((B + B·k̄) log N).
 
-    (Measured: a lazy-invalidation variant that only lowers a score array and re-sifts stale
-    tops from the root was ~1.6x slower at N=1e6, k=10, B=3e5: the discounted nodes are the
-    high-scoring ones near the top, and re-sifting them from the root costs more than sifting
-    them down from their own slot. It also needs the eager path anyway once scores go negative,
-    which happens late in long greedy runs.)
+    Returns (order int64[budget], final int64[N]): a selected node's score when it was picked,
+    the others' after every discount.
+
+    (Measured on the float version: a lazy-invalidation variant that only lowers a score array
+    and re-sifts stale tops from the root was ~1.6x slower at N=1e6, k=10, B=3e5: the discounted
+    nodes are the high-scoring ones near the top, and re-sifting them from the root costs more
+    than sifting them down from their own slot.)
     """
-    n = forward_scores.shape[0]
+    n = q0.shape[0]
     # A node's current score lives only in its heap slot (one random access less per update);
     # ``final`` is filled when a node is selected and, for the rest, from the heap at the end.
     # ids and slots use the graph's index dtype (int32 below 2^31 nodes) to halve cache traffic.
-    final = np.empty(n, np.float64)
-    heap_key = forward_scores.copy()
+    final = np.empty(n, np.int64)
+    heap_key = q0.copy()
     heap_id = np.arange(n).astype(indices.dtype)
     pos = np.arange(n).astype(indices.dtype)
     for p in range((n >> 1) - 1, -1, -1):
@@ -507,21 +585,20 @@ def _reverse_kernel(indptr, indices, distances, forward_scores, budget, gamma):
             heap_id[0] = heap_id[size]
             pos[heap_id[0]] = 0
             _sift_down(heap_key, heap_id, pos, 0, size)
-        if top_score == 0.0:
-            continue  # discounts by zero change nothing
+        if top_score <= 0:
+            continue  # max(score, 0) = 0: suppresses nothing
         for e in range(indptr[top], indptr[top + 1]):
             j = indices[e]
             p = pos[j]
             if p < 0:
                 continue  # already selected: frozen
-            delta = math.exp(-gamma * np.float64(distances[e])) * top_score
-            if delta == 0.0:
+            amount = suppression(edge_weight(gamma, distances[e]), top_score)
+            if amount == 0:
                 continue
-            heap_key[p] -= delta
-            if delta > 0.0:
+            key = suppress(heap_key[p], amount)
+            if key != heap_key[p]:
+                heap_key[p] = key
                 _sift_down(heap_key, heap_id, pos, p, size)
-            else:
-                _sift_up(heap_key, heap_id, pos, p)
     for p in range(size):
         final[heap_id[p]] = heap_key[p]
     return order, final
@@ -657,9 +734,15 @@ def reverse_select(graph: CSRGraph, forward_scores, budget: int, gamma: float = 
     """Reverse message passing with exact greedy selection (spec §4).
 
     Repeatedly picks the unselected node with the highest current score (ties: lowest id) and
-    subtracts ``exp(-gamma d) * (its score)`` from each unselected neighbour. Exact: the same
-    selected set and order as the O(B·N) repeated-argmax formulation, in
-    O((N + B·k̄) log N) time and O(N) extra memory.
+    subtracts ``exp(-gamma d) * max(its score, 0)`` from each unselected neighbour. With
+    non-negative forward scores every update lowers a score, so the picks come in strictly
+    decreasing priority (score desc, then id asc). Scores are int64 fixed point during the pass
+    (``q = floor(s * 2**S + 0.5)``, S from :func:`fixed_point_shift` of the largest forward
+    score; each update ``floor(w * max(q, 0) + 0.5)``; floor ``FIXED_POINT_FLOOR``), so the
+    result does not depend on the order in which a node's discounts arrive: the partitioned
+    greedy of :mod:`pipeline.d2_exact` reproduces it bit for bit. Exact: the same selected set
+    and order as the O(B·N) repeated-argmax formulation, in O((N + B·k̄) log N) time and O(N)
+    extra memory.
 
     Args:
         graph: the undirected graph.
@@ -669,8 +752,14 @@ def reverse_select(graph: CSRGraph, forward_scores, budget: int, gamma: float = 
         gamma: reverse kernel width, >= 0.
 
     Returns:
-        :class:`Selection` (``order`` has ``min(budget, N)`` ids). Isolated nodes are never
-        discounted, so they are picked in order of their own score.
+        :class:`Selection` (``order`` has ``min(budget, N)`` ids). ``final_scores`` are the
+        fixed-point scores as float64 (``q / 2**S``); with budget 0 they are the forward scores
+        unchanged. Isolated nodes are never discounted, so they are picked in order of their own
+        (fixed-point) score.
+
+    Raises:
+        ValueError: bad scores, gamma or budget (see the checks), or forward scores of 2**960
+            or more (beyond the fixed point).
     """
     graph = check_graph(graph)
     s = check_scores(forward_scores, graph.n_nodes, "forward_scores")
@@ -678,8 +767,9 @@ def reverse_select(graph: CSRGraph, forward_scores, budget: int, gamma: float = 
     b = check_budget(budget, graph.n_nodes)
     if graph.n_nodes == 0 or b == 0:
         return Selection(np.zeros(0, np.int64), s.copy(), s.copy())
-    order, final = _reverse_kernel(graph.indptr, graph.indices, graph.distances, s, b, g)
-    return Selection(order, s.copy(), final)
+    shift = fixed_point_shift(s.max())
+    order, final = _reverse_kernel(graph.indptr, graph.indices, graph.distances, quantize_scores(s, shift), b, g)
+    return Selection(order, s.copy(), dequantize_scores(final, shift))
 
 
 def d2_select(
