@@ -1,0 +1,1245 @@
+"""Exact D2 selection across partitions (spec §7): the sequential greedy's result, bit for bit.
+
+Pure numpy + numba; no Ray, no I/O. :func:`pipeline.d2.d2_select` is the definition; this module
+computes the same :class:`~pipeline.d2.Selection` (same order, same final and forward scores, bit
+for bit) from partitions that each hold only their own nodes' rows and a halo, exchanging small
+messages in rounds. A Ray actor per partition can hold one :class:`PartitionState` and make one
+call per round; :func:`partitioned_d2_select` is the same protocol run in-process.
+
+Why it is exact
+---------------
+Scores are the reverse pass's int64 fixed point (``d2.fixed_point_shift``; S comes from the global
+maximum forward score, one number per partition). A picked node suppresses its neighbours by
+``suppression(w, max(q, 0)) >= 0``, so scores only ever fall, and the sequential greedy picks in
+strictly decreasing *priority* (q desc, then global id asc: unique).
+
+1. *Certified picks.* An unpicked node u whose priority beats every unpicked neighbour's current
+   priority is picked by the sequential greedy with exactly its current score, before any of those
+   neighbours: only a neighbour's pick changes u, and no neighbour can be picked while u beats it
+   (they only fall). Picking it now instead of later changes nothing else: the nodes the greedy
+   picks before u are not its neighbours, and integer suppression commutes. Two certifiable nodes
+   are never adjacent, and picking one never makes another uncertifiable (it only lowers nodes that
+   were already below both), so a partition may certify in any order, here: best first.
+2. *Stale bounds.* A partition knows the exact current score of its own nodes except for
+   suppression from remote picks not yet delivered. For a halo node it keeps an upper bound: the
+   owner's last reported score minus what this partition has sent it since (the owner computed
+   that report before applying those). A halo node counts as an unpicked neighbour with priority =
+   its bound until known picked. Certifying against upper bounds is certifying against the truth.
+3. *Same-round picks in different partitions are never adjacent.* Suppose x (partition a) and y
+   (partition b) are adjacent and both certified in one round. Take x the earliest such pick in
+   a's round, and y the earliest of x's such partners in b's round. When x was certified, a's bound
+   of y had not been lowered by a's own picks this round (they would be earlier partners of y), so
+   it was >= y's score at y's pick; likewise b's bound of x at y's certification. Then prio(x) >
+   bound(y) >= prio(y) > bound(x) >= prio(x): impossible. So a partition's picks never need a
+   remote pick of the same round, its own scores are exact when it certifies, and lowering its
+   bound of a halo node by the suppression it just sent is valid (the sequential run applies that
+   suppression too: the halo node is not picked this round).
+4. *Termination.* Each round a partition reports its best unpicked (non-dead, see 5) priority; T is
+   the max. Every future pick has priority <= T, so once ``settled`` = #picks with priority > T is
+   >= B, the top B picks by priority are the sequential greedy's first B, in order.
+5. *Budget cap (dead nodes).* Within a round a partition's picks come in decreasing priority (a pick
+   only frees lower nodes). The driver passes ``remaining = B - settled`` of the last round; once a
+   partition has made that many picks in one round, every node below the last one has >= B picks
+   above it (``settled`` above T plus these, all below T), can never be among the first B, and is
+   *dead*: never certified, never reported. A node blocked by a dead node is below it, so it is
+   not needed either, and 4 still holds. Without the cap P = 1 would order all N nodes for any B.
+6. *Final scores.* Picks beyond the B-th suppressed their neighbours; the sequential run with budget
+   B did not. So at the end each partition recomputes its unselected nodes' scores as
+   ``suppress(q0, sum of suppression from the first B picks)`` (the floor and saturating sums keep
+   this equal to the sequential, one-at-a-time result), sending halo sums to their owners once.
+
+Protocol (BSP: every message produced in round t is delivered at the start of round t+1)
+-----------------------------------------------------------------------------------------
+::
+
+    states = [PartitionState(...) for each partition]
+    for r in range(forward_rounds):                # forward pass, spec §3
+        out = [s.forward_round(gamma_f) for s]     # {dst: float64[...]} boundary values
+        deliver: s.receive_forward(src, values)
+    S = d2.fixed_point_shift(max(s.max_forward() for s))
+    s.start_reverse(S) for s
+    remaining = B
+    loop:                                          # reverse rounds
+        out = [s.step(inbox, remaining) for s]     # {dst: RoundMessage}
+        T = max(s.best_unpicked() for s)           # None = nothing left
+        settled = sum(s.count_picks_above(T) for s)
+        if settled >= B: break
+        remaining = B - settled
+    top B = k-way merge of s.picks_above(T) (each sorted by priority); thr = priority of the B-th
+    out = [s.finish_send(thr, gamma_r) for s]      # {dst: (slots, int64 sums)}
+    final q of owned nodes = s.finish_receive(inbox); final_scores = q / 2**S
+
+The driver holds O(partitions) numbers per round (the best priorities and counts), never picks
+(a Ray driver can piggyback T on the next ``step`` call instead of a second call; ``remaining``
+from an older round is still a valid, looser cap).
+
+Messages
+--------
+Partitions a and b agree, without talking, on the *pair list* ``L(a->b)``: the a-owned nodes that
+have a neighbour owned by b (= b's halo nodes owned by a), in ascending global id. Every message
+refers to nodes by their position (*slot*, int32, or int64 past 2**31) in a pair list:
+
+* forward (a -> b): float64[len(L(a->b))], the current forward values of all of ``L(a->b)``;
+* :class:`RoundMessage` (a -> b), only the non-empty ones:
+  ``dec_slots`` / ``dec_values`` (int64): suppression a's picks sent to b-owned nodes since the
+  last message, summed per node (saturating at 2**53, which keeps the result exact, see d2),
+  slots in ``L(b->a)``; ``state_slots`` / ``state_values`` (int64): the current q of the a-owned
+  nodes of ``L(a->b)`` that changed since the last message, or ``PICKED`` (int64 min) for those
+  picked since. A pick's flag always travels with its suppression (same message).
+* final (a -> b): (slots in ``L(b->a)``, int64 sums) of the first B picks' suppression.
+
+Public API
+----------
+:class:`PartitionState`, :class:`RoundMessage`, :data:`PICKED`, :func:`partitioned_d2_select`,
+:func:`certified_rounds`, :func:`graph_partition_arrays`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+from .d2 import (
+    CSRGraph,
+    Selection,
+    check_budget,
+    check_gamma,
+    check_graph,
+    check_scores,
+    dequantize_scores,
+    edge_weight,
+    fixed_point_shift,
+    quantize_scores,
+    suppress,
+    suppression,
+)
+
+__all__ = [
+    "PICKED",
+    "PartitionState",
+    "RoundMessage",
+    "certified_rounds",
+    "graph_partition_arrays",
+    "partitioned_d2_select",
+]
+
+# state value meaning "this node has been picked"
+PICKED = np.iinfo(np.int64).min
+# Sums of suppression saturate here: with q <= 2**44 and the floor at -(2**52 - 1),
+# suppress(q, min(sum, 2**53)) == suppress(q, sum) for any sum, and nothing overflows.
+DECREMENT_CAP = 2**53
+_INT32_LIMIT = np.iinfo(np.int32).max
+_NO_LEVEL_Q = np.iinfo(np.int64).min  # dead level "none": below every real priority
+_NO_LEVEL_G = np.iinfo(np.int64).max
+
+# meta[] slots of a partition's scalar state (one int64 array, so kernels can update it)
+_M_HEAP = 0  # ready-heap size
+_M_PICKS = 1  # picks so far
+_M_OWN_DIRTY = 2  # owned boundary nodes changed since the last outbox
+_M_HALO_DIRTY = 3  # halo nodes suppressed since the last outbox (kept one round: see step)
+_M_DEAD_Q = 4  # dead level (q, gid): owned nodes strictly below it are dead
+_M_DEAD_G = 5
+_M_LATE = 6  # suppression that arrived for an already-picked node (must stay 0; a check)
+_M_SIZE = 7
+
+
+class RoundMessage(NamedTuple):
+    """One round's message from partition a to partition b (see the module docstring)."""
+
+    dec_slots: np.ndarray  # slots in L(b->a)
+    dec_values: np.ndarray  # int64 summed suppression
+    state_slots: np.ndarray  # slots in L(a->b)
+    state_values: np.ndarray  # int64 current q, or PICKED
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _higher(qa, ga, qb, gb):
+    """Priority order: higher q first, then lower global id."""
+    return qa > qb or (qa == qb and ga < gb)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _heap_push(hkey, hnode, size, key, node):
+    """Max-heap of ready owned nodes keyed by (q, local id); local ids of owned nodes are in
+    global id order, so the local id breaks ties exactly like the global one."""
+    p = size
+    while p > 0:
+        parent = (p - 1) >> 1
+        if _higher(key, node, hkey[parent], hnode[parent]):
+            hkey[p] = hkey[parent]
+            hnode[p] = hnode[parent]
+            p = parent
+        else:
+            break
+    hkey[p] = key
+    hnode[p] = node
+    return size + 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _heap_pop(hkey, hnode, size):
+    size -= 1
+    if size > 0:
+        key = hkey[size]
+        node = hnode[size]
+        p = 0
+        while True:
+            c = 2 * p + 1
+            if c >= size:
+                break
+            if c + 1 < size and _higher(hkey[c + 1], hnode[c + 1], hkey[c], hnode[c]):
+                c += 1
+            if _higher(hkey[c], hnode[c], key, node):
+                hkey[p] = hkey[c]
+                hnode[p] = hnode[c]
+                p = c
+            else:
+                break
+        hkey[p] = key
+        hnode[p] = node
+    return size
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _make_ready(x, q, cnt, in_heap, hkey, hnode, meta):
+    if cnt[x] == 0 and not in_heap[x]:
+        meta[_M_HEAP] = _heap_push(hkey, hnode, meta[_M_HEAP], q[x], x)
+        in_heap[x] = True
+
+
+@numba.njit(cache=True, nogil=True)
+def _owned_dropped(v, old, new, n_own, indptr, nbr, q, gid, picked, cnt, in_heap, hkey, hnode, meta):
+    """Owned unpicked ``v`` fell from ``old`` to ``new`` (q[v] already new): re-evaluate the
+    comparisons between v and its unpicked neighbours. ``cnt[x]`` counts the entries of x's row
+    whose node is unpicked and above x; with a multiplicity-symmetric graph, the entries of v's
+    row pointing at y are as many as those of y's row pointing at v."""
+    gv = gid[v]
+    for e in range(indptr[v], indptr[v + 1]):
+        y = nbr[e]
+        if y == v or picked[y]:
+            continue
+        qy = q[y]
+        gy = gid[y]
+        if _higher(old, gv, qy, gy) and not _higher(new, gv, qy, gy):
+            cnt[v] += 1
+            if y < n_own:
+                cnt[y] -= 1
+                _make_ready(y, q, cnt, in_heap, hkey, hnode, meta)
+
+
+@numba.njit(cache=True, nogil=True)
+def _halo_changed(hl, old, new, removed, n_own, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta):
+    """The bound of halo node ``hl`` (local id) fell from ``old`` to ``new``, or the node is known
+    picked (``removed``): owned nodes it was blocking may become ready."""
+    gh = gid[hl]
+    h = hl - n_own
+    for e in range(hptr[h], hptr[h + 1]):
+        x = hsrc[e]
+        if picked[x]:
+            continue
+        qx = q[x]
+        gx = gid[x]
+        if _higher(old, gh, qx, gx) and (removed or not _higher(new, gh, qx, gx)):
+            cnt[x] -= 1
+            _make_ready(x, q, cnt, in_heap, hkey, hnode, meta)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _mark_own_dirty(u, nd_ptr, own_dirty, own_dirty_flag, meta):
+    if nd_ptr[u + 1] > nd_ptr[u] and not own_dirty_flag[u]:
+        own_dirty_flag[u] = True
+        own_dirty[meta[_M_OWN_DIRTY]] = u
+        meta[_M_OWN_DIRTY] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _init_counts(n_own, indptr, nbr, q, gid, picked, cnt, in_heap, hkey, hnode, meta):
+    for u in range(n_own):
+        c = 0
+        qu = q[u]
+        gu = gid[u]
+        for e in range(indptr[u], indptr[u + 1]):
+            y = nbr[e]
+            if y != u and not picked[y] and _higher(q[y], gid[y], qu, gu):
+                c += 1
+        cnt[u] = c
+    for u in range(n_own):
+        _make_ready(u, q, cnt, in_heap, hkey, hnode, meta)
+
+
+@numba.njit(cache=True, nogil=True)
+def _apply_inbox(
+    dec_lid, dec_val, st_hl, st_val,
+    n_own, indptr, nbr, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta,
+    nd_ptr, own_dirty, own_dirty_flag, halo_dec, halo_dirty, halo_dirty_flag,
+):  # fmt: skip
+    """Apply one round's received messages, then forget what this partition sent last round."""
+    for i in range(dec_lid.shape[0]):
+        u = dec_lid[i]
+        if picked[u]:
+            meta[_M_LATE] += 1  # impossible by claim 3 of the module docstring; counted as a check
+            continue
+        old = q[u]
+        new = suppress(old, dec_val[i])
+        if new != old:
+            q[u] = new
+            _owned_dropped(u, old, new, n_own, indptr, nbr, q, gid, picked, cnt, in_heap, hkey, hnode, meta)
+            _mark_own_dirty(u, nd_ptr, own_dirty, own_dirty_flag, meta)
+    for i in range(st_hl.shape[0]):
+        hl = st_hl[i]
+        if picked[hl]:
+            continue
+        v = st_val[i]
+        old = q[hl]
+        if v == PICKED:
+            _halo_changed(hl, old, old, True, n_own, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta)
+            picked[hl] = True
+            continue
+        # The owner computed v before applying what this partition sent it last round (halo_dec,
+        # still held): v minus that is an upper bound of the node's true score, and so is the old
+        # bound; keep the smaller.
+        new = suppress(v, halo_dec[hl - n_own])
+        if new < old:
+            q[hl] = new
+            _halo_changed(hl, old, new, False, n_own, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta)
+    for i in range(meta[_M_HALO_DIRTY]):
+        h = halo_dirty[i]
+        halo_dec[h] = 0
+        halo_dirty_flag[h] = False
+    meta[_M_HALO_DIRTY] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _certify(
+    cap, gamma,
+    n_own, indptr, nbr, dist, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta, pick_lid,
+    nd_ptr, own_dirty, own_dirty_flag, halo_dec, halo_dirty, halo_dirty_flag,
+):  # fmt: skip
+    """Certify to a fixpoint, best first, at most ``cap`` picks (then set the dead level).
+
+    Heap keys are the q a node had when pushed: upper bounds of its current priority. A popped
+    node that is no longer ready is dropped (it is pushed again if it becomes ready); one whose q
+    fell since is pushed again with its current q. Returns the number of picks.
+    """
+    n_round = 0
+    while meta[_M_HEAP] > 0:
+        key = hkey[0]
+        u = hnode[0]
+        if _higher(meta[_M_DEAD_Q], meta[_M_DEAD_G], key, gid[u]):
+            break  # every node left in the heap is dead
+        if n_round >= cap:
+            break
+        meta[_M_HEAP] = _heap_pop(hkey, hnode, meta[_M_HEAP])
+        in_heap[u] = False
+        if picked[u] or cnt[u] != 0:
+            continue
+        if q[u] != key:
+            _make_ready(u, q, cnt, in_heap, hkey, hnode, meta)
+            continue
+        # Pick u: it beats every unpicked neighbour (owned: exact; halo: upper bound).
+        picked[u] = True
+        pick_lid[meta[_M_PICKS]] = u
+        meta[_M_PICKS] += 1
+        _mark_own_dirty(u, nd_ptr, own_dirty, own_dirty_flag, meta)
+        qu = q[u]
+        for e in range(indptr[u], indptr[u + 1]):
+            y = nbr[e]
+            if y == u or picked[y]:
+                continue
+            if y < n_own:
+                cnt[y] -= 1  # u, above y, is no longer unpicked
+            if qu > 0:
+                amount = suppression(edge_weight(gamma, dist[e]), qu)
+                if amount > 0:
+                    old = q[y]
+                    new = suppress(old, amount)
+                    if y < n_own:
+                        if new != old:
+                            q[y] = new
+                            _owned_dropped(
+                                y, old, new, n_own, indptr, nbr, q, gid, picked, cnt, in_heap, hkey, hnode, meta
+                            )
+                            _mark_own_dirty(y, nd_ptr, own_dirty, own_dirty_flag, meta)
+                    else:
+                        h = y - n_own
+                        total = halo_dec[h] + amount
+                        halo_dec[h] = total if total < DECREMENT_CAP else DECREMENT_CAP
+                        if not halo_dirty_flag[h]:
+                            halo_dirty_flag[h] = True
+                            halo_dirty[meta[_M_HALO_DIRTY]] = h
+                            meta[_M_HALO_DIRTY] += 1
+                        # Lower our bound by what we just sent: the sequential run applies this
+                        # suppression too (y is not picked this round, claim 3), so the bound
+                        # stays >= y's true score.
+                        if new != old:
+                            q[y] = new
+                            _halo_changed(
+                                y, old, new, False, n_own, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta
+                            )
+            if y < n_own:
+                _make_ready(y, q, cnt, in_heap, hkey, hnode, meta)
+        n_round += 1
+        if n_round >= cap:
+            meta[_M_DEAD_Q] = qu
+            meta[_M_DEAD_G] = gid[u]
+    return n_round
+
+
+@numba.njit(cache=True, nogil=True)
+def _collect_outbox(
+    n_parts, n_own, q, picked, meta, halo_owner, halo_slot, halo_dec, halo_dirty,
+    nd_ptr, nd_dest, nd_slot, own_dirty, own_dirty_flag, slot_template,
+):  # fmt: skip
+    """This round's messages, grouped by destination (offsets per destination partition)."""
+    n_dec = meta[_M_HALO_DIRTY]
+    dec_off = np.zeros(n_parts + 1, np.int64)
+    for i in range(n_dec):
+        dec_off[halo_owner[halo_dirty[i]] + 1] += 1
+    for p in range(n_parts):
+        dec_off[p + 1] += dec_off[p]
+    dec_slot = np.empty(n_dec, slot_template.dtype)
+    dec_val = np.empty(n_dec, np.int64)
+    fill = dec_off[:n_parts].copy()
+    for i in range(n_dec):
+        h = halo_dirty[i]
+        o = halo_owner[h]
+        dec_slot[fill[o]] = halo_slot[h]
+        dec_val[fill[o]] = halo_dec[h]
+        fill[o] += 1
+    n_dirty = meta[_M_OWN_DIRTY]
+    st_off = np.zeros(n_parts + 1, np.int64)
+    for i in range(n_dirty):
+        u = own_dirty[i]
+        for k in range(nd_ptr[u], nd_ptr[u + 1]):
+            st_off[nd_dest[k] + 1] += 1
+    for p in range(n_parts):
+        st_off[p + 1] += st_off[p]
+    st_slot = np.empty(st_off[n_parts], slot_template.dtype)
+    st_val = np.empty(st_off[n_parts], np.int64)
+    fill = st_off[:n_parts].copy()
+    for i in range(n_dirty):
+        u = own_dirty[i]
+        v = PICKED if picked[u] else q[u]
+        for k in range(nd_ptr[u], nd_ptr[u + 1]):
+            d = nd_dest[k]
+            st_slot[fill[d]] = nd_slot[k]
+            st_val[fill[d]] = v
+            fill[d] += 1
+        own_dirty_flag[u] = False
+    meta[_M_OWN_DIRTY] = 0
+    return dec_off, dec_slot, dec_val, st_off, st_slot, st_val
+
+
+@numba.njit(cache=True, nogil=True)
+def _best_unpicked(n_own, q, gid, picked, meta):
+    """(found, q, gid) of the best unpicked owned node that is not dead."""
+    found = False
+    bq = _NO_LEVEL_Q
+    bg = _NO_LEVEL_G
+    dq = meta[_M_DEAD_Q]
+    dg = meta[_M_DEAD_G]
+    for u in range(n_own):
+        if picked[u]:
+            continue
+        qu = q[u]
+        gu = gid[u]
+        if _higher(dq, dg, qu, gu):
+            continue
+        if not found or _higher(qu, gu, bq, bg):
+            found = True
+            bq = qu
+            bg = gu
+    return found, bq, bg
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_above(pick_lid, n_picks, q, gid, tq, tg, everything):
+    c = 0
+    for i in range(n_picks):
+        u = pick_lid[i]
+        if everything or _higher(q[u], gid[u], tq, tg):
+            c += 1
+    return c
+
+
+@numba.njit(cache=True, nogil=True)
+def _forward_partition(indptr, nbr, dist, raw, prev, gamma):
+    """One forward round for the owned nodes: same operations, same order as d2's kernel."""
+    n_own = raw.shape[0]
+    out = np.empty(n_own, np.float64)
+    for i in range(n_own):
+        total = raw[i]
+        for e in range(indptr[i], indptr[i + 1]):
+            total += edge_weight(gamma, dist[e]) * prev[nbr[e]]
+        out[i] = total
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _finish_sums(tq, tg, gamma, n_own, n_halo, indptr, nbr, dist, q, gid, pick_lid, n_picks):
+    """Suppression sums (saturating) from the picks at or above priority (tq, tg) to every
+    neighbour; owned and halo apart."""
+    acc = np.zeros(n_own, np.int64)
+    halo_acc = np.zeros(n_halo, np.int64)
+    for i in range(n_picks):
+        u = pick_lid[i]
+        qu = q[u]
+        if qu <= 0 or _higher(tq, tg, qu, gid[u]):
+            continue
+        for e in range(indptr[u], indptr[u + 1]):
+            y = nbr[e]
+            if y == u:
+                continue
+            amount = suppression(edge_weight(gamma, dist[e]), qu)
+            if amount == 0:
+                continue
+            if y < n_own:
+                t = acc[y] + amount
+                acc[y] = t if t < DECREMENT_CAP else DECREMENT_CAP
+            else:
+                t = halo_acc[y - n_own] + amount
+                halo_acc[y - n_own] = t if t < DECREMENT_CAP else DECREMENT_CAP
+    return acc, halo_acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _finish_scores(acc, lids, vals, tq, tg, n_own, q, q0, gid, picked):
+    for i in range(lids.shape[0]):
+        t = acc[lids[i]] + vals[i]
+        acc[lids[i]] = t if t < DECREMENT_CAP else DECREMENT_CAP
+    final = np.empty(n_own, np.int64)
+    for u in range(n_own):
+        if picked[u] and not _higher(tq, tg, q[u], gid[u]):
+            final[u] = q[u]  # among the first B: its score when picked
+        else:
+            final[u] = suppress(q0[u], acc[u])
+    return final
+
+
+@numba.njit(cache=True, nogil=True)
+def _setup_kernel(n_parts, n_own, n_halo, indptr, nbr, halo_owner):
+    """Derived structure of a partition: halo -> owned entries, the pair lists, node -> dests."""
+    # halo reverse adjacency: for each halo node, the owned row of every entry pointing at it
+    hcount = np.zeros(n_halo + 1, np.int64)
+    for e in range(indptr[n_own]):
+        y = nbr[e]
+        if y >= n_own:
+            hcount[y - n_own + 1] += 1
+    for h in range(n_halo):
+        hcount[h + 1] += hcount[h]
+    hptr = hcount
+    hsrc = np.empty(hptr[n_halo], nbr.dtype)
+    fill = hptr[:n_halo].copy()
+    for u in range(n_own):
+        for e in range(indptr[u], indptr[u + 1]):
+            y = nbr[e]
+            if y >= n_own:
+                hsrc[fill[y - n_own]] = u
+                fill[y - n_own] += 1
+    # halo nodes grouped by owner (ascending local id = ascending global id within an owner)
+    halo_off = np.zeros(n_parts + 1, np.int64)
+    for h in range(n_halo):
+        halo_off[halo_owner[h] + 1] += 1
+    for p in range(n_parts):
+        halo_off[p + 1] += halo_off[p]
+    halo_by_owner = np.empty(n_halo, np.int64)
+    halo_slot = np.empty(n_halo, np.int64)
+    fill = halo_off[:n_parts].copy()
+    for h in range(n_halo):
+        o = halo_owner[h]
+        halo_slot[h] = fill[o] - halo_off[o]
+        halo_by_owner[fill[o]] = n_own + h
+        fill[o] += 1
+    # owned node -> distinct destination partitions (owners of its halo neighbours), and the
+    # pair lists L(me->d): owned nodes in ascending local (= global) id per destination
+    stamp = np.full(n_parts, -1, np.int64)
+    nd_count = np.zeros(n_own + 1, np.int64)
+    bnd_off = np.zeros(n_parts + 1, np.int64)
+    for u in range(n_own):
+        for e in range(indptr[u], indptr[u + 1]):
+            y = nbr[e]
+            if y >= n_own:
+                o = halo_owner[y - n_own]
+                if stamp[o] != u:
+                    stamp[o] = u
+                    nd_count[u + 1] += 1
+                    bnd_off[o + 1] += 1
+    for u in range(n_own):
+        nd_count[u + 1] += nd_count[u]
+    nd_ptr = nd_count
+    for p in range(n_parts):
+        bnd_off[p + 1] += bnd_off[p]
+    nd_dest = np.empty(nd_ptr[n_own], np.int32)
+    nd_slot = np.empty(nd_ptr[n_own], np.int64)
+    bnd_lid = np.empty(bnd_off[n_parts], np.int64)
+    fill = bnd_off[:n_parts].copy()
+    stamp[:] = -1
+    k = 0
+    for u in range(n_own):
+        for e in range(indptr[u], indptr[u + 1]):
+            y = nbr[e]
+            if y >= n_own:
+                o = halo_owner[y - n_own]
+                if stamp[o] != u:
+                    stamp[o] = u
+                    nd_dest[k] = o
+                    nd_slot[k] = fill[o] - bnd_off[o]
+                    bnd_lid[fill[o]] = u
+                    fill[o] += 1
+                    k += 1
+    return hptr, hsrc, halo_off, halo_by_owner, halo_slot, nd_ptr, nd_dest, nd_slot, bnd_off, bnd_lid
+
+
+# --------------------------------------------------------------------------------------------
+# One partition
+# --------------------------------------------------------------------------------------------
+
+
+def _slot_dtype(n: int):
+    return np.int32 if n < _INT32_LIMIT else np.int64
+
+
+class PartitionState:
+    """One partition of the exact partitioned greedy: its rows, its halo, its round step.
+
+    Local ids: owned nodes are ``0..n_own-1`` (``owned[i]`` is the global id of local i), halo
+    nodes ``n_own..n_own+n_halo-1`` (``halo[h]`` is the global id of local ``n_own + h``).
+
+    Args (numpy arrays only, trusted beyond cheap checks; built by :func:`graph_partition_arrays`):
+        part_id, n_partitions: this partition's number and the number of partitions.
+        owned: int64[n_own] global ids of the owned nodes, strictly increasing.
+        indptr: int64[n_own + 1] CSR row pointers of the owned nodes' FULL rows (every
+            neighbour, in the graph's stored order: ascending global id for graphs from
+            ``symmetrize_knn``; the forward pass sums in this order).
+        neighbors: int local ids of each row entry (owned or halo).
+        distances: float32/float64 distance of each row entry.
+        owned_scores: float64[n_own] raw (non-negative) scores of the owned nodes.
+        halo: int64[n_halo] global ids of the halo (every non-owned node that appears in a row,
+            and only those), strictly increasing.
+        halo_owner: int[n_halo] partition owning each halo node (never ``part_id``).
+        halo_scores: float64[n_halo] raw scores of the halo nodes.
+
+    The graph must be multiplicity-symmetric (j appears in i's row as often as i in j's), as
+    ``symmetrize_knn`` makes it; :func:`partitioned_d2_select` checks that.
+    """
+
+    def __init__(
+        self,
+        part_id,
+        n_partitions,
+        owned,
+        indptr,
+        neighbors,
+        distances,
+        owned_scores,
+        halo,
+        halo_owner,
+        halo_scores,
+    ):
+        self.part_id = int(part_id)
+        self.n_partitions = int(n_partitions)
+        self.owned = np.ascontiguousarray(owned, dtype=np.int64)
+        self.halo = np.ascontiguousarray(halo, dtype=np.int64)
+        n_own = self.n_own = int(self.owned.shape[0])
+        n_halo = self.n_halo = int(self.halo.shape[0])
+        n_loc = n_own + n_halo
+        self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+        nbr = np.asarray(neighbors)
+        self.neighbors = np.ascontiguousarray(nbr, dtype=_slot_dtype(n_loc))
+        dist = np.asarray(distances)
+        self.distances = np.ascontiguousarray(dist, dtype=np.float32 if dist.dtype == np.float32 else np.float64)
+        self.halo_owner = np.ascontiguousarray(halo_owner, dtype=np.int32)
+        raw = np.ascontiguousarray(owned_scores, dtype=np.float64)
+        halo_raw = np.ascontiguousarray(halo_scores, dtype=np.float64)
+        P = self.n_partitions
+        if not (0 <= self.part_id < P):
+            raise ValueError(f"part_id {self.part_id} outside 0..{P - 1}")
+        if self.indptr.shape != (n_own + 1,) or self.indptr[0] != 0 or self.indptr[-1] != self.neighbors.shape[0]:
+            raise ValueError("indptr must have n_own + 1 entries, start at 0 and end at len(neighbors)")
+        if self.distances.shape != self.neighbors.shape or raw.shape != (n_own,) or halo_raw.shape != (n_halo,):
+            raise ValueError("distances/neighbors/scores shapes do not match owned/halo")
+        if self.halo_owner.shape != (n_halo,):
+            raise ValueError("halo_owner must have one entry per halo node")
+        if n_own > 1 and np.any(np.diff(self.owned) <= 0) or n_halo > 1 and np.any(np.diff(self.halo) <= 0):
+            raise ValueError("owned and halo ids must be strictly increasing")
+        if self.neighbors.size and (self.neighbors.min() < 0 or self.neighbors.max() >= n_loc):
+            raise ValueError("neighbors must be local ids in 0..n_own+n_halo-1")
+        if n_halo and (self.halo_owner.min() < 0 or self.halo_owner.max() >= P or np.any(self.halo_owner == self.part_id)):
+            raise ValueError("halo_owner must name other partitions")
+        (
+            self._hptr,
+            self._hsrc,
+            self._halo_off,
+            self._halo_by_owner,
+            self._halo_slot,
+            self._nd_ptr,
+            self._nd_dest,
+            self._nd_slot,
+            self._bnd_off,
+            self._bnd_lid,
+        ) = _setup_kernel(P, n_own, n_halo, self.indptr, self.neighbors, self.halo_owner)
+        if n_halo and np.any(np.diff(self._hptr) == 0):
+            raise ValueError("every halo node must be a neighbour of an owned node")
+        self.gid = np.concatenate([self.owned, self.halo])
+        self._raw = raw
+        self._prev = np.concatenate([raw, halo_raw])  # forward values of the last round, all locals
+        self.shift: int | None = None
+        self.forward_rounds_done = 0
+
+    # ---- forward pass ------------------------------------------------------------------------
+
+    def forward_round(self, gamma: float) -> dict[int, np.ndarray]:
+        """One forward round for the owned nodes from the last round's values (owned and halo).
+        Returns the new values of each pair list ``L(me->d)`` for its destination d."""
+        out = _forward_partition(self.indptr, self.neighbors, self.distances, self._raw, self._prev, float(gamma))
+        self._prev[: self.n_own] = out
+        self.forward_rounds_done += 1
+        return self._boundary_values(self._prev)
+
+    def receive_forward(self, src: int, values: np.ndarray) -> None:
+        """Halo forward values from partition ``src`` (its :meth:`forward_round` output for us)."""
+        lo, hi = self._halo_off[src], self._halo_off[src + 1]
+        if values.shape[0] != hi - lo:
+            raise ValueError(f"partition {self.part_id}: {values.shape[0]} forward values from {src}, expected {hi - lo}")
+        self._prev[self._halo_by_owner[lo:hi]] = values
+
+    def _boundary_values(self, arr) -> dict[int, np.ndarray]:
+        out = {}
+        for d in range(self.n_partitions):
+            lo, hi = self._bnd_off[d], self._bnd_off[d + 1]
+            if hi > lo:
+                out[d] = arr[self._bnd_lid[lo:hi]]
+        return out
+
+    @property
+    def forward_scores(self) -> np.ndarray:
+        """float64[n_own] forward scores of the owned nodes (after the rounds run so far)."""
+        return self._prev[: self.n_own].copy()
+
+    def max_forward(self) -> float:
+        """Largest owned forward score (0.0 for an empty partition): the driver's S input."""
+        return float(self._prev[: self.n_own].max()) if self.n_own else 0.0
+
+    # ---- reverse pass ------------------------------------------------------------------------
+
+    def start_reverse(self, shift: int) -> None:
+        """Quantize owned scores and halo bounds with the global shift; everything unpicked."""
+        n_own, n_halo = self.n_own, self.n_halo
+        self.shift = int(shift)
+        self.q = quantize_scores(self._prev, self.shift)  # halo: exact initial q = a valid bound
+        self.q0 = self.q[:n_own].copy()
+        self.picked = np.zeros(n_own + n_halo, dtype=np.bool_)
+        self.cnt = np.zeros(n_own, np.int64)
+        self._in_heap = np.zeros(n_own, dtype=np.bool_)
+        self._hkey = np.empty(n_own, np.int64)
+        self._hnode = np.empty(n_own, self.neighbors.dtype)
+        self.meta = np.zeros(_M_SIZE, np.int64)
+        self.meta[_M_DEAD_Q] = _NO_LEVEL_Q
+        self.meta[_M_DEAD_G] = _NO_LEVEL_G
+        self.pick_lid = np.empty(n_own, np.int64)
+        self._own_dirty = np.empty(n_own, np.int64)
+        self._own_dirty_flag = np.zeros(n_own, dtype=np.bool_)
+        self._halo_dec = np.zeros(n_halo, np.int64)
+        self._halo_dirty = np.empty(n_halo, np.int64)
+        self._halo_dirty_flag = np.zeros(n_halo, dtype=np.bool_)
+        self._slot_template = np.zeros(0, _slot_dtype(max(n_own, n_halo)))
+        _init_counts(
+            n_own, self.indptr, self.neighbors, self.q, self.gid, self.picked, self.cnt,
+            self._in_heap, self._hkey, self._hnode, self.meta,
+        )  # fmt: skip
+
+    def step(self, inbox, remaining: int | None = None, gamma: float = 1.0) -> dict[int, RoundMessage]:
+        """One round: apply the received :class:`RoundMessage` s (``inbox``: iterable of
+        ``(src, message)``), certify to a fixpoint (at most ``remaining`` picks; None: no cap),
+        and return this round's messages by destination partition (non-empty ones only)."""
+        if self.shift is None:
+            raise RuntimeError("start_reverse first")
+        n_own = self.n_own
+        dec_l, dec_v, st_l, st_v = [], [], [], []
+        for src, msg in inbox:
+            if msg.dec_slots.size:
+                lo = self._bnd_off[src]
+                dec_l.append(self._bnd_lid[lo + msg.dec_slots.astype(np.int64)])
+                dec_v.append(msg.dec_values)
+            if msg.state_slots.size:
+                lo = self._halo_off[src]
+                st_l.append(self._halo_by_owner[lo + msg.state_slots.astype(np.int64)])
+                st_v.append(msg.state_values)
+        _apply_inbox(
+            _cat(dec_l, np.int64), _cat(dec_v, np.int64), _cat(st_l, np.int64), _cat(st_v, np.int64),
+            n_own, self.indptr, self.neighbors, self._hptr, self._hsrc, self.q, self.gid, self.picked,
+            self.cnt, self._in_heap, self._hkey, self._hnode, self.meta,
+            self._nd_ptr, self._own_dirty, self._own_dirty_flag, self._halo_dec, self._halo_dirty,
+            self._halo_dirty_flag,
+        )  # fmt: skip
+        cap = np.iinfo(np.int64).max if remaining is None else int(remaining)
+        self.last_picks = _certify(
+            cap, float(gamma),
+            n_own, self.indptr, self.neighbors, self.distances, self._hptr, self._hsrc, self.q, self.gid,
+            self.picked, self.cnt, self._in_heap, self._hkey, self._hnode, self.meta, self.pick_lid,
+            self._nd_ptr, self._own_dirty, self._own_dirty_flag, self._halo_dec, self._halo_dirty,
+            self._halo_dirty_flag,
+        )  # fmt: skip
+        dec_off, dec_slot, dec_val, st_off, st_slot, st_val = _collect_outbox(
+            self.n_partitions, n_own, self.q, self.picked, self.meta, self.halo_owner, self._halo_slot,
+            self._halo_dec, self._halo_dirty, self._nd_ptr, self._nd_dest, self._nd_slot,
+            self._own_dirty, self._own_dirty_flag, self._slot_template,
+        )  # fmt: skip
+        out = {}
+        for d in range(self.n_partitions):
+            a, b = dec_off[d], dec_off[d + 1]
+            c, e = st_off[d], st_off[d + 1]
+            if b > a or e > c:
+                out[d] = RoundMessage(dec_slot[a:b], dec_val[a:b], st_slot[c:e], st_val[c:e])
+        return out
+
+    @property
+    def n_picks(self) -> int:
+        return int(self.meta[_M_PICKS])
+
+    @property
+    def late_suppressions(self) -> int:
+        """Suppression messages that arrived for already-picked nodes: always 0 (a self-check)."""
+        return int(self.meta[_M_LATE])
+
+    def best_unpicked(self) -> tuple[int, int] | None:
+        """(q, global id) of the best owned node that is unpicked and not dead; None if none."""
+        found, bq, bg = _best_unpicked(self.n_own, self.q, self.gid, self.picked, self.meta)
+        return (int(bq), int(bg)) if found else None
+
+    def count_picks_above(self, threshold: tuple[int, int] | None) -> int:
+        """Picks with priority strictly above ``threshold`` ((q, global id); None: all picks)."""
+        tq, tg = threshold if threshold is not None else (0, 0)
+        return int(
+            _count_above(self.pick_lid, self.meta[_M_PICKS], self.q, self.gid, tq, tg, threshold is None)
+        )
+
+    def picks_above(self, threshold: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """(global ids, q at pick) of the picks above ``threshold``, best first."""
+        lids = self.pick_lid[: self.meta[_M_PICKS]]
+        q = self.q[lids]
+        g = self.gid[lids]
+        if threshold is not None:
+            tq, tg = threshold
+            keep = (q > tq) | ((q == tq) & (g < tg))
+            q, g = q[keep], g[keep]
+        order = np.lexsort((g, -q))
+        return g[order], q[order]
+
+    # ---- final scores ------------------------------------------------------------------------
+
+    def finish_send(self, threshold: tuple[int, int], gamma: float = 1.0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Start the final-score pass for the first B picks (those at or above ``threshold``,
+        the B-th pick's (q, global id)): sums this partition's suppression from them; returns
+        the halo sums by owner as (slots in ``L(owner->me)``, int64 sums)."""
+        tq, tg = threshold
+        self._final_threshold = (int(tq), int(tg))
+        self._acc, halo_acc = _finish_sums(
+            int(tq), int(tg), float(gamma), self.n_own, self.n_halo, self.indptr, self.neighbors,
+            self.distances, self.q, self.gid, self.pick_lid, self.meta[_M_PICKS],
+        )  # fmt: skip
+        out = {}
+        for o in range(self.n_partitions):
+            lo, hi = self._halo_off[o], self._halo_off[o + 1]
+            if hi > lo:
+                vals = halo_acc[self._halo_by_owner[lo:hi] - self.n_own]
+                nz = np.flatnonzero(vals)
+                if nz.size:
+                    out[o] = (nz.astype(_slot_dtype(hi - lo)), vals[nz])
+        return out
+
+    def finish_receive(self, inbox) -> np.ndarray:
+        """Final int64 q of the owned nodes (``inbox``: iterable of (src, (slots, sums)))."""
+        lids, vals = [], []
+        for src, (slots, sums) in inbox:
+            lids.append(self._bnd_lid[self._bnd_off[src] + slots.astype(np.int64)])
+            vals.append(sums)
+        tq, tg = self._final_threshold
+        return _finish_scores(
+            self._acc, _cat(lids, np.int64), _cat(vals, np.int64), tq, tg, self.n_own, self.q, self.q0,
+            self.gid, self.picked,
+        )  # fmt: skip
+
+
+def _cat(parts, dtype) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting a graph, the in-process driver
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _pattern_symmetric(indptr, indices):
+    """1: every (i, j) entry has as many (j, i) entries; 0: not; -1: a row is unsorted (then
+    this kernel cannot tell)."""
+    n = indptr.shape[0] - 1
+    for i in range(n):
+        for e in range(indptr[i] + 1, indptr[i + 1]):
+            if indices[e] < indices[e - 1]:
+                return -1
+    for i in range(n):
+        e = indptr[i]
+        hi = indptr[i + 1]
+        while e < hi:
+            j = indices[e]
+            run = 1
+            while e + run < hi and indices[e + run] == j:
+                run += 1
+            # count i in row j by binary search
+            lo2 = indptr[j]
+            hi2 = indptr[j + 1]
+            a, b = lo2, hi2
+            while a < b:
+                m = (a + b) >> 1
+                if indices[m] < i:
+                    a = m + 1
+                else:
+                    b = m
+            c = 0
+            while a + c < hi2 and indices[a + c] == i:
+                c += 1
+            if c != run:
+                return 0
+            e += run
+    return 1
+
+
+def _check_pattern_symmetric(graph: CSRGraph) -> None:
+    status = _pattern_symmetric(graph.indptr, graph.indices)
+    if status == -1:
+        rows = np.repeat(np.arange(graph.n_nodes, dtype=np.int64), graph.degrees)
+        cols = graph.indices.astype(np.int64)
+        fwd = np.lexsort((cols, rows))
+        rev = np.lexsort((rows, cols))
+        status = int(np.array_equal(rows[fwd], cols[rev]) and np.array_equal(cols[fwd], rows[rev]))
+    if status != 1:
+        raise ValueError(
+            "partitioned_d2_select needs a symmetric graph (each edge stored in both directions, "
+            "as symmetrize_knn makes it)"
+        )
+
+
+@numba.njit(cache=True, nogil=True)
+def _partition_rows(indptr, indices, distances, labels, owned, p, local_of, stamp, nbr_template):
+    """The owned rows of partition ``p`` with local neighbour ids, and its sorted halo."""
+    n_own = owned.shape[0]
+    out_ptr = np.zeros(n_own + 1, np.int64)
+    n_halo = 0
+    for a in range(n_own):
+        i = owned[a]
+        local_of[i] = a
+        out_ptr[a + 1] = out_ptr[a] + indptr[i + 1] - indptr[i]
+        for e in range(indptr[i], indptr[i + 1]):
+            v = indices[e]
+            if labels[v] != p and stamp[v] != p:
+                stamp[v] = p
+                n_halo += 1
+    halo = np.empty(n_halo, np.int64)
+    k = 0
+    for a in range(n_own):
+        i = owned[a]
+        for e in range(indptr[i], indptr[i + 1]):
+            v = indices[e]
+            if labels[v] != p and stamp[v] == p:
+                stamp[v] = -2 - p  # collected
+                halo[k] = v
+                k += 1
+    halo.sort()
+    for h in range(n_halo):
+        local_of[halo[h]] = n_own + h
+    out_nbr = np.empty(out_ptr[n_own], nbr_template.dtype)
+    out_dist = np.empty(out_ptr[n_own], distances.dtype)
+    w = 0
+    for a in range(n_own):
+        i = owned[a]
+        for e in range(indptr[i], indptr[i + 1]):
+            out_nbr[w] = local_of[indices[e]]
+            out_dist[w] = distances[e]
+            w += 1
+    return out_ptr, out_nbr, out_dist, halo
+
+
+def graph_partition_arrays(graph: CSRGraph, scores, labels, n_partitions: int):
+    """Split a graph by ``labels`` into the constructor arguments of each :class:`PartitionState`
+    (a list of dicts of numpy arrays, one per partition; empty partitions included)."""
+    n = graph.n_nodes
+    lab = np.ascontiguousarray(labels, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(lab, kind="stable")  # by partition, ascending id inside each
+    bounds = np.searchsorted(lab[order], np.arange(n_partitions + 1))
+    local_of = np.empty(n, np.int64)
+    stamp = np.full(n, -1, np.int64)
+    parts = []
+    for p in range(n_partitions):
+        owned = order[bounds[p] : bounds[p + 1]]
+        ptr, nbr, dist, halo = _partition_rows(
+            graph.indptr, graph.indices, graph.distances, lab, owned, p, local_of, stamp,
+            np.zeros(0, _slot_dtype(owned.shape[0] + n)),
+        )  # fmt: skip
+        parts.append(
+            dict(
+                part_id=p,
+                n_partitions=n_partitions,
+                owned=owned,
+                indptr=ptr,
+                neighbors=nbr,
+                distances=dist,
+                owned_scores=s[owned],
+                halo=halo,
+                halo_owner=lab[halo],
+                halo_scores=s[halo],
+            )
+        )
+    return parts
+
+
+def _check_labels(labels, n: int, n_partitions) -> tuple[np.ndarray, int]:
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or lab.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},), got {lab.shape}")
+    if lab.size and not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be integer partition numbers, got dtype {lab.dtype}")
+    lab = lab.astype(np.int64, copy=False)
+    top = int(lab.max()) + 1 if lab.size else 1
+    P = top if n_partitions is None else int(n_partitions)
+    if lab.size and int(lab.min()) < 0:
+        raise ValueError(f"labels must be >= 0, got {int(lab.min())}")
+    if P < 1 or top > P:
+        raise ValueError(f"labels must lie in 0..n_partitions-1 ({P} partitions), got max {top - 1}")
+    return lab, P
+
+
+def partitioned_d2_select(
+    graph: CSRGraph,
+    scores,
+    labels,
+    budget: int,
+    gamma_forward: float = 1.0,
+    gamma_reverse: float = 1.0,
+    rounds: int = 1,
+    *,
+    n_partitions: int | None = None,
+    max_rounds: int | None = None,
+) -> tuple[Selection, dict]:
+    """:func:`pipeline.d2.d2_select`, computed by partitions (node i goes to ``labels[i]``)
+    exchanging messages in rounds, in this process. Returns the identical :class:`Selection`
+    (order, final and forward scores bit for bit) and per-round information.
+
+    Args:
+        graph, scores, budget, gamma_forward, gamma_reverse, rounds: as for ``d2_select``
+            (``rounds`` = forward rounds). The graph must be symmetric (checked).
+        labels: int[N] partition of each node, in ``0..n_partitions-1``.
+        n_partitions: number of partitions (default ``max(labels) + 1``); may exceed the labels
+            used (empty partitions).
+        max_rounds: safety stop for the reverse rounds (default N + 2); a RuntimeError past it.
+
+    Returns:
+        (selection, info) with info: ``n_partitions``, ``shift``, ``forward_exchanges``,
+        ``forward_bytes``, ``rounds`` (reverse rounds), ``picks_per_round``,
+        ``settled_per_round`` (#picks above the best unpicked after each round),
+        ``messages_per_round`` and ``bytes_per_round`` (non-empty RoundMessages and their
+        array bytes), ``final_messages``, ``final_bytes``, ``total_picks`` (B and beyond).
+    """
+    graph = check_graph(graph)
+    n = graph.n_nodes
+    s = check_scores(scores, n)
+    gf = check_gamma(gamma_forward, "gamma_forward")
+    gr = check_gamma(gamma_reverse, "gamma_reverse")
+    b = check_budget(budget, n)
+    r = int(rounds)
+    if r < 0 or r != rounds:
+        raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}")
+    lab, P = _check_labels(labels, n, n_partitions)
+    _check_pattern_symmetric(graph)
+    info = dict(
+        n_partitions=P, shift=None, forward_exchanges=0, forward_bytes=0, rounds=0, picks_per_round=[],
+        settled_per_round=[], messages_per_round=[], bytes_per_round=[], final_messages=0, final_bytes=0,
+        total_picks=0,
+    )  # fmt: skip
+    states = [PartitionState(**kw) for kw in graph_partition_arrays(graph, s, lab, P)]
+
+    for _ in range(r):
+        outs = [st.forward_round(gf) for st in states]
+        info["forward_exchanges"] += 1
+        for src, out in enumerate(outs):
+            for dst, values in out.items():
+                states[dst].receive_forward(src, values)
+                info["forward_bytes"] += values.nbytes
+    forward = np.empty(n, np.float64)
+    for st in states:
+        forward[st.owned] = st.forward_scores
+    if n == 0 or b == 0:
+        return Selection(np.zeros(0, np.int64), forward, forward.copy()), info
+
+    shift = fixed_point_shift(max(st.max_forward() for st in states))
+    info["shift"] = shift
+    for st in states:
+        st.start_reverse(shift)
+    inbox: list[list] = [[] for _ in range(P)]
+    remaining = b
+    limit = n + 2 if max_rounds is None else int(max_rounds)
+    while True:
+        if info["rounds"] >= limit:
+            raise RuntimeError(f"partitioned greedy did not settle {b} picks in {limit} rounds")
+        outs = [st.step(inbox[p], remaining, gr) for p, st in enumerate(states)]
+        inbox = [[] for _ in range(P)]
+        n_msg = n_bytes = 0
+        for src, out in enumerate(outs):
+            for dst, msg in out.items():
+                inbox[dst].append((src, msg))
+                n_msg += 1
+                n_bytes += msg.nbytes
+        bests = [x for x in (st.best_unpicked() for st in states) if x is not None]
+        threshold = max(bests, key=lambda t: (t[0], -t[1])) if bests else None
+        settled = sum(st.count_picks_above(threshold) for st in states)
+        info["rounds"] += 1
+        info["picks_per_round"].append(sum(st.last_picks for st in states))
+        info["settled_per_round"].append(settled)
+        info["messages_per_round"].append(n_msg)
+        info["bytes_per_round"].append(n_bytes)
+        if settled >= b:
+            break
+        remaining = b - settled
+    late = sum(st.late_suppressions for st in states)
+    if late:  # pragma: no cover - would mean the protocol is wrong
+        raise RuntimeError(f"{late} suppression messages arrived for picked nodes")
+    info["total_picks"] = sum(st.n_picks for st in states)
+
+    # The first B: merge of the partitions' sorted settled picks.
+    gids, qs = zip(*(st.picks_above(threshold) for st in states))
+    gids = np.concatenate(gids)
+    qs = np.concatenate(qs)
+    top = np.lexsort((gids, -qs))[:b]
+    order = gids[top]
+    thr = (int(qs[top[-1]]), int(gids[top[-1]]))
+
+    final_out = [st.finish_send(thr, gr) for st in states]
+    final_in: list[list] = [[] for _ in range(P)]
+    for src, out in enumerate(final_out):
+        for dst, (slots, sums) in out.items():
+            final_in[dst].append((src, (slots, sums)))
+            info["final_messages"] += 1
+            info["final_bytes"] += slots.nbytes + sums.nbytes
+    final_q = np.empty(n, np.int64)
+    for p, st in enumerate(states):
+        final_q[st.owned] = st.finish_receive(final_in[p])
+    return Selection(order.astype(np.int64), forward, dequantize_scores(final_q, shift)), info
+
+
+# --------------------------------------------------------------------------------------------
+# Rounds of the unpartitioned certification scheme (the benchmark's yardstick)
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _certified_rounds_kernel(indptr, indices, distances, q, budget, gamma):
+    n = q.shape[0]
+    picked = np.zeros(n, np.bool_)
+    cnt = np.zeros(n, np.int64)
+    for u in range(n):
+        for e in range(indptr[u], indptr[u + 1]):
+            y = indices[e]
+            if y != u and _higher(q[y], y, q[u], u):
+                cnt[u] += 1
+    frontier = np.empty(n, np.int64)
+    n_front = 0
+    for u in range(n):
+        if cnt[u] == 0:
+            frontier[n_front] = u
+            n_front += 1
+    nxt = np.empty(n, np.int64)
+    in_next = np.zeros(n, np.bool_)
+    pick_lid = np.empty(n, np.int64)
+    n_picks = 0
+    rounds = 0
+    while True:
+        # The best unpicked node is always certifiable, so it is the frontier's best.
+        found = False
+        tq = np.int64(0)
+        tg = np.int64(0)
+        for i in range(n_front):
+            u = frontier[i]
+            if not found or _higher(q[u], u, tq, tg):
+                found = True
+                tq = q[u]
+                tg = u
+        settled = 0
+        for i in range(n_picks):
+            u = pick_lid[i]
+            if not found or _higher(q[u], u, tq, tg):
+                settled += 1
+        if settled >= budget:
+            return rounds
+        rounds += 1
+        n_next = 0
+        for i in range(n_front):
+            u = frontier[i]
+            picked[u] = True
+            pick_lid[n_picks] = u
+            n_picks += 1
+            qu = q[u]
+            for e in range(indptr[u], indptr[u + 1]):
+                y = indices[e]
+                if y == u or picked[y]:
+                    continue
+                cnt[y] -= 1
+                if qu > 0:
+                    amount = suppression(edge_weight(gamma, distances[e]), qu)
+                    old = q[y]
+                    new = suppress(old, amount)
+                    if new != old:
+                        q[y] = new
+                        for e2 in range(indptr[y], indptr[y + 1]):
+                            x = indices[e2]
+                            if x == y or picked[x]:
+                                continue
+                            if _higher(old, y, q[x], x) and not _higher(new, y, q[x], x):
+                                cnt[y] += 1
+                                cnt[x] -= 1
+                                if cnt[x] == 0 and not in_next[x]:
+                                    in_next[x] = True
+                                    nxt[n_next] = x
+                                    n_next += 1
+                if cnt[y] == 0 and not in_next[y]:
+                    in_next[y] = True
+                    nxt[n_next] = y
+                    n_next += 1
+        n_front = 0
+        for i in range(n_next):
+            x = nxt[i]
+            in_next[x] = False
+            if cnt[x] == 0 and not picked[x]:
+                frontier[n_front] = x
+                n_front += 1
+
+
+def certified_rounds(graph: CSRGraph, forward_scores, budget: int, gamma: float = 1.0) -> int:
+    """Rounds the unpartitioned scheme needs to settle the greedy's first ``budget`` picks: each
+    round picks every certifiable node at once (an unpicked node above all its unpicked
+    neighbours) and applies their suppression; settled once ``budget`` picks lie above the best
+    unpicked node. Same fixed point as :func:`pipeline.d2.reverse_select`; the graph must be
+    symmetric. 0 for budget 0 or an empty graph."""
+    graph = check_graph(graph)
+    s = check_scores(forward_scores, graph.n_nodes, "forward_scores")
+    g = check_gamma(gamma, "gamma")
+    b = check_budget(budget, graph.n_nodes)
+    if graph.n_nodes == 0 or b == 0:
+        return 0
+    _check_pattern_symmetric(graph)
+    q = quantize_scores(s, fixed_point_shift(s.max()))
+    return int(_certified_rounds_kernel(graph.indptr, graph.indices, graph.distances, q, b, g))
