@@ -31,7 +31,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -91,13 +91,17 @@ class CSRGraph:
     Graphs built by :func:`symmetrize_knn` have rows sorted by neighbour id, no self edges, no
     duplicate edges, and the same distance stored in both directions. The constructor checks the
     structure (shapes, ``indptr`` monotone, ids in range, distances finite and >= 0); it
-    does not check symmetry, which the D2 maths assumes but the kernels do not need.
+    does not check symmetry, which the D2 maths assumes but the sequential kernels do not need.
+    Graphs from :func:`symmetrize_knn` (and their :func:`subgraph` s) are symmetric by
+    construction and say so (:attr:`known_symmetric`), which spares the partitioned selection
+    (:mod:`pipeline.d2_exact`) its O(E) symmetry check.
     """
 
     indptr: np.ndarray
     indices: np.ndarray
     distances: np.ndarray
     n_nodes: int
+    _known_symmetric: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = int(self.n_nodes)
@@ -144,13 +148,14 @@ class CSRGraph:
         object.__setattr__(self, "n_nodes", n)
 
     @classmethod
-    def _trusted(cls, indptr, indices, distances, n_nodes) -> "CSRGraph":
+    def _trusted(cls, indptr, indices, distances, n_nodes, known_symmetric=False) -> "CSRGraph":
         """Build without the O(E) checks, for arrays this module produced itself."""
         graph = object.__new__(cls)
         object.__setattr__(graph, "indptr", indptr)
         object.__setattr__(graph, "indices", indices)
         object.__setattr__(graph, "distances", distances)
         object.__setattr__(graph, "n_nodes", int(n_nodes))
+        object.__setattr__(graph, "_known_symmetric", bool(known_symmetric))
         return graph
 
     @classmethod
@@ -160,6 +165,12 @@ class CSRGraph:
         return cls._trusted(
             np.zeros(n_nodes + 1, np.int64), np.zeros(0, idx_dtype), np.zeros(0, np.float32), n_nodes
         )
+
+    @property
+    def known_symmetric(self) -> bool:
+        """True when the graph is symmetric by construction (built by symmetrize_knn, or a
+        subgraph of such a graph, or empty); False means "not known", not "asymmetric"."""
+        return self._known_symmetric or self.indices.shape[0] == 0
 
     @property
     def degrees(self) -> np.ndarray:
@@ -703,7 +714,7 @@ def symmetrize_knn(neighbors, distances) -> CSRGraph:
         # does not travel with the graph (e.g. when it is sent to a Ray task).
         idx = idx[:nnz].copy()
         dd = dd[:nnz].copy()
-    return CSRGraph._trusted(indptr, idx, dd, n)
+    return CSRGraph._trusted(indptr, idx, dd, n, known_symmetric=True)
 
 
 def forward_pass(graph: CSRGraph, scores, gamma: float = 1.0, rounds: int = 1) -> np.ndarray:
@@ -873,7 +884,7 @@ def subgraph(graph: CSRGraph, node_ids) -> CSRGraph:
     m = ids.shape[0]
     if m < _INT32_LIMIT and idx.dtype != np.int32:
         idx = idx.astype(np.int32)
-    return CSRGraph._trusted(ptr, idx, dist, m)
+    return CSRGraph._trusted(ptr, idx, dist, m, known_symmetric=graph.known_symmetric)
 
 
 def cross_edge_fraction(graph: CSRGraph, labels) -> float:

@@ -170,149 +170,163 @@ def _higher(qa, ga, qb, gb):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _heap_push(hkey, hnode, size, key, node):
-    """Max-heap of ready owned nodes keyed by (q, local id); local ids of owned nodes are in
-    global id order, so the local id breaks ties exactly like the global one."""
-    p = size
-    while p > 0:
-        parent = (p - 1) >> 1
-        if _higher(key, node, hkey[parent], hnode[parent]):
-            hkey[p] = hkey[parent]
-            hnode[p] = hnode[parent]
-            p = parent
+def _above(q, gid, y, qu, gu):
+    """Is local node y above priority (qu, gu)? Reads y's global id only on a tie. A picked node
+    (q = PICKED) is above nothing."""
+    qy = q[y]
+    if qy != qu:
+        return qy > qu
+    return gid[y] < gu
+
+
+# The candidates of a partition: an indexed binary max-heap over its unpicked owned nodes that
+# are not parked, keyed by (current q, local id); local ids of owned nodes are in global id order,
+# so the local id breaks ties exactly like the global one. pos[u] is u's heap slot, _PICKED_POS
+# once picked, _PARKED_POS while parked. Keys are exact (updated in place): q only falls, so an
+# update only sifts down; a node entering (start, or released from parking) sifts up.
+# q[x] holds PICKED once x is picked (owned: its score at the pick is kept in qpick[x]).
+_PICKED_POS = -1
+_PARKED_POS = -2
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sift_down(hkey, hnode, pos, p, size):
+    key = hkey[p]
+    node = hnode[p]
+    while True:
+        c = 2 * p + 1
+        if c >= size:
+            break
+        if c + 1 < size and _higher(hkey[c + 1], hnode[c + 1], hkey[c], hnode[c]):
+            c += 1
+        if _higher(hkey[c], hnode[c], key, node):
+            hkey[p] = hkey[c]
+            hnode[p] = hnode[c]
+            pos[hnode[p]] = p
+            p = c
         else:
             break
     hkey[p] = key
     hnode[p] = node
-    return size + 1
+    pos[node] = p
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _heap_pop(hkey, hnode, size):
-    size -= 1
+def _heap_insert(u, q, hkey, hnode, pos, meta):
+    p = meta[_M_HEAP]
+    meta[_M_HEAP] = p + 1
+    key = q[u]
+    while p > 0:
+        parent = (p - 1) >> 1
+        if _higher(key, u, hkey[parent], hnode[parent]):
+            hkey[p] = hkey[parent]
+            hnode[p] = hnode[parent]
+            pos[hnode[p]] = p
+            p = parent
+        else:
+            break
+    hkey[p] = key
+    hnode[p] = u
+    pos[u] = p
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _heap_remove_top(hkey, hnode, pos, meta):
+    size = meta[_M_HEAP] - 1
+    meta[_M_HEAP] = size
     if size > 0:
-        key = hkey[size]
-        node = hnode[size]
-        p = 0
-        while True:
-            c = 2 * p + 1
-            if c >= size:
-                break
-            if c + 1 < size and _higher(hkey[c + 1], hnode[c + 1], hkey[c], hnode[c]):
-                c += 1
-            if _higher(hkey[c], hnode[c], key, node):
-                hkey[p] = hkey[c]
-                hnode[p] = hnode[c]
-                p = c
-            else:
-                break
-        hkey[p] = key
-        hnode[p] = node
-    return size
+        hkey[0] = hkey[size]
+        hnode[0] = hnode[size]
+        pos[hnode[0]] = 0
+        _sift_down(hkey, hnode, pos, 0, size)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _make_ready(x, q, cnt, in_heap, hkey, hnode, meta):
-    if cnt[x] == 0 and not in_heap[x]:
-        meta[_M_HEAP] = _heap_push(hkey, hnode, meta[_M_HEAP], q[x], x)
-        in_heap[x] = True
+def _fell(u, q, hkey, hnode, pos, meta):
+    """Owned unpicked u's q fell: move it down in the heap if it is there."""
+    p = pos[u]
+    if p >= 0:
+        hkey[p] = q[u]
+        _sift_down(hkey, hnode, pos, p, meta[_M_HEAP])
 
 
 @numba.njit(cache=True, nogil=True)
-def _owned_dropped(v, old, new, n_own, indptr, nbr, q, gid, picked, cnt, in_heap, hkey, hnode, meta):
-    """Owned unpicked ``v`` fell from ``old`` to ``new`` (q[v] already new): re-evaluate the
-    comparisons between v and its unpicked neighbours. ``cnt[x]`` counts the entries of x's row
-    whose node is unpicked and above x; with a multiplicity-symmetric graph, the entries of v's
-    row pointing at y are as many as those of y's row pointing at v."""
-    gv = gid[v]
-    for e in range(indptr[v], indptr[v + 1]):
-        y = nbr[e]
-        if y == v or picked[y]:
-            continue
-        qy = q[y]
-        gy = gid[y]
-        if _higher(old, gv, qy, gy) and not _higher(new, gv, qy, gy):
-            cnt[v] += 1
-            if y < n_own:
-                cnt[y] -= 1
-                _make_ready(y, q, cnt, in_heap, hkey, hnode, meta)
-
-
-@numba.njit(cache=True, nogil=True)
-def _halo_changed(hl, old, new, removed, n_own, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta):
-    """The bound of halo node ``hl`` (local id) fell from ``old`` to ``new``, or the node is known
-    picked (``removed``): owned nodes it was blocking may become ready."""
-    gh = gid[hl]
-    h = hl - n_own
-    for e in range(hptr[h], hptr[h + 1]):
-        x = hsrc[e]
-        if picked[x]:
-            continue
-        qx = q[x]
-        gx = gid[x]
-        if _higher(old, gh, qx, gx) and (removed or not _higher(new, gh, qx, gx)):
-            cnt[x] -= 1
-            _make_ready(x, q, cnt, in_heap, hkey, hnode, meta)
+def _release_watchers(b, q, gid, watch_head, watch_next, hkey, hnode, pos, meta):
+    """Blocker ``b`` (owned or halo local id) was picked or fell: the nodes parked on it that it
+    no longer blocks go back into the heap (to be examined again); the others keep watching it.
+    Callers test ``watch_head[b] != -1`` first (the common case: nobody parked on b)."""
+    w = watch_head[b]
+    watch_head[b] = -1
+    qb = q[b]
+    gb = gid[b]
+    while w != -1:
+        nxt = watch_next[w]
+        if _higher(qb, gb, q[w], gid[w]):  # false once b is picked (q = PICKED)
+            watch_next[w] = watch_head[b]
+            watch_head[b] = w
+        else:
+            _heap_insert(w, q, hkey, hnode, pos, meta)
+        w = nxt
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _mark_own_dirty(u, nd_ptr, own_dirty, own_dirty_flag, meta):
-    if nd_ptr[u + 1] > nd_ptr[u] and not own_dirty_flag[u]:
-        own_dirty_flag[u] = True
+def _mark_own_dirty(u, own_state, own_dirty, meta):
+    """own_state: 0 = no remote neighbour, 1 = boundary node, 2 = boundary node changed since the
+    last outbox (listed in own_dirty)."""
+    if own_state[u] == 1:
+        own_state[u] = 2
         own_dirty[meta[_M_OWN_DIRTY]] = u
         meta[_M_OWN_DIRTY] += 1
 
 
 @numba.njit(cache=True, nogil=True)
-def _init_counts(n_own, indptr, nbr, q, gid, picked, cnt, in_heap, hkey, hnode, meta):
+def _init_heap(n_own, q, hkey, hnode, pos, meta):
     for u in range(n_own):
-        c = 0
-        qu = q[u]
-        gu = gid[u]
-        for e in range(indptr[u], indptr[u + 1]):
-            y = nbr[e]
-            if y != u and not picked[y] and _higher(q[y], gid[y], qu, gu):
-                c += 1
-        cnt[u] = c
-    for u in range(n_own):
-        _make_ready(u, q, cnt, in_heap, hkey, hnode, meta)
+        hkey[u] = q[u]
+        hnode[u] = u
+        pos[u] = u
+    meta[_M_HEAP] = n_own
+    for p in range((n_own >> 1) - 1, -1, -1):
+        _sift_down(hkey, hnode, pos, p, n_own)
 
 
 @numba.njit(cache=True, nogil=True)
 def _apply_inbox(
     dec_lid, dec_val, st_hl, st_val,
-    n_own, indptr, nbr, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta,
-    nd_ptr, own_dirty, own_dirty_flag, halo_dec, halo_dirty, halo_dirty_flag,
+    n_own, q, gid, pos, hkey, hnode, watch_head, watch_next, meta,
+    own_state, own_dirty, halo_dec, halo_dirty, halo_dirty_flag,
 ):  # fmt: skip
     """Apply one round's received messages, then forget what this partition sent last round."""
     for i in range(dec_lid.shape[0]):
         u = dec_lid[i]
-        if picked[u]:
+        qu = q[u]
+        if qu == PICKED:
             meta[_M_LATE] += 1  # impossible by claim 3 of the module docstring; counted as a check
             continue
-        old = q[u]
-        new = suppress(old, dec_val[i])
-        if new != old:
+        new = suppress(qu, dec_val[i])
+        if new != qu:
             q[u] = new
-            _owned_dropped(u, old, new, n_own, indptr, nbr, q, gid, picked, cnt, in_heap, hkey, hnode, meta)
-            _mark_own_dirty(u, nd_ptr, own_dirty, own_dirty_flag, meta)
+            _fell(u, q, hkey, hnode, pos, meta)
+            if watch_head[u] != -1:
+                _release_watchers(u, q, gid, watch_head, watch_next, hkey, hnode, pos, meta)
+            _mark_own_dirty(u, own_state, own_dirty, meta)
     for i in range(st_hl.shape[0]):
         hl = st_hl[i]
-        if picked[hl]:
+        qh = q[hl]
+        if qh == PICKED:
             continue
         v = st_val[i]
-        old = q[hl]
         if v == PICKED:
-            _halo_changed(hl, old, old, True, n_own, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta)
-            picked[hl] = True
-            continue
-        # The owner computed v before applying what this partition sent it last round (halo_dec,
-        # still held): v minus that is an upper bound of the node's true score, and so is the old
-        # bound; keep the smaller.
-        new = suppress(v, halo_dec[hl - n_own])
-        if new < old:
+            new = v
+        else:
+            # The owner computed v before applying what this partition sent it last round
+            # (halo_dec, still held): v minus that is an upper bound of the node's true score,
+            # and so is the old bound; keep the smaller.
+            new = suppress(v, halo_dec[hl - n_own])
+        if new < qh:
             q[hl] = new
-            _halo_changed(hl, old, new, False, n_own, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta)
+            if watch_head[hl] != -1:
+                _release_watchers(hl, q, gid, watch_head, watch_next, hkey, hnode, pos, meta)
     for i in range(meta[_M_HALO_DIRTY]):
         h = halo_dirty[i]
         halo_dec[h] = 0
@@ -323,83 +337,84 @@ def _apply_inbox(
 @numba.njit(cache=True, nogil=True)
 def _certify(
     cap, gamma,
-    n_own, indptr, nbr, dist, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta, pick_lid,
-    nd_ptr, own_dirty, own_dirty_flag, halo_dec, halo_dirty, halo_dirty_flag,
+    n_own, indptr, nbr, dist, q, qpick, gid, pos, hkey, hnode, watch_head, watch_next, meta, pick_lid,
+    own_state, own_dirty, halo_dec, halo_dirty, halo_dirty_flag,
 ):  # fmt: skip
     """Certify to a fixpoint, best first, at most ``cap`` picks (then set the dead level).
 
-    Heap keys are the q a node had when pushed: upper bounds of its current priority. A popped
-    node that is no longer ready is dropped (it is pushed again if it becomes ready); one whose q
-    fell since is pushed again with its current q. Returns the number of picks.
+    The heap top u is the best candidate. If an unpicked neighbour is above it (a parked owned
+    node or a halo bound: the heap's owned nodes are all below), u is parked on that neighbour
+    (it can only become certifiable once that neighbour is picked or falls below it, which
+    releases it back into the heap); otherwise u is certified and picked. Every certifiable node
+    is in the heap, so picks come best first. Returns the number of picks.
     """
     n_round = 0
-    while meta[_M_HEAP] > 0:
-        key = hkey[0]
+    while meta[_M_HEAP] > 0 and n_round < cap:
         u = hnode[0]
-        if _higher(meta[_M_DEAD_Q], meta[_M_DEAD_G], key, gid[u]):
-            break  # every node left in the heap is dead
-        if n_round >= cap:
-            break
-        meta[_M_HEAP] = _heap_pop(hkey, hnode, meta[_M_HEAP])
-        in_heap[u] = False
-        if picked[u] or cnt[u] != 0:
-            continue
-        if q[u] != key:
-            _make_ready(u, q, cnt, in_heap, hkey, hnode, meta)
-            continue
-        # Pick u: it beats every unpicked neighbour (owned: exact; halo: upper bound).
-        picked[u] = True
-        pick_lid[meta[_M_PICKS]] = u
-        meta[_M_PICKS] += 1
-        _mark_own_dirty(u, nd_ptr, own_dirty, own_dirty_flag, meta)
-        qu = q[u]
+        qu = hkey[0]
+        gu = gid[u]
+        if _higher(meta[_M_DEAD_Q], meta[_M_DEAD_G], qu, gu):
+            break  # every candidate left is dead
+        blocker = -1
         for e in range(indptr[u], indptr[u + 1]):
             y = nbr[e]
-            if y == u or picked[y]:
-                continue
-            if y < n_own:
-                cnt[y] -= 1  # u, above y, is no longer unpicked
-            if qu > 0:
+            if _above(q, gid, y, qu, gu):
+                blocker = y
+                break
+        _heap_remove_top(hkey, hnode, pos, meta)
+        if blocker >= 0:
+            pos[u] = _PARKED_POS
+            watch_next[u] = watch_head[blocker]
+            watch_head[blocker] = u
+            continue
+        # Pick u: it beats every unpicked neighbour (owned: exact; halo: upper bound).
+        pos[u] = _PICKED_POS
+        q[u] = PICKED
+        qpick[u] = qu
+        pick_lid[meta[_M_PICKS]] = u
+        meta[_M_PICKS] += 1
+        _mark_own_dirty(u, own_state, own_dirty, meta)
+        if watch_head[u] != -1:
+            _release_watchers(u, q, gid, watch_head, watch_next, hkey, hnode, pos, meta)
+        if qu > 0:
+            for e in range(indptr[u], indptr[u + 1]):
+                y = nbr[e]
+                qy = q[y]
+                if qy == PICKED:
+                    continue  # picked (u itself, for a self edge): frozen
                 amount = suppression(edge_weight(gamma, dist[e]), qu)
-                if amount > 0:
-                    old = q[y]
-                    new = suppress(old, amount)
+                if amount == 0:
+                    continue
+                new = suppress(qy, amount)
+                if y >= n_own:
+                    h = y - n_own
+                    total = halo_dec[h] + amount
+                    halo_dec[h] = total if total < DECREMENT_CAP else DECREMENT_CAP
+                    if not halo_dirty_flag[h]:
+                        halo_dirty_flag[h] = True
+                        halo_dirty[meta[_M_HALO_DIRTY]] = h
+                        meta[_M_HALO_DIRTY] += 1
+                    # Lower our bound by what we just sent: the sequential run applies this
+                    # suppression too (y is not picked this round, claim 3), so the bound stays
+                    # >= y's true score.
+                if new != qy:
+                    q[y] = new
                     if y < n_own:
-                        if new != old:
-                            q[y] = new
-                            _owned_dropped(
-                                y, old, new, n_own, indptr, nbr, q, gid, picked, cnt, in_heap, hkey, hnode, meta
-                            )
-                            _mark_own_dirty(y, nd_ptr, own_dirty, own_dirty_flag, meta)
-                    else:
-                        h = y - n_own
-                        total = halo_dec[h] + amount
-                        halo_dec[h] = total if total < DECREMENT_CAP else DECREMENT_CAP
-                        if not halo_dirty_flag[h]:
-                            halo_dirty_flag[h] = True
-                            halo_dirty[meta[_M_HALO_DIRTY]] = h
-                            meta[_M_HALO_DIRTY] += 1
-                        # Lower our bound by what we just sent: the sequential run applies this
-                        # suppression too (y is not picked this round, claim 3), so the bound
-                        # stays >= y's true score.
-                        if new != old:
-                            q[y] = new
-                            _halo_changed(
-                                y, old, new, False, n_own, hptr, hsrc, q, gid, picked, cnt, in_heap, hkey, hnode, meta
-                            )
-            if y < n_own:
-                _make_ready(y, q, cnt, in_heap, hkey, hnode, meta)
+                        _fell(y, q, hkey, hnode, pos, meta)
+                        _mark_own_dirty(y, own_state, own_dirty, meta)
+                    if watch_head[y] != -1:
+                        _release_watchers(y, q, gid, watch_head, watch_next, hkey, hnode, pos, meta)
         n_round += 1
         if n_round >= cap:
             meta[_M_DEAD_Q] = qu
-            meta[_M_DEAD_G] = gid[u]
+            meta[_M_DEAD_G] = gu
     return n_round
 
 
 @numba.njit(cache=True, nogil=True)
 def _collect_outbox(
-    n_parts, n_own, q, picked, meta, halo_owner, halo_slot, halo_dec, halo_dirty,
-    nd_ptr, nd_dest, nd_slot, own_dirty, own_dirty_flag, slot_template,
+    n_parts, q, meta, halo_owner, halo_slot, halo_dec, halo_dirty,
+    nd_ptr, nd_dest, nd_slot, own_state, own_dirty, slot_template,
 ):  # fmt: skip
     """This round's messages, grouped by destination (offsets per destination partition)."""
     n_dec = meta[_M_HALO_DIRTY]
@@ -430,19 +445,19 @@ def _collect_outbox(
     fill = st_off[:n_parts].copy()
     for i in range(n_dirty):
         u = own_dirty[i]
-        v = PICKED if picked[u] else q[u]
+        v = q[u]  # PICKED once picked
         for k in range(nd_ptr[u], nd_ptr[u + 1]):
             d = nd_dest[k]
             st_slot[fill[d]] = nd_slot[k]
             st_val[fill[d]] = v
             fill[d] += 1
-        own_dirty_flag[u] = False
+        own_state[u] = 1
     meta[_M_OWN_DIRTY] = 0
     return dec_off, dec_slot, dec_val, st_off, st_slot, st_val
 
 
 @numba.njit(cache=True, nogil=True)
-def _best_unpicked(n_own, q, gid, picked, meta):
+def _best_unpicked(n_own, q, gid, meta):
     """(found, q, gid) of the best unpicked owned node that is not dead."""
     found = False
     bq = _NO_LEVEL_Q
@@ -450,9 +465,9 @@ def _best_unpicked(n_own, q, gid, picked, meta):
     dq = meta[_M_DEAD_Q]
     dg = meta[_M_DEAD_G]
     for u in range(n_own):
-        if picked[u]:
-            continue
         qu = q[u]
+        if qu == PICKED:
+            continue
         gu = gid[u]
         if _higher(dq, dg, qu, gu):
             continue
@@ -464,11 +479,11 @@ def _best_unpicked(n_own, q, gid, picked, meta):
 
 
 @numba.njit(cache=True, nogil=True)
-def _count_above(pick_lid, n_picks, q, gid, tq, tg, everything):
+def _count_above(pick_lid, n_picks, qpick, gid, tq, tg, everything):
     c = 0
     for i in range(n_picks):
         u = pick_lid[i]
-        if everything or _higher(q[u], gid[u], tq, tg):
+        if everything or _higher(qpick[u], gid[u], tq, tg):
             c += 1
     return c
 
@@ -487,14 +502,14 @@ def _forward_partition(indptr, nbr, dist, raw, prev, gamma):
 
 
 @numba.njit(cache=True, nogil=True)
-def _finish_sums(tq, tg, gamma, n_own, n_halo, indptr, nbr, dist, q, gid, pick_lid, n_picks):
+def _finish_sums(tq, tg, gamma, n_own, n_halo, indptr, nbr, dist, qpick, gid, pick_lid, n_picks):
     """Suppression sums (saturating) from the picks at or above priority (tq, tg) to every
     neighbour; owned and halo apart."""
     acc = np.zeros(n_own, np.int64)
     halo_acc = np.zeros(n_halo, np.int64)
     for i in range(n_picks):
         u = pick_lid[i]
-        qu = q[u]
+        qu = qpick[u]
         if qu <= 0 or _higher(tq, tg, qu, gid[u]):
             continue
         for e in range(indptr[u], indptr[u + 1]):
@@ -514,14 +529,14 @@ def _finish_sums(tq, tg, gamma, n_own, n_halo, indptr, nbr, dist, q, gid, pick_l
 
 
 @numba.njit(cache=True, nogil=True)
-def _finish_scores(acc, lids, vals, tq, tg, n_own, q, q0, gid, picked):
+def _finish_scores(acc, lids, vals, tq, tg, n_own, q, qpick, q0, gid):
     for i in range(lids.shape[0]):
         t = acc[lids[i]] + vals[i]
         acc[lids[i]] = t if t < DECREMENT_CAP else DECREMENT_CAP
     final = np.empty(n_own, np.int64)
     for u in range(n_own):
-        if picked[u] and not _higher(tq, tg, q[u], gid[u]):
-            final[u] = q[u]  # among the first B: its score when picked
+        if q[u] == PICKED and not _higher(tq, tg, qpick[u], gid[u]):
+            final[u] = qpick[u]  # among the first B: its score when picked
         else:
             final[u] = suppress(q0[u], acc[u])
     return final
@@ -529,24 +544,14 @@ def _finish_scores(acc, lids, vals, tq, tg, n_own, q, q0, gid, picked):
 
 @numba.njit(cache=True, nogil=True)
 def _setup_kernel(n_parts, n_own, n_halo, indptr, nbr, halo_owner):
-    """Derived structure of a partition: halo -> owned entries, the pair lists, node -> dests."""
-    # halo reverse adjacency: for each halo node, the owned row of every entry pointing at it
-    hcount = np.zeros(n_halo + 1, np.int64)
+    """Derived structure of a partition: the pair lists both ways, owned node -> destinations."""
+    # entries pointing at each halo node (each must have one: the halo is exactly the remote
+    # neighbours)
+    halo_deg = np.zeros(n_halo, np.int64)
     for e in range(indptr[n_own]):
         y = nbr[e]
         if y >= n_own:
-            hcount[y - n_own + 1] += 1
-    for h in range(n_halo):
-        hcount[h + 1] += hcount[h]
-    hptr = hcount
-    hsrc = np.empty(hptr[n_halo], nbr.dtype)
-    fill = hptr[:n_halo].copy()
-    for u in range(n_own):
-        for e in range(indptr[u], indptr[u + 1]):
-            y = nbr[e]
-            if y >= n_own:
-                hsrc[fill[y - n_own]] = u
-                fill[y - n_own] += 1
+            halo_deg[y - n_own] += 1
     # halo nodes grouped by owner (ascending local id = ascending global id within an owner)
     halo_off = np.zeros(n_parts + 1, np.int64)
     for h in range(n_halo):
@@ -598,7 +603,7 @@ def _setup_kernel(n_parts, n_own, n_halo, indptr, nbr, halo_owner):
                     bnd_lid[fill[o]] = u
                     fill[o] += 1
                     k += 1
-    return hptr, hsrc, halo_off, halo_by_owner, halo_slot, nd_ptr, nd_dest, nd_slot, bnd_off, bnd_lid
+    return halo_deg, halo_off, halo_by_owner, halo_slot, nd_ptr, nd_dest, nd_slot, bnd_off, bnd_lid
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,8 +683,7 @@ class PartitionState:
         if n_halo and (self.halo_owner.min() < 0 or self.halo_owner.max() >= P or np.any(self.halo_owner == self.part_id)):
             raise ValueError("halo_owner must name other partitions")
         (
-            self._hptr,
-            self._hsrc,
+            halo_deg,
             self._halo_off,
             self._halo_by_owner,
             self._halo_slot,
@@ -689,7 +693,7 @@ class PartitionState:
             self._bnd_off,
             self._bnd_lid,
         ) = _setup_kernel(P, n_own, n_halo, self.indptr, self.neighbors, self.halo_owner)
-        if n_halo and np.any(np.diff(self._hptr) == 0):
+        if n_halo and np.any(halo_deg == 0):
             raise ValueError("every halo node must be a neighbour of an owned node")
         self.gid = np.concatenate([self.owned, self.halo])
         self._raw = raw
@@ -739,9 +743,11 @@ class PartitionState:
         self.shift = int(shift)
         self.q = quantize_scores(self._prev, self.shift)  # halo: exact initial q = a valid bound
         self.q0 = self.q[:n_own].copy()
-        self.picked = np.zeros(n_own + n_halo, dtype=np.bool_)
-        self.cnt = np.zeros(n_own, np.int64)
-        self._in_heap = np.zeros(n_own, dtype=np.bool_)
+        idx = self.neighbors.dtype
+        self._qpick = np.zeros(n_own, np.int64)
+        self._pos = np.empty(n_own, idx)
+        self._watch_head = np.full(n_own + n_halo, -1, idx)
+        self._watch_next = np.empty(n_own, idx)
         self._hkey = np.empty(n_own, np.int64)
         self._hnode = np.empty(n_own, self.neighbors.dtype)
         self.meta = np.zeros(_M_SIZE, np.int64)
@@ -749,15 +755,12 @@ class PartitionState:
         self.meta[_M_DEAD_G] = _NO_LEVEL_G
         self.pick_lid = np.empty(n_own, np.int64)
         self._own_dirty = np.empty(n_own, np.int64)
-        self._own_dirty_flag = np.zeros(n_own, dtype=np.bool_)
+        self._own_state = (np.diff(self._nd_ptr) > 0).astype(np.uint8)
         self._halo_dec = np.zeros(n_halo, np.int64)
         self._halo_dirty = np.empty(n_halo, np.int64)
         self._halo_dirty_flag = np.zeros(n_halo, dtype=np.bool_)
         self._slot_template = np.zeros(0, _slot_dtype(max(n_own, n_halo)))
-        _init_counts(
-            n_own, self.indptr, self.neighbors, self.q, self.gid, self.picked, self.cnt,
-            self._in_heap, self._hkey, self._hnode, self.meta,
-        )  # fmt: skip
+        _init_heap(n_own, self.q, self._hkey, self._hnode, self._pos, self.meta)
 
     def step(self, inbox, remaining: int | None = None, gamma: float = 1.0) -> dict[int, RoundMessage]:
         """One round: apply the received :class:`RoundMessage` s (``inbox``: iterable of
@@ -778,23 +781,21 @@ class PartitionState:
                 st_v.append(msg.state_values)
         _apply_inbox(
             _cat(dec_l, np.int64), _cat(dec_v, np.int64), _cat(st_l, np.int64), _cat(st_v, np.int64),
-            n_own, self.indptr, self.neighbors, self._hptr, self._hsrc, self.q, self.gid, self.picked,
-            self.cnt, self._in_heap, self._hkey, self._hnode, self.meta,
-            self._nd_ptr, self._own_dirty, self._own_dirty_flag, self._halo_dec, self._halo_dirty,
-            self._halo_dirty_flag,
+            n_own, self.q, self.gid, self._pos, self._hkey, self._hnode, self._watch_head,
+            self._watch_next, self.meta,
+            self._own_state, self._own_dirty, self._halo_dec, self._halo_dirty, self._halo_dirty_flag,
         )  # fmt: skip
         cap = np.iinfo(np.int64).max if remaining is None else int(remaining)
         self.last_picks = _certify(
             cap, float(gamma),
-            n_own, self.indptr, self.neighbors, self.distances, self._hptr, self._hsrc, self.q, self.gid,
-            self.picked, self.cnt, self._in_heap, self._hkey, self._hnode, self.meta, self.pick_lid,
-            self._nd_ptr, self._own_dirty, self._own_dirty_flag, self._halo_dec, self._halo_dirty,
-            self._halo_dirty_flag,
+            n_own, self.indptr, self.neighbors, self.distances, self.q, self._qpick, self.gid, self._pos,
+            self._hkey, self._hnode, self._watch_head, self._watch_next, self.meta, self.pick_lid,
+            self._own_state, self._own_dirty, self._halo_dec, self._halo_dirty, self._halo_dirty_flag,
         )  # fmt: skip
         dec_off, dec_slot, dec_val, st_off, st_slot, st_val = _collect_outbox(
-            self.n_partitions, n_own, self.q, self.picked, self.meta, self.halo_owner, self._halo_slot,
-            self._halo_dec, self._halo_dirty, self._nd_ptr, self._nd_dest, self._nd_slot,
-            self._own_dirty, self._own_dirty_flag, self._slot_template,
+            self.n_partitions, self.q, self.meta, self.halo_owner, self._halo_slot, self._halo_dec,
+            self._halo_dirty, self._nd_ptr, self._nd_dest, self._nd_slot, self._own_state,
+            self._own_dirty, self._slot_template,
         )  # fmt: skip
         out = {}
         for d in range(self.n_partitions):
@@ -815,20 +816,20 @@ class PartitionState:
 
     def best_unpicked(self) -> tuple[int, int] | None:
         """(q, global id) of the best owned node that is unpicked and not dead; None if none."""
-        found, bq, bg = _best_unpicked(self.n_own, self.q, self.gid, self.picked, self.meta)
+        found, bq, bg = _best_unpicked(self.n_own, self.q, self.gid, self.meta)
         return (int(bq), int(bg)) if found else None
 
     def count_picks_above(self, threshold: tuple[int, int] | None) -> int:
         """Picks with priority strictly above ``threshold`` ((q, global id); None: all picks)."""
         tq, tg = threshold if threshold is not None else (0, 0)
         return int(
-            _count_above(self.pick_lid, self.meta[_M_PICKS], self.q, self.gid, tq, tg, threshold is None)
+            _count_above(self.pick_lid, self.meta[_M_PICKS], self._qpick, self.gid, tq, tg, threshold is None)
         )
 
     def picks_above(self, threshold: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
         """(global ids, q at pick) of the picks above ``threshold``, best first."""
         lids = self.pick_lid[: self.meta[_M_PICKS]]
-        q = self.q[lids]
+        q = self._qpick[lids]
         g = self.gid[lids]
         if threshold is not None:
             tq, tg = threshold
@@ -847,7 +848,7 @@ class PartitionState:
         self._final_threshold = (int(tq), int(tg))
         self._acc, halo_acc = _finish_sums(
             int(tq), int(tg), float(gamma), self.n_own, self.n_halo, self.indptr, self.neighbors,
-            self.distances, self.q, self.gid, self.pick_lid, self.meta[_M_PICKS],
+            self.distances, self._qpick, self.gid, self.pick_lid, self.meta[_M_PICKS],
         )  # fmt: skip
         out = {}
         for o in range(self.n_partitions):
@@ -867,8 +868,8 @@ class PartitionState:
             vals.append(sums)
         tq, tg = self._final_threshold
         return _finish_scores(
-            self._acc, _cat(lids, np.int64), _cat(vals, np.int64), tq, tg, self.n_own, self.q, self.q0,
-            self.gid, self.picked,
+            self._acc, _cat(lids, np.int64), _cat(vals, np.int64), tq, tg, self.n_own, self.q, self._qpick,
+            self.q0, self.gid,
         )  # fmt: skip
 
 
@@ -920,6 +921,8 @@ def _pattern_symmetric(indptr, indices):
 
 
 def _check_pattern_symmetric(graph: CSRGraph) -> None:
+    if graph.known_symmetric:
+        return
     status = _pattern_symmetric(graph.indptr, graph.indices)
     if status == -1:
         rows = np.repeat(np.arange(graph.n_nodes, dtype=np.int64), graph.degrees)
@@ -1148,26 +1151,35 @@ def partitioned_d2_select(
 
 @numba.njit(cache=True, nogil=True)
 def _certified_rounds_kernel(indptr, indices, distances, q, budget, gamma):
+    """Synchronous rounds with the same parking as the partitions: every unpicked node is either
+    parked on one unpicked neighbour above it, or a candidate examined at the next round start."""
     n = q.shape[0]
     picked = np.zeros(n, np.bool_)
-    cnt = np.zeros(n, np.int64)
-    for u in range(n):
-        for e in range(indptr[u], indptr[u + 1]):
-            y = indices[e]
-            if y != u and _higher(q[y], y, q[u], u):
-                cnt[u] += 1
+    watch_head = np.full(n, -1, np.int64)
+    watch_next = np.empty(n, np.int64)
+    cand = np.arange(n)
+    n_cand = n
     frontier = np.empty(n, np.int64)
-    n_front = 0
-    for u in range(n):
-        if cnt[u] == 0:
-            frontier[n_front] = u
-            n_front += 1
-    nxt = np.empty(n, np.int64)
-    in_next = np.zeros(n, np.bool_)
     pick_lid = np.empty(n, np.int64)
     n_picks = 0
     rounds = 0
     while True:
+        # Examine the candidates against the state after the last round's picks.
+        n_front = 0
+        for i in range(n_cand):
+            x = cand[i]
+            blocker = -1
+            for e in range(indptr[x], indptr[x + 1]):
+                y = indices[e]
+                if y != x and not picked[y] and _higher(q[y], y, q[x], x):
+                    blocker = y
+                    break
+            if blocker >= 0:
+                watch_next[x] = watch_head[blocker]
+                watch_head[blocker] = x
+            else:
+                frontier[n_front] = x
+                n_front += 1
         # The best unpicked node is always certifiable, so it is the frontier's best.
         found = False
         tq = np.int64(0)
@@ -1186,46 +1198,42 @@ def _certified_rounds_kernel(indptr, indices, distances, q, budget, gamma):
         if settled >= budget:
             return rounds
         rounds += 1
-        n_next = 0
-        for i in range(n_front):
+        n_cand = 0
+        for i in range(n_front):  # certifiable nodes are never adjacent: pick them all at once
             u = frontier[i]
             picked[u] = True
             pick_lid[n_picks] = u
             n_picks += 1
+            w = watch_head[u]
+            watch_head[u] = -1
+            while w != -1:
+                cand[n_cand] = w
+                n_cand += 1
+                w = watch_next[w]
+        for i in range(n_front):
+            u = frontier[i]
             qu = q[u]
+            if qu <= 0:
+                continue
             for e in range(indptr[u], indptr[u + 1]):
                 y = indices[e]
                 if y == u or picked[y]:
                     continue
-                cnt[y] -= 1
-                if qu > 0:
-                    amount = suppression(edge_weight(gamma, distances[e]), qu)
-                    old = q[y]
-                    new = suppress(old, amount)
-                    if new != old:
-                        q[y] = new
-                        for e2 in range(indptr[y], indptr[y + 1]):
-                            x = indices[e2]
-                            if x == y or picked[x]:
-                                continue
-                            if _higher(old, y, q[x], x) and not _higher(new, y, q[x], x):
-                                cnt[y] += 1
-                                cnt[x] -= 1
-                                if cnt[x] == 0 and not in_next[x]:
-                                    in_next[x] = True
-                                    nxt[n_next] = x
-                                    n_next += 1
-                if cnt[y] == 0 and not in_next[y]:
-                    in_next[y] = True
-                    nxt[n_next] = y
-                    n_next += 1
-        n_front = 0
-        for i in range(n_next):
-            x = nxt[i]
-            in_next[x] = False
-            if cnt[x] == 0 and not picked[x]:
-                frontier[n_front] = x
-                n_front += 1
+                new = suppress(q[y], suppression(edge_weight(gamma, distances[e]), qu))
+                if new == q[y]:
+                    continue
+                q[y] = new
+                w = watch_head[y]
+                watch_head[y] = -1
+                while w != -1:
+                    nxt = watch_next[w]
+                    if _higher(new, y, q[w], w):
+                        watch_next[w] = watch_head[y]
+                        watch_head[y] = w
+                    else:
+                        cand[n_cand] = w
+                        n_cand += 1
+                    w = nxt
 
 
 def certified_rounds(graph: CSRGraph, forward_scores, budget: int, gamma: float = 1.0) -> int:

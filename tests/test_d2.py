@@ -539,6 +539,8 @@ def test_subgraph_matches_naive_induced_graph():
     sg2 = d2.subgraph(g, perm)
     assert sg2.n_entries == sg.n_entries and sg2.is_symmetric()
     assert d2.subgraph(g, np.zeros(0, np.int64)).n_nodes == 0
+    assert g.known_symmetric and sg.known_symmetric and sg2.known_symmetric
+    assert not CSRGraph(g.indptr, g.indices, g.distances, g.n_nodes).known_symmetric  # not checked
     with pytest.raises(ValueError, match=r"node_ids\[1\] = 80"):
         d2.subgraph(g, np.array([0, 80]))
     with pytest.raises(ValueError, match="repeats node 3"):
@@ -567,6 +569,7 @@ def test_graph_and_selection_pickle_roundtrip(small_graph):
     for name in ("indptr", "indices", "distances"):
         np.testing.assert_array_equal(getattr(g, name), getattr(small_graph, name))
     assert g.n_nodes == small_graph.n_nodes
+    assert g.known_symmetric  # built by symmetrize_knn: symmetric by construction, kept by pickle
     sel = d2.d2_select(small_graph, np.arange(30, dtype=float), 5)
     back = pickle.loads(pickle.dumps(sel))
     np.testing.assert_array_equal(back.order, sel.order)
