@@ -138,7 +138,7 @@ _NO_LEVEL_G = np.iinfo(np.int64).max
 _M_HEAP = 0  # ready-heap size
 _M_PICKS = 1  # picks so far
 _M_OWN_DIRTY = 2  # owned boundary nodes changed since the last outbox
-_M_HALO_DIRTY = 3  # halo nodes suppressed since the last outbox (kept one round: see step)
+_M_HALO_DIRTY = 3  # halo nodes suppressed this round (their sums are kept one round: see step)
 _M_DEAD_Q = 4  # dead level (q, gid): owned nodes strictly below it are dead
 _M_DEAD_G = 5
 _M_LATE = 6  # suppression that arrived for an already-picked node (must stay 0; a check)
@@ -169,176 +169,172 @@ def _higher(qa, ga, qb, gb):
     return qa > qb or (qa == qb and ga < gb)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _above(q, gid, y, qu, gu):
-    """Is local node y above priority (qu, gu)? Reads y's global id only on a tie. A picked node
-    (q = PICKED) is above nothing."""
-    qy = q[y]
-    if qy != qu:
-        return qy > qu
-    return gid[y] < gu
-
-
-# The candidates of a partition: an indexed binary max-heap over its unpicked owned nodes that
-# are not parked, keyed by (current q, local id); local ids of owned nodes are in global id order,
-# so the local id breaks ties exactly like the global one. pos[u] is u's heap slot, _PICKED_POS
-# once picked, _PARKED_POS while parked. Keys are exact (updated in place): q only falls, so an
-# update only sifts down; a node entering (start, or released from parking) sifts up.
-# q[x] holds PICKED once x is picked (owned: its score at the pick is kept in qpick[x]).
+# Per-node record of a partition, one row of ``node`` (int64[n_own + n_halo, 4]) so that touching
+# a neighbour costs one cache line:
+#   _Q     current q (owned: exact; halo: upper bound); PICKED once picked (an owned node's score
+#          at its pick is kept in qpick)
+#   _POS   owned: slot in the candidate heap, _PICKED_POS once picked, _PARKED_POS while parked
+#   _WATCH head of the list (linked through watch_next) of owned nodes parked on this node, or -1
+#   _AUX   owned: 0 = no remote neighbour, 1 = boundary node, 2 = boundary node changed since the
+#          last outbox (listed in own_dirty); halo: suppression sent to it this round (summed)
+_Q = 0
+_POS = 1
+_WATCH = 2
+_AUX = 3
 _PICKED_POS = -1
 _PARKED_POS = -2
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _sift_down(hkey, hnode, pos, p, size):
+def _above(node, gid, y, qu, gu):
+    """Is local node y above priority (qu, gu)? Reads y's global id only on a tie. A picked node
+    (q = PICKED) is above nothing."""
+    qy = node[y, _Q]
+    if qy != qu:
+        return qy > qu
+    return gid[y] < gu
+
+
+# The candidates: an indexed binary max-heap over the unpicked owned nodes that are not parked,
+# keyed by (current q, local id); local ids of owned nodes are in global id order, so the local
+# id breaks ties exactly like the global one. Keys are exact (updated in place): q only falls, so
+# an update only sifts down; a node entering (at start, or released from parking) sifts up.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sift_down(hkey, hnode, node, p, size):
     key = hkey[p]
-    node = hnode[p]
+    u = hnode[p]
     while True:
         c = 2 * p + 1
         if c >= size:
             break
         if c + 1 < size and _higher(hkey[c + 1], hnode[c + 1], hkey[c], hnode[c]):
             c += 1
-        if _higher(hkey[c], hnode[c], key, node):
+        if _higher(hkey[c], hnode[c], key, u):
             hkey[p] = hkey[c]
             hnode[p] = hnode[c]
-            pos[hnode[p]] = p
+            node[hnode[p], _POS] = p
             p = c
         else:
             break
     hkey[p] = key
-    hnode[p] = node
-    pos[node] = p
+    hnode[p] = u
+    node[u, _POS] = p
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _heap_insert(u, q, hkey, hnode, pos, meta):
+def _heap_insert(u, hkey, hnode, node, meta):
     p = meta[_M_HEAP]
     meta[_M_HEAP] = p + 1
-    key = q[u]
+    key = node[u, _Q]
     while p > 0:
         parent = (p - 1) >> 1
         if _higher(key, u, hkey[parent], hnode[parent]):
             hkey[p] = hkey[parent]
             hnode[p] = hnode[parent]
-            pos[hnode[p]] = p
+            node[hnode[p], _POS] = p
             p = parent
         else:
             break
     hkey[p] = key
     hnode[p] = u
-    pos[u] = p
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _heap_remove_top(hkey, hnode, pos, meta):
-    size = meta[_M_HEAP] - 1
-    meta[_M_HEAP] = size
-    if size > 0:
-        hkey[0] = hkey[size]
-        hnode[0] = hnode[size]
-        pos[hnode[0]] = 0
-        _sift_down(hkey, hnode, pos, 0, size)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _fell(u, q, hkey, hnode, pos, meta):
-    """Owned unpicked u's q fell: move it down in the heap if it is there."""
-    p = pos[u]
-    if p >= 0:
-        hkey[p] = q[u]
-        _sift_down(hkey, hnode, pos, p, meta[_M_HEAP])
+    node[u, _POS] = p
 
 
 @numba.njit(cache=True, nogil=True)
-def _release_watchers(b, q, gid, watch_head, watch_next, hkey, hnode, pos, meta):
+def _release_watchers(b, node, gid, watch_next, hkey, hnode, meta):
     """Blocker ``b`` (owned or halo local id) was picked or fell: the nodes parked on it that it
     no longer blocks go back into the heap (to be examined again); the others keep watching it.
-    Callers test ``watch_head[b] != -1`` first (the common case: nobody parked on b)."""
-    w = watch_head[b]
-    watch_head[b] = -1
-    qb = q[b]
+    Callers test ``node[b, _WATCH] != -1`` first (the common case: nobody parked on b)."""
+    w = node[b, _WATCH]
+    node[b, _WATCH] = -1
+    qb = node[b, _Q]
     gb = gid[b]
     while w != -1:
         nxt = watch_next[w]
-        if _higher(qb, gb, q[w], gid[w]):  # false once b is picked (q = PICKED)
-            watch_next[w] = watch_head[b]
-            watch_head[b] = w
+        if _higher(qb, gb, node[w, _Q], gid[w]):  # false once b is picked (q = PICKED)
+            watch_next[w] = node[b, _WATCH]
+            node[b, _WATCH] = w
         else:
-            _heap_insert(w, q, hkey, hnode, pos, meta)
+            _heap_insert(w, hkey, hnode, node, meta)
         w = nxt
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _mark_own_dirty(u, own_state, own_dirty, meta):
-    """own_state: 0 = no remote neighbour, 1 = boundary node, 2 = boundary node changed since the
-    last outbox (listed in own_dirty)."""
-    if own_state[u] == 1:
-        own_state[u] = 2
+def _owned_fell(u, new, node, gid, watch_next, hkey, hnode, own_dirty, meta):
+    """Owned unpicked u's q fell to ``new``: update its record, heap slot, watchers, dirtiness."""
+    node[u, _Q] = new
+    p = node[u, _POS]
+    if p >= 0:
+        hkey[p] = new
+        _sift_down(hkey, hnode, node, p, meta[_M_HEAP])
+    if node[u, _WATCH] != -1:
+        _release_watchers(u, node, gid, watch_next, hkey, hnode, meta)
+    if node[u, _AUX] == 1:
+        node[u, _AUX] = 2
         own_dirty[meta[_M_OWN_DIRTY]] = u
         meta[_M_OWN_DIRTY] += 1
 
 
 @numba.njit(cache=True, nogil=True)
-def _init_heap(n_own, q, hkey, hnode, pos, meta):
+def _init_heap(n_own, node, hkey, hnode, meta):
     for u in range(n_own):
-        hkey[u] = q[u]
+        hkey[u] = node[u, _Q]
         hnode[u] = u
-        pos[u] = u
+        node[u, _POS] = u
     meta[_M_HEAP] = n_own
     for p in range((n_own >> 1) - 1, -1, -1):
-        _sift_down(hkey, hnode, pos, p, n_own)
+        _sift_down(hkey, hnode, node, p, n_own)
 
 
 @numba.njit(cache=True, nogil=True)
 def _apply_inbox(
-    dec_lid, dec_val, st_hl, st_val,
-    n_own, q, gid, pos, hkey, hnode, watch_head, watch_next, meta,
-    own_state, own_dirty, halo_dec, halo_dirty, halo_dirty_flag,
+    dec_seg, dec_slot, dec_val, st_seg, st_slot, st_val,
+    n_own, bnd_off, bnd_lid, halo_off, halo_by_owner,
+    node, gid, watch_next, hkey, hnode, meta, own_dirty, halo_dirty,
 ):  # fmt: skip
-    """Apply one round's received messages, then forget what this partition sent last round."""
-    for i in range(dec_lid.shape[0]):
-        u = dec_lid[i]
-        qu = q[u]
-        if qu == PICKED:
-            meta[_M_LATE] += 1  # impossible by claim 3 of the module docstring; counted as a check
-            continue
-        new = suppress(qu, dec_val[i])
-        if new != qu:
-            q[u] = new
-            _fell(u, q, hkey, hnode, pos, meta)
-            if watch_head[u] != -1:
-                _release_watchers(u, q, gid, watch_head, watch_next, hkey, hnode, pos, meta)
-            _mark_own_dirty(u, own_state, own_dirty, meta)
-    for i in range(st_hl.shape[0]):
-        hl = st_hl[i]
-        qh = q[hl]
-        if qh == PICKED:
-            continue
-        v = st_val[i]
-        if v == PICKED:
-            new = v
-        else:
-            # The owner computed v before applying what this partition sent it last round
-            # (halo_dec, still held): v minus that is an upper bound of the node's true score,
-            # and so is the old bound; keep the smaller.
-            new = suppress(v, halo_dec[hl - n_own])
-        if new < qh:
-            q[hl] = new
-            if watch_head[hl] != -1:
-                _release_watchers(hl, q, gid, watch_head, watch_next, hkey, hnode, pos, meta)
+    """Apply one round's received messages, then forget what this partition sent last round.
+    ``*_seg`` is int64[k, 3]: (source partition, first entry, end) of each message's entries."""
+    for s in range(dec_seg.shape[0]):
+        base = bnd_off[dec_seg[s, 0]]
+        for i in range(dec_seg[s, 1], dec_seg[s, 2]):
+            u = bnd_lid[base + dec_slot[i]]
+            qu = node[u, _Q]
+            if qu == PICKED:
+                meta[_M_LATE] += 1  # impossible by claim 3 of the module docstring: a check
+                continue
+            new = suppress(qu, dec_val[i])
+            if new != qu:
+                _owned_fell(u, new, node, gid, watch_next, hkey, hnode, own_dirty, meta)
+    for s in range(st_seg.shape[0]):
+        base = halo_off[st_seg[s, 0]]
+        for i in range(st_seg[s, 1], st_seg[s, 2]):
+            hl = halo_by_owner[base + st_slot[i]]
+            qh = node[hl, _Q]
+            if qh == PICKED:
+                continue
+            v = st_val[i]
+            if v == PICKED:
+                new = v
+            else:
+                # The owner computed v before applying what this partition sent it last round
+                # (_AUX, still held): v minus that is an upper bound of the node's true score,
+                # and so is the old bound; keep the smaller.
+                new = suppress(v, node[hl, _AUX])
+            if new < qh:
+                node[hl, _Q] = new
+                if node[hl, _WATCH] != -1:
+                    _release_watchers(hl, node, gid, watch_next, hkey, hnode, meta)
     for i in range(meta[_M_HALO_DIRTY]):
-        h = halo_dirty[i]
-        halo_dec[h] = 0
-        halo_dirty_flag[h] = False
+        node[halo_dirty[i], _AUX] = 0
     meta[_M_HALO_DIRTY] = 0
 
 
 @numba.njit(cache=True, nogil=True)
 def _certify(
-    cap, gamma,
-    n_own, indptr, nbr, dist, q, qpick, gid, pos, hkey, hnode, watch_head, watch_next, meta, pick_lid,
-    own_state, own_dirty, halo_dec, halo_dirty, halo_dirty_flag,
+    cap, gamma, n_own, indptr, nbr, dist,
+    node, gid, qpick, watch_next, hkey, hnode, meta, pick_lid, own_dirty, halo_dirty,
 ):  # fmt: skip
     """Certify to a fixpoint, best first, at most ``cap`` picks (then set the dead level).
 
@@ -358,52 +354,60 @@ def _certify(
         blocker = -1
         for e in range(indptr[u], indptr[u + 1]):
             y = nbr[e]
-            if _above(q, gid, y, qu, gu):
+            if _above(node, gid, y, qu, gu):
                 blocker = y
                 break
-        _heap_remove_top(hkey, hnode, pos, meta)
+        # remove u from the heap top
+        size = meta[_M_HEAP] - 1
+        meta[_M_HEAP] = size
+        if size > 0:
+            hkey[0] = hkey[size]
+            hnode[0] = hnode[size]
+            _sift_down(hkey, hnode, node, 0, size)
         if blocker >= 0:
-            pos[u] = _PARKED_POS
-            watch_next[u] = watch_head[blocker]
-            watch_head[blocker] = u
+            node[u, _POS] = _PARKED_POS
+            watch_next[u] = node[blocker, _WATCH]
+            node[blocker, _WATCH] = u
             continue
         # Pick u: it beats every unpicked neighbour (owned: exact; halo: upper bound).
-        pos[u] = _PICKED_POS
-        q[u] = PICKED
+        node[u, _POS] = _PICKED_POS
+        node[u, _Q] = PICKED
         qpick[u] = qu
         pick_lid[meta[_M_PICKS]] = u
         meta[_M_PICKS] += 1
-        _mark_own_dirty(u, own_state, own_dirty, meta)
-        if watch_head[u] != -1:
-            _release_watchers(u, q, gid, watch_head, watch_next, hkey, hnode, pos, meta)
+        if node[u, _AUX] == 1:
+            node[u, _AUX] = 2
+            own_dirty[meta[_M_OWN_DIRTY]] = u
+            meta[_M_OWN_DIRTY] += 1
+        if node[u, _WATCH] != -1:
+            _release_watchers(u, node, gid, watch_next, hkey, hnode, meta)
         if qu > 0:
             for e in range(indptr[u], indptr[u + 1]):
                 y = nbr[e]
-                qy = q[y]
+                qy = node[y, _Q]
                 if qy == PICKED:
                     continue  # picked (u itself, for a self edge): frozen
                 amount = suppression(edge_weight(gamma, dist[e]), qu)
                 if amount == 0:
                     continue
                 new = suppress(qy, amount)
-                if y >= n_own:
-                    h = y - n_own
-                    total = halo_dec[h] + amount
-                    halo_dec[h] = total if total < DECREMENT_CAP else DECREMENT_CAP
-                    if not halo_dirty_flag[h]:
-                        halo_dirty_flag[h] = True
-                        halo_dirty[meta[_M_HALO_DIRTY]] = h
-                        meta[_M_HALO_DIRTY] += 1
-                    # Lower our bound by what we just sent: the sequential run applies this
-                    # suppression too (y is not picked this round, claim 3), so the bound stays
-                    # >= y's true score.
+                if y < n_own:
+                    if new != qy:
+                        _owned_fell(y, new, node, gid, watch_next, hkey, hnode, own_dirty, meta)
+                    continue
+                sent = node[y, _AUX]
+                if sent == 0:
+                    halo_dirty[meta[_M_HALO_DIRTY]] = y
+                    meta[_M_HALO_DIRTY] += 1
+                total = sent + amount
+                node[y, _AUX] = total if total < DECREMENT_CAP else DECREMENT_CAP
+                # Lower our bound by what we just sent: the sequential run applies this
+                # suppression too (y is not picked this round, claim 3), so the bound stays
+                # >= y's true score.
                 if new != qy:
-                    q[y] = new
-                    if y < n_own:
-                        _fell(y, q, hkey, hnode, pos, meta)
-                        _mark_own_dirty(y, own_state, own_dirty, meta)
-                    if watch_head[y] != -1:
-                        _release_watchers(y, q, gid, watch_head, watch_next, hkey, hnode, pos, meta)
+                    node[y, _Q] = new
+                    if node[y, _WATCH] != -1:
+                        _release_watchers(y, node, gid, watch_next, hkey, hnode, meta)
         n_round += 1
         if n_round >= cap:
             meta[_M_DEAD_Q] = qu
@@ -413,51 +417,43 @@ def _certify(
 
 @numba.njit(cache=True, nogil=True)
 def _collect_outbox(
-    n_parts, q, meta, halo_owner, halo_slot, halo_dec, halo_dirty,
-    nd_ptr, nd_dest, nd_slot, own_state, own_dirty, slot_template,
+    n_parts, n_own, node, meta, halo_owner, halo_off, halo_slot, halo_dirty,
+    nd_ptr, nd_dest, nd_slot, bnd_off, own_dirty, slot_template,
 ):  # fmt: skip
-    """This round's messages, grouped by destination (offsets per destination partition)."""
-    n_dec = meta[_M_HALO_DIRTY]
-    dec_off = np.zeros(n_parts + 1, np.int64)
-    for i in range(n_dec):
-        dec_off[halo_owner[halo_dirty[i]] + 1] += 1
-    for p in range(n_parts):
-        dec_off[p + 1] += dec_off[p]
-    dec_slot = np.empty(n_dec, slot_template.dtype)
-    dec_val = np.empty(n_dec, np.int64)
-    fill = dec_off[:n_parts].copy()
-    for i in range(n_dec):
-        h = halo_dirty[i]
-        o = halo_owner[h]
-        dec_slot[fill[o]] = halo_slot[h]
-        dec_val[fill[o]] = halo_dec[h]
-        fill[o] += 1
-    n_dirty = meta[_M_OWN_DIRTY]
-    st_off = np.zeros(n_parts + 1, np.int64)
-    for i in range(n_dirty):
+    """This round's messages in one pass, each destination's entries in its own range of flat
+    arrays (a destination receives at most one entry per node of its pair list).
+    Returns (dec counts, dec slots, dec values, state counts, state slots, state values):
+    destination d's decrements are ``dec_*[halo_off[d] : halo_off[d] + dec_counts[d]]``, its
+    states ``st_*[bnd_off[d] : bnd_off[d] + st_counts[d]]``."""
+    dec_cnt = np.zeros(n_parts, np.int64)
+    dec_slot = np.empty(halo_off[n_parts], slot_template.dtype)
+    dec_val = np.empty(halo_off[n_parts], np.int64)
+    for i in range(meta[_M_HALO_DIRTY]):
+        hl = halo_dirty[i]
+        o = halo_owner[hl - n_own]
+        k = halo_off[o] + dec_cnt[o]
+        dec_slot[k] = halo_slot[hl - n_own]
+        dec_val[k] = node[hl, _AUX]
+        dec_cnt[o] += 1
+    st_cnt = np.zeros(n_parts, np.int64)
+    st_slot = np.empty(bnd_off[n_parts], slot_template.dtype)
+    st_val = np.empty(bnd_off[n_parts], np.int64)
+    for i in range(meta[_M_OWN_DIRTY]):
         u = own_dirty[i]
-        for k in range(nd_ptr[u], nd_ptr[u + 1]):
-            st_off[nd_dest[k] + 1] += 1
-    for p in range(n_parts):
-        st_off[p + 1] += st_off[p]
-    st_slot = np.empty(st_off[n_parts], slot_template.dtype)
-    st_val = np.empty(st_off[n_parts], np.int64)
-    fill = st_off[:n_parts].copy()
-    for i in range(n_dirty):
-        u = own_dirty[i]
-        v = q[u]  # PICKED once picked
+        v = node[u, _Q]  # PICKED once picked
         for k in range(nd_ptr[u], nd_ptr[u + 1]):
             d = nd_dest[k]
-            st_slot[fill[d]] = nd_slot[k]
-            st_val[fill[d]] = v
-            fill[d] += 1
-        own_state[u] = 1
+            j = bnd_off[d] + st_cnt[d]
+            st_slot[j] = nd_slot[k]
+            st_val[j] = v
+            st_cnt[d] += 1
+        node[u, _AUX] = 1
     meta[_M_OWN_DIRTY] = 0
-    return dec_off, dec_slot, dec_val, st_off, st_slot, st_val
+    return dec_cnt, dec_slot, dec_val, st_cnt, st_slot, st_val
 
 
 @numba.njit(cache=True, nogil=True)
-def _best_unpicked(n_own, q, gid, meta):
+def _best_unpicked(n_own, node, gid, meta):
     """(found, q, gid) of the best unpicked owned node that is not dead."""
     found = False
     bq = _NO_LEVEL_Q
@@ -465,7 +461,7 @@ def _best_unpicked(n_own, q, gid, meta):
     dq = meta[_M_DEAD_Q]
     dg = meta[_M_DEAD_G]
     for u in range(n_own):
-        qu = q[u]
+        qu = node[u, _Q]
         if qu == PICKED:
             continue
         gu = gid[u]
@@ -529,13 +525,13 @@ def _finish_sums(tq, tg, gamma, n_own, n_halo, indptr, nbr, dist, qpick, gid, pi
 
 
 @numba.njit(cache=True, nogil=True)
-def _finish_scores(acc, lids, vals, tq, tg, n_own, q, qpick, q0, gid):
+def _finish_scores(acc, lids, vals, tq, tg, n_own, node, qpick, q0, gid):
     for i in range(lids.shape[0]):
         t = acc[lids[i]] + vals[i]
         acc[lids[i]] = t if t < DECREMENT_CAP else DECREMENT_CAP
     final = np.empty(n_own, np.int64)
     for u in range(n_own):
-        if q[u] == PICKED and not _higher(tq, tg, qpick[u], gid[u]):
+        if node[u, _Q] == PICKED and not _higher(tq, tg, qpick[u], gid[u]):
             final[u] = qpick[u]  # among the first B: its score when picked
         else:
             final[u] = suppress(q0[u], acc[u])
@@ -545,13 +541,6 @@ def _finish_scores(acc, lids, vals, tq, tg, n_own, q, qpick, q0, gid):
 @numba.njit(cache=True, nogil=True)
 def _setup_kernel(n_parts, n_own, n_halo, indptr, nbr, halo_owner):
     """Derived structure of a partition: the pair lists both ways, owned node -> destinations."""
-    # entries pointing at each halo node (each must have one: the halo is exactly the remote
-    # neighbours)
-    halo_deg = np.zeros(n_halo, np.int64)
-    for e in range(indptr[n_own]):
-        y = nbr[e]
-        if y >= n_own:
-            halo_deg[y - n_own] += 1
     # halo nodes grouped by owner (ascending local id = ascending global id within an owner)
     halo_off = np.zeros(n_parts + 1, np.int64)
     for h in range(n_halo):
@@ -567,22 +556,25 @@ def _setup_kernel(n_parts, n_own, n_halo, indptr, nbr, halo_owner):
         halo_by_owner[fill[o]] = n_own + h
         fill[o] += 1
     # owned node -> distinct destination partitions (owners of its halo neighbours), and the
-    # pair lists L(me->d): owned nodes in ascending local (= global) id per destination
+    # pair lists L(me->d): owned nodes in ascending local (= global) id per destination. Also
+    # the entries pointing at each halo node (each must have one: the halo is exactly the
+    # remote neighbours).
+    halo_deg = np.zeros(n_halo, np.int64)
     stamp = np.full(n_parts, -1, np.int64)
-    nd_count = np.zeros(n_own + 1, np.int64)
+    nd_ptr = np.zeros(n_own + 1, np.int64)
     bnd_off = np.zeros(n_parts + 1, np.int64)
     for u in range(n_own):
+        c = 0
         for e in range(indptr[u], indptr[u + 1]):
             y = nbr[e]
             if y >= n_own:
+                halo_deg[y - n_own] += 1
                 o = halo_owner[y - n_own]
                 if stamp[o] != u:
                     stamp[o] = u
-                    nd_count[u + 1] += 1
+                    c += 1
                     bnd_off[o + 1] += 1
-    for u in range(n_own):
-        nd_count[u + 1] += nd_count[u]
-    nd_ptr = nd_count
+        nd_ptr[u + 1] = nd_ptr[u] + c
     for p in range(n_parts):
         bnd_off[p + 1] += bnd_off[p]
     nd_dest = np.empty(nd_ptr[n_own], np.int32)
@@ -590,8 +582,10 @@ def _setup_kernel(n_parts, n_own, n_halo, indptr, nbr, halo_owner):
     bnd_lid = np.empty(bnd_off[n_parts], np.int64)
     fill = bnd_off[:n_parts].copy()
     stamp[:] = -1
-    k = 0
     for u in range(n_own):
+        if nd_ptr[u + 1] == nd_ptr[u]:
+            continue
+        k = nd_ptr[u]
         for e in range(indptr[u], indptr[u + 1]):
             y = nbr[e]
             if y >= n_own:
@@ -741,13 +735,15 @@ class PartitionState:
         """Quantize owned scores and halo bounds with the global shift; everything unpicked."""
         n_own, n_halo = self.n_own, self.n_halo
         self.shift = int(shift)
-        self.q = quantize_scores(self._prev, self.shift)  # halo: exact initial q = a valid bound
-        self.q0 = self.q[:n_own].copy()
-        idx = self.neighbors.dtype
+        q = quantize_scores(self._prev, self.shift)  # halo: exact initial q = a valid bound
+        self.q0 = q[:n_own].copy()
+        self._node = np.empty((n_own + n_halo, 4), np.int64)
+        self._node[:, _Q] = q
+        self._node[:, _WATCH] = -1
+        self._node[:n_own, _AUX] = np.diff(self._nd_ptr) > 0
+        self._node[n_own:, _AUX] = 0
         self._qpick = np.zeros(n_own, np.int64)
-        self._pos = np.empty(n_own, idx)
-        self._watch_head = np.full(n_own + n_halo, -1, idx)
-        self._watch_next = np.empty(n_own, idx)
+        self._watch_next = np.empty(n_own, self.neighbors.dtype)
         self._hkey = np.empty(n_own, np.int64)
         self._hnode = np.empty(n_own, self.neighbors.dtype)
         self.meta = np.zeros(_M_SIZE, np.int64)
@@ -755,12 +751,15 @@ class PartitionState:
         self.meta[_M_DEAD_G] = _NO_LEVEL_G
         self.pick_lid = np.empty(n_own, np.int64)
         self._own_dirty = np.empty(n_own, np.int64)
-        self._own_state = (np.diff(self._nd_ptr) > 0).astype(np.uint8)
-        self._halo_dec = np.zeros(n_halo, np.int64)
         self._halo_dirty = np.empty(n_halo, np.int64)
-        self._halo_dirty_flag = np.zeros(n_halo, dtype=np.bool_)
         self._slot_template = np.zeros(0, _slot_dtype(max(n_own, n_halo)))
-        _init_heap(n_own, self.q, self._hkey, self._hnode, self._pos, self.meta)
+        _init_heap(n_own, self._node, self._hkey, self._hnode, self.meta)
+
+    @property
+    def q(self) -> np.ndarray:
+        """int64[n_own + n_halo] current q of the owned nodes and bounds of the halo (PICKED once
+        picked); a view."""
+        return self._node[:, _Q]
 
     def step(self, inbox, remaining: int | None = None, gamma: float = 1.0) -> dict[int, RoundMessage]:
         """One round: apply the received :class:`RoundMessage` s (``inbox``: iterable of
@@ -769,40 +768,42 @@ class PartitionState:
         if self.shift is None:
             raise RuntimeError("start_reverse first")
         n_own = self.n_own
-        dec_l, dec_v, st_l, st_v = [], [], [], []
+        dec_seg, dec_s, dec_v, st_seg, st_s, st_v = [], [], [], [], [], []
+        n_dec = n_st = 0
         for src, msg in inbox:
             if msg.dec_slots.size:
-                lo = self._bnd_off[src]
-                dec_l.append(self._bnd_lid[lo + msg.dec_slots.astype(np.int64)])
+                dec_seg.append((src, n_dec, n_dec + msg.dec_slots.size))
+                n_dec += msg.dec_slots.size
+                dec_s.append(msg.dec_slots)
                 dec_v.append(msg.dec_values)
             if msg.state_slots.size:
-                lo = self._halo_off[src]
-                st_l.append(self._halo_by_owner[lo + msg.state_slots.astype(np.int64)])
+                st_seg.append((src, n_st, n_st + msg.state_slots.size))
+                n_st += msg.state_slots.size
+                st_s.append(msg.state_slots)
                 st_v.append(msg.state_values)
         _apply_inbox(
-            _cat(dec_l, np.int64), _cat(dec_v, np.int64), _cat(st_l, np.int64), _cat(st_v, np.int64),
-            n_own, self.q, self.gid, self._pos, self._hkey, self._hnode, self._watch_head,
-            self._watch_next, self.meta,
-            self._own_state, self._own_dirty, self._halo_dec, self._halo_dirty, self._halo_dirty_flag,
+            np.array(dec_seg, np.int64).reshape(-1, 3), _cat(dec_s, np.int64), _cat(dec_v, np.int64),
+            np.array(st_seg, np.int64).reshape(-1, 3), _cat(st_s, np.int64), _cat(st_v, np.int64),
+            n_own, self._bnd_off, self._bnd_lid, self._halo_off, self._halo_by_owner,
+            self._node, self.gid, self._watch_next, self._hkey, self._hnode, self.meta, self._own_dirty,
+            self._halo_dirty,
         )  # fmt: skip
         cap = np.iinfo(np.int64).max if remaining is None else int(remaining)
         self.last_picks = _certify(
-            cap, float(gamma),
-            n_own, self.indptr, self.neighbors, self.distances, self.q, self._qpick, self.gid, self._pos,
-            self._hkey, self._hnode, self._watch_head, self._watch_next, self.meta, self.pick_lid,
-            self._own_state, self._own_dirty, self._halo_dec, self._halo_dirty, self._halo_dirty_flag,
+            cap, float(gamma), n_own, self.indptr, self.neighbors, self.distances,
+            self._node, self.gid, self._qpick, self._watch_next, self._hkey, self._hnode, self.meta,
+            self.pick_lid, self._own_dirty, self._halo_dirty,
         )  # fmt: skip
-        dec_off, dec_slot, dec_val, st_off, st_slot, st_val = _collect_outbox(
-            self.n_partitions, self.q, self.meta, self.halo_owner, self._halo_slot, self._halo_dec,
-            self._halo_dirty, self._nd_ptr, self._nd_dest, self._nd_slot, self._own_state,
-            self._own_dirty, self._slot_template,
+        dec_cnt, dec_slot, dec_val, st_cnt, st_slot, st_val = _collect_outbox(
+            self.n_partitions, n_own, self._node, self.meta, self.halo_owner, self._halo_off,
+            self._halo_slot, self._halo_dirty, self._nd_ptr, self._nd_dest, self._nd_slot,
+            self._bnd_off, self._own_dirty, self._slot_template,
         )  # fmt: skip
         out = {}
-        for d in range(self.n_partitions):
-            a, b = dec_off[d], dec_off[d + 1]
-            c, e = st_off[d], st_off[d + 1]
-            if b > a or e > c:
-                out[d] = RoundMessage(dec_slot[a:b], dec_val[a:b], st_slot[c:e], st_val[c:e])
+        for d in np.flatnonzero(dec_cnt + st_cnt).tolist():
+            a, c = self._halo_off[d], self._bnd_off[d]
+            b, e = a + dec_cnt[d], c + st_cnt[d]
+            out[d] = RoundMessage(dec_slot[a:b], dec_val[a:b], st_slot[c:e], st_val[c:e])
         return out
 
     @property
@@ -816,7 +817,7 @@ class PartitionState:
 
     def best_unpicked(self) -> tuple[int, int] | None:
         """(q, global id) of the best owned node that is unpicked and not dead; None if none."""
-        found, bq, bg = _best_unpicked(self.n_own, self.q, self.gid, self.meta)
+        found, bq, bg = _best_unpicked(self.n_own, self._node, self.gid, self.meta)
         return (int(bq), int(bg)) if found else None
 
     def count_picks_above(self, threshold: tuple[int, int] | None) -> int:
@@ -868,8 +869,8 @@ class PartitionState:
             vals.append(sums)
         tq, tg = self._final_threshold
         return _finish_scores(
-            self._acc, _cat(lids, np.int64), _cat(vals, np.int64), tq, tg, self.n_own, self.q, self._qpick,
-            self.q0, self.gid,
+            self._acc, _cat(lids, np.int64), _cat(vals, np.int64), tq, tg, self.n_own, self._node,
+            self._qpick, self.q0, self.gid,
         )  # fmt: skip
 
 
@@ -938,40 +939,41 @@ def _check_pattern_symmetric(graph: CSRGraph) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _partition_rows(indptr, indices, distances, labels, owned, p, local_of, stamp, nbr_template):
-    """The owned rows of partition ``p`` with local neighbour ids, and its sorted halo."""
+def _partition_rows(indptr, indices, distances, owned, p, tag, nbr_template):
+    """The owned rows of partition ``p`` with local neighbour ids, and its sorted halo.
+
+    ``tag`` (int64[N], shared by the calls for all partitions) maps a node to
+    ``(p + 1) << 32 | local id`` for the partition that touched it last, so one random access per
+    entry tells owned, halo seen before, or new halo, and the final pass reads the local id.
+    """
     n_own = owned.shape[0]
+    stamp = np.int64(p + 1) << 32
+    low = (np.int64(1) << 32) - 1
     out_ptr = np.zeros(n_own + 1, np.int64)
+    for a in range(n_own):
+        i = owned[a]
+        tag[i] = stamp | a
+        out_ptr[a + 1] = out_ptr[a] + indptr[i + 1] - indptr[i]
+    halo = np.empty(out_ptr[n_own], np.int64)
     n_halo = 0
     for a in range(n_own):
         i = owned[a]
-        local_of[i] = a
-        out_ptr[a + 1] = out_ptr[a] + indptr[i + 1] - indptr[i]
         for e in range(indptr[i], indptr[i + 1]):
             v = indices[e]
-            if labels[v] != p and stamp[v] != p:
-                stamp[v] = p
+            if tag[v] & ~low != stamp:
+                tag[v] = stamp
+                halo[n_halo] = v
                 n_halo += 1
-    halo = np.empty(n_halo, np.int64)
-    k = 0
-    for a in range(n_own):
-        i = owned[a]
-        for e in range(indptr[i], indptr[i + 1]):
-            v = indices[e]
-            if labels[v] != p and stamp[v] == p:
-                stamp[v] = -2 - p  # collected
-                halo[k] = v
-                k += 1
-    halo.sort()
+    halo = np.sort(halo[:n_halo])
     for h in range(n_halo):
-        local_of[halo[h]] = n_own + h
+        tag[halo[h]] = stamp | (n_own + h)
     out_nbr = np.empty(out_ptr[n_own], nbr_template.dtype)
     out_dist = np.empty(out_ptr[n_own], distances.dtype)
     w = 0
     for a in range(n_own):
         i = owned[a]
         for e in range(indptr[i], indptr[i + 1]):
-            out_nbr[w] = local_of[indices[e]]
+            out_nbr[w] = tag[indices[e]] & low
             out_dist[w] = distances[e]
             w += 1
     return out_ptr, out_nbr, out_dist, halo
@@ -981,32 +983,32 @@ def graph_partition_arrays(graph: CSRGraph, scores, labels, n_partitions: int):
     """Split a graph by ``labels`` into the constructor arguments of each :class:`PartitionState`
     (a list of dicts of numpy arrays, one per partition; empty partitions included)."""
     n = graph.n_nodes
+    if n >= 2**32:
+        raise ValueError("the in-process split handles up to 2**32 nodes")
     lab = np.ascontiguousarray(labels, dtype=np.int64)
     s = np.asarray(scores, dtype=np.float64)
     order = np.argsort(lab, kind="stable")  # by partition, ascending id inside each
     bounds = np.searchsorted(lab[order], np.arange(n_partitions + 1))
-    local_of = np.empty(n, np.int64)
-    stamp = np.full(n, -1, np.int64)
+    tag = np.zeros(n, np.int64)
     parts = []
     for p in range(n_partitions):
         owned = order[bounds[p] : bounds[p + 1]]
         ptr, nbr, dist, halo = _partition_rows(
-            graph.indptr, graph.indices, graph.distances, lab, owned, p, local_of, stamp,
-            np.zeros(0, _slot_dtype(owned.shape[0] + n)),
-        )  # fmt: skip
+            graph.indptr, graph.indices, graph.distances, owned, p, tag, np.zeros(0, _slot_dtype(n))
+        )
         parts.append(
-            dict(
-                part_id=p,
-                n_partitions=n_partitions,
-                owned=owned,
-                indptr=ptr,
-                neighbors=nbr,
-                distances=dist,
-                owned_scores=s[owned],
-                halo=halo,
-                halo_owner=lab[halo],
-                halo_scores=s[halo],
-            )
+            {
+                "part_id": p,
+                "n_partitions": n_partitions,
+                "owned": owned,
+                "indptr": ptr,
+                "neighbors": nbr,
+                "distances": dist,
+                "owned_scores": s[owned],
+                "halo": halo,
+                "halo_owner": lab[halo],
+                "halo_scores": s[halo],
+            }
         )
     return parts
 
