@@ -121,6 +121,7 @@ __all__ = [
     "PartitionState",
     "RoundMessage",
     "certified_rounds",
+    "dead_level_from_sketches",
     "graph_partition_arrays",
     "partitioned_d2_select",
 ]
@@ -142,7 +143,8 @@ _M_HALO_DIRTY = 3  # halo nodes suppressed this round (their sums are kept one r
 _M_DEAD_Q = 4  # dead level (q, gid): owned nodes strictly below it are dead
 _M_DEAD_G = 5
 _M_LATE = 6  # suppression that arrived for an already-picked node (must stay 0; a check)
-_M_SIZE = 7
+_M_PARKS = 7  # candidates examined and parked (blocked), a work counter
+_M_SIZE = 8
 
 
 class RoundMessage(NamedTuple):
@@ -242,27 +244,44 @@ def _heap_insert(u, hkey, hnode, node, meta):
     node[u, _POS] = p
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _find_blocker(u, qu, gu, indptr, nbr, node, gid):
+    """A neighbour of owned u above priority (qu, gu) (the first in its row), or -1."""
+    for e in range(indptr[u], indptr[u + 1]):
+        y = nbr[e]
+        if _above(node, gid, y, qu, gu):
+            return y
+    return -1
+
+
 @numba.njit(cache=True, nogil=True)
-def _release_watchers(b, node, gid, watch_next, hkey, hnode, meta):
-    """Blocker ``b`` (owned or halo local id) was picked or fell: the nodes parked on it that it
-    no longer blocks go back into the heap (to be examined again); the others keep watching it.
-    Callers test ``node[b, _WATCH] != -1`` first (the common case: nobody parked on b)."""
+def _release_watchers(b, indptr, nbr, node, gid, watch_next, hkey, hnode, meta):
+    """Blocker ``b`` (owned or halo local id) was picked or fell: each node parked on it that it
+    no longer blocks is examined again at once, and parks on another neighbour above it or, if
+    none is, goes back into the heap. Callers test ``node[b, _WATCH] != -1`` first (the common
+    case: nobody parked on b)."""
     w = node[b, _WATCH]
     node[b, _WATCH] = -1
     qb = node[b, _Q]
     gb = gid[b]
     while w != -1:
         nxt = watch_next[w]
-        if _higher(qb, gb, node[w, _Q], gid[w]):  # false once b is picked (q = PICKED)
-            watch_next[w] = node[b, _WATCH]
-            node[b, _WATCH] = w
+        qw = node[w, _Q]
+        gw = gid[w]
+        if _higher(qb, gb, qw, gw):  # false once b is picked (q = PICKED)
+            blocker = b
+        else:
+            blocker = _find_blocker(w, qw, gw, indptr, nbr, node, gid)
+        if blocker >= 0:
+            watch_next[w] = node[blocker, _WATCH]
+            node[blocker, _WATCH] = w
         else:
             _heap_insert(w, hkey, hnode, node, meta)
         w = nxt
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _owned_fell(u, new, node, gid, watch_next, hkey, hnode, own_dirty, meta):
+def _owned_fell(u, new, indptr, nbr, node, gid, watch_next, hkey, hnode, own_dirty, meta):
     """Owned unpicked u's q fell to ``new``: update its record, heap slot, watchers, dirtiness."""
     node[u, _Q] = new
     p = node[u, _POS]
@@ -270,7 +289,7 @@ def _owned_fell(u, new, node, gid, watch_next, hkey, hnode, own_dirty, meta):
         hkey[p] = new
         _sift_down(hkey, hnode, node, p, meta[_M_HEAP])
     if node[u, _WATCH] != -1:
-        _release_watchers(u, node, gid, watch_next, hkey, hnode, meta)
+        _release_watchers(u, indptr, nbr, node, gid, watch_next, hkey, hnode, meta)
     if node[u, _AUX] == 1:
         node[u, _AUX] = 2
         own_dirty[meta[_M_OWN_DIRTY]] = u
@@ -291,7 +310,7 @@ def _init_heap(n_own, node, hkey, hnode, meta):
 @numba.njit(cache=True, nogil=True)
 def _apply_inbox(
     dec_seg, dec_slot, dec_val, st_seg, st_slot, st_val,
-    n_own, bnd_off, bnd_lid, halo_off, halo_by_owner,
+    n_own, indptr, nbr, bnd_off, bnd_lid, halo_off, halo_by_owner,
     node, gid, watch_next, hkey, hnode, meta, own_dirty, halo_dirty,
 ):  # fmt: skip
     """Apply one round's received messages, then forget what this partition sent last round.
@@ -306,7 +325,7 @@ def _apply_inbox(
                 continue
             new = suppress(qu, dec_val[i])
             if new != qu:
-                _owned_fell(u, new, node, gid, watch_next, hkey, hnode, own_dirty, meta)
+                _owned_fell(u, new, indptr, nbr, node, gid, watch_next, hkey, hnode, own_dirty, meta)
     for s in range(st_seg.shape[0]):
         base = halo_off[st_seg[s, 0]]
         for i in range(st_seg[s, 1], st_seg[s, 2]):
@@ -325,7 +344,7 @@ def _apply_inbox(
             if new < qh:
                 node[hl, _Q] = new
                 if node[hl, _WATCH] != -1:
-                    _release_watchers(hl, node, gid, watch_next, hkey, hnode, meta)
+                    _release_watchers(hl, indptr, nbr, node, gid, watch_next, hkey, hnode, meta)
     for i in range(meta[_M_HALO_DIRTY]):
         node[halo_dirty[i], _AUX] = 0
     meta[_M_HALO_DIRTY] = 0
@@ -351,12 +370,7 @@ def _certify(
         gu = gid[u]
         if _higher(meta[_M_DEAD_Q], meta[_M_DEAD_G], qu, gu):
             break  # every candidate left is dead
-        blocker = -1
-        for e in range(indptr[u], indptr[u + 1]):
-            y = nbr[e]
-            if _above(node, gid, y, qu, gu):
-                blocker = y
-                break
+        blocker = _find_blocker(u, qu, gu, indptr, nbr, node, gid)
         # remove u from the heap top
         size = meta[_M_HEAP] - 1
         meta[_M_HEAP] = size
@@ -365,6 +379,7 @@ def _certify(
             hnode[0] = hnode[size]
             _sift_down(hkey, hnode, node, 0, size)
         if blocker >= 0:
+            meta[_M_PARKS] += 1
             node[u, _POS] = _PARKED_POS
             watch_next[u] = node[blocker, _WATCH]
             node[blocker, _WATCH] = u
@@ -380,7 +395,7 @@ def _certify(
             own_dirty[meta[_M_OWN_DIRTY]] = u
             meta[_M_OWN_DIRTY] += 1
         if node[u, _WATCH] != -1:
-            _release_watchers(u, node, gid, watch_next, hkey, hnode, meta)
+            _release_watchers(u, indptr, nbr, node, gid, watch_next, hkey, hnode, meta)
         if qu > 0:
             for e in range(indptr[u], indptr[u + 1]):
                 y = nbr[e]
@@ -393,7 +408,7 @@ def _certify(
                 new = suppress(qy, amount)
                 if y < n_own:
                     if new != qy:
-                        _owned_fell(y, new, node, gid, watch_next, hkey, hnode, own_dirty, meta)
+                        _owned_fell(y, new, indptr, nbr, node, gid, watch_next, hkey, hnode, own_dirty, meta)
                     continue
                 sent = node[y, _AUX]
                 if sent == 0:
@@ -407,7 +422,7 @@ def _certify(
                 if new != qy:
                     node[y, _Q] = new
                     if node[y, _WATCH] != -1:
-                        _release_watchers(y, node, gid, watch_next, hkey, hnode, meta)
+                        _release_watchers(y, indptr, nbr, node, gid, watch_next, hkey, hnode, meta)
         n_round += 1
         if n_round >= cap:
             meta[_M_DEAD_Q] = qu
@@ -425,10 +440,14 @@ def _collect_outbox(
     Returns (dec counts, dec slots, dec values, state counts, state slots, state values):
     destination d's decrements are ``dec_*[halo_off[d] : halo_off[d] + dec_counts[d]]``, its
     states ``st_*[bnd_off[d] : bnd_off[d] + st_counts[d]]``."""
+    # Entries go out in ascending local id, i.e. ascending slot per destination: the receiver
+    # then walks its records in order instead of at random (the dirty lists are in pick order).
+    n_dec = meta[_M_HALO_DIRTY]
+    halo_dirty[:n_dec].sort()
     dec_cnt = np.zeros(n_parts, np.int64)
     dec_slot = np.empty(halo_off[n_parts], slot_template.dtype)
     dec_val = np.empty(halo_off[n_parts], np.int64)
-    for i in range(meta[_M_HALO_DIRTY]):
+    for i in range(n_dec):
         hl = halo_dirty[i]
         o = halo_owner[hl - n_own]
         k = halo_off[o] + dec_cnt[o]
@@ -438,7 +457,16 @@ def _collect_outbox(
     st_cnt = np.zeros(n_parts, np.int64)
     st_slot = np.empty(bnd_off[n_parts], slot_template.dtype)
     st_val = np.empty(bnd_off[n_parts], np.int64)
-    for i in range(meta[_M_OWN_DIRTY]):
+    n_dirty = meta[_M_OWN_DIRTY]
+    if 8 * n_dirty > n_own:  # dense: rebuild the list in order by scanning the records
+        n_dirty = 0
+        for u in range(n_own):
+            if node[u, _AUX] == 2:
+                own_dirty[n_dirty] = u
+                n_dirty += 1
+    else:
+        own_dirty[:n_dirty].sort()
+    for i in range(n_dirty):
         u = own_dirty[i]
         v = node[u, _Q]  # PICKED once picked
         for k in range(nd_ptr[u], nd_ptr[u + 1]):
@@ -475,13 +503,45 @@ def _best_unpicked(n_own, node, gid, meta):
 
 
 @numba.njit(cache=True, nogil=True)
-def _count_above(pick_lid, n_picks, qpick, gid, tq, tg, everything):
-    c = 0
-    for i in range(n_picks):
-        u = pick_lid[i]
-        if everything or _higher(qpick[u], gid[u], tq, tg):
-            c += 1
-    return c
+def _merge_run(sq, sg, n_sorted, run, qpick, gid):
+    """Merge one round's picks ``run`` (local ids, best first) into the best-first sorted picks
+    (sq, sg: q and global id, capacity n_own). Returns (new count, whether the run really was
+    best first: claim 5 of the module docstring, checked here)."""
+    m = run.shape[0]
+    ok = True
+    for j in range(1, m):
+        if not _higher(qpick[run[j - 1]], gid[run[j - 1]], qpick[run[j]], gid[run[j]]):
+            ok = False
+    i = n_sorted - 1
+    j = m - 1
+    w = n_sorted + m - 1
+    while j >= 0:  # backwards, the lowest first
+        uq = qpick[run[j]]
+        ug = gid[run[j]]
+        if i >= 0 and not _higher(sq[i], sg[i], uq, ug):
+            sq[w] = sq[i]
+            sg[w] = sg[i]
+            i -= 1
+        else:
+            sq[w] = uq
+            sg[w] = ug
+            j -= 1
+        w -= 1
+    return n_sorted + m, ok
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_above(sq, sg, n, tq, tg):
+    """Number of the best-first sorted picks strictly above priority (tq, tg)."""
+    lo = 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if _higher(sq[mid], sg[mid], tq, tg):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @numba.njit(cache=True, nogil=True)
@@ -750,6 +810,9 @@ class PartitionState:
         self.meta[_M_DEAD_Q] = _NO_LEVEL_Q
         self.meta[_M_DEAD_G] = _NO_LEVEL_G
         self.pick_lid = np.empty(n_own, np.int64)
+        self._sq = np.empty(n_own, np.int64)  # all picks so far, best first: q at pick, global id
+        self._sg = np.empty(n_own, np.int64)
+        self._n_sorted = 0
         self._own_dirty = np.empty(n_own, np.int64)
         self._halo_dirty = np.empty(n_halo, np.int64)
         self._slot_template = np.zeros(0, _slot_dtype(max(n_own, n_halo)))
@@ -761,12 +824,20 @@ class PartitionState:
         picked); a view."""
         return self._node[:, _Q]
 
-    def step(self, inbox, remaining: int | None = None, gamma: float = 1.0) -> dict[int, RoundMessage]:
+    def step(
+        self, inbox, remaining: int | None = None, gamma: float = 1.0, dead_level: tuple[int, int] | None = None
+    ) -> dict[int, RoundMessage]:
         """One round: apply the received :class:`RoundMessage` s (``inbox``: iterable of
-        ``(src, message)``), certify to a fixpoint (at most ``remaining`` picks; None: no cap),
-        and return this round's messages by destination partition (non-empty ones only)."""
+        ``(src, message)``), certify to a fixpoint (at most ``remaining`` picks; None: no cap;
+        never a node strictly below ``dead_level``, a priority the driver knows to have >= B
+        picks above it), and return this round's messages by destination partition (non-empty
+        ones only)."""
         if self.shift is None:
             raise RuntimeError("start_reverse first")
+        if dead_level is not None:
+            dq, dg = int(dead_level[0]), int(dead_level[1])
+            if (dq, -dg) > (int(self.meta[_M_DEAD_Q]), -int(self.meta[_M_DEAD_G])):
+                self.meta[_M_DEAD_Q], self.meta[_M_DEAD_G] = dq, dg
         n_own = self.n_own
         dec_seg, dec_s, dec_v, st_seg, st_s, st_v = [], [], [], [], [], []
         n_dec = n_st = 0
@@ -784,16 +855,22 @@ class PartitionState:
         _apply_inbox(
             np.array(dec_seg, np.int64).reshape(-1, 3), _cat(dec_s, np.int64), _cat(dec_v, np.int64),
             np.array(st_seg, np.int64).reshape(-1, 3), _cat(st_s, np.int64), _cat(st_v, np.int64),
-            n_own, self._bnd_off, self._bnd_lid, self._halo_off, self._halo_by_owner,
+            n_own, self.indptr, self.neighbors, self._bnd_off, self._bnd_lid, self._halo_off, self._halo_by_owner,
             self._node, self.gid, self._watch_next, self._hkey, self._hnode, self.meta, self._own_dirty,
             self._halo_dirty,
         )  # fmt: skip
         cap = np.iinfo(np.int64).max if remaining is None else int(remaining)
+        before = int(self.meta[_M_PICKS])
         self.last_picks = _certify(
             cap, float(gamma), n_own, self.indptr, self.neighbors, self.distances,
             self._node, self.gid, self._qpick, self._watch_next, self._hkey, self._hnode, self.meta,
             self.pick_lid, self._own_dirty, self._halo_dirty,
         )  # fmt: skip
+        self._n_sorted, ok = _merge_run(
+            self._sq, self._sg, self._n_sorted, self.pick_lid[before : before + self.last_picks], self._qpick, self.gid
+        )
+        if not ok:  # pragma: no cover - would mean the certification order is wrong
+            raise RuntimeError(f"partition {self.part_id}: a round's picks were not best first")
         dec_cnt, dec_slot, dec_val, st_cnt, st_slot, st_val = _collect_outbox(
             self.n_partitions, n_own, self._node, self.meta, self.halo_owner, self._halo_off,
             self._halo_slot, self._halo_dirty, self._nd_ptr, self._nd_dest, self._nd_slot,
@@ -811,6 +888,11 @@ class PartitionState:
         return int(self.meta[_M_PICKS])
 
     @property
+    def n_parks(self) -> int:
+        """Candidates examined and found blocked so far (work beyond the picks themselves)."""
+        return int(self.meta[_M_PARKS])
+
+    @property
     def late_suppressions(self) -> int:
         """Suppression messages that arrived for already-picked nodes: always 0 (a self-check)."""
         return int(self.meta[_M_LATE])
@@ -822,22 +904,28 @@ class PartitionState:
 
     def count_picks_above(self, threshold: tuple[int, int] | None) -> int:
         """Picks with priority strictly above ``threshold`` ((q, global id); None: all picks)."""
-        tq, tg = threshold if threshold is not None else (0, 0)
-        return int(
-            _count_above(self.pick_lid, self.meta[_M_PICKS], self._qpick, self.gid, tq, tg, threshold is None)
-        )
+        if threshold is None:
+            return self._n_sorted
+        return int(_count_above(self._sq, self._sg, self._n_sorted, int(threshold[0]), int(threshold[1])))
+
+    def settle(self, threshold: tuple[int, int] | None, limit: int, points: int = 64):
+        """The round's report after the driver's T: (#picks above ``threshold``, sketch) where the
+        sketch describes the picks below it (the unsettled ones), best first: int64 arrays
+        (q, global id, k) saying "the k-th best unsettled pick has priority (q, id)", for up to
+        ``points`` ranks k spread evenly over 1..min(#unsettled, limit), the largest included."""
+        c = self.count_picks_above(threshold)
+        r = min(self._n_sorted - c, int(limit))
+        if r <= 0:
+            e = np.zeros(0, np.int64)
+            return c, (e, e, e)
+        ks = np.unique(-((-np.arange(1, points + 1, dtype=np.int64) * r) // points))  # ceil(j r / m)
+        idx = c + ks - 1
+        return c, (self._sq[idx].copy(), self._sg[idx].copy(), ks)
 
     def picks_above(self, threshold: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
         """(global ids, q at pick) of the picks above ``threshold``, best first."""
-        lids = self.pick_lid[: self.meta[_M_PICKS]]
-        q = self._qpick[lids]
-        g = self.gid[lids]
-        if threshold is not None:
-            tq, tg = threshold
-            keep = (q > tq) | ((q == tq) & (g < tg))
-            q, g = q[keep], g[keep]
-        order = np.lexsort((g, -q))
-        return g[order], q[order]
+        c = self.count_picks_above(threshold)
+        return self._sg[:c].copy(), self._sq[:c].copy()
 
     # ---- final scores ------------------------------------------------------------------------
 
@@ -1013,6 +1101,25 @@ def graph_partition_arrays(graph: CSRGraph, scores, labels, n_partitions: int):
     return parts
 
 
+def dead_level_from_sketches(sketches, remaining: int) -> tuple[int, int] | None:
+    """The highest priority λ such that the sketches (:meth:`PartitionState.settle`) prove
+    ``remaining`` unsettled picks at or above it; None if they do not. With the settled picks
+    above T, that makes >= B picks above every node strictly below λ: those are dead."""
+    parts = [(q, g, k, np.full(k.shape[0], p)) for p, (q, g, k) in enumerate(sketches) if k.size]
+    if not parts:
+        return None
+    q, g, k, who = (np.concatenate(x) for x in zip(*parts))
+    best_k = np.zeros(len(sketches), np.int64)
+    total = 0
+    for i in np.lexsort((g, -q)).tolist():  # best first; a partition's ranks grow along it
+        p = who[i]
+        total += int(k[i] - best_k[p])
+        best_k[p] = k[i]
+        if total >= remaining:
+            return int(q[i]), int(g[i])
+    return None
+
+
 def _check_labels(labels, n: int, n_partitions) -> tuple[np.ndarray, int]:
     lab = np.asarray(labels)
     if lab.ndim != 1 or lab.shape[0] != n:
@@ -1058,7 +1165,8 @@ def partitioned_d2_select(
         ``forward_bytes``, ``rounds`` (reverse rounds), ``picks_per_round``,
         ``settled_per_round`` (#picks above the best unpicked after each round),
         ``messages_per_round`` and ``bytes_per_round`` (non-empty RoundMessages and their
-        array bytes), ``final_messages``, ``final_bytes``, ``total_picks`` (B and beyond).
+        array bytes), ``final_messages``, ``final_bytes``, ``total_picks`` (B and beyond),
+        ``total_parks`` (candidates found blocked: the certification's extra work).
     """
     graph = check_graph(graph)
     n = graph.n_nodes
@@ -1097,11 +1205,12 @@ def partitioned_d2_select(
         st.start_reverse(shift)
     inbox: list[list] = [[] for _ in range(P)]
     remaining = b
+    dead_level = None
     limit = n + 2 if max_rounds is None else int(max_rounds)
     while True:
         if info["rounds"] >= limit:
             raise RuntimeError(f"partitioned greedy did not settle {b} picks in {limit} rounds")
-        outs = [st.step(inbox[p], remaining, gr) for p, st in enumerate(states)]
+        outs = [st.step(inbox[p], remaining, gr, dead_level) for p, st in enumerate(states)]
         inbox = [[] for _ in range(P)]
         n_msg = n_bytes = 0
         for src, out in enumerate(outs):
@@ -1111,7 +1220,8 @@ def partitioned_d2_select(
                 n_bytes += msg.nbytes
         bests = [x for x in (st.best_unpicked() for st in states) if x is not None]
         threshold = max(bests, key=lambda t: (t[0], -t[1])) if bests else None
-        settled = sum(st.count_picks_above(threshold) for st in states)
+        reports = [st.settle(threshold, remaining) for st in states]
+        settled = sum(c for c, _ in reports)
         info["rounds"] += 1
         info["picks_per_round"].append(sum(st.last_picks for st in states))
         info["settled_per_round"].append(settled)
@@ -1120,10 +1230,14 @@ def partitioned_d2_select(
         if settled >= b:
             break
         remaining = b - settled
+        level = dead_level_from_sketches([sk for _, sk in reports], remaining)
+        if level is not None:
+            dead_level = level
     late = sum(st.late_suppressions for st in states)
     if late:  # pragma: no cover - would mean the protocol is wrong
         raise RuntimeError(f"{late} suppression messages arrived for picked nodes")
     info["total_picks"] = sum(st.n_picks for st in states)
+    info["total_parks"] = sum(st.n_parks for st in states)
 
     # The first B: merge of the partitions' sorted settled picks.
     gids, qs = zip(*(st.picks_above(threshold) for st in states))
