@@ -297,6 +297,17 @@ def _owned_fell(u, new, indptr, nbr, node, gid, watch_next, hkey, hnode, own_dir
 
 
 @numba.njit(cache=True, nogil=True)
+def _init_records(n_own, q, nd_ptr):
+    node = np.empty((q.shape[0], 4), np.int64)
+    for x in range(q.shape[0]):
+        node[x, _Q] = q[x]
+        node[x, _POS] = 0
+        node[x, _WATCH] = -1
+        node[x, _AUX] = 1 if x < n_own and nd_ptr[x + 1] > nd_ptr[x] else 0
+    return node
+
+
+@numba.njit(cache=True, nogil=True)
 def _init_heap(n_own, node, hkey, hnode, meta):
     for u in range(n_own):
         hkey[u] = node[u, _Q]
@@ -797,11 +808,7 @@ class PartitionState:
         self.shift = int(shift)
         q = quantize_scores(self._prev, self.shift)  # halo: exact initial q = a valid bound
         self.q0 = q[:n_own].copy()
-        self._node = np.empty((n_own + n_halo, 4), np.int64)
-        self._node[:, _Q] = q
-        self._node[:, _WATCH] = -1
-        self._node[:n_own, _AUX] = np.diff(self._nd_ptr) > 0
-        self._node[n_own:, _AUX] = 0
+        self._node = _init_records(n_own, q, self._nd_ptr)
         self._qpick = np.zeros(n_own, np.int64)
         self._watch_next = np.empty(n_own, self.neighbors.dtype)
         self._hkey = np.empty(n_own, np.int64)
@@ -1042,19 +1049,22 @@ def _partition_rows(indptr, indices, distances, owned, p, tag, nbr_template):
         i = owned[a]
         tag[i] = stamp | a
         out_ptr[a + 1] = out_ptr[a] + indptr[i + 1] - indptr[i]
-    halo = np.empty(out_ptr[n_own], np.int64)
     n_halo = 0
     for a in range(n_own):
         i = owned[a]
         for e in range(indptr[i], indptr[i + 1]):
             v = indices[e]
             if tag[v] & ~low != stamp:
-                tag[v] = stamp
-                halo[n_halo] = v
+                tag[v] = stamp | low  # halo, local id not known yet
                 n_halo += 1
-    halo = np.sort(halo[:n_halo])
-    for h in range(n_halo):
-        tag[halo[h]] = stamp | (n_own + h)
+    # The halo in ascending id: a scan of the tags (sequential, O(N)) beats sorting it.
+    halo = np.empty(n_halo, np.int64)
+    h = 0
+    for v in range(tag.shape[0]):
+        if tag[v] == stamp | low:
+            tag[v] = stamp | (n_own + h)
+            halo[h] = v
+            h += 1
     out_nbr = np.empty(out_ptr[n_own], nbr_template.dtype)
     out_dist = np.empty(out_ptr[n_own], distances.dtype)
     w = 0
