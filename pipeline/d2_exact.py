@@ -37,16 +37,34 @@ strictly decreasing *priority* (q desc, then global id asc: unique).
 4. *Termination.* Each round a partition reports its best unpicked (non-dead, see 5) priority; T is
    the max. Every future pick has priority <= T, so once ``settled`` = #picks with priority > T is
    >= B, the top B picks by priority are the sequential greedy's first B, in order.
-5. *Budget cap (dead nodes).* Within a round a partition's picks come in decreasing priority (a pick
-   only frees lower nodes). The driver passes ``remaining = B - settled`` of the last round; once a
-   partition has made that many picks in one round, every node below the last one has >= B picks
-   above it (``settled`` above T plus these, all below T), can never be among the first B, and is
-   *dead*: never certified, never reported. A node blocked by a dead node is below it, so it is
-   not needed either, and 4 still holds. Without the cap P = 1 would order all N nodes for any B.
+5. *Dead nodes.* A node with >= B picks above it can never be among the first B, nor can a node
+   it blocks (that one is below it); such nodes are *dead*: never certified, never reported, and 4
+   still holds. Each partition keeps a dead level (nodes strictly below it are dead), raised two
+   ways, both from ``remaining = B - settled`` of the last round (the ``settled`` picks lie above
+   T, every later pick below it): (a) within a round a partition's picks come best first (a pick
+   only frees lower nodes; checked when merging them), so once it has made ``remaining`` picks in
+   the round, its last pick is a dead level; (b) each partition reports a fixed-size sketch of its
+   unsettled picks ("the k-th best is (q, id)"), from which the driver derives the highest level
+   with ``remaining`` unsettled picks provably at or above it (:func:`dead_level_from_sketches`)
+   and broadcasts it. Without them P = 1 would order all N nodes for any B, and P > 1 would pick
+   far below the B-th.
 6. *Final scores.* Picks beyond the B-th suppressed their neighbours; the sequential run with budget
    B did not. So at the end each partition recomputes its unselected nodes' scores as
    ``suppress(q0, sum of suppression from the first B picks)`` (the floor and saturating sums keep
    this equal to the sequential, one-at-a-time result), sending halo sums to their owners once.
+
+How a partition certifies (cost proportional to the work)
+---------------------------------------------------------
+The unpicked owned nodes are either *candidates*, in an indexed max-heap by priority (keys updated
+in place; they only sift down), or *parked* on one unpicked neighbour above them (owned or halo),
+in that neighbour's watch list. The heap top is examined: a scan of its row finds a neighbour above
+it (then it parks there) or none (then it is certified: picked, its suppression applied to owned
+neighbours at once and summed for halo ones). When a node is picked or falls (own pick, received
+suppression, lower bound), the nodes parked on it that it no longer blocks are examined again at
+once (park elsewhere, or back into the heap). Every certifiable node is in the heap, so the top is
+the best of them. Work: O(degree) per examination plus heap moves, i.e. like the sequential heap
+kernel plus a row scan per pick and per re-examination; nothing is rescanned per round except one
+pass over the owned records for the report.
 
 Protocol (BSP: every message produced in round t is delivered at the start of round t+1)
 -----------------------------------------------------------------------------------------
@@ -58,20 +76,23 @@ Protocol (BSP: every message produced in round t is delivered at the start of ro
         deliver: s.receive_forward(src, values)
     S = d2.fixed_point_shift(max(s.max_forward() for s))
     s.start_reverse(S) for s
-    remaining = B
+    remaining, level = B, None
     loop:                                          # reverse rounds
-        out = [s.step(inbox, remaining) for s]     # {dst: RoundMessage}
-        T = max(s.best_unpicked() for s)           # None = nothing left
-        settled = sum(s.count_picks_above(T) for s)
+        out = [s.step(inbox, remaining, gamma_r, level) for s]   # {dst: RoundMessage}
+        T = max(s.best_unpicked() for s)           # (q, id); None = nothing left
+        reports = [s.settle(T, remaining) for s]   # (#picks above T, sketch of the rest)
+        settled = sum of the counts
         if settled >= B: break
         remaining = B - settled
-    top B = k-way merge of s.picks_above(T) (each sorted by priority); thr = priority of the B-th
+        level = dead_level_from_sketches(sketches, remaining) or the previous level
+    top B = k-way merge of s.picks_above(T) (each best first); thr = priority of the B-th
     out = [s.finish_send(thr, gamma_r) for s]      # {dst: (slots, int64 sums)}
     final q of owned nodes = s.finish_receive(inbox); final_scores = q / 2**S
 
-The driver holds O(partitions) numbers per round (the best priorities and counts), never picks
-(a Ray driver can piggyback T on the next ``step`` call instead of a second call; ``remaining``
-from an older round is still a valid, looser cap).
+The driver holds O(partitions) numbers per round (a best priority, a count and a 64-point sketch
+each), never the picks until the final merge. A Ray driver can fold ``best_unpicked`` and
+``settle`` into the next ``step`` call, one round late: an older ``remaining`` or dead level is
+still valid, only looser.
 
 Messages
 --------
@@ -90,8 +111,11 @@ refers to nodes by their position (*slot*, int32, or int64 past 2**31) in a pair
 
 Public API
 ----------
-:class:`PartitionState`, :class:`RoundMessage`, :data:`PICKED`, :func:`partitioned_d2_select`,
-:func:`certified_rounds`, :func:`graph_partition_arrays`.
+:class:`PartitionState` (one partition: ``forward_round``/``receive_forward``, ``start_reverse``,
+``step``, ``best_unpicked``, ``settle``, ``picks_above``, ``finish_send``/``finish_receive``),
+:class:`RoundMessage`, :data:`PICKED`, :func:`partitioned_d2_select` (the in-process driver),
+:func:`dead_level_from_sketches`, :func:`graph_partition_arrays` (split a CSRGraph by labels),
+:func:`certified_rounds` (rounds of the unpartitioned scheme, the benchmark's yardstick).
 """
 
 from __future__ import annotations

@@ -53,8 +53,10 @@ def check_info(info, b, n, forward_rounds):
     assert all(a <= c for a, c in zip(settled, settled[1:]))  # settled picks stay settled
     assert sum(info["picks_per_round"]) == info["total_picks"] >= b
     if info["n_partitions"] == 1:
-        # One partition certifies the exact greedy order to its cap in one round, no messages.
+        # One partition certifies the exact greedy order to its cap in one round, no messages;
+        # its heap top is never blocked.
         assert r == 1 and info["total_picks"] == b and info["bytes_per_round"] == [0]
+        assert info["total_parks"] == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,3 +337,57 @@ def test_validation():
     unsorted = CSRGraph([0, 2, 3, 4], [2, 1, 0, 0], [0.1, 0.2, 0.2, 0.1], 3)
     assert_same(unsorted, np.array([1.0, 2.0, 3.0]), np.array([0, 1, 1]), 3, 1.0, 1.0, 1)
     assert d2_exact.certified_rounds(g, s, 0) == 0
+
+
+def test_dead_level_from_sketches():
+    e = np.zeros(0, np.int64)
+    sketches = [
+        (np.array([10, 8, 6]), np.array([0, 1, 2]), np.array([1, 2, 3])),
+        (e, e, e),
+        (np.array([9, 5]), np.array([3, 4]), np.array([2, 4])),
+    ]
+    # best first: 10 (1 pick proven), 9 (+2: partition 2 has 2 at or above 9), 8, 6, 5
+    assert d2_exact.dead_level_from_sketches(sketches, 1) == (10, 0)
+    assert d2_exact.dead_level_from_sketches(sketches, 3) == (9, 3)
+    assert d2_exact.dead_level_from_sketches(sketches, 4) == (8, 1)
+    assert d2_exact.dead_level_from_sketches(sketches, 7) == (5, 4)
+    assert d2_exact.dead_level_from_sketches(sketches, 8) is None
+    assert d2_exact.dead_level_from_sketches([(e, e, e)], 1) is None
+    # equal q: the lower id is the higher priority
+    tie = [(np.array([7]), np.array([5]), np.array([1])), (np.array([7]), np.array([2]), np.array([1]))]
+    assert d2_exact.dead_level_from_sketches(tie, 1) == (7, 2)
+    assert d2_exact.dead_level_from_sketches(tie, 2) == (7, 5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_parts=st.integers(1, 6), points=st.integers(1, 8))
+def test_settle_sketch_levels_are_proven(seed, n_parts, points):
+    # Real partitions mid-run: the level derived from their sketches has at least `remaining`
+    # unsettled picks at or above it (counted exactly here).
+    rng = np.random.default_rng(seed)
+    n = 300
+    graph = d2.symmetrize_knn(*random_knn(rng, n, 4))
+    scores = rng.random(n)
+    parts = [
+        d2_exact.PartitionState(**kw)
+        for kw in d2_exact.graph_partition_arrays(graph, scores, rng.integers(0, n_parts, n), n_parts)
+    ]
+    for p in parts:
+        p.start_reverse(d2.fixed_point_shift(scores.max()))
+    inbox = [[] for _ in parts]
+    for _ in range(int(rng.integers(1, 4))):
+        outs = [p.step(inbox[i], None, 1.0) for i, p in enumerate(parts)]
+        inbox = [[(src, m) for src, out in enumerate(outs) for dst, m in out.items() if dst == i] for i in range(n_parts)]
+    bests = [b for b in (p.best_unpicked() for p in parts) if b is not None]
+    threshold = max(bests, key=lambda t: (t[0], -t[1])) if bests else None
+    remaining = int(rng.integers(1, n))
+    reports = [p.settle(threshold, remaining, points) for p in parts]
+    unsettled = np.concatenate(
+        [np.stack(p.picks_above(None)[::-1], 1)[c:] for p, (c, _) in zip(parts, reports)]
+    )  # rows (q, id)
+    for c, (q, g, k) in reports:
+        assert np.all(np.diff(k) > 0) and (k.size == 0 or k[-1] <= remaining)
+    level = d2_exact.dead_level_from_sketches([sk for _, sk in reports], remaining)
+    if level is not None:
+        at_or_above = (unsettled[:, 0] > level[0]) | ((unsettled[:, 0] == level[0]) & (unsettled[:, 1] <= level[1]))
+        assert at_or_above.sum() >= remaining
