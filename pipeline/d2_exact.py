@@ -168,7 +168,9 @@ _M_DEAD_Q = 4  # dead level (q, gid): owned nodes strictly below it are dead
 _M_DEAD_G = 5
 _M_LATE = 6  # suppression that arrived for an already-picked node (must stay 0; a check)
 _M_PARKS = 7  # candidates examined and parked (blocked), a work counter
-_M_SIZE = 8
+_M_RECHECKS = 8  # parked nodes examined again when their blocker fell, a work counter
+_M_PENDING = 9  # released nodes waiting for _examine_pending
+_M_SIZE = 10
 
 
 class RoundMessage(NamedTuple):
@@ -199,7 +201,8 @@ def _higher(qa, ga, qb, gb):
 # a neighbour costs one cache line:
 #   _Q     current q (owned: exact; halo: upper bound); PICKED once picked (an owned node's score
 #          at its pick is kept in qpick)
-#   _POS   owned: slot in the candidate heap, _PICKED_POS once picked, _PARKED_POS while parked
+#   _POS   owned: slot in the candidate heap, _PICKED_POS once picked, _PARKED_POS while parked,
+#          _PENDING_POS while released and waiting to be examined again
 #   _WATCH head of the list (linked through watch_next) of owned nodes parked on this node, or -1
 #   _AUX   owned: 0 = no remote neighbour, 1 = boundary node, 2 = boundary node changed since the
 #          last outbox (listed in own_dirty); halo: suppression sent to it this round (summed)
@@ -209,6 +212,7 @@ _WATCH = 2
 _AUX = 3
 _PICKED_POS = -1
 _PARKED_POS = -2
+_PENDING_POS = -3
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -279,33 +283,45 @@ def _find_blocker(u, qu, gu, indptr, nbr, node, gid):
 
 
 @numba.njit(cache=True, nogil=True)
-def _release_watchers(b, indptr, nbr, node, gid, watch_next, hkey, hnode, meta):
-    """Blocker ``b`` (owned or halo local id) was picked or fell: each node parked on it that it
-    no longer blocks is examined again at once, and parks on another neighbour above it or, if
-    none is, goes back into the heap. Callers test ``node[b, _WATCH] != -1`` first (the common
-    case: nobody parked on b)."""
+def _release_watchers(b, node, gid, watch_next, pending, meta):
+    """Blocker ``b`` (owned or halo local id) was picked or fell: the nodes parked on it that it
+    no longer blocks become pending (examined once, by :func:`_examine_pending`, when the current
+    pick or inbox is fully applied: a node released several times meanwhile is scanned once).
+    Callers test ``node[b, _WATCH] != -1`` first (the common case: nobody parked on b)."""
     w = node[b, _WATCH]
     node[b, _WATCH] = -1
     qb = node[b, _Q]
     gb = gid[b]
     while w != -1:
         nxt = watch_next[w]
-        qw = node[w, _Q]
-        gw = gid[w]
-        if _higher(qb, gb, qw, gw):  # false once b is picked (q = PICKED)
-            blocker = b
+        if _higher(qb, gb, node[w, _Q], gid[w]):  # false once b is picked (q = PICKED)
+            watch_next[w] = node[b, _WATCH]
+            node[b, _WATCH] = w
         else:
-            blocker = _find_blocker(w, qw, gw, indptr, nbr, node, gid)
+            node[w, _POS] = _PENDING_POS
+            pending[meta[_M_PENDING]] = w
+            meta[_M_PENDING] += 1
+        w = nxt
+
+
+@numba.njit(cache=True, nogil=True)
+def _examine_pending(indptr, nbr, node, gid, watch_next, hkey, hnode, pending, meta):
+    """Each pending node parks on a neighbour above it or, if none is, goes back into the heap."""
+    for i in range(meta[_M_PENDING]):
+        w = pending[i]
+        meta[_M_RECHECKS] += 1
+        blocker = _find_blocker(w, node[w, _Q], gid[w], indptr, nbr, node, gid)
         if blocker >= 0:
+            node[w, _POS] = _PARKED_POS
             watch_next[w] = node[blocker, _WATCH]
             node[blocker, _WATCH] = w
         else:
             _heap_insert(w, hkey, hnode, node, meta)
-        w = nxt
+    meta[_M_PENDING] = 0
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _owned_fell(u, new, indptr, nbr, node, gid, watch_next, hkey, hnode, own_dirty, meta):
+def _owned_fell(u, new, node, gid, watch_next, hkey, hnode, own_dirty, pending, meta):
     """Owned unpicked u's q fell to ``new``: update its record, heap slot, watchers, dirtiness."""
     node[u, _Q] = new
     p = node[u, _POS]
@@ -313,7 +329,7 @@ def _owned_fell(u, new, indptr, nbr, node, gid, watch_next, hkey, hnode, own_dir
         hkey[p] = new
         _sift_down(hkey, hnode, node, p, meta[_M_HEAP])
     if node[u, _WATCH] != -1:
-        _release_watchers(u, indptr, nbr, node, gid, watch_next, hkey, hnode, meta)
+        _release_watchers(u, node, gid, watch_next, pending, meta)
     if node[u, _AUX] == 1:
         node[u, _AUX] = 2
         own_dirty[meta[_M_OWN_DIRTY]] = u
@@ -346,7 +362,7 @@ def _init_heap(n_own, node, hkey, hnode, meta):
 def _apply_inbox(
     dec_seg, dec_slot, dec_val, st_seg, st_slot, st_val,
     n_own, indptr, nbr, bnd_off, bnd_lid, halo_off, halo_by_owner,
-    node, gid, watch_next, hkey, hnode, meta, own_dirty, halo_dirty,
+    node, gid, watch_next, hkey, hnode, meta, own_dirty, halo_dirty, pending,
 ):  # fmt: skip
     """Apply one round's received messages, then forget what this partition sent last round.
     ``*_seg`` is int64[k, 3]: (source partition, first entry, end) of each message's entries."""
@@ -360,7 +376,7 @@ def _apply_inbox(
                 continue
             new = suppress(qu, dec_val[i])
             if new != qu:
-                _owned_fell(u, new, indptr, nbr, node, gid, watch_next, hkey, hnode, own_dirty, meta)
+                _owned_fell(u, new, node, gid, watch_next, hkey, hnode, own_dirty, pending, meta)
     for s in range(st_seg.shape[0]):
         base = halo_off[st_seg[s, 0]]
         for i in range(st_seg[s, 1], st_seg[s, 2]):
@@ -379,7 +395,8 @@ def _apply_inbox(
             if new < qh:
                 node[hl, _Q] = new
                 if node[hl, _WATCH] != -1:
-                    _release_watchers(hl, indptr, nbr, node, gid, watch_next, hkey, hnode, meta)
+                    _release_watchers(hl, node, gid, watch_next, pending, meta)
+    _examine_pending(indptr, nbr, node, gid, watch_next, hkey, hnode, pending, meta)
     for i in range(meta[_M_HALO_DIRTY]):
         node[halo_dirty[i], _AUX] = 0
     meta[_M_HALO_DIRTY] = 0
@@ -388,7 +405,7 @@ def _apply_inbox(
 @numba.njit(cache=True, nogil=True)
 def _certify(
     cap, gamma, n_own, indptr, nbr, dist,
-    node, gid, qpick, watch_next, hkey, hnode, meta, pick_lid, own_dirty, halo_dirty,
+    node, gid, qpick, watch_next, hkey, hnode, meta, pick_lid, own_dirty, halo_dirty, pending,
 ):  # fmt: skip
     """Certify to a fixpoint, best first, at most ``cap`` picks (then set the dead level).
 
@@ -430,7 +447,7 @@ def _certify(
             own_dirty[meta[_M_OWN_DIRTY]] = u
             meta[_M_OWN_DIRTY] += 1
         if node[u, _WATCH] != -1:
-            _release_watchers(u, indptr, nbr, node, gid, watch_next, hkey, hnode, meta)
+            _release_watchers(u, node, gid, watch_next, pending, meta)
         if qu > 0:
             for e in range(indptr[u], indptr[u + 1]):
                 y = nbr[e]
@@ -443,7 +460,7 @@ def _certify(
                 new = suppress(qy, amount)
                 if y < n_own:
                     if new != qy:
-                        _owned_fell(y, new, indptr, nbr, node, gid, watch_next, hkey, hnode, own_dirty, meta)
+                        _owned_fell(y, new, node, gid, watch_next, hkey, hnode, own_dirty, pending, meta)
                     continue
                 sent = node[y, _AUX]
                 if sent == 0:
@@ -457,7 +474,9 @@ def _certify(
                 if new != qy:
                     node[y, _Q] = new
                     if node[y, _WATCH] != -1:
-                        _release_watchers(y, indptr, nbr, node, gid, watch_next, hkey, hnode, meta)
+                        _release_watchers(y, node, gid, watch_next, pending, meta)
+        if meta[_M_PENDING]:
+            _examine_pending(indptr, nbr, node, gid, watch_next, hkey, hnode, pending, meta)
         n_round += 1
         if n_round >= cap:
             meta[_M_DEAD_Q] = qu
@@ -720,7 +739,9 @@ class PartitionState:
         distances: float32/float64 distance of each row entry.
         owned_scores: float64[n_own] raw (non-negative) scores of the owned nodes.
         halo: int64[n_halo] global ids of the halo (every non-owned node that appears in a row,
-            and only those), strictly increasing.
+            and only those), owner-major: by owning partition, then by increasing id. (Each
+            owner's block is then one contiguous range of records, which the messages from that
+            owner walk in order.)
         halo_owner: int[n_halo] partition owning each halo node (never ``part_id``).
         halo_scores: float64[n_halo] raw scores of the halo nodes.
 
@@ -765,8 +786,12 @@ class PartitionState:
             raise ValueError("distances/neighbors/scores shapes do not match owned/halo")
         if self.halo_owner.shape != (n_halo,):
             raise ValueError("halo_owner must have one entry per halo node")
-        if n_own > 1 and np.any(np.diff(self.owned) <= 0) or n_halo > 1 and np.any(np.diff(self.halo) <= 0):
-            raise ValueError("owned and halo ids must be strictly increasing")
+        if n_own > 1 and np.any(np.diff(self.owned) <= 0):
+            raise ValueError("owned ids must be strictly increasing")
+        if n_halo > 1:
+            d_owner = np.diff(self.halo_owner)
+            if np.any((d_owner < 0) | ((d_owner == 0) & (np.diff(self.halo) <= 0))):
+                raise ValueError("halo ids must be sorted by owner, then strictly increasing")
         if self.neighbors.size and (self.neighbors.min() < 0 or self.neighbors.max() >= n_loc):
             raise ValueError("neighbors must be local ids in 0..n_own+n_halo-1")
         if n_halo and (self.halo_owner.min() < 0 or self.halo_owner.max() >= P or np.any(self.halo_owner == self.part_id)):
@@ -846,6 +871,7 @@ class PartitionState:
         self._n_sorted = 0
         self._own_dirty = np.empty(n_own, np.int64)
         self._halo_dirty = np.empty(n_halo, np.int64)
+        self._pending = np.empty(n_own, np.int64)
         self._slot_template = np.zeros(0, _slot_dtype(max(n_own, n_halo)))
         _init_heap(n_own, self._node, self._hkey, self._hnode, self.meta)
 
@@ -888,14 +914,14 @@ class PartitionState:
             np.array(st_seg, np.int64).reshape(-1, 3), _cat(st_s, np.int64), _cat(st_v, np.int64),
             n_own, self.indptr, self.neighbors, self._bnd_off, self._bnd_lid, self._halo_off, self._halo_by_owner,
             self._node, self.gid, self._watch_next, self._hkey, self._hnode, self.meta, self._own_dirty,
-            self._halo_dirty,
+            self._halo_dirty, self._pending,
         )  # fmt: skip
         cap = np.iinfo(np.int64).max if remaining is None else int(remaining)
         before = int(self.meta[_M_PICKS])
         self.last_picks = _certify(
             cap, float(gamma), n_own, self.indptr, self.neighbors, self.distances,
             self._node, self.gid, self._qpick, self._watch_next, self._hkey, self._hnode, self.meta,
-            self.pick_lid, self._own_dirty, self._halo_dirty,
+            self.pick_lid, self._own_dirty, self._halo_dirty, self._pending,
         )  # fmt: skip
         self._n_sorted, ok = _merge_run(
             self._sq, self._sg, self._n_sorted, self.pick_lid[before : before + self.last_picks], self._qpick, self.gid
@@ -922,6 +948,11 @@ class PartitionState:
     def n_parks(self) -> int:
         """Candidates examined and found blocked so far (work beyond the picks themselves)."""
         return int(self.meta[_M_PARKS])
+
+    @property
+    def n_rechecks(self) -> int:
+        """Parked nodes examined again because their blocker fell or was picked."""
+        return int(self.meta[_M_RECHECKS])
 
     @property
     def late_suppressions(self) -> int:
@@ -1058,8 +1089,8 @@ def _check_pattern_symmetric(graph: CSRGraph) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _partition_rows(indptr, indices, distances, owned, p, tag, nbr_template):
-    """The owned rows of partition ``p`` with local neighbour ids, and its sorted halo.
+def _partition_rows(indptr, indices, distances, labels, n_parts, owned, p, tag, nbr_template):
+    """The owned rows of partition ``p`` with local neighbour ids, and its halo (owner-major).
 
     ``tag`` (int64[N], shared by the calls for all partitions) maps a node to
     ``(p + 1) << 32 | local id`` for the partition that touched it last, so one random access per
@@ -1081,14 +1112,25 @@ def _partition_rows(indptr, indices, distances, owned, p, tag, nbr_template):
             if tag[v] & ~low != stamp:
                 tag[v] = stamp | low  # halo, local id not known yet
                 n_halo += 1
-    # The halo in ascending id: a scan of the tags (sequential, O(N)) beats sorting it.
-    halo = np.empty(n_halo, np.int64)
+    # The halo by owner, then ascending id: a scan of the tags (sequential, O(N)) and a counting
+    # sort by owner beat sorting it.
+    by_id = np.empty(n_halo, np.int64)
+    off = np.zeros(n_parts + 1, np.int64)
     h = 0
     for v in range(tag.shape[0]):
         if tag[v] == stamp | low:
-            tag[v] = stamp | (n_own + h)
-            halo[h] = v
+            by_id[h] = v
+            off[labels[v] + 1] += 1
             h += 1
+    for o in range(n_parts):
+        off[o + 1] += off[o]
+    halo = np.empty(n_halo, np.int64)
+    for h in range(n_halo):
+        v = by_id[h]
+        k = off[labels[v]]
+        off[labels[v]] = k + 1
+        halo[k] = v
+        tag[v] = stamp | (n_own + k)
     out_nbr = np.empty(out_ptr[n_own], nbr_template.dtype)
     out_dist = np.empty(out_ptr[n_own], distances.dtype)
     w = 0
@@ -1116,8 +1158,9 @@ def graph_partition_arrays(graph: CSRGraph, scores, labels, n_partitions: int):
     for p in range(n_partitions):
         owned = order[bounds[p] : bounds[p + 1]]
         ptr, nbr, dist, halo = _partition_rows(
-            graph.indptr, graph.indices, graph.distances, owned, p, tag, np.zeros(0, _slot_dtype(n))
-        )
+            graph.indptr, graph.indices, graph.distances, lab, n_partitions, owned, p, tag,
+            np.zeros(0, _slot_dtype(n)),
+        )  # fmt: skip
         parts.append(
             {
                 "part_id": p,
@@ -1200,7 +1243,8 @@ def partitioned_d2_select(
         ``settled_per_round`` (#picks above the best unpicked after each round),
         ``messages_per_round`` and ``bytes_per_round`` (non-empty RoundMessages and their
         array bytes), ``final_messages``, ``final_bytes``, ``total_picks`` (B and beyond),
-        ``total_parks`` (candidates found blocked: the certification's extra work).
+        ``total_parks`` and ``total_rechecks`` (candidates found blocked, parked nodes examined
+        again: the certification's extra work).
     """
     graph = check_graph(graph)
     n = graph.n_nodes
@@ -1272,6 +1316,7 @@ def partitioned_d2_select(
         raise RuntimeError(f"{late} suppression messages arrived for picked nodes")
     info["total_picks"] = sum(st.n_picks for st in states)
     info["total_parks"] = sum(st.n_parks for st in states)
+    info["total_rechecks"] = sum(st.n_rechecks for st in states)
 
     # The first B: merge of the partitions' sorted settled picks.
     gids, qs = zip(*(st.picks_above(threshold) for st in states))
