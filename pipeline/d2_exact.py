@@ -98,7 +98,9 @@ Messages
 --------
 Partitions a and b agree, without talking, on the *pair list* ``L(a->b)``: the a-owned nodes that
 have a neighbour owned by b (= b's halo nodes owned by a), in ascending global id. Every message
-refers to nodes by their position (*slot*, int32, or int64 past 2**31) in a pair list:
+refers to nodes by their position (*slot*, int32, or int64 past 2**31) in a pair list. (A
+partition stores its halo owner-major, so a slot of ``L(a->b)`` is, at b, simply the offset in
+the block of halo records owned by a; at a it is looked up once per entry.)
 
 * forward (a -> b): float64[len(L(a->b))], the current forward values of all of ``L(a->b)``;
 * :class:`RoundMessage` (a -> b), only the non-empty ones:
@@ -361,7 +363,7 @@ def _init_heap(n_own, node, hkey, hnode, meta):
 @numba.njit(cache=True, nogil=True)
 def _apply_inbox(
     dec_seg, dec_slot, dec_val, st_seg, st_slot, st_val,
-    n_own, indptr, nbr, bnd_off, bnd_lid, halo_off, halo_by_owner,
+    n_own, indptr, nbr, bnd_off, bnd_lid, halo_off,
     node, gid, watch_next, hkey, hnode, meta, own_dirty, halo_dirty, pending,
 ):  # fmt: skip
     """Apply one round's received messages, then forget what this partition sent last round.
@@ -378,9 +380,9 @@ def _apply_inbox(
             if new != qu:
                 _owned_fell(u, new, node, gid, watch_next, hkey, hnode, own_dirty, pending, meta)
     for s in range(st_seg.shape[0]):
-        base = halo_off[st_seg[s, 0]]
+        base = n_own + halo_off[st_seg[s, 0]]  # the halo is owner-major: slot = offset in block
         for i in range(st_seg[s, 1], st_seg[s, 2]):
-            hl = halo_by_owner[base + st_slot[i]]
+            hl = base + st_slot[i]
             qh = node[hl, _Q]
             if qh == PICKED:
                 continue
@@ -486,7 +488,7 @@ def _certify(
 
 @numba.njit(cache=True, nogil=True)
 def _collect_outbox(
-    n_parts, n_own, node, meta, halo_owner, halo_off, halo_slot, halo_dirty,
+    n_parts, n_own, node, meta, halo_owner, halo_off, halo_dirty,
     nd_ptr, nd_dest, nd_slot, bnd_off, own_dirty, slot_template,
 ):  # fmt: skip
     """This round's messages in one pass, each destination's entries in its own range of flat
@@ -505,7 +507,7 @@ def _collect_outbox(
         hl = halo_dirty[i]
         o = halo_owner[hl - n_own]
         k = halo_off[o] + dec_cnt[o]
-        dec_slot[k] = halo_slot[hl - n_own]
+        dec_slot[k] = hl - n_own - halo_off[o]
         dec_val[k] = node[hl, _AUX]
         dec_cnt[o] += 1
     st_cnt = np.zeros(n_parts, np.int64)
@@ -655,20 +657,13 @@ def _finish_scores(acc, lids, vals, tq, tg, n_own, node, qpick, q0, gid):
 @numba.njit(cache=True, nogil=True)
 def _setup_kernel(n_parts, n_own, n_halo, indptr, nbr, halo_owner):
     """Derived structure of a partition: the pair lists both ways, owned node -> destinations."""
-    # halo nodes grouped by owner (ascending local id = ascending global id within an owner)
+    # the halo is owner-major: owner o's nodes are halo[halo_off[o]:halo_off[o + 1]], and
+    # position in that block = slot in the pair list L(o -> me)
     halo_off = np.zeros(n_parts + 1, np.int64)
     for h in range(n_halo):
         halo_off[halo_owner[h] + 1] += 1
     for p in range(n_parts):
         halo_off[p + 1] += halo_off[p]
-    halo_by_owner = np.empty(n_halo, np.int64)
-    halo_slot = np.empty(n_halo, np.int64)
-    fill = halo_off[:n_parts].copy()
-    for h in range(n_halo):
-        o = halo_owner[h]
-        halo_slot[h] = fill[o] - halo_off[o]
-        halo_by_owner[fill[o]] = n_own + h
-        fill[o] += 1
     # owned node -> distinct destination partitions (owners of its halo neighbours), and the
     # pair lists L(me->d): owned nodes in ascending local (= global) id per destination. Also
     # the entries pointing at each halo node (each must have one: the halo is exactly the
@@ -711,7 +706,7 @@ def _setup_kernel(n_parts, n_own, n_halo, indptr, nbr, halo_owner):
                     bnd_lid[fill[o]] = u
                     fill[o] += 1
                     k += 1
-    return halo_deg, halo_off, halo_by_owner, halo_slot, nd_ptr, nd_dest, nd_slot, bnd_off, bnd_lid
+    return halo_deg, halo_off, nd_ptr, nd_dest, nd_slot, bnd_off, bnd_lid
 
 
 # --------------------------------------------------------------------------------------------
@@ -799,8 +794,6 @@ class PartitionState:
         (
             halo_deg,
             self._halo_off,
-            self._halo_by_owner,
-            self._halo_slot,
             self._nd_ptr,
             self._nd_dest,
             self._nd_slot,
@@ -830,7 +823,7 @@ class PartitionState:
         lo, hi = self._halo_off[src], self._halo_off[src + 1]
         if values.shape[0] != hi - lo:
             raise ValueError(f"partition {self.part_id}: {values.shape[0]} forward values from {src}, expected {hi - lo}")
-        self._prev[self._halo_by_owner[lo:hi]] = values
+        self._prev[self.n_own + lo : self.n_own + hi] = values
 
     def _boundary_values(self, arr) -> dict[int, np.ndarray]:
         out = {}
@@ -912,7 +905,7 @@ class PartitionState:
         _apply_inbox(
             np.array(dec_seg, np.int64).reshape(-1, 3), _cat(dec_s, np.int64), _cat(dec_v, np.int64),
             np.array(st_seg, np.int64).reshape(-1, 3), _cat(st_s, np.int64), _cat(st_v, np.int64),
-            n_own, self.indptr, self.neighbors, self._bnd_off, self._bnd_lid, self._halo_off, self._halo_by_owner,
+            n_own, self.indptr, self.neighbors, self._bnd_off, self._bnd_lid, self._halo_off,
             self._node, self.gid, self._watch_next, self._hkey, self._hnode, self.meta, self._own_dirty,
             self._halo_dirty, self._pending,
         )  # fmt: skip
@@ -930,7 +923,7 @@ class PartitionState:
             raise RuntimeError(f"partition {self.part_id}: a round's picks were not best first")
         dec_cnt, dec_slot, dec_val, st_cnt, st_slot, st_val = _collect_outbox(
             self.n_partitions, n_own, self._node, self.meta, self.halo_owner, self._halo_off,
-            self._halo_slot, self._halo_dirty, self._nd_ptr, self._nd_dest, self._nd_slot,
+            self._halo_dirty, self._nd_ptr, self._nd_dest, self._nd_slot,
             self._bnd_off, self._own_dirty, self._slot_template,
         )  # fmt: skip
         out = {}
@@ -1005,7 +998,7 @@ class PartitionState:
         for o in range(self.n_partitions):
             lo, hi = self._halo_off[o], self._halo_off[o + 1]
             if hi > lo:
-                vals = halo_acc[self._halo_by_owner[lo:hi] - self.n_own]
+                vals = halo_acc[lo:hi]
                 nz = np.flatnonzero(vals)
                 if nz.size:
                     out[o] = (nz.astype(_slot_dtype(hi - lo)), vals[nz])

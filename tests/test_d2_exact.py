@@ -299,7 +299,7 @@ def test_partition_pair_lists_agree_and_messages_are_compact():
                 continue
             # L(a->b) as a sends it == b's halo nodes owned by a, in the same order.
             sent = a.owned[a._bnd_lid[a._bnd_off[b.part_id] : a._bnd_off[b.part_id + 1]]]
-            held = b.gid[b._halo_by_owner[b._halo_off[a.part_id] : b._halo_off[a.part_id + 1]]]
+            held = b.halo[b._halo_off[a.part_id] : b._halo_off[a.part_id + 1]]
             np.testing.assert_array_equal(sent, held)
             assert np.all(np.diff(sent) > 0)
     for p in parts:
