@@ -740,8 +740,10 @@ class PartitionState:
         halo_owner: int[n_halo] partition owning each halo node (never ``part_id``).
         halo_scores: float64[n_halo] raw scores of the halo nodes.
 
-    The graph must be multiplicity-symmetric (j appears in i's row as often as i in j's), as
-    ``symmetrize_knn`` makes it; :func:`partitioned_d2_select` checks that.
+    The graph must be symmetric: j in i's row exactly when i in j's (certifying u compares it with
+    the neighbours in its row, which must be the nodes whose picks change u).
+    :func:`partitioned_d2_select` checks that (as many (j, i) entries as (i, j) ones), unless
+    the graph is :attr:`~pipeline.d2.CSRGraph.known_symmetric`.
     """
 
     def __init__(
@@ -1253,7 +1255,7 @@ def partitioned_d2_select(
     info = dict(
         n_partitions=P, shift=None, forward_exchanges=0, forward_bytes=0, rounds=0, picks_per_round=[],
         settled_per_round=[], messages_per_round=[], bytes_per_round=[], final_messages=0, final_bytes=0,
-        total_picks=0,
+        total_picks=0, total_parks=0, total_rechecks=0,
     )  # fmt: skip
     states = [PartitionState(**kw) for kw in graph_partition_arrays(graph, s, lab, P)]
 
