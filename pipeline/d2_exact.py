@@ -1146,6 +1146,22 @@ def graph_partition_arrays(graph: CSRGraph, scores, labels, n_partitions: int):
         raise ValueError("the in-process split handles up to 2**32 nodes")
     lab = np.ascontiguousarray(labels, dtype=np.int64)
     s = np.asarray(scores, dtype=np.float64)
+    if n_partitions == 1:  # local ids are the global ids: the graph's own arrays, no copy
+        e = np.zeros(0, np.int64)
+        return [
+            {
+                "part_id": 0,
+                "n_partitions": 1,
+                "owned": np.arange(n, dtype=np.int64),
+                "indptr": graph.indptr,
+                "neighbors": graph.indices,
+                "distances": graph.distances,
+                "owned_scores": s,
+                "halo": e,
+                "halo_owner": e,
+                "halo_scores": np.zeros(0, np.float64),
+            }
+        ]
     order = np.argsort(lab, kind="stable")  # by partition, ascending id inside each
     bounds = np.searchsorted(lab[order], np.arange(n_partitions + 1))
     tag = np.zeros(n, np.int64)
