@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import d2, d2_exact
-from pipeline.d2 import CSRGraph
+from pipeline.core import d2, d2_exact
+from pipeline.core.d2 import CSRGraph
 
 FLOOR = -(2**52 - 1)
 
