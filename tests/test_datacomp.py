@@ -319,7 +319,9 @@ def test_datacomp_pool_end_to_end_through_s3(datacomp_job, capsys, tmp_path):
     assert embed["not_in_shards"] == pool.not_in_shards > 0
     assert f"not in the shards (failed downloads, not counted above): {pool.not_in_shards}" in printed
     assert f"dropped    : {pool.skipped_total['no_embedding']} (not in the metadata: no_embedding)" in printed
-    assert f"report     : {work}/report.html" in printed and store.exists(f"{work}/report.html")
+    assert f"report     : {work}/report.html" in printed
+    page = store.read_bytes(f"{work}/report.html").decode()
+    assert "skipped: not in the metadata: no_embedding" in page and "failed downloads" in page
 
     # output shards in img2dataset's layout, 8-digit names, metadata a DataComp user reads
     selected = store.read_parquet(join(work, "selection", "selected.parquet")).to_pydict()
