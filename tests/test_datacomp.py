@@ -194,6 +194,18 @@ def test_precomputed_embeddings_joined_by_uid_with_every_reason_counted(ray_loca
     assert not store.ls(join(stage_dir(cfg.workdir, "embed"), "_join"))  # intermediates removed
     assert "subset_file_warning" not in stats  # every kept uid is DataComp's
 
+    # what the basic filter will read (phase B of issue 12), and a part from before these columns
+    from pipeline.formats.embeddings import list_parts, read_filter_columns
+
+    listed, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
+    columns = read_filter_columns(store, listed[0])
+    assert list(columns["caption"]) == [s["caption"] for s in pool.kept[0]]
+    assert columns["original_width"].tolist() == [s["original_width"] for s in pool.kept[0]]
+    old = listed[0].url.replace("part-00000", "old-part")
+    store.write_parquet(old, parts[0].drop_columns(["caption", "original_width", "original_height"]))
+    with pytest.raises(ValueError, match=r"has no column\(s\) \['caption', .*--force-from embed"):
+        read_filter_columns(store, type(listed[0])("old-part", old, listed[0].rows, 0))
+
 
 @pytest.mark.slow
 def test_precomputed_concatenated_keys_b32_score_and_resume_after_kill(ray_local, datacomp_pool, tmp_path):
