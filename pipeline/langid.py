@@ -13,8 +13,8 @@ One detector per process (built on first use, ~1 MB model, milliseconds to load)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Iterable
 
 
 @lru_cache(maxsize=1)

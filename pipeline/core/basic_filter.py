@@ -25,8 +25,8 @@ one. Each sample that fails is attributed to the first rule it fails in :data:`R
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

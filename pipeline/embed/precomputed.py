@@ -38,7 +38,6 @@ matching no sample are ``not_in_shards`` (failed downloads; not samples of the p
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..config import JobConfig
+from ..formats.datacomp import subset_file_warning
 from ..formats.webdataset import shard_urls, verify_shards
 from ..runtime import init_ray, resources
 from ..stage import Stage, StageContext
@@ -35,7 +36,6 @@ from ..storage import Store, join
 from ..workdir import part_name, stage_dir
 from .dataset import build_embed_dataset, check_cpu_budget
 from .model import check_pretrained, model_embed_dim, model_spec, preprocess_config
-from ..formats.datacomp import subset_file_warning
 from .parts import PartCommitter, ShardAccumulator, committed_indices
 from .precomputed import run_precomputed, verify_precomputed_inputs
 

@@ -26,9 +26,10 @@ import io
 import re
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -133,7 +134,7 @@ def _expand(store: Store, spec: str | list[str], suffix: str, what: str) -> list
 
 def _stem(url: str, suffix: str) -> str:
     name = basename(url)
-    return name[: -len(suffix)] if name.endswith(suffix) else name
+    return name.removesuffix(suffix)
 
 
 def metadata_files(store: Store, metadata: str | list[str],

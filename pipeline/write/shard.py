@@ -8,10 +8,18 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..config import JobConfig
-from ..formats.output import OutputLayout, json_fields, metadata_table, output_key, read_metadata_uids, shard_stats
+from ..formats.output import (
+    OutputLayout,
+    json_fields,
+    metadata_table,
+    output_key,
+    read_metadata_uids,
+    shard_stats,
+)
 from ..formats.tar import TarWriter
 from ..formats.webdataset import Sample, iter_shard_samples
 from ..storage import Store
