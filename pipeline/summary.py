@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 # skip reasons that are not about unreadable data (the precomputed encoder's join by uid)
-SKIP_LABELS = {"no_uid": "not in the metadata", "no_embedding": "not in the metadata",
+SKIP_LABELS = {"no_uid": "no uid to look up", "no_embedding": "not in the metadata",
                "bad_embedding": "unusable metadata vectors"}
 
 
