@@ -314,11 +314,27 @@ def test_uid_registry_matches_a_set():
     assert len(registry) >= len(reference)  # levels are unique; merged ones dedupe
 
 
-def test_actor_pool_that_starves_the_readers_is_refused():
-    from pipeline.config import ConfigError
-    from pipeline.embed.dataset import check_cpu_budget
+def test_actor_pool_leaves_cpus_to_the_readers_and_refuses_a_minimum_that_cannot():
+    from pipeline.config import ConfigError, EmbedConfig
+    from pipeline.embed.dataset import actor_pool_bounds
 
-    check_cpu_budget(num_actors=1, cpus_per_actor=1, total_cpus=2)
-    check_cpu_budget(num_actors=3, cpus_per_actor=1, total_cpus=16)
-    with pytest.raises(ConfigError, match="num_actors"):
-        check_cpu_budget(num_actors=2, cpus_per_actor=1, total_cpus=2)
+    assert actor_pool_bounds(EmbedConfig(num_actors=1), cpus=2)[:2] == (1, 1)
+    assert actor_pool_bounds(EmbedConfig(num_actors=3), cpus=16)[:2] == (1, 3)
+    # 4 actors asked, 3 CPUs: 2 actors and one CPU for the read/decode tasks, said so
+    low, high, why = actor_pool_bounds(EmbedConfig(num_actors=4), cpus=3)
+    assert (low, high) == (1, 2) and "capped to 2" in why and "reader_cpus=1" in why
+    assert actor_pool_bounds(EmbedConfig(num_actors=8, cpus_per_actor=2, reader_cpus=2), cpus=10)[:2] == (1, 4)
+    # GPUs bound it too
+    assert actor_pool_bounds(EmbedConfig(num_actors=8), cpus=64, gpus_per_actor=1, gpus=4)[:2] == (1, 4)
+    with pytest.raises(ConfigError, match=r"embed\.min_actors \(2\).*room for 1 actor"):
+        actor_pool_bounds(EmbedConfig(num_actors=2, min_actors=2), cpus=2)
+
+
+def test_auto_gpu_asks_for_a_gpu_the_autoscaler_can_add():
+    from pipeline.embed.dataset import actor_gpus
+
+    assert actor_gpus(-1, gpus_now=0, gpus_possible=0) == 0  # no GPU anywhere: CPU
+    assert actor_gpus(-1, gpus_now=2, gpus_possible=2) == 1
+    # a GPU worker group at minReplicas 0: no GPU up yet, but requesting one starts it
+    assert actor_gpus(-1, gpus_now=0, gpus_possible=8) == 1
+    assert actor_gpus(0, gpus_now=4, gpus_possible=4) == 0 and actor_gpus(0.5, 0, 0) == 0.5
