@@ -242,12 +242,16 @@ def check_cluster_paths(cfg: JobConfig, store: Store, address: str | None = None
     finally:
         for probe in probes:
             store.rm(probe)
-    for path, nodes in sorted(unseen.items()):
-        field, shown = named[path]
+    if unseen:
+        fields: dict[str, str] = {}  # field -> its first unseen path, in the config's order
+        for path in sorted(unseen, key=lambda p: (list(named).index(p))):
+            fields.setdefault(*named[path])
+        nodes = sorted({node for seen_by in unseen.values() for node in seen_by})
         raise ConfigError(
-            f"{field}: the local path {shown} is not the same on every node of the Ray cluster (node(s) "
-            f"{', '.join(sorted(nodes)[:3])} do not see it as the driver does): put it on a filesystem every "
-            "node mounts at the same path, or use object storage (s3://...)"
+            "local paths that are not the same on every node of the Ray cluster (node(s) "
+            f"{', '.join(nodes[:3])} do not see them as the driver does): "
+            + "; ".join(f"{field}: {path}" for field, path in fields.items())
+            + ". Put them on a filesystem every node mounts at the same path, or use object storage (s3://...)"
         )
 
 

@@ -4,6 +4,12 @@ TMPDIR (so "node-local" means what it means on a real cluster), a fixed small ob
 dashboard and job server on 127.0.0.1 at a free port. Every process is ours by pid (each node's
 ``ray start --block`` leads its own process group), and nothing binds beyond the loopback address.
 
+Separate filesystems where it matters: a worker node runs in a mount namespace of its own in
+which the head's temp dir (where the job's working dir is unpacked for the driver) is an empty
+tmpfs, as it would be on another machine; everything else (/tmp with the test's pool, config and
+output dirs) is shared, as a shared filesystem would be. Where mount namespaces are not allowed,
+the nodes share everything (:attr:`LocalRayCluster.private_head_dir` says which).
+
 Loopback only: Ray replaces 127.0.0.1 with the machine's routable address for any node that could
 join a multi-node cluster (``ray._private.services.resolve_ip_for_localhost``). The head and every
 Ray process run with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's single-host mode: 127.0.0.1
@@ -44,6 +50,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _can_unshare_mounts() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    return probe.returncode == 0
 
 
 def _children(pid: int) -> list[int]:
@@ -95,6 +108,8 @@ class LocalRayCluster:
     nodes: list[Node] = field(default_factory=list)
     # Ray's token authentication, with a token of this cluster's own (never ~/.ray/auth_token)
     token: str = field(default_factory=lambda: uuid.uuid4().hex + uuid.uuid4().hex)
+    # workers do not see the head's temp dir (module docstring)
+    private_head_dir: bool = field(default_factory=_can_unshare_mounts)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -161,7 +176,11 @@ class LocalRayCluster:
 
     def add_worker(self) -> Node:
         index = sum(1 for n in self.nodes if n.name.startswith("worker"))
-        return self._start(f"worker{index}", [sys.executable, "-c", WORKER_START, "start", "--address", self.address])
+        command = [sys.executable, "-c", WORKER_START, "start", "--address", self.address]
+        if self.private_head_dir:
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', self.nodes[0].temp_dir] + command
+        return self._start(f"worker{index}", command)
 
     def _wait_for_dashboard(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
