@@ -129,7 +129,7 @@ def test_deploy_manifests_parse_and_their_job_config_validates():
         entry = rayjob["spec"]["entrypoint"]
         assert "/app/jobs/filter_pool.py" in entry and (deploy.parent / "jobs" / "filter_pool.py").exists()
     assert "filter_pool.py" in (deploy / "slurm" / "d2prune.sbatch").read_text()
-    assert "pip install ." in (deploy / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir ." in (deploy / "Dockerfile").read_text()  # the package and its pins
 
 
 def test_cross_field_rules_fail_at_load_not_after_work():
