@@ -79,6 +79,12 @@ def job_yaml(path: Path, workdir: str, output: str, pool, checkpoint: str, s3_se
     return str(path)
 
 
+def cfg_storage(s3_server: str):
+    from pipeline.config import StorageConfig
+
+    return StorageConfig(endpoint_url=s3_server)
+
+
 def artefacts(store: Store, workdir: str, output: str) -> dict[str, bytes]:
     """Every file whose bytes must not depend on where or how often the job ran."""
     files = {}
@@ -141,11 +147,18 @@ def wait(cluster, job_id: str, timeout_s: float = 480) -> tuple[str, str, object
 def test_submitted_job_equals_a_local_run(cluster, reference, cluster_pool, s3_checkpoint, s3_server, tmp_path):
     """`ray job submit --working-dir . -- python jobs/filter_pool.py CONFIG` through the Job
     Submission API. The config's workdir and output are *relative* paths: resolved against the
-    config file's directory, which every node sees (one machine: a shared filesystem)."""
+    config file's directory, which every node sees (one machine: a shared filesystem). The
+    checkpoint is a local file on the head alone: the embed stage ships it to the workers."""
     conf = tmp_path / "conf"
-    config = job_yaml(conf / "job.yaml", "work", "out", cluster_pool, s3_checkpoint, s3_server)
+    # the checkpoint as a local file only the head (the driver's node) has: shipped to the actors
+    checkpoint = Path(cluster.nodes[0].temp_dir) / "models" / "tiny.pt"
+    checkpoint.parent.mkdir(exist_ok=True)
+    checkpoint.write_bytes(Store(cfg_storage(s3_server)).read_bytes(s3_checkpoint))
+    config = job_yaml(conf / "job.yaml", "work", "out", cluster_pool, str(checkpoint), s3_server)
     status, logs, info = wait(cluster, submit(cluster, f"python jobs/filter_pool.py {config}", str(REPO), s3_server))
     assert status == "SUCCEEDED", logs[-5000:]
+    if cluster.private_head_dir:
+        assert f"embed.pretrained {checkpoint} is not on every node: shipped through the object store" in logs
     assert f"joined the Ray cluster at {cluster.address}" in logs or "joined the Ray cluster at" in logs
     assert "ray.num_cpus=2, ray.object_store_memory=300000000 ignored" in logs
     assert artefacts(Store(), str(conf / "work"), str(conf / "out")) == reference
