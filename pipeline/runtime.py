@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 from .config import JobConfig, RayConfig
 from .errors import ConfigError
-from .storage import Store, expand_urls, is_local, join, node_local_files
+from .storage import Store, expand_urls, is_local, node_local_files
 from .watchdog import beat
 
 log = logging.getLogger(__name__)
