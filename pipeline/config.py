@@ -233,8 +233,8 @@ class JobSection(_Section):
     stall_timeout_s: float | None = Field(
         1800, gt=0, description="A stage that commits no part and makes no progress (no finished Ray task, no "
         "embedded batch) for this long fails with exit 1, naming what it waited for, so a scheduler retries "
-        "(the retry resumes). Set it above the longest single step (IVF training on one worker, one select "
-        "partition); null = wait forever."
+        "(the retry resumes). Set it above the longest single step (the embed actors' start-up and model load, "
+        "IVF training on one worker, one select partition); null = wait forever."
     )
 
 
