@@ -67,8 +67,8 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
                      "(ray start --num-cpus / --object-store-memory)",
                      ", ".join(f"{k}={v}" for k, v in local_only.items()))
     else:
-        # address="local": a new Ray of our own, never a cluster some other process on this machine
-        # started (a bare ray.init() joins the one in /tmp/ray/ray_current_cluster)
+        # address="local": always a new embedded Ray, never a `ray start` cluster that happens to
+        # run on this machine (plain ray.init() would join it, and then refuse num_cpus)
         kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "log_to_driver": True}
         if ray_cfg.num_cpus:
             kwargs["num_cpus"] = ray_cfg.num_cpus

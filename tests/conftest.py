@@ -56,7 +56,6 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # address="local": our own Ray, never a cluster another process on this machine started
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300_000_000,
                  log_to_driver=True)
     try:
