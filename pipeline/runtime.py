@@ -258,7 +258,8 @@ def check_cluster_paths(cfg: JobConfig, store: Store, address: str | None = None
 # -- node-local caches and shipped files ---------------------------------------------------------
 
 def clear_node_caches(namespaces: list[str]) -> None:
-    """Remove the node-local cache `namespaces` on every node (on this one when Ray is not started)."""
+    """Remove the node-local cache `namespaces` on every node (on this one when Ray is not started).
+    Best effort: it runs after the stage's commit, which a failure here must not undo."""
     import ray
 
     from .storage import clear_node_cache
@@ -269,7 +270,10 @@ def clear_node_caches(namespaces: list[str]) -> None:
         for namespace in namespaces:
             clear_node_cache(namespace)
         return
-    on_every_node(_clear_node_caches, list(namespaces))
+    try:
+        on_every_node(_clear_node_caches, list(namespaces))
+    except Exception as err:  # noqa: BLE001 - the stage is committed; a leftover cache is only disk space
+        log.warning("could not remove the node caches %s on every node: %s", namespaces, err)
 
 
 def _clear_node_caches(namespaces: list[str]) -> None:
