@@ -26,6 +26,8 @@ def print_summary(summary: dict[str, Any], out=None) -> None:
     print(f"  kept       : {summary['kept'] if summary['kept'] is not None else 'n/a'}", file=out)
     for reason, count in summary["dropped"].items():
         print(f"  dropped    : {count} ({reason})", file=out)
+    if summary.get("not_in_shards"):
+        print(f"  not in the shards (failed downloads, not counted above): {summary['not_in_shards']}", file=out)
     for stage, seconds in summary["seconds"].items():
         note = " (already committed, skipped)" if stage in summary["skipped_stages"] else ""
         print(f"  {stage:<11}: {seconds:.1f} s{note}", file=out)
@@ -35,3 +37,5 @@ def print_summary(summary: dict[str, Any], out=None) -> None:
         print(f"  selection  : {summary['selection']}", file=out)
     if summary["output"]:
         print(f"  output     : {summary['output']}", file=out)
+    if summary.get("report"):
+        print(f"  report     : {summary['report']}", file=out)

@@ -7,6 +7,7 @@
     stale output refused up front             # before hours of embedding (exit 3)
     for each stage: run_stage(...)            # skip / require / check / claim / run / commit
     summary                                   # pipeline.summary.summarize
+    report                                    # the whole job only: WORKDIR/report.html (a failure warns)
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from .write.stage import STAGE as WRITE
 log = logging.getLogger("d2prune")
 
 STAGES: tuple[Stage, ...] = (EMBED, GRAPH, SELECT, WRITE)
+# The report reads every sample's uid, shard, key and score into the driver; above this many it is
+# left to `d2prune report WORKDIR` rather than risk the job's driver memory after the work is done.
+REPORT_MAX_SAMPLES = 5_000_000
 STAGE_NAMES = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -91,9 +95,29 @@ def job_summary(cfg: JobConfig, store: Store, results: dict[str, Any]) -> dict[s
     return summary
 
 
+def write_report(cfg: JobConfig, store: Store, summary: dict[str, Any]) -> str | None:
+    """WORKDIR/report.html after a whole job; its URL, or None (with a warning) when it could not
+    be built: the job's outputs are complete either way."""
+    from .report import build_report
+
+    if (summary.get("embedded") or 0) > REPORT_MAX_SAMPLES:
+        log.warning("report not built: %s samples is more than the report reads in one process (%d); "
+                    "`d2prune report %s` builds it on a machine with the memory", summary["embedded"],
+                    REPORT_MAX_SAMPLES, cfg.workdir)
+        return None
+    try:
+        return build_report(cfg.workdir, store, input_cfg=cfg.input)
+    except Exception as err:  # noqa: BLE001 - the report must never fail a finished job
+        log.warning("report not written: %s: %s (the job's outputs are complete; `d2prune report %s` retries)",
+                    type(err).__name__, err, cfg.workdir)
+        return None
+
+
 def run_job(config: str, overrides: list[str] | None = None, force: str | None = None,
-            address: str | None = None, stages: list[str] | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
-    """The job as a function; raises on failure (:mod:`pipeline.errors` maps it to an exit code)."""
+            address: str | None = None, stages: list[str] | None = None, hooks: Hooks | None = None,
+            report: bool | None = None) -> dict[str, Any]:
+    """The job as a function; raises on failure (:mod:`pipeline.errors` maps it to an exit code).
+    `report`: build WORKDIR/report.html at the end; default: when the whole job ran (not one stage)."""
     cfg = load_config(config, overrides)
     store = Store(cfg.storage)
     if address:  # --address joins now: it wins over RAY_ADDRESS and ray.address (runtime.cluster_address)
@@ -102,4 +126,7 @@ def run_job(config: str, overrides: list[str] | None = None, force: str | None =
     if force:
         force_from(cfg, store, force)
     results = run_stages(cfg, store, stages or list(STAGE_NAMES), hooks)
-    return job_summary(cfg, store, results)
+    summary = job_summary(cfg, store, results)
+    if report if report is not None else stages is None:
+        summary["report"] = write_report(cfg, store, summary)
+    return summary
