@@ -2,6 +2,7 @@
 :func:`run_job` (or :func:`run_one` for one stage).
 
     cfg = load_config(path, overrides)        # every rule checked: a bad config never starts (exit 2)
+    check_cluster_paths(cfg, store)           # multi-node: every local path the same on every node (exit 2)
     fingerprints = fingerprints(cfg, STAGES)  # once per job
     stale output refused up front             # before hours of embedding (exit 3)
     for each stage: run_stage(...)            # skip / require / check / claim / run / commit
@@ -20,6 +21,7 @@ from .config import JobConfig, load_config
 from .embed.stage import STAGE as EMBED
 from .errors import UsageError
 from .graph.stage import STAGE as GRAPH
+from .runtime import check_cluster_paths, init_ray
 from .select.stage import STAGE as SELECT
 from .stage import Hooks, Stage, StageContext, fingerprints, run_stage
 from .storage import Store, join
@@ -117,9 +119,10 @@ def run_job(config: str, overrides: list[str] | None = None, force: str | None =
     """The job as a function; raises on failure (:mod:`pipeline.errors` maps it to an exit code).
     `report`: build WORKDIR/report.html at the end; default: when the whole job ran (not one stage)."""
     cfg = load_config(config, overrides)
-    if address:
-        cfg.ray.address = address
     store = Store(cfg.storage)
+    if address:  # --address joins now: it wins over RAY_ADDRESS and ray.address (runtime.cluster_address)
+        init_ray(cfg.ray, address)
+    check_cluster_paths(cfg, store, address)  # local paths a multi-node cluster cannot see: exit 2, before any work
     if force:
         force_from(cfg, store, force)
     results = run_stages(cfg, store, stages or list(STAGE_NAMES), hooks)
