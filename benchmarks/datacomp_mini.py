@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -373,7 +373,7 @@ def scenes_eval_set(n: int, seed: int, preprocess, tokenizer, retrieval_size: in
             ("colour", labels["colour"] == tasks["colour"].index(scenes.RARE_COLOURS[0]))]
     captions = [scenes.caption(s) for s in drawn[:retrieval_size]]
     return {"images": images.numpy(), "labels": labels, "prompts": prompts, "rare": rare,
-            "retrieval_captions": captions, "tokenizer_context": None, "n": n}
+            "retrieval_captions": captions}
 
 
 def fashion_prompts() -> list[list[str]]:
@@ -389,7 +389,7 @@ def fashion_eval_set(images: np.ndarray, labels: np.ndarray, preprocess, retriev
     captions = [fashion_caption(int(labels[i]), *fashion_attributes(images[i]), rng) for i in range(retrieval_size)]
     rare = [("class", np.isin(labels, FASHION_RARE))]
     return {"images": tensors, "labels": {"class": labels.astype(np.int64)}, "prompts": {"class": fashion_prompts()},
-            "rare": rare, "retrieval_captions": captions, "n": len(labels)}
+            "rare": rare, "retrieval_captions": captions}
 
 
 def encode_images(model, images: np.ndarray, batch: int = 1000) -> np.ndarray:
@@ -1058,9 +1058,6 @@ def table_jobs(settings: Settings, chosen: dict[str, dict]) -> list[Job]:
     return jobs
 
 
-METRICS = ("zeroshot_avg", "rare_acc", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
-
-
 def summarise_pool(settings: Settings, pool: Pool, chosen: dict, res: dict, selections: Selections) -> dict[str, Any]:
     methods: dict[str, Any] = {}
     rows_all = [(Method("full"), [0.0])] + [(m, list(settings.kept)) for m in table_methods(chosen)]
@@ -1216,35 +1213,44 @@ def pool_description(name: str, pr: dict[str, Any], st: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    """One panel per pool: avg zero-shot accuracy of each filter at the target kept fraction
+    (bars, mean ± std over the seeds that finished, n on the bar), the whole pool as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pools = report["pools"]
-    fig, axes = plt.subplots(1, len(pools), figsize=(6.2 * len(pools), 4.2), squeeze=False)
     colours = {"random": "#9e9e9e", "topk": "#1f77b4", "d2": "#d62728", "d2_basic": "#ff7f0e", "ccs": "#2ca02c",
                "semdedup_topk": "#9467bd", "kcenter": "#8c564b"}
+    fig, axes = plt.subplots(1, len(pools), figsize=(6.4 * len(pools), 4.0), squeeze=False)
     for ax, (name, pr) in zip(axes[0], pools.items()):
-        for m, colour in colours.items():
-            entry = pr["methods"].get(m)
-            if not entry:
-                continue
-            ks = sorted(float(k) for k in entry["by_kept"])
-            mean = [100 * entry["by_kept"][str(k)]["metrics"]["zeroshot_avg"]["mean"] for k in ks]
-            std = [100 * entry["by_kept"][str(k)]["metrics"]["zeroshot_avg"]["std"] for k in ks]
-            ax.errorbar([100 * k for k in ks], mean, yerr=std, marker="o", capsize=3, color=colour,
-                        lw=2.2 if m == "d2" else 1.3, label=entry["label"])
+        target = str(pr["target_kept"])
+        names, means, stds, ns = [], [], [], []
+        for m in colours:
+            c = pr["methods"].get(m, {}).get("by_kept", {}).get(target)
+            if c:
+                v = c["metrics"]["zeroshot_avg"]
+                names.append(m)
+                means.append(100 * v["mean"])
+                stds.append(100 * v["std"])
+                ns.append(v["n"])
+        y = np.arange(len(names))
+        ax.barh(y, means, xerr=stds, color=[colours[m] for m in names], capsize=3)
+        for yi, mean, std, n in zip(y, means, stds, ns):
+            ax.text(mean + std + 0.8, yi, f"{mean:.1f}  n={n}", va="center", fontsize=8)
+        ax.set_yticks(y, [LABELS[m] for m in names], fontsize=8)
+        ax.invert_yaxis()
         full = pr["methods"].get("full", {}).get("by_kept", {}).get("0.0")
         if full:
-            ax.axhline(100 * full["metrics"]["zeroshot_avg"]["mean"], color="k", ls="--", lw=1,
-                       label="whole pool (same samples seen)")
-        ax.set_title(f"pool: {name}")
-        ax.set_xlabel("kept (% of pool)")
-        ax.set_ylabel("zero-shot accuracy, avg over tasks (%)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Tiny CLIP trained on each filter's subset (mean ± std over seeds)")
+            ax.axvline(100 * full["metrics"]["zeroshot_avg"]["mean"], color="k", ls="--", lw=1,
+                       label="whole pool, same samples seen")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xlim(0, max(means + [0]) * 1.25)
+        ax.set_title(f"pool: {name}, {int(round(100 * pr['target_kept']))}% kept")
+        ax.set_xlabel("zero-shot accuracy, avg over tasks (%)")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Tiny CLIP trained from scratch on each filter's subset (mean ± std over seeds)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

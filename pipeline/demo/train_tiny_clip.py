@@ -122,8 +122,8 @@ def train_contrastive(model, images, batch_tokens, steps: int, batch_size: int, 
                       log=print, log_every: int = 50) -> None:
     """Train `model` in place with the CLIP contrastive loss: `steps` batches of `batch_size` pairs
     drawn at random (without replacement within a batch) from `images` (model input tensors, as a
-    torch tensor or numpy array; float16 is fine), AdamW with weight decay on matrices only, linear warm-up then cosine decay,
-    the temperature clamped at 100 as in CLIP. `batch_tokens(idx, rng)` gives the batch's caption
+    torch tensor or numpy array; float16 is fine), AdamW with weight decay on matrices only,
+    linear warm-up then cosine decay, the temperature clamped at 100 as in CLIP. `batch_tokens(idx, rng)` gives the batch's caption
     tokens (a fixed caption per pair, or a fresh wording each time)."""
     import open_clip
     import torch
