@@ -1333,19 +1333,24 @@ def machine_description() -> dict[str, str]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10k pool, one seed, two rates (a few minutes)")
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The options the training benchmarks share (this one and datacomp_mini.py)."""
     ap.add_argument("--json", type=Path, help="write the JSON report here")
-    ap.add_argument("--md", type=Path, help="write the markdown table here")
-    ap.add_argument("--workers", type=int, help="training processes (default: settings)")
+    ap.add_argument("--md", type=Path, help="write the markdown tables here")
+    ap.add_argument("--workers", type=int, help="training processes (default: the mode's settings)")
     ap.add_argument("--contention", default="", help="note on concurrent load, copied into the report")
     ap.add_argument(
         "--max-minutes",
         type=float,
         help="no table training starts after this many minutes from launch; cells then report the "
-        "seeds that finished (the table runs seed by seed, so earlier seeds are complete)",
+        "seeds that finished (earlier seeds come first, so they are complete)",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10k pool, one seed, two rates (a few minutes)")
+    add_run_args(ap)
     args = ap.parse_args(argv)
     settings = quick_settings() if args.quick else full_settings()
     if args.workers:

@@ -1265,16 +1265,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="scenes pool only, 1,500 pairs, one seed, 30%% kept")
-    ap.add_argument("--json", type=Path, help="write the JSON report here")
-    ap.add_argument("--md", type=Path, help="write the markdown tables here")
+    cq.add_run_args(ap)
     ap.add_argument("--plot", type=Path, help="write the figure (PNG) here")
-    ap.add_argument("--workers", type=int, help="training processes (default 2)")
     ap.add_argument("--investigate", action="store_true",
                     help="full mode: also D2 with k=10, on an image-only graph, and random/top-k on validation")
-    ap.add_argument("--contention", default="", help="note on concurrent load, copied into the report")
     ap.add_argument("--cache", type=Path, default=CACHE_DIR, help="where pools, selections and results are kept")
-    ap.add_argument("--max-minutes", type=float,
-                    help="no test training starts after this many minutes; cells then report the seeds that finished")
     args = ap.parse_args(argv)
     settings = quick_settings() if args.quick else full_settings()
     if args.workers:
