@@ -190,3 +190,15 @@ def test_render_markdown_from_report(cq):
     report["table"]["random"]["0.5"] = cq.summarise([0.8])  # one seed: no std shown
     assert "| Random | 80.00 |" in cq.render_markdown(report)
     json.dumps(report)  # the report is JSON-serialisable
+
+
+def test_full_mode_trains_each_coreset_for_epochs_of_itself(cq):
+    full = cq.full_settings()
+    batch = full.recipe.batch_size
+    assert full.steps_for(55_000) == full.train_epochs * -(-55_000 // batch)
+    assert full.steps_for(100) == full.min_train_steps  # never fewer steps than that
+    assert full.steps_for(5_500) < full.steps_for(55_000)  # a smaller coreset: fewer steps, same epochs
+    assert 20 in full.d2_k_grid  # k searched up to 20 at every rate
+    quick = cq.quick_settings()
+    assert quick.steps_for(10) == quick.steps_for(10_000) == quick.train_steps
+    assert full.run_key() != cq.dataclasses.replace(full, train_epochs=6).run_key()

@@ -13,7 +13,9 @@ Planted on purpose (and recorded in ground_truth.parquet):
 * **near-duplicate groups**: one picture plus 1–3 copies, re-encoded at a low JPEG quality,
   shifted a few pixels or slightly recoloured, all with the same caption;
 * **rare kinds**: a rare shape (heart) and a rare colour (cyan), each in ~1% of the pictures,
-  which a coreset should still cover.
+  which a coreset should still cover;
+* (benchmark pools, off in the demo) **junk captions** that DataComp's basic filter removes (not
+  English, or one or two tokens), and a **long tail** of common kinds (Zipf weights).
 
 Mismatches, duplicates and rare kinds are planted on disjoint samples, so each figure of the
 evaluation measures one thing. Generation is a pure function of the seed: the same seed gives the
@@ -48,13 +50,22 @@ class PoolSpec:
     duplicate_group_rate: float = 0.04  # groups per sample of the pool; each group has 2–4 members
     rare_shape_rate: float = 0.01
     rare_colour_rate: float = 0.01
+    # Benchmark pools only (0 = the demo): common shapes and colours drawn with Zipf weights
+    # 1/(rank+1)**tail_exponent (rank = order in scenes.COMMON_SHAPES / COMMON_COLOURS), so some
+    # kinds are frequent and others scarce, as on the web; and captions DataComp's basic filter
+    # removes (half not English, half one or two tokens), on samples without another planted role.
+    tail_exponent: float = 0.0
+    junk_caption_rate: float = 0.0
 
     def __post_init__(self):
         if self.n_samples < 100:
             raise ValueError(f"n_samples={self.n_samples}: the demo pool needs at least 100 samples")
         if self.samples_per_shard <= 0:
             raise ValueError(f"samples_per_shard={self.samples_per_shard} must be positive")
-        for name in ("mismatch_rate", "duplicate_group_rate", "rare_shape_rate", "rare_colour_rate"):
+        if self.tail_exponent < 0:
+            raise ValueError(f"tail_exponent={self.tail_exponent} must be >= 0")
+        for name in ("mismatch_rate", "duplicate_group_rate", "rare_shape_rate", "rare_colour_rate",
+                     "junk_caption_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 0.5:
                 raise ValueError(f"{name}={value} must be in [0, 0.5)")
@@ -69,11 +80,15 @@ def make_uid(seed: int, index: int) -> str:
     return hashlib.md5(f"d2prune-demo/{seed}/{index}".encode()).hexdigest()
 
 
-def _common_scene(rng: np.random.Generator) -> scenes.Scene:
+def _zipf(values: tuple[str, ...], exponent: float) -> dict[str, float]:
+    return {v: 1.0 / (rank + 1) ** exponent for rank, v in enumerate(values)}
+
+
+def _common_scene(rng: np.random.Generator, tail_exponent: float = 0.0) -> scenes.Scene:
     return scenes.sample_scene(
         rng,
-        shape_probs={s: 1.0 for s in scenes.COMMON_SHAPES},
-        colour_probs={c: 1.0 for c in scenes.COMMON_COLOURS},
+        shape_probs=_zipf(scenes.COMMON_SHAPES, tail_exponent),
+        colour_probs=_zipf(scenes.COMMON_COLOURS, tail_exponent),
     )
 
 
@@ -97,19 +112,21 @@ def plan_pool(spec: PoolSpec) -> list[dict]:
     n_rare_colour = max(1, round(spec.rare_colour_rate * n)) if spec.rare_colour_rate > 0 else 0
     n_common = n_originals - n_rare_shape - n_rare_colour
     n_mismatch = round(spec.mismatch_rate * n)
-    if n_common < n_groups + n_mismatch + 1:
-        raise ValueError(f"pool of {n} samples is too small for {n_groups} duplicate groups and {n_mismatch} mismatches")
+    n_junk = round(spec.junk_caption_rate * n)
+    if n_common < n_groups + n_mismatch + n_junk + 1:
+        raise ValueError(f"pool of {n} samples is too small for {n_groups} duplicate groups, {n_mismatch} mismatches "
+                         f"and {n_junk} junk captions")
 
     originals: list[dict] = []
     for _ in range(n_common):
-        originals.append({"scene": _common_scene(rng), "rare": ""})
+        originals.append({"scene": _common_scene(rng, spec.tail_exponent), "rare": ""})
     for _ in range(n_rare_shape):
         originals.append({"scene": _rare_scene(rng, scenes.RARE_SHAPES[0]), "rare": "shape"})
     for _ in range(n_rare_colour):
         originals.append({"scene": _rare_scene(rng, scenes.RARE_COLOURS[0]), "rare": "colour"})
     for orig, item in enumerate(originals):
         item.update(orig=orig, caption=scenes.caption(item["scene"]), true_caption=scenes.caption(item["scene"]),
-                    mismatched=False, caption_from=-1, dup_group=-1, dup_variant="")
+                    mismatched=False, caption_from=-1, dup_group=-1, dup_variant="", junk="")
 
     # Roles go to disjoint sets of common originals: duplicate-group originals, then mismatches.
     common_ids = rng.permutation(n_common)
@@ -124,6 +141,11 @@ def plan_pool(spec: PoolSpec) -> list[dict]:
             if originals[donor]["scene"].kind != own.kind:
                 break
         originals[idx].update(caption=originals[donor]["true_caption"], mismatched=True, caption_from=int(donor))
+    for j, idx in enumerate(common_ids[n_groups + n_mismatch:n_groups + n_mismatch + n_junk]):
+        if j % 2 == 0:
+            originals[idx].update(caption=scenes.foreign_caption(originals[idx]["scene"], rng), junk="not_english")
+        else:
+            originals[idx].update(caption=scenes.short_caption(rng), junk="short")
 
     samples = list(originals)
     for g, idx in enumerate(group_originals):
@@ -153,7 +175,7 @@ def generate_pool(out_dir: str, spec: PoolSpec | None = None) -> dict:
     rows: dict[str, list] = {name: [] for name in (
         "uid", "shard", "key", "shape", "colour", "size", "texture", "position", "background", "kind",
         "rare", "caption", "true_caption", "mismatched", "caption_from_uid", "dup_group", "dup_variant",
-        "jpeg_quality")}
+        "junk", "jpeg_quality")}
     uids = [make_uid(spec.seed, i) for i in range(len(plan))]
     # caption_from indexes originals; the donor's uid is that of its original (not of a copy)
     uid_of_original = {item["orig"]: uids[i] for i, item in enumerate(plan)
@@ -187,6 +209,7 @@ def generate_pool(out_dir: str, spec: PoolSpec | None = None) -> dict:
                 rows["caption_from_uid"].append(uid_of_original[item["caption_from"]] if item["mismatched"] else "")
                 rows["dup_group"].append(item["dup_group"])
                 rows["dup_variant"].append(item["dup_variant"])
+                rows["junk"].append(item["junk"])
                 rows["jpeg_quality"].append(quality)
         os.replace(tmp, os.path.join(shard_dir, name))
 
@@ -206,6 +229,7 @@ def generate_pool(out_dir: str, spec: PoolSpec | None = None) -> dict:
             "duplicate_members": int(sum(r["dup_group"] >= 0 for r in plan)),
             "rare_shape": int(sum(r["rare"] == "shape" for r in plan)),
             "rare_colour": int(sum(r["rare"] == "colour" for r in plan)),
+            "junk_captions": int(sum(bool(r["junk"]) for r in plan)),
         },
         "ground_truth": os.path.abspath(os.path.join(out_dir, "ground_truth.parquet")),
     }

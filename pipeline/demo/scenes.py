@@ -160,6 +160,45 @@ def caption(scene: Scene) -> str:
     )
 
 
+# Captions DataComp's basic filter removes (not English, or too short to say anything): planted in
+# benchmark pools (``PoolSpec.junk_caption_rate``), never in the tiny CLIP's training pairs.
+FOREIGN_CAPTIONS = {
+    "fr": ("une image avec un {shape} {colour}, fond {bg}",
+           {"circle": "cercle", "square": "carré", "triangle": "triangle", "star": "étoile", "diamond": "losange",
+            "cross": "croix", "heart": "cœur"},
+           {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune", "purple": "violet",
+            "orange": "orange", "white": "blanc", "black": "noir", "cyan": "cyan"}),
+    "de": ("ein Bild mit einem {colour} {shape} auf {bg} Hintergrund",
+           {"circle": "Kreis", "square": "Quadrat", "triangle": "Dreieck", "star": "Stern", "diamond": "Raute",
+            "cross": "Kreuz", "heart": "Herz"},
+           {"red": "roten", "green": "grünen", "blue": "blauen", "yellow": "gelben", "purple": "violetten",
+            "orange": "orangen", "white": "weißen", "black": "schwarzen", "cyan": "türkisen"}),
+    "es": ("una imagen con un {shape} {colour} sobre fondo {bg}",
+           {"circle": "círculo", "square": "cuadrado", "triangle": "triángulo", "star": "estrella",
+            "diamond": "rombo", "cross": "cruz", "heart": "corazón"},
+           {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado",
+            "orange": "naranja", "white": "blanco", "black": "negro", "cyan": "cian"}),
+}
+FOREIGN_BACKGROUNDS = {"grey": "gris", "beige": "beige", "navy": "marino", "olive": "oliva", "pink": "rosa"}
+
+
+def foreign_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A true description of the picture in French, German or Spanish."""
+    template, shapes, colours = FOREIGN_CAPTIONS[list(FOREIGN_CAPTIONS)[rng.integers(len(FOREIGN_CAPTIONS))]]
+    return template.format(shape=shapes[scene.shape], colour=colours[scene.colour],
+                           bg=FOREIGN_BACKGROUNDS[scene.background])
+
+
+def short_caption(rng: np.random.Generator) -> str:
+    """A caption of one or two tokens that says nothing about the picture (a file name, a stock word)."""
+    kind = int(rng.integers(3))
+    if kind == 0:
+        return f"IMG_{int(rng.integers(1000, 9999))}.jpg"
+    if kind == 1:
+        return f"DSC{int(rng.integers(10000, 99999))}"
+    return ("image", "untitled", "photo", "thumbnail")[int(rng.integers(4))]
+
+
 # -- rendering ------------------------------------------------------------------------------------
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:

@@ -118,9 +118,50 @@ def evaluate(model, tokenizer, images, drawn: list[scenes.Scene], seed: int = 0)
     }
 
 
+def train_contrastive(model, images, batch_tokens, steps: int, batch_size: int, lr: float, seed: int,
+                      log=print, log_every: int = 50) -> None:
+    """Train `model` in place with the CLIP contrastive loss: `steps` batches of `batch_size` pairs
+    drawn at random (without replacement within a batch) from `images` (model input tensors, as a
+    torch tensor or numpy array; float16 is fine), AdamW with weight decay on matrices only,
+    linear warm-up then cosine decay, the temperature clamped at 100 as in CLIP. `batch_tokens(idx, rng)` gives the batch's caption
+    tokens (a fixed caption per pair, or a fresh wording each time)."""
+    import open_clip
+    import torch
+
+    n_pairs = len(images)
+    loss_fn = open_clip.ClipLoss()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    rng = np.random.default_rng(seed + 1)
+    model.train()
+    t1 = time.time()
+    for step in range(steps):
+        idx = rng.choice(n_pairs, size=min(batch_size, n_pairs), replace=False)
+        texts = batch_tokens(idx, rng)
+        batch = images[idx]  # a torch tensor, or a numpy array (a memory-mapped one in benchmark workers)
+        img_f, txt_f, scale = model(torch.as_tensor(batch).float(), texts)[:3]
+        loss = loss_fn(img_f, txt_f, scale)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"contrastive training diverged: loss {float(loss)} at step {step} (seed {seed})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # as in CLIP: the temperature is clamped at 100
+            model.logit_scale.clamp_(0, math.log(100))
+        if log is not None and (step % log_every == 0 or step == steps - 1):
+            log(f"step {step:4d}  loss {loss.item():.3f}  logit_scale {model.logit_scale.exp().item():.1f}  "
+                f"{time.time() - t1:.0f}s")
+    model.eval()
+
+
 def train(steps: int, batch_size: int, n_pairs: int, lr: float, seed: int = TRAIN_SEED,
           checkpoint: str = CHECKPOINT_PATH) -> dict:
-    import open_clip
     import torch
 
     torch.manual_seed(seed)
@@ -131,32 +172,9 @@ def train(steps: int, batch_size: int, n_pairs: int, lr: float, seed: int = TRAI
     rare_images, rare_drawn = make_pairs(400, HELDOUT_SEED + 1, preprocess, **RARE_ONLY)
     data_s = time.time() - t0
     print(f"generated {n_pairs} training and 2000 held-out pairs in {data_s:.0f}s", flush=True)
-
-    loss_fn = open_clip.ClipLoss()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
-    rng = np.random.default_rng(seed + 1)
-    model.train()
     t1 = time.time()
-    for step in range(steps):
-        idx = rng.choice(n_pairs, size=batch_size, replace=False)
-        texts = tokenizer(_captions([drawn[i] for i in idx], rng))
-        img_f, txt_f, scale = model(images[idx].float(), texts)[:3]
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():  # as in CLIP: the temperature is clamped at 100
-            model.logit_scale.clamp_(0, math.log(100))
-        if step % 50 == 0 or step == steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.3f}  logit_scale {model.logit_scale.exp().item():.1f}  "
-                  f"{time.time() - t1:.0f}s", flush=True)
+    train_contrastive(model, images, lambda idx, rng: tokenizer(_captions([drawn[i] for i in idx], rng)),
+                      steps, batch_size, lr, seed, log=lambda msg: print(msg, flush=True))
     train_s = time.time() - t1
     metrics = evaluate(model, tokenizer, held_images, held_drawn)
     rare_metrics = evaluate(model, tokenizer, rare_images, rare_drawn)
