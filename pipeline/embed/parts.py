@@ -69,6 +69,12 @@ class ShardResult:
     image: np.ndarray
     text: np.ndarray
     skipped: Counter = field(default_factory=Counter)
+    missing: str | None = None  # why the shard could not be read (input.allow_missing_shards): no rows
+
+    @classmethod
+    def unreadable(cls, reason: str) -> "ShardResult":
+        return cls([], [], np.zeros(0, np.float32), np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16),
+                   Counter(), reason)
 
 
 class ShardAccumulator:
@@ -79,6 +85,7 @@ class ShardAccumulator:
         self.rows = 0
         self.expected: int | None = None
         self.skipped: Counter = Counter()
+        self.error = ""  # the shard could not be read (its marker says why)
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
         self.chunks.append(rows)
@@ -129,6 +136,11 @@ class PartCommitter:
     def done(self) -> bool:
         return self.position == len(self.queue)
 
+    @property
+    def next_index(self) -> int | None:
+        """The shard the next commit waits for (None when every pending shard is committed)."""
+        return None if self.done else self.queue[self.position]
+
     def _register_committed_below(self, index: int) -> None:
         # Only parts *before* this shard decide whether its uids are duplicates, as in a fresh run.
         while self._disk_position < len(self.on_disk) and self.on_disk[self._disk_position] < index:
@@ -160,12 +172,16 @@ class PartCommitter:
         table = part_table(url, [result.uids[i] for i in idx], [result.keys[i] for i in idx],
                            result.scores[idx], image, text)
         stats = {"shard": url, "samples": len(idx), "skipped": dict(sorted(skipped.items()))}
+        if result.missing is not None:
+            stats["missing"] = result.missing
         name = part_name(index)
         self.store.write_json(join(self.directory, name + ".stats.json"), stats)
         self.store.write_parquet(join(self.directory, name + ".parquet"), table)
         self.registry.add(hashes[idx])
         self.stats[index] = stats
-        if skipped:
+        if result.missing is not None:
+            log.warning("shard %s: skipped as missing (%s), input.allow_missing_shards", url, result.missing)
+        elif skipped:
             log.warning("shard %s: %d samples embedded, skipped %s", url, len(idx),
                         ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
         else:
