@@ -43,7 +43,29 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
             kwargs["object_store_memory"] = ray_cfg.object_store_memory
         ray.init(**kwargs)
         log.info("started embedded local Ray with %s", ray.cluster_resources())
+        _watch_embedded_ray()
     return ray
+
+
+_WATCHDOGS: list = []  # kept for the driver's lifetime: their stdin pipes are the driver's heartbeat
+
+
+def _watch_embedded_ray() -> None:
+    """Start :mod:`pipeline.reaper` for the embedded Ray just started, so its agents do not outlive
+    a driver killed without shutting Ray down."""
+    from . import reaper
+
+    try:
+        import ray._private.ray_constants as ray_constants
+        from ray._private import worker
+
+        raylet = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    except Exception as err:  # noqa: BLE001 - a private API: without it, no watchdog (logged)
+        log.debug("no Ray watchdog: raylet pid unknown (%s)", err)
+        return
+    watchdog = reaper.start(raylet)
+    if watchdog is not None:
+        _WATCHDOGS.append(watchdog)
 
 
 @dataclass(frozen=True)
