@@ -261,25 +261,25 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _locations_do_not_overlap(self) -> "JobConfig":
         # The write stage owns output.url (it refuses foreign files there and --force-from write
-        # empties it), the stages own the workdir's folders, and nothing may write among the inputs:
-        # an output inside the workdir overwrote a stage's _stats.json, an output at the input's
-        # folder wrote among the input tars.
-        places = [("workdir", self.workdir), ("output.url", self.output.url)]
-        places += [("input.shards", folder) for folder in input_folders(self.input.shards)]
-        for (name_a, url_a), (name_b, url_b) in combinations(places, 2):
-            if name_a == name_b:
-                continue
+        # empties it), the stages own the workdir's folders (--force-from removes them), and nothing
+        # may write among the inputs: an output inside the workdir overwrote a stage's _stats.json,
+        # an output at the input's folder wrote among the input tars. So output.url and workdir
+        # must not nest either way, and neither may equal or contain an input folder (both may lie
+        # inside one: the input tars are named files there, never written).
+        owned = [("workdir", self.workdir), ("output.url", self.output.url)]
+        inputs = [("input.shards", folder) for folder in input_folders(self.input.shards)]
+        problems = []
+        for (name_a, url_a), (name_b, url_b) in [tuple(owned)] + [(o, i) for o in owned for i in inputs]:
             a, b = _location(url_a), _location(url_b)
             if a == b:
-                relation = "is the same location as"
-            elif _inside(a, b):
-                relation = "is inside"
+                problems.append(f"{name_a} ({url_a}) is the same location as {name_b} ({url_b})")
             elif _inside(b, a):
-                relation = "contains"
-            else:
-                continue
-            raise ValueError(f"{name_a} ({url_a}) {relation} {name_b} ({url_b}): the workdir, output.url and the "
-                             "input shards' folder must not overlap (none equal to or inside another)")
+                problems.append(f"{name_a} ({url_a}) contains {name_b} ({url_b})")
+            elif _inside(a, b) and name_b != "input.shards":
+                problems.append(f"{name_a} ({url_a}) is inside {name_b} ({url_b})")
+        if problems:
+            raise ValueError("; ".join(problems) + ": the workdir and output.url must not overlap each other, nor "
+                             "hold the input shards")
         return self
 
 

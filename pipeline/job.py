@@ -162,9 +162,26 @@ def run_stages(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | No
 
 
 def run_one(cfg: JobConfig, store: Store, name: str, hooks: Hooks | None = None) -> dict[str, Any]:
-    """One stage (skipped when committed), under the workdir's lease; its stats."""
-    with acquire(store, cfg.workdir, {"command": f"run_one({name})"}) as lease:
-        return run_stages(cfg, store, [name], hooks, lease)["stats"][name]
+    """One stage (skipped when committed), checked and run like :func:`run_job` does; its stats."""
+    return run_checked(cfg, store, [name], hooks, command=f"run_one({name})")["stats"][name]
+
+
+def run_checked(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | None = None,
+                force: str | None = None, command: str | None = None) -> dict[str, Any]:
+    """Check everything that can be checked without writing (locations, a busy workdir, the first
+    stage's inputs), then take the workdir's lease and run the stages under it (released at the
+    end, also on failure); :func:`run_stages`' results."""
+    if force and force not in BY_NAME:
+        raise UsageError(f"--force-from {force!r}: stages are {', '.join(STAGE_NAMES)}")
+    check_locations(cfg, store)
+    busy = holder(store, cfg.workdir)  # read-only: refuse before minutes of input checks
+    if busy is not None:
+        raise LeaseHeldError(f"workdir {cfg.workdir} is in use by another job: {describe(busy)}")
+    checked = check_first_inputs(cfg, store, names, force)
+    with acquire(store, cfg.workdir, {"command": command or "d2prune"}) as lease:
+        if force:
+            force_from(cfg, store, force)
+        return run_stages(cfg, store, names, hooks, lease, checked)
 
 
 def job_summary(cfg: JobConfig, store: Store, results: dict[str, Any]) -> dict[str, Any]:
@@ -191,16 +208,5 @@ def run_job(config: str, overrides: list[str] | None = None, force: str | None =
     if address:
         cfg.ray.address = address
     store = Store(cfg.storage)
-    names = stages or list(STAGE_NAMES)
-    if force and force not in BY_NAME:
-        raise UsageError(f"--force-from {force!r}: stages are {', '.join(STAGE_NAMES)}")
-    check_locations(cfg, store)
-    busy = holder(store, cfg.workdir)  # read-only: refuse before minutes of input checks
-    if busy is not None:
-        raise LeaseHeldError(f"workdir {cfg.workdir} is in use by another job: {describe(busy)}")
-    checked = check_first_inputs(cfg, store, names, force)
-    with acquire(store, cfg.workdir, {"command": command or f"run_job({config})"}) as lease:
-        if force:
-            force_from(cfg, store, force)
-        results = run_stages(cfg, store, names, hooks, lease, checked)
-        return job_summary(cfg, store, results)
+    results = run_checked(cfg, store, stages or list(STAGE_NAMES), hooks, force, command or f"run_job({config})")
+    return job_summary(cfg, store, results)

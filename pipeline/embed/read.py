@@ -100,8 +100,8 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
                     n_good += len(rows)
                     rows = []
         except SHARD_FAILURES as err:
-            log.error("input shard %s could not be read: %s", url, shard_failure(err))
-            yield _marker(shard_index, n_good, skipped, images, context, error=shard_failure(err))
+            log.error("input shard %s could not be read: %s", url, shard_failure(err, url))
+            yield _marker(shard_index, n_good, skipped, images, context, error=shard_failure(err, url))
             continue
         if rows:
             yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer)

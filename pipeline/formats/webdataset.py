@@ -93,13 +93,13 @@ class NotATarError(ShardError):
 SHARD_FAILURES = (FileNotFoundError, PermissionError, NotATarError, ReadFailedError)
 
 
-def shard_failure(err: BaseException) -> str:
-    """A short reason for a shard-level failure (one of SHARD_FAILURES)."""
+def shard_failure(err: BaseException, url: str = "") -> str:
+    """A short reason for a shard-level failure (one of SHARD_FAILURES), without the shard's name."""
     if isinstance(err, FileNotFoundError):
         return "not found"
     if isinstance(err, PermissionError):
         return f"permission denied ({err})"
-    return str(err)
+    return str(err).removeprefix(f"{url}: ") if url else str(err)
 
 
 @dataclass
@@ -300,14 +300,16 @@ def shard_urls(cfg: InputConfig) -> list[str]:
 def _probe(store: Store, url: str) -> tuple[str, bool] | None:
     """None when `url` is a readable tar (or compressed tar), else (why not, whether a retry may help)."""
     try:
-        head = store.retry_policy.call(lambda: store.fs(url).cat_file(store.path(url), start=0, end=BLOCK),
-                                       f"{url}: first block")
+        # through the checked reader: a read that comes back short or empty is retried, never taken
+        # for a file that is not a tar (that is exit 2, and no retry would ever be tried)
+        with store.open_checked(url, block_size=2 * BLOCK) as fh:  # not s3fs's 50 MB read-ahead
+            head = fh.read(BLOCK)
     except FileNotFoundError:
         return "not found", False
     except PermissionError as err:
         return f"permission denied ({err})", False
     except ReadFailedError as err:
-        return f"unreadable ({err.__cause__ or err})", True
+        return f"unreadable: {str(err).removeprefix(url + ': ')}", True
     except Exception as err:  # noqa: BLE001 - an unexpected error: report it, don't crash the probe
         return f"unreadable ({type(err).__name__}: {err})", is_transient(err)
     problem = looks_like_tar(head)
