@@ -220,3 +220,94 @@ def test_repeated_keys_read_as_separate_samples(tmp_path):
     assert [s.key for s in samples if s.problem is None] == [k["key"] for k in manifest.kept[0]]
     assert Counter(s.problem for s in samples if s.problem) == Counter(manifest.skipped[0])
     assert [s.key for s in samples].count("d1") == 2 and [s.key for s in samples].count("e1") == 2
+
+
+# -- through the whole job ------------------------------------------------------------------------------
+
+def _job_config(tmp_path, shards, tiny_model_config, **select) -> str:
+    import yaml
+
+    raw = {
+        "workdir": str(tmp_path / "work"),
+        "input": {"shards": shards, **CORPUS_INPUT},
+        "embed": {"model": "d2prune-tiny", "model_config_path": tiny_model_config, "pretrained": None,
+                  "batch_size": 8, "cpus_per_actor": 1, "torch_threads": 1},
+        "graph": {"k": 4, "index": "flat", "recall_sample": 0},
+        "select": {"prune_rate": 0.5, **select},
+        "output": {"url": str(tmp_path / "out"), "samples_per_shard": 5},
+        "ray": {"num_cpus": 2, "object_store_memory": 300_000_000},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_bad_input_corpus_through_the_whole_job_with_exact_counts(tmp_path, corpus, tiny_model_config, ray_local,
+                                                                  capsys):
+    from pipeline.cli import main
+    from pipeline.core.d2 import budget_for
+    from pipeline.workdir import part_name
+
+    shards = corpus.shards + list(corpus.unreadable)
+    config = _job_config(tmp_path, shards, tiny_model_config)
+    # the zero-byte and the garbage shard: named, exit 2, nothing written
+    assert main(["run", config]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    for url, reason in corpus.unreadable.items():
+        assert f"{url}: {reason}" in line
+    assert "input.allow_missing_shards" in line and not (tmp_path / "work").exists()
+
+    assert main(["run", config, "--set", "input.allow_missing_shards=true"]) == 0
+    out = capsys.readouterr().out
+    store = Store()
+    stats = store.read_json(str(tmp_path / "work" / "embeddings" / "_stats.json"))
+    manifest = corpus.manifest
+    assert stats["samples"] == manifest.n_kept
+    assert stats["skipped"] == dict(sorted(manifest.skipped_total.items()))
+    assert stats["shards_missing"] == 2 and stats["shards_empty"] == 1
+    for i, shard_stats in enumerate(stats["per_shard"]):
+        if i < len(manifest.shards):
+            assert shard_stats["samples"] == len(manifest.kept[i]) and shard_stats["skipped"] == manifest.skipped[i]
+            part = store.read_parquet(str(tmp_path / "work" / "embeddings" / f"{part_name(i)}.parquet"))
+            assert part.column("uid").to_pylist() == [k["uid"] for k in manifest.kept[i]]
+        else:
+            assert shard_stats["samples"] == 0 and shard_stats["missing"].startswith(corpus.unreadable[shards[i]])
+    for reason, count in manifest.skipped_total.items():
+        assert f"dropped    : {count} (unreadable: {reason})" in out
+    assert "missing    : 2 input shard(s) skipped" in out
+    written = store.read_json(str(tmp_path / "out" / "_stats.json"))
+    assert written["samples_written"] == budget_for(manifest.n_kept, 0.5) and written["integrity"].startswith("ok")
+
+
+@pytest.fixture(scope="module")
+def repeated_keys_job(tmp_path_factory, tiny_model_config, ray_local):
+    from pipeline.cli import main
+
+    tmp = tmp_path_factory.mktemp("repeated")
+    manifest = write_repeated_keys_pool(str(tmp / "pool"))
+    config = _job_config(tmp, manifest.shards, tiny_model_config, prune_rate=0.0)  # every sample is written
+    assert main(["embed", config]) == 0
+    return tmp, manifest, config
+
+
+@pytest.mark.slow
+def test_repeated_keys_are_separate_samples_in_the_embed_stage(repeated_keys_job):
+    tmp, manifest, _ = repeated_keys_job
+    store = Store()
+    part = store.read_parquet(str(tmp / "work" / "embeddings" / "part-00000.parquet"))
+    assert part.column("uid").to_pylist() == [k["uid"] for k in manifest.kept[0]]
+    assert part.column("key").to_pylist() == [k["key"] for k in manifest.kept[0]]
+    stats = store.read_json(str(tmp / "work" / "embeddings" / "_stats.json"))
+    assert stats["skipped"] == manifest.skipped[0] == {DUPLICATE_UID: 1}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="needs the write stage's uid lookup (issue 12)")
+def test_repeated_keys_through_the_whole_job(repeated_keys_job):
+    from pipeline.job import run_job
+
+    tmp, manifest, config = repeated_keys_job
+    run_job(config)  # on this branch: the write stage looks samples up by (shard, key) and fails
+    written = Store().read_json(str(tmp / "out" / "_stats.json"))
+    assert written["samples_written"] == manifest.n_kept and written["integrity"].startswith("ok")
