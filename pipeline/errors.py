@@ -44,15 +44,21 @@ class LeaseHeldError(RuntimeError):
     timeout ago): running now would make two jobs write the same files."""
 
 
+def _is_marker(err: BaseException) -> bool:
+    """Ray Data raises the real error ``from SystemException()``: a marker with no message."""
+    return type(err).__module__.startswith("ray") and not str(err).strip()
+
+
 def innermost(err: BaseException) -> BaseException:
     """The original exception behind Ray's wrappers (RayTaskError.cause) and explicit chaining."""
     seen = set()
     while id(err) not in seen:
         seen.add(id(err))
         cause = getattr(err, "cause", None)
-        if isinstance(cause, BaseException) and cause is not err:
+        if isinstance(cause, BaseException) and cause is not err and not _is_marker(cause):
             err = cause
-        elif err.__cause__ is not None and type(err).__module__.startswith("ray"):
+        elif (err.__cause__ is not None and type(err).__module__.startswith("ray")
+              and not _is_marker(err.__cause__)):
             err = err.__cause__
         else:
             break
@@ -95,9 +101,13 @@ def one_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
     if type(inner).__module__.startswith("ray") and len(lines) > 1:
         # a remote traceback as text: its last "SomeError: message" line is the cause
-        found = [m for m in map(_EXC_LINE.match, lines) if m and not m.group(1).startswith("ray.")]
+        found = [(i, m) for i, m in enumerate(map(_EXC_LINE.match, lines)) if m and not m.group(1).startswith("ray.")]
         if found:
-            return f"{found[-1].group(1)}: {found[-1].group(2).strip()}"
+            i, match = found[-1]
+            message = match.group(2).strip()
+            if message.endswith(":"):  # "Error(s) in loading state_dict for CLIP:" + one line per problem
+                message = _joined([message] + lines[i + 1: i + 4])
+            return f"{match.group(1)}: {message}"
     name = type(inner).__name__
     if not lines:
         return name

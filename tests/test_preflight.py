@@ -183,3 +183,23 @@ def test_one_line_keeps_the_listing_of_shards():
                              "s3://b/p/00007.tar: read failed at byte 0")
     assert one_line(ConfigError("invalid config x.yaml:\n  graph.k: bad\n  unknown key 'y'")) == \
         "invalid config x.yaml: graph.k: bad; unknown key 'y'"
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_architecture_is_a_config_error(tmp_path, small_pool, tiny_model_config, ray_local,
+                                                              capsys):
+    import copy
+
+    from pipeline.testing import TINY_MODEL_CONFIG, save_random_checkpoint
+
+    other = copy.deepcopy(TINY_MODEL_CONFIG)
+    other["embed_dim"] = 16
+    checkpoint = save_random_checkpoint(str(tmp_path / "other.pt"), model_name="d2prune-other", config=other)
+    raw = _raw(tmp_path, small_pool, embed={"model": "d2prune-tiny", "model_config_path": tiny_model_config,
+                                           "pretrained": checkpoint, "torch_threads": 1, "batch_size": 8},
+               ray={"num_cpus": 2, "object_store_memory": 200_000_000})
+    raw["input"]["shards"] = small_pool.shards[:1]
+    assert main(["embed", _write(tmp_path, raw)]) == EXIT_CONFIG  # not exit 1: no rerun can fix it
+    line = _last_error_line(capsys)
+    assert f"embed.pretrained {checkpoint} does not fit embed.model d2prune-tiny: size mismatch for" in line
+    assert not list((tmp_path / "work" / "embeddings").glob("part-*"))

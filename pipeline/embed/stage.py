@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..config import JobConfig
+from ..errors import ConfigError, innermost
 from ..formats.webdataset import ShardReadError, listing, shard_urls, verify_shards
 from ..runtime import init_ray, resources
 from ..stage import Stage, StageContext
@@ -81,6 +82,22 @@ def steady_rate(forward_times: Counter) -> float | None:
     return round(rows / span, 3) if span > 0 else None
 
 
+def _batches_or_config_error(ds, spec):
+    """The embedded batches; a checkpoint that does not fit the architecture (found when the actors
+    load it: torch's "Error(s) in loading state_dict") is a config error (exit 2), not a failure a
+    rerun could fix."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    except Exception as err:  # noqa: BLE001 - re-raised unchanged unless it is that error
+        text = str(innermost(err))
+        if "Error(s) in loading state_dict" not in text:
+            raise
+        detail = [line.strip() for line in text.splitlines() if line.strip().startswith(
+            ("size mismatch", "Missing key", "Unexpected key"))][:2]
+        raise ConfigError(f"embed.pretrained {spec.pretrained} does not fit embed.model {spec.name}: "
+                          + "; ".join(detail or ["its weights do not load into the architecture"])) from err
+
+
 def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[int],
                    committer: PartCommitter) -> dict[str, Any]:
     spec = model_spec(cfg, store)
@@ -103,7 +120,7 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
     partial: dict[int, ShardAccumulator] = {}
     failed: dict[int, str] = {}  # shards that could not be read (their late rows are dropped)
     forward_times: Counter = Counter()  # forward end time -> rows (for the steady-state rate)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+    for batch in _batches_or_config_error(ds, spec):
         markers = np.asarray(batch["is_marker"], dtype=bool)
         shard_index = np.asarray(batch["shard_index"])
         forward_times.update(np.asarray(batch["embedded_at"])[~markers].tolist())
