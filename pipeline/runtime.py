@@ -36,8 +36,8 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
         ray.init(address=address, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
     else:
-        # address="local": a new instance even when a `ray start` cluster runs on this machine (with no
-        # address, ray.init joins the latest one it finds in /tmp/ray/ray_current_cluster)
+        # address="local": always a new embedded Ray, never a `ray start` cluster that happens to
+        # run on this machine (plain ray.init() would join it, and then refuse num_cpus)
         kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": True}
         if ray_cfg.num_cpus:
             kwargs["num_cpus"] = ray_cfg.num_cpus

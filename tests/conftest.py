@@ -51,7 +51,6 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # address="local": never join a `ray start` cluster that happens to run on this machine
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300_000_000,
                  log_to_driver=True)
     try:
