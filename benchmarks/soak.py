@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from multiprocessing import Pool
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -275,12 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_start": [round(x, 1) for x in load_before],
         "load_average_end": [round(x, 1) for x in os.getloadavg()],
     }
-    print(markdown(results))
+    table = markdown(results)
+    print(table)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
-        with open(os.path.splitext(args.json)[0] + ".md", "w") as fh:
-            fh.write(markdown(results))
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.json).with_suffix(".md").write_text(table)
     return results
 
 
