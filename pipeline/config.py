@@ -80,18 +80,53 @@ class InputConfig(_Section):
 
 
 class PrecomputedConfig(_Section):
-    """DataComp-style precomputed embeddings: one metadata parquet + one .npz per shard."""
+    """DataComp's precomputed embeddings, joined by uid to the samples in the input shards.
+
+    The metadata is DataComp's as downloaded (``metadata/<scale>/<md5>.parquet`` + ``<md5>.npz``,
+    any number of files, each holding many shards' worth of rows in any order); a sample in the
+    shards gets the embedding of the metadata row with its json ``uid``. Samples in the metadata
+    but not in the shards (failed downloads) are counted as ``not_in_shards``, samples in the
+    shards without a metadata row as ``no_embedding``; neither is selectable."""
 
     metadata: str | list[str] = Field(
-        ..., description="Parquet files (URL/brace pattern/list) with uid, key and the similarity column."
+        ..., description="Metadata parquet files: a directory (its *.parquet, else those of its direct "
+        "subfolders), a glob, a brace pattern, a file, or a list of these; any fsspec URL.",
     )
     embeddings: str | list[str] | None = Field(
         None,
-        description="Matching .npz files; default: the metadata paths with '.parquet' replaced by '.npz'.",
+        description="Where the .npz files are (same forms as `metadata`), paired with the parquet files by "
+        "name; default: beside each parquet file.",
     )
-    image_key: str = Field("l14_img", description="Array name of image embeddings in the .npz.")
-    text_key: str = Field("l14_txt", description="Array name of text embeddings in the .npz.")
-    score_column: str = Field("clip_l14_similarity_score", description="Metadata column used as clip_score.")
+    image_key: str | list[str] = Field(
+        "l14_img", description="npz array(s) of the image embedding: one name, or a list whose arrays are "
+        "L2-normalised and concatenated (e.g. [l14_img, b32_img]).",
+    )
+    text_key: str | list[str] = Field(
+        "l14_txt", description="npz array(s) of the text embedding (same forms as image_key; same total width).",
+    )
+    score_column: str = Field(
+        "clip_l14_similarity_score",
+        description="Metadata column used as clip_score (DataComp: clip_l14_similarity_score or "
+        "clip_b32_similarity_score); rows where it is null get the cosine of their image and text vectors.",
+    )
+    bucket_rows: int = Field(
+        100_000, gt=0, description="Memory knob of the join: metadata rows per join bucket. A join task holds "
+        "~0.25 GB + ~15 KB per bucket row with l14 image+text vectors (0.4 GB at 10k, 0.8 GB at 40k: "
+        "benchmarks/results/precomputed_join.md), ~1.7 GB at 100k. Fixed for a run when its join starts.",
+    )
+    shards_per_task: int = Field(
+        16, gt=0, description="Input shards read (json uids, captions, sizes) per Ray task of the join.",
+    )
+
+    @field_validator("image_key", "text_key")
+    @classmethod
+    def _keys_named(cls, value: str | list[str]) -> str | list[str]:
+        keys = [value] if isinstance(value, str) else value
+        if not keys or any(not k.strip() for k in keys):
+            raise ValueError("must name at least one npz array")
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"names an array twice: {keys}")
+        return value
 
 
 class EmbedConfig(_Section):
@@ -164,6 +199,22 @@ class GraphConfig(_Section):
         return self
 
 
+class PrefilterConfig(_Section):
+    basic: bool = Field(
+        False, description="DataComp's basic filter before selection: English caption (fastText lid.176, "
+        "offline), more than 2 words and 5 characters, smaller image side >= 200 px, aspect ratio <= 3.",
+    )
+
+    @field_validator("basic")
+    @classmethod
+    def _not_wired_yet(cls, value: bool) -> bool:
+        # The embed stage records what the filter reads and pipeline/core/basic_filter.py applies it,
+        # but the select stage does not call it yet: refuse rather than silently select unfiltered.
+        if value:
+            raise ValueError("the basic pre-filter is not applied by the select stage yet; leave it false")
+        return value
+
+
 class SelectConfig(_Section):
     method: Literal["d2", "random", "score_topk", "ccs", "moderate", "kcenter"] = Field(
         "d2", description="Selection method; the baselines use the same budget."
@@ -199,6 +250,7 @@ class SelectConfig(_Section):
         2_000_000, ge=0, description="Below this N the stage also runs the exact global greedy and reports overlap."
     )
     ccs_strata: int = Field(50, gt=0, description="CCS: number of score strata.")
+    prefilter: PrefilterConfig = Field(default_factory=PrefilterConfig)
 
     @field_validator("prune_rate")
     @classmethod
@@ -230,6 +282,10 @@ class SelectConfig(_Section):
 class OutputConfig(_Section):
     url: str = Field(..., description="Where the filtered pool's shards are written (local path or fsspec URL).")
     samples_per_shard: int = Field(10_000, gt=0, description="Target samples per output shard.")
+    shard_name_width: int = Field(
+        5, ge=1, le=12, description="Digits of output shard names (DataComp's resharder and img2dataset use 8: "
+        "00000000.tar).",
+    )
 
 
 class RayConfig(_Section):

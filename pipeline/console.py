@@ -61,6 +61,8 @@ def print_summary(summary: dict[str, Any], out=None) -> None:
     if summary.get("missing_shards"):
         print(f"  missing    : {summary['missing_shards']} input shard(s) skipped (input.allow_missing_shards; "
               "named in the embed stage's _stats.json)", file=out)
+    if summary.get("not_in_shards"):
+        print(f"  not in the shards (failed downloads, not counted above): {summary['not_in_shards']}", file=out)
     for stage, seconds in summary["seconds"].items():
         note = " (already committed, skipped)" if stage in summary["skipped_stages"] else ""
         print(f"  {stage:<11}: {seconds:.1f} s{note}", file=out)
@@ -70,3 +72,5 @@ def print_summary(summary: dict[str, Any], out=None) -> None:
         print(f"  selection  : {summary['selection']}", file=out)
     if summary["output"]:
         print(f"  output     : {summary['output']}", file=out)
+    if summary.get("report"):
+        print(f"  report     : {summary['report']}", file=out)

@@ -10,13 +10,15 @@
     for each stage: check_pool_size(...)      # rules that need N, once N is known (exit 2)
                     run_stage(...)            # skip / require / check / claim / run / commit
     summary                                   # pipeline.summary.summarize
+    report                                    # the whole job only: WORKDIR/report.html (a failure warns)
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from . import workdir
 from .config import ConfigError, JobConfig, input_folders, load_config
@@ -35,6 +37,9 @@ from .write.stage import STAGE as WRITE
 log = logging.getLogger("d2prune")
 
 STAGES: tuple[Stage, ...] = (EMBED, GRAPH, SELECT, WRITE)
+# The report reads every sample's uid, shard, key and score into the driver; above this many it is
+# left to `d2prune report WORKDIR` rather than risk the job's driver memory after the work is done.
+REPORT_MAX_SAMPLES = 5_000_000
 STAGE_NAMES = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -162,15 +167,17 @@ def run_stages(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | No
 
 
 def run_one(cfg: JobConfig, store: Store, name: str, hooks: Hooks | None = None) -> dict[str, Any]:
-    """One stage (skipped when committed), checked and run like :func:`run_job` does; its stats."""
-    return run_checked(cfg, store, [name], hooks, command=f"run_one({name})")["stats"][name]
+    """One stage (skipped when committed), checked and run under the lease like :func:`run_job`; its stats."""
+    with leased(cfg, store, [name], command=f"run_one({name})") as (lease, checked):
+        return run_stages(cfg, store, [name], hooks, lease, checked)["stats"][name]
 
 
-def run_checked(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | None = None,
-                force: str | None = None, command: str | None = None) -> dict[str, Any]:
+@contextmanager
+def leased(cfg: JobConfig, store: Store, names: list[str], force: str | None = None,
+           command: str | None = None) -> Iterator[tuple[Lease, set[str]]]:
     """Check everything that can be checked without writing (locations, a busy workdir, the first
-    stage's inputs), then take the workdir's lease and run the stages under it (released at the
-    end, also on failure); :func:`run_stages`' results."""
+    stage's inputs), then hold the workdir's lease (released at the end, also on failure), after
+    applying --force-from under it. Yields the lease and the stages whose check already ran."""
     if force and force not in BY_NAME:
         raise UsageError(f"--force-from {force!r}: stages are {', '.join(STAGE_NAMES)}")
     check_locations(cfg, store)
@@ -181,7 +188,7 @@ def run_checked(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | N
     with acquire(store, cfg.workdir, {"command": command or "d2prune"}) as lease:
         if force:
             force_from(cfg, store, force)
-        return run_stages(cfg, store, names, hooks, lease, checked)
+        yield lease, checked
 
 
 def job_summary(cfg: JobConfig, store: Store, results: dict[str, Any]) -> dict[str, Any]:
@@ -197,16 +204,41 @@ def job_summary(cfg: JobConfig, store: Store, results: dict[str, Any]) -> dict[s
     return summary
 
 
+def write_report(cfg: JobConfig, store: Store, summary: dict[str, Any]) -> str | None:
+    """WORKDIR/report.html after a whole job; its URL, or None (with a warning) when it could not
+    be built: the job's outputs are complete either way."""
+    from .report import build_report
+
+    if (summary.get("embedded") or 0) > REPORT_MAX_SAMPLES:
+        log.warning("report not built: %s samples is more than the report reads in one process (%d); "
+                    "`d2prune report %s` builds it on a machine with the memory", summary["embedded"],
+                    REPORT_MAX_SAMPLES, cfg.workdir)
+        return None
+    try:
+        return build_report(cfg.workdir, store, input_cfg=cfg.input)
+    except Exception as err:  # noqa: BLE001 - the report must never fail a finished job
+        log.warning("report not written: %s: %s (the job's outputs are complete; `d2prune report %s` retries)",
+                    type(err).__name__, err, cfg.workdir)
+        return None
+
+
 def run_job(config: str, overrides: list[str] | None = None, force: str | None = None,
             address: str | None = None, stages: list[str] | None = None, hooks: Hooks | None = None,
-            command: str | None = None) -> dict[str, Any]:
+            report: bool | None = None, command: str | None = None) -> dict[str, Any]:
     """The job as a function; raises on failure (:mod:`pipeline.errors` maps it to an exit code).
+    `report`: build WORKDIR/report.html at the end; default: when the whole job ran (not one stage).
 
     Nothing is written before the config, every location and the inputs are checked; then the
-    workdir's lease is taken (:mod:`pipeline.lease`) and held until the job ends, also when it fails."""
+    workdir's lease is taken (:mod:`pipeline.lease`) and held until the job ends (its report
+    included), also when it fails."""
     cfg = load_config(config, overrides)
     if address:
         cfg.ray.address = address
     store = Store(cfg.storage)
-    results = run_checked(cfg, store, stages or list(STAGE_NAMES), hooks, force, command or f"run_job({config})")
-    return job_summary(cfg, store, results)
+    names = stages or list(STAGE_NAMES)
+    with leased(cfg, store, names, force, command or f"run_job({config})") as (lease, checked):
+        results = run_stages(cfg, store, names, hooks, lease, checked)
+        summary = job_summary(cfg, store, results)
+        if report if report is not None else stages is None:
+            summary["report"] = write_report(cfg, store, summary)
+        return summary

@@ -420,11 +420,12 @@ class Store:
     def write_json(self, url: str, obj: Any) -> None:
         self.write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
-    def write_parquet(self, url: str, table) -> None:
+    def write_parquet(self, url: str, table, **options) -> None:
+        """`options`: pyarrow.parquet.write_table's (e.g. use_dictionary)."""
         import pyarrow.parquet as pq
 
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, **{"compression": "zstd", **options})
         self.write_bytes(url, buf.getvalue())
 
     def write_local_file(self, url: str, local_path: str) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# skip reasons that are not about unreadable data (the precomputed encoder's join by uid)
+SKIP_LABELS = {"no_uid": "no uid to look up", "no_embedding": "not in the metadata",
+               "bad_embedding": "unusable metadata vectors"}
+
 
 def summarize(stats: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     """Samples in, kept, dropped by reason, where the output is, from each stage's ``_stats.json``
@@ -13,7 +17,7 @@ def summarize(stats: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     dropped: dict[str, int] = {}
     samples_in = embedded = None
     if embed:
-        skipped = {f"unreadable: {k}": int(v) for k, v in (embed.get("skipped") or {}).items()}
+        skipped = {f"{SKIP_LABELS.get(k, 'unreadable')}: {k}": int(v) for k, v in (embed.get("skipped") or {}).items()}
         dropped.update(skipped)
         if embed.get("samples") is not None:
             embedded = int(embed["samples"])
@@ -32,4 +36,6 @@ def summarize(stats: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
         "output": (write or {}).get("shards_url"),
         "overlap_with_exact": (select or {}).get("overlap_with_exact"),
         "missing_shards": int((embed or {}).get("shards_missing") or 0),
+        # metadata rows whose sample is in no input shard (failed downloads): not part of the pool
+        "not_in_shards": (embed or {}).get("not_in_shards"),
     }

@@ -1,5 +1,6 @@
 """Small, real test and demo data: WebDataset pools with deliberately broken samples, a tiny
-open_clip architecture, random-weight checkpoints, DataComp-style precomputed embeddings, configs.
+open_clip architecture, random-weight checkpoints, a DataComp pool as DataComp users have it on disk
+(metadata parquet + npz, img2dataset shards), configs.
 
 Everything here is deterministic for a seed. The generators *know* what they broke, so each
 returns a manifest of what a correct reader must keep and skip; tests compare the pipeline's
@@ -103,14 +104,11 @@ def encode_image(image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-@dataclass
-class PoolManifest:
-    """What a correct reader of a generated pool keeps and skips, shard by shard."""
+class _ShardCounts:
+    """Totals of a manifest's per-shard ``kept`` samples and ``skipped`` counts."""
 
-    shards: list[str]
-    kept: list[list[dict[str, str]]]  # per shard, in tar order: {"uid", "key", "caption"}
-    skipped: list[dict[str, int]]  # per shard: reason -> count
-    truncated_shards: list[int] = field(default_factory=list)
+    kept: list[list[dict[str, Any]]]
+    skipped: list[dict[str, int]]
 
     @property
     def kept_uids(self) -> list[str]:
@@ -126,6 +124,17 @@ class PoolManifest:
         for counts in self.skipped:
             total.update(counts)
         return dict(total)
+
+
+@dataclass
+class PoolManifest(_ShardCounts):
+    """What a correct reader of a generated pool keeps and skips, shard by shard."""
+
+    shards: list[str]
+    kept: list[list[dict[str, str]]]  # per shard, in tar order: {"uid", "key", "caption"}
+    skipped: list[dict[str, int]]  # per shard: reason -> count
+    truncated_shards: list[int] = field(default_factory=list)
+    without_json_uid: list[int] = field(default_factory=list)  # per shard: kept samples whose json has no uid
 
     def to_json(self) -> dict[str, Any]:
         return {"shards": self.shards, "kept": self.kept, "skipped": self.skipped,
@@ -178,9 +187,10 @@ def write_pool(dest_dir: str, store: Store | None = None, n_shards: int = 4, per
         raise ValueError("a broken pool needs per_shard >= 12 (defects sit at fixed positions)")
     rng = np.random.default_rng(seed)
     store.makedirs(dest_dir)
-    urls, kept, skipped, truncated = [], [], [], []
+    urls, kept, skipped, truncated, without_json_uid = [], [], [], [], []
     seen: set[str] = set()
     for shard in range(n_shards):
+        no_uid = 0
         url = join(dest_dir, f"{shard:05d}.tar")
         buf = io.BytesIO()
         cut_pos = per_shard - 3 if (truncate_last and shard == n_shards - 1) else None
@@ -230,6 +240,7 @@ def write_pool(dest_dir: str, store: Store | None = None, n_shards: int = 4, per
                 if reason is None:
                     seen.add(uid)
                     shard_kept.append({"uid": uid, "key": key, "caption": caption})
+                    no_uid += defect == "no_json"
                 else:
                     shard_skipped[reason] += 1
         data = buf.getvalue()
@@ -241,7 +252,9 @@ def write_pool(dest_dir: str, store: Store | None = None, n_shards: int = 4, per
         urls.append(url)
         kept.append(shard_kept)
         skipped.append(dict(shard_skipped))
-    return PoolManifest(shards=urls, kept=kept, skipped=skipped, truncated_shards=truncated)
+        without_json_uid.append(no_uid)
+    return PoolManifest(shards=urls, kept=kept, skipped=skipped, truncated_shards=truncated,
+                        without_json_uid=without_json_uid)
 
 
 # -- a bad-input corpus ---------------------------------------------------------------------------
@@ -453,65 +466,214 @@ def write_repeated_keys_pool(dest_dir: str, store: Store | None = None, seed: in
 
 
 # -- DataComp-style precomputed embeddings ---------------------------------------------------------
+# -- a DataComp pool, laid out as download_upstream.py + img2dataset lay it out ---------------------
+
+DATACOMP_DIMS = {"b32": 8, "l14": 16}  # (real: 512 and 768) widths of the npz arrays
+# captions that DataComp's basic filter drops, each for one reason (phase-B tests use them)
+FILTERED_CAPTIONS = {"caption_not_english": "ein kleiner roter Hund spielt im Garten",
+                     "caption_too_few_words": "red dog", "caption_too_short": "a b c"}
+
 
 @dataclass
-class PrecomputedManifest:
-    metadata: list[str]
-    embeddings: list[str]
-    kept_uids: list[list[str]]
-    skipped: list[dict[str, int]]
-    image: list[np.ndarray]  # per file, the raw (unnormalised) arrays as written
-    text: list[np.ndarray]
-    scores: list[np.ndarray]
+class DataCompManifest(_ShardCounts):
+    """What a correct reader of :func:`write_datacomp_pool`'s pool keeps, skips and joins."""
+
+    metadata_dir: str
+    shards_dir: str
+    shards: list[str]
+    metadata: list[tuple[str, str]]  # (parquet, npz) in name order
+    kept: list[list[dict[str, Any]]]  # per shard, tar order: uid, key, caption, original_width/height, url,
+    #                                   sha256, file, row (the metadata row whose embedding it gets)
+    skipped: list[dict[str, int]]  # per shard: reason -> count
+    not_in_shards: int  # metadata rows (first of their uid) whose sample is in no shard
+    metadata_duplicate_uid: int
+    metadata_without_uid: int
+    arrays: list[dict[str, np.ndarray]]  # per metadata file: npz key -> float16 array as written
+    scores: list[dict[str, np.ndarray]]  # per metadata file: score column -> float64
 
 
-def write_precomputed(dest_dir: str, store: Store | None = None, n_files: int = 3, per_file: int = 20,
-                      dim: int = 16, seed: int = 0, duplicate: bool = True) -> PrecomputedManifest:
-    """DataComp layout: ``{i:08d}.parquet`` (uid, key, clip_l14_similarity_score, text) next to
-    ``{i:08d}.npz`` (``l14_img``, ``l14_txt`` float16, rows aligned with the parquet). With
-    ``duplicate`` the second file's row 2 repeats a uid of the first file."""
+def _original_size(rng: np.random.Generator, j: int) -> tuple[int, int]:
+    """Original (pre-resize) sizes: mostly ordinary photos, some too small or too elongated."""
+    if j % 11 == 3:
+        return 150, 120  # smaller side < 200
+    if j % 13 == 5:
+        return 1200, 300  # aspect ratio 4
+    return int(rng.integers(220, 1600)), int(rng.integers(220, 1200))
+
+
+def write_datacomp_pool(root: str, store: Store | None = None, n_shards: int = 3, per_shard: int = 20,
+                        n_metadata_files: int = 2, seed: int = 0, image_size: int = 32) -> DataCompManifest:
+    """A DataComp pool under `root` exactly as DataComp users have it on disk:
+
+    * ``metadata/<md5>.parquet`` (uid, url, text, original_width, original_height,
+      clip_b32_similarity_score, clip_l14_similarity_score, face_bboxes, sha256) + ``<md5>.npz``
+      (``b32_img``, ``b32_txt``, ``l14_img``, ``l14_txt``, float16, rows aligned with the parquet),
+      `n_metadata_files` files holding ``n_shards * per_shard`` rows between them;
+    * ``shards/{00000000..}.tar`` + ``.parquet`` + ``_stats.json`` as img2dataset writes them:
+      input row ``i`` of the metadata (files in name order) is attempted in shard
+      ``i // per_shard`` under key ``{shard:08d}{i % per_shard:04d}``; one in seven failed to
+      download (in the metadata and the shard's parquet, in no tar); samples carry jpg, txt and
+      json (with ``uid``, ``url``, ``caption``, ``original_width``/``height``, ``sha256``).
+
+    Planted on purpose (each counted in the manifest): per shard one extra sample whose uid is in
+    no metadata file (``no_embedding``); in shard 0 a sample whose json has no uid (``no_uid``)
+    and a second sample under the key of its first sample (a repeated key, different uid); in the
+    last shard a sample repeating a uid of shard 0 (``duplicate_uid``); a uid on two metadata rows
+    (the first file's wins), a metadata row without uid, a row with zero vectors
+    (``bad_embedding``); original sizes and captions that DataComp's basic filter drops.
+    """
     import pyarrow as pa
 
     store = store or Store()
     rng = np.random.default_rng(seed)
-    metas, npzs, kept, skipped, imgs, txts, scores = [], [], [], [], [], [], []
-    seen: set[str] = set()
-    for i in range(n_files):
-        uids = [_sample_uid(seed + 1000, i, j) for j in range(per_file)]
-        if duplicate and i == 1:
-            uids[2] = _sample_uid(seed + 1000, 0, 4)
-        img = rng.normal(size=(per_file, dim)).astype(np.float16)
-        txt = rng.normal(size=(per_file, dim)).astype(np.float16)
-        a = img.astype(np.float32) / np.linalg.norm(img.astype(np.float32), axis=1, keepdims=True)
-        b = txt.astype(np.float32) / np.linalg.norm(txt.astype(np.float32), axis=1, keepdims=True)
-        score = (a * b).sum(axis=1).astype(np.float64)
+    meta_dir, shards_dir = join(root, "metadata"), join(root, "shards")
+    store.makedirs(meta_dir)
+    store.makedirs(shards_dir)
+    n_rows = n_shards * per_shard
+    if per_shard < 8 or n_shards < 2 or not 1 <= n_metadata_files <= n_rows:
+        raise ValueError("write_datacomp_pool needs per_shard >= 8, n_shards >= 2, 1 <= n_metadata_files <= rows")
+
+    # the metadata rows in download order (img2dataset reads the files in name order)
+    names = sorted(hashlib.md5(f"d2prune-datacomp/{seed}/{f}".encode()).hexdigest() for f in range(n_metadata_files))
+    cuts = np.linspace(0, n_rows, n_metadata_files + 1).astype(int)
+    file_of_row = np.searchsorted(cuts, np.arange(n_rows), side="right") - 1
+    rows: list[dict[str, Any]] = []
+    for i in range(n_rows):
+        url = f"https://img.example.com/{seed}/{i}.jpg"
+        image, caption = render_image(rng, image_size)
+        reason = list(FILTERED_CAPTIONS)[(i // 5) % len(FILTERED_CAPTIONS)] if i % 5 == 4 else None
+        width, height = _original_size(rng, i)
+        rows.append({"uid": hashlib.md5(url.encode()).hexdigest(), "url": url, "image": image,
+                     "caption": FILTERED_CAPTIONS[reason] if reason else caption,
+                     "original_width": width, "original_height": height,
+                     "file": int(file_of_row[i]), "row": int(i - cuts[file_of_row[i]]),
+                     "failed": i % 7 == 6})
+    # planted metadata defects: a row without uid, zero vectors, a uid repeated in a later file
+    no_uid_row = 1
+    zero_row = per_shard + 2  # in shard 1
+    dup_row = n_rows - 1  # the last row repeats the uid of row 0 (a later file: row 0's wins)
+    rows[no_uid_row]["metadata_uid"] = ""
+    rows[dup_row]["metadata_uid"] = rows[0]["uid"]
+    rows[dup_row]["failed"] = True  # never downloaded under that uid
+    rows[zero_row]["failed"] = False
+
+    arrays: list[dict[str, np.ndarray]] = []
+    scores: list[dict[str, np.ndarray]] = []
+    metadata: list[tuple[str, str]] = []
+    for f, name in enumerate(names):
+        mine = [r for r in rows if r["file"] == f]
+        n = len(mine)
+        vecs = {f"{m}_{kind}": rng.normal(size=(n, d)).astype(np.float16)
+                for m, d in DATACOMP_DIMS.items() for kind in ("img", "txt")}
+        for j, r in enumerate(mine):
+            if r is rows[zero_row]:
+                for key in vecs:
+                    vecs[key][j] = 0
+        unit = {k: v.astype(np.float32) / np.maximum(np.linalg.norm(v.astype(np.float32), axis=1, keepdims=True),
+                                                     1e-12) for k, v in vecs.items()}
+        file_scores = {f"clip_{m}_similarity_score": (unit[f"{m}_img"] * unit[f"{m}_txt"]).sum(axis=1).astype(np.float64)
+                       for m in DATACOMP_DIMS}
         table = pa.table({
-            "uid": uids,
-            "key": [f"{i:05d}{j:04d}" for j in range(per_file)],
-            "text": [f"caption {j}" for j in range(per_file)],
-            "clip_l14_similarity_score": score,
+            "uid": [r.get("metadata_uid", r["uid"]) for r in mine],
+            "url": [r["url"] for r in mine],
+            "text": [r["caption"] for r in mine],
+            "original_width": pa.array([r["original_width"] for r in mine], pa.int64()),
+            "original_height": pa.array([r["original_height"] for r in mine], pa.int64()),
+            **file_scores,
+            "face_bboxes": pa.array([[] for _ in mine], pa.list_(pa.list_(pa.float64()))),
+            "sha256": [hashlib.sha256(r["url"].encode()).hexdigest() for r in mine],
         })
-        meta_url = join(dest_dir, f"{i:08d}.parquet")
-        npz_url = join(dest_dir, f"{i:08d}.npz")
+        meta_url = join(meta_dir, name + ".parquet")
+        npz_url = join(meta_dir, name + ".npz")
         store.write_parquet(meta_url, table)
         buf = io.BytesIO()
-        np.savez(buf, l14_img=img, l14_txt=txt)
+        np.savez(buf, **vecs)
         store.write_bytes(npz_url, buf.getvalue())
-        file_kept, counts = [], Counter()
-        for uid in uids:
-            if uid in seen:
-                counts[DUPLICATE_UID] += 1
+        metadata.append((meta_url, npz_url))
+        arrays.append(vecs)
+        scores.append(file_scores)
+
+    shards, kept, skipped = [], [], []
+    first_of_shard0 = None
+    for shard in range(n_shards):
+        members: list[tuple[str, bytes]] = []
+        shard_rows: list[dict[str, Any]] = []  # img2dataset's parquet: every attempted sample
+        shard_kept: list[dict[str, Any]] = []
+        counts: Counter = Counter()
+
+        def add_sample(key: str, r: dict[str, Any], uid: str | None, expect: str | None) -> None:
+            data = encode_image(r["image"], "jpg")
+            meta = {"url": r["url"], "caption": r["caption"], "key": key, "status": "success", "error_message": None,
+                    "width": image_size, "height": image_size, "original_width": r["original_width"],
+                    "original_height": r["original_height"], "exif": "{}",
+                    "sha256": hashlib.sha256(data).hexdigest()}
+            if uid is not None:
+                meta["uid"] = uid
+            members.extend([(f"{key}.jpg", data), (f"{key}.txt", r["caption"].encode()),
+                            (f"{key}.json", json.dumps(meta).encode())])
+            shard_rows.append({**{k: meta.get(k) for k in ("url", "caption", "key", "status", "error_message",
+                                                           "width", "height", "original_width", "original_height",
+                                                           "exif", "sha256")}, "uid": uid})
+            if expect is None:
+                shard_kept.append({"uid": uid, "key": key, "caption": r["caption"],
+                                   "original_width": r["original_width"], "original_height": r["original_height"],
+                                   "url": r["url"], "sha256": meta["sha256"], "file": r["file"], "row": r["row"]})
             else:
-                seen.add(uid)
-                file_kept.append(uid)
-        metas.append(meta_url)
-        npzs.append(npz_url)
-        kept.append(file_kept)
+                counts[expect] += 1
+
+        for pos in range(per_shard):
+            i = shard * per_shard + pos
+            r = rows[i]
+            key = f"{shard:08d}{pos:04d}"
+            if r["failed"]:
+                shard_rows.append({"url": r["url"], "caption": r["caption"], "key": key, "status": "failed_to_download",
+                                   "error_message": "HTTP Error 404: Not Found", "width": None, "height": None,
+                                   "original_width": None, "original_height": None, "exif": None, "sha256": None,
+                                   "uid": r["uid"]})
+                continue
+            expect = None
+            uid: str | None = r["uid"]
+            if i == no_uid_row:
+                expect = "no_embedding"  # its metadata row has no uid
+            elif i == zero_row:
+                expect = "bad_embedding"
+            elif shard == 0 and pos == 3:
+                uid, expect = None, "no_uid"  # img2dataset run without save_additional_columns=['uid']
+            add_sample(key, r, uid, expect)
+            if shard == 0 and first_of_shard0 is None and expect is None:
+                first_of_shard0 = (key, r)
+        # one sample per shard whose uid is in no metadata file
+        stray = {**rows[shard * per_shard], "url": f"https://img.example.com/{seed}/stray-{shard}.jpg"}
+        add_sample(f"{shard:08d}{per_shard:04d}", stray, hashlib.md5(stray["url"].encode()).hexdigest(), "no_embedding")
+        if shard == 0:
+            # a second sample under the first sample's key: another uid (one whose download at its
+            # own position failed), with its own metadata row
+            other = next(r for r in rows[:per_shard] if r["failed"])
+            add_sample(first_of_shard0[0], other, other["uid"], None)
+        if shard == n_shards - 1:
+            r0 = first_of_shard0[1]
+            add_sample(f"{shard:08d}{per_shard + 1:04d}", r0, r0["uid"], "duplicate_uid")
+        url = join(shards_dir, f"{shard:08d}.tar")
+        buf = io.BytesIO()
+        with TarWriter(buf) as tar:
+            for name, data in members:
+                tar.add(name, data)
+        store.write_bytes(url, buf.getvalue())
+        store.write_parquet(join(shards_dir, f"{shard:08d}.parquet"), pa.Table.from_pylist(shard_rows))
+        successes = sum(1 for row in shard_rows if row["status"] == "success")
+        store.write_json(join(shards_dir, f"{shard:08d}_stats.json"), {
+            "count": len(shard_rows), "successes": successes, "failed_to_download": len(shard_rows) - successes,
+            "failed_to_resize": 0, "status_dict": {"success": successes,
+                                                   "HTTP Error 404: Not Found": len(shard_rows) - successes}})
+        shards.append(url)
+        kept.append(shard_kept)
         skipped.append(dict(counts))
-        imgs.append(img)
-        txts.append(txt)
-        scores.append(score)
-    return PrecomputedManifest(metas, npzs, kept, skipped, imgs, txts, scores)
+
+    in_shards = {s["uid"] for k in kept for s in k} | {rows[zero_row]["uid"]}
+    first_rows = [r for r in rows if r.get("metadata_uid", r["uid"]) and r is not rows[dup_row]]
+    not_in_shards = sum(1 for r in first_rows if r["uid"] not in in_shards)
+    return DataCompManifest(meta_dir, shards_dir, shards, metadata, kept, skipped, not_in_shards,
+                            metadata_duplicate_uid=1, metadata_without_uid=1, arrays=arrays, scores=scores)
 
 
 # -- configs and object storage ------------------------------------------------------------------

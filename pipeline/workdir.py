@@ -8,7 +8,8 @@ Stages talk through files (see ../shared/design/architecture.md)::
     WORKDIR/graph/part-NNNNN.parquet        node, neighbors[k], sq_distances[k], cell
     WORKDIR/selection/selected.parquet      uid, rank, forward_score, final_score, partition
     WORKDIR/selection/subset.npy            DataComp subset file
-    WORKDIR/write/plan.parquet              the write stage's fixed shard plan
+    WORKDIR/embeddings/precomputed.json     the precomputed encoder's join counts (its _join/ is temporary)
+    WORKDIR/write/plan.json, plan/part-*.parquet  the write stage's fixed shard plan (its _join/ is temporary)
     WORKDIR/<stage>/_FINGERPRINT.json       the settings fingerprint of the run that wrote parts there
     WORKDIR/<stage>/_stats.json             the stage's stats
     WORKDIR/<stage>/_SUCCESS.json           the commit marker (written last)

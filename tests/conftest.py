@@ -10,7 +10,7 @@ Fixtures (all session-scoped; treat what they return as read-only):
   tiny_checkpoint      -> local path of a random-weight checkpoint of the tiny model
   small_pool           -> PoolManifest of a local 4-shard x 75-sample broken pool (300 samples)
   s3_pool              -> PoolManifest of a 3-shard x 24-sample broken pool in s3_bucket
-Helpers live in pipeline.testing (write_pool, make_config, write_precomputed, create_bucket, ...).
+Helpers live in pipeline.testing (write_pool, write_datacomp_pool, make_config, create_bucket, ...).
 """
 
 from __future__ import annotations

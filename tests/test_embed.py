@@ -1,5 +1,6 @@
 """The embed stage end to end on small broken pools (local and S3), with the tiny open_clip model:
-row counts, norms, scores, skip counts, determinism, resume, checkpoint loading, precomputed."""
+row counts, norms, scores, skip counts, determinism, resume, checkpoint loading (the precomputed
+encoder: test_datacomp.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from pipeline.testing import (
     TINY_MODEL_NAME,
     make_config,
     render_image,
-    write_precomputed,
 )
 from pipeline.workdir import part_name, stage_dir
 
@@ -55,11 +55,16 @@ def _check_against_manifest(store, cfg, manifest, stats):
         assert table.column("uid").to_pylist() == [k["uid"] for k in kept], f"part {i}"
         assert table.column("key").to_pylist() == [k["key"] for k in kept]
         assert set(table.column("shard").to_pylist()) <= {manifest.shards[i]}
+        assert table.column("caption").to_pylist() == [k["caption"] for k in kept]
         part_stats = store.read_json(join(stage_dir(cfg.workdir, "embed"), part_name(i) + ".stats.json"))
+        notes = {"uid_notes": {"uid_fallback": manifest.without_json_uid[i]}} if manifest.without_json_uid[i] else {}
         assert part_stats == {"shard": manifest.shards[i], "samples": len(kept),
-                              "skipped": dict(sorted(manifest.skipped[i].items()))}
+                              "skipped": dict(sorted(manifest.skipped[i].items())), **notes}
     assert stats["samples"] == manifest.n_kept
     assert stats["skipped"] == dict(sorted(manifest.skipped_total.items()))
+    if sum(manifest.without_json_uid):  # said in the stats: subset.npy cannot select these
+        assert stats["uid_notes"] == {"uid_fallback": sum(manifest.without_json_uid)}
+        assert "DataComp's resharder reads the uid from each sample's json" in stats["subset_file_warning"]
     assert store.exists(join(stage_dir(cfg.workdir, "embed"), "_SUCCESS.json"))
     assert store.read_json(join(stage_dir(cfg.workdir, "embed"), "_stats.json"))["samples"] == manifest.n_kept
     return parts
@@ -78,7 +83,11 @@ def test_embed_local_pool_rows_norms_scores_and_skips(local_run, small_pool):
     cfg, stats, _ = local_run
     parts = _check_against_manifest(Store(), cfg, small_pool, stats)
     schema = parts[0].schema
-    assert schema.names == ["uid", "shard", "key", "clip_score", "image_embedding", "text_embedding"]
+    assert schema.names == ["uid", "shard", "key", "clip_score", "image_embedding", "text_embedding", "caption",
+                            "original_width", "original_height"]
+    # no original size in these jsons: the decoded size (the pool's pictures are 48x48)
+    table = pa.concat_tables(parts)
+    assert set(table.column("original_width").to_pylist()) == set(table.column("original_height").to_pylist()) == {48}
     dim = TINY_MODEL_CONFIG["embed_dim"]
     assert schema.field("image_embedding").type == pa.list_(pa.float16(), dim)
     assert schema.field("text_embedding").type == pa.list_(pa.float16(), dim)
@@ -220,39 +229,6 @@ def test_missing_shard_fails_before_any_work(ray_local, small_pool, tmp_path):
     with pytest.raises(ShardError, match="00042.tar: not found"):
         run_embed_stage(cfg, Store())
     assert not os.path.exists(tmp_path / "work")
-
-
-@slow
-def test_precomputed_encoder(ray_local, tmp_path):
-    store = Store()
-    pre = write_precomputed(str(tmp_path / "meta"), n_files=3, per_file=20, dim=16)
-    shards = [str(tmp_path / "pool" / f"{i:05d}.tar") for i in range(3)]
-    cfg = make_config(str(tmp_path / "work"), shards, embed={
-        "encoder": "precomputed",
-        "precomputed": {"metadata": str(tmp_path / "meta" / "{00000000..00000002}.parquet")},
-    })
-    stats = run_embed_stage(cfg, store)
-    parts = _read_parts(store, cfg, 3)
-    assert [p.column("uid").to_pylist() for p in parts] == pre.kept_uids
-    assert stats["skipped"] == {"duplicate_uid": 1} and stats["samples"] == 59
-    assert stats["embedding_dim"] == 16
-    for i, part in enumerate(parts):
-        assert set(part.column("shard").to_pylist()) == {shards[i]}
-        rows = [j for j in range(20) if not (i == 1 and j == 2)]
-        img = pre.image[i][rows].astype(np.float32)
-        np.testing.assert_allclose(_vectors(part, "image_embedding"),
-                                   img / np.linalg.norm(img, axis=1, keepdims=True), atol=2e-3)
-        np.testing.assert_allclose(part.column("clip_score").to_numpy(), pre.scores[i][rows], atol=1e-6)
-        assert part.schema.field("text_embedding").type == pa.list_(pa.float16(), 16)
-
-
-def test_precomputed_file_count_must_match_shards(tmp_path):
-    from pipeline.embed.precomputed import precomputed_files
-
-    cfg = make_config(str(tmp_path / "work"), ["a.tar", "b.tar"], embed={
-        "encoder": "precomputed", "precomputed": {"metadata": "m/{0..2}.parquet"}})
-    with pytest.raises(ValueError, match="3 files but input.shards has 2"):
-        precomputed_files(cfg, 2)
 
 
 @slow

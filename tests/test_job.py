@@ -128,7 +128,7 @@ def test_end_to_end_outputs(job, full_run, capsys):
     rank_of = dict(zip(selected["uid"], selected["rank"]))
     for m in metas:
         assert all(rank_of[u] == r for u, r in zip(m["uid"], m["rank"]))
-        assert all(c for c in m["caption"])
+        assert all(c for c in m["text"])
     stats = store.read_json(join(raw["output"]["url"], "_stats.json"))
     assert stats["samples_written"] == budget and stats["integrity"].startswith("ok")
 
@@ -159,6 +159,9 @@ def test_rerun_skips_everything_and_summarises(job, full_run, capsys, caplog):
     for reason, count in pool.skipped_total.items():
         assert f"dropped    : {count} (unreadable: {reason})" in out
     assert "already committed, skipped" in out and "output     : s3://" in out
+    # the whole job ends with its report, rebuilt from the committed files on a rerun too
+    report = f"{job['raw']['workdir']}/report.html"
+    assert f"report     : {report}" in out and job["store"].exists(report)
     assert sum("already committed in" in r.getMessage() for r in caplog.records) == 4
 
 

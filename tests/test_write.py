@@ -3,10 +3,13 @@
 The pool's tar members are random bytes (the stage never decodes them: it must copy them), the
 embedding parts hold only what the stage reads (uid, shard, key, clip_score), and the selection
 is written directly, so these tests isolate the write stage. The end-to-end tests in test_job.py
-run it after the real stages, through S3.
+and test_datacomp.py run it after the real stages, through S3.
+
+(The output metadata's caption column is called ``text``, as img2dataset and DataComp name it.)
 """
 
 import io
+import json
 import os
 import tarfile
 
@@ -20,7 +23,7 @@ from pipeline.job import run_one
 from pipeline.stage import Hooks
 from pipeline.storage import Store, join
 from pipeline.testing import FailAtShard, commit_stage, is_committed
-from pipeline.write.stage import check_output
+from pipeline.write import plan as write_plan
 
 
 def run_write_stage(cfg, store, hooks=None):
@@ -32,7 +35,8 @@ pytestmark = pytest.mark.slow  # Ray Data
 
 
 def make_pool(tmp_path, n_shards=3, per_shard=20, seed=0):
-    """Tar shards of samples (jpg + txt + json, one sample with an extra member) and their parts."""
+    """Tar shards of samples (jpg + txt + json, one sample with an extra member; in shard 1 the last
+    sample repeats the key of the first, as a pool may) and their parts."""
     rng = np.random.default_rng(seed)
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -42,11 +46,15 @@ def make_pool(tmp_path, n_shards=3, per_shard=20, seed=0):
         url = str(pool / f"{s:05d}.tar")
         with tarfile.open(url, "w") as tar:
             for i in range(per_shard):
-                key = f"{i:09d}"  # keys repeat across shards, as in real pools
+                key = f"{i:09d}" if not (s == 1 and i == per_shard - 1) else f"{0:09d}"  # keys repeat across shards
                 uid = f"{rng.integers(0, 2**62):016x}{s:08x}{i:08x}"
+                meta = {"uid": uid, "url": f"https://example.com/{s}/{i}.jpg", "original_width": 300 + i,
+                        "original_height": 200 + s, "sha256": f"{i:064x}"}
+                if i == 5:
+                    meta = {"uid": uid}  # a json without the img2dataset fields
                 members = [("jpg", rng.bytes(int(rng.integers(50, 400)))),
                            ("txt", f"caption {s}/{i} ü".encode()),
-                           ("json", f'{{"uid": "{uid}"}}'.encode())]
+                           ("json", json.dumps(meta).encode())]
                 if i == 3:
                     members.append(("seg.png", rng.bytes(64)))
                 for ext, data in members:
@@ -104,25 +112,68 @@ def test_writes_original_bytes_metadata_and_stats(tmp_path, ray_local):
     stats = run_write_stage(cfg, store)
     out = tmp_path / "out" / "shards"
     assert stats["samples_written"] == len(chosen) == 24 and stats["output_shards"] == 4
-    assert sorted(os.listdir(out)) == [f"{i:05d}.{e}" for i in range(4) for e in ("parquet", "tar")]
+    assert sorted(os.listdir(out)) == sorted([f"{i:05d}{e}" for i in range(4) for e in (".parquet", ".tar", "_stats.json")]
+                                             + ["sizes.json"])
     seen = []
-    source_order = {r[1]: (r[0], int(r[3])) for r in rows}
+    source_order = {r[1]: (r[0], rows.index(r)) for r in rows}
     rank = {u: i for i, u in enumerate(chosen)}
+    sizes = json.loads((out / "sizes.json").read_text())
     for i in range(4):
         members = read_tar(out / f"{i:05d}.tar")
         meta = store.read_parquet(str(out / f"{i:05d}.parquet")).to_pydict()
+        assert list(meta) == ["uid", "key", "text", "url", "original_width", "original_height", "sha256", "clip_score",
+                              "rank", "source_shard", "source_key"]
         assert list(members) == meta["key"] == meta["uid"]  # hex uids are the keys
         assert len(meta["uid"]) == (7 if i < 3 else 3)
-        for uid, caption, score, r, src, key in zip(meta["uid"], meta["caption"], meta["clip_score"],
-                                                    meta["rank"], meta["source_shard"], meta["source_key"]):
+        # img2dataset's per-shard stats: what DataComp's resharder reads to size a shard
+        assert json.loads((out / f"{i:05d}_stats.json").read_text())["successes"] == len(meta["uid"])
+        assert sizes[f"{i:05d}.tar"] == len(meta["uid"])
+        for j, uid in enumerate(meta["uid"]):
             assert members[uid] == samples[uid]  # every member, byte for byte
-            assert caption == samples[uid]["txt"].decode() and r == rank[uid]
-            assert (src, key) == (str(tmp_path / "pool" / f"{source_order[uid][0]:05d}.tar"), f"{source_order[uid][1]:09d}")
+            source = json.loads(samples[uid]["json"])
+            assert meta["text"][j] == samples[uid]["txt"].decode() and meta["rank"][j] == rank[uid]
+            assert [meta[c][j] for c in ("url", "original_width", "original_height", "sha256")] == \
+                [source.get(c) for c in ("url", "original_width", "original_height", "sha256")]  # None where absent
+            row = rows[source_order[uid][1]]
+            assert (meta["source_shard"][j], meta["source_key"][j]) == (row[2], row[3])
         seen += meta["uid"]
     assert sorted(seen) == sorted(chosen)
     assert [source_order[u] for u in seen] == sorted(source_order[u] for u in seen)  # source order
     assert store.read_json(str(tmp_path / "out" / "_stats.json"))["integrity"].startswith("ok")
     assert is_committed(store, cfg, "write")
+
+
+def test_samples_are_found_by_uid_when_a_key_repeats_in_a_shard(tmp_path, ray_local):
+    cfg, store, samples, _, rows = make_job(tmp_path, select_fraction=1.0, samples_per_shard=100)
+    repeated = [r for r in rows if r[0] == 1 and r[3] == f"{0:09d}"]
+    assert len(repeated) == 2  # two different samples under one key in one shard
+    run_write_stage(cfg, store)
+    members = read_tar(tmp_path / "out" / "shards" / "00000.tar")
+    for _, uid, _, _, _ in repeated:
+        assert members[uid] == samples[uid]
+
+
+def test_plan_is_built_by_tasks_over_several_buckets_and_part_groups(tmp_path, ray_local, monkeypatch):
+    """Small buckets and groups: the same output as one bucket and one group."""
+    cfg, store, _, chosen, _ = make_job(tmp_path)
+    run_write_stage(cfg, store)
+    plan = store.read_json(str(tmp_path / "work" / "write" / "plan.json"))
+    assert plan["buckets"] == 1 and plan["samples"] == len(chosen)
+    monkeypatch.setattr(write_plan, "POOL_ROWS_PER_BUCKET", 7)
+    monkeypatch.setattr(write_plan, "PARTS_PER_TASK", 1)
+    other = config_from_dict({**cfg.model_dump(), "workdir": str(tmp_path / "work2"),
+                              "output": {"url": str(tmp_path / "out2"), "samples_per_shard": 7}})
+    for stage in ("embed", "select"):
+        src, dst = workdir.stage_dir(cfg.workdir, stage), workdir.stage_dir(other.workdir, stage)
+        for name in store.ls(src):
+            if not name.startswith("_"):
+                store.write_bytes(join(dst, name), store.read_bytes(join(src, name)))
+    for stage, stats in (("embed", {}), ("graph", {}), ("select", {})):
+        commit_stage(store, other, stage, stats)
+    run_write_stage(other, store)
+    assert store.read_json(str(tmp_path / "work2" / "write" / "plan.json"))["buckets"] == 9
+    for name in sorted(os.listdir(tmp_path / "out" / "shards")):
+        assert (tmp_path / "out" / "shards" / name).read_bytes() == (tmp_path / "out2" / "shards" / name).read_bytes()
 
 
 def test_output_readable_by_webdataset_and_ray_data(tmp_path, ray_local):
@@ -195,15 +246,21 @@ def test_missing_source_sample_is_named(tmp_path, ray_local):
         run_write_stage(cfg, store)
 
 
-def test_integrity_check_names_missing_and_extra(tmp_path, ray_local):
+def test_integrity_check_names_missing_extra_and_repeated_uids(tmp_path, ray_local):
     cfg, store, samples, chosen, _ = make_job(tmp_path)
     run_write_stage(cfg, store)
-    with pytest.raises(RuntimeError, match=r"missing 1 \['zz'\].*extra .*" + chosen[0][:8]):
-        check_output(store, cfg, 4, [u for u in chosen if u != chosen[0]] + ["zz"])
-    # a sample written into two shards is named
-    meta_url = str(tmp_path / "out" / "shards" / "00003.parquet")
+    out = tmp_path / "out" / "shards"
+    store.rm(str(tmp_path / "work" / "write" / "_SUCCESS.json"))  # the next run checks the output again
+    meta_url = str(out / "00003.parquet")
     meta = store.read_parquet(meta_url)
-    first = store.read_parquet(str(tmp_path / "out" / "shards" / "00000.parquet")).slice(0, 1)
-    store.write_parquet(meta_url, pa.concat_tables([meta, first]))
-    with pytest.raises(RuntimeError, match=r"written twice 1 \['" + first.column("uid")[0].as_py()):
-        check_output(store, cfg, 4, chosen)
+    lost = meta.column("uid")[0].as_py()
+    first = store.read_parquet(str(out / "00000.parquet")).slice(0, 1)
+    # a sample of shard 0 also in shard 3, a planned sample of shard 3 gone, one written twice
+    store.write_parquet(meta_url, pa.concat_tables([meta.slice(1), first, meta.slice(1, 1)]))
+    with pytest.raises(RuntimeError) as failed:
+        run_write_stage(cfg, store)
+    message = str(failed.value)
+    assert "shard 00003" in message and f"missing 1 ['{lost}']" in message
+    assert f"extra 1 ['{first.column('uid')[0].as_py()}']" in message
+    assert f"written twice 1 ['{meta.column('uid')[1].as_py()}']" in message
+    assert "00003_stats.json says 3 samples, the metadata has 4" in message

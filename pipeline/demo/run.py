@@ -136,7 +136,7 @@ def run_demo(out_dir: str = "d2prune-demo", quick: bool = False) -> str:
 
     ray_was_running = ray.is_initialized()
     try:
-        summary = run_job(config_path)
+        summary = run_job(config_path, report=False)  # its own report, with the ground truth, below
         store = Store(cfg.storage)
         evaluation = evaluate_job(cfg, store, manifest["ground_truth"])
     finally:

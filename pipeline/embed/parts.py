@@ -8,7 +8,6 @@ resume relies on; the driver holds only the rows of shards in flight.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,19 +15,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..formats.embeddings import part_table
+from ..formats.buckets import uid_hashes
+from ..formats.datacomp import uid_notes
+from ..formats.embeddings import part_table, write_part
 from ..formats.webdataset import DUPLICATE_UID
 from ..storage import Store, join
 from ..workdir import part_name
 
 log = logging.getLogger(__name__)
-
-
-def uid_hashes(uids) -> np.ndarray:
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uids),
-        dtype=np.uint64, count=len(uids),
-    )
 
 
 class UidRegistry:
@@ -68,13 +62,16 @@ class ShardResult:
     scores: np.ndarray
     image: np.ndarray
     text: np.ndarray
+    captions: list[str]
+    widths: np.ndarray  # original image size (int32)
+    heights: np.ndarray
     skipped: Counter = field(default_factory=Counter)
     missing: str | None = None  # why the shard could not be read (input.allow_missing_shards): no rows
 
     @classmethod
     def unreadable(cls, reason: str) -> "ShardResult":
         return cls([], [], np.zeros(0, np.float32), np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16),
-                   Counter(), reason)
+                   [], np.zeros(0, np.int32), np.zeros(0, np.int32), Counter(), reason)
 
 
 class ShardAccumulator:
@@ -98,12 +95,14 @@ class ShardAccumulator:
     def result(self) -> ShardResult:
         if not self.chunks:
             return ShardResult([], [], np.zeros(0, np.float32), np.zeros((0, 0), np.float16),
-                               np.zeros((0, 0), np.float16), self.skipped)
+                               np.zeros((0, 0), np.float16), [], np.zeros(0, np.int32), np.zeros(0, np.int32),
+                               self.skipped)
         cat = {k: np.concatenate([c[k] for c in self.chunks]) for k in self.chunks[0]}
         order = np.argsort(cat["sample_index"], kind="stable")
         return ShardResult([str(u) for u in cat["uid"][order]], [str(k) for k in cat["key"][order]],
                            cat["clip_score"][order], cat["image_embedding"][order],
-                           cat["text_embedding"][order], self.skipped)
+                           cat["text_embedding"][order], [str(c) for c in cat["caption"][order]],
+                           cat["original_width"][order], cat["original_height"][order], self.skipped)
 
 
 class PartCommitter:
@@ -170,24 +169,39 @@ class PartCommitter:
         image = result.image[idx] if len(idx) else np.zeros((0, self.dim), np.float16)
         text = result.text[idx] if len(idx) else np.zeros((0, self.dim), np.float16)
         table = part_table(url, [result.uids[i] for i in idx], [result.keys[i] for i in idx],
-                           result.scores[idx], image, text)
-        stats = {"shard": url, "samples": len(idx), "skipped": dict(sorted(skipped.items()))}
-        if result.missing is not None:
-            stats["missing"] = result.missing
-        name = part_name(index)
-        self.store.write_json(join(self.directory, name + ".stats.json"), stats)
-        self.store.write_parquet(join(self.directory, name + ".parquet"), table)
+                           result.scores[idx], image, text, [result.captions[i] for i in idx],
+                           result.widths[idx], result.heights[idx])
+        self.stats[index] = commit_part(self.store, self.directory, index, url, table, skipped, result.missing)
         self.registry.add(hashes[idx])
-        self.stats[index] = stats
-        if result.missing is not None:
-            log.warning("shard %s: skipped as missing (%s), input.allow_missing_shards", url, result.missing)
-        elif skipped:
-            log.warning("shard %s: %d samples embedded, skipped %s", url, len(idx),
-                        ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
-        else:
-            log.info("shard %s: %d samples embedded", url, len(idx))
         if self.on_part_committed is not None:
             self.on_part_committed(index)
+
+
+def commit_part(store: Store, directory: str, index: int, shard_url: str, table, skipped: Counter,
+                missing: str | None = None) -> dict[str, Any]:
+    """Commit input shard `index`'s part: its stats json, then the part (the commit). The stats say
+    how many rows, why the others were skipped, and how many uids DataComp's resharder cannot
+    select (:func:`~pipeline.formats.datacomp.uid_notes`); for a shard that could not be read and
+    was skipped (input.allow_missing_shards), why (``missing``). Returns the stats."""
+    uids = table.column("uid").to_pylist()
+    stats: dict[str, Any] = {"shard": shard_url, "samples": table.num_rows,
+                             "skipped": dict(sorted((k, int(v)) for k, v in skipped.items() if v))}
+    notes = uid_notes(uids, table.column("key").to_pylist(), shard_url)
+    if notes:
+        stats["uid_notes"] = notes
+    if missing is not None:
+        stats["missing"] = missing
+    name = part_name(index)
+    store.write_json(join(directory, name + ".stats.json"), stats)
+    write_part(store, join(directory, name + ".parquet"), table)
+    if missing is not None:
+        log.warning("shard %s: skipped as missing (%s), input.allow_missing_shards", shard_url, missing)
+    elif stats["skipped"]:
+        log.warning("shard %s: %d samples embedded, skipped %s", shard_url, table.num_rows,
+                    ", ".join(f"{k}={v}" for k, v in stats["skipped"].items()))
+    else:
+        log.info("shard %s: %d samples embedded", shard_url, table.num_rows)
+    return stats
 
 
 def committed_indices(store: Store, directory: str, n_shards: int) -> list[int]:

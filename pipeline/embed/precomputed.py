@@ -1,100 +1,455 @@
-"""DataComp-style precomputed embeddings: metadata parquet + ``.npz`` instead of running a model."""
+"""The embed stage's precomputed encoder: DataComp's metadata (parquet + npz, :mod:`~pipeline.formats.datacomp`)
+joined by uid to the samples that are actually in the input shards.
+
+Why a shuffle and not a lookup table: the metadata's row order has nothing to do with the shards
+(img2dataset re-cut them; some uids failed to download), so every sample must be looked up by
+uid, and a table of a DataComp-medium pool's 1.28·10^8 uids and vectors (400 GB) fits in no
+process. Both sides are therefore hash-bucketed by uid into files in the workdir
+(:mod:`~pipeline.formats.buckets`), each bucket is joined by one Ray task (one bucket's rows in
+memory), and the joined rows are bucketed again by group of consecutive input shards, so that one
+task per group writes the group's parts in shard order. The driver only holds counts and file
+names.
+
+Steps, under ``WORKDIR/embeddings/_join/`` (every file committed atomically; a rerun skips the
+files that exist, so a killed job resumes at the step it was in)::
+
+    plan.json               metadata files with rows and array widths, buckets, shard tasks: fixed
+                            by the first run (a resume never mixes two bucketings)
+    samples-TTTTT.json      (1) per task of `shards_per_task` input shards: per shard, usable samples
+    samples-TTTTT.bkt           and skips by reason; every usable sample's uid, shard, position, key,
+                                caption and original size, bucketed by uid (the .bkt commits)
+    metadata-MMMMM.json     (1) per metadata file: rows, rows without a uid; its rows (uid, file, row,
+    metadata-MMMMM.bkt          score, L2-normalised vectors, ok), bucketed by uid
+    groups.json             consecutive shards grouped to at most `bucket_rows` usable samples
+    joined-BBBBB.json       (2) per bucket: metadata rows whose uid is in no shard, repeated uids
+    skipped-BBBBB.bkt           (shard, reason, count) of samples not kept, bucketed by shard group
+    joined-BBBBB.bkt            the kept rows, bucketed by shard group (commits the bucket)
+    part-NNNNN.*            (3) per shard group: its rows from every joined file, in shard order, as
+                                the usual parts (:func:`~.parts.commit_part`), one per input shard
+    ../precomputed.json     the join's counts (not_in_shards, ...); then ``_join/`` is removed
+
+Rules of the join (bucket task): a uid in several shards is kept in the earliest shard, position
+(``duplicate_uid`` for the others, as for the open_clip encoder); a uid on several metadata rows
+takes the first row (file order, row order; ``metadata_duplicate_uid``); a sample whose json has
+no uid cannot be looked up (``no_uid``); a sample whose uid has no metadata row is
+``no_embedding``; one whose vectors are not finite or zero is ``bad_embedding``; metadata rows
+matching no sample are ``not_in_shards`` (failed downloads; not samples of the pool).
+"""
 
 from __future__ import annotations
 
-import io
+import logging
+import math
+import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, JobConfig, PrecomputedConfig
-from ..formats.webdataset import BAD_METADATA, ShardError, listing
-from ..runtime import resources
-from ..storage import Store, expand_urls
-from .parts import PartCommitter, ShardResult
+from ..config import JobConfig, PrecomputedConfig
+from ..formats.buckets import BucketedWriter, read_bucket, uid_buckets, uid_hashes
+from ..formats.columns import fixed_list_to_numpy, fixed_size_list
+from ..formats.datacomp import (
+    MetadataError,
+    header_size,
+    inspect_all,
+    iter_metadata_chunks,
+    json_original_size,
+    metadata_files,
+)
+from ..formats.embeddings import part_table
+from ..formats.webdataset import DUPLICATE_UID, iter_shard_samples
+from ..runtime import as_completed
+from ..storage import Store, join
+from .parts import commit_part
 
-BAD_EMBEDDING = "bad_embedding"  # a non-finite or all-zero vector
+log = logging.getLogger(__name__)
 
-
-def _load_precomputed(store: Store, meta_url: str, npz_url: str, pc: PrecomputedConfig) -> ShardResult:
-    table = store.read_parquet(meta_url)
-    if "uid" not in table.column_names:
-        raise ValueError(f"precomputed metadata {meta_url} has no 'uid' column")
-    with np.load(io.BytesIO(store.read_bytes(npz_url))) as npz:
-        for name in (pc.image_key, pc.text_key):
-            if name not in npz.files:
-                raise ValueError(f"{npz_url} has no array {name!r} (it has {sorted(npz.files)})")
-        image = npz[pc.image_key].astype(np.float32)
-        text = npz[pc.text_key].astype(np.float32)
-    n = table.num_rows
-    if image.shape[0] != n or text.shape[0] != n:
-        raise ValueError(f"{npz_url} has {image.shape[0]}/{text.shape[0]} rows but {meta_url} has {n}")
-    uids = table.column("uid").to_pylist()
-    keys = table.column("key").to_pylist() if "key" in table.column_names else [""] * n
-    scores = (np.asarray(table.column(pc.score_column).to_numpy(zero_copy_only=False), dtype=np.float64)
-              if pc.score_column in table.column_names else np.full(n, np.nan))
-    skipped: Counter = Counter()
-    image_norm = np.linalg.norm(image, axis=1)
-    text_norm = np.linalg.norm(text, axis=1)
-    ok_uid = np.array([u is not None and str(u) != "" for u in uids], dtype=bool)
-    ok_vec = np.isfinite(image_norm) & np.isfinite(text_norm) & (image_norm > 0) & (text_norm > 0)
-    skipped[BAD_METADATA] += int((~ok_uid).sum())
-    skipped[BAD_EMBEDDING] += int((ok_uid & ~ok_vec).sum())
-    keep = np.flatnonzero(ok_uid & ok_vec)
-    image = image[keep] / image_norm[keep, None]
-    text = text[keep] / text_norm[keep, None]
-    scores = scores[keep]
-    missing = ~np.isfinite(scores)
-    scores[missing] = (image[missing] * text[missing]).sum(axis=1)  # the score is that cosine
-    return ShardResult([str(uids[i]) for i in keep], [str(keys[i] or "") for i in keep],
-                       scores.astype(np.float32), image.astype(np.float16), text.astype(np.float16),
-                       Counter({k: v for k, v in skipped.items() if v}))
+JOIN_DIR = "_join"
+INFO = "precomputed.json"  # the join's counts, committed before _join/ is removed
+NO_UID = "no_uid"  # the sample's json has no uid: it cannot be looked up in the metadata
+NO_EMBEDDING = "no_embedding"  # in the shards, but its uid is on no metadata row
+BAD_EMBEDDING = "bad_embedding"  # its metadata vectors are not finite, or zero
+PRECOMPUTED_REASONS = (NO_UID, NO_EMBEDDING, BAD_EMBEDDING)
+# What a join or parts task holds besides its bucket (the worker with pyarrow and pandas, ~0.5
+# GB), and how many copies of a bucket's rows it makes on the way (decode, take, sort, encode):
+# both measured (benchmarks/precomputed_join.py); declared to Ray so a node runs no more of them
+# than its memory holds.
+TASK_BASE_MEMORY = 600 * 2**20
+BUCKET_COPIES = 6
+METADATA_CHUNK_ROWS = 8192  # rows read at once: ~25 MB of l14 vectors (peak task RSS ~0.6 GB, measured)
 
 
-def precomputed_files(cfg: JobConfig, n_shards: int) -> tuple[list[str], list[str]]:
+def keys_of(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _all_keys(pc: PrecomputedConfig) -> list[str]:
+    return list(dict.fromkeys(keys_of(pc.image_key) + keys_of(pc.text_key)))
+
+
+# -- the driver's view of the inputs ---------------------------------------------------------------
+
+def inspect_inputs(cfg: JobConfig, store: Store) -> dict[str, Any]:
+    """Every metadata file found, checked (footer and npz headers) before any work: the files,
+    their rows, and the widths of the image and text vectors."""
     pc = cfg.embed.precomputed
-    metadata = expand_urls(pc.metadata)
-    if pc.embeddings is not None:
-        embeddings = expand_urls(pc.embeddings)
-    else:
-        embeddings = [m[: -len(".parquet")] + ".npz" if m.endswith(".parquet") else m + ".npz" for m in metadata]
-    if len(metadata) != len(embeddings):
-        raise ConfigError(f"embed.precomputed: {len(metadata)} metadata files but {len(embeddings)} embedding files")
-    if len(metadata) != n_shards:
-        raise ConfigError(
-            f"embed.precomputed.metadata has {len(metadata)} files but input.shards has {n_shards}; "
-            "file i must hold the embeddings of shard i"
-        )
-    return metadata, embeddings
+    infos = inspect_all(store, metadata_files(store, pc.metadata, pc.embeddings), _all_keys(pc))
+    first = infos[0]
+    if pc.score_column not in first.columns:
+        raise MetadataError(f"embed.precomputed.score_column {pc.score_column!r} is not a column of {first.parquet} "
+                            f"(columns: {list(first.columns)})")
+    image_dim = sum(first.dims[k] for k in keys_of(pc.image_key))
+    text_dim = sum(first.dims[k] for k in keys_of(pc.text_key))
+    if image_dim != text_dim:
+        raise MetadataError(f"image vectors ({pc.image_key}: {image_dim}) and text vectors ({pc.text_key}: "
+                            f"{text_dim}) differ in width; choose keys of the same model")
+    return {"files": [[i.parquet, i.npz, i.rows] for i in infos], "dim": image_dim,
+            "sizes_in_metadata": all(c in first.columns for c in ("original_width", "original_height"))}
 
 
-def run_precomputed(cfg: JobConfig, store: Store, urls: list[str], pending: list[int],
-                     committer: PartCommitter) -> dict[str, Any]:
+def _plan(cfg: JobConfig, store: Store, join_dir: str, n_shards: int) -> dict[str, Any]:
+    url = join(join_dir, "plan.json")
+    if store.exists(url):
+        return store.read_json(url)
+    pc = cfg.embed.precomputed
+    plan = inspect_inputs(cfg, store)
+    total = sum(rows for _, _, rows in plan["files"])
+    plan["buckets"] = max(1, math.ceil(total / pc.bucket_rows))
+    plan["bucket_rows"] = pc.bucket_rows
+    plan["shard_tasks"] = [[lo, min(lo + pc.shards_per_task, n_shards)] for lo in range(0, n_shards, pc.shards_per_task)]
+    store.write_json(url, plan)
+    return plan
+
+
+def _shard_groups(usable: list[int], max_rows: int) -> list[list[int]]:
+    """Consecutive shards [lo, hi) whose usable samples add up to at most `max_rows` (a shard
+    larger than that is a group of its own)."""
+    groups, lo, rows = [], 0, 0
+    for i, n in enumerate(usable):
+        if i > lo and rows + n > max_rows:
+            groups.append([lo, i])
+            lo, rows = i, 0
+        rows += n
+    if lo < len(usable):
+        groups.append([lo, len(usable)])
+    return groups
+
+
+# -- step 1: both sides, bucketed by uid ----------------------------------------------------------
+
+def _samples_schema():
+    import pyarrow as pa
+
+    return pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("position", pa.int64()), ("key", pa.string()),
+                      ("caption", pa.string()), ("original_width", pa.int32()), ("original_height", pa.int32())])
+
+
+def samples_task(store: Store, cfg: JobConfig, urls: list[str], lo: int, hi: int, n_buckets: int,
+                 out_url: str) -> None:
+    """Stream input shards lo..hi-1 (the embed stage's reader: same samples, skips and uids) and
+    write their usable samples bucketed by uid, and per shard the counts."""
+    import pyarrow as pa
+
+    writer = BucketedWriter(_samples_schema(), n_buckets)
+    counts = {}
+    for shard in range(lo, hi):
+        url = urls[shard]
+        skipped: Counter = Counter()
+        rows: dict[str, list] = {name: [] for name in _samples_schema().names}
+        for sample in iter_shard_samples(store, url, cfg.input, dedupe=True):
+            if sample.problem is not None:
+                skipped[sample.problem] += 1
+                continue
+            if not (sample.meta and sample.meta.get("uid") not in (None, "")):
+                skipped[NO_UID] += 1
+                continue
+            width, height = json_original_size(sample.meta) or header_size(sample.image_bytes) or (None, None)
+            for name, value in (("uid", sample.uid), ("shard", shard), ("position", sample.index),
+                                ("key", sample.key), ("caption", sample.caption),
+                                ("original_width", width), ("original_height", height)):
+                rows[name].append(value)
+        table = pa.table(rows, schema=_samples_schema())
+        writer.add(table, uid_buckets(uid_hashes(rows["uid"]), n_buckets))
+        counts[str(shard)] = {"usable": table.num_rows, "skipped": dict(skipped)}
+    store.write_json(out_url[: -len(".bkt")] + ".json", counts)
+    writer.commit(store, out_url)
+
+
+def _metadata_schema(dim: int):
+    import pyarrow as pa
+
+    return pa.schema([("uid", pa.string()), ("file", pa.int32()), ("row", pa.int64()), ("clip_score", pa.float32()),
+                      ("image_embedding", pa.list_(pa.float16(), dim)), ("text_embedding", pa.list_(pa.float16(), dim)),
+                      ("ok", pa.bool_()), ("original_width", pa.int32()), ("original_height", pa.int32())])
+
+
+def _normalised(arrays: dict[str, np.ndarray], keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The L2-normalised concatenation of `keys`' vectors (each key normalised, then the whole) and
+    whether every key's vector was finite and non-zero."""
+    pieces, ok = [], None
+    for key in keys:
+        vectors = arrays[key].astype(np.float32)
+        norm = np.linalg.norm(vectors, axis=1)
+        good = np.isfinite(norm) & (norm > 0)
+        ok = good if ok is None else ok & good
+        pieces.append(np.divide(vectors, norm[:, None], out=np.zeros_like(vectors), where=good[:, None]))
+    joined = np.concatenate(pieces, axis=1) / np.sqrt(len(keys))
+    joined[~ok] = 0
+    return joined, ok
+
+
+def metadata_task(store: Store, pc: PrecomputedConfig, file_index: int, parquet: str, npz: str, dim: int,
+                  n_buckets: int, sizes_in_metadata: bool, out_url: str) -> None:
+    """Stream one metadata file in row chunks and write its rows bucketed by uid: the score (the
+    cosine of the vectors where null) and the normalised vectors as float16."""
+    import pyarrow as pa
+
+    image_keys, text_keys = keys_of(pc.image_key), keys_of(pc.text_key)
+    columns = ["uid", pc.score_column] + (["original_width", "original_height"] if sizes_in_metadata else [])
+    writer = BucketedWriter(_metadata_schema(dim), n_buckets)
+    position = 0
+    without_uid = 0
+    for batch, arrays in iter_metadata_chunks(store, parquet, npz, columns, _all_keys(pc), METADATA_CHUNK_ROWS):
+        n = batch.num_rows
+        uids = batch.column("uid").to_pylist()
+        has_uid = np.array([u is not None and str(u) != "" for u in uids], dtype=bool)
+        without_uid += int((~has_uid).sum())
+        image, ok_image = _normalised(arrays, image_keys)
+        text, ok_text = _normalised(arrays, text_keys)
+        ok = ok_image & ok_text
+        score = np.array(batch.column(pc.score_column).cast(pa.float64()).to_numpy(zero_copy_only=False))
+        missing = ~np.isfinite(score)
+        score[missing] = (image[missing] * text[missing]).sum(axis=1)
+        sizes = {c: (batch.column(c).cast(pa.int32()) if sizes_in_metadata else pa.nulls(n, pa.int32()))
+                 for c in ("original_width", "original_height")}
+        table = pa.table({
+            "uid": pa.array([str(u) if h else "" for u, h in zip(uids, has_uid)], pa.string()),
+            "file": pa.array(np.full(n, file_index, np.int32)),
+            "row": pa.array(np.arange(position, position + n, dtype=np.int64)),
+            "clip_score": pa.array(score.astype(np.float32)),
+            "image_embedding": fixed_size_list(image, np.float16),
+            "text_embedding": fixed_size_list(text, np.float16),
+            "ok": pa.array(ok),
+            **sizes,
+        })
+        keep = np.flatnonzero(has_uid)
+        table = table.take(keep)
+        writer.add(table, uid_buckets(uid_hashes(table.column("uid").to_pylist()), n_buckets))
+        position += n
+    store.write_json(out_url[: -len(".bkt")] + ".json", {"rows": position, "without_uid": without_uid})
+    writer.commit(store, out_url)
+
+
+# -- step 2: one bucket joined --------------------------------------------------------------------
+
+def _first_per_uid(uids, order_keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by `order_keys` (most significant first); for each row in that order whether it
+    is the first of its uid."""
+    import pandas as pd
+
+    order = np.lexsort(tuple(reversed(order_keys))) if len(uids) else np.zeros(0, np.int64)
+    first = ~pd.Series(np.asarray(uids, dtype=object)[order]).duplicated(keep="first").to_numpy()
+    return order, first
+
+
+def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str], metadata_files_: list[str],
+              group_of_shard: list[int]) -> None:
+    """Join bucket `bucket` of both sides by uid; write the kept rows and the skip counts, each
+    bucketed by shard group, then the bucket's own counts."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    samples = pa.concat_tables([read_bucket(store, u, bucket) for u in sample_files]).combine_chunks()
+    meta = pa.concat_tables([read_bucket(store, u, bucket) for u in metadata_files_])  # vectors: no copy
+
+    s_uid = samples.column("uid").to_numpy(zero_copy_only=False)
+    s_shard = samples.column("shard").to_numpy()
+    s_order, s_first = _first_per_uid(s_uid, [s_shard, samples.column("position").to_numpy()])
+    m_uid = meta.column("uid").to_numpy(zero_copy_only=False)
+    m_order, m_first = _first_per_uid(m_uid, [meta.column("file").to_numpy(), meta.column("row").to_numpy()])
+
+    winners = s_order[s_first]
+    meta_rows = m_order[m_first]
+    where = pd.Index(m_uid[meta_rows]).get_indexer(pd.Index(s_uid[winners]))  # -1: no metadata row
+    matched = where >= 0
+    meta_of = np.where(matched, meta_rows[np.maximum(where, 0)], -1)
+    ok = np.zeros(len(winners), bool)
+    ok[matched] = meta.column("ok").to_numpy(zero_copy_only=False)[meta_of[matched]]
+
+    reasons = ([(s_shard[r], DUPLICATE_UID) for r in s_order[~s_first]]
+               + [(s_shard[r], NO_EMBEDDING) for r in winners[~matched]]
+               + [(s_shard[r], BAD_EMBEDDING) for r in winners[matched & ~ok]])
+    counted = Counter((int(shard), reason) for shard, reason in reasons)
+    skipped = pa.table({"shard": pa.array([k[0] for k in counted], pa.int32()),
+                        "reason": pa.array([k[1] for k in counted], pa.string()),
+                        "count": pa.array(list(counted.values()), pa.int64())})
+    groups = np.asarray(group_of_shard, np.int64)
+    n_groups = int(groups.max()) + 1
+    skipped_writer = BucketedWriter(skipped.schema, n_groups)
+    skipped_writer.add(skipped, groups[skipped.column("shard").to_numpy()] if skipped.num_rows else np.zeros(0, np.int64))
+    skipped_writer.commit(store, join(join_dir, f"skipped-{bucket:05d}.bkt"))
+
+    keep = winners[ok]
+    rows = meta_of[ok]
+    kept_meta = meta.take(pa.array(rows, pa.int64()))
+    kept = samples.take(pa.array(keep, pa.int64()))
+    # the json's (or the image header's) size, else the metadata's
+    sizes = {c: pc.coalesce(kept.column(c), kept_meta.column(c)) for c in ("original_width", "original_height")}
+    table = pa.table({
+        "shard": kept.column("shard"), "position": kept.column("position"), "uid": kept.column("uid"),
+        "key": kept.column("key"), "clip_score": kept_meta.column("clip_score"),
+        "image_embedding": kept_meta.column("image_embedding"), "text_embedding": kept_meta.column("text_embedding"),
+        "caption": kept.column("caption"), **sizes,
+    })
+    writer = BucketedWriter(table.schema, n_groups)
+    writer.add(table, groups[table.column("shard").to_numpy()] if table.num_rows else np.zeros(0, np.int64))
+    store.write_json(join(join_dir, f"joined-{bucket:05d}.json"), {
+        "not_in_shards": int(len(meta_rows) - matched.sum()),
+        "metadata_duplicate_uid": int((~m_first).sum()),
+    })
+    writer.commit(store, join(join_dir, f"joined-{bucket:05d}.bkt"))
+
+
+# -- step 3: the parts of one shard group ---------------------------------------------------------
+
+def parts_task(store: Store, directory: str, join_dir: str, group: int, urls: list[str], shards: list[int],
+               tar_skips: dict[str, dict[str, int]], n_buckets: int, dim: int) -> dict[int, dict[str, Any]]:
+    """Commit the parts of `shards` (pending shards of shard group `group`) from the group's rows
+    of every joined bucket; returns each part's stats."""
+    import pyarrow as pa
+
+    kept = pa.concat_tables([read_bucket(store, join(join_dir, f"joined-{b:05d}.bkt"), group)
+                             for b in range(n_buckets)]).combine_chunks()
+    skipped = pa.concat_tables([read_bucket(store, join(join_dir, f"skipped-{b:05d}.bkt"), group)
+                                for b in range(n_buckets)]).combine_chunks()
+    shard_col = kept.column("shard").to_numpy()
+    order = np.lexsort((kept.column("position").to_numpy(), shard_col)) if kept.num_rows else np.zeros(0, np.int64)
+    kept = kept.take(pa.array(order, pa.int64()))
+    shard_col = shard_col[order]
+    join_skips: dict[int, Counter] = {}
+    for shard, reason, count in zip(*(skipped.column(c).to_pylist() for c in ("shard", "reason", "count"))):
+        join_skips.setdefault(shard, Counter())[reason] += count
+    out = {}
+    for shard in shards:
+        lo, hi = np.searchsorted(shard_col, [shard, shard + 1])
+        rows = kept.slice(int(lo), int(hi - lo))
+        image = fixed_list_to_numpy(rows.column("image_embedding"), "image_embedding", join_dir) if rows.num_rows \
+            else np.zeros((0, dim), np.float16)
+        text = fixed_list_to_numpy(rows.column("text_embedding"), "text_embedding", join_dir) if rows.num_rows \
+            else np.zeros((0, dim), np.float16)
+        table = part_table(urls[shard], rows.column("uid").to_pylist(), rows.column("key").to_pylist(),
+                           rows.column("clip_score").to_numpy(), image, text, rows.column("caption").to_pylist(),
+                           rows.column("original_width"), rows.column("original_height"))
+        skips = Counter(tar_skips.get(str(shard), {})) + join_skips.get(shard, Counter())
+        out[shard] = commit_part(store, directory, shard, urls[shard], table, skips)
+    return out
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str], pending: list[int],
+                    on_part_committed) -> tuple[dict[str, Any], dict[int, dict[str, Any]], int]:
+    """Join the metadata to the input shards and commit the parts of `pending` shards (module
+    docstring). Returns the stage info, the stats of the parts committed now, and the width."""
     import ray
 
     pc = cfg.embed.precomputed
-    metadata, embeddings = precomputed_files(cfg, len(urls))
-    load = ray.remote(num_cpus=1)(_load_precomputed)
-    window = max(2, int(resources().cpus))
-    in_flight: list[tuple[int, Any]] = []
-    todo = list(pending)
-    while todo or in_flight:
-        while todo and len(in_flight) < window:
-            i = todo.pop(0)
-            in_flight.append((i, load.remote(store, metadata[i], embeddings[i], pc)))
-        i, ref = in_flight.pop(0)
-        committer.add(i, ray.get(ref))
-    return {"encoder": "precomputed", "model": f"precomputed:{pc.image_key}/{pc.text_key}", "pretrained": None,
-            "device": "none", "precision": "as stored"}
+    join_dir = join(directory, JOIN_DIR)
+    info_url = join(directory, INFO)
+    if not pending and store.exists(info_url):  # every part and the join's counts are committed
+        store.rm(join_dir, recursive=True)
+        return store.read_json(info_url), {}, None
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    plan = _plan(cfg, store, join_dir, len(urls))
+    n_buckets, dim, files = plan["buckets"], plan["dim"], plan["files"]
+    existing = set(store.ls(join_dir))
+
+    # step 1: both sides bucketed by uid
+    sample_urls = [join(join_dir, f"samples-{t:05d}.bkt") for t in range(len(plan["shard_tasks"]))]
+    meta_urls = [join(join_dir, f"metadata-{m:05d}.bkt") for m in range(len(files))]
+    samples_remote = ray.remote(num_cpus=1)(samples_task)
+    metadata_remote = ray.remote(num_cpus=1)(metadata_task)
+    urls_ref = ray.put(urls)  # O(shards) names: shipped once, not once per task
+    refs = [samples_remote.remote(store, cfg, urls_ref, lo, hi, n_buckets, url)
+            for (lo, hi), url in zip(plan["shard_tasks"], sample_urls) if url.rsplit("/", 1)[1] not in existing]
+    refs += [metadata_remote.remote(store, pc, m, parquet, npz, dim, n_buckets, plan["sizes_in_metadata"], url)
+             for m, ((parquet, npz, _), url) in enumerate(zip(files, meta_urls)) if url.rsplit("/", 1)[1] not in existing]
+    log.info("precomputed join: %d metadata file(s), %d bucket(s), %d shard task(s); step 1: %d task(s) to run",
+             len(files), n_buckets, len(sample_urls), len(refs))
+    for _ in as_completed(refs):
+        pass
+    seconds["bucket_by_uid"] = round(time.perf_counter() - t0, 3)
+
+    counts: dict[str, dict[str, Any]] = {}
+    for url in sample_urls:
+        counts.update(store.read_json(url[: -len(".bkt")] + ".json"))
+    usable = [int(counts[str(i)]["usable"]) for i in range(len(urls))]
+    groups_url = join(join_dir, "groups.json")
+    if store.exists(groups_url):
+        groups = store.read_json(groups_url)
+    else:
+        groups = _shard_groups(usable, plan["bucket_rows"])
+        store.write_json(groups_url, groups)
+    group_of_shard = [g for g, (lo, hi) in enumerate(groups) for _ in range(lo, hi)]
+
+    # step 2: one task per bucket
+    t1 = time.perf_counter()
+    existing = set(store.ls(join_dir))
+    row_bytes = 2 * dim * 2 + 256  # two float16 vectors, uid, key, caption
+    memory = TASK_BASE_MEMORY + BUCKET_COPIES * int(plan["bucket_rows"] * 1.2) * row_bytes  # 1.2: hash imbalance
+    join_remote = ray.remote(num_cpus=1, memory=memory)(join_task)
+    groups_ref = ray.put(group_of_shard)
+    refs = [join_remote.remote(store, join_dir, b, sample_urls, meta_urls, groups_ref)
+            for b in range(n_buckets) if f"joined-{b:05d}.bkt" not in existing]
+    for _ in as_completed(refs):
+        pass
+    seconds["join"] = round(time.perf_counter() - t1, 3)
+
+    # step 3: one task per shard group with pending parts, each committing its parts in shard order
+    t2 = time.perf_counter()
+    todo = set(pending)
+    parts_remote = ray.remote(num_cpus=1, memory=memory)(parts_task)
+    refs = []
+    for g, (lo, hi) in enumerate(groups):
+        shards = [i for i in range(lo, hi) if i in todo]
+        if shards:
+            tar_skips = {str(i): counts[str(i)]["skipped"] for i in shards}
+            refs.append(parts_remote.remote(store, directory, join_dir, g, urls_ref, shards, tar_skips, n_buckets, dim))
+    new_stats: dict[int, dict[str, Any]] = {}
+    for done in as_completed(refs):
+        for shard, stats in sorted(done.items()):
+            new_stats[int(shard)] = stats
+            on_part_committed(int(shard))
+    seconds["parts"] = round(time.perf_counter() - t2, 3)
+
+    totals: Counter = Counter()
+    metadata_without_uid = 0
+    for b in range(n_buckets):
+        totals.update(store.read_json(join(join_dir, f"joined-{b:05d}.json")))
+    for url in meta_urls:
+        metadata_without_uid += store.read_json(url[: -len(".bkt")] + ".json")["without_uid"]
+    info = {
+        "encoder": "precomputed",
+        "model": f"precomputed:{'+'.join(keys_of(pc.image_key))}/{'+'.join(keys_of(pc.text_key))}",
+        "pretrained": None, "device": "none", "precision": "as stored",
+        "score_column": pc.score_column,
+        "metadata_files": len(files),
+        "metadata_rows": sum(rows for _, _, rows in files),
+        "not_in_shards": int(totals["not_in_shards"]),
+        "metadata_duplicate_uid": int(totals["metadata_duplicate_uid"]),
+        "metadata_without_uid": int(metadata_without_uid),
+        "join": {"buckets": n_buckets, "shard_groups": len(groups), "seconds": seconds},
+    }
+    store.write_json(info_url, info)  # the join's counts outlive _join/ (a resume after this point reads them)
+    store.rm(join_dir, recursive=True)
+    log.info("precomputed join: %d metadata rows, %d not in the shards (failed downloads), %d repeated, %d without uid",
+             info["metadata_rows"], info["not_in_shards"], info["metadata_duplicate_uid"], metadata_without_uid)
+    return info, new_stats, dim
 
 
-def verify_precomputed_inputs(cfg: JobConfig, store: Store, n_shards: int) -> None:
-    metadata, embeddings = precomputed_files(cfg, n_shards)
-    files = metadata + embeddings
-    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
-        exists = list(pool.map(store.exists, files))
-    missing = [f for f, ok in zip(files, exists) if not ok]
-    if missing:
-        raise ShardError(f"{len(missing)} precomputed embedding file(s) not found:\n{listing(missing)}")
+def verify_precomputed_inputs(cfg: JobConfig, store: Store) -> None:
+    """Every metadata file found and usable (before any work: a wrong path fails in seconds)."""
+    inspect_inputs(cfg, store)

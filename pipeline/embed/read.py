@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from ..config import InputConfig
+from ..formats.datacomp import json_original_size
 from ..formats.webdataset import (
     SHARD_FAILURES,
     TOO_LARGE,
@@ -48,6 +49,9 @@ def _chunk(shard_index: int, chunk: int, rows: list[tuple], tokenizer) -> dict[s
         "key": np.array([r[2] for r in rows], dtype=object),
         "image": np.stack([r[3] for r in rows]),
         "tokens": tokenize(tokenizer, [r[4] for r in rows]),
+        "caption": np.array([r[4] for r in rows], dtype=object),
+        "original_width": np.array([r[5] for r in rows], dtype=np.int32),
+        "original_height": np.array([r[6] for r in rows], dtype=np.int32),
         "is_marker": np.zeros(n, dtype=bool),
         "marker_samples": np.zeros(n, dtype=np.int64),
         "marker_skipped": np.array([""] * n, dtype=object),
@@ -64,6 +68,9 @@ def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeli
         "key": np.array([""], dtype=object),
         "image": images.empty(1),
         "tokens": np.zeros((1, context), dtype=np.int32),
+        "caption": np.array([""], dtype=object),
+        "original_width": np.zeros(1, dtype=np.int32),
+        "original_height": np.zeros(1, dtype=np.int32),
         "is_marker": np.array([True]),
         "marker_samples": np.array([n_good], dtype=np.int64),
         "marker_skipped": np.array([json.dumps(dict(skipped), sort_keys=True)], dtype=object),
@@ -87,14 +94,17 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
                     skipped[sample.problem] += 1
                     continue
                 try:
-                    pixels = images(decode_image(sample.image_bytes, input_cfg.max_image_pixels))
+                    image = decode_image(sample.image_bytes, input_cfg.max_image_pixels)
+                    pixels = images(image)
                 except ImageTooLargeError:
                     skipped[TOO_LARGE] += 1
                     continue
                 except (ImageDecodeError, ValueError, OSError):
                     skipped[UNDECODABLE_IMAGE] += 1
                     continue
-                rows.append((sample.index, sample.uid, sample.key, pixels, sample.caption))
+                # the size before img2dataset's resize when the json says it, else the image's own
+                width, height = json_original_size(sample.meta) or image.size
+                rows.append((sample.index, sample.uid, sample.key, pixels, sample.caption, width, height))
                 if len(rows) == chunk_size:
                     yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer)
                     n_good += len(rows)

@@ -11,6 +11,9 @@ Data flow (open_clip encoder)::
 
 A part is written only when all its rows are in, after its stats json; a killed job leaves no
 partial part, and a rerun embeds exactly the shards without a part.
+
+The precomputed encoder joins DataComp's metadata to the shards by uid through bucketed files
+and Ray tasks that write the parts themselves (:mod:`.precomputed`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from ..config import JobConfig
 from ..errors import ConfigError, innermost
+from ..formats.datacomp import subset_file_warning
 from ..formats.webdataset import ShardReadError, listing, shard_urls, verify_shards
 from ..runtime import init_ray, resources
 from ..stage import Stage, StageContext
@@ -39,7 +43,9 @@ from .precomputed import run_precomputed, verify_precomputed_inputs
 log = logging.getLogger(__name__)
 
 # throughput knobs: they change how fast, never what is embedded
-THROUGHPUT_SETTINGS = {"num_actors", "num_gpus_per_actor", "cpus_per_actor", "torch_threads"}
+# (batch_size is not one: see settings())
+THROUGHPUT_SETTINGS = {"num_actors": True, "num_gpus_per_actor": True, "cpus_per_actor": True, "torch_threads": True,
+                       "precomputed": {"bucket_rows", "shards_per_task"}}
 MISSING_LISTED = 1000  # missing shards named in the stats (all are counted)
 
 
@@ -63,11 +69,11 @@ def settings(cfg: JobConfig) -> dict[str, Any]:
 def check(cfg: JobConfig, store: Store) -> None:
     """Every input is checked before any work, so a typo fails in seconds, not hours in."""
     urls = shard_urls(cfg.input)
+    verify_shards(store, urls, allow_missing=cfg.input.allow_missing_shards)
     if cfg.embed.encoder == "precomputed":
-        verify_precomputed_inputs(cfg, store, len(urls))
+        verify_precomputed_inputs(cfg, store)
     else:
         check_pretrained(model_spec(cfg, store), store)  # the model config and checkpoint, a few KB read
-        verify_shards(store, urls, allow_missing=cfg.input.allow_missing_shards)
 
 
 def steady_rate(forward_times: Counter) -> float | None:
@@ -132,7 +138,8 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
             rows = sel & ~markers
             if rows.any():
                 acc.add({k: np.asarray(batch[k])[rows] for k in
-                         ("sample_index", "uid", "key", "clip_score", "image_embedding", "text_embedding")})
+                         ("sample_index", "uid", "key", "clip_score", "image_embedding", "text_embedding",
+                          "caption", "original_width", "original_height")})
             for m in np.flatnonzero(sel & markers):
                 acc.expected = int(batch["marker_samples"][m])
                 acc.skipped.update(json.loads(str(batch["marker_skipped"][m])))
@@ -171,29 +178,34 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     pending = [i for i in range(len(urls)) if i not in done]
     if committed:
         log.info("resuming embed stage: %d of %d shard(s) already committed", len(committed), len(urls))
-    committer = PartCommitter(store, directory, urls, pending, committed, lambda i: ctx.part_committed("embed", i))
+    on_part_committed = lambda i: ctx.part_committed("embed", i)  # noqa: E731
     started = time.perf_counter()
+    dim = None
     if cfg.embed.encoder == "precomputed":
-        info = run_precomputed(cfg, store, urls, pending, committer) if pending else {"encoder": "precomputed"}
+        # its own part writer: the join decides duplicates across shards exactly (.precomputed)
+        info, new_stats, dim = run_precomputed(cfg, store, directory, urls, pending, on_part_committed)
     else:
+        committer = PartCommitter(store, directory, urls, pending, committed, on_part_committed)
         info = _run_open_clip(cfg, store, urls, pending, committer) if pending else {"encoder": "open_clip"}
+        new_stats, dim = committer.stats, committer.dim
     seconds = time.perf_counter() - started
 
-    per_shard = dict(committer.stats)
+    per_shard = dict(new_stats)
     if committed:
         with ThreadPoolExecutor(max_workers=min(16, len(committed))) as pool:
             loaded = pool.map(lambda i: store.read_json(join(directory, part_name(i) + ".stats.json")), committed)
             per_shard.update(zip(committed, loaded))
-    dim = committer.dim
     if dim is None:  # nothing embedded in this run: read it from a committed part
         first = next((i for i in sorted(per_shard) if per_shard[i]["samples"] > 0), None)
         if first is not None:
             part = store.read_parquet(join(directory, part_name(first) + ".parquet"), columns=["image_embedding"])
             dim = part.schema.field("image_embedding").type.list_size
     skipped: Counter = Counter()
+    notes: Counter = Counter()
     for s in per_shard.values():
         skipped.update(s["skipped"])
-    new_samples = sum(s["samples"] for s in committer.stats.values())
+        notes.update(s.get("uid_notes", {}))
+    new_samples = sum(s["samples"] for s in new_stats.values())
     stats = {
         **info,
         "model": info.get("model", cfg.embed.model),
@@ -214,6 +226,11 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         "embedding_dim": dim,
         "per_shard": [{"part": part_name(i), **per_shard[i]} for i in sorted(per_shard)],
     }
+    warning = subset_file_warning(notes)
+    if warning:
+        stats["uid_notes"] = dict(sorted(notes.items()))
+        stats["subset_file_warning"] = warning
+        log.warning("embed: subset.npy and DataComp's resharder: %s", warning)
     log.info("embed: %d samples (%d this run) in %.1f s, %.1f samples/s; skipped: %s",
              stats["samples"], new_samples, seconds, stats["samples_per_s"],
              ", ".join(f"{k}={v}" for k, v in stats["skipped"].items()) or "none")

@@ -6,7 +6,9 @@
 | ``embeddings/part-NNNNN.parquet`` | :mod:`.embeddings` |
 | ``graph/nodes.parquet``, ``graph/part-NNNNN.parquet`` | :mod:`.graph` |
 | ``selection/selected.parquet``, ``selection/subset.npy`` | :mod:`.selection` |
-| ``OUTPUT/shards/NNNNN.{tar,parquet}``, ``OUTPUT/_PLAN.json`` | :mod:`.output` |
+| ``OUTPUT/shards/NNNNN.{tar,parquet}``, ``NNNNN_stats.json``, ``OUTPUT/_PLAN.json`` | :mod:`.output` |
+| DataComp's metadata parquet + npz (input) | :mod:`.datacomp` |
+| ``WORKDIR/*/_join/*.parquet`` (uid-bucketed intermediates) | :mod:`.buckets` |
 
 Stages, the report, the demo, the tests and the benchmarks read and write these files only
 through these modules.

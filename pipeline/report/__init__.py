@@ -29,7 +29,7 @@ from ..formats.embeddings import list_parts, read_column, read_vectors_at
 from ..formats.selection import SELECTED
 from ..formats.webdataset import find_samples
 from ..storage import Store, basename, join
-from ..summary import summarize
+from ..summary import SKIP_LABELS, summarize
 from ..workdir import STAGE_DIRS, read_stats, read_success
 from .plots import embedding_map, map_rows, pca_2d, score_histogram
 from .render import CSS, flatten, note, table, thumbnail_uri
@@ -39,6 +39,7 @@ __all__ = ["REPORT_NAME", "ReportExtras", "build_report", "pca_2d"]
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
+JOIN_LABELS = set(SKIP_LABELS.values())
 EXAMPLES_PER_GRID = 16
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -61,7 +62,12 @@ def _summary_section(stats: dict[str, dict | None], kept_n: int | None, n_total:
     rows: list[list[Any]] = []
     if s["samples_in"] is not None:
         unreadable = sum(v for k, v in s["dropped"].items() if k.startswith("unreadable"))
-        rows += [["samples read", s["samples_in"]], ["skipped as unreadable", unreadable], ["embedded", s["embedded"]]]
+        rows += [["samples read", s["samples_in"]], ["skipped as unreadable", unreadable]]
+        # the precomputed encoder's join by uid (pipeline.summary.SKIP_LABELS)
+        rows += [[f"skipped: {k}", v] for k, v in s["dropped"].items() if k.split(":")[0] in JOIN_LABELS]
+        rows.append(["embedded", s["embedded"]])
+        if s.get("not_in_shards"):
+            rows.append(["in the metadata, not in the shards (failed downloads; not samples)", s["not_in_shards"]])
     select = stats.get("select")
     if select:
         rows += [["selection method", s["method"]], ["budget (kept)", s["budget"]]]

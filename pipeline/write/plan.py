@@ -1,87 +1,264 @@
 """The write plan: which selected sample goes into which output shard, fixed before anything is
-written and saved as ``WORKDIR/write/plan.parquet`` (one row group per output shard).
+written, built by Ray tasks so the driver never holds the pool's or the selection's uids.
 
-Kept samples in source order (input shard index, then position in the shard), cut into runs of
-``output.samples_per_shard``: each output shard then reads only a contiguous run of input shards
-(usually one or two), and a resumed run writes exactly the same shards.
+Kept samples in source order (embedding part = input shard, then position in it), cut into runs
+of ``output.samples_per_shard``: each output shard then reads only a contiguous run of input
+shards (usually one or two), and a resumed run writes exactly the same shards.
+
+To put the selection (uids in rank order) into source order, it is joined by uid with the
+committed embedding parts through bucketed files (the shuffle of :mod:`pipeline.formats.buckets`;
+why: :mod:`pipeline.embed.precomputed`). Under ``WORKDIR/write/`` (every file committed
+atomically; a rerun skips what exists)::
+
+    _join/selected-CCCCC.*   (1) per row group of selected.parquet: (uid, rank) bucketed by uid (.bkt);
+                                 .json: its rows and the sum of their uid hashes
+    _join/pool-TTTTT.*       (1) per group of parts: (uid, part, position, key, clip_score) bucketed
+                                 by uid; .json: each part's input shard
+    _join/joined-BBBBB.*     (2) per bucket: the selected rows with their part and position,
+                                 bucketed by group of parts; .json: selected rows per part. A
+                                 selected uid in no part, in two parts, or selected twice is an error
+    plan/part-NNNNN.parquet  (3) per group of parts: each part's selected rows in source order
+                                 (uid, rank, clip_score, source_shard, source_key)
+    plan.json                the commit: parts, selected rows per part, samples, output shards and
+                             the selection's uid hash sum (the integrity check's reference)
+
+Output shard ``j`` is global plan rows ``[j*S, (j+1)*S)`` (S = samples_per_shard): its task reads
+the pieces of the parts those rows fall in (:func:`read_plan_rows`). The driver holds O(parts)
+numbers and names.
 """
 
 from __future__ import annotations
 
-import io
+import math
+from typing import Any
 
 import numpy as np
 
 from ..config import JobConfig
-from ..formats.embeddings import list_parts
-from ..formats.selection import read_selected
-from ..formats.webdataset import shard_urls
-from ..storage import Store
+from ..formats.buckets import BucketedWriter, read_bucket, uid_buckets, uid_hashes
+from ..formats.embeddings import EmbeddingPart, list_parts
+from ..formats.selection import SELECTED
+from ..runtime import as_completed
+from ..storage import Store, join
 from ..workdir import stage_dir
 
-PLAN = "plan.parquet"
+PLAN = "plan.json"
+PLAN_DIR = "plan"
+JOIN_DIR = "_join"
+# A join task holds one bucket of the pool side (~100 bytes a row: uid, key, numbers) and its
+# share of the selection; 2·10^6 rows keep it near 200 MB.
+POOL_ROWS_PER_BUCKET = 2_000_000
+PARTS_PER_TASK = 16  # parts read per pool-side task, and parts per plan-writing task
+PLAN_COLUMNS = ("uid", "rank", "clip_score", "source_shard", "source_key")
 
 
-def build_plan(store: Store, cfg: JobConfig):
-    """The selected samples in source order with their output shard (a pyarrow table)."""
+def hash_sum(uids) -> int:
+    """Order-independent fingerprint of a set of uids: the sum of their 64-bit hashes mod 2^64."""
+    return int(np.sum(uid_hashes(list(uids)), dtype=np.uint64))
+
+
+# -- step 1 ---------------------------------------------------------------------------------------
+
+def selection_task(store: Store, selected_url: str, row_group: int, n_buckets: int, out_url: str) -> None:
+    import pyarrow.parquet as pq
+
+    with store.open(selected_url, "rb") as fh:
+        table = pq.ParquetFile(fh).read_row_group(row_group, columns=["uid", "rank"])
+    uids = table.column("uid").to_pylist()
+    writer = BucketedWriter(table.schema, n_buckets)
+    writer.add(table, uid_buckets(uid_hashes(uids), n_buckets))
+    store.write_json(out_url[: -len(".bkt")] + ".json", {"rows": len(uids), "hash_sum": str(hash_sum(uids))})
+    writer.commit(store, out_url)
+
+
+def _pool_schema():
+    import pyarrow as pa
+
+    return pa.schema([("uid", pa.string()), ("part", pa.int32()), ("position", pa.int64()), ("key", pa.string()),
+                      ("clip_score", pa.float32())])
+
+
+def pool_task(store: Store, parts: list[tuple[int, EmbeddingPart]], n_buckets: int, out_url: str) -> None:
+    """(uid, part ordinal, position, key, clip_score) of every row of `parts`, bucketed by uid."""
+    import pyarrow as pa
+
+    writer = BucketedWriter(_pool_schema(), n_buckets)
+    shards = {}
+    for ordinal, part in parts:
+        table = store.read_parquet(part.url, columns=["uid", "shard", "key", "clip_score"])
+        if table.num_rows != part.rows:
+            raise RuntimeError(f"{part.url} has {table.num_rows} rows, {part.rows} when the plan started")
+        names = set(table.column("shard").unique().to_pylist())
+        if len(names) > 1:
+            raise ValueError(f"embedding part {part.url} holds rows of several input shards: {sorted(names)[:3]}")
+        shards[str(ordinal)] = names.pop() if names else None
+        uids = table.column("uid").to_pylist()
+        rows = pa.table({"uid": table.column("uid"), "part": pa.array(np.full(part.rows, ordinal, np.int32)),
+                         "position": pa.array(np.arange(part.rows, dtype=np.int64)), "key": table.column("key"),
+                         "clip_score": table.column("clip_score").cast(pa.float32())})
+        writer.add(rows, uid_buckets(uid_hashes(uids), n_buckets))
+    store.write_json(out_url[: -len(".bkt")] + ".json", {"shards": shards})
+    writer.commit(store, out_url)
+
+
+# -- step 2 ---------------------------------------------------------------------------------------
+
+def _examples(values) -> list:
+    return [str(v) for v in list(dict.fromkeys(values))[:5]]
+
+
+def join_task(store: Store, join_dir: str, bucket: int, selected_urls: list[str], pool_urls: list[str],
+              parts_per_group: int, n_groups: int) -> None:
+    """The selected rows of bucket `bucket` with their part and position, bucketed by group of
+    `parts_per_group` consecutive parts."""
     import pandas as pd
     import pyarrow as pa
 
-    selected = read_selected(store, stage_dir(cfg.workdir, "select"), columns=["uid", "rank"]).to_pandas()
-    if selected["uid"].duplicated().any():
-        dup = selected["uid"][selected["uid"].duplicated()].unique()[:5].tolist()
-        raise ValueError(f"selected.parquet lists uids more than once, e.g. {dup}")
-    n_inputs = len(shard_urls(cfg.input))
-    frames = []
-    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
-    for part in parts:
-        table = store.read_parquet(part.url, columns=["uid", "shard", "key", "clip_score"]).to_pandas()
-        table["source_index"] = part.index
-        table["position"] = np.arange(len(table))
-        frames.append(table)
-    pool = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["uid", "shard", "key", "clip_score", "source_index", "position"])
-    joined = selected.merge(pool, on="uid", how="left", validate="one_to_many")
-    lost = joined["shard"].isna()
+    selected = pa.concat_tables([read_bucket(store, u, bucket) for u in selected_urls]).to_pandas()
+    pool = pa.concat_tables([read_bucket(store, u, bucket) for u in pool_urls]).to_pandas()
+    repeated = selected["uid"][selected["uid"].duplicated()]
+    if len(repeated):
+        raise ValueError(f"selected.parquet lists {len(repeated)} uids more than once, e.g. {_examples(repeated)}")
+    joined = selected.merge(pool, on="uid", how="left")
+    lost = joined["part"].isna()
     if lost.any():
         raise ValueError(f"{int(lost.sum())} selected uids are not in the embedding parts, "
-                         f"e.g. {joined['uid'][lost].head(5).tolist()}")
-    if joined["uid"].duplicated().any():
-        dup = joined["uid"][joined["uid"].duplicated()].unique()[:5].tolist()
-        raise ValueError(f"selected uids appear in more than one pool sample, e.g. {dup}")
-    if (joined["source_index"] >= n_inputs).any():
-        raise ValueError(f"embedding parts index input shards beyond the {n_inputs} of input.shards")
-    joined = joined.sort_values(["source_index", "position"], kind="stable").reset_index(drop=True)
-    joined["out_shard"] = np.arange(len(joined)) // cfg.output.samples_per_shard
-    return pa.table({
-        "uid": pa.array(joined["uid"].astype(str).tolist(), pa.string()),
-        "rank": pa.array(joined["rank"].to_numpy(np.int64)),
-        "clip_score": pa.array(joined["clip_score"].to_numpy(np.float32)),
-        "source_shard": pa.array(joined["shard"].astype(str).tolist(), pa.string()),
-        "source_key": pa.array(joined["key"].astype(str).tolist(), pa.string()),
-        "source_index": pa.array(joined["source_index"].to_numpy(np.int64)),
-        "out_shard": pa.array(joined["out_shard"].to_numpy(np.int64)),
-    })
+                         f"e.g. {_examples(joined['uid'][lost])}")
+    twice = joined["uid"][joined["uid"].duplicated()]
+    if len(twice):
+        raise ValueError(f"{len(twice)} selected uids appear in more than one pool sample, e.g. {_examples(twice)}")
+    part = joined["part"].to_numpy(np.int64)
+    table = pa.table({"uid": pa.array(joined["uid"].astype(str).tolist(), pa.string()),
+                      "rank": pa.array(joined["rank"].to_numpy(np.int64)),
+                      "clip_score": pa.array(joined["clip_score"].to_numpy(np.float32)),
+                      "part": pa.array(part.astype(np.int32)),
+                      "position": pa.array(joined["position"].to_numpy(np.int64)),
+                      "key": pa.array(joined["key"].astype(str).tolist(), pa.string())})
+    writer = BucketedWriter(table.schema, n_groups)
+    writer.add(table, part // parts_per_group)
+    counts = pd.Series(part).value_counts()
+    store.write_json(join(join_dir, f"joined-{bucket:05d}.json"),
+                     {"selected_per_part": {str(k): int(v) for k, v in counts.items()}})
+    writer.commit(store, join(join_dir, f"joined-{bucket:05d}.bkt"))
 
 
-def write_plan(store: Store, url: str, table, samples_per_shard: int) -> None:
+# -- step 3 ---------------------------------------------------------------------------------------
+
+def piece_url(plan_dir: str, part_name: str) -> str:
+    return join(plan_dir, part_name + ".parquet")
+
+
+def plan_task(store: Store, join_dir: str, plan_dir: str, group: int, n_buckets: int,
+              parts: dict[int, tuple[str, str]]) -> None:
+    """Write the plan pieces of the parts of group `group` ({ordinal: (part name, shard URL)})."""
+    import pyarrow as pa
+
+    rows = pa.concat_tables([read_bucket(store, join(join_dir, f"joined-{b:05d}.bkt"), group)
+                             for b in range(n_buckets)]).combine_chunks()
+    part = rows.column("part").to_numpy()
+    order = np.lexsort((rows.column("position").to_numpy(), part))
+    rows, part = rows.take(pa.array(order, pa.int64())), part[order]
+    for ordinal, (name, shard) in sorted(parts.items()):
+        lo, hi = np.searchsorted(part, [ordinal, ordinal + 1])
+        if hi == lo:
+            continue
+        piece = rows.slice(int(lo), int(hi - lo))
+        store.write_parquet(piece_url(plan_dir, name), pa.table({
+            "uid": piece.column("uid"), "rank": piece.column("rank"), "clip_score": piece.column("clip_score"),
+            "source_shard": pa.array([shard] * piece.num_rows, pa.string()), "source_key": piece.column("key")}))
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+def build_plan(store: Store, cfg: JobConfig) -> dict[str, Any]:
+    """The committed plan (plan.json), building it with Ray tasks when it is not there yet."""
     import pyarrow.parquet as pq
+    import ray
 
-    buf = io.BytesIO()
-    # one row group per output shard: a shard's task reads only its own rows (a single chunk, so
-    # the writer cuts row groups at exactly every samples_per_shard rows)
-    pq.write_table(table.combine_chunks(), buf, row_group_size=samples_per_shard, compression="zstd")
-    buf.seek(0)
-    meta = pq.ParquetFile(buf).metadata
-    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    if any(size != samples_per_shard for size in sizes[:-1]):
-        raise RuntimeError(f"plan row groups {sizes[:5]}... are not {samples_per_shard} rows each")
-    store.write_bytes(url, buf.getvalue())
+    write_dir = stage_dir(cfg.workdir, "write")
+    plan_url = join(write_dir, PLAN)
+    if store.exists(plan_url):
+        return store.read_json(plan_url)
+    join_dir, plan_dir = join(write_dir, JOIN_DIR), join(write_dir, PLAN_DIR)
+    selected_url = join(stage_dir(cfg.workdir, "select"), SELECTED)
+    with store.open(selected_url, "rb") as fh:
+        row_groups = pq.ParquetFile(fh).metadata.num_row_groups
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
+    n_buckets = max(1, math.ceil(sum(p.rows for p in parts) / POOL_ROWS_PER_BUCKET))
+    groups = [list(range(lo, min(lo + PARTS_PER_TASK, len(parts)))) for lo in range(0, len(parts), PARTS_PER_TASK)]
+    existing = set(store.ls(join_dir))
+
+    selected_urls = [join(join_dir, f"selected-{r:05d}.bkt") for r in range(row_groups)]
+    pool_urls = [join(join_dir, f"pool-{t:05d}.bkt") for t in range(len(groups))]
+    select_remote = ray.remote(num_cpus=1)(selection_task)
+    pool_remote = ray.remote(num_cpus=1)(pool_task)
+    refs = [select_remote.remote(store, selected_url, r, n_buckets, url)
+            for r, url in enumerate(selected_urls) if url.rsplit("/", 1)[1] not in existing]
+    refs += [pool_remote.remote(store, [(i, parts[i]) for i in group], n_buckets, url)
+             for group, url in zip(groups, pool_urls) if url.rsplit("/", 1)[1] not in existing]
+    for _ in as_completed(refs):
+        pass
+
+    join_remote = ray.remote(num_cpus=1)(join_task)
+    for _ in as_completed([join_remote.remote(store, join_dir, b, selected_urls, pool_urls, PARTS_PER_TASK, len(groups))
+                           for b in range(n_buckets) if selected_urls and f"joined-{b:05d}.bkt" not in existing]):
+        pass
+
+    shards: dict[str, str] = {}
+    for url in pool_urls:
+        shards.update(store.read_json(url[: -len(".bkt")] + ".json")["shards"])
+    selected_per_part = np.zeros(len(parts), np.int64)
+    for b in range(n_buckets if selected_urls else 0):  # an empty selection.parquet has no row group
+        for ordinal, count in store.read_json(join(join_dir, f"joined-{b:05d}.json"))["selected_per_part"].items():
+            selected_per_part[int(ordinal)] += count
+    selection_rows, selection_hash = 0, 0
+    for url in selected_urls:
+        info = store.read_json(url[: -len(".bkt")] + ".json")
+        selection_rows += info["rows"]
+        selection_hash = (selection_hash + int(info["hash_sum"])) % 2**64
+    samples = int(selected_per_part.sum())
+    if samples != selection_rows:  # the joins' own checks make this unreachable; a bug would show here
+        raise RuntimeError(f"the write plan holds {samples} samples, selected.parquet {selection_rows}")
+
+    existing_pieces = set(store.ls(plan_dir))
+    plan_remote = ray.remote(num_cpus=1)(plan_task)
+    refs = []
+    for g, group in enumerate(groups):
+        todo = {i: (parts[i].name, shards[str(i)]) for i in group
+                if selected_per_part[i] and parts[i].name + ".parquet" not in existing_pieces}
+        if todo:
+            refs.append(plan_remote.remote(store, join_dir, plan_dir, g, n_buckets, todo))
+    for _ in as_completed(refs):
+        pass
+
+    samples_per_shard = cfg.output.samples_per_shard
+    plan = {"parts": [p.name for p in parts], "selected_per_part": selected_per_part.tolist(),
+            "samples": samples, "samples_per_shard": samples_per_shard,
+            "output_shards": -(-samples // samples_per_shard), "hash_sum": str(selection_hash),
+            "buckets": n_buckets}
+    store.write_json(plan_url, plan)
+    store.rm(join_dir, recursive=True)
+    return plan
 
 
-def read_plan_shard(store: Store, url: str, index: int) -> dict[str, list]:
-    """Row group `index` of the plan: the rows of output shard `index`."""
-    import pyarrow.parquet as pq
+def read_plan_rows(store: Store, write_dir: str, plan: dict[str, Any], index: int) -> dict[str, list]:
+    """The plan rows of output shard `index` (:data:`PLAN_COLUMNS`), in output order."""
+    import pyarrow as pa
 
-    with store.open(url, "rb") as fh:
-        return pq.ParquetFile(fh).read_row_group(index).to_pydict()
+    size = plan["samples_per_shard"]
+    lo, hi = index * size, min((index + 1) * size, plan["samples"])
+    counts = np.asarray(plan["selected_per_part"], np.int64)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    pieces = []
+    for ordinal in np.flatnonzero((starts < hi) & (ends > lo) & (counts > 0)).tolist():
+        table = store.read_parquet(piece_url(join(write_dir, PLAN_DIR), plan["parts"][ordinal]))
+        if table.num_rows != counts[ordinal]:
+            raise RuntimeError(f"plan piece {plan['parts'][ordinal]} has {table.num_rows} rows, the plan "
+                               f"says {counts[ordinal]}")
+        first = max(lo, int(starts[ordinal])) - int(starts[ordinal])
+        last = min(hi, int(ends[ordinal])) - int(starts[ordinal])
+        pieces.append(table.slice(first, last - first))
+    if not pieces:
+        return {c: [] for c in PLAN_COLUMNS}
+    return pa.concat_tables(pieces).select(list(PLAN_COLUMNS)).to_pydict()

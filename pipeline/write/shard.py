@@ -1,87 +1,141 @@
-"""One output shard (runs in a Ray Data task): its plan rows → the original members read from the
-input shards through the same reader as the embed stage → a deterministic tar, then its metadata
-parquet (the shard's commit)."""
+"""One output shard (runs in a Ray Data task): its plan rows → the original samples read from the
+input shards through the same reader as the embed stage, found by **uid** (a key may repeat in a
+shard, and DataComp's keys say nothing about identity) → a deterministic tar, its img2dataset
+stats, then its metadata parquet (the shard's commit). And the per-shard integrity check."""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..config import JobConfig
-from ..formats.output import metadata_table, output_key, shard_committed, shard_name, shard_urls
+from ..formats.output import (
+    OutputLayout,
+    json_fields,
+    metadata_table,
+    output_key,
+    read_metadata_uids,
+    shard_stats,
+)
 from ..formats.tar import TarWriter
-from ..formats.webdataset import iter_shard_samples
+from ..formats.webdataset import Sample, iter_shard_samples
 from ..storage import Store
-from .plan import read_plan_shard
+from ..workdir import stage_dir
+from .plan import hash_sum, read_plan_rows
 
 log = logging.getLogger(__name__)
 
 
-def write_output_shard(store: Store, cfg: JobConfig, plan_url: str, index: int,
-                       shard_written: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Write output shard `index` from the plan's row group `index`; skip it when committed.
-    `shard_written(index)` runs after the tar is committed, before the metadata (a test hook)."""
-    tar_url, meta_url = shard_urls(cfg.output.url, index)
-    if shard_committed(store, cfg.output.url, index):
-        return {"index": index, "written": False, "samples": None}
-    plan = read_plan_shard(store, plan_url, index)
-    wanted = {(src, key): row for row, (src, key) in enumerate(zip(plan["source_shard"], plan["source_key"]))}
-    found: list[dict[str, bytes] | None] = [None] * len(plan["uid"])
+def layout_of(cfg: JobConfig) -> OutputLayout:
+    return OutputLayout(cfg.output.url, cfg.output.shard_name_width)
 
-    # the same reader as the embed stage, so both agree on what a sample, its key and uid are;
-    # Counter keeps the input shards in plan order, each once, with how many rows each still owes
-    for src, todo in Counter(plan["source_shard"]).items():
+
+def find_planned_samples(store: Store, cfg: JobConfig, rows: dict[str, list]) -> list[Sample | None]:
+    """The sample of each plan row, streaming each input shard once (in plan order) and stopping
+    when it owes no more. Matched by uid among the usable samples, exactly as the embed stage saw
+    them (same reader, same in-shard de-duplication); None where a sample is gone."""
+    found: list[Sample | None] = [None] * len(rows["uid"])
+    wanted: dict[str, dict[str, int]] = {}
+    for row, (src, uid) in enumerate(zip(rows["source_shard"], rows["uid"])):
+        wanted.setdefault(src, {})[uid] = row
+    for src, by_uid in wanted.items():
+        todo = len(by_uid)
         for sample in iter_shard_samples(store, src, cfg.input):
-            row = wanted.get((src, sample.key))
-            if row is None or found[row] is not None or sample.problem is not None:
+            row = by_uid.get(sample.uid) if sample.problem is None else None
+            if row is None or found[row] is not None:
                 continue
-            if sample.uid != plan["uid"][row]:
-                raise RuntimeError(f"{src} key {sample.key}: uid {sample.uid}, the embed stage saw "
-                                   f"{plan['uid'][row]} (was the pool changed after the embed stage?)")
-            found[row] = sample.members
+            if sample.key != rows["source_key"][row]:
+                raise RuntimeError(f"{src}: uid {sample.uid} is under key {sample.key}, the embed stage saw it under "
+                                   f"{rows['source_key'][row]} (was the pool changed after the embed stage?)")
+            found[row] = sample
             todo -= 1
             if todo == 0:
                 break
-    missing = [plan["uid"][r] for r in range(len(found)) if found[r] is None]
+    return found
+
+
+def write_output_shard(store: Store, cfg: JobConfig, plan: dict[str, Any], index: int,
+                       shard_written: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write output shard `index` from its plan rows; skip it when committed.
+    `shard_written(index)` runs after the tar is committed, before the metadata (a test hook)."""
+    layout = layout_of(cfg)
+    if layout.committed(store, index):
+        return {"index": index, "written": False, "samples": None}
+    rows = read_plan_rows(store, stage_dir(cfg.workdir, "write"), plan, index)
+    found = find_planned_samples(store, cfg, rows)
+    missing = [rows["uid"][r] for r, sample in enumerate(found) if sample is None]
     if missing:
         raise RuntimeError(
-            f"output shard {shard_name(index)}: {len(missing)} selected samples are no longer in their input "
+            f"output shard {layout.name(index)}: {len(missing)} selected samples are no longer in their input "
             f"shards, e.g. uids {missing[:5]} (was the pool changed after the embed stage?)"
         )
 
-    captions = []
-    cap_ext = cfg.input.caption_ext
+    meta: dict[str, list] = {c: [] for c in ("text", "url", "original_width", "original_height", "sha256")}
+    cap_ext = cfg.input.caption_ext.lower()
     with tempfile.TemporaryDirectory(prefix="d2prune-write-") as tmp:
-        path = os.path.join(tmp, shard_name(index) + ".tar")
+        path = os.path.join(tmp, layout.name(index) + ".tar")
         with TarWriter(path) as tar:
-            for row, members in enumerate(found):
-                key = output_key(plan["uid"][row])
+            for uid, sample in zip(rows["uid"], found):
+                key = output_key(uid)
                 caption = None
-                for ext, data in members.items():  # tar order of the input
+                for ext, data in sample.members.items():  # tar order of the input, original bytes
                     tar.add(f"{key}.{ext}", data)
-                    if ext == cap_ext and caption is None:
+                    if ext.lower() == cap_ext and caption is None:
                         caption = data.decode("utf-8", errors="replace")
-                captions.append(caption)
-        store.write_local_file(tar_url, path)
+                meta["text"].append(caption)
+                for name, value in json_fields(sample.meta).items():
+                    meta[name].append(value)
+        store.write_local_file(layout.tar(index), path)
     if shard_written is not None:
         shard_written(index)
-    store.write_parquet(meta_url, metadata_table(plan["uid"], captions, plan["clip_score"], plan["rank"],
-                                                 plan["source_shard"], plan["source_key"]))
+    store.write_json(layout.stats(index), shard_stats(len(found)))
+    store.write_parquet(layout.metadata(index), metadata_table({
+        "uid": rows["uid"], **meta, "clip_score": rows["clip_score"], "rank": rows["rank"],
+        "source_shard": rows["source_shard"], "source_key": rows["source_key"]}))
     return {"index": index, "written": True, "samples": len(found)}
 
 
-def write_shard_row(row: dict[str, Any], store: Store, cfg: JobConfig, plan_url: str,
+def write_shard_row(row: dict[str, Any], store: Store, cfg: JobConfig, plan: dict[str, Any],
                     shard_written: Callable[[int], None] | None) -> dict[str, Any]:
     """The Ray Data map over output shard indices. A failed shard is reported, not raised: the
     other shards still get written (a re-run has less left to do) and the driver raises one clear
     error naming the failed shards."""
     index = int(row["index"])
     try:
-        result = write_output_shard(store, cfg, plan_url, index, shard_written)
+        result = write_output_shard(store, cfg, plan, index, shard_written)
         return {"index": index, "written": result["written"], "error": ""}
     except Exception as err:  # noqa: BLE001 - turned into the stage's error by the driver
-        log.error("output shard %s failed: %s: %s", shard_name(index), type(err).__name__, err)
+        log.error("output shard %s failed: %s: %s", layout_of(cfg).name(index), type(err).__name__, err)
         return {"index": index, "written": False, "error": f"{type(err).__name__}: {err}"}
+
+
+def check_shards(store: Store, cfg: JobConfig, plan: dict[str, Any], indices: list[int]) -> list[dict[str, Any]]:
+    """The integrity check of output shards `indices` (a Ray task): each shard's metadata holds
+    exactly its planned uids, each once, and its stats say as many samples. Returns per shard its
+    count, uid hash sum and problems (empty when it is right)."""
+    layout = layout_of(cfg)
+    write_dir = stage_dir(cfg.workdir, "write")
+    out = []
+    for index in indices:
+        planned = read_plan_rows(store, write_dir, plan, index)["uid"]
+        written = read_metadata_uids(store, layout, index)
+        successes = store.read_json(layout.stats(index)).get("successes")
+        problems = []
+        seen: set[str] = set()
+        twice = [u for u in written if u in seen or seen.add(u)]
+        missing = sorted(set(planned) - seen)
+        extra = sorted(seen - set(planned))
+        if missing:
+            problems.append(f"missing {len(missing)} {missing[:5]}")
+        if extra:
+            problems.append(f"extra {len(extra)} {extra[:5]} (not planned for this shard)")
+        if twice:
+            problems.append(f"written twice {len(twice)} {twice[:5]}")
+        if successes != len(written):
+            problems.append(f"{layout.name(index)}_stats.json says {successes} samples, the metadata has {len(written)}")
+        out.append({"index": index, "samples": len(written), "hash_sum": str(hash_sum(written)),
+                    "problems": problems})
+    return out

@@ -1,17 +1,20 @@
-"""The write stage: the selected samples, byte for byte, as new WebDataset shards (layout:
-:mod:`pipeline.formats.output`).
+"""The write stage: the selected samples, byte for byte, as new WebDataset shards in img2dataset's
+layout (:mod:`pipeline.formats.output`).
 
-Determinism: the shard plan is fixed before anything is written (:mod:`.plan`); tar headers carry
-fixed metadata (:class:`~pipeline.formats.tar.TarWriter`), so a shard written twice is identical
-byte for byte.
+Determinism: the shard plan is fixed before anything is written (:mod:`.plan`, built by Ray tasks
+over the committed parts); tar headers carry fixed metadata
+(:class:`~pipeline.formats.tar.TarWriter`), so a shard written twice is identical byte for byte.
 
-Resume: a shard is committed when its ``.parquet`` exists (the ``.tar`` is committed before it,
-each by an atomic write), and a re-run writes only shards that are not. Output shards are produced
-by Ray Data (one row per output shard, mapped by a task that streams its input shards,
-:mod:`.shard`).
+Resume: a shard is committed when its ``.parquet`` exists (its ``.tar`` and ``_stats.json`` are
+committed before it, each by an atomic write), and a re-run writes only shards that are not.
+Output shards are produced by Ray Data (one row per output shard, mapped by a task that streams
+its input shards and picks its samples by uid, :mod:`.shard`).
 
-Integrity check (always, also when resuming): the output shards' metadata together hold exactly
-the selected uids, each once; otherwise an error names the missing / extra / repeated uids.
+Integrity check (always, also when resuming; Ray tasks over the output shards, the driver only
+adds counts): every output shard's metadata holds exactly the uids the plan gives it, each once,
+and its stats agree; the plan itself holds every selected uid exactly once (checked while it is
+built); the sums of the uid hashes of the written shards and of the selection agree. Otherwise an
+error names the shard and the missing / extra / repeated uids.
 """
 
 from __future__ import annotations
@@ -22,61 +25,63 @@ from typing import Any
 
 from ..config import JobConfig
 from ..errors import StaleStageError
-from ..formats.output import OUTPUT_PLAN, STATS, missing_shards, read_metadata_uids, shard_name, shards_dir
-from ..runtime import init_ray
+from ..formats.output import OUTPUT_PLAN, SIZES, STATS
+from ..runtime import as_completed, init_ray
 from ..stage import Stage, StageContext
 from ..storage import Store, join
 from ..summary import summarize
 from ..workdir import read_stats, stage_dir
-from .plan import PLAN, build_plan, write_plan
-from .shard import write_shard_row
+from .plan import build_plan
+from .shard import check_shards, layout_of, write_shard_row
 
 log = logging.getLogger(__name__)
+
+CHECK_SHARDS_PER_TASK = 16
 
 
 def settings(cfg: JobConfig) -> dict[str, Any]:
     return {"output": cfg.output.model_dump()}
 
 
-def check_output(store: Store, cfg: JobConfig, n_shards: int, expected_uids: list[str]) -> dict[str, Any]:
-    """Every output shard committed; together they hold the selected uids exactly once each."""
-    import pandas as pd
+def check_output(store: Store, cfg: JobConfig, plan: dict[str, Any]) -> dict[str, Any]:
+    """Every output shard committed and holding exactly its planned uids (Ray tasks, a batch of
+    shards each); the written uids' hash sum equals the selection's."""
+    import ray
 
-    uncommitted = [shard_name(i) for i in missing_shards(store, cfg.output.url, n_shards)]
+    layout = layout_of(cfg)
+    n_shards = plan["output_shards"]
+    uncommitted = [layout.name(i) for i in layout.missing(store, n_shards)]
     if uncommitted:
         raise RuntimeError(f"output shards not committed: {uncommitted[:10]} ({len(uncommitted)} in all)")
-    uids: list[str] = []
-    per_shard = []
-    for index in range(n_shards):
-        part = read_metadata_uids(store, cfg.output.url, index)
-        per_shard.append(len(part))
-        uids.extend(part)
-    written = pd.Series(uids, dtype=object)
-    repeated = written[written.duplicated()].unique().tolist()
-    expected = set(expected_uids)
-    got = set(uids)
-    missing = sorted(expected - got)
-    extra = sorted(got - expected)
-    if repeated or missing or extra or len(uids) != len(expected_uids):
-        raise RuntimeError(
-            f"integrity check failed in {shards_dir(cfg.output.url)}: {len(uids)} samples written, "
-            f"{len(expected_uids)} selected; missing {len(missing)} {missing[:5]}, extra {len(extra)} {extra[:5]}, "
-            f"written twice {len(repeated)} {repeated[:5]}"
-        )
-    return {"samples": len(uids), "shards": n_shards, "per_shard_min": min(per_shard, default=0),
-            "per_shard_max": max(per_shard, default=0)}
+    check_remote = ray.remote(num_cpus=1)(check_shards)
+    batches = [list(range(lo, min(lo + CHECK_SHARDS_PER_TASK, n_shards)))
+               for lo in range(0, n_shards, CHECK_SHARDS_PER_TASK)]
+    results = sorted((r for done in as_completed([check_remote.remote(store, cfg, plan, b) for b in batches])
+                      for r in done), key=lambda r: r["index"])
+    samples = sum(r["samples"] for r in results)
+    written_hash = sum(int(r["hash_sum"]) for r in results) % 2**64
+    bad = [f"shard {layout.name(r['index'])}: " + "; ".join(r["problems"]) for r in results if r["problems"]]
+    if not bad and (samples != plan["samples"] or str(written_hash) != plan["hash_sum"]):
+        bad.append(f"the shards hold {samples} samples with uid hash sum {written_hash}, the selection "
+                   f"{plan['samples']} with {plan['hash_sum']}")
+    if bad:
+        raise RuntimeError(f"integrity check failed in {layout.shards_dir}: {len(bad)} problem(s): "
+                           + " | ".join(bad[:5]))
+    return {"samples": samples, "shards": n_shards,
+            "sizes": {layout.name(r["index"]) + ".tar": r["samples"] for r in results}}
 
 
 def clear_output(cfg: JobConfig, store: Store) -> None:
     """Remove what this stage writes under output.url (only its own files; used by --force-from)."""
-    store.rm(shards_dir(cfg.output.url), recursive=True)
+    store.rm(layout_of(cfg).shards_dir, recursive=True)
     for name in (OUTPUT_PLAN, STATS):
         store.rm(join(cfg.output.url, name))
 
 
 def missing_outputs(cfg: JobConfig, store: Store, stats: dict[str, Any]) -> list[str]:
     """Output shards of a committed write stage that are gone (the stage then writes them again)."""
-    return [shard_name(i) for i in missing_shards(store, cfg.output.url, int(stats.get("output_shards", 0)))]
+    layout = layout_of(cfg)
+    return [layout.name(i) for i in layout.missing(store, int(stats.get("output_shards", 0)))]
 
 
 def _claim_output(store: Store, cfg: JobConfig, fingerprint: str) -> None:
@@ -89,67 +94,62 @@ def _claim_output(store: Store, cfg: JobConfig, fingerprint: str) -> None:
                 f"{cfg.output.url} holds the output of another job or other settings (fingerprint "
                 f"{owner.get('fingerprint')} != {fingerprint}); rerun with --force-from write or use another output.url"
             )
-    elif store.ls(shards_dir(cfg.output.url)):
+    elif store.ls(layout_of(cfg).shards_dir):
         raise StaleStageError(
-            f"{shards_dir(cfg.output.url)} already holds files not written by this job; use an empty output.url"
+            f"{layout_of(cfg).shards_dir} already holds files not written by this job; use an empty output.url"
         )
 
 
 def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     """Write the selected samples as new WebDataset shards under output.url (module docstring)."""
-    plan_url = join(stage_dir(cfg.workdir, "write"), PLAN)
+    layout = layout_of(cfg)
     out_plan_url = join(cfg.output.url, OUTPUT_PLAN)
     started = time.perf_counter()
     _claim_output(store, cfg, ctx.fingerprint)
-
-    if store.exists(plan_url):  # resuming: the plan fixed by an earlier run
-        uids = store.read_parquet(plan_url, columns=["uid"]).column("uid").to_pylist()
-    else:
-        plan = build_plan(store, cfg)
-        write_plan(store, plan_url, plan, cfg.output.samples_per_shard)
-        uids = plan.column("uid").to_pylist()
-    n_samples = len(uids)
-    n_shards = -(-n_samples // cfg.output.samples_per_shard)
+    init_ray(cfg.ray)
+    plan = build_plan(store, cfg)  # the one fixed by an earlier run when resuming
+    n_samples, n_shards = plan["samples"], plan["output_shards"]
     if not store.exists(out_plan_url):
         store.write_json(out_plan_url, {"fingerprint": ctx.fingerprint, "workdir": cfg.workdir,
                                         "output_shards": n_shards, "samples": n_samples})
 
-    pending = missing_shards(store, cfg.output.url, n_shards)
+    pending = layout.missing(store, n_shards)
     log.info("write: %d samples into %d shards (%d already committed)", n_samples, n_shards, n_shards - len(pending))
     written = 0
     if pending:
         import ray
 
-        init_ray(cfg.ray)
         ds = ray.data.from_items([{"index": i} for i in pending], override_num_blocks=len(pending)).map(
             write_shard_row, num_cpus=1,
-            fn_kwargs={"store": store, "cfg": cfg, "plan_url": plan_url, "shard_written": ctx.hooks.shard_written})
+            fn_kwargs={"store": store, "cfg": cfg, "plan": plan, "shard_written": ctx.hooks.shard_written})
         results = sorted(ds.take_all(), key=lambda r: r["index"])
         written = sum(1 for r in results if r["written"])
         failed = [r for r in results if r["error"]]
         if failed:
             raise RuntimeError(
                 f"{len(failed)} of {len(pending)} output shards failed ({written} written, committed and kept "
-                f"for a re-run); first: shard {shard_name(failed[0]['index'])}: {failed[0]['error']}"
+                f"for a re-run); first: shard {layout.name(failed[0]['index'])}: {failed[0]['error']}"
             )
 
-    check = check_output(store, cfg, n_shards, uids)
+    check = check_output(store, cfg, plan)
+    if n_shards:  # the shard table DataComp's resharder and open_clip read instead of every _stats.json
+        store.write_json(join(layout.shards_dir, SIZES), check["sizes"])
     stats = {
         "output_url": cfg.output.url,
-        "shards_url": shards_dir(cfg.output.url),
+        "shards_url": layout.shards_dir,
         "output_shards": n_shards,
         "samples_written": check["samples"],
         "samples_per_shard": cfg.output.samples_per_shard,
         "shards_written_this_run": written,
         "shards_reused": n_shards - written,
-        "per_shard": {"min": check["per_shard_min"], "max": check["per_shard_max"]},
+        "per_shard": {"min": min(check["sizes"].values(), default=0), "max": max(check["sizes"].values(), default=0)},
         "integrity": "ok: every selected uid written exactly once",
         "seconds": round(time.perf_counter() - started, 3),
     }
     upstream = {s: read_stats(store, stage_dir(cfg.workdir, s)) for s in ("embed", "select")}
     store.write_json(join(cfg.output.url, STATS), {**stats, "job": summarize({**upstream, "write": stats}),
                                                    "select": _extract(upstream["select"], SELECT_KEYS)})
-    log.info("write stage: %d samples in %d shards under %s", check["samples"], n_shards, shards_dir(cfg.output.url))
+    log.info("write stage: %d samples in %d shards under %s", check["samples"], n_shards, layout.shards_dir)
     return stats
 
 
