@@ -315,6 +315,14 @@ class JobConfig(_Section):
         return value.rstrip("/")
 
     @model_validator(mode="after")
+    def _missing_shards_need_the_model_encoder(self) -> "JobConfig":
+        # the precomputed join reads every shard in its own tasks and has no "missing" part to commit
+        if self.input.allow_missing_shards and self.embed.encoder == "precomputed":
+            raise ValueError("input.allow_missing_shards is supported with embed.encoder 'open_clip' only (the "
+                             "precomputed join needs every shard)")
+        return self
+
+    @model_validator(mode="after")
     def _locations_do_not_overlap(self) -> "JobConfig":
         # The write stage owns output.url (it refuses foreign files there and --force-from write
         # empties it), the stages own the workdir's folders (--force-from removes them), and nothing

@@ -203,3 +203,10 @@ def test_checkpoint_of_another_architecture_is_a_config_error(tmp_path, small_po
     line = _last_error_line(capsys)
     assert f"embed.pretrained {checkpoint} does not fit embed.model d2prune-tiny: size mismatch for" in line
     assert not list((tmp_path / "work" / "embeddings").glob("part-*"))
+
+
+def test_allow_missing_shards_is_refused_with_the_precomputed_encoder():
+    raw = {"workdir": "/tmp/w", "input": {"shards": "/tmp/p/{00000..00001}.tar", "allow_missing_shards": True},
+           "output": {"url": "/tmp/o"}, "embed": {"encoder": "precomputed", "precomputed": {"metadata": "/tmp/m/x.parquet"}}}
+    with pytest.raises(ConfigError, match="input.allow_missing_shards is supported with embed.encoder 'open_clip' only"):
+        config_from_dict(raw)
