@@ -417,8 +417,7 @@ def _format_error(err: ValidationError, source: str, overrides: list[str] | None
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{loc}'{origin}")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc}: {msg}{origin}" if e["loc"] else f"  {msg}")
+            lines.append(f"  {loc}: {e['msg']}{origin}" if e["loc"] else f"  {e['msg']}")
     return "\n".join(lines)
 
 

@@ -303,11 +303,25 @@ def test_repeated_keys_are_separate_samples_in_the_embed_stage(repeated_keys_job
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="needs the write stage's uid lookup (issue 12)")
 def test_repeated_keys_through_the_whole_job(repeated_keys_job):
+    """Every sample of a shard with repeated keys is written, each with its own original bytes (the
+    write stage finds samples by uid; by (shard, key) it failed on every rerun)."""
     from pipeline.job import run_job
 
     tmp, manifest, config = repeated_keys_job
-    run_job(config)  # on this branch: the write stage looks samples up by (shard, key) and fails
-    written = Store().read_json(str(tmp / "out" / "_stats.json"))
+    run_job(config)
+    store = Store()
+    written = store.read_json(str(tmp / "out" / "_stats.json"))
     assert written["samples_written"] == manifest.n_kept and written["integrity"].startswith("ok")
+    originals = {s.uid: s.members for s in iter_shard_samples(store, manifest.shards[0], CORPUS) if s.problem is None}
+    copies = {}
+    for path in sorted((tmp / "out").rglob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                copies.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    by_uid = {json.loads(m["json"])["uid"] if "json" in m else None: m for m in copies.values()}
+    for uid, members in originals.items():
+        if "json" in members:  # n1 has no json: its copy is matched by its caption and image below
+            assert {ext: by_uid[uid][ext] for ext in members} == members
+    assert sorted(m["png"] for m in copies.values()) == sorted(m["png"] for m in originals.values())
