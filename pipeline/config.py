@@ -5,7 +5,15 @@ errors that name the key (pydantic ``extra="forbid"``), so a typo never silently
 default. ``--set section.key=value`` overrides are applied before validation.
 
 Every rule that involves several fields is a validator here, so a config that cannot work fails
-when it is loaded, before any work (exit 2). Which settings each stage's output depends on is
+when it is loaded, before any work (exit 2).
+
+Relative local paths (workdir, input shards, checkpoint, ...: :data:`PATH_FIELDS`) are resolved
+when the config is loaded, before anything is submitted: a config file's own values against the
+directory of the file itself (symlinks followed, so ``configs/demo.yaml`` -> ``pipeline/demo/``),
+``--set`` values and configs built from a dict against the current directory. A config read from
+a URL has no directory a path could be relative to on every machine: a relative local path in it
+is refused (exit 2). On a cluster, a Ray worker's current directory is a per-node copy of the
+job's working dir, so an unresolved relative path would point at a different place on every node. Which settings each stage's output depends on is
 declared by the stage itself (:mod:`pipeline.stage`), not here.
 """
 
@@ -14,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,7 +152,18 @@ class EmbedConfig(_Section):
         "under `model` before loading: how small custom architectures are used.",
     )
     batch_size: int = Field(256, gt=0, description="Images per model forward.")
-    num_actors: int = Field(1, gt=0, description="Embedding actors (model replicas) in the actor pool.")
+    num_actors: int = Field(
+        1, gt=0, description="Most embedding actors (model replicas) in the actor pool; fewer when the cluster "
+        "has not the CPUs/GPUs for them and `reader_cpus` (the pool scales between min_actors and this)."
+    )
+    min_actors: int = Field(
+        1, gt=0, description="Fewest actors the pool scales down to. Idle actors above it are released, so "
+        "after a node loss the pool can shrink and give its CPUs back to the readers."
+    )
+    reader_cpus: float = Field(
+        1, gt=0, description="CPUs the actor pool always leaves to the read/decode tasks (the pool is sized so "
+        "they stay free); without them the stream starves while the actors wait for input."
+    )
     num_gpus_per_actor: float = Field(
         -1, description="GPUs per actor; -1 = 1 when the cluster has GPUs, else 0 (CPU fallback)."
     )
@@ -158,6 +176,13 @@ class EmbedConfig(_Section):
         "auto", description="auto = bf16 autocast on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
     )
     precomputed: PrecomputedConfig | None = Field(None, description="Required when encoder = precomputed.")
+
+    @model_validator(mode="after")
+    def _actor_bounds(self) -> "EmbedConfig":
+        if self.min_actors > self.num_actors:
+            raise ValueError(f"embed.min_actors ({self.min_actors}) is larger than embed.num_actors "
+                             f"({self.num_actors}), the most actors the pool may have")
+        return self
 
     @model_validator(mode="after")
     def _precomputed_needs_paths(self) -> "EmbedConfig":
@@ -290,10 +315,26 @@ class OutputConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = Field(
-        None, description="Ray cluster address; null = RAY_ADDRESS if set, else an embedded local Ray."
+        None, description="Ray cluster address, used when neither --address nor RAY_ADDRESS (set by `ray job "
+        "submit` and KubeRay for the job's own cluster) is given; null = an embedded local Ray."
     )
-    num_cpus: int | None = Field(None, gt=0, description="CPUs for an embedded local Ray; null = all.")
-    object_store_memory: int | None = Field(None, gt=0, description="Object store bytes for an embedded local Ray.")
+    num_cpus: int | None = Field(
+        None, gt=0, description="CPUs for an embedded local Ray; null = all. Ignored on a cluster (logged)."
+    )
+    object_store_memory: int | None = Field(
+        None, gt=0, description="Object store bytes for an embedded local Ray. Ignored on a cluster (logged)."
+    )
+
+
+class JobSection(_Section):
+    """How the job as a whole behaves (the ``job`` section)."""
+
+    stall_timeout_s: float | None = Field(
+        1800, gt=0, description="A stage that commits no part and makes no progress (no finished Ray task, no "
+        "embedded batch) for this long fails with exit 1, naming what it waited for, so a scheduler retries "
+        "(the retry resumes). Set it above the longest single step (the embed actors' start-up and model load, "
+        "IVF training on one worker, one select partition); null = wait forever."
+    )
 
 
 class JobConfig(_Section):
@@ -306,6 +347,7 @@ class JobConfig(_Section):
     select: SelectConfig = Field(default_factory=SelectConfig)
     output: OutputConfig
     ray: RayConfig = Field(default_factory=RayConfig)
+    job: JobSection = Field(default_factory=JobSection)
 
     @field_validator("workdir")
     @classmethod
@@ -421,10 +463,57 @@ def _format_error(err: ValidationError, source: str, overrides: list[str] | None
     return "\n".join(lines)
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> JobConfig:
+# Fields that hold local paths or URLs (dotted; a value is a string or a list of strings).
+PATH_FIELDS = ("workdir", "input.shards", "embed.pretrained", "embed.model_config_path",
+               "embed.precomputed.metadata", "embed.precomputed.embeddings", "select.score_file", "output.url")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _is_relative_local(field: str, value: str) -> bool:
+    if "://" in value or os.path.isabs(os.path.expanduser(value)):
+        return False
+    if field == "embed.pretrained":
+        # an open_clip tag ('laion2b_s34b_b79k', 'openai') is a name, not a path
+        return "/" in value or value.endswith(_CHECKPOINT_SUFFIXES)
+    return True
+
+
+def resolve_paths(raw: dict[str, Any], base_dir: str | None, source: str) -> dict[str, Any]:
+    """Make the relative local paths of a raw config absolute against `base_dir` (in place); with
+    no `base_dir` (a config read from a URL) a relative local path is a ConfigError naming it."""
+    for field in PATH_FIELDS:
+        *sections, key = field.split(".")
+        node: Any = raw
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(key), (str, list)):
+            continue
+        values = node[key] if isinstance(node[key], list) else [node[key]]
+        resolved = []
+        for value in values:
+            if isinstance(value, str) and value.strip() and _is_relative_local(field, value):
+                if base_dir is None:
+                    raise ConfigError(
+                        f"invalid config {source}: {field}={value!r} is a relative path, but the config was read "
+                        "from a URL, so there is no directory it could be relative to on every machine: give an "
+                        "absolute path on a filesystem every node shares, or a URL (s3://...)"
+                    )
+                value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+            elif isinstance(value, str) and value.startswith("~"):
+                value = os.path.expanduser(value)
+            resolved.append(value)
+        node[key] = resolved if isinstance(node[key], list) else resolved[0]
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None,
+                     base_dir: str | None = None) -> JobConfig:
+    """Validate a raw config. Its relative local paths are resolved against `base_dir` (default:
+    the current directory), those of `overrides` against the current directory."""
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {source}: top level must be a mapping, got {type(raw).__name__}")
-    raw = apply_overrides(json.loads(json.dumps(raw)), overrides)
+    raw = resolve_paths(json.loads(json.dumps(raw)), base_dir or os.getcwd(), source)
+    raw = resolve_paths(apply_overrides(raw, overrides), os.getcwd(), source)
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:
@@ -432,8 +521,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: lis
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    """Load a YAML config from a local path or any fsspec URL, apply overrides, validate."""
+    """Load a YAML config from a local path or any fsspec URL, resolve its relative paths (module
+    docstring), apply overrides, validate."""
     import fsspec
+    from fsspec.core import split_protocol
 
     path = str(path)
     try:
@@ -445,4 +536,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
-    return config_from_dict(raw if raw is not None else {}, source=path, overrides=overrides)
+    raw = raw if raw is not None else {}
+    protocol, local = split_protocol(path)
+    base_dir = None
+    if protocol in (None, "file", "local"):
+        base_dir = os.path.dirname(os.path.realpath(local))  # the file itself, symlinks followed
+    elif isinstance(raw, dict):
+        resolve_paths(raw, None, path)  # a relative local path in a config from a URL: refused
+    return config_from_dict(raw, source=path, overrides=overrides, base_dir=base_dir)

@@ -3,7 +3,7 @@
 | code | exception | meaning | what a scheduler / user does |
 |---|---|---|---|
 | 0 | - | done | - |
-| 1 | anything else | the job failed (I/O, a node lost, a bug) | retry: every stage resumes from what it committed |
+| 1 | anything else | the job failed (I/O, a node lost, a bug; :class:`StallError`: no progress for ``job.stall_timeout_s``) | retry: every stage resumes from what it committed |
 | 2 | :class:`ConfigError`, :class:`UsageError` | the config, the arguments or an input location cannot work | fix the config; a retry gives the same answer |
 | 3 | :class:`StaleStageError` | committed output was made with other settings | ``--force-from STAGE`` or another workdir |
 | 4 | :class:`PreconditionError` | an earlier stage is not committed (``d2prune select`` before ``graph``) | run the earlier stage (``d2prune run``) |
@@ -37,6 +37,11 @@ class StaleStageError(RuntimeError):
 
 class PreconditionError(RuntimeError):
     """A stage was asked to run before the stage it reads from was committed."""
+
+
+class StallError(RuntimeError):
+    """A stage committed nothing and made no progress for ``job.stall_timeout_s`` (exit 1: a retry
+    resumes; :mod:`pipeline.watchdog`)."""
 
 
 class LeaseHeldError(RuntimeError):

@@ -3,6 +3,7 @@
 
     cfg = load_config(path, overrides)        # every rule checked: a bad config never starts (exit 2)
     check_locations(cfg, store)               # buckets and folders exist, nothing written (exit 2)
+    check_cluster_paths(cfg, store)           # multi-node: every local path the same on every node (exit 2)
     check_first_inputs(...)                   # every shard a tar, the checkpoint readable (exit 2)
     lease = acquire(store, cfg.workdir)       # one job per workdir (exit 5), released at the end
     fingerprints = fingerprints(cfg, STAGES)  # once per job
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from .embed.stage import STAGE as EMBED
 from .errors import LeaseHeldError, UsageError
 from .graph.stage import STAGE as GRAPH
 from .lease import Lease, acquire, describe, holder
+from .runtime import check_cluster_paths, init_ray
 from .select.stage import STAGE as SELECT
 from .stage import Hooks, Stage, StageContext, fingerprints, run_stage
 from .storage import Store, join
@@ -117,7 +120,7 @@ def _guarded(hooks: Hooks, lease: Lease | None) -> Hooks:
         if inner is not None:
             inner(stage, index)
 
-    return Hooks(part_committed=part_committed, shard_written=hooks.shard_written)
+    return dataclasses.replace(hooks, part_committed=part_committed)
 
 
 def check_first_inputs(cfg: JobConfig, store: Store, names: list[str], force: str | None = None) -> set[str]:
@@ -232,9 +235,10 @@ def run_job(config: str, overrides: list[str] | None = None, force: str | None =
     workdir's lease is taken (:mod:`pipeline.lease`) and held until the job ends (its report
     included), also when it fails."""
     cfg = load_config(config, overrides)
-    if address:
-        cfg.ray.address = address
     store = Store(cfg.storage)
+    if address:  # --address joins now: it wins over RAY_ADDRESS and ray.address (runtime.cluster_address)
+        init_ray(cfg.ray, address)
+    check_cluster_paths(cfg, store, address)  # local paths a multi-node cluster cannot see: exit 2, before any work
     names = stages or list(STAGE_NAMES)
     with leased(cfg, store, names, force, command or f"run_job({config})") as (lease, checked):
         results = run_stages(cfg, store, names, hooks, lease, checked)

@@ -1,50 +1,82 @@
 """Ray at the edges: start-up (the same code on a laptop and a cluster) and the one place the
 stages ask Ray what they may use.
 
-* :func:`init_ray`: an embedded local Ray, or the cluster at ``--address`` / ``ray.address`` /
-  ``RAY_ADDRESS``.
+* :func:`init_ray`: an embedded local Ray, or the cluster at ``--address`` / ``RAY_ADDRESS`` /
+  ``ray.address`` (in that order), saying in the log which settings are used and which ignored.
 * :func:`resources`: CPUs and GPUs of the cluster and of its largest node (a one-worker step such
   as IVF training or the index merge takes a whole node's cores).
 * :func:`task_cpus`: inside a task, the CPUs Ray reserved for it (threads to use, so concurrent
   tasks on a node do not oversubscribe its cores).
 * :func:`as_completed`: results of tasks in completion order (drivers never rely on submission
-  order for anything but scheduling).
+  order for anything but scheduling); each result is progress for the stall detector.
+* :func:`on_every_node`: a small function once on every alive node (what the per-node checks and
+  cleanups below are made of): :func:`check_cluster_paths` (local paths a multi-node cluster
+  cannot see are refused before any work), :func:`unseen_paths`, :func:`clear_node_caches`.
+* :func:`ship_file`: a driver-local file (a checkpoint) through the object store into each node's
+  cache, for clusters whose nodes do not share the driver's filesystem.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from .config import RayConfig
+from .config import JobConfig, RayConfig
+from .errors import ConfigError
+from .storage import Store, expand_urls, is_local, node_local_files
+from .watchdog import beat
 
 log = logging.getLogger(__name__)
 
 
+def cluster_address(ray_cfg: RayConfig, address: str | None = None) -> tuple[str | None, str]:
+    """The cluster to join and where that came from: ``--address``, then ``RAY_ADDRESS`` (what
+    `ray job submit` and KubeRay set for the cluster the job was submitted to), then
+    ``ray.address``; (None, ...) = an embedded local Ray."""
+    if address:
+        return address, "--address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if ray_cfg.address:
+        return ray_cfg.address, "ray.address in the config"
+    return None, "no --address, RAY_ADDRESS or ray.address"
+
+
 def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
-    """Connect to a cluster when an address is given (argument, config, or RAY_ADDRESS), else start a
-    local Ray. Idempotent: an already initialised Ray is reused."""
+    """Join the cluster of :func:`cluster_address`, else start an embedded local Ray, and say in
+    the log which ``ray`` settings are used and which are ignored. Idempotent: an already
+    initialised Ray is reused."""
     import ray
 
     if ray.is_initialized():
         return ray
     ray_cfg = ray_cfg or RayConfig()
-    address = address or ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    address, source = cluster_address(ray_cfg, address)
+    local_only = {f"ray.{k}": getattr(ray_cfg, k) for k in ("num_cpus", "object_store_memory") if getattr(ray_cfg, k)}
     if address:
         ray.init(address=address, log_to_driver=True)
-        log.info("joined Ray cluster at %s", address)
+        log.info("joined the Ray cluster at %s (from %s): %s", address, source, describe_cluster())
+        if ray_cfg.address and ray_cfg.address != address:
+            log.info("ray.address=%s in the config is ignored: %s wins", ray_cfg.address, source)
+        if local_only:
+            log.info("%s ignored: they size an embedded local Ray; a cluster's nodes have their own "
+                     "(ray start --num-cpus / --object-store-memory)",
+                     ", ".join(f"{k}={v}" for k, v in local_only.items()))
     else:
         # address="local": always a new embedded Ray, never a `ray start` cluster that happens to
         # run on this machine (plain ray.init() would join it, and then refuse num_cpus)
-        kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": True}
+        kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "log_to_driver": True}
         if ray_cfg.num_cpus:
             kwargs["num_cpus"] = ray_cfg.num_cpus
         if ray_cfg.object_store_memory:
             kwargs["object_store_memory"] = ray_cfg.object_store_memory
         ray.init(**kwargs)
-        log.info("started embedded local Ray with %s", ray.cluster_resources())
+        log.info("started an embedded local Ray (%s) with %s; used: %s", source, ray.cluster_resources(),
+                 ", ".join(f"{k}={v}" for k, v in local_only.items()) or "the machine's defaults")
         _watch_embedded_ray()
     return ray
 
@@ -70,21 +102,55 @@ def _watch_embedded_ray() -> None:
         _WATCHDOGS.append(watchdog)
 
 
+def describe_cluster() -> str:
+    """Nodes and resources now, for logs and the stall error ('' before Ray is started)."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    nodes = ray.nodes()
+    alive = [n for n in nodes if n.get("Alive")]
+    total, free = ray.cluster_resources(), ray.available_resources()
+    text = (f"{len(alive)} alive node(s) ({len(nodes) - len(alive)} lost), "
+            f"CPU {free.get('CPU', 0):g} free of {total.get('CPU', 0):g}")
+    if total.get("GPU"):
+        text += f", GPU {free.get('GPU', 0):g} free of {total.get('GPU', 0):g}"
+    return text
+
+
 @dataclass(frozen=True)
 class Resources:
-    cpus: float  # the whole cluster's
+    cpus: float  # the whole cluster's, now
     gpus: float
     max_node_cpus: int  # the largest live node's (>= 1)
+    # what the cluster's autoscaler may add up to (its node groups' max counts x resources: a
+    # KubeRay GPU group at minReplicas 0); equal to the above without an autoscaler
+    possible_cpus: float = 0.0
+    possible_gpus: float = 0.0
+
+
+def _autoscaler_maxima() -> dict[str, float]:
+    """The autoscaler's declared maximum resources ({} without an autoscaler, or when this Ray
+    cannot say: a private API, used only to not miss GPUs that are not up yet)."""
+    try:
+        from ray._private.state import state
+
+        return {k: float(v) for k, v in (state.get_max_resources_from_cluster_config() or {}).items()}
+    except Exception as err:  # noqa: BLE001 - optional knowledge; absent means "what is up now"
+        log.debug("no autoscaler resource maxima: %s", err)
+        return {}
 
 
 def resources() -> Resources:
-    """What the (initialised) cluster offers now."""
+    """What the (initialised) cluster offers now, and what its autoscaler may add."""
     import ray
 
     total = ray.cluster_resources()
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    return Resources(cpus=float(total.get("CPU", 0)), gpus=float(total.get("GPU", 0)),
-                     max_node_cpus=max(1, int(max(node_cpus, default=1))))
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    maxima = _autoscaler_maxima()
+    return Resources(cpus=cpus, gpus=gpus, max_node_cpus=max(1, int(max(node_cpus, default=1))),
+                     possible_cpus=max(cpus, maxima.get("CPU", 0.0)), possible_gpus=max(gpus, maxima.get("GPU", 0.0)))
 
 
 def task_cpus() -> int:
@@ -104,4 +170,166 @@ def as_completed(refs: list) -> Iterator[Any]:
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(ready[0])
+        result = ray.get(ready[0])
+        beat(f"the next of {len(refs)} Ray tasks ({len(refs) - len(pending)} done)")
+        yield result
+
+
+# -- once on every node ------------------------------------------------------------------------
+
+def on_every_node(fn: Callable[..., Any], *args: Any, timeout_s: float = 300.0) -> dict[str, Any]:
+    """``fn(*args)`` once on every alive node (a zero-CPU task pinned to the node, so it runs even on
+    a head started with ``--num-cpus 0``): node IP and id -> result. A node that leaves meanwhile,
+    or does not answer within `timeout_s`, is left out (and logged)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    nodes = {n["NodeID"]: f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in ray.nodes() if n.get("Alive")}
+    refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args): node
+            for node in nodes}
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    results: dict[str, Any] = {}
+    for ref in ready:
+        try:
+            results[nodes[refs[ref]]] = ray.get(ref)
+        except ray.exceptions.RayTaskError:
+            raise  # fn itself failed
+        except ray.exceptions.RayError as err:  # the node died or left before it ran
+            log.info("node %s left before running %s: %s", nodes[refs[ref]], fn.__name__, type(err).__name__)
+    for ref in pending:
+        log.warning("node %s did not run %s within %.0f s", nodes[refs[ref]], fn.__name__, timeout_s)
+        ray.cancel(ref, force=True)
+    return results
+
+
+def _missing_here(files: dict[str, int], probes: dict[str, str]) -> list[str]:
+    """Of `files` (path -> size) and `probes` (path -> content), those this node does not see as
+    the driver wrote them."""
+    missing = [p for p, size in files.items() if not (os.path.isfile(p) and os.path.getsize(p) == size)]
+    for path, token in probes.items():
+        try:
+            with open(path) as fh:
+                seen = fh.read() == token
+        except OSError:
+            seen = False
+        if not seen:
+            missing.append(path)
+    return missing
+
+
+def unseen_paths(files: dict[str, int], probes: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Path -> the nodes that do not see it as the driver does (same size; a probe file with the same
+    content). Empty on an embedded or one-node Ray."""
+    import ray
+
+    if not ray.is_initialized() or len([n for n in ray.nodes() if n.get("Alive")]) < 2:
+        return {}
+    out: dict[str, list[str]] = {}
+    for node, missing in on_every_node(_missing_here, files, probes or {}).items():
+        for path in missing:
+            out.setdefault(path, []).append(node)
+    return out
+
+
+def _local_inputs(cfg: JobConfig) -> list[tuple[str, str]]:
+    """(field, path) of every local file the job reads on the workers."""
+    specs = [("input.shards", cfg.input.shards), ("select.score_file", cfg.select.score_file)]
+    if cfg.embed.encoder == "precomputed" and cfg.embed.precomputed is not None:
+        specs += [("embed.precomputed.metadata", cfg.embed.precomputed.metadata),
+                  ("embed.precomputed.embeddings", cfg.embed.precomputed.embeddings)]
+    return [(field, url) for field, spec in specs if spec for url in expand_urls(spec) if is_local(url)]
+
+
+def check_cluster_paths(cfg: JobConfig, store: Store, address: str | None = None) -> None:
+    """On a multi-node cluster, every local path of the job must be the same file (inputs) or the
+    same directory (``workdir``, ``output.url``: a probe file the driver writes must be readable
+    from every node) on every node; otherwise ConfigError naming the path, before any work. (A
+    local checkpoint is not checked here: the embed stage ships it to nodes that lack it.)"""
+    inputs = [(f, p) for f, p in _local_inputs(cfg) if os.path.isfile(store.path(p))]
+    outputs = [(f, p) for f, p in (("workdir", cfg.workdir), ("output.url", cfg.output.url)) if is_local(p)]
+    if (not inputs and not outputs) or not cluster_address(cfg.ray, address)[0]:
+        return
+    init_ray(cfg.ray, address)
+    named = {store.path(p): (field, p) for field, p in inputs}  # what a node reports -> what the user wrote
+    probes: dict[str, str] = {}
+    for field, directory in outputs:
+        store.makedirs(directory)
+        probe = os.path.join(store.path(directory), f".d2prune-visible-{uuid.uuid4().hex[:12]}")
+        store.write_bytes(probe, probe.encode())
+        probes[probe] = probe
+        named[probe] = (field, directory)
+    try:
+        unseen = unseen_paths({store.path(p): os.path.getsize(store.path(p)) for _, p in inputs}, probes)
+    finally:
+        for probe in probes:
+            store.rm(probe)
+    if unseen:
+        fields: dict[str, str] = {}  # field -> its first unseen path, in the config's order
+        for path in sorted(unseen, key=lambda p: (list(named).index(p))):
+            fields.setdefault(*named[path])
+        nodes = sorted({node for seen_by in unseen.values() for node in seen_by})
+        raise ConfigError(
+            "local paths that are not the same on every node of the Ray cluster (node(s) "
+            f"{', '.join(nodes[:3])} do not see them as the driver does): "
+            + "; ".join(f"{field}: {path}" for field, path in fields.items())
+            + ". Put them on a filesystem every node mounts at the same path, or use object storage (s3://...)"
+        )
+
+
+# -- node-local caches and shipped files ---------------------------------------------------------
+
+def clear_node_caches(namespaces: list[str]) -> None:
+    """Remove the node-local cache `namespaces` on every node (on this one when Ray is not started).
+    Best effort: it runs after the stage's commit, which a failure here must not undo."""
+    import ray
+
+    from .storage import clear_node_cache
+
+    if not namespaces:
+        return
+    if not ray.is_initialized():
+        for namespace in namespaces:
+            clear_node_cache(namespace)
+        return
+    try:
+        on_every_node(_clear_node_caches, list(namespaces))
+    except Exception as err:  # noqa: BLE001 - the stage is committed; a leftover cache is only disk space
+        log.warning("could not remove the node caches %s on every node: %s", namespaces, err)
+
+
+def _clear_node_caches(namespaces: list[str]) -> None:
+    from .storage import clear_node_cache
+
+    for namespace in namespaces:
+        clear_node_cache(namespace)
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    """A driver-local file in the object store, to be materialised once per node
+    (:meth:`local_path`). The reference travels inside a list so Ray hands it on as a reference."""
+
+    name: str
+    sha256: str
+    refs: tuple
+
+    def local_path(self, namespace: str) -> str:
+        """The file's path in this node's cache `namespace`, keyed by its content (sha256): a
+        replaced file at the same driver path is a new entry, never the stale one."""
+        import ray
+
+        def fill(path: str) -> None:
+            with open(path, "wb") as fh:
+                fh.write(ray.get(self.refs[0]))
+
+        return node_local_files(namespace, self.sha256, [self.name], [fill])[0]
+
+
+def ship_file(path: str) -> ShippedFile:
+    """Put a local file into the object store for :meth:`ShippedFile.local_path` on other nodes."""
+    import ray
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return ShippedFile(os.path.basename(path), hashlib.sha256(data).hexdigest(), (ray.put(data),))

@@ -16,8 +16,10 @@ and :func:`run_stage` does the rest, identically for every stage:
    ``check`` of its inputs passes (before anything is written);
 3. **claim**: record the fingerprint before the first part is written (partial parts of a run with
    other settings are refused, never mixed);
-4. **run** the stage (it resumes from its own committed parts), then **commit**: stats, then the
-   marker, last.
+4. **run** the stage (it resumes from its own committed parts) under the stall detector
+   (:mod:`pipeline.watchdog`: no committed part and no progress for ``job.stall_timeout_s`` ->
+   StallError, exit 1), then **commit**: stats, then the marker, last; then remove the stage's
+   node-local caches (``node_caches``) on every node of the cluster.
 
 A stage's fingerprint hashes its own settings and its upstream's fingerprint, so changing an
 embed setting invalidates every later stage. Fingerprints are computed once per job
@@ -32,7 +34,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import workdir
+from . import runtime, watchdog, workdir
 from .config import JobConfig
 from .errors import PreconditionError
 from .storage import Store
@@ -60,8 +62,14 @@ class StageContext:
     hooks: Hooks = field(default_factory=Hooks)
 
     def part_committed(self, stage: str, index: int) -> None:
+        watchdog.beat(f"the part after part {index}")
         if self.hooks.part_committed is not None:
             self.hooks.part_committed(stage, index)
+
+    def progress(self, waiting_for: str | None = None) -> None:
+        """Progress short of a committed part (a batch in, a task done); `waiting_for` names what
+        comes next (the stall error names it when it never does)."""
+        watchdog.beat(waiting_for)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,9 @@ class Stage:
     missing_outputs: Callable[[JobConfig, Store, dict[str, Any]], list[str]] | None = None
     # what --force-from removes besides the stage's work directory (the write stage's output)
     clear_outputs: Callable[[JobConfig, Store], None] | None = None
+    # namespaces of node-local caches the stage fills (storage.node_local_copy); removed on every
+    # node once the stage commits
+    node_caches: Callable[[JobConfig], list[str]] | None = None
 
     def directory(self, cfg: JobConfig) -> str:
         return workdir.stage_dir(cfg.workdir, self.name)
@@ -127,6 +138,9 @@ def run_stage(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext,
         stage.check(cfg, store)
     directory = stage.directory(cfg)
     workdir.claim(store, directory, ctx.fingerprint, stage.name)
-    stats = stage.run(cfg, store, ctx)
+    with watchdog.Watchdog(stage.name, cfg.job.stall_timeout_s, describe=runtime.describe_cluster):
+        stats = stage.run(cfg, store, ctx)
     workdir.commit(store, directory, ctx.fingerprint, stage.name, stats)
+    if stage.node_caches is not None:
+        runtime.clear_node_caches(stage.node_caches(cfg))
     return stats, True

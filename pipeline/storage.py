@@ -452,22 +452,30 @@ class Store:
     def node_local_copy(self, urls: list[str], namespace: str) -> list[str]:
         """Paths to open for `urls`: their own paths when local; for remote objects, copies in one
         node-local directory (files that name each other, such as a FAISS index and its
-        inverted-list file, stay side by side). The directory is keyed by the URLs *and* their
-        content identity (:meth:`identity`), and filled once per node under a file lock: the
-        first task on a node copies, the others wait and reuse the copy."""
+        inverted-list file, stay side by side), keyed by the URLs *and* their content identity
+        (:meth:`identity`), so a replaced object is a new entry, never the stale copy."""
         if all(is_local(u) for u in urls):
             return [self.path(u) for u in urls]
         ident = json.dumps([[u, self.identity(u)] for u in urls])
-        root = os.path.join(node_cache_root(), namespace)
-        directory = os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:20])
-        os.makedirs(root, exist_ok=True)
-        with open(directory + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            paths = [os.path.join(directory, basename(u)) for u in urls]
-            for url, path in zip(urls, paths):
-                if not os.path.exists(path):
-                    self.copy_to_local(url, path)
-        return paths
+        return node_local_files(namespace, ident, [basename(u) for u in urls],
+                                [lambda tmp, u=u: self.fs(u).get_file(self.path(u), tmp) for u in urls])
+
+
+def node_local_files(namespace: str, key: str, names: list[str], fills: list) -> list[str]:
+    """Files `names` in one node-local cache directory for `key` (under `namespace`, see
+    :func:`clear_node_cache`), filled once per node under a file lock: the first process on a node
+    calls ``fill(path)`` for each missing file (its writes land under a temporary name, renamed
+    when complete), the others wait and reuse them."""
+    root = os.path.join(node_cache_root(), namespace)
+    directory = os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:20])
+    os.makedirs(root, exist_ok=True)
+    with open(directory + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        paths = [os.path.join(directory, name) for name in names]
+        for fill, path in zip(fills, paths):
+            if not os.path.exists(path):
+                _replace_atomically(path, fill)
+    return paths
 
 
 def _replace_atomically(path: str, fill) -> None:

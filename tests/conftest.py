@@ -36,6 +36,11 @@ os.environ.update(
     }
 )
 os.environ.pop("AWS_PROFILE", None)
+# Every Ray the tests start stays on the loopback address: Ray otherwise replaces 127.0.0.1 with the
+# machine's routable address (ray._private.services.resolve_ip_for_localhost) for any node that
+# could join a multi-node cluster. Multi-node tests start their worker nodes with this patched out
+# (tests/cluster.py).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 TEST_BUCKET = "d2prune-test"
 

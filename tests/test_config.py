@@ -28,8 +28,14 @@ def test_example_configs_exist_and_validate():
 
 def test_example_configs_say_what_they_promise():
     demo = load_config(CONFIGS[[p.name for p in CONFIGS].index("demo.yaml")])
-    assert demo.embed.model_config_path == "pipeline/demo/assets/tiny_clip.json"
-    assert demo.embed.pretrained == "pipeline/demo/assets/tiny_clip.pt"
+    # The demo's model files are written relative to demo.yaml itself (configs/demo.yaml is a link
+    # to pipeline/demo/demo.yaml) and resolved when loaded, so the job finds them from any
+    # directory, and on a cluster no worker resolves them against its own per-node working dir.
+    assets = Path(__file__).resolve().parents[1] / "pipeline" / "demo" / "assets"
+    assert demo.embed.model_config_path == str(assets / "tiny_clip.json")
+    assert demo.embed.pretrained == str(assets / "tiny_clip.pt")
+    assert Path(demo.embed.pretrained).is_file() and Path(demo.embed.model_config_path).is_file()
+    assert demo.workdir == str(Path(__file__).resolve().parents[1] / "d2prune-demo" / "work")
     small = load_config(Path(CONFIGS[0]).parent / "datacomp-small.yaml")
     assert small.embed.encoder == "precomputed"
     assert small.embed.precomputed.score_column == "clip_l14_similarity_score"
@@ -74,7 +80,8 @@ def test_set_overrides_parse_yaml_scalars_and_lists(tmp_path):
     cfg = load_config(path, ["select.prune_rate=0.5", "graph.k=7", "embed.pretrained=null",
                              "input.shards=[a.tar, b.tar]", "select.partitions=cells", "select.partitions=3"])
     assert cfg.select.prune_rate == 0.5 and cfg.graph.k == 7 and cfg.embed.pretrained is None
-    assert cfg.input.shards == ["a.tar", "b.tar"] and cfg.select.partitions == 3
+    # relative --set paths are resolved against the current directory (test below)
+    assert cfg.input.shards == [str(Path.cwd() / "a.tar"), str(Path.cwd() / "b.tar")] and cfg.select.partitions == 3
     with pytest.raises(ConfigError, match="key=value"):
         load_config(path, ["select.prune_rate"])
     with pytest.raises(ConfigError, match=r"unknown key 'select\.nope'"):
@@ -122,7 +129,7 @@ def test_deploy_manifests_parse_and_their_job_config_validates():
         entry = rayjob["spec"]["entrypoint"]
         assert "/app/jobs/filter_pool.py" in entry and (deploy.parent / "jobs" / "filter_pool.py").exists()
     assert "filter_pool.py" in (deploy / "slurm" / "d2prune.sbatch").read_text()
-    assert "pip install ." in (deploy / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir ." in (deploy / "Dockerfile").read_text()  # the package and its pins
 
 
 def test_cross_field_rules_fail_at_load_not_after_work():
@@ -148,3 +155,50 @@ def test_missing_upstream_stage_is_not_a_retryable_failure(tmp_path, capsys):
     assert main(["select", str(path)]) == 4
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("d2prune: error:") and "committed graph stage" in err
+
+
+def test_relative_paths_resolve_against_the_config_file_not_the_current_directory(tmp_path, monkeypatch):
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "job.yaml").write_text(
+        "workdir: work\ninput: {shards: 'pool/{00000..00001}.tar'}\noutput: {url: ../out}\n"
+        "embed: {pretrained: models/ckpt.pt, model_config_path: model.json}\nselect: {score_file: s.parquet}\n")
+    (tmp_path / "link.yaml").symlink_to(conf_dir / "job.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for path in (conf_dir / "job.yaml", tmp_path / "link.yaml", "../conf/job.yaml"):
+        cfg = load_config(str(path), ["output.samples_per_shard=5"])
+        assert cfg.workdir == str(conf_dir / "work")
+        assert cfg.input.shards == str(conf_dir / "pool/{00000..00001}.tar")
+        assert cfg.output.url == str(tmp_path / "out")
+        assert cfg.embed.pretrained == str(conf_dir / "models/ckpt.pt")
+        assert cfg.embed.model_config_path == str(conf_dir / "model.json")
+        assert cfg.select.score_file == str(conf_dir / "s.parquet")
+    # --set values are typed in a shell: relative to the current directory
+    cfg = load_config(str(conf_dir / "job.yaml"), ["workdir=w2", "input.shards=[a.tar, /abs/b.tar, s3://b/c.tar]"])
+    assert cfg.workdir == str(elsewhere / "w2")
+    assert cfg.input.shards == [str(elsewhere / "a.tar"), "/abs/b.tar", "s3://b/c.tar"]
+    # an open_clip tag is a name, not a path; URLs and absolute paths stay as they are
+    cfg = load_config(str(conf_dir / "job.yaml"), ["embed.pretrained=laion2b_s34b_b79k", "output.url=s3://b/o"])
+    assert cfg.embed.pretrained == "laion2b_s34b_b79k" and cfg.output.url == "s3://b/o"
+
+
+def test_relative_path_in_a_config_read_from_a_url_is_refused(s3_server, s3_bucket, s3_store, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)  # how a job reads its config from a non-AWS endpoint
+    url = f"{s3_bucket}/configs/relative.yaml"
+    s3_store.write_bytes(url, b"workdir: s3://b/w\ninput: {shards: pool/0.tar}\noutput: {url: s3://b/o}\n")
+    with pytest.raises(ConfigError, match=r"input\.shards='pool/0\.tar' is a relative path.*read from a URL"):
+        load_config(url)
+    s3_store.write_bytes(url, b"workdir: s3://b/w\ninput: {shards: s3://b/0.tar}\noutput: {url: /shared/o}\n"
+                              b"embed: {pretrained: openai}\n")
+    cfg = load_config(url)
+    assert cfg.output.url == "/shared/o" and cfg.embed.pretrained == "openai"
+
+
+def test_actor_pool_bounds_and_stall_timeout_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r"embed\.min_actors \(3\) is larger than embed\.num_actors \(2\)"):
+        config_from_dict(minimal(embed={"num_actors": 2, "min_actors": 3}))
+    with pytest.raises(ConfigError, match=r"job\.stall_timeout_s"):
+        config_from_dict(minimal(job={"stall_timeout_s": 0}))
+    assert config_from_dict(minimal(job={"stall_timeout_s": None})).job.stall_timeout_s is None

@@ -290,11 +290,67 @@ def test_uid_registry_matches_a_set():
     assert len(registry) >= len(reference)  # levels are unique; merged ones dedupe
 
 
-def test_actor_pool_that_starves_the_readers_is_refused():
-    from pipeline.config import ConfigError
-    from pipeline.embed.dataset import check_cpu_budget
+def test_actor_pool_leaves_cpus_to_the_readers_and_refuses_a_minimum_that_cannot():
+    from pipeline.config import ConfigError, EmbedConfig
+    from pipeline.embed.dataset import actor_pool_bounds
 
-    check_cpu_budget(num_actors=1, cpus_per_actor=1, total_cpus=2)
-    check_cpu_budget(num_actors=3, cpus_per_actor=1, total_cpus=16)
-    with pytest.raises(ConfigError, match="num_actors"):
-        check_cpu_budget(num_actors=2, cpus_per_actor=1, total_cpus=2)
+    assert actor_pool_bounds(EmbedConfig(num_actors=1), cpus=2)[:2] == (1, 1)
+    assert actor_pool_bounds(EmbedConfig(num_actors=3), cpus=16)[:2] == (1, 3)
+    # 4 actors asked, 3 CPUs: 2 actors and one CPU for the read/decode tasks, said so
+    low, high, why = actor_pool_bounds(EmbedConfig(num_actors=4), cpus=3)
+    assert (low, high) == (1, 2) and "capped to 2" in why and "reader_cpus=1" in why
+    assert actor_pool_bounds(EmbedConfig(num_actors=8, cpus_per_actor=2, reader_cpus=2), cpus=10)[:2] == (1, 4)
+    # GPUs bound it too
+    assert actor_pool_bounds(EmbedConfig(num_actors=8), cpus=64, gpus_per_actor=1, gpus=4)[:2] == (1, 4)
+    with pytest.raises(ConfigError, match=r"embed\.min_actors \(2\).*room for 1 actor"):
+        actor_pool_bounds(EmbedConfig(num_actors=2, min_actors=2), cpus=2)
+
+
+def test_auto_gpu_asks_for_a_gpu_the_autoscaler_can_add():
+    from pipeline.embed.dataset import actor_gpus
+
+    assert actor_gpus(-1, gpus_now=0, gpus_possible=0) == 0  # no GPU anywhere: CPU
+    assert actor_gpus(-1, gpus_now=2, gpus_possible=2) == 1
+    # a GPU worker group at minReplicas 0: no GPU up yet, but requesting one starts it
+    assert actor_gpus(-1, gpus_now=0, gpus_possible=8) == 1
+    assert actor_gpus(0, gpus_now=4, gpus_possible=4) == 0 and actor_gpus(0.5, 0, 0) == 0.5
+
+
+def test_a_replaced_checkpoint_is_never_served_from_a_stale_cache(ray_local, s3_store, s3_bucket, tmp_path,
+                                                                   monkeypatch):
+    """Node-local checkpoint copies are keyed by content: a checkpoint replaced at the same URL
+    (same size: same architecture) gives its new weights, and so does a replaced local file
+    shipped through the object store. (That the commit removes the cache on every node:
+    tests/test_cluster.py.)"""
+    import json
+
+    import torch
+
+    from pipeline.embed.model import load_model
+    from pipeline.runtime import ship_file
+    from pipeline.testing import TINY_MODEL_CONFIG, TINY_MODEL_NAME, save_random_checkpoint
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("D2PRUNE_CACHE_DIR", str(cache))  # this process's node cache
+    # one file name (torch.save records it inside the file): two checkpoints of the same size
+    first = save_random_checkpoint(str(tmp_path / "first" / "ckpt.pt"), seed=1)
+    second = save_random_checkpoint(str(tmp_path / "second" / "ckpt.pt"), seed=2)
+    assert os.path.getsize(first) == os.path.getsize(second)
+    weights = {p: torch.load(p)["visual.conv1.weight"] for p in (first, second)}
+    assert not torch.equal(weights[first], weights[second])
+
+    url = f"{s3_bucket}/models/replaced.pt"
+    spec = ModelSpec(TINY_MODEL_NAME, url, json.dumps(TINY_MODEL_CONFIG), cache_namespace="checkpoints-test")
+    s3_store.write_local_file(url, first)
+    assert torch.equal(load_model(spec, s3_store).state_dict()["visual.conv1.weight"], weights[first])
+    s3_store.write_local_file(url, second)  # replaced at the same URL
+    assert torch.equal(load_model(spec, s3_store).state_dict()["visual.conv1.weight"], weights[second])
+
+    local = tmp_path / "ship.pt"
+    paths = []
+    for source in (first, second):
+        local.write_bytes(open(source, "rb").read())  # the same driver path, new content
+        path = ship_file(str(local)).local_path("checkpoints-test")
+        paths.append(path)
+        assert torch.equal(torch.load(path)["visual.conv1.weight"], weights[source])
+    assert paths[0] != paths[1] and all(p.startswith(str(cache / "checkpoints-test")) for p in paths)

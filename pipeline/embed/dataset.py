@@ -12,11 +12,13 @@ Why these choices:
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from ..config import ConfigError, JobConfig
+from ..config import ConfigError, EmbedConfig, JobConfig
 from ..formats.webdataset import READ_BLOCK_SIZE
 from ..storage import Store
 from .model import ClipEncoder, ModelSpec
@@ -30,7 +32,17 @@ class ClipEmbedder(ClipEncoder):
 
     A Ray Data block may hold several read chunks (Ray coalesces small outputs); each chunk gets
     its own forward pass, so a sample's batch mates are always its chunk (determinism) and the
-    forward batch is `embed.batch_size` however blocks are shaped."""
+    forward batch is `embed.batch_size` however blocks are shaped.
+
+    `shipped` (a :class:`pipeline.runtime.ShippedFile`) is a driver-local checkpoint sent through
+    the object store because this node may not see the driver's file: it is materialised in the
+    node's checkpoint cache, keyed by its content, and loaded from there."""
+
+    def __init__(self, spec: ModelSpec, store: Store, pp_json: str, use_gpu: bool = False,
+                 precision: str = "auto", torch_threads: int | None = None, shipped=None):
+        if shipped is not None:
+            spec = replace(spec, pretrained=shipped.local_path(spec.cache_namespace))
+        super().__init__(spec, store, pp_json, use_gpu, precision, torch_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         is_marker = np.asarray(batch["is_marker"], dtype=bool)
@@ -67,9 +79,11 @@ def shards_dataset(shards: list[tuple[int, str]]):
 
 
 def build_embed_dataset(cfg: JobConfig, store: Store, spec: ModelSpec, pp_json: str,
-                        shards: list[tuple[int, str]], gpus: float, threads: int):
-    """The streaming Ray Dataset: shards -> read+decode tasks -> model actor pool -> rows with
-    embeddings (plus one marker row per shard)."""
+                        shards: list[tuple[int, str]], gpus: float, threads: int,
+                        pool: tuple[int, int] | None = None, shipped=None):
+    """The streaming Ray Dataset: shards -> read+decode tasks -> model actor pool (between
+    ``pool`` = (min, max) actors, :func:`actor_pool_bounds`) -> rows with embeddings (plus one
+    marker row per shard)."""
     import ray.data
 
     use_gpu = gpus > 0
@@ -103,21 +117,43 @@ def build_embed_dataset(cfg: JobConfig, store: Store, spec: ModelSpec, pp_json: 
         ClipEmbedder,
         batch_size=None,  # one read chunk = one model batch (determinism)
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors),
+        # An autoscaling pool: idle actors above min_size are released, so when a lost node's actor
+        # is restarted on a surviving node and the read tasks run short of CPUs, the pool shrinks
+        # instead of waiting forever (and the stall detector ends what still cannot move).
+        compute=ray.data.ActorPoolStrategy(min_size=min(pool), max_size=max(pool)) if pool
+        else ray.data.ActorPoolStrategy(min_size=cfg.embed.min_actors, max_size=cfg.embed.num_actors),
         fn_constructor_kwargs={"spec": spec, "store": store, "pp_json": pp_json, "use_gpu": use_gpu,
-                               "precision": cfg.embed.precision, "torch_threads": threads},
+                               "precision": cfg.embed.precision, "torch_threads": threads, "shipped": shipped},
         num_gpus=gpus if use_gpu else None,
         num_cpus=cfg.embed.cpus_per_actor,
     )
 
 
-def check_cpu_budget(num_actors: int, cpus_per_actor: float, total_cpus: float) -> None:
-    """The model actors hold their CPUs for the whole stage; the read/decode tasks need at least
-    one more, or the stream starves and the stage waits forever. Refuse that up front."""
-    reserved = num_actors * cpus_per_actor
-    if total_cpus and reserved > total_cpus - 1:
+def actor_gpus(requested: float, gpus_now: float, gpus_possible: float) -> float:
+    """GPUs per actor: `requested` when >= 0; auto (-1): one when the cluster has a GPU now *or*
+    its autoscaler can add one (a GPU worker group at minReplicas 0: the actors' GPU request is
+    what makes the autoscaler start it), else 0 (CPU)."""
+    if requested >= 0:
+        return requested
+    return 1.0 if max(gpus_now, gpus_possible) > 0 else 0.0
+
+
+def actor_pool_bounds(embed: EmbedConfig, cpus: float, gpus_per_actor: float = 0.0,
+                      gpus: float = 0.0) -> tuple[int, int, str]:
+    """(min, max) actors of the pool on a cluster with `cpus` CPUs (and `gpus` GPUs), and why the
+    max is what it is. The actors hold their CPUs for the whole stage; the read/decode tasks need
+    ``embed.reader_cpus`` more, or the stream starves and the stage waits forever: the pool is
+    capped to leave them, and a pool whose *minimum* cannot leave them is refused (exit 2)."""
+    fit = math.floor((cpus - embed.reader_cpus) / embed.cpus_per_actor + 1e-9) if cpus else embed.num_actors
+    why = f"the cluster's {cpus:g} CPUs less embed.reader_cpus={embed.reader_cpus:g} for the readers"
+    if gpus_per_actor > 0 and gpus > 0 and math.floor(gpus / gpus_per_actor + 1e-9) < fit:
+        fit, why = math.floor(gpus / gpus_per_actor + 1e-9), f"the cluster's {gpus:g} GPUs"
+    if embed.min_actors > fit:
         raise ConfigError(
-            f"embed.num_actors ({num_actors}) x embed.cpus_per_actor ({cpus_per_actor}) reserves "
-            f"{reserved:g} of the cluster's {total_cpus:g} CPUs, leaving less than one for reading and "
-            "decoding shards: lower num_actors or cpus_per_actor (torch_threads can stay higher)"
+            f"embed.min_actors ({embed.min_actors}) x embed.cpus_per_actor ({embed.cpus_per_actor:g}) does not fit "
+            f"{why} (room for {max(fit, 0)} actor(s)): lower min_actors or cpus_per_actor, or add nodes "
+            "(torch_threads can stay higher than cpus_per_actor)"
         )
+    if fit < embed.num_actors:
+        return embed.min_actors, fit, f"embed.num_actors={embed.num_actors} capped to {fit} by {why}"
+    return embed.min_actors, embed.num_actors, f"up to embed.num_actors={embed.num_actors}"

@@ -6,6 +6,7 @@ the actors (:mod:`.dataset`) and the benchmark's bare loop use :class:`ClipEncod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ class ModelSpec:
     pretrained: str | None
     config_json: str | None = None  # registered under `name` first when set
     seed: int = 0
+    cache_namespace: str = "checkpoints"  # node-local cache of remote/shipped checkpoints (removed at commit)
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -49,6 +51,12 @@ class ModelSpec:
     def ensure_registered(self) -> None:
         if self.config_json:
             register_model_config(self.name, self.config)
+
+
+def checkpoint_namespace(cfg: JobConfig) -> str:
+    """The node-local cache of this job's checkpoint copies: one per workdir, so removing it when
+    the embed stage commits never touches another job's copy in progress on the same node."""
+    return "checkpoints-" + hashlib.sha256(cfg.workdir.encode()).hexdigest()[:12]
 
 
 def model_spec(cfg: JobConfig, store: Store) -> ModelSpec:
@@ -61,7 +69,7 @@ def model_spec(cfg: JobConfig, store: Store) -> ModelSpec:
         except ValueError as err:
             raise ConfigError(f"embed.model_config_path {cfg.embed.model_config_path} is not JSON ({err})") from None
         config_json = json.dumps(config, sort_keys=True)
-    spec = ModelSpec(cfg.embed.model, cfg.embed.pretrained, config_json, cfg.seed)
+    spec = ModelSpec(cfg.embed.model, cfg.embed.pretrained, config_json, cfg.seed, checkpoint_namespace(cfg))
     _check_model_exists(spec)
     return spec
 
@@ -140,13 +148,18 @@ def checkpoint_problem(store: Store, url: str) -> str | None:
     return None
 
 
+def is_local_checkpoint(spec: ModelSpec) -> bool:
+    """`pretrained` names a checkpoint file on the local filesystem (not a tag, not a URL)."""
+    return bool(spec.pretrained) and not _is_tag(spec) and is_local(spec.pretrained)
+
+
 def resolve_checkpoint(spec: ModelSpec, store: Store) -> str | None:
     """What to pass to open_clip as `pretrained`: a tag as is, a local file as is, and a remote
     (fsspec) checkpoint copied once per node (open_clip only loads local files; the copy is keyed
     by the object's content identity, so a replaced checkpoint is never served stale)."""
     if not spec.pretrained or _is_tag(spec) or is_local(spec.pretrained):
         return spec.pretrained
-    return store.node_local_copy([spec.pretrained], "checkpoints")[0]
+    return store.node_local_copy([spec.pretrained], spec.cache_namespace)[0]
 
 
 def load_model(spec: ModelSpec, store: Store, device: str = "cpu"):

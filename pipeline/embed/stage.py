@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +32,13 @@ from ..config import JobConfig
 from ..errors import ConfigError, innermost
 from ..formats.datacomp import subset_file_warning
 from ..formats.webdataset import ShardReadError, listing, shard_urls, verify_shards
-from ..runtime import init_ray, resources
+from ..runtime import init_ray, resources, ship_file, unseen_paths
 from ..stage import Stage, StageContext
 from ..storage import Store, join
 from ..workdir import part_name, stage_dir
-from .dataset import build_embed_dataset, check_cpu_budget
-from .model import check_pretrained, model_embed_dim, model_spec, preprocess_config
+from .dataset import actor_gpus, actor_pool_bounds, build_embed_dataset
+from .model import (check_pretrained, checkpoint_namespace, is_local_checkpoint, model_embed_dim, model_spec,
+                    preprocess_config)
 from .parts import PartCommitter, ShardAccumulator, ShardResult, committed_indices
 from .precomputed import run_precomputed, verify_precomputed_inputs
 
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 
 # throughput knobs: they change how fast, never what is embedded
 # (batch_size is not one: see settings())
-THROUGHPUT_SETTINGS = {"num_actors": True, "num_gpus_per_actor": True, "cpus_per_actor": True, "torch_threads": True,
+THROUGHPUT_SETTINGS = {"num_actors": True, "min_actors": True, "reader_cpus": True,
+                       "num_gpus_per_actor": True, "cpus_per_actor": True, "torch_threads": True,
                        "precomputed": {"bucket_rows", "shards_per_task"}}
 MISSING_LISTED = 1000  # missing shards named in the stats (all are counted)
 
@@ -105,28 +108,40 @@ def _batches_or_config_error(ds, spec):
 
 
 def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[int],
-                   committer: PartCommitter) -> dict[str, Any]:
+                   committer: PartCommitter, progress) -> dict[str, Any]:
     spec = model_spec(cfg, store)
     pp = preprocess_config(spec)
     pp_json = json.dumps(pp, sort_keys=True)
     cluster = resources()
-    gpus = cfg.embed.num_gpus_per_actor
-    if gpus < 0:
-        gpus = 1.0 if cluster.gpus > 0 else 0.0
+    gpus = actor_gpus(cfg.embed.num_gpus_per_actor, cluster.gpus, cluster.possible_gpus)
     use_gpu = gpus > 0
-    check_cpu_budget(cfg.embed.num_actors, cfg.embed.cpus_per_actor, cluster.cpus)
+    if use_gpu and cluster.gpus == 0:
+        log.info("no GPU is up yet: the %g-GPU actors wait for the cluster's autoscaler to add GPU nodes "
+                 "(up to %g GPUs); job.stall_timeout_s ends the wait if none comes", gpus, cluster.possible_gpus)
+    min_actors, max_actors, why = actor_pool_bounds(cfg.embed, cluster.possible_cpus, gpus,
+                                                    cluster.possible_gpus)
     threads = cpu_threads(cfg)
     device = "cuda" if use_gpu else "cpu"
     precision = cfg.embed.precision if cfg.embed.precision != "auto" else ("bf16/fp16" if use_gpu else "fp32")
-    log.info("embedding %d shard(s) with %s (pretrained=%s) on %d %s actor(s), batch %d, preprocessing %s",
-             len(pending), spec.name, spec.pretrained, cfg.embed.num_actors, device, cfg.embed.batch_size, pp)
+    log.info("embedding %d shard(s) with %s (pretrained=%s) on %d-%d %s actor(s) (%s), batch %d, preprocessing %s",
+             len(pending), spec.name, spec.pretrained, min_actors, max_actors, device, why, cfg.embed.batch_size, pp)
+    shipped = None
+    if is_local_checkpoint(spec) and unseen_paths({spec.pretrained: os.path.getsize(spec.pretrained)}):
+        # the actors may start on nodes that do not see the driver's file: send it with the job
+        shipped = ship_file(spec.pretrained)
+        log.info("embed.pretrained %s is not on every node: shipped through the object store (%.1f MiB, sha256 %s)",
+                 spec.pretrained, os.path.getsize(spec.pretrained) / 2**20, shipped.sha256[:12])
 
     committer.dim = model_embed_dim(spec)
-    ds = build_embed_dataset(cfg, store, spec, pp_json, [(i, urls[i]) for i in pending], gpus, threads)
+    ds = build_embed_dataset(cfg, store, spec, pp_json, [(i, urls[i]) for i in pending], gpus, threads,
+                             pool=(min_actors, max_actors), shipped=shipped)
     partial: dict[int, ShardAccumulator] = {}
     failed: dict[int, str] = {}  # shards that could not be read (their late rows are dropped)
     forward_times: Counter = Counter()  # forward end time -> rows (for the steady-state rate)
+    waiting = f"embedded batches from the actor pool ({len(pending)} shard(s) pending)"
+    progress(waiting)
     for batch in _batches_or_config_error(ds, spec):
+        progress(waiting)
         markers = np.asarray(batch["is_marker"], dtype=bool)
         shard_index = np.asarray(batch["shard_index"])
         forward_times.update(np.asarray(batch["embedded_at"])[~markers].tolist())
@@ -163,7 +178,7 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
         missing = sorted(set(pending) - set(committer.stats))
         raise RuntimeError(f"embed stage ended with incomplete shards: {[urls[i] for i in missing]}")
     return {"encoder": "open_clip", "model": spec.name, "pretrained": spec.pretrained, "device": device,
-            "precision": precision, "actors": cfg.embed.num_actors, "torch_threads": threads,
+            "precision": precision, "actors": [min_actors, max_actors], "torch_threads": threads,
             "batch_size": cfg.embed.batch_size, "preprocess": pp,
             "steady_samples_per_s": steady_rate(forward_times)}
 
@@ -186,7 +201,7 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         info, new_stats, dim = run_precomputed(cfg, store, directory, urls, pending, on_part_committed)
     else:
         committer = PartCommitter(store, directory, urls, pending, committed, on_part_committed)
-        info = _run_open_clip(cfg, store, urls, pending, committer) if pending else {"encoder": "open_clip"}
+        info = _run_open_clip(cfg, store, urls, pending, committer, ctx.progress) if pending else {"encoder": "open_clip"}
         new_stats, dim = committer.stats, committer.dim
     seconds = time.perf_counter() - started
 
@@ -237,4 +252,5 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     return stats
 
 
-STAGE = Stage(name="embed", upstream=None, settings=settings, check=check, run=run)
+STAGE = Stage(name="embed", upstream=None, settings=settings, check=check, run=run,
+              node_caches=lambda cfg: [checkpoint_namespace(cfg)])

@@ -29,7 +29,7 @@ from ..formats.embeddings import EmbeddingPart, list_parts, rows_by_part
 from ..formats.graph import NODES, read_part, write_nodes
 from ..runtime import as_completed, init_ray, resources
 from ..stage import Stage, StageContext
-from ..storage import Store, clear_node_cache, join
+from ..storage import Store, join
 from ..workdir import stage_dir
 from . import tasks
 from .tasks import INDEX_DIR, MERGED, MERGED_DATA, PLAN, TRAINED
@@ -152,7 +152,6 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     recall, sample_size = _measure_recall(store, cfg, parts, graph_dir, n_nodes)
     seconds["recall"] = time.perf_counter() - t0
-    clear_node_cache(tasks.cache_namespace(index_dir))  # this node's copy of the merged index (remote workdirs)
 
     index_size = store.size(join(index_dir, MERGED)) + store.size(join(index_dir, MERGED_DATA))
     stats = {
@@ -216,4 +215,6 @@ def _measure_recall(store: Store, cfg: JobConfig, parts: list[EmbeddingPart], gr
     return recall_at_k(approx, exact_neighbors), int(len(ids))
 
 
-STAGE = Stage(name="graph", upstream="embed", settings=settings, run=run)
+STAGE = Stage(name="graph", upstream="embed", settings=settings, run=run,
+              # every node's copy of the merged index (remote workdirs), removed when the stage commits
+              node_caches=lambda cfg: [tasks.cache_namespace(join(stage_dir(cfg.workdir, "graph"), INDEX_DIR))])
