@@ -35,7 +35,7 @@ def test_graph_on_other_vectors_never_uses_a_stale_cached_index(tmp_path, s3_ser
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(raw))
     # as a killed job leaves it: the node-local cache of the image index is not cleared
-    monkeypatch.setattr("pipeline.graph.stage.clear_node_cache", lambda namespace: None, raising=False)
+    monkeypatch.setattr("pipeline.runtime.clear_node_caches", lambda namespaces: None)
     cached_before = set(glob.glob(os.path.join(node_cache_root(), "*", "*")))
     assert main(["embed", str(config)]) == 0
     assert main(["graph", str(config), "--set", "graph.vector=image"]) == 0
