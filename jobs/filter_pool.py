@@ -7,7 +7,8 @@ The config is a local path or any fsspec URL. When the config itself lives on an
 endpoint other than AWS, set botocore's standard AWS_ENDPOINT_URL_S3 for the job (the job's data
 then goes through the config's own storage.endpoint_url). Inside a Ray job RAY_ADDRESS is set, so the stages join the
 cluster rather than starting a local Ray. The exit status is the CLI's (0 done, 1 failed, 2 bad
-config, 3 committed output made with other settings), so the RayJob's status says what happened.
+config, 3 committed output made with other settings, 4 an earlier stage missing, 5 another job holds
+the workdir), so the RayJob's status says what happened.
 """
 
 from __future__ import annotations

@@ -4,13 +4,14 @@
     d2prune embed|graph|select|write CONFIG [--set key=value ...] [--force] [--address ADDR]
     d2prune demo [--out DIR] [--quick]
     d2prune report WORKDIR [--config CONFIG]
+    d2prune lease CONFIG                  # who holds the workdir: exit 0 free, 5 held
 
 Committed stages are skipped (and said so); a stage committed with other settings is refused
 (exit 3) unless ``--force-from`` names it or an earlier stage, which recomputes it and everything
 after it. Logs go to stderr with timestamps; the summary goes to stdout. Exit codes are
 :mod:`pipeline.errors`' (0 done, 1 failed: retry resumes, 2 bad config or input, 3 stale output,
-4 an earlier stage is missing, 130 interrupted); every non-zero exit prints one line
-``d2prune: error: ...`` on stderr.
+4 an earlier stage is missing, 5 another job holds the workdir, 130 interrupted); every non-zero
+exit prints one line ``d2prune: error: ...`` on stderr.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import logging
 import sys
 
 from .config import load_config
-from .console import print_summary, setup_logging
-from .errors import EXIT_FAILED, EXIT_OK, exit_code_for, one_line
+from .console import print_summary, setup_logging, stdout_for_summary_only
+from .errors import EXIT_BUSY, EXIT_FAILED, EXIT_OK, exit_code_for, one_line
 from .job import STAGE_NAMES, run_job
+from .lease import acquire, describe, holder
 from .storage import Store
 
 log = logging.getLogger("d2prune")
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild the HTML report of a work directory")
     report.add_argument("workdir", help="work directory (local path or fsspec URL)")
     report.add_argument("--config", default=None, help="the job's config, for its storage settings (S3 endpoint)")
+    lease = sub.add_parser("lease", help="who holds the job's workdir (exit 0 when free, 5 when held)")
+    lease.add_argument("config", help="YAML config (local path or fsspec URL)")
+    lease.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -63,12 +68,24 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
         return int(exc.code or 0)
     setup_logging(args.verbose)
+    command = "d2prune " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "run":
-            print_summary(run_job(args.config, args.overrides, args.force_from, args.address))
+            with stdout_for_summary_only() as out:
+                print_summary(run_job(args.config, args.overrides, args.force_from, args.address,
+                                      command=command), out=out)
         elif args.command in STAGE_NAMES:
-            print_summary(run_job(args.config, args.overrides, args.command if args.force else None,
-                                  args.address, stages=[args.command]))
+            with stdout_for_summary_only() as out:
+                print_summary(run_job(args.config, args.overrides, args.command if args.force else None,
+                                      args.address, stages=[args.command], command=command), out=out)
+        elif args.command == "lease":
+            cfg = load_config(args.config, args.overrides)
+            record = holder(Store(cfg.storage), cfg.workdir)
+            if record is None:
+                print(f"{cfg.workdir}: free")
+                return EXIT_OK
+            print(f"{cfg.workdir}: held by {describe(record)}")
+            return EXIT_BUSY
         elif args.command == "demo":
             from .demo.run import run_demo
 
@@ -79,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config) if args.config else None
             store = Store(cfg.storage) if cfg else Store()
-            print(build_report(args.workdir, store, demo_extras(store, args.workdir),
-                               input_cfg=cfg.input if cfg else None))
+            with acquire(store, args.workdir, {"command": command}):  # it writes WORKDIR/report.html
+                print(build_report(args.workdir, store, demo_extras(store, args.workdir),
+                                   input_cfg=cfg.input if cfg else None))
         return EXIT_OK
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure becomes an exit code
         code = exit_code_for(err)

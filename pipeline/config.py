@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,14 @@ class StorageConfig(_Section):
     anon: bool = Field(False, description="Anonymous access (public buckets).")
     region: str | None = Field(None, description="S3 region; default from the AWS environment.")
     profile: str | None = Field(None, description="AWS profile name from the shared credentials file.")
+    read_attempts: int = Field(
+        6, ge=1, description="Attempts per read (a connection reset, throttling, a short or empty read) before the "
+        "object is reported unreadable; botocore's own retries come on top."
+    )
+    retry_base_seconds: float = Field(
+        0.5, ge=0, description="First back-off delay between read attempts; doubles per attempt (with jitter)."
+    )
+    retry_max_seconds: float = Field(20.0, ge=0, description="Longest back-off delay between read attempts.")
 
 
 class InputConfig(_Section):
@@ -62,6 +71,19 @@ class InputConfig(_Section):
     )
     caption_ext: str = Field("txt", description="Sample member extension holding the caption.")
     meta_ext: str = Field("json", description="Sample member extension holding metadata (with 'uid' when present).")
+    max_image_pixels: int = Field(
+        50_000_000, gt=0,
+        description="Images with more pixels (width x height, read from the header before decoding) are skipped as "
+        "too_large: decoding costs ~3-6 bytes per pixel (a 13000x13000 PNG: ~0.8 GB).",
+    )
+    max_member_bytes: int = Field(
+        64 * 2**20, gt=0, description="Tar members larger than this are not read (their sample is skipped as too_large)."
+    )
+    allow_missing_shards: bool = Field(
+        False,
+        description="A shard that is missing, not a tar, or still unreadable after storage.read_attempts is skipped "
+        "(named in the embed stats and the summary) instead of failing the job. Part of the embed fingerprint.",
+    )
 
 
 class PrecomputedConfig(_Section):
@@ -188,6 +210,19 @@ class GraphConfig(_Section):
     parts_per_task: int = Field(8, gt=0, description="Embedding parts added/searched per Ray task.")
     recall_sample: int = Field(1000, ge=0, description="Nodes whose kNN recall is checked against exact search.")
 
+    @model_validator(mode="after")
+    def _ivf_lists_fit(self) -> "GraphConfig":
+        # an explicit nlist is a promise: nprobe beyond it would be silently clamped, and more
+        # lists than training vectors cannot be trained (found only after the embed stage)
+        if self.index != "flat" and self.nlist is not None:
+            if self.nprobe > self.nlist:
+                raise ValueError(f"graph.nprobe={self.nprobe} exceeds graph.nlist={self.nlist}: at most nlist lists "
+                                 "can be probed (nprobe = nlist is exact search within the IVF)")
+            if self.nlist > self.train_size:
+                raise ValueError(f"graph.nlist={self.nlist} exceeds graph.train_size={self.train_size}: the "
+                                 "quantiser needs at least one training vector per list")
+        return self
+
 
 class PrefilterConfig(_Section):
     basic: bool = Field(
@@ -241,6 +276,14 @@ class SelectConfig(_Section):
     )
     ccs_strata: int = Field(50, gt=0, description="CCS: number of score strata.")
     prefilter: PrefilterConfig = Field(default_factory=PrefilterConfig)
+
+    @field_validator("prune_rate")
+    @classmethod
+    def _keeps_something(cls, value: float) -> float:
+        if value >= 1.0:
+            raise ValueError(f"select.prune_rate={value} drops every sample (the budget round((1-p)*N) is 0): "
+                             "nothing would be written")
+        return value
 
     @field_validator("partitions")
     @classmethod
@@ -313,6 +356,66 @@ class JobConfig(_Section):
             raise ValueError("must not be empty")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _missing_shards_need_the_model_encoder(self) -> "JobConfig":
+        # the precomputed join reads every shard in its own tasks and has no "missing" part to commit
+        if self.input.allow_missing_shards and self.embed.encoder == "precomputed":
+            raise ValueError("input.allow_missing_shards is supported with embed.encoder 'open_clip' only (the "
+                             "precomputed join needs every shard)")
+        return self
+
+    @model_validator(mode="after")
+    def _locations_do_not_overlap(self) -> "JobConfig":
+        # The write stage owns output.url (it refuses foreign files there and --force-from write
+        # empties it), the stages own the workdir's folders (--force-from removes them), and nothing
+        # may write among the inputs: an output inside the workdir overwrote a stage's _stats.json,
+        # an output at the input's folder wrote among the input tars. So output.url and workdir
+        # must not nest either way, and neither may equal or contain an input folder (both may lie
+        # inside one: the input tars are named files there, never written).
+        owned = [("workdir", self.workdir), ("output.url", self.output.url)]
+        inputs = [("input.shards", folder) for folder in input_folders(self.input.shards)]
+        problems = []
+        for (name_a, url_a), (name_b, url_b) in [tuple(owned)] + [(o, i) for o in owned for i in inputs]:
+            a, b = _location(url_a), _location(url_b)
+            if a == b:
+                problems.append(f"{name_a} ({url_a}) is the same location as {name_b} ({url_b})")
+            elif _inside(b, a):
+                problems.append(f"{name_a} ({url_a}) contains {name_b} ({url_b})")
+            elif _inside(a, b) and name_b != "input.shards":
+                problems.append(f"{name_a} ({url_a}) is inside {name_b} ({url_b})")
+        if problems:
+            raise ValueError("; ".join(problems) + ": the workdir and output.url must not overlap each other, nor "
+                             "hold the input shards")
+        return self
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+
+
+def input_folders(shards: str | list[str]) -> list[str]:
+    """The folders the input shard patterns point into (the text before the first brace or glob
+    character, up to its last '/'), without expanding them."""
+    out: dict[str, None] = {}
+    for pattern in [shards] if isinstance(shards, str) else shards:
+        literal = re.split(r"[{*?\[]", pattern, maxsplit=1)[0]
+        folder = literal.rsplit("/", 1)[0] if "/" in literal else ""
+        out.setdefault(folder or ".", None)
+    return list(out)
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(scheme, normalised path) for comparing locations: local paths absolute, s3a = s3."""
+    match = _URL.match(url)
+    scheme, path = (match.group(1).lower(), match.group(2)) if match else ("file", url)
+    if scheme in ("file", "local"):
+        return "file", os.path.normpath(os.path.abspath(path or "."))
+    return ("s3" if scheme == "s3a" else scheme), "/".join(p for p in path.split("/") if p)
+
+
+def _inside(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether location `a` lies strictly inside location `b`."""
+    return a[0] == b[0] and a[1] != b[1] and (b[1] in ("", "/") or a[1].startswith(b[1].rstrip("/") + "/"))
+
 
 # -- loading ------------------------------------------------------------------------------------
 
@@ -338,14 +441,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return raw
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _override_for(loc: str, overrides: list[str]) -> str | None:
+    """The last ``--set`` override that set `loc` (or a key inside it, or the section holding it)."""
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if loc == key or loc.startswith(key + ".") or key.startswith(loc + "."):
+            return item
+    return None
+
+
+def _format_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        item = _override_for(loc, overrides or []) if e["loc"] else None
+        origin = f" (from --set {item})" if item else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{loc}'")
+            lines.append(f"  unknown key '{loc}'{origin}")
         else:
-            lines.append(f"  {loc}: {e['msg']}")
+            lines.append(f"  {loc}: {e['msg']}{origin}" if e["loc"] else f"  {e['msg']}")
     return "\n".join(lines)
 
 
@@ -403,7 +517,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: lis
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(_format_error(err, source, overrides)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

@@ -7,10 +7,11 @@
 | 2 | :class:`ConfigError`, :class:`UsageError` | the config, the arguments or an input location cannot work | fix the config; a retry gives the same answer |
 | 3 | :class:`StaleStageError` | committed output was made with other settings | ``--force-from STAGE`` or another workdir |
 | 4 | :class:`PreconditionError` | an earlier stage is not committed (``d2prune select`` before ``graph``) | run the earlier stage (``d2prune run``) |
+| 5 | :class:`LeaseHeldError` | another job holds the workdir's lease (:mod:`pipeline.lease`) | wait for it (``d2prune lease CONFIG`` says who); a retry after it ends succeeds |
 | 130 | KeyboardInterrupt | interrupted | rerun to resume |
 
 Only exit 1 promises that running the same command again can succeed; the Slurm script requeues
-on it alone. Every non-zero exit prints one line ``d2prune: error: ...`` on stderr
+on it alone (exit 5 succeeds once the other job ends). Every non-zero exit prints one line ``d2prune: error: ...`` on stderr
 (:func:`one_line`).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import re
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STALE, EXIT_PRECONDITION, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_BUSY = 5
 
 
 class ConfigError(ValueError):
@@ -42,15 +44,26 @@ class StallError(RuntimeError):
     resumes; :mod:`pipeline.watchdog`)."""
 
 
+class LeaseHeldError(RuntimeError):
+    """Another job holds the work directory's lease (it is running, or died less than a lease
+    timeout ago): running now would make two jobs write the same files."""
+
+
+def _is_marker(err: BaseException) -> bool:
+    """Ray Data raises the real error ``from SystemException()``: a marker with no message."""
+    return type(err).__module__.startswith("ray") and not str(err).strip()
+
+
 def innermost(err: BaseException) -> BaseException:
     """The original exception behind Ray's wrappers (RayTaskError.cause) and explicit chaining."""
     seen = set()
     while id(err) not in seen:
         seen.add(id(err))
         cause = getattr(err, "cause", None)
-        if isinstance(cause, BaseException) and cause is not err:
+        if isinstance(cause, BaseException) and cause is not err and not _is_marker(cause):
             err = cause
-        elif err.__cause__ is not None and type(err).__module__.startswith("ray"):
+        elif (err.__cause__ is not None and type(err).__module__.startswith("ray")
+              and not _is_marker(err.__cause__)):
             err = err.__cause__
         else:
             break
@@ -64,6 +77,8 @@ def exit_code_for(err: BaseException) -> int:
         return EXIT_STALE
     if isinstance(err, PreconditionError):
         return EXIT_PRECONDITION
+    if isinstance(err, LeaseHeldError):
+        return EXIT_BUSY
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     inner = innermost(err)  # e.g. the error inside a Ray task
@@ -75,16 +90,30 @@ def exit_code_for(err: BaseException) -> int:
 _EXC_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$")
 
 
+def _joined(lines: list[str]) -> str:
+    """A heading ending in ':' and the lines it introduces (a listing of keys or shards) as one line."""
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return "; ".join(lines)
+
+
 def one_line(err: BaseException) -> str:
-    """A one-line reason: the original exception's type and first line (config errors: every key)."""
+    """A one-line reason: the original exception's type and message (config errors: every key;
+    a message that introduces a listing, such as the shards that could not be read: all of it)."""
     if isinstance(err, ConfigError):
-        return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        return _joined([line.strip() for line in str(err).splitlines() if line.strip()])
     inner = innermost(err)
-    lines = [line for line in str(inner).splitlines() if line.strip()]
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
     if type(inner).__module__.startswith("ray") and len(lines) > 1:
         # a remote traceback as text: its last "SomeError: message" line is the cause
-        found = [m for m in map(_EXC_LINE.match, lines) if m and not m.group(1).startswith("ray.")]
+        found = [(i, m) for i, m in enumerate(map(_EXC_LINE.match, lines)) if m and not m.group(1).startswith("ray.")]
         if found:
-            return f"{found[-1].group(1)}: {found[-1].group(2).strip()}"
+            i, match = found[-1]
+            message = match.group(2).strip()
+            if message.endswith(":"):  # "Error(s) in loading state_dict for CLIP:" + one line per problem
+                message = _joined([message] + lines[i + 1: i + 4])
+            return f"{match.group(1)}: {message}"
     name = type(inner).__name__
-    return f"{name}: {lines[0].strip()}" if lines else name
+    if not lines:
+        return name
+    return f"{name}: {_joined(lines) if lines[0].endswith(':') else lines[0]}"

@@ -2,25 +2,34 @@
 :func:`run_job` (or :func:`run_one` for one stage).
 
     cfg = load_config(path, overrides)        # every rule checked: a bad config never starts (exit 2)
+    check_locations(cfg, store)               # buckets and folders exist, nothing written (exit 2)
     check_cluster_paths(cfg, store)           # multi-node: every local path the same on every node (exit 2)
+    check_first_inputs(...)                   # every shard a tar, the checkpoint readable (exit 2)
+    lease = acquire(store, cfg.workdir)       # one job per workdir (exit 5), released at the end
     fingerprints = fingerprints(cfg, STAGES)  # once per job
     stale output refused up front             # before hours of embedding (exit 3)
-    for each stage: run_stage(...)            # skip / require / check / claim / run / commit
+    for each stage: check_pool_size(...)      # rules that need N, once N is known (exit 2)
+                    run_stage(...)            # skip / require / check / claim / run / commit
     summary                                   # pipeline.summary.summarize
     report                                    # the whole job only: WORKDIR/report.html (a failure warns)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from . import workdir
-from .config import JobConfig, load_config
+from .config import ConfigError, JobConfig, input_folders, load_config
+from .core.d2 import budget_for
+from .core.knn import resolve_nlist, training_ids
 from .embed.stage import STAGE as EMBED
-from .errors import UsageError
+from .errors import LeaseHeldError, UsageError
 from .graph.stage import STAGE as GRAPH
+from .lease import Lease, acquire, describe, holder
 from .runtime import check_cluster_paths, init_ray
 from .select.stage import STAGE as SELECT
 from .stage import Hooks, Stage, StageContext, fingerprints, run_stage
@@ -55,7 +64,85 @@ def force_from(cfg: JobConfig, store: Store, name: str) -> None:
             stage.clear_outputs(cfg, store)
 
 
-def run_stages(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | None = None) -> dict[str, Any]:
+def check_locations(cfg: JobConfig, store: Store) -> None:
+    """Every location the job reads or writes can work, before anything is written: the workdir and
+    output.url can be created (their bucket exists, their parent folder is writable), the input
+    shards' buckets exist. ConfigError (exit 2) naming each field and bucket; nothing is written."""
+    places = [("workdir", cfg.workdir, True), ("output.url", cfg.output.url, True)]
+    places += [("input.shards", folder, False) for folder in input_folders(cfg.input.shards)]
+    problems = []
+    for field_name, url, writable in places:
+        problem = store.location_problem(url, writable)
+        if problem:
+            problems.append(f"{field_name} {url}: {problem}")
+    if problems:
+        raise ConfigError("storage locations that cannot work:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def check_pool_size(cfg: JobConfig, store: Store, name: str, prints: dict[str, str]) -> None:
+    """The rules that need the pool size N, checked before the graph or select stage does any
+    work, as soon as the embed stage has committed N: k < N, a budget of at least one sample, an
+    explicit nlist no larger than the training sample. ConfigError (exit 2) naming the field."""
+    if name not in ("graph", "select"):
+        return
+    if not workdir.is_committed(store, EMBED.directory(cfg), prints["embed"], "embed"):
+        return  # the stage itself refuses (upstream not committed)
+    stats = workdir.read_stats(store, EMBED.directory(cfg)) or {}
+    n = int(stats.get("samples", 0))
+    if n == 0:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted((stats.get("skipped") or {}).items())) or "nothing"
+        raise ConfigError(f"the embed stage kept no samples of the input (skipped: {skipped}; missing shards: "
+                          f"{stats.get('shards_missing', 0)}): input.shards holds nothing to select from")
+    problems = []
+    if name == "graph":
+        if cfg.graph.k >= n:
+            problems.append(f"graph.k={cfg.graph.k} needs more than k samples; the pool has N={n}")
+        try:
+            resolve_nlist(cfg.graph.index, n, len(training_ids(n, cfg.graph.train_size, cfg.seed)), cfg.graph.nlist)
+        except ValueError as err:
+            problems.append(f"{err} (the pool has N={n})")
+    if budget_for(n, cfg.select.prune_rate) == 0:
+        problems.append(f"select.prune_rate={cfg.select.prune_rate} keeps round((1-p)*N) = 0 of the N={n} samples")
+    if problems:
+        raise ConfigError(f"settings that cannot work for this pool (checked before the {name} stage):\n"
+                          + "\n".join(f"  {p}" for p in problems))
+
+
+def _guarded(hooks: Hooks, lease: Lease | None) -> Hooks:
+    """`hooks` whose part_committed first checks that the lease is still ours (a job whose lease
+    was taken over stops at its next committed part instead of writing on)."""
+    if lease is None:
+        return hooks
+    inner = hooks.part_committed
+
+    def part_committed(stage: str, index: int) -> None:
+        lease.check()
+        if inner is not None:
+            inner(stage, index)
+
+    return dataclasses.replace(hooks, part_committed=part_committed)
+
+
+def check_first_inputs(cfg: JobConfig, store: Store, names: list[str], force: str | None = None) -> set[str]:
+    """Run the check of the first stage that will run and reads the job's inputs (the embed stage:
+    every shard exists and is a tar, the model's checkpoint is readable) before anything is
+    written; the names of the stages checked (run_stage then skips their check). Later stages read
+    the workdir, so they are checked when they start."""
+    prints = stage_fingerprints(cfg)
+    forced = STAGE_NAMES[STAGE_NAMES.index(force):] if force else ()
+    for name in names:
+        stage = BY_NAME[name]
+        if name not in forced and workdir.is_committed(store, stage.directory(cfg), prints[name], name):
+            continue
+        if stage.upstream is None and stage.check is not None:
+            stage.check(cfg, store)
+            return {name}
+        return set()
+    return set()
+
+
+def run_stages(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | None = None,
+               lease: Lease | None = None, checked: set[str] = frozenset()) -> dict[str, Any]:
     """Run the stages `names` in order, skipping committed ones: stats and seconds per stage."""
     prints = stage_fingerprints(cfg)
     # Refuse stale output up front (before hours of embedding), naming the first stale stage.
@@ -63,11 +150,16 @@ def run_stages(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | No
     for stage in STAGES[: last + 1]:
         workdir.is_committed(store, stage.directory(cfg), prints[stage.name], stage.name)
     results: dict[str, Any] = {"stats": {}, "seconds": {}, "skipped": []}
+    hooks = _guarded(hooks or Hooks(), lease)
     for name in names:
         stage = BY_NAME[name]
-        ctx = StageContext(fingerprint=prints[name], fingerprints=prints, hooks=hooks or Hooks())
+        if lease is not None:
+            lease.check()
+        if not workdir.is_committed(store, stage.directory(cfg), prints[name], name):
+            check_pool_size(cfg, store, name, prints)
+        ctx = StageContext(fingerprint=prints[name], fingerprints=prints, hooks=hooks)
         t0 = time.perf_counter()
-        stats, ran = run_stage(stage, cfg, store, ctx)
+        stats, ran = run_stage(stage, cfg, store, ctx, checked=name in checked)
         results["stats"][name] = stats
         results["seconds"][name] = round(time.perf_counter() - t0, 3) if ran else 0.0
         if ran:
@@ -78,8 +170,28 @@ def run_stages(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | No
 
 
 def run_one(cfg: JobConfig, store: Store, name: str, hooks: Hooks | None = None) -> dict[str, Any]:
-    """One stage (skipped when committed); its stats."""
-    return run_stages(cfg, store, [name], hooks)["stats"][name]
+    """One stage (skipped when committed), checked and run under the lease like :func:`run_job`; its stats."""
+    with leased(cfg, store, [name], command=f"run_one({name})") as (lease, checked):
+        return run_stages(cfg, store, [name], hooks, lease, checked)["stats"][name]
+
+
+@contextmanager
+def leased(cfg: JobConfig, store: Store, names: list[str], force: str | None = None,
+           command: str | None = None) -> Iterator[tuple[Lease, set[str]]]:
+    """Check everything that can be checked without writing (locations, a busy workdir, the first
+    stage's inputs), then hold the workdir's lease (released at the end, also on failure), after
+    applying --force-from under it. Yields the lease and the stages whose check already ran."""
+    if force and force not in BY_NAME:
+        raise UsageError(f"--force-from {force!r}: stages are {', '.join(STAGE_NAMES)}")
+    check_locations(cfg, store)
+    busy = holder(store, cfg.workdir)  # read-only: refuse before minutes of input checks
+    if busy is not None:
+        raise LeaseHeldError(f"workdir {cfg.workdir} is in use by another job: {describe(busy)}")
+    checked = check_first_inputs(cfg, store, names, force)
+    with acquire(store, cfg.workdir, {"command": command or "d2prune"}) as lease:
+        if force:
+            force_from(cfg, store, force)
+        yield lease, checked
 
 
 def job_summary(cfg: JobConfig, store: Store, results: dict[str, Any]) -> dict[str, Any]:
@@ -115,18 +227,22 @@ def write_report(cfg: JobConfig, store: Store, summary: dict[str, Any]) -> str |
 
 def run_job(config: str, overrides: list[str] | None = None, force: str | None = None,
             address: str | None = None, stages: list[str] | None = None, hooks: Hooks | None = None,
-            report: bool | None = None) -> dict[str, Any]:
+            report: bool | None = None, command: str | None = None) -> dict[str, Any]:
     """The job as a function; raises on failure (:mod:`pipeline.errors` maps it to an exit code).
-    `report`: build WORKDIR/report.html at the end; default: when the whole job ran (not one stage)."""
+    `report`: build WORKDIR/report.html at the end; default: when the whole job ran (not one stage).
+
+    Nothing is written before the config, every location and the inputs are checked; then the
+    workdir's lease is taken (:mod:`pipeline.lease`) and held until the job ends (its report
+    included), also when it fails."""
     cfg = load_config(config, overrides)
     store = Store(cfg.storage)
     if address:  # --address joins now: it wins over RAY_ADDRESS and ray.address (runtime.cluster_address)
         init_ray(cfg.ray, address)
     check_cluster_paths(cfg, store, address)  # local paths a multi-node cluster cannot see: exit 2, before any work
-    if force:
-        force_from(cfg, store, force)
-    results = run_stages(cfg, store, stages or list(STAGE_NAMES), hooks)
-    summary = job_summary(cfg, store, results)
-    if report if report is not None else stages is None:
-        summary["report"] = write_report(cfg, store, summary)
-    return summary
+    names = stages or list(STAGE_NAMES)
+    with leased(cfg, store, names, force, command or f"run_job({config})") as (lease, checked):
+        results = run_stages(cfg, store, names, hooks, lease, checked)
+        summary = job_summary(cfg, store, results)
+        if report if report is not None else stages is None:
+            summary["report"] = write_report(cfg, store, summary)
+        return summary

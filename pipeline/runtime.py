@@ -77,7 +77,29 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
         ray.init(**kwargs)
         log.info("started an embedded local Ray (%s) with %s; used: %s", source, ray.cluster_resources(),
                  ", ".join(f"{k}={v}" for k, v in local_only.items()) or "the machine's defaults")
+        _watch_embedded_ray()
     return ray
+
+
+_WATCHDOGS: list = []  # kept for the driver's lifetime: their stdin pipes are the driver's heartbeat
+
+
+def _watch_embedded_ray() -> None:
+    """Start :mod:`pipeline.reaper` for the embedded Ray just started, so its agents do not outlive
+    a driver killed without shutting Ray down."""
+    from . import reaper
+
+    try:
+        import ray._private.ray_constants as ray_constants
+        from ray._private import worker
+
+        raylet = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    except Exception as err:  # noqa: BLE001 - a private API: without it, no watchdog (logged)
+        log.debug("no Ray watchdog: raylet pid unknown (%s)", err)
+        return
+    watchdog = reaper.start(raylet)
+    if watchdog is not None:
+        _WATCHDOGS.append(watchdog)
 
 
 def describe_cluster() -> str:

@@ -119,8 +119,10 @@ def committed_stats(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContex
     return stats
 
 
-def run_stage(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext) -> tuple[dict[str, Any], bool]:
-    """Skip / require / claim / run / commit (module docstring); returns (stats, ran)."""
+def run_stage(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext,
+              checked: bool = False) -> tuple[dict[str, Any], bool]:
+    """Skip / require / claim / run / commit (module docstring); returns (stats, ran). `checked`:
+    the job runner already ran the stage's check (before taking the lease), so it is not repeated."""
     stats = committed_stats(stage, cfg, store, ctx)
     if stats is not None:
         log.info("stage %s: already committed in %s, skipping", stage.name, stage.directory(cfg))
@@ -132,7 +134,7 @@ def run_stage(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext) -> 
                 f"the {stage.name} stage needs the committed {stage.upstream} stage: no {workdir.SUCCESS} in "
                 f"{upstream_dir} (run `d2prune run` or `d2prune {stage.upstream}` first)"
             )
-    if stage.check is not None:
+    if stage.check is not None and not checked:
         stage.check(cfg, store)
     directory = stage.directory(cfg)
     workdir.claim(store, directory, ctx.fingerprint, stage.name)

@@ -7,6 +7,13 @@ created lazily in each process).
 Commits are atomic: on a local (POSIX) filesystem we write ``name.tmp-<random>`` and rename it;
 on object stores a single PUT is already atomic (an object is invisible until its upload
 completes), so a temporary name would only add a copy. Readers therefore never see a partial file.
+
+Reads that stream big objects (input shards) go through :meth:`Store.open_checked`: the object's
+size is known up front, so a short or empty read is told apart from the end of the data, and a
+transient failure (reset connection, throttling, a read that returns less than the object holds)
+is retried with exponential back-off (``storage.read_attempts``). A read that still fails raises
+:class:`ReadFailedError`, never hands out fewer bytes: damaged data and a failed read are never
+confused.
 """
 
 from __future__ import annotations
@@ -15,17 +22,24 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
+import random
 import re
 import shutil
 import tempfile
+import time
 import uuid
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol
 
 from .config import StorageConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _BRACE_ALT = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -75,6 +89,178 @@ def basename(url: str) -> str:
 def is_local(url: str) -> bool:
     protocol, _ = split_protocol(url)
     return protocol in (None, "file", "local")
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+class ReadFailedError(RuntimeError):
+    """An object could not be read completely after every attempt (a retry later may succeed)."""
+
+
+class ObjectChangedError(ReadFailedError):
+    """An object was replaced while it was being read (its size or ETag changed)."""
+
+
+# Errors that say the object is not there or not ours to read: no retry can change that.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# Libraries whose own exceptions (not translated to OSError) are network or protocol failures.
+_TRANSIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "http", "requests", "s3fs", "ssl"}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a storage error may go away on retry (network, throttling, a short read)."""
+    if isinstance(err, (_PERMANENT, ReadFailedError)):
+        return False
+    name = type(err).__name__
+    if any(word in name for word in ("Credential", "ParamValidation", "NoSuchBucket")):
+        return False
+    if isinstance(err, (OSError, TimeoutError)):  # ConnectionError, s3fs-translated 5xx / SlowDown
+        return True
+    return type(err).__module__.split(".")[0] in _TRANSIENT_PACKAGES
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential back-off with full jitter (AWS's advice for throttling: spread the retries)."""
+
+    attempts: int = 6
+    base_seconds: float = 0.5
+    max_seconds: float = 20.0
+
+    def delay(self, failure: int) -> float:
+        """Seconds to wait after the `failure`-th consecutive failure (1-based)."""
+        cap = min(self.max_seconds, self.base_seconds * 2 ** (failure - 1))
+        return random.uniform(cap / 2, cap)
+
+    def call(self, fn: Callable[[], T], what: str) -> T:
+        """`fn()`, retried on transient errors; ReadFailedError naming `what` when every attempt failed."""
+        for failure in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 - classified below
+                if not is_transient(err):
+                    raise
+                if failure == self.attempts:
+                    raise ReadFailedError(f"{what}: still failing after {self.attempts} attempts "
+                                          f"({type(err).__name__}: {err})") from err
+                wait = self.delay(failure)
+                log.warning("%s: %s: %s; retrying in %.1f s (attempt %d of %d)", what, type(err).__name__, err,
+                            wait, failure + 1, self.attempts)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+class _ShortRead(OSError):
+    """Fewer bytes than the object holds came back (the connection ended early): retried."""
+
+
+class CheckedReader:
+    """A read-only, seekable file over one object whose size is known up front.
+
+    ``read(n)`` returns exactly ``min(n, size - position)`` bytes or raises: a read that comes back
+    short (an empty body, a connection cut mid-response) or fails transiently is retried from the
+    same offset on a fresh handle, after a back-off; when the object's identity (size, ETag)
+    changes in between, :class:`ObjectChangedError`. Only the real end of the object reads as EOF,
+    so a parser above it (tarfile) sees damaged data only when the data is damaged.
+    """
+
+    def __init__(self, store: "Store", url: str, block_size: int | None = None):
+        self.store, self.url, self.block_size = store, url, block_size
+        self.policy = store.retry_policy
+        info = self.policy.call(lambda: store.fs(url).info(store.path(url)), f"{url}: stat")
+        self.size = int(info["size"])
+        self._identity = _identity_of(info)
+        self._pos = 0
+        self._fh = None
+
+    # -- file protocol ---------------------------------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        want = self.size - self._pos if n is None or n < 0 else min(n, max(0, self.size - self._pos))
+        if want <= 0:
+            return b""
+        chunks: list[bytes] = []
+        got = 0
+        failures = 0
+        while got < want:
+            try:
+                fh = self._handle()
+                if fh.tell() != self._pos:
+                    fh.seek(self._pos)
+                data = fh.read(want - got)
+                if not data:
+                    raise _ShortRead(f"read returned no data at byte {self._pos} of {self.size}")
+            except Exception as err:  # noqa: BLE001 - classified by is_transient
+                self._drop_handle()
+                if not is_transient(err):
+                    raise
+                failures += 1
+                if failures >= self.policy.attempts:
+                    raise ReadFailedError(
+                        f"{self.url}: read failed at byte {self._pos} of {self.size} after {failures} attempts "
+                        f"({type(err).__name__}: {err})") from err
+                wait = self.policy.delay(failures)
+                log.warning("%s: %s: %s at byte %d; retrying in %.1f s (attempt %d of %d)", self.url,
+                            type(err).__name__, err, self._pos, wait, failures + 1, self.policy.attempts)
+                time.sleep(wait)
+                self._check_unchanged()
+                continue
+            chunks.append(data)
+            got += len(data)
+            self._pos += len(data)
+            failures = 0  # progress: the next failure starts a fresh back-off
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self._drop_handle()
+
+    def __enter__(self) -> "CheckedReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _handle(self):
+        if self._fh is None:
+            kwargs = {"block_size": self.block_size} if self.block_size and not is_local(self.url) else {}
+            self._fh = self.store.fs(self.url).open(self.store.path(self.url), "rb", **kwargs)
+        return self._fh
+
+    def _drop_handle(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except Exception:  # noqa: BLE001 - a broken handle is being discarded anyway
+                pass
+            self._fh = None
+
+    def _check_unchanged(self) -> None:
+        info = self.policy.call(lambda: self.store.fs(self.url).info(self.store.path(self.url)), f"{self.url}: stat")
+        if _identity_of(info) != self._identity:
+            raise ObjectChangedError(f"{self.url} changed while it was being read ({self._identity} -> "
+                                     f"{_identity_of(info)}); rerun to read the new version from the start")
+
+
+def _identity_of(info: dict[str, Any]) -> str:
+    """What identifies an object's content without reading it: size and ETag / modification time."""
+    keys = ("size", "ETag", "etag", "LastModified", "mtime", "last_modified")
+    return json.dumps({k: str(info[k]) for k in keys if k in info}, sort_keys=True)
 
 
 class Store:
@@ -149,6 +335,37 @@ class Store:
         prefix = f"{protocol}://" if protocol and protocol not in ("file", "local") else ""
         return sorted(prefix + p for p in fs.glob(self.path(url)))
 
+    def location_problem(self, url: str, writable: bool) -> str | None:
+        """Why `url` cannot serve as a folder to read (or, with `writable`, to write), else None:
+        a bucket that does not exist (named), a path that is a file, a read-only parent folder.
+        Object stores are asked once (HEAD bucket, retried on transient errors); nothing is written."""
+        if is_local(url):
+            path = self.path(url)
+            if os.path.exists(path):
+                if not os.path.isdir(path):
+                    return f"{path} exists and is not a folder"
+                probe = path
+            else:
+                probe = os.path.dirname(path.rstrip("/")) or "/"
+                while not os.path.exists(probe):
+                    probe = os.path.dirname(probe) or "/"
+                if not os.path.isdir(probe):
+                    return f"{probe} is a file, so {path} cannot be created"
+            if writable and not os.access(probe, os.W_OK | os.X_OK):
+                return f"{probe} is not writable by this user"
+            return None
+        fs = self.fs(url)
+        bucket = self.path(url).split("/", 1)[0]
+        if not hasattr(fs, "call_s3"):  # another fsspec backend: its first write or read will tell
+            return None
+        try:
+            self.retry_policy.call(lambda: fs.call_s3("head_bucket", Bucket=bucket), f"{url}: HEAD bucket {bucket}")
+        except FileNotFoundError:
+            return f"bucket '{bucket}' does not exist"
+        except PermissionError as err:
+            return f"bucket '{bucket}' is not accessible with these credentials ({err})"
+        return None
+
     def makedirs(self, url: str) -> None:
         if is_local(url):
             os.makedirs(self.path(url), exist_ok=True)
@@ -161,8 +378,17 @@ class Store:
             fs.rm(path, recursive=recursive)
 
     # -- reading ---------------------------------------------------------------------------------
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        s = self.storage
+        return RetryPolicy(s.read_attempts, s.retry_base_seconds, s.retry_max_seconds)
+
     def open(self, url: str, mode: str = "rb"):
         return self.fs(url).open(self.path(url), mode)
+
+    def open_checked(self, url: str, block_size: int | None = None) -> CheckedReader:
+        """A :class:`CheckedReader` over `url`: complete reads with retries, or ReadFailedError."""
+        return CheckedReader(self, url, block_size)
 
     def read_bytes(self, url: str) -> bytes:
         with self.open(url, "rb") as fh:
@@ -221,9 +447,7 @@ class Store:
     def identity(self, url: str) -> str:
         """What identifies the object's content without reading it: size and ETag / modification
         time. A cache keyed by it can never serve a replaced object."""
-        info = self.fs(url).info(self.path(url))
-        keys = ("size", "ETag", "etag", "LastModified", "mtime", "last_modified")
-        return json.dumps({k: str(info[k]) for k in keys if k in info}, sort_keys=True)
+        return _identity_of(self.fs(url).info(self.path(url)))
 
     def node_local_copy(self, urls: list[str], namespace: str) -> list[str]:
         """Paths to open for `urls`: their own paths when local; for remote objects, copies in one

@@ -35,6 +35,7 @@ def summarize(stats: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
         "budget": (select or {}).get("budget"),
         "output": (write or {}).get("shards_url"),
         "overlap_with_exact": (select or {}).get("overlap_with_exact"),
+        "missing_shards": int((embed or {}).get("shards_missing") or 0),
         # metadata rows whose sample is in no input shard (failed downloads): not part of the pool
         "not_in_shards": (embed or {}).get("not_in_shards"),
     }

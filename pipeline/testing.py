@@ -26,10 +26,13 @@ import numpy as np
 from .config import JobConfig, config_from_dict
 from .formats.tar import BLOCK, TarWriter
 from .formats.webdataset import (
+    BAD_KEY,
     BAD_METADATA,
+    BAD_UID,
     DUPLICATE_UID,
     MISSING_CAPTION,
     MISSING_IMAGE,
+    TOO_LARGE,
     TRUNCATED_TAR,
     UNDECODABLE_IMAGE,
     fallback_uid,
@@ -254,6 +257,215 @@ def write_pool(dest_dir: str, store: Store | None = None, n_shards: int = 4, per
                         without_json_uid=without_json_uid)
 
 
+# -- a bad-input corpus ---------------------------------------------------------------------------
+
+# The corpus's limits (give them to make_config as input settings): small, so the oversized cases
+# stay small files.
+CORPUS_INPUT = {"max_image_pixels": 1_000_000, "max_member_bytes": 2**20, "image_exts": ["jpg", "png"]}
+
+
+@dataclass
+class BadInputCorpus:
+    """A pool with every kind of bad input the reader must survive, and what it must make of it.
+
+    ``manifest`` covers the readable shards (kept samples and skip counts per shard, with
+    ``CORPUS_INPUT``); ``unreadable`` maps the shards that are not tars at all to the reason the
+    up-front check gives; ``empty_shards`` are valid tars without samples."""
+
+    manifest: PoolManifest
+    unreadable: dict[str, str]
+    empty_shards: list[str]
+
+    @property
+    def shards(self) -> list[str]:
+        return self.manifest.shards
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header announces width x height 1-bit pixels, with one row of data: what a
+    decompression bomb looks like to a reader that checks the header (PIL refuses it at open)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (1 + (width + 7) // 8))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def odd_mode_images(rng: np.random.Generator, size: int = 48) -> dict[str, tuple[str, bytes]]:
+    """One picture in each PIL mode a pool may hold that is not 8-bit RGB: name -> (ext, bytes)."""
+    from PIL import Image
+
+    base, _ = render_image(rng, size)
+    grey16 = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+    cmyk = io.BytesIO()
+    base.convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    palette = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    transparent = io.BytesIO()
+    palette.save(transparent, format="PNG", transparency=bytes([0] + [255] * 15))  # bytes: PIL warns on convert
+    return {
+        "palette_transparency": ("png", transparent.getvalue()),
+        "grey_alpha": ("png", _png(base.convert("LA"))),
+        "cmyk_jpeg": ("jpg", cmyk.getvalue()),
+        "grey16": ("png", _png(grey16)),
+        "bilevel": ("png", _png(base.convert("1"))),
+        "rgba": ("png", _png(base.convert("RGBA"))),
+    }
+
+
+def write_bad_input_pool(dest_dir: str, store: Store | None = None, seed: int = 0) -> BadInputCorpus:
+    """Five shards (read with ``CORPUS_INPUT``):
+
+    ``00000.tar`` every sample-level defect next to healthy samples: uids ``1`` (a number: bad_uid)
+    and ``"1"`` (kept: the two must not collide), a list uid, garbage / zero-byte / cut image
+    bytes, an empty and a non-UTF-8 caption, a bomb by size (1200x1200 > max_image_pixels) and by
+    header (30000x30000 announced), every odd image mode (kept), a member over max_member_bytes, a
+    member name that is not UTF-8, no image, bad json, a repeated uid, and members that belong to
+    no sample (a folder, a name without extension);
+    ``00001.tar`` cut in the middle of its seventh sample, with a uid repeated from shard 0;
+    ``00002.tar`` a valid tar with no member; ``00003.tar`` zero bytes; ``00004.tar`` random bytes.
+    """
+    import tarfile
+
+    from PIL import Image
+
+    store = store or Store()
+    rng = np.random.default_rng(seed)
+    store.makedirs(dest_dir)
+    urls = [join(dest_dir, f"{i:05d}.tar") for i in range(5)]
+    kept: list[list[dict[str, str]]] = [[], [], []]
+    skipped: list[Counter] = [Counter(), Counter(), Counter()]
+
+    def healthy(pos: int, uid: Any) -> tuple[list[tuple[str, bytes]], str]:
+        image, caption = render_image(rng, 48)
+        fmt = ("jpg", "png")[pos % 2]
+        meta = json.dumps({"uid": uid, "caption": caption}).encode()
+        return [(fmt, encode_image(image, fmt)), ("txt", caption.encode()), ("json", meta)], caption
+
+    # -- shard 0: sample-level defects
+    buf = io.BytesIO()
+    first_uid = _sample_uid(seed, 0, 0)
+    with TarWriter(buf) as tar:
+        info = tarfile.TarInfo("somedir")  # a folder entry and a name without extension: no sample
+        info.type = tarfile.DIRTYPE
+        tar._tar.addfile(info)
+        tar.add("README", b"not a sample member")
+        pos = 0
+
+        def add(members: list[tuple[str, bytes]], expect: str, uid: str | None = None, caption: str = "",
+                key: str | None = None) -> None:
+            nonlocal pos
+            key = key or f"{pos:04d}"
+            for ext, data in members:
+                tar.add(f"{key}.{ext}", data)
+            if expect == "keep":
+                kept[0].append({"uid": uid, "key": key, "caption": caption})
+            else:
+                skipped[0][expect] += 1
+            pos += 1
+
+        for i in range(12):
+            uid = first_uid if i == 0 else _sample_uid(seed, 0, pos)
+            members, caption = healthy(pos, uid)
+            add(members, "keep", uid, caption)
+        members, _ = healthy(pos, 1)
+        add(members, BAD_UID)
+        members, caption = healthy(pos, "1")
+        add(members, "keep", "1", caption)
+        members, _ = healthy(pos, [1])
+        add(members, BAD_UID)
+        image, caption = render_image(rng, 48)
+        png = encode_image(image, "png")
+        meta = lambda: json.dumps({"uid": _sample_uid(seed, 0, pos)}).encode()  # noqa: E731
+        add([("jpg", b"\xff\xd8\xff\xe0 garbage " + rng.bytes(200)), ("txt", b"a caption"), ("json", meta())],
+            UNDECODABLE_IMAGE)
+        add([("png", b""), ("txt", b"a caption"), ("json", meta())], UNDECODABLE_IMAGE)
+        add([("png", png[: len(png) // 2]), ("txt", b"a caption"), ("json", meta())], UNDECODABLE_IMAGE)
+        add([("png", png), ("txt", b""), ("json", meta())], MISSING_CAPTION)
+        add([("png", png), ("txt", b"\xff\xfe\xfa"), ("json", meta())], MISSING_CAPTION)
+        big = Image.fromarray(np.full((1200, 1200), 128, np.uint8), mode="L")
+        add([("png", _png(big)), ("txt", b"a caption"), ("json", meta())], TOO_LARGE)
+        add([("png", _png_header_only(30000, 30000)), ("txt", b"a caption"), ("json", meta())], TOO_LARGE)
+        for name, (ext, data) in odd_mode_images(rng).items():
+            uid = _sample_uid(seed, 0, pos)
+            add([(ext, data), ("txt", f"an image in mode {name}".encode()), ("json", json.dumps({"uid": uid}).encode())],
+                "keep", uid, f"an image in mode {name}")
+        add([("png", png), ("txt", b"a caption"), ("bin", bytes(2**20 + 1)), ("json", meta())], TOO_LARGE)
+        add([("png", png), ("txt", b"a caption"), ("json", meta())], BAD_KEY, key="\udcff\udcfe-key")
+        add([("txt", b"a caption"), ("json", meta())], MISSING_IMAGE)
+        add([("png", png), ("txt", b"a caption"), ("json", b'{"uid": ')], BAD_METADATA)
+        members, _ = healthy(pos, first_uid)
+        add(members, DUPLICATE_UID)
+    store.write_bytes(urls[0], buf.getvalue())
+
+    # -- shard 1: cut in the middle of its seventh sample; its third repeats a uid of shard 0
+    buf = io.BytesIO()
+    cut = None
+    with TarWriter(buf) as tar:
+        for i in range(8):
+            uid = kept[0][3]["uid"] if i == 2 else _sample_uid(seed, 1, i)
+            members, caption = healthy(i, uid)
+            for ext, data in members:
+                offset = tar.add(f"1{i:03d}.{ext}", data)
+                if i == 6 and cut is None:
+                    cut = offset + BLOCK + len(data) // 2
+            if i < 6:
+                if i == 2:
+                    skipped[1][DUPLICATE_UID] += 1
+                else:
+                    kept[1].append({"uid": uid, "key": f"1{i:03d}", "caption": caption})
+    skipped[1][TRUNCATED_TAR] += 1
+    store.write_bytes(urls[1], buf.getvalue()[:cut])
+
+    # -- shard 2: an empty tar; 3: zero bytes; 4: random bytes
+    buf = io.BytesIO()
+    TarWriter(buf).close()
+    store.write_bytes(urls[2], buf.getvalue())
+    store.write_bytes(urls[3], b"")
+    store.write_bytes(urls[4], b"\x00GARBAGE" + rng.bytes(3000))
+    manifest = PoolManifest(shards=urls[:3], kept=kept, skipped=[dict(c) for c in skipped], truncated_shards=[1])
+    return BadInputCorpus(manifest, {urls[3]: "not a tar archive (0 bytes)", urls[4]: "not a tar archive"},
+                          [urls[2]])
+
+
+def write_repeated_keys_pool(dest_dir: str, store: Store | None = None, seed: int = 0) -> PoolManifest:
+    """One shard whose keys repeat: ``e1 e2 e1`` (later, distinct uids: three samples), ``d1 d1`` back
+    to back (distinct uids: two samples, never one merged), ``n1 n1`` back to back without json (the
+    same fallback uid: one kept, one duplicate_uid), plus healthy samples so a job has a graph."""
+    store = store or Store()
+    rng = np.random.default_rng(seed)
+    url = join(dest_dir, "00000.tar")
+    kept: list[dict[str, str]] = []
+    counts: Counter = Counter()
+    buf = io.BytesIO()
+    keys = [f"h{i:02d}" for i in range(10)] + ["e1", "e2", "e1", "d1", "d1", "n1", "n1"]
+    with TarWriter(buf) as tar:
+        for pos, key in enumerate(keys):
+            image, caption = render_image(rng, 48)
+            members = [("png", encode_image(image, "png")), ("txt", caption.encode())]
+            uid = fallback_uid(url, key) if key == "n1" else _sample_uid(seed, 9, pos)
+            if key != "n1":
+                members.append(("json", json.dumps({"uid": uid}).encode()))
+            for ext, data in members:
+                tar.add(f"{key}.{ext}", data)
+            if any(k["uid"] == uid for k in kept):
+                counts[DUPLICATE_UID] += 1
+            else:
+                kept.append({"uid": uid, "key": key, "caption": caption})
+    store.write_bytes(url, buf.getvalue())
+    return PoolManifest(shards=[url], kept=[kept], skipped=[dict(counts)])
+
+
+# -- DataComp-style precomputed embeddings ---------------------------------------------------------
 # -- a DataComp pool, laid out as download_upstream.py + img2dataset lay it out ---------------------
 
 DATACOMP_DIMS = {"b32": 8, "l14": 16}  # (real: 512 and 768) widths of the npz arrays

@@ -61,7 +61,7 @@ def is_committed(store: Store, directory: str, fingerprint: str, stage: str) -> 
     if marker.get("fingerprint") != fingerprint:
         raise StaleStageError(
             f"stage '{stage}' in {directory} was committed with other settings "
-            f"(fingerprint {marker.get('fingerprint')} != {fingerprint}); rerun with --force-from {stage} "
+            f"(fingerprint {marker.get('fingerprint')} != {fingerprint}); rerun `d2prune run` with --force-from {stage} "
             "to recompute it and every later stage, or use another workdir"
         )
     return True
@@ -75,7 +75,8 @@ def claim(store: Store, directory: str, fingerprint: str, stage: str) -> None:
     if existing is not None and existing != fingerprint:
         raise StaleStageError(
             f"{directory} holds partial output of a run with other settings "
-            f"(fingerprint {existing} != {fingerprint}); rerun with --force-from {stage} or use another workdir"
+            f"(fingerprint {existing} != {fingerprint}); rerun `d2prune run` with --force-from {stage} or use another "
+            "workdir"
         )
     if existing is None:
         store.write_json(url, {"fingerprint": fingerprint})

@@ -64,7 +64,7 @@ def job_yaml(path: Path, workdir: str, output: str, pool, checkpoint: str, s3_se
     """A job config file for the test pool: the tiny model with a checkpoint on S3, small parts so
     each stage runs several tasks (time to lose a node in each), a short stall timeout."""
     cfg = make_config(
-        "/placeholder", pool.shards, "/placeholder",
+        "/placeholder/work", pool.shards, "/placeholder/out",  # replaced below (they must differ: no overlap)
         storage={"endpoint_url": s3_server},
         embed={"pretrained": checkpoint, "num_actors": 2, "batch_size": 8},
         graph={"parts_per_task": 1, "index": "ivfflat", "nlist": 4, "nprobe": 4},

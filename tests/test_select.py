@@ -52,7 +52,7 @@ def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=No
     raw = {
         "workdir": str(tmp_path / "work"), "input": {"shards": str(tmp_path / "pool/{00000..00009}.tar")},
         "output": {"url": str(tmp_path / "out")},
-        "graph": {"k": k, "nlist": nlist, "index": "ivfflat", **(graph or {})},
+        "graph": {"k": k, "nlist": nlist, "nprobe": nlist, "index": "ivfflat", **(graph or {})},
         "select": {"prune_rate": 0.7, **(select or {})},
     }
     cfg = config_from_dict(raw)
@@ -297,13 +297,17 @@ def test_ray_paths_equal_in_process_paths(tmp_path, monkeypatch, ray_local):
     assert ray_stats["overlap_with_exact"] == local_stats["overlap_with_exact"]
 
 
-def test_prune_everything_gives_an_empty_selection(tmp_path):
-    cfg, store, _ = make_workdir(tmp_path, n=200, select={"partitions": 3, "prune_rate": 1.0})
-    stats = run_select_stage(cfg, store)
-    assert stats["selected"] == 0 and stats["pruned"] == 200
-    assert read_selected(store, cfg)["uid"] == []
-    subset = np.load(join(workdir.stage_dir(cfg.workdir, "select"), "subset.npy"))
-    assert subset.dtype == U16 and subset.shape == (0,)
+def test_prune_everything_is_refused_before_the_stage_writes(tmp_path):
+    # a budget of 0 keeps nothing (the job used to end with exit 0 and an output path that did not
+    # exist): refused when loaded (prune_rate 1.0) or, once N is known, before the select stage writes
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"select.prune_rate=1.0 drops every sample"):
+        make_workdir(tmp_path, n=200, select={"partitions": 3, "prune_rate": 1.0})
+    cfg, store, _ = make_workdir(tmp_path, n=200, select={"partitions": 3, "prune_rate": 0.998})
+    with pytest.raises(ConfigError, match=r"keeps round\(\(1-p\)\*N\) = 0 of the N=200 samples"):
+        run_select_stage(cfg, store)
+    assert not store.exists(workdir.stage_dir(cfg.workdir, "select"))
 
 
 def test_build_partitions_auto_is_exact_until_max_nodes():

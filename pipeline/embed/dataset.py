@@ -62,7 +62,8 @@ class ClipEmbedder(ClipEncoder):
             scores[rows] = score.astype(np.float32)
             embedded_at[rows] = time.time()
         out = {k: batch[k] for k in ("shard_index", "sample_index", "uid", "key", "caption", "original_width",
-                                     "original_height", "is_marker", "marker_samples", "marker_skipped")}
+                                     "original_height", "is_marker", "marker_samples", "marker_skipped",
+                                     "marker_error")}
         out.update(image_embedding=image_emb, text_embedding=text_emb, clip_score=scores,
                    embedded_at=embedded_at)
         return out

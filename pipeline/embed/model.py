@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import JobConfig
+from ..errors import ConfigError
 from ..storage import Store, is_local
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,9 @@ def model_spec(cfg: JobConfig, store: Store) -> ModelSpec:
         try:
             config = store.read_json(cfg.embed.model_config_path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"embed.model_config_path {cfg.embed.model_config_path} does not exist") from None
+            raise ConfigError(f"embed.model_config_path {cfg.embed.model_config_path} does not exist") from None
+        except ValueError as err:
+            raise ConfigError(f"embed.model_config_path {cfg.embed.model_config_path} is not JSON ({err})") from None
         config_json = json.dumps(config, sort_keys=True)
     spec = ModelSpec(cfg.embed.model, cfg.embed.pretrained, config_json, cfg.seed, checkpoint_namespace(cfg))
     _check_model_exists(spec)
@@ -73,9 +77,12 @@ def model_spec(cfg: JobConfig, store: Store) -> ModelSpec:
 def _check_model_exists(spec: ModelSpec) -> None:
     import open_clip
 
-    spec.ensure_registered()
+    try:
+        spec.ensure_registered()
+    except ValueError as err:
+        raise ConfigError(f"embed.model_config_path: {err}") from None
     if ":" not in spec.name and spec.name not in open_clip.list_models():
-        raise ValueError(
+        raise ConfigError(
             f"embed.model {spec.name!r} is not an open_clip architecture; give embed.model_config_path "
             "for a custom one (open_clip.list_models() lists the built-in names)"
         )
@@ -88,14 +95,57 @@ def _is_tag(spec: ModelSpec) -> bool:
 
 
 def check_pretrained(spec: ModelSpec, store: Store) -> None:
-    """Fail fast in the driver when `pretrained` is neither a known tag nor an existing file."""
+    """Fail fast in the driver (ConfigError, exit 2) when `pretrained` is neither a known tag nor a
+    readable checkpoint file: missing, or not a checkpoint at all (a truncated download, an HTML
+    error page). Only the file's structure is read (its zip directory or safetensors header, a few
+    KB), not its weights; a checkpoint of another architecture is found when the actors load it."""
     if not spec.pretrained or _is_tag(spec):
         return
     if not store.exists(spec.pretrained):
-        raise FileNotFoundError(
+        raise ConfigError(
             f"embed.pretrained {spec.pretrained!r} is neither an open_clip pretrained tag of {spec.name!r} "
             "nor an existing checkpoint file"
         )
+    problem = checkpoint_problem(store, spec.pretrained)
+    if problem:
+        raise ConfigError(f"embed.pretrained {spec.pretrained}: not a readable checkpoint ({problem})")
+
+
+def checkpoint_problem(store: Store, url: str) -> str | None:
+    """Why the file at `url` cannot be a checkpoint open_clip loads (torch zip or legacy pickle,
+    or safetensors), from its structure alone; None when it looks whole."""
+    import struct
+    import zipfile
+
+    size = store.size(url)
+    with store.open(url, "rb") as fh:
+        head = fh.read(8)
+        if url.endswith(".safetensors"):
+            if len(head) < 8:
+                return f"{size} bytes, too short for a safetensors header"
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100 * 2**20):
+                return f"safetensors header of {header_len} bytes in a {size}-byte file (truncated?)"
+            try:
+                header = json.loads(fh.read(header_len))
+            except ValueError as err:
+                return f"safetensors header is not JSON ({err})"
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            if 8 + header_len + max(ends, default=0) > size:
+                return f"tensors end at byte {8 + header_len + max(ends)} of a {size}-byte file (truncated)"
+            return None
+        if head[:1] == b"\x80":  # torch's legacy (pre-1.6) format: a pickle stream
+            return None
+        if head[:4] != b"PK\x03\x04":
+            return f"starts with {head[:8]!r}: neither a torch zip, a legacy torch pickle nor safetensors"
+        fh.seek(0)
+        try:
+            with zipfile.ZipFile(fh) as archive:  # reads the central directory at the end only
+                if not any(n.endswith("data.pkl") for n in archive.namelist()):
+                    return "a zip file without data.pkl: not a torch.save checkpoint"
+        except zipfile.BadZipFile as err:
+            return f"{err} (truncated or corrupt)"
+    return None
 
 
 def is_local_checkpoint(spec: ModelSpec) -> bool:
@@ -125,6 +175,22 @@ def load_model(spec: ModelSpec, store: Store, device: str = "cpu"):
     return model
 
 
+@contextmanager
+def _without_log(prefix: str):
+    """Drop root-logger records starting with `prefix` (open_clip logs through the root logger)."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(prefix)
+
+    dropper = _Drop()
+    root = logging.getLogger()
+    root.addFilter(dropper)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropper)
+
+
 def preprocess_config(spec: ModelSpec) -> dict[str, Any]:
     """The model's own inference preprocessing (size, mean/std, interpolation, resize mode),
     obtained the way open_clip derives it, from a weightless (meta-device) build of the model plus
@@ -133,7 +199,9 @@ def preprocess_config(spec: ModelSpec) -> dict[str, Any]:
     import torch
 
     spec.ensure_registered()
-    with torch.device("meta"):
+    # open_clip logs "No pretrained weights loaded ... initialized randomly" for this weightless
+    # build: true of it, but read as a warning about the job's model (whose checkpoint the actors load)
+    with torch.device("meta"), _without_log("No pretrained weights loaded"):
         model = open_clip.create_model(spec.name, pretrained=None, device="meta")
     pp = dict(model.visual.preprocess_cfg)
     if _is_tag(spec):

@@ -66,6 +66,12 @@ class ShardResult:
     widths: np.ndarray  # original image size (int32)
     heights: np.ndarray
     skipped: Counter = field(default_factory=Counter)
+    missing: str | None = None  # why the shard could not be read (input.allow_missing_shards): no rows
+
+    @classmethod
+    def unreadable(cls, reason: str) -> "ShardResult":
+        return cls([], [], np.zeros(0, np.float32), np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16),
+                   [], np.zeros(0, np.int32), np.zeros(0, np.int32), Counter(), reason)
 
 
 class ShardAccumulator:
@@ -76,6 +82,7 @@ class ShardAccumulator:
         self.rows = 0
         self.expected: int | None = None
         self.skipped: Counter = Counter()
+        self.error = ""  # the shard could not be read (its marker says why)
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
         self.chunks.append(rows)
@@ -128,6 +135,11 @@ class PartCommitter:
     def done(self) -> bool:
         return self.position == len(self.queue)
 
+    @property
+    def next_index(self) -> int | None:
+        """The shard the next commit waits for (None when every pending shard is committed)."""
+        return None if self.done else self.queue[self.position]
+
     def _register_committed_below(self, index: int) -> None:
         # Only parts *before* this shard decide whether its uids are duplicates, as in a fresh run.
         while self._disk_position < len(self.on_disk) and self.on_disk[self._disk_position] < index:
@@ -159,26 +171,32 @@ class PartCommitter:
         table = part_table(url, [result.uids[i] for i in idx], [result.keys[i] for i in idx],
                            result.scores[idx], image, text, [result.captions[i] for i in idx],
                            result.widths[idx], result.heights[idx])
-        self.stats[index] = commit_part(self.store, self.directory, index, url, table, skipped)
+        self.stats[index] = commit_part(self.store, self.directory, index, url, table, skipped, result.missing)
         self.registry.add(hashes[idx])
         if self.on_part_committed is not None:
             self.on_part_committed(index)
 
 
-def commit_part(store: Store, directory: str, index: int, shard_url: str, table, skipped: Counter) -> dict[str, Any]:
+def commit_part(store: Store, directory: str, index: int, shard_url: str, table, skipped: Counter,
+                missing: str | None = None) -> dict[str, Any]:
     """Commit input shard `index`'s part: its stats json, then the part (the commit). The stats say
     how many rows, why the others were skipped, and how many uids DataComp's resharder cannot
-    select (:func:`~pipeline.formats.datacomp.uid_notes`). Returns the stats."""
+    select (:func:`~pipeline.formats.datacomp.uid_notes`); for a shard that could not be read and
+    was skipped (input.allow_missing_shards), why (``missing``). Returns the stats."""
     uids = table.column("uid").to_pylist()
     stats: dict[str, Any] = {"shard": shard_url, "samples": table.num_rows,
                              "skipped": dict(sorted((k, int(v)) for k, v in skipped.items() if v))}
     notes = uid_notes(uids, table.column("key").to_pylist(), shard_url)
     if notes:
         stats["uid_notes"] = notes
+    if missing is not None:
+        stats["missing"] = missing
     name = part_name(index)
     store.write_json(join(directory, name + ".stats.json"), stats)
     write_part(store, join(directory, name + ".parquet"), table)
-    if stats["skipped"]:
+    if missing is not None:
+        log.warning("shard %s: skipped as missing (%s), input.allow_missing_shards", shard_url, missing)
+    elif stats["skipped"]:
         log.warning("shard %s: %d samples embedded, skipped %s", shard_url, table.num_rows,
                     ", ".join(f"{k}={v}" for k, v in stats["skipped"].items()))
     else:

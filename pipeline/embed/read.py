@@ -4,11 +4,18 @@ tar → samples (:func:`~pipeline.formats.webdataset.iter_shard_samples`) → PI
 own resize/crop → uint8 HxWx3, tokenised caption. Yields fixed chunks of ``embed.batch_size``
 samples (one chunk = one model forward, so batch composition is a function of the shard alone:
 determinism), then one end-of-shard marker row carrying the shard's sample and skip counts.
+
+A shard that cannot be read as a whole (missing, not a tar, still failing after the storage
+retries: :data:`~pipeline.formats.webdataset.SHARD_FAILURES`) does not fail the task: its marker
+carries the reason (``marker_error``) and the driver drops whatever rows of it were sent, then
+fails the stage naming the shard or, with ``input.allow_missing_shards``, records it as missing.
+Other shards keep flowing. Bad samples are counted per reason, never raised.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from typing import Iterator
 
@@ -16,9 +23,20 @@ import numpy as np
 
 from ..config import InputConfig
 from ..formats.datacomp import json_original_size
-from ..formats.webdataset import UNDECODABLE_IMAGE, ImageDecodeError, decode_image, iter_shard_samples
+from ..formats.webdataset import (
+    SHARD_FAILURES,
+    TOO_LARGE,
+    UNDECODABLE_IMAGE,
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_image,
+    iter_shard_samples,
+    shard_failure,
+)
 from ..storage import Store
 from .model import ImagePipeline, ModelSpec, tokenize, worker_preprocessors
+
+log = logging.getLogger(__name__)
 
 
 def _chunk(shard_index: int, chunk: int, rows: list[tuple], tokenizer) -> dict[str, np.ndarray]:
@@ -37,10 +55,11 @@ def _chunk(shard_index: int, chunk: int, rows: list[tuple], tokenizer) -> dict[s
         "is_marker": np.zeros(n, dtype=bool),
         "marker_samples": np.zeros(n, dtype=np.int64),
         "marker_skipped": np.array([""] * n, dtype=object),
+        "marker_error": np.array([""] * n, dtype=object),
     }
 
 
-def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeline, context: int):
+def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeline, context: int, error: str = ""):
     return {
         "shard_index": np.array([shard_index], dtype=np.int64),
         "chunk": np.array([-1], dtype=np.int64),
@@ -55,6 +74,7 @@ def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeli
         "is_marker": np.array([True]),
         "marker_samples": np.array([n_good], dtype=np.int64),
         "marker_skipped": np.array([json.dumps(dict(skipped), sort_keys=True)], dtype=object),
+        "marker_error": np.array([error], dtype=object),
     }
 
 
@@ -68,23 +88,31 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
         skipped: Counter = Counter()
         rows: list[tuple] = []
         n_good = 0
-        for sample in iter_shard_samples(store, url, input_cfg, dedupe=True):
-            if sample.problem is not None:
-                skipped[sample.problem] += 1
-                continue
-            try:
-                image = decode_image(sample.image_bytes)
-                pixels = images(image)
-            except (ImageDecodeError, ValueError, OSError):
-                skipped[UNDECODABLE_IMAGE] += 1
-                continue
-            # the size before img2dataset's resize when the json says it, else the image's own
-            width, height = json_original_size(sample.meta) or image.size
-            rows.append((sample.index, sample.uid, sample.key, pixels, sample.caption, width, height))
-            if len(rows) == chunk_size:
-                yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer)
-                n_good += len(rows)
-                rows = []
+        try:
+            for sample in iter_shard_samples(store, url, input_cfg, dedupe=True):
+                if sample.problem is not None:
+                    skipped[sample.problem] += 1
+                    continue
+                try:
+                    image = decode_image(sample.image_bytes, input_cfg.max_image_pixels)
+                    pixels = images(image)
+                except ImageTooLargeError:
+                    skipped[TOO_LARGE] += 1
+                    continue
+                except (ImageDecodeError, ValueError, OSError):
+                    skipped[UNDECODABLE_IMAGE] += 1
+                    continue
+                # the size before img2dataset's resize when the json says it, else the image's own
+                width, height = json_original_size(sample.meta) or image.size
+                rows.append((sample.index, sample.uid, sample.key, pixels, sample.caption, width, height))
+                if len(rows) == chunk_size:
+                    yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer)
+                    n_good += len(rows)
+                    rows = []
+        except SHARD_FAILURES as err:
+            log.error("input shard %s could not be read: %s", url, shard_failure(err, url))
+            yield _marker(shard_index, n_good, skipped, images, context, error=shard_failure(err, url))
+            continue
         if rows:
             yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer)
             n_good += len(rows)

@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 
 from ..config import JobConfig
+from ..errors import ConfigError, innermost
 from ..formats.datacomp import subset_file_warning
-from ..formats.webdataset import shard_urls, verify_shards
+from ..formats.webdataset import ShardReadError, listing, shard_urls, verify_shards
 from ..runtime import init_ray, resources, ship_file, unseen_paths
 from ..stage import Stage, StageContext
 from ..storage import Store, join
@@ -38,15 +39,17 @@ from ..workdir import part_name, stage_dir
 from .dataset import actor_gpus, actor_pool_bounds, build_embed_dataset
 from .model import (check_pretrained, checkpoint_namespace, is_local_checkpoint, model_embed_dim, model_spec,
                     preprocess_config)
-from .parts import PartCommitter, ShardAccumulator, committed_indices
+from .parts import PartCommitter, ShardAccumulator, ShardResult, committed_indices
 from .precomputed import run_precomputed, verify_precomputed_inputs
 
 log = logging.getLogger(__name__)
 
 # throughput knobs: they change how fast, never what is embedded
-THROUGHPUT_SETTINGS = {"batch_size": True, "num_actors": True, "min_actors": True, "reader_cpus": True,
+# (batch_size is not one: see settings())
+THROUGHPUT_SETTINGS = {"num_actors": True, "min_actors": True, "reader_cpus": True,
                        "num_gpus_per_actor": True, "cpus_per_actor": True, "torch_threads": True,
                        "precomputed": {"bucket_rows", "shards_per_task"}}
+MISSING_LISTED = 1000  # missing shards named in the stats (all are counted)
 
 
 def cpu_threads(cfg: JobConfig) -> int:
@@ -58,6 +61,10 @@ def settings(cfg: JobConfig) -> dict[str, Any]:
     # The thread count is not a pure throughput knob: on some CPUs (AMD EPYC, measured) torch's CPU
     # kernels split reductions by thread, so the last bit of a float32 result depends on it. A
     # resume with another thread count must not mix parts, so it is part of the fingerprint.
+    # Nor is batch_size: a chunk is one forward, and the rows of a 1-3 row chunk (a shard's last)
+    # go through other kernels than those of a full one (measured on AMD EPYC, tiny and ViT-B-32:
+    # most clip_scores of batches of 1-3 differ in the last bits from batch 32; batches of 5 and 7
+    # differ too with 2 threads), so it stays in the fingerprint with the model settings.
     return {"input": cfg.input.model_dump(), "embed": cfg.embed.model_dump(exclude=THROUGHPUT_SETTINGS),
             "cpu_threads": cpu_threads(cfg)}
 
@@ -65,9 +72,11 @@ def settings(cfg: JobConfig) -> dict[str, Any]:
 def check(cfg: JobConfig, store: Store) -> None:
     """Every input is checked before any work, so a typo fails in seconds, not hours in."""
     urls = shard_urls(cfg.input)
-    verify_shards(store, urls)
+    verify_shards(store, urls, allow_missing=cfg.input.allow_missing_shards)
     if cfg.embed.encoder == "precomputed":
         verify_precomputed_inputs(cfg, store)
+    else:
+        check_pretrained(model_spec(cfg, store), store)  # the model config and checkpoint, a few KB read
 
 
 def steady_rate(forward_times: Counter) -> float | None:
@@ -82,10 +91,25 @@ def steady_rate(forward_times: Counter) -> float | None:
     return round(rows / span, 3) if span > 0 else None
 
 
+def _batches_or_config_error(ds, spec):
+    """The embedded batches; a checkpoint that does not fit the architecture (found when the actors
+    load it: torch's "Error(s) in loading state_dict") is a config error (exit 2), not a failure a
+    rerun could fix."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    except Exception as err:  # noqa: BLE001 - re-raised unchanged unless it is that error
+        text = str(innermost(err))
+        if "Error(s) in loading state_dict" not in text:
+            raise
+        detail = [line.strip() for line in text.splitlines() if line.strip().startswith(
+            ("size mismatch", "Missing key", "Unexpected key"))][:2]
+        raise ConfigError(f"embed.pretrained {spec.pretrained} does not fit embed.model {spec.name}: "
+                          + "; ".join(detail or ["its weights do not load into the architecture"])) from err
+
+
 def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[int],
                    committer: PartCommitter, progress) -> dict[str, Any]:
     spec = model_spec(cfg, store)
-    check_pretrained(spec, store)
     pp = preprocess_config(spec)
     pp_json = json.dumps(pp, sort_keys=True)
     cluster = resources()
@@ -112,15 +136,18 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
     ds = build_embed_dataset(cfg, store, spec, pp_json, [(i, urls[i]) for i in pending], gpus, threads,
                              pool=(min_actors, max_actors), shipped=shipped)
     partial: dict[int, ShardAccumulator] = {}
+    failed: dict[int, str] = {}  # shards that could not be read (their late rows are dropped)
     forward_times: Counter = Counter()  # forward end time -> rows (for the steady-state rate)
     waiting = f"embedded batches from the actor pool ({len(pending)} shard(s) pending)"
     progress(waiting)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+    for batch in _batches_or_config_error(ds, spec):
         progress(waiting)
         markers = np.asarray(batch["is_marker"], dtype=bool)
         shard_index = np.asarray(batch["shard_index"])
         forward_times.update(np.asarray(batch["embedded_at"])[~markers].tolist())
         for index in np.unique(shard_index).tolist():
+            if index in failed:
+                continue
             acc = partial.setdefault(index, ShardAccumulator())
             sel = shard_index == index
             rows = sel & ~markers
@@ -131,8 +158,22 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
             for m in np.flatnonzero(sel & markers):
                 acc.expected = int(batch["marker_samples"][m])
                 acc.skipped.update(json.loads(str(batch["marker_skipped"][m])))
-            if acc.complete:
+                acc.error = str(batch["marker_error"][m])
+            if acc.error:
+                # a shard that could not be read as a whole: never commit part of it
+                failed[index] = acc.error
+                partial.pop(index)
+                if cfg.input.allow_missing_shards:
+                    committer.add(index, ShardResult.unreadable(acc.error))
+            elif acc.complete:
                 committer.add(index, partial.pop(index).result())
+        if failed and not cfg.input.allow_missing_shards and committer.next_index in failed:
+            break  # nothing after the failed shard can be committed (shard order): stop the stream
+    if failed and not cfg.input.allow_missing_shards:
+        lines = [f"{urls[i]}: {reason}" for i, reason in sorted(failed.items())]
+        raise ShardReadError(
+            f"{len(failed)} input shard(s) could not be read; the {len(committer.stats)} shard(s) before them are "
+            f"committed and a rerun resumes there (input.allow_missing_shards: true skips them):\n{listing(lines)}")
     if partial or not committer.done:
         missing = sorted(set(pending) - set(committer.stats))
         raise RuntimeError(f"embed stage ended with incomplete shards: {[urls[i] for i in missing]}")
@@ -189,6 +230,11 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         "samples": sum(s["samples"] for s in per_shard.values()),
         "skipped": dict(sorted(skipped.items())),
         "skipped_total": sum(skipped.values()),
+        "shards_missing": sum(1 for s in per_shard.values() if "missing" in s),
+        "missing_shards": [{"shard": s["shard"], "reason": s["missing"]} for _, s in sorted(per_shard.items())
+                           if "missing" in s][:MISSING_LISTED],
+        "shards_empty": sum(1 for s in per_shard.values()
+                            if s["samples"] == 0 and not s["skipped"] and "missing" not in s),
         "samples_this_run": new_samples,
         "seconds": round(seconds, 3),
         "samples_per_s": round(new_samples / seconds, 3) if seconds > 0 and new_samples else 0.0,

@@ -13,7 +13,7 @@ import gzip
 import io
 import re
 import tarfile
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, NamedTuple
 
 # WebDataset's own key/extension split (webdataset.tariterators.base_plus_ext).
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -38,15 +38,31 @@ def _archive_ends_cleanly(tf: tarfile.TarFile) -> bool:
     return len(block) == BLOCK and block.count(0) == BLOCK
 
 
-def iter_tar_groups(fileobj: BinaryIO) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
-    """Yield ``(key, {ext: bytes}, None)`` for each group of consecutive members sharing a key;
-    if the archive is damaged, the last item is ``(partial_key, partial_members, error_message)``.
+class TarGroup(NamedTuple):
+    """One sample's members as read from a tar (see :func:`iter_tar_groups`)."""
+
+    key: str
+    members: dict[str, bytes]  # extension -> bytes, in tar order
+    error: str | None = None  # set on the last group when the archive is damaged
+    oversized: tuple[str, ...] = ()  # extensions whose data exceeded max_member_bytes (not read)
+
+
+def iter_tar_groups(fileobj: BinaryIO, max_member_bytes: int | None = None) -> Iterator[TarGroup]:
+    """Yield a :class:`TarGroup` for each run of consecutive members sharing a key; if the
+    archive is damaged, the last group carries ``error`` (and the members read before the damage).
+
+    A key that repeats *back to back* (``d1.jpg d1.txt d1.jpg d1.txt``) is two samples, not one:
+    a member whose extension the current group already has starts a new group with the same key,
+    so no sample's members are merged into another's (WebDataset would raise). A member larger
+    than `max_member_bytes` is not read (its data is skipped, memory stays bounded); its
+    extension is listed in ``oversized``.
 
     Reads sequentially through a seekable file (s3fs files are, via range requests), holding one
     sample's members at a time.
     """
     key: str | None = None
     members: dict[str, bytes] = {}
+    oversized: list[str] = []
     try:
         tf = tarfile.open(fileobj=fileobj, mode="r:*")
         while True:
@@ -60,27 +76,30 @@ def iter_tar_groups(fileobj: BinaryIO) -> Iterator[tuple[str, dict[str, bytes], 
             if parts is None:
                 continue
             member_key, ext = parts
-            if member_key != key:
-                # the previous sample is complete as soon as a new key starts: hand it out before
+            if member_key != key or ext in members or ext in oversized:
+                # the previous sample is complete as soon as a new one starts: hand it out before
                 # reading data that may turn out truncated
                 if key is not None:
-                    yield key, members, None
-                key, members = member_key, {}
-            data = tf.extractfile(info).read()
-            # a repeated extension within one sample: keep the first (WebDataset would raise)
-            members.setdefault(ext, data)
+                    yield TarGroup(key, members, None, tuple(oversized))
+                key, members, oversized = member_key, {}, []
+            if max_member_bytes is not None and info.size > max_member_bytes:
+                oversized.append(ext)  # tarfile seeks past the data on the next header
+                continue
+            members[ext] = tf.extractfile(info).read()
         clean = _archive_ends_cleanly(tf)
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, ValueError) as err:
         # damaged *data*: a cut or corrupt archive (EOFError/BadGzipFile: compressed streams cut
-        # short; ValueError: malformed numeric header fields). Other I/O errors (network, auth)
-        # propagate: a transient failure must fail the task, never shorten a shard silently.
-        yield key or "", members, f"{type(err).__name__}: {err}"
+        # short; ValueError: malformed numeric header fields). Read failures (network, auth, a
+        # short read) are raised by the reader underneath as other exceptions and propagate: a
+        # transient failure must fail the shard, never shorten it silently.
+        yield TarGroup(key or "", members, f"{type(err).__name__}: {err}", tuple(oversized))
         return
     if not clean:
-        yield key or "", members, "archive ends without an end-of-archive block (truncated or corrupt header)"
+        yield TarGroup(key or "", members, "archive ends without an end-of-archive block (truncated or corrupt header)",
+                       tuple(oversized))
         return
     if key is not None:
-        yield key, members, None
+        yield TarGroup(key, members, None, tuple(oversized))
 
 
 def looks_like_tar(head: bytes) -> str | None:
@@ -89,6 +108,8 @@ def looks_like_tar(head: bytes) -> str | None:
         return None  # compressed tar: checked when read
     if len(head) < BLOCK:
         return f"not a tar archive ({len(head)} bytes)"
+    if head.count(0) == BLOCK:
+        return None  # an end-of-archive block first: a valid, empty archive
     try:
         tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
     except tarfile.HeaderError as err:

@@ -1,0 +1,119 @@
+"""Clean up an embedded local Ray whose driver died without shutting it down (SIGKILL, OOM kill).
+
+An embedded Ray (``ray.init()`` without an address) fate-shares its raylet and GCS with the driver
+(they get SIGKILL when it dies), but the raylet's agents (``ray::DashboardAgent``,
+``ray::RuntimeEnvAgent``) outlive it: they notice the raylet is gone and call ``sys.exit`` from an
+asyncio task, which leaves their non-daemon threads running (measured with Ray 2.60: both still
+alive minutes after the driver's SIGKILL, re-parented to init, ~200 MB RSS between them). Every
+killed job would leak two processes.
+
+So after starting an embedded Ray the driver starts this watchdog (:func:`start`): a small process
+in its own session that holds the read end of a pipe whose write end only the driver has. When
+the driver dies, however it dies, the kernel closes the write end and the watchdog's read returns.
+It then waits a few seconds for Ray's own clean-up and ends what is left of *that* Ray instance:
+the processes whose environment names the instance's raylet (``RAY_RAYLET_PID=<pid>``, set by
+the raylet for everything it starts) and that started after that raylet (so a reused pid can
+never match), owned by the same user. SIGTERM first, SIGKILL after a grace period. On a normal
+exit Ray has already shut everything down and the watchdog finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 3.0
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def instance_processes(raylet_pid: int, raylet_start: int) -> list[int]:
+    """Live processes of this user started by the Ray instance whose raylet is `raylet_pid` (started
+    at `raylet_start`), the raylet included."""
+    marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
+    uid = os.getuid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        pid = int(name)
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            start = _start_ticks(pid)
+            if start is None or start < raylet_start:
+                continue
+            if pid == raylet_pid:
+                found.append(pid)
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if marker in fh.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+def reap(raylet_pid: int, raylet_start: int, grace_s: float = GRACE_S) -> list[int]:
+    """End what is left of the Ray instance (module docstring); returns the pids signalled."""
+    time.sleep(grace_s)  # Ray's own fate-sharing first
+    left = instance_processes(raylet_pid, raylet_start)
+    if not left:
+        return []
+    _signal_all(left, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and instance_processes(raylet_pid, raylet_start):
+        time.sleep(0.2)
+    _signal_all(instance_processes(raylet_pid, raylet_start), signal.SIGKILL)
+    return left
+
+
+def start(raylet_pid: int) -> subprocess.Popen | None:
+    """Start the watchdog for the embedded Ray whose raylet is `raylet_pid` (Linux only; None
+    elsewhere or when the raylet cannot be identified). The returned process object must be kept:
+    its stdin pipe is what tells the watchdog that this driver is alive."""
+    raylet_start = _start_ticks(raylet_pid)
+    if raylet_start is None or not sys.platform.startswith("linux"):
+        return None
+    return subprocess.Popen(
+        # the file itself (stdlib imports only), -P: without its folder on sys.path
+        [sys.executable, "-P", os.path.abspath(__file__), str(raylet_pid), str(raylet_start)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not in the driver's process group: a ^C or group kill spares it
+        close_fds=True,
+    )
+
+
+def main(argv: list[str]) -> int:
+    raylet_pid, raylet_start = int(argv[0]), int(argv[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while sys.stdin.buffer.read(65536):  # returns b"" once the driver (the only writer) is gone
+        pass
+    reap(raylet_pid, raylet_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
