@@ -435,9 +435,8 @@ def _run_parallel(fn, items) -> None:
 def _topk_rows(d: np.ndarray, i: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the kk smallest (distance, id) pairs in lexicographic order (-1 ids carry inf)."""
     n, width = d.shape
-    tie = np.where(i < 0, _ID_MAX, i)
     if width <= kk:
-        pick = np.lexsort((tie, d), axis=-1)
+        pick = np.lexsort((np.where(i < 0, _ID_MAX, i), d), axis=-1)
         out_d, out_i = np.take_along_axis(d, pick, 1), np.take_along_axis(i, pick, 1)
         if width < kk:
             out_d = np.pad(out_d, ((0, 0), (0, kk - width)), constant_values=np.inf)
@@ -456,7 +455,7 @@ def _topk_rows(d: np.ndarray, i: np.ndarray, kk: int) -> tuple[np.ndarray, np.nd
     out_d[:], out_i[:] = np.take_along_axis(pd, pick, 1), np.take_along_axis(pi, pick, 1)
     rows = np.flatnonzero(ambiguous)
     if len(rows):
-        pick = np.lexsort((tie[rows], d[rows]), axis=-1)[:, :kk]
+        pick = np.lexsort((np.where(i[rows] < 0, _ID_MAX, i[rows]), d[rows]), axis=-1)[:, :kk]
         out_d[rows] = np.take_along_axis(d[rows], pick, 1)
         out_i[rows] = np.take_along_axis(i[rows], pick, 1)
     return out_d, out_i

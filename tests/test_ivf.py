@@ -243,6 +243,21 @@ def test_search_group_result_does_not_depend_on_arrival_order():
     assert np.array_equal(d2, d[q]) and np.array_equal(i2, i[q])
 
 
+def test_raw_float16_embeddings_prepared_per_list_equal_prepared_vectors():
+    """A task may hold the parts' raw float16 embeddings and prepare (normalise) them list by list."""
+    raw = (3 * clustered(1200, 16, clusters=6, seed=15)).astype(np.float16)
+    x = prepare_vectors(raw, None)
+    centroids, _ = ivf.train_two_level(x, 20, seed=0)
+    prep = lambda rows: prepare_vectors(rows, None)  # noqa: E731
+    home, probes = ivf.probe_lists(centroids, x, 4)
+    home_raw, probes_raw = ivf.probe_lists(centroids, raw, 4, prepare=prep)
+    assert np.array_equal(probes_raw, probes)
+    ids = np.arange(1200)
+    d, i = ivf.search_group(ids, x, home, ids, x, probes, 5)
+    d_raw, i_raw = ivf.search_group(ids, raw, home, ids, raw, probes, 5, prepare=prep)
+    assert np.array_equal(d_raw, d) and np.array_equal(i_raw, i)
+
+
 def test_grouping_invariance_with_ties_and_float16_base():
     """Exact duplicates tie at equal distance (ties go to the lower id in every grouping), and
     float16 vectors, converted per list, give what their float32 values give."""
