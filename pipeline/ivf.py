@@ -274,8 +274,14 @@ def train_two_level(
     one-level's nlist^2 * 64 and the fine cells run as parallel tasks. Total sample 64*nlist
     (8.1M vectors at N = 10^9, gathered in parallel; about 4*sqrt(N)*64 = 256*sqrt(N)).
 
-    Deterministic for a seed; the fine cells' seeds are :func:`fine_seed`. List ids are the
-    concatenation order (coarse cell 0's fine centroids first), so lists of a coarse cell are adjacent.
+    Deterministic for a seed (and for the thread count); the fine cells' seeds are :func:`fine_seed`.
+    List ids are the concatenation order (coarse cell 0's fine centroids first), so lists of a coarse
+    cell are adjacent.
+
+    Measured on 512-d CLIP-like vectors (2-core VM shared with other jobs), recall@10 of the graph at
+    nprobe 16, against FAISS one-level k-means (10 iterations) on the same fine sample and nlist:
+    N = 10^5: 0.9990 vs 0.9994 (nprobe 1/2/4: 0.38/0.62/0.88 vs 0.40/0.63/0.88), training 0.7 s vs
+    4.8 s; N = 3*10^5: 0.997 vs 0.997, training 1.7 s vs 66 s.
     """
     clock = time.perf_counter()
     n, dim = vectors.shape
@@ -485,6 +491,10 @@ def search_group(
     ``faiss.knn`` per LIST_QUERY_CHUNK queries, exactly as in any other grouping. A probe naming a
     list with no base rows here contributes nothing (an empty list; the caller must send each list's
     base rows to the group holding it).
+
+    Memory: the base rows and query rows as given (1 KiB per row at 512-d float16), a candidate
+    buffer of nq * w * kk * 12 bytes (w = the most probes any query has in this group, <= nprobe),
+    and per running list its float32 base and query-chunk copies.
     """
     faiss = _faiss()
     convert = prepare or _as_float32
@@ -578,7 +588,8 @@ def sharded_knn_graph(
     each group (:func:`search_group`) and merge each query's groups (:func:`merge_group_results`),
     then drop self and keep k. `vectors` are prepared graph vectors (float32, or float16: converted
     per list). The result does not depend on `max_rows_per_group` (bit for bit). When `timings` is
-    given, seconds of train (train_coarse, train_fine), assign, group and search are stored in it.
+    given, seconds of train (train_coarse, train_fine), assign, group and search are stored in it,
+    with the number of groups and the mean groups per query (groups_per_query).
     """
     if vectors.ndim != 2:
         raise ValueError(f"vectors must be a 2-d array [N, D], got shape {vectors.shape}")
