@@ -280,7 +280,7 @@ def train_two_level(
 
     Measured on 512-d CLIP-like vectors (2-core VM shared with other jobs), recall@10 of the graph at
     nprobe 16, against FAISS one-level k-means (10 iterations) on the same fine sample and nlist:
-    N = 10^5: 0.9990 vs 0.9994 (nprobe 1/2/4: 0.38/0.62/0.88 vs 0.40/0.63/0.88), training 0.7 s vs
+    N = 10^5: 0.9993 vs 0.9994 (nprobe 1/2/4: 0.38/0.62/0.88 vs 0.40/0.63/0.88), training 0.7 s vs
     4.8 s; N = 3*10^5: 0.997 vs 0.997, training 1.7 s vs 66 s.
     """
     clock = time.perf_counter()
