@@ -10,9 +10,9 @@ Protocol (the D2 paper's, scaled to a 2-core CPU):
    recorded: forgetting events (Toneva et al.), EL2N at an early epoch (Paul et al.) and AUM
    (Pleiss et al.). Its penultimate layer gives the embeddings. Cached in ``benchmarks/cache/``
    under a hash of the settings.
-3. The kNN graph is built per class with the project's own ``pipeline.graph.knn_graph`` (exact
-   ``flat`` index) and ``pipeline.d2.symmetrize_knn``; D2 runs per class with label-balanced
-   budgets (``pipeline.selectors.balanced_budgets``), as the paper does on CIFAR.
+3. The kNN graph is built per class with the project's own ``pipeline.core.knn.knn_graph`` (exact
+   ``flat`` index) and ``pipeline.core.d2.symmetrize_knn``; D2 runs per class with label-balanced
+   budgets (``pipeline.core.selectors.balanced_budgets``), as the paper does on CIFAR.
 4. Every coreset (random, score top-k, CCS, moderate, k-center greedy, D2) is selected through the
    project's API and a fresh CNN is trained on it with one recipe for all methods and rates: the
    same number of SGD steps (equal compute, as in the CCS/D2 training scripts, which fix the
@@ -642,7 +642,7 @@ def d2_scores(difficulty: np.ndarray, floor: float) -> tuple[np.ndarray, float]:
     leaving the difficulty ranking intact. The reverse pass is scale-invariant, so only the floor
     relative to the spread matters.
     """
-    from pipeline.d2 import shift_nonnegative
+    from pipeline.core.d2 import shift_nonnegative
 
     shifted, offset = shift_nonnegative(difficulty)
     top = shifted.max() if shifted.size else 0.0
@@ -681,7 +681,7 @@ class ClassGraphs:
     seconds: float
 
     def csr(self, c: int, k: int):
-        from pipeline.d2 import symmetrize_knn
+        from pipeline.core.d2 import symmetrize_knn
 
         if k > self.k_max:
             raise ValueError(f"k={k} exceeds the {self.k_max} neighbours computed")
@@ -689,14 +689,14 @@ class ClassGraphs:
 
 
 def build_class_graphs(features: np.ndarray, labels: np.ndarray, k_max: int, unit_k: int | None = None) -> ClassGraphs:
-    """kNN per class with the project's ``pipeline.graph.knn_graph`` (exact flat index: a class
+    """kNN per class with the project's ``pipeline.core.knn.knn_graph`` (exact flat index: a class
     has a few thousand nodes). The paper builds its CIFAR graphs per class too.
 
     The distance unit is the median squared distance to the first `unit_k` (default `k_max`)
     neighbours, so searching further (a larger `k_max`) does not change the unit."""
     import faiss
 
-    from pipeline.graph import knn_graph
+    from pipeline.core.knn import knn_graph
 
     faiss.omp_set_num_threads(1)
     clock = time.time()
@@ -720,7 +720,7 @@ def build_class_graphs(features: np.ndarray, labels: np.ndarray, k_max: int, uni
 def forward_bias(graphs: ClassGraphs, scores: np.ndarray, k: int, gamma_f: float) -> dict[str, float]:
     """What the forward pass rewards: Pearson correlation of the forward score with the node's
     degree and with its own score, averaged over the class graphs."""
-    from pipeline.d2 import forward_pass
+    from pipeline.core.d2 import forward_pass
 
     with_degree, with_score = [], []
     for c, ids in enumerate(graphs.class_ids):
@@ -791,12 +791,12 @@ class Selector:
         return self._memo[memo_key]
 
     def budget(self, rate: float) -> int:
-        from pipeline.d2 import budget_for
+        from pipeline.core.d2 import budget_for
 
         return budget_for(self.n, rate)
 
     def _select(self, method: Method, rate: float, seed: int) -> np.ndarray:
-        from pipeline import selectors
+        from pipeline.core import selectors
 
         p = method.p
         budget = self.budget(rate)
@@ -826,7 +826,7 @@ class Selector:
         prefix-consistent (the first b centres do not depend on the budget), so each class's
         farthest-point order is computed once, for the whole class, and cut per budget.
         """
-        from pipeline import selectors
+        from pipeline.core import selectors
 
         if self._kcenter_orders is None:
             self._kcenter_orders = [
@@ -840,8 +840,8 @@ class Selector:
         """Label-balanced D2 as in the paper: β pre-filter on AUM over the pool (the budget still
         counts the whole pool), uniform class budgets over the survivors, D2 on each class's graph
         restricted to its survivors."""
-        from pipeline.d2 import d2_select, prefilter_mask, subgraph
-        from pipeline.selectors import balanced_budgets
+        from pipeline.core.d2 import d2_select, prefilter_mask, subgraph
+        from pipeline.core.selectors import balanced_budgets
 
         budget = self.budget(rate)
         scores, _ = d2_scores(difficulty(self.dyn, diff_name), self.settings.d2_score_floor)
@@ -1249,8 +1249,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     g = report["graph"]
     lines.append(
-        f"D2: per-class exact kNN graphs (`pipeline.graph.knn_graph`, flat index) on L2-normalised "
-        f"penultimate features, symmetrised with `pipeline.d2.symmetrize_knn`; squared distances in "
+        f"D2: per-class exact kNN graphs (`pipeline.core.knn.knn_graph`, flat index) on L2-normalised "
+        f"penultimate features, symmetrised with `pipeline.core.d2.symmetrize_knn`; squared distances in "
         f"units of the median kNN squared distance ({g['unit']:.4g}), so γ is dimensionless; "
         f"difficulty scaled to [0, 1] + "
         f"{report['settings']['d2_score_floor']}; β pre-filter drops the lowest-AUM samples; "

@@ -71,7 +71,7 @@ def dense_published_method(graph, scores, budget, gamma_forward, gamma_reverse):
     """The published code's O(N²)-memory method on the same graph: dense distance matrix (inf off
     the graph), dense weights, forward pass as W @ s, then per step an argmax over all N and a
     full-row update. Returns (order, forward_scores, timings)."""
-    from pipeline import d2  # noqa: F401  (same process; the graph came from it)
+    from pipeline.core import d2  # noqa: F401  (same process; the graph came from it)
 
     n = graph.n_nodes
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def run_one(
 ) -> dict:
     """Benchmark one size in this process (called in a subprocess by main)."""
     t = time.perf_counter()
-    from pipeline import d2
+    from pipeline.core import d2
 
     import_s = time.perf_counter() - t
 
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
 
     if args._warmup_only:
         t = time.perf_counter()
-        from pipeline import d2
+        from pipeline.core import d2
 
         wn, wd, ws = random_knn_graph(1000, args.k, 1)
         wg = d2.symmetrize_knn(wn, wd)

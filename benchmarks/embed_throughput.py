@@ -6,7 +6,7 @@
 For each model (open_clip's built-in ViT-B-32 with random weights, ``pretrained=None``: it costs what
 a user's ViT-B-32 costs; then the tiny test model as a second row):
 
-* **stage**: ``pipeline.embed.run_embed_stage`` on a generated WebDataset pool (JPEG/PNG pictures of
+* **stage**: the embed stage (``pipeline.job.run_one(cfg, store, "embed")``) on a generated WebDataset pool (JPEG/PNG pictures of
   --image-size px, captions): read tar from disk, decode, the model's own resize/crop, tokenise in
   Ray Data tasks; the model in one Ray actor. Reported twice: *end to end* (wall time of the whole
   call, including Ray Data start-up and the actor's model load, which a small benchmark pool cannot
@@ -43,16 +43,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.embed import (  # noqa: E402
+from pipeline.embed.model import (  # noqa: E402
     ClipEncoder,
     ModelSpec,
     image_pipeline,
     model_spec,
     preprocess_config,
-    run_embed_stage,
     tokenize,
 )
-from pipeline.shards import decode_image, iter_shard_samples  # noqa: E402
+from pipeline.formats.webdataset import decode_image, iter_shard_samples  # noqa: E402
+from pipeline.job import run_one  # noqa: E402
 from pipeline.storage import Store  # noqa: E402
 from pipeline.testing import make_config, write_pool  # noqa: E402
 
@@ -102,7 +102,7 @@ class BareLoop:
 def preload(store: Store, cfg, spec: ModelSpec, pp_json: str) -> tuple[np.ndarray, np.ndarray, float]:
     import open_clip
 
-    from pipeline.shards import shard_urls
+    from pipeline.formats.webdataset import shard_urls
 
     images = image_pipeline(json.loads(pp_json))
     spec.ensure_registered()
@@ -150,7 +150,7 @@ def bench_model(name: str, model: str, model_config_path: str | None, shards: in
 
     bare_before = bare_loop_in_worker()
     started = time.perf_counter()
-    stats = run_embed_stage(cfg, store)
+    stats = run_one(cfg, store, "embed")
     wall = time.perf_counter() - started
     bare_after = bare_loop_in_worker()
 

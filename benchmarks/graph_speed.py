@@ -6,7 +6,7 @@
 Vectors: 512-d unit vectors with cluster structure, like CLIP embeddings (see clip_like_vectors),
 generated from a seed, in chunks.
 
-The kNN path is `pipeline.graph.knn_graph` with the config's defaults (nlist = about 4*sqrt(N),
+The kNN path is `pipeline.core.knn.knn_graph` with the config's defaults (nlist = about 4*sqrt(N),
 nprobe from GraphConfig, seeded training sample of train_size): the same functions the Ray stage
 runs per task (tests/test_graph.py checks the stage's output equals knn_graph's). Its time includes
 training, adding and searching all N nodes.
@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pipeline.config import GraphConfig  # noqa: E402
-from pipeline.graph import exact_knn, knn_graph, recall_at_k  # noqa: E402
+from pipeline.core.knn import exact_knn, knn_graph, recall_at_k  # noqa: E402
 
 
 def clip_like_vectors(n: int, dim: int = 512, seed: int = 0, latent: int = 64, chunk: int = 100_000) -> np.ndarray:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["speedup"] = exact_all_s / r["seconds"]
         r["memory_fraction"] = r["index_bytes"] / vector_bytes
 
-    from pipeline.graph import resolve_nlist, training_ids
+    from pipeline.core.knn import resolve_nlist, training_ids
 
     nlist = resolve_nlist("ivfflat", n, len(training_ids(n, defaults.train_size, args.seed)), common["nlist"])
     result = {

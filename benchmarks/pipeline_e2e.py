@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="write the results here (and a .md next to it)")
     args = parser.parse_args(argv)
 
-    from pipeline import coordinator, d2
-    from pipeline.cli import run_job, setup_logging
+    from pipeline.console import setup_logging
+    from pipeline.core import d2
+    from pipeline.job import run_job
+    from pipeline.select.stage import select
     from pipeline.storage import Store
     from pipeline.testing import make_config, save_random_checkpoint, write_pool
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             variant = config_from_dict(raw)
             t0 = time.perf_counter()
-            _, stats = coordinator.select(variant, store, use_ray=use_ray)
+            _, stats = select(variant, store, use_ray=use_ray)
             variants.append({
                 "partitions": spec, "ray_tasks": use_ray, "n_partitions": stats["partitions"],
                 "seconds": round(time.perf_counter() - t0, 3),

@@ -16,14 +16,14 @@ import argparse
 import sys
 
 from pipeline.cli import main
-from pipeline.config import STAGES
+from pipeline.job import STAGE_NAMES
 
 
 def parse(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description="d2prune as a Ray job")
     parser.add_argument("config", help="YAML config: local path or fsspec URL (s3://...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--force-from", default=None, choices=STAGES)
+    parser.add_argument("--force-from", default=None, choices=STAGE_NAMES)
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -4,14 +4,13 @@ One YAML file describes one job. Every field has a default and a description; un
 errors that name the key (pydantic ``extra="forbid"``), so a typo never silently falls back to a
 default. ``--set section.key=value`` overrides are applied before validation.
 
-Each stage depends on a subset of the settings; :meth:`JobConfig.fingerprint` hashes exactly that
-subset (plus the fingerprint of the stage before it), so a committed stage whose settings changed
-is detected instead of silently mixed with new outputs.
+Every rule that involves several fields is a validator here, so a config that cannot work fails
+when it is loaded, before any work (exit 2). Which settings each stage's output depends on is
+declared by the stage itself (:mod:`pipeline.stage`), not here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -19,11 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("embed", "graph", "select", "write")
+from .errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the offending key."""
+__all__ = ["ConfigError", "JobConfig", "config_from_dict", "load_config"]
 
 
 class _Section(BaseModel):
@@ -95,7 +92,8 @@ class EmbedConfig(_Section):
     )
     cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per actor.")
     torch_threads: int | None = Field(
-        None, description="torch intra-op threads inside a CPU actor; null = the actor's CPU count."
+        None, description="torch intra-op threads inside a CPU actor; null = the actor's CPU count. Part of the embed "
+        "stage's fingerprint: on some CPUs the last bit of float32 results depends on it."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
@@ -165,6 +163,24 @@ class SelectConfig(_Section):
     )
     ccs_strata: int = Field(50, gt=0, description="CCS: number of score strata.")
 
+    @field_validator("partitions")
+    @classmethod
+    def _positive_partitions(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be 'auto', 'cells' or an integer >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _beta_within_prune_rate(self) -> "SelectConfig":
+        # the budget round((1-prune_rate)*N) is computed from the full pool, so the pre-filter
+        # cannot drop more than prune_rate of it
+        if self.beta > self.prune_rate + 1e-12:
+            raise ValueError(
+                f"select.beta={self.beta} drops more samples than select.prune_rate={self.prune_rate} allows: the "
+                "budget round((1-prune_rate)*N) is computed from the full pool, so beta must be <= prune_rate"
+            )
+        return self
+
 
 class OutputConfig(_Section):
     url: str = Field(..., description="Where the filtered pool's shards are written (local path or fsspec URL).")
@@ -196,27 +212,6 @@ class JobConfig(_Section):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.rstrip("/")
-
-    # -- fingerprints ---------------------------------------------------------------------------
-    def stage_settings(self, stage: str) -> dict[str, Any]:
-        """The settings `stage`'s output depends on (not including earlier stages)."""
-        if stage == "embed":
-            embed = self.embed.model_dump(exclude={"batch_size", "num_actors", "num_gpus_per_actor",
-                                                   "cpus_per_actor", "torch_threads"})
-            return {"input": self.input.model_dump(), "embed": embed}
-        if stage == "graph":
-            return {"graph": self.graph.model_dump(exclude={"parts_per_task", "recall_sample"}), "seed": self.seed}
-        if stage == "select":
-            return {"select": self.select.model_dump(exclude={"exact_check_max_n"}), "seed": self.seed}
-        if stage == "write":
-            return {"output": self.output.model_dump()}
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-
-    def fingerprint(self, stage: str) -> str:
-        """Hash of the settings of `stage` and of every stage before it."""
-        chain = [self.stage_settings(s) for s in STAGES[: STAGES.index(stage) + 1]]
-        blob = json.dumps(chain, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # -- loading ------------------------------------------------------------------------------------

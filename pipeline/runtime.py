@@ -1,9 +1,22 @@
-"""Ray start-up: the same code on a laptop (embedded Ray) and on a cluster (RAY_ADDRESS / --address)."""
+"""Ray at the edges: start-up (the same code on a laptop and a cluster) and the one place the
+stages ask Ray what they may use.
+
+* :func:`init_ray`: an embedded local Ray, or the cluster at ``--address`` / ``ray.address`` /
+  ``RAY_ADDRESS``.
+* :func:`resources`: CPUs and GPUs of the cluster and of its largest node (a one-worker step such
+  as IVF training or the index merge takes a whole node's cores).
+* :func:`task_cpus`: inside a task, the CPUs Ray reserved for it (threads to use, so concurrent
+  tasks on a node do not oversubscribe its cores).
+* :func:`as_completed`: results of tasks in completion order (drivers never rely on submission
+  order for anything but scheduling).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 from .config import RayConfig
 
@@ -33,7 +46,38 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
     return ray
 
 
-def cluster_gpus() -> float:
+@dataclass(frozen=True)
+class Resources:
+    cpus: float  # the whole cluster's
+    gpus: float
+    max_node_cpus: int  # the largest live node's (>= 1)
+
+
+def resources() -> Resources:
+    """What the (initialised) cluster offers now."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0))
+    total = ray.cluster_resources()
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return Resources(cpus=float(total.get("CPU", 0)), gpus=float(total.get("GPU", 0)),
+                     max_node_cpus=max(1, int(max(node_cpus, default=1))))
+
+
+def task_cpus() -> int:
+    """CPUs Ray reserved for the calling task or actor (>= 1); 1 outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    return max(1, int(cpus))
+
+
+def as_completed(refs: list) -> Iterator[Any]:
+    """Results of Ray tasks in completion order."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(ready[0])

@@ -11,10 +11,14 @@ completes), so a temporary name would only add a copy. Readers therefore never s
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import json
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from typing import Any, Iterable
 
@@ -176,23 +180,16 @@ class Store:
     # -- atomic writes ---------------------------------------------------------------------------
     def write_bytes(self, url: str, data: bytes) -> None:
         """Write `data` to `url` atomically: readers see the old state or the whole new file."""
-        fs = self.fs(url)
-        path = self.path(url)
         if is_local(url):
-            directory = os.path.dirname(path)
-            os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-            try:
+            def fill(tmp: str) -> None:
                 with open(tmp, "wb") as fh:
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+
+            _replace_atomically(self.path(url), fill)
         else:
-            fs.pipe_file(path, data)
+            self.fs(url).pipe_file(self.path(url), data)
 
     def write_json(self, url: str, obj: Any) -> None:
         self.write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
@@ -207,32 +204,69 @@ class Store:
     def write_local_file(self, url: str, local_path: str) -> None:
         """Commit a finished local file (e.g. a large tar built on local disk) to `url` atomically."""
         if is_local(url):
-            path = self.path(url)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-            try:
-                import shutil
-
-                shutil.copyfile(local_path, tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            _replace_atomically(self.path(url), lambda tmp: shutil.copyfile(local_path, tmp))
         else:
             self.fs(url).put_file(local_path, self.path(url))
 
+    # -- local copies ----------------------------------------------------------------------------
+    def copy_to_local(self, url: str, local_path: str) -> str:
+        """`url`'s own path when it is local; else a copy at `local_path` (atomic rename, so a
+        concurrent reader never sees a partial file). Returns the path to open."""
+        if is_local(url):
+            return self.path(url)
+        _replace_atomically(local_path, lambda tmp: self.fs(url).get_file(self.path(url), tmp))
+        return local_path
 
-def fixed_list_to_numpy(column, name: str, where: str):
-    """A fixed_size_list column (embeddings, kNN lists) as an [rows, size] numpy array; a column of
-    another type or with nulls is an error naming the column and the file."""
-    import pyarrow as pa
+    def identity(self, url: str) -> str:
+        """What identifies the object's content without reading it: size and ETag / modification
+        time. A cache keyed by it can never serve a replaced object."""
+        info = self.fs(url).info(self.path(url))
+        keys = ("size", "ETag", "etag", "LastModified", "mtime", "last_modified")
+        return json.dumps({k: str(info[k]) for k in keys if k in info}, sort_keys=True)
 
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not pa.types.is_fixed_size_list(arr.type):
-        raise ValueError(f"{where}: column {name} must be a fixed_size_list, got {arr.type}")
-    if arr.null_count:
-        raise ValueError(f"{where}: column {name} has {arr.null_count} null rows")
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+    def node_local_copy(self, urls: list[str], namespace: str) -> list[str]:
+        """Paths to open for `urls`: their own paths when local; for remote objects, copies in one
+        node-local directory (files that name each other, such as a FAISS index and its
+        inverted-list file, stay side by side). The directory is keyed by the URLs *and* their
+        content identity (:meth:`identity`), and filled once per node under a file lock: the
+        first task on a node copies, the others wait and reuse the copy."""
+        if all(is_local(u) for u in urls):
+            return [self.path(u) for u in urls]
+        ident = json.dumps([[u, self.identity(u)] for u in urls])
+        root = os.path.join(node_cache_root(), namespace)
+        directory = os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:20])
+        os.makedirs(root, exist_ok=True)
+        with open(directory + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            paths = [os.path.join(directory, basename(u)) for u in urls]
+            for url, path in zip(urls, paths):
+                if not os.path.exists(path):
+                    self.copy_to_local(url, path)
+        return paths
+
+
+def _replace_atomically(path: str, fill) -> None:
+    """Create `path` by writing a hidden temporary file next to it (``fill(tmp)``) and renaming it
+    over `path`: a reader sees the old state or the whole new file, never a partial one."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        fill(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def node_cache_root() -> str:
+    """Where node-local copies live ($D2PRUNE_CACHE_DIR, else the temp dir)."""
+    return os.environ.get("D2PRUNE_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "d2prune-cache")
+
+
+def clear_node_cache(namespace: str) -> None:
+    """Remove this node's copies under `namespace` (a stage calls it once its output is committed)."""
+    shutil.rmtree(os.path.join(node_cache_root(), namespace), ignore_errors=True)
 
 
 def _json_default(obj: Any) -> Any:

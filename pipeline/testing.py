@@ -5,7 +5,8 @@ Everything here is deterministic for a seed. The generators *know* what they bro
 returns a manifest of what a correct reader must keep and skip; tests compare the pipeline's
 output with that manifest (computed from the construction, never from running the pipeline).
 
-Importable by every test module and by the demo (``pipeline.demo``); no pytest dependency.
+Importable by every test module and by the benchmarks; no pytest dependency. Tar files are
+written with the pipeline's own deterministic writer (:class:`pipeline.formats.tar.TarWriter`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from .config import JobConfig, config_from_dict
-from .shards import (
+from .formats.tar import BLOCK, TarWriter
+from .formats.webdataset import (
     BAD_METADATA,
     DUPLICATE_UID,
     MISSING_CAPTION,
@@ -68,7 +69,7 @@ def save_random_checkpoint(path: str, model_name: str = TINY_MODEL_NAME,
     import open_clip
     import torch
 
-    from .embed import register_model_config
+    from .embed.model import register_model_config
 
     if config is not None:
         register_model_config(model_name, config)
@@ -81,37 +82,13 @@ def save_random_checkpoint(path: str, model_name: str = TINY_MODEL_NAME,
 
 # -- WebDataset pools -----------------------------------------------------------------------------
 
-COLOURS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
-    "purple": (140, 60, 180), "orange": (245, 140, 30), "black": (15, 15, 15), "white": (240, 240, 240),
-}
-SHAPES = ("square", "circle", "triangle", "stripe")
-
-
 def render_image(rng: np.random.Generator, size: int) -> tuple[Any, str]:
-    """A procedural picture (shape of one colour on a noisy background of another) and a caption
-    that describes it."""
-    from PIL import Image, ImageDraw
+    """A procedural picture and the caption that describes it: the demo's scene generator
+    (:mod:`pipeline.demo.scenes`, one picture generator for the demo and the tests) at `size` pixels."""
+    from .demo import scenes
 
-    names = list(COLOURS)
-    fg, bg = rng.choice(len(names), size=2, replace=False)
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    base = np.array(COLOURS[names[bg]], dtype=np.float32)
-    noise = rng.normal(0.0, 18.0, size=(size, size, 3)).astype(np.float32)
-    image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
-    lo, hi = sorted(int(v) for v in rng.integers(size // 8, size - size // 8, size=2))
-    hi = max(hi, lo + size // 4)
-    colour = COLOURS[names[fg]]
-    if shape == "square":
-        draw.rectangle([lo, lo, hi, hi], fill=colour)
-    elif shape == "circle":
-        draw.ellipse([lo, lo, hi, hi], fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(lo, hi), (hi, hi), ((lo + hi) // 2, lo)], fill=colour)
-    else:
-        draw.rectangle([0, lo, size - 1, min(size - 1, lo + size // 6)], fill=colour)
-    return image, f"a {names[fg]} {shape} on a {names[bg]} background"
+    scene = scenes.sample_scene(rng)
+    return scenes.render(scene, size), scenes.caption(scene)
 
 
 def encode_image(image, fmt: str) -> bytes:
@@ -150,18 +127,6 @@ class PoolManifest:
     def to_json(self) -> dict[str, Any]:
         return {"shards": self.shards, "kept": self.kept, "skipped": self.skipped,
                 "truncated_shards": self.truncated_shards}
-
-
-def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> int:
-    """Append one member (fixed mtime/owner, so the bytes are reproducible); returns the offset
-    of its header."""
-    offset = tf.offset
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    tf.addfile(info, io.BytesIO(data))
-    return offset
 
 
 def _sample_uid(seed: int, shard: int, pos: int) -> str:
@@ -219,7 +184,7 @@ def write_pool(dest_dir: str, store: Store | None = None, n_shards: int = 4, per
         cut_offset = None
         shard_kept: list[dict[str, str]] = []
         shard_skipped: Counter = Counter()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        with TarWriter(buf) as tf:
             for pos in range(per_shard):
                 key = f"{shard:05d}{pos:04d}"
                 image, caption = render_image(rng, image_size)
@@ -248,10 +213,10 @@ def write_pool(dest_dir: str, store: Store | None = None, n_shards: int = 4, per
                 else:
                     uid = fallback_uid(url, key)
                 for ext, data in members:
-                    offset = _add_member(tf, f"{key}.{ext}", data)
+                    offset = tf.add(f"{key}.{ext}", data)
                     if pos == cut_pos and cut_offset is None:
                         # cut in the middle of this sample's first member's data
-                        cut_offset = offset + tarfile.BLOCKSIZE + len(data) // 2
+                        cut_offset = offset + BLOCK + len(data) // 2
                 if cut_pos is not None and pos >= cut_pos:
                     continue  # lost to the truncation: not counted (unreadable), see shards.py
                 reason = {UNDECODABLE_IMAGE: UNDECODABLE_IMAGE, MISSING_CAPTION: MISSING_CAPTION,
@@ -385,3 +350,33 @@ def create_bucket(endpoint_url: str, bucket: str, region: str = "us-east-1") -> 
         client.create_bucket(Bucket=bucket)
     except client.exceptions.BucketAlreadyOwnedByYou:
         pass
+
+
+def commit_stage(store: Store, cfg: JobConfig, stage: str, stats: dict[str, Any]) -> None:
+    """Mark `stage` committed with `cfg`'s fingerprint, as the stage itself would (tests that write
+    a stage's files by hand use it to stand in for the stage)."""
+    from .job import stage_fingerprints
+    from .workdir import commit, stage_dir
+
+    commit(store, stage_dir(cfg.workdir, stage), stage_fingerprints(cfg)[stage], stage, stats)
+
+
+def is_committed(store: Store, cfg: JobConfig, stage: str) -> bool:
+    """Whether `stage` is committed with `cfg`'s settings (StaleStageError when with others)."""
+    from . import workdir
+    from .job import stage_fingerprints
+
+    return workdir.is_committed(store, workdir.stage_dir(cfg.workdir, stage), stage_fingerprints(cfg)[stage], stage)
+
+
+class FailAtShard:
+    """A write-stage hook (``Hooks(shard_written=FailAtShard(i))``) that fails output shard `i`
+    after its tar is committed and before its metadata (= its commit), as a job killed in the
+    middle of the write stage leaves it. Defined here so Ray workers can import it."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, index: int) -> None:
+        if index == self.index:
+            raise RuntimeError(f"injected failure in output shard {index:05d}")

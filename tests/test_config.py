@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.job import stage_fingerprints
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -22,7 +23,7 @@ def test_example_configs_exist_and_validate():
     for path in CONFIGS:
         cfg = load_config(path)
         for stage in ("embed", "graph", "select", "write"):
-            assert len(cfg.fingerprint(stage)) == 16
+            assert len(stage_fingerprints(cfg)[stage]) == 16
 
 
 def test_example_configs_say_what_they_promise():
@@ -84,11 +85,11 @@ def test_fingerprints_change_only_for_the_stages_that_depend_on_a_setting():
     base = config_from_dict(minimal())
     k = config_from_dict(minimal(graph={"k": 3}))
     rate = config_from_dict(minimal(select={"prune_rate": 0.5}))
-    assert base.fingerprint("embed") == k.fingerprint("embed")
-    assert base.fingerprint("graph") != k.fingerprint("graph")
-    assert base.fingerprint("graph") == rate.fingerprint("graph")
-    assert base.fingerprint("select") != rate.fingerprint("select")
-    assert base.fingerprint("write") != rate.fingerprint("write")  # the chain carries it
+    assert stage_fingerprints(base)["embed"] == stage_fingerprints(k)["embed"]
+    assert stage_fingerprints(base)["graph"] != stage_fingerprints(k)["graph"]
+    assert stage_fingerprints(base)["graph"] == stage_fingerprints(rate)["graph"]
+    assert stage_fingerprints(base)["select"] != stage_fingerprints(rate)["select"]
+    assert stage_fingerprints(base)["write"] != stage_fingerprints(rate)["write"]  # the chain carries it
 
 
 def test_cli_exit_code_2_with_one_line_reason(tmp_path, capsys):
@@ -122,3 +123,28 @@ def test_deploy_manifests_parse_and_their_job_config_validates():
         assert "/app/jobs/filter_pool.py" in entry and (deploy.parent / "jobs" / "filter_pool.py").exists()
     assert "filter_pool.py" in (deploy / "slurm" / "d2prune.sbatch").read_text()
     assert "pip install ." in (deploy / "Dockerfile").read_text()
+
+
+def test_cross_field_rules_fail_at_load_not_after_work():
+    # partitions 0 used to pass validation and fail after the embed and graph stages
+    with pytest.raises(ConfigError, match=r"select\.partitions"):
+        config_from_dict(minimal(select={"partitions": 0}))
+    with pytest.raises(ConfigError, match=r"select\.beta=0\.5"):
+        config_from_dict(minimal(select={"beta": 0.5, "prune_rate": 0.3}))
+
+
+def test_settings_are_fingerprinted_with_the_stage_that_uses_them():
+    base = config_from_dict(minimal())
+    euclid = config_from_dict(minimal(graph={"distance": "euclidean"}))
+    # graph.distance is applied by the select stage: changing it must not rebuild the graph
+    assert stage_fingerprints(base)["graph"] == stage_fingerprints(euclid)["graph"]
+    assert stage_fingerprints(base)["select"] != stage_fingerprints(euclid)["select"]
+
+
+def test_missing_upstream_stage_is_not_a_retryable_failure(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"workdir: {tmp_path / 'work'}\ninput: {{shards: a.tar}}\noutput: {{url: {tmp_path / 'out'}}}\n")
+    # exit 1 tells a scheduler to retry; no retry can make a missing graph stage appear
+    assert main(["select", str(path)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("d2prune: error:") and "committed graph stage" in err

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import d2
-from pipeline.d2 import CSRGraph
+from pipeline.core import d2
+from pipeline.core.d2 import CSRGraph
 
 # --------------------------------------------------------------------------------------------
 # Naive references

@@ -147,7 +147,8 @@ def test_shipped_tiny_clip_tells_matched_from_mismatched_captions():
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, ray_local, capsys):
     from pipeline.cli import main
-    from pipeline.demo import GROUND_TRUTH_FILE, run_demo
+    from pipeline.demo.report_section import GROUND_TRUTH_FILE
+    from pipeline.demo.run import run_demo
 
     out = str(tmp_path / "demo")
     report = run_demo(out, quick=True)

@@ -9,16 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.embed import (
-    ModelSpec,
-    UidRegistry,
-    build_embed_dataset,
-    image_pipeline,
-    preprocess_config,
-    run_embed_stage,
-    uid_hashes,
-)
-from pipeline.shards import ShardError
+from pipeline.embed.dataset import build_embed_dataset
+from pipeline.embed.model import ModelSpec, image_pipeline, preprocess_config
+from pipeline.embed.parts import UidRegistry, uid_hashes
+from pipeline.formats.webdataset import ShardError
+from pipeline.errors import StaleStageError
+from pipeline.job import run_one, stage_fingerprints
+from pipeline.stage import Hooks
 from pipeline.storage import Store, join
 from pipeline.testing import (
     TINY_MODEL_CONFIG,
@@ -32,12 +29,18 @@ from pipeline.workdir import part_name, stage_dir
 slow = pytest.mark.slow
 
 
+def run_embed_stage(cfg, store, on_part_committed=None):
+    """The embed stage through the job runner (skip / check / claim / run / commit)."""
+    hooks = Hooks(part_committed=(lambda stage, index: on_part_committed(index)) if on_part_committed else None)
+    return run_one(cfg, store, "embed", hooks)
+
+
 def _pool_cfg(workdir, manifest, **sections):
     return make_config(str(workdir), manifest.shards, **sections)
 
 
 def _read_parts(store, cfg, n):
-    directory = stage_dir(cfg, "embed")
+    directory = stage_dir(cfg.workdir, "embed")
     return [store.read_parquet(join(directory, part_name(i) + ".parquet")) for i in range(n)]
 
 
@@ -52,13 +55,13 @@ def _check_against_manifest(store, cfg, manifest, stats):
         assert table.column("uid").to_pylist() == [k["uid"] for k in kept], f"part {i}"
         assert table.column("key").to_pylist() == [k["key"] for k in kept]
         assert set(table.column("shard").to_pylist()) <= {manifest.shards[i]}
-        part_stats = store.read_json(join(stage_dir(cfg, "embed"), part_name(i) + ".stats.json"))
+        part_stats = store.read_json(join(stage_dir(cfg.workdir, "embed"), part_name(i) + ".stats.json"))
         assert part_stats == {"shard": manifest.shards[i], "samples": len(kept),
                               "skipped": dict(sorted(manifest.skipped[i].items()))}
     assert stats["samples"] == manifest.n_kept
     assert stats["skipped"] == dict(sorted(manifest.skipped_total.items()))
-    assert store.exists(join(stage_dir(cfg, "embed"), "_SUCCESS.json"))
-    assert store.read_json(join(stage_dir(cfg, "embed"), "_stats.json"))["samples"] == manifest.n_kept
+    assert store.exists(join(stage_dir(cfg.workdir, "embed"), "_SUCCESS.json"))
+    assert store.read_json(join(stage_dir(cfg.workdir, "embed"), "_stats.json"))["samples"] == manifest.n_kept
     return parts
 
 
@@ -97,11 +100,16 @@ def test_embed_local_pool_rows_norms_scores_and_skips(local_run, small_pool):
 def test_embed_is_deterministic(local_run, small_pool, tmp_path):
     cfg, _, first = local_run
     store = Store()
-    # a different actor count and read parallelism must not change a single bit
-    again = _pool_cfg(tmp_path / "work", small_pool, embed={"num_actors": 1, "torch_threads": 2})
+    # a different actor count and read parallelism must not change a single bit (the thread count
+    # may, on some CPUs: it is part of the stage's fingerprint instead, checked below)
+    again = _pool_cfg(tmp_path / "work", small_pool, embed={"num_actors": 2, "cpus_per_actor": 0.5})
     run_embed_stage(again, store)
     for a, b in zip(first, _read_parts(store, again, len(small_pool.shards))):
         assert a.equals(b)
+    threads = _pool_cfg(tmp_path / "work", small_pool, embed={"torch_threads": 2})
+    assert stage_fingerprints(threads)["embed"] != stage_fingerprints(cfg)["embed"]
+    with pytest.raises(StaleStageError, match="--force-from embed"):
+        run_embed_stage(threads, store)  # a resume with another thread count never mixes parts
 
 
 @slow
@@ -109,7 +117,7 @@ def test_resume_after_kill_embeds_each_shard_once(local_run, small_pool, tmp_pat
     _, _, reference = local_run
     store = Store()
     cfg = _pool_cfg(tmp_path / "work", small_pool)
-    directory = stage_dir(cfg, "embed")
+    directory = stage_dir(cfg.workdir, "embed")
 
     class Killed(Exception):
         pass
@@ -155,7 +163,7 @@ def test_embed_through_s3(ray_local, s3_store, s3_pool, s3_bucket, s3_server):
     stats = run_embed_stage(cfg, s3_store)
     parts = _check_against_manifest(s3_store, cfg, s3_pool, stats)
     assert sum(p.num_rows for p in parts) == s3_pool.n_kept
-    assert s3_store.ls(stage_dir(cfg, "embed"))[:1] == ["_FINGERPRINT.json"]
+    assert s3_store.ls(stage_dir(cfg.workdir, "embed"))[:1] == ["_FINGERPRINT.json"]
 
 
 @slow
@@ -163,8 +171,8 @@ def test_local_checkpoint_is_loaded(ray_local, small_pool, tiny_checkpoint, loca
     import open_clip
     import torch
 
-    from pipeline.embed import register_model_config
-    from pipeline.shards import decode_image, iter_shard_samples
+    from pipeline.embed.model import register_model_config
+    from pipeline.formats.webdataset import decode_image, iter_shard_samples
 
     import io
     import json
@@ -239,7 +247,7 @@ def test_precomputed_encoder(ray_local, tmp_path):
 
 
 def test_precomputed_file_count_must_match_shards(tmp_path):
-    from pipeline.embed import precomputed_files
+    from pipeline.embed.precomputed import precomputed_files
 
     cfg = make_config(str(tmp_path / "work"), ["a.tar", "b.tar"], embed={
         "encoder": "precomputed", "precomputed": {"metadata": "m/{0..2}.parquet"}})
@@ -284,7 +292,7 @@ def test_split_transform_equals_model_transform():
 def test_preprocess_config_matches_a_real_build():
     import open_clip
 
-    from pipeline.embed import register_model_config
+    from pipeline.embed.model import register_model_config
 
     register_model_config(TINY_MODEL_NAME, TINY_MODEL_CONFIG)
     spec = ModelSpec(TINY_MODEL_NAME, None, None)
@@ -308,7 +316,7 @@ def test_uid_registry_matches_a_set():
 
 def test_actor_pool_that_starves_the_readers_is_refused():
     from pipeline.config import ConfigError
-    from pipeline.embed import check_cpu_budget
+    from pipeline.embed.dataset import check_cpu_budget
 
     check_cpu_budget(num_actors=1, cpus_per_actor=1, total_cpus=2)
     check_cpu_budget(num_actors=3, cpus_per_actor=1, total_cpus=16)

@@ -10,17 +10,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import graph, workdir
+from pipeline import workdir
 from pipeline.config import config_from_dict
-from pipeline.graph import (
+from pipeline.core.knn import (
     exact_knn,
     knn_graph,
     merge_topk,
     prepare_vectors,
     recall_at_k,
+    recall_sample_ids,
     remove_self,
 )
+from pipeline.graph import stage as graph_stage
+from pipeline.job import run_one
 from pipeline.storage import Store
+from pipeline.testing import commit_stage, is_committed
+
+
+def run_graph_stage(cfg, store):
+    """The graph stage through the job runner (skip / require / claim / run / commit)."""
+    return run_one(cfg, store, "graph")
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int, spread: float = 0.35) -> np.ndarray:
@@ -218,12 +227,12 @@ def write_embedding_parts(root: str, seed: int = 0, storage=None):
             "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(txt.reshape(-1), pa.float16()), DIM),
         })
         name = workdir.part_name(index)
-        emb = workdir.stage_dir(cfg, "embed")
+        emb = workdir.stage_dir(cfg.workdir, "embed")
         store.write_json(f"{emb}/{name}.stats.json", {"shard": shards[index], "samples": rows, "skipped": {}})
         store.write_parquet(f"{emb}/{name}.parquet", table)
         all_img.append(img)
         all_uid.extend(uids)
-    workdir.commit_stage(store, cfg, "embed", {"samples": sum(PART_ROWS)})
+    commit_stage(store, cfg, "embed", {"samples": sum(PART_ROWS)})
     return np.concatenate(all_img), all_uid
 
 
@@ -242,7 +251,7 @@ def make_cfg(root: str, shards=None, storage=None, **graph_settings):
 
 def read_graph(cfg):
     store = Store(cfg.storage)
-    gdir = workdir.stage_dir(cfg, "graph")
+    gdir = workdir.stage_dir(cfg.workdir, "graph")
     return pa.concat_tables([store.read_parquet(f"{gdir}/{workdir.part_name(i)}.parquet")
                              for i in range(len(PART_ROWS))])
 
@@ -260,15 +269,15 @@ def test_stage_matches_pure_knn_graph_and_aligns_uids(tmp_path, ray_local):
     img, uids = write_embedding_parts(str(tmp_path))
     cfg = make_cfg(str(tmp_path))
     store = Store(cfg.storage)
-    stats = graph.run_graph_stage(cfg, store)
+    stats = run_graph_stage(cfg, store)
     n = sum(PART_ROWS)
-    assert workdir.is_committed(store, cfg, "graph")
+    assert is_committed(store, cfg, "graph")
     assert stats["n_nodes"] == n and stats["k"] == 6 and stats["nlist"] == 12 and stats["nprobe"] == 3
     assert stats["parts_searched"] == len(PART_ROWS) and stats["shards"] == 3
     assert set(stats["seconds"]) >= {"train", "add", "merge", "search", "recall"}
     assert stats["recall_sample"] == 300 and 0.5 < stats["recall_at_k"] <= 1.0
 
-    nodes = pq.read_table(f"{workdir.stage_dir(cfg, 'graph')}/nodes.parquet")
+    nodes = pq.read_table(f"{workdir.stage_dir(cfg.workdir, 'graph')}/nodes.parquet")
     assert nodes.column("node").to_pylist() == list(range(n))
     assert nodes.column("uid").to_pylist() == uids  # sorted part order, rows in order
     expected_parts = [workdir.part_name(i) for i, rows in enumerate(PART_ROWS) for _ in range(rows)]
@@ -287,7 +296,7 @@ def test_stage_matches_pure_knn_graph_and_aligns_uids(tmp_path, ray_local):
     assert np.array_equal(nb, p_nb) and np.array_equal(cells, p_cells)
     assert np.allclose(d, p_d, atol=1e-5)
     # and the reported recall is the recall of the written graph on its seeded sample
-    sample = graph.recall_sample_ids(n, 300, 5)
+    sample = recall_sample_ids(n, 300, 5)
     en, _ = exact_knn(x, 6, sample)
     assert stats["recall_at_k"] == pytest.approx(recall_at_k(nb[sample], en))
 
@@ -299,7 +308,7 @@ def test_stage_matches_pure_knn_graph_and_aligns_uids(tmp_path, ray_local):
             assert dist == pytest.approx(float(((by_uid[node_uid[i]] - by_uid[node_uid[j]]) ** 2).sum()), abs=1e-5)
 
     # committed: a rerun is skipped and returns the stored stats
-    assert graph.run_graph_stage(cfg, store) == stats
+    assert run_graph_stage(cfg, store) == stats
 
 
 @pytest.mark.slow
@@ -307,14 +316,14 @@ def test_stage_resume_recomputes_only_missing_part_identically(tmp_path, ray_loc
     write_embedding_parts(str(tmp_path), seed=1)
     cfg = make_cfg(str(tmp_path))
     store = Store(cfg.storage)
-    graph.run_graph_stage(cfg, store)
-    gdir = workdir.stage_dir(cfg, "graph")
+    run_graph_stage(cfg, store)
+    gdir = workdir.stage_dir(cfg.workdir, "graph")
     before = read_graph(cfg)
     mtimes = {i: os.stat(f"{gdir}/{workdir.part_name(i)}.parquet").st_mtime_ns for i in range(len(PART_ROWS))}
     # a job killed after some parts: its last part and the commit marker are missing
     os.remove(f"{gdir}/{workdir.part_name(3)}.parquet")
     os.remove(f"{gdir}/{workdir.SUCCESS}")
-    stats = graph.run_graph_stage(cfg, store)
+    stats = run_graph_stage(cfg, store)
     assert stats["parts_searched"] == 1 and stats["parts_reused"] == len(PART_ROWS) - 1
     assert stats["rows_searched"] == PART_ROWS[3]
     assert stats["steps_run"] == []  # trained and merged index reused
@@ -328,7 +337,7 @@ def test_stage_resume_recomputes_only_missing_part_identically(tmp_path, ray_loc
             os.remove(f"{gdir}/index/{name}")
     os.remove(f"{gdir}/{workdir.part_name(0)}.parquet")
     os.remove(f"{gdir}/{workdir.SUCCESS}")
-    stats = graph.run_graph_stage(cfg, store)
+    stats = run_graph_stage(cfg, store)
     assert stats["steps_run"] == ["add", "merge"] and stats["parts_searched"] == 1
     assert read_graph(cfg).equals(before)
 
@@ -338,7 +347,7 @@ def test_stage_shuffled_completion_order_gives_the_same_graph(tmp_path, ray_loca
     img, uids = write_embedding_parts(str(tmp_path / "a"), seed=2)
     write_embedding_parts(str(tmp_path / "b"), seed=2)
     cfg_a, cfg_b = make_cfg(str(tmp_path / "a")), make_cfg(str(tmp_path / "b"))
-    stats_a = graph.run_graph_stage(cfg_a, Store(cfg_a.storage))
+    stats_a = run_graph_stage(cfg_a, Store(cfg_a.storage))
 
     import ray
 
@@ -347,11 +356,11 @@ def test_stage_shuffled_completion_order_gives_the_same_graph(tmp_path, ray_loca
         for j in np.random.default_rng(3).permutation(len(results))[::-1]:
             yield results[j]
 
-    monkeypatch.setattr(graph, "_as_completed", shuffled)
-    stats_b = graph.run_graph_stage(cfg_b, Store(cfg_b.storage))
+    monkeypatch.setattr(graph_stage, "as_completed", shuffled)
+    stats_b = run_graph_stage(cfg_b, Store(cfg_b.storage))
     assert read_graph(cfg_b).equals(read_graph(cfg_a))
     assert stats_b["recall_at_k"] == stats_a["recall_at_k"]
-    nodes = pq.read_table(f"{workdir.stage_dir(cfg_b, 'graph')}/nodes.parquet")
+    nodes = pq.read_table(f"{workdir.stage_dir(cfg_b.workdir, 'graph')}/nodes.parquet")
     assert nodes.column("uid").to_pylist() == uids
 
 
@@ -359,7 +368,7 @@ def test_stage_shuffled_completion_order_gives_the_same_graph(tmp_path, ray_loca
 def test_stage_ivfpq_and_image_text_vectors(tmp_path, ray_local):
     img, _ = write_embedding_parts(str(tmp_path), seed=3)
     cfg = make_cfg(str(tmp_path), index="ivfpq", vector="image+text", pq_m=8, pq_bits=6, nprobe=12, k=4)
-    stats = graph.run_graph_stage(cfg, Store(cfg.storage))
+    stats = run_graph_stage(cfg, Store(cfg.storage))
     assert stats["index"] == "ivfpq" and stats["dim"] == 2 * DIM
     node, nb, d, cells = table_arrays(read_graph(cfg))
     assert not (nb == node[:, None]).any() and (nb >= 0).all() and (d >= 0).all()
@@ -370,7 +379,7 @@ def test_stage_ivfpq_and_image_text_vectors(tmp_path, ray_local):
 def test_stage_requires_committed_embeddings(tmp_path, ray_local):
     cfg = make_cfg(str(tmp_path))
     with pytest.raises(RuntimeError, match="committed embed stage"):
-        graph.run_graph_stage(cfg, Store(cfg.storage))
+        run_graph_stage(cfg, Store(cfg.storage))
 
 
 @pytest.mark.slow
@@ -381,13 +390,13 @@ def test_stage_on_s3_equals_local_run(tmp_path, ray_local, s3_bucket, s3_server)
     write_embedding_parts(str(tmp_path), seed=4)
     cfg_s3, cfg_local = make_cfg(root, storage=storage), make_cfg(str(tmp_path))
     store = Store(cfg_s3.storage)
-    stats = graph.run_graph_stage(cfg_s3, store)
-    graph.run_graph_stage(cfg_local, Store(cfg_local.storage))
-    assert workdir.is_committed(store, cfg_s3, "graph")
+    stats = run_graph_stage(cfg_s3, store)
+    run_graph_stage(cfg_local, Store(cfg_local.storage))
+    assert is_committed(store, cfg_s3, "graph")
     assert read_graph(cfg_s3).equals(read_graph(cfg_local))
-    gdir = workdir.stage_dir(cfg_s3, "graph")
+    gdir = workdir.stage_dir(cfg_s3.workdir, "graph")
     nodes = store.read_parquet(f"{gdir}/nodes.parquet")
-    assert nodes.equals(pq.read_table(f"{workdir.stage_dir(cfg_local, 'graph')}/nodes.parquet"))
+    assert nodes.equals(pq.read_table(f"{workdir.stage_dir(cfg_local.workdir, 'graph')}/nodes.parquet"))
     assert store.exists(f"{gdir}/index/merged.faissindex") and store.exists(f"{gdir}/index/merged.ivfdata")
     assert not store.glob(f"{gdir}/index/shard-*")  # merged index replaced the shards
     assert stats["n_nodes"] == sum(PART_ROWS)

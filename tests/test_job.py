@@ -14,13 +14,17 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import d2, workdir
+from pipeline import workdir
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.coordinator import datacomp_subset
-from pipeline.shards import iter_shard_samples
+from pipeline.core import d2
+from pipeline.errors import exit_code_for, one_line
+from pipeline.formats.selection import datacomp_subset
+from pipeline.formats.webdataset import iter_shard_samples
+from pipeline.job import run_job
+from pipeline.stage import Hooks
 from pipeline.storage import join
-from pipeline.testing import write_pool
+from pipeline.testing import FailAtShard, write_pool
 
 pytestmark = pytest.mark.slow
 
@@ -178,9 +182,10 @@ def test_partitions_1_equals_d2_select_on_the_job_graph(job, full_run):
     fork_workdir(store, raw["workdir"], fork, ["embed", "graph"])
     assert main(["select", job["config"], "--set", f"workdir={fork}", "--set", "select.partitions=1"]) == 0
     cfg = load_config(job["config"], [f"workdir={fork}"])
-    from pipeline.coordinator import read_graph, read_scores
+    from pipeline.formats.graph import read_graph
+    from pipeline.select.inputs import read_scores
 
-    g = read_graph(store, cfg)
+    g = read_graph(store, workdir.stage_dir(fork, "graph"))
     scores, _ = read_scores(store, cfg, g["uids"])
     graph = d2.symmetrize_knn(g["neighbors"], g["sq_distances"])
     expected = d2.d2_select(graph, scores - scores.min(), d2.budget_for(len(scores), 0.7))
@@ -218,20 +223,20 @@ def test_resume_after_kill_between_stages_gives_the_same_output(job, full_run, c
         assert store.read_bytes(a) == store.read_bytes(b)
 
 
-def test_resume_after_kill_inside_the_write_stage(job, full_run, monkeypatch, capsys):
-    from pipeline import write
-
+def test_resume_after_kill_inside_the_write_stage(job, full_run, capsys):
     store, raw = job["store"], job["raw"]
     fork, out = f"{raw['workdir']}-killed", f"{raw['output']['url']}-killed"
     fork_workdir(store, raw["workdir"], fork, ["embed", "graph", "select"])
-    args = ["run", job["config"], "--set", f"workdir={fork}", "--set", f"output.url={out}"]
-    monkeypatch.setenv(write.FAIL_ENV, "1")
-    assert main(args) == 1
-    assert "injected failure" in capsys.readouterr().err.strip().splitlines()[-1]
+    overrides = [f"workdir={fork}", f"output.url={out}"]
+    # output shard 1 fails after its tar is committed and before its metadata (its commit)
+    with pytest.raises(Exception) as failed:
+        run_job(job["config"], overrides, hooks=Hooks(shard_written=FailAtShard(1)))
+    assert exit_code_for(failed.value) == 1
+    assert "injected failure" in one_line(failed.value)
     committed = {u: store.fs(u).info(store.path(u))["LastModified"]
                  for u in store.glob(join(out, "shards", "*.parquet"))}
     assert join(out, "shards", "00001.parquet") not in committed
-    monkeypatch.delenv(write.FAIL_ENV)
+    args = ["run", job["config"]] + [a for o in overrides for a in ("--set", o)]
     assert main(args) == 0
     for url, modified in committed.items():  # nothing committed was written again
         assert store.fs(url).info(store.path(url))["LastModified"] == modified

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.demo.pool import PoolSpec, generate_pool
-from pipeline.report import GROUND_TRUTH_FILE, REPORT_NAME, build_report, pca_2d
+from pipeline.demo.report_section import GROUND_TRUTH_FILE, demo_extras
+from pipeline.report import REPORT_NAME, build_report, pca_2d
 from pipeline.storage import Store, expand_urls, join
 
 DIM = 16
@@ -123,7 +124,9 @@ def test_report_shows_demo_ground_truth_when_present(workdir):
         "context": {"pool_mismatch_share": 0.1, "rare_shape": "heart", "rare_colour": "cyan"},
         "results": results, "settings": {"baselines": "same budget"},
     })
-    page = open(build_report(workdir["workdir"]), encoding="utf-8").read()
+    store = Store()
+    page = open(build_report(workdir["workdir"], store, demo_extras(store, workdir["workdir"])),
+                encoding="utf-8").read()
     _assert_self_contained(page)
     assert "The demo against its ground truth" in page
     assert "planted mismatched captions dropped" in page

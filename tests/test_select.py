@@ -1,4 +1,4 @@
-"""The select stage (pipeline/coordinator.py) on synthetic work directories.
+"""The select stage (pipeline/select/, its pure call pipeline/core/coreset.py) on synthetic work directories.
 
 The embed and graph stages' outputs are written directly here (clustered random vectors, the pure
 ``graph.knn_graph``), so these tests need neither a model nor Ray; the Ray paths are checked
@@ -11,17 +11,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import coordinator, d2, workdir
+from pipeline import workdir
 from pipeline.config import config_from_dict
-from pipeline.coordinator import (
-    build_partitions,
-    datacomp_subset,
-    forward_rows,
-    merge_partition_orders,
-    run_select_stage,
-)
-from pipeline.graph import graph_part_table, knn_graph
+from pipeline.core import d2
+from pipeline.core.d2 import forward_rows
+from pipeline.core.knn import knn_graph
+from pipeline.core.partition import build_partitions, merge_partition_orders
+from pipeline.formats.graph import graph_part_table
+from pipeline.formats.selection import datacomp_subset, subset_npy_bytes
+from pipeline.job import run_one
+from pipeline.select import parallel
+from pipeline.select.stage import select
 from pipeline.storage import Store, join
+from pipeline.testing import commit_stage
+
+
+def run_select_stage(cfg, store):
+    """The select stage through the job runner (skip / require / claim / run / commit)."""
+    return run_one(cfg, store, "select")
 
 U16 = np.dtype("u8,u8")  # what DataComp's resharder asserts
 
@@ -50,7 +57,7 @@ def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=No
     }
     cfg = config_from_dict(raw)
     store = Store()
-    emb_dir = workdir.stage_dir(cfg, "embed")
+    emb_dir = workdir.stage_dir(cfg.workdir, "embed")
     bounds = np.linspace(0, n, parts + 1).astype(int)
     for p in range(parts):
         lo, hi = bounds[p], bounds[p + 1]
@@ -62,9 +69,9 @@ def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=No
             "image_embedding": fixed_list(vectors[lo:hi].astype(np.float16), pa.float16()),
             "text_embedding": fixed_list(vectors[lo:hi].astype(np.float16), pa.float16()),
         }))
-    workdir.commit_stage(store, cfg, "embed", {"samples": n, "skipped": {}})
+    commit_stage(store, cfg, "embed", {"samples": n, "skipped": {}})
     neighbors, sq, cells = knn_graph(vectors, k, index="ivfflat", nlist=nlist, nprobe=nlist, seed=0)
-    graph_dir = workdir.stage_dir(cfg, "graph")
+    graph_dir = workdir.stage_dir(cfg.workdir, "graph")
     store.write_parquet(join(graph_dir, "nodes.parquet"), pa.table({
         "node": pa.array(np.arange(n, dtype=np.int64)), "uid": pa.array(uids, pa.string()),
         "part": pa.array([f"part-{int(np.searchsorted(bounds, i, 'right') - 1):05d}" for i in range(n)])}))
@@ -72,7 +79,7 @@ def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=No
         lo, hi = bounds[p], bounds[p + 1]
         store.write_parquet(join(graph_dir, f"part-{p:05d}.parquet"),
                             graph_part_table(np.arange(lo, hi), neighbors[lo:hi], sq[lo:hi], cells[lo:hi]))
-    workdir.commit_stage(store, cfg, "graph", {"n_nodes": n})
+    commit_stage(store, cfg, "graph", {"n_nodes": n})
     return cfg, store, {"vectors": vectors, "scores": scores.astype(np.float64), "uids": uids,
                         "neighbors": neighbors, "sq": sq, "cells": cells}
 
@@ -84,7 +91,7 @@ def with_select(cfg, **select):
 
 
 def read_selected(store, cfg):
-    return store.read_parquet(join(workdir.stage_dir(cfg, "select"), "selected.parquet")).to_pydict()
+    return store.read_parquet(join(workdir.stage_dir(cfg.workdir, "select"), "selected.parquet")).to_pydict()
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
@@ -134,7 +141,7 @@ def test_datacomp_subset_reads_back_as_the_resharder_reads_it(tmp_path):
     uids = ["ffffffffffffffff0000000000000001", "00000000000000010000000000000000", "0a" * 16, "7"]
     subset = datacomp_subset(uids)
     path = tmp_path / "subset.npy"
-    path.write_bytes(coordinator.subset_npy_bytes(subset))
+    path.write_bytes(subset_npy_bytes(subset))
     with open(path, "rb") as fh:
         assert fh.read(6) == b"\x93NUMPY"
     loaded = np.load(path, mmap_mode="r")
@@ -169,10 +176,10 @@ def test_partitions_1_equals_d2_select_on_the_same_graph(tmp_path):
     assert stats["selected"] == budget == 180 and stats["overlap_with_exact"] == 1.0
     assert stats["score_offset"] == pytest.approx(-a["scores"].min())
     # subset.npy holds the same uids
-    subset = np.load(join(workdir.stage_dir(cfg, "select"), "subset.npy"))
+    subset = np.load(join(workdir.stage_dir(cfg.workdir, "select"), "subset.npy"))
     assert np.array_equal(subset, datacomp_subset(got["uid"]))
     # committed: a rerun returns the stats without recomputing
-    assert run_select_stage(cfg, store) == store.read_json(join(workdir.stage_dir(cfg, "select"), "_stats.json"))
+    assert run_select_stage(cfg, store) == store.read_json(join(workdir.stage_dir(cfg.workdir, "select"), "_stats.json"))
 
 
 def test_partitioned_selection_reports_cut_and_overlap(tmp_path):
@@ -250,7 +257,7 @@ def test_non_hex_uids_skip_subset_file_with_a_reason(tmp_path):
     cfg, store, _ = make_workdir(tmp_path, n=300, uids=uids, select={"partitions": 1})
     stats = run_select_stage(cfg, store)
     assert stats["subset_file"] is None and "'sample/" in stats["subset_file_skipped"]
-    assert not store.exists(join(workdir.stage_dir(cfg, "select"), "subset.npy"))
+    assert not store.exists(join(workdir.stage_dir(cfg.workdir, "select"), "subset.npy"))
     assert len(read_selected(store, cfg)["uid"]) == 90
 
 
@@ -275,16 +282,16 @@ def test_baselines_use_the_same_budget(tmp_path, method):
         assert set(got["uid"]) == set(top)
     dropped = set(np.array(a["uids"])[~d2.prefilter_mask(a["scores"], 0.1)])
     assert not dropped & set(got["uid"])
-    again = coordinator.select(cfg, store, use_ray=False)[0].column("uid").to_pylist()
+    again = select(cfg, store, use_ray=False)[0].column("uid").to_pylist()
     assert again == got["uid"]  # deterministic for the seed
 
 
 @pytest.mark.slow
 def test_ray_paths_equal_in_process_paths(tmp_path, monkeypatch, ray_local):
     cfg, store, _ = make_workdir(tmp_path, n=900, select={"partitions": 4, "forward_rounds": 2})
-    local_table, local_stats = coordinator.select(cfg, store, use_ray=False)
-    monkeypatch.setattr(coordinator, "FORWARD_RANGE_NODES", 128)
-    ray_table, ray_stats = coordinator.select(cfg, store, use_ray=True)
+    local_table, local_stats = select(cfg, store, use_ray=False)
+    monkeypatch.setattr(parallel, "FORWARD_RANGE_NODES", 128)
+    ray_table, ray_stats = select(cfg, store, use_ray=True)
     assert ray_stats["used_ray"] and not local_stats["used_ray"]
     assert ray_table.equals(local_table)
     assert ray_stats["overlap_with_exact"] == local_stats["overlap_with_exact"]
@@ -295,7 +302,7 @@ def test_prune_everything_gives_an_empty_selection(tmp_path):
     stats = run_select_stage(cfg, store)
     assert stats["selected"] == 0 and stats["pruned"] == 200
     assert read_selected(store, cfg)["uid"] == []
-    subset = np.load(join(workdir.stage_dir(cfg, "select"), "subset.npy"))
+    subset = np.load(join(workdir.stage_dir(cfg.workdir, "select"), "subset.npy"))
     assert subset.dtype == U16 and subset.shape == (0,)
 
 

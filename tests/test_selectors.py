@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import selectors as S
+from pipeline.core import selectors as S
 
 
 def assert_valid_ids(ids, n, budget):

@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 
 from pipeline.config import InputConfig
-from pipeline.shards import (
+from pipeline.formats.tar import split_key
+from pipeline.formats.webdataset import (
     DUPLICATE_UID,
     TRUNCATED_TAR,
     UNDECODABLE_IMAGE,
@@ -21,7 +22,6 @@ from pipeline.shards import (
     fallback_uid,
     iter_shard_samples,
     shard_urls,
-    split_key,
     verify_shards,
 )
 from pipeline.storage import Store

@@ -8,13 +8,9 @@ import pytest
 
 from pipeline.config import config_from_dict
 from pipeline.storage import Store, expand_braces, expand_urls, join
-from pipeline.workdir import (
-    StaleStageError,
-    claim_stage_dir,
-    commit_stage,
-    is_committed,
-    stage_dir,
-)
+from pipeline.job import stage_fingerprints
+from pipeline.testing import commit_stage, is_committed
+from pipeline.workdir import StaleStageError, claim, stage_dir
 
 
 def test_expand_braces_ranges_keep_zero_padding():
@@ -77,18 +73,18 @@ def test_stage_commit_and_fingerprint_change_detected(tmp_path):
     store = Store()
     cfg = _cfg(tmp_path, prune_rate=0.5)
     assert not is_committed(store, cfg, "select")
-    claim_stage_dir(store, cfg, "select")
+    claim(store, stage_dir(cfg.workdir, "select"), stage_fingerprints(cfg)["select"], "select")
     commit_stage(store, cfg, "select", {"kept": 3})
     assert is_committed(store, cfg, "select")
-    assert store.read_json(join(stage_dir(cfg, "select"), "_stats.json")) == {"kept": 3}
+    assert store.read_json(join(stage_dir(cfg.workdir, "select"), "_stats.json")) == {"kept": 3}
 
     changed = _cfg(tmp_path, prune_rate=0.6)
     with pytest.raises(StaleStageError, match="select"):
         is_committed(store, changed, "select")
     with pytest.raises(StaleStageError, match="partial output"):
-        claim_stage_dir(store, changed, "select")
+        claim(store, stage_dir(changed.workdir, "select"), stage_fingerprints(changed)["select"], "select")
     # an earlier stage is unaffected by a later stage's settings
-    assert changed.fingerprint("embed") == cfg.fingerprint("embed")
+    assert stage_fingerprints(changed)["embed"] == stage_fingerprints(cfg)["embed"]
 
 
 def test_fingerprint_chains_through_earlier_stages(tmp_path):
@@ -96,8 +92,8 @@ def test_fingerprint_chains_through_earlier_stages(tmp_path):
     b = config_from_dict(
         {**a.model_dump(), "embed": {**a.embed.model_dump(), "model": "ViT-L-14"}}
     )
-    assert a.fingerprint("embed") != b.fingerprint("embed")
-    assert a.fingerprint("write") != b.fingerprint("write")
+    assert stage_fingerprints(a)["embed"] != stage_fingerprints(b)["embed"]
+    assert stage_fingerprints(a)["write"] != stage_fingerprints(b)["write"]
     # throughput knobs don't invalidate outputs
     c = config_from_dict({**a.model_dump(), "embed": {**a.embed.model_dump(), "batch_size": 7}})
-    assert a.fingerprint("write") == c.fingerprint("write")
+    assert stage_fingerprints(a)["write"] == stage_fingerprints(c)["write"]

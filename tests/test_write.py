@@ -1,4 +1,4 @@
-"""The write stage (pipeline/write.py) on a small hand-made pool and selection.
+"""The write stage (pipeline/write/) on a small hand-made pool and selection.
 
 The pool's tar members are random bytes (the stage never decodes them: it must copy them), the
 embedding parts hold only what the stage reads (uid, shard, key, clip_score), and the selection
@@ -14,9 +14,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import workdir, write
+from pipeline import workdir
 from pipeline.config import config_from_dict
+from pipeline.job import run_one
+from pipeline.stage import Hooks
 from pipeline.storage import Store, join
+from pipeline.testing import FailAtShard, commit_stage, is_committed
+from pipeline.write.stage import check_output
+
+
+def run_write_stage(cfg, store, hooks=None):
+    """The write stage through the job runner (skip / require / claim / run / commit)."""
+    return run_one(cfg, store, "write", hooks)
 
 pytestmark = pytest.mark.slow  # Ray Data
 
@@ -58,21 +67,21 @@ def make_job(tmp_path, select_fraction=0.4, samples_per_shard=7, seed=0):
         "ray": {"num_cpus": 2},
     })
     store = Store()
-    emb_dir = workdir.stage_dir(cfg, "embed")
+    emb_dir = workdir.stage_dir(cfg.workdir, "embed")
     for s in range(3):
         part = [r for r in rows if r[0] == s]
         store.write_parquet(join(emb_dir, f"part-{s:05d}.parquet"), pa.table({
             "uid": [r[1] for r in part], "shard": [r[2] for r in part], "key": [r[3] for r in part],
             "clip_score": pa.array([r[4] for r in part], pa.float32())}))
-    workdir.commit_stage(store, cfg, "embed", {"samples": len(rows), "skipped": {}})
-    workdir.commit_stage(store, cfg, "graph", {})
+    commit_stage(store, cfg, "embed", {"samples": len(rows), "skipped": {}})
+    commit_stage(store, cfg, "graph", {})
     rng = np.random.default_rng(seed + 1)
     chosen = [rows[i][1] for i in rng.permutation(len(rows))[: int(select_fraction * len(rows))]]
-    store.write_parquet(join(workdir.stage_dir(cfg, "select"), "selected.parquet"), pa.table({
+    store.write_parquet(join(workdir.stage_dir(cfg.workdir, "select"), "selected.parquet"), pa.table({
         "uid": chosen, "rank": pa.array(np.arange(len(chosen), dtype=np.int64)),
         "forward_score": np.ones(len(chosen)), "final_score": np.ones(len(chosen)),
         "partition": pa.array(np.zeros(len(chosen), np.int32))}))
-    workdir.commit_stage(store, cfg, "select", {"selected": len(chosen)})
+    commit_stage(store, cfg, "select", {"selected": len(chosen)})
     return cfg, store, samples, chosen, rows
 
 
@@ -92,7 +101,7 @@ def snapshot(directory):
 
 def test_writes_original_bytes_metadata_and_stats(tmp_path, ray_local):
     cfg, store, samples, chosen, rows = make_job(tmp_path)
-    stats = write.run_write_stage(cfg, store)
+    stats = run_write_stage(cfg, store)
     out = tmp_path / "out" / "shards"
     assert stats["samples_written"] == len(chosen) == 24 and stats["output_shards"] == 4
     assert sorted(os.listdir(out)) == [f"{i:05d}.{e}" for i in range(4) for e in ("parquet", "tar")]
@@ -113,7 +122,7 @@ def test_writes_original_bytes_metadata_and_stats(tmp_path, ray_local):
     assert sorted(seen) == sorted(chosen)
     assert [source_order[u] for u in seen] == sorted(source_order[u] for u in seen)  # source order
     assert store.read_json(str(tmp_path / "out" / "_stats.json"))["integrity"].startswith("ok")
-    assert workdir.is_committed(store, cfg, "write")
+    assert is_committed(store, cfg, "write")
 
 
 def test_output_readable_by_webdataset_and_ray_data(tmp_path, ray_local):
@@ -121,7 +130,7 @@ def test_output_readable_by_webdataset_and_ray_data(tmp_path, ray_local):
     import webdataset as wds
 
     cfg, store, samples, chosen, _ = make_job(tmp_path)
-    write.run_write_stage(cfg, store)
+    run_write_stage(cfg, store)
     urls = [str(tmp_path / "out" / "shards" / f"{i:05d}.tar") for i in range(4)]
     got = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
     assert sorted(got) == sorted(chosen)
@@ -135,16 +144,14 @@ def test_output_readable_by_webdataset_and_ray_data(tmp_path, ray_local):
 
 def test_resume_after_failure_inside_the_stage_rewrites_nothing_committed(tmp_path, ray_local, monkeypatch):
     cfg, store, samples, chosen, _ = make_job(tmp_path)
-    monkeypatch.setenv(write.FAIL_ENV, "2")
     with pytest.raises(Exception, match="injected failure"):
-        write.run_write_stage(cfg, store)
+        run_write_stage(cfg, store, Hooks(shard_written=FailAtShard(2)))
     out = tmp_path / "out" / "shards"
-    assert not workdir.is_committed(store, cfg, "write")
+    assert not is_committed(store, cfg, "write")
     assert (out / "00002.tar").exists() and not (out / "00002.parquet").exists()  # tar, but no commit
     assert not [n for n in os.listdir(out) if ".tmp" in n]  # no partial files
     before = {n: v for n, v in snapshot(out).items() if n.endswith(".parquet")}
-    monkeypatch.delenv(write.FAIL_ENV)
-    stats = write.run_write_stage(cfg, store)
+    stats = run_write_stage(cfg, store)
     after = snapshot(out)
     for name, (mtime, data) in before.items():  # committed shards were not rewritten
         assert after[name] == (mtime, data)
@@ -152,8 +159,8 @@ def test_resume_after_failure_inside_the_stage_rewrites_nothing_committed(tmp_pa
 
     # the same selection written in a fresh place gives the same bytes
     other = config_from_dict({**cfg.model_dump(), "output": {"url": str(tmp_path / "out2"), "samples_per_shard": 7}})
-    workdir.clear_stage(store, cfg, "write")
-    write.run_write_stage(other, store)
+    store.rm(workdir.stage_dir(cfg.workdir, "write"), recursive=True)
+    run_write_stage(other, store)
     again = snapshot(tmp_path / "out2" / "shards")
     assert {n: d for n, (_, d) in again.items() if n.endswith(".tar")} == \
            {n: d for n, (_, d) in after.items() if n.endswith(".tar")}
@@ -161,17 +168,17 @@ def test_resume_after_failure_inside_the_stage_rewrites_nothing_committed(tmp_pa
 
 def test_deleted_output_shard_is_rewritten_and_other_jobs_output_refused(tmp_path, ray_local):
     cfg, store, samples, chosen, _ = make_job(tmp_path)
-    write.run_write_stage(cfg, store)
+    run_write_stage(cfg, store)
     out = tmp_path / "out" / "shards"
     data = (out / "00001.tar").read_bytes()
     os.remove(out / "00001.tar")
     os.remove(out / "00001.parquet")
-    stats = write.run_write_stage(cfg, store)
+    stats = run_write_stage(cfg, store)
     assert stats["shards_written_this_run"] == 1 and (out / "00001.tar").read_bytes() == data
     # another selection into the same output url: refused, not mixed
     changed = config_from_dict({**cfg.model_dump(), "output": {"url": cfg.output.url, "samples_per_shard": 5}})
     with pytest.raises(workdir.StaleStageError):
-        write.run_write_stage(changed, store)
+        run_write_stage(changed, store)
 
 
 def test_missing_source_sample_is_named(tmp_path, ray_local):
@@ -185,18 +192,18 @@ def test_missing_source_sample_is_named(tmp_path, ray_local):
         for info, data in kept:
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(Exception, match=victim[1]):
-        write.run_write_stage(cfg, store)
+        run_write_stage(cfg, store)
 
 
 def test_integrity_check_names_missing_and_extra(tmp_path, ray_local):
     cfg, store, samples, chosen, _ = make_job(tmp_path)
-    write.run_write_stage(cfg, store)
+    run_write_stage(cfg, store)
     with pytest.raises(RuntimeError, match=r"missing 1 \['zz'\].*extra .*" + chosen[0][:8]):
-        write.check_output(store, cfg, 4, [u for u in chosen if u != chosen[0]] + ["zz"])
+        check_output(store, cfg, 4, [u for u in chosen if u != chosen[0]] + ["zz"])
     # a sample written into two shards is named
     meta_url = str(tmp_path / "out" / "shards" / "00003.parquet")
     meta = store.read_parquet(meta_url)
     first = store.read_parquet(str(tmp_path / "out" / "shards" / "00000.parquet")).slice(0, 1)
     store.write_parquet(meta_url, pa.concat_tables([meta, first]))
     with pytest.raises(RuntimeError, match=r"written twice 1 \['" + first.column("uid")[0].as_py()):
-        write.check_output(store, cfg, 4, chosen)
+        check_output(store, cfg, 4, chosen)

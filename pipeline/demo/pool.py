@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..formats.tar import TarWriter
 from . import scenes
 
 POOL_SEED = 20240507
@@ -137,14 +136,6 @@ def plan_pool(spec: PoolSpec) -> list[dict]:
     return [samples[i] for i in order]
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed, so the same seed gives the same bytes
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def generate_pool(out_dir: str, spec: PoolSpec | None = None) -> dict:
     """Write the pool's shards, ground truth and manifest under `out_dir` (a local directory).
 
@@ -171,7 +162,7 @@ def generate_pool(out_dir: str, spec: PoolSpec | None = None) -> dict:
     for shard in range(n_shards):
         name = f"{shard:05d}.tar"
         tmp = os.path.join(shard_dir, f".{name}.tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with TarWriter(tmp) as tar:
             for i in range(shard * spec.samples_per_shard, min(len(plan), (shard + 1) * spec.samples_per_shard)):
                 item = plan[i]
                 scene: scenes.Scene = item["scene"]
@@ -181,9 +172,9 @@ def generate_pool(out_dir: str, spec: PoolSpec | None = None) -> dict:
                     variant_rng = np.random.default_rng(item["variant_seed"])
                     picture, quality = scenes.near_duplicate(picture, item["dup_variant"], variant_rng)
                 key = f"{shard:05d}{i % spec.samples_per_shard:04d}"
-                _add_member(tar, f"{key}.jpg", scenes.encode_jpeg(picture, quality))
-                _add_member(tar, f"{key}.txt", item["caption"].encode())
-                _add_member(tar, f"{key}.json", json.dumps({"uid": uids[i]}).encode())
+                tar.add(f"{key}.jpg", scenes.encode_jpeg(picture, quality))
+                tar.add(f"{key}.txt", item["caption"].encode())
+                tar.add(f"{key}.json", json.dumps({"uid": uids[i]}).encode())
                 rows["uid"].append(uids[i])
                 rows["shard"].append(name)
                 rows["key"].append(key)

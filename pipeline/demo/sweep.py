@@ -4,7 +4,7 @@
 
 Runs after ``d2prune demo``: it reuses the committed embeddings, rebuilds the kNN graph where a
 variant needs another one (``graph.vector`` / ``graph.k``, in side work dirs next to the demo's,
-through the graph stage itself), recomputes the selection with :func:`pipeline.coordinator.select`
+through the graph stage itself), recomputes the selection with :func:`pipeline.select.stage.select`
 for each variant, and scores each against the ground truth. Nothing of the demo is modified.
 """
 
@@ -35,7 +35,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
 
 def _graph_variant(cfg, store, vector: str, k: int):
     """`cfg` with another graph, built by the graph stage in a side work dir (embeddings copied)."""
-    from ..graph import run_graph_stage
+    from ..job import run_one
 
     if vector == cfg.graph.vector and k == cfg.graph.k:
         return cfg
@@ -45,7 +45,7 @@ def _graph_variant(cfg, store, vector: str, k: int):
     variant.graph.k = k
     if not os.path.exists(os.path.join(variant.workdir, "embeddings")):
         shutil.copytree(os.path.join(cfg.workdir, "embeddings"), os.path.join(variant.workdir, "embeddings"))
-    run_graph_stage(variant, store)  # starts Ray itself; returns at once when already committed
+    run_one(variant, store, "graph")  # starts Ray itself; returns at once when already committed
     return variant
 
 
@@ -53,8 +53,8 @@ def run_sweep(out_dir: str, quick: bool = False) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
     import ray
 
-    from .. import coordinator
     from ..config import load_config
+    from ..select.stage import select
     from ..storage import Store
     from .evaluate import evaluate_selection
 
@@ -70,14 +70,14 @@ def run_sweep(out_dir: str, quick: bool = False) -> list[dict[str, Any]]:
             variant.select.method = "d2"
             variant.select.beta = v["beta"]
             variant.select.gamma_forward = variant.select.gamma_reverse = v["gamma"]
-            table, stats = coordinator.select(variant, store, use_ray=False)
+            table, stats = select(variant, store, use_ray=False)
             result = evaluate_selection(ground_truth, table.column("uid").to_pylist())
             rows.append({"variant": name, **result, "overlap_with_exact": stats.get("overlap_with_exact")})
         for method in ("score_topk", "random"):
             variant = cfg.model_copy(deep=True)
             variant.select.method = method
             variant.select.beta = 0.0
-            table, _ = coordinator.select(variant, store, use_ray=False)
+            table, _ = select(variant, store, use_ray=False)
             rows.append({"variant": f"baseline: {method}",
                          **evaluate_selection(ground_truth, table.column("uid").to_pylist())})
     finally:

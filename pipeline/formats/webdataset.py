@@ -1,17 +1,16 @@
-"""Reading WebDataset shards (the DataComp / img2dataset layout), robust to bad data.
+"""WebDataset shards (the DataComp / img2dataset layout) as samples, robust to bad data.
 
-A shard is a tar whose members are grouped into samples by key (WebDataset rule: the member path
-up to the first '.' of its basename; the rest is the extension): ``000123.jpg``, ``000123.txt``,
-``000123.json``. Every stage that touches the pool reads it through :func:`iter_shard_samples`, so
-the embed stage and the write stage agree exactly on what a sample is, what its uid is and which
-samples are skipped (and why).
+A shard is a tar whose members are grouped into samples by key (:mod:`.tar`): ``000123.jpg``,
+``000123.txt``, ``000123.json``. Every stage that touches the pool (and the report) reads it
+through :func:`iter_shard_samples`, so they agree exactly on what a sample is, what its uid is and
+which samples are skipped (and why).
 
 Why not ``ray.data.read_webdataset``: it hides what we need. It gives no per-shard identity of a
 row that survives repartitioning, fails the whole read on a truncated tar instead of keeping what
 was readable, has no hook to count corrupt members per shard, and decodes members eagerly (the
 write stage needs the original bytes of kept samples, untouched). So the Ray Data pipelines here
 start from one row per shard (``ray.data.from_items``) and a map task opens each tar with
-:mod:`tarfile` through the job's :class:`~pipeline.storage.Store` (s3fs / local / any fsspec URL)
+:func:`.tar.iter_tar_groups` through the job's :class:`~pipeline.storage.Store` (s3fs / local / any fsspec URL)
 and *streams* its samples out as they are read: memory per task is one output batch, whatever the
 shard or pool size, and per-shard counts travel with the rows.
 
@@ -31,19 +30,18 @@ Skip reasons (counted per shard, see :data:`SKIP_REASONS`):
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import logging
-import re
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .config import InputConfig
-from .storage import Store, basename, expand_urls
+from ..config import InputConfig
+from ..errors import ConfigError
+from ..storage import Store, basename, expand_urls
+from .tar import BLOCK, iter_tar_groups, looks_like_tar
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +53,17 @@ DUPLICATE_UID = "duplicate_uid"
 TRUNCATED_TAR = "truncated_tar"
 SKIP_REASONS = (MISSING_IMAGE, UNDECODABLE_IMAGE, MISSING_CAPTION, BAD_METADATA, DUPLICATE_UID, TRUNCATED_TAR)
 
-# WebDataset's own key/extension split (webdataset.tariterators.base_plus_ext).
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_BLOCK = tarfile.BLOCKSIZE
 # s3fs reads ahead this much per request; a shard is read front to back, so big blocks are cheap.
 READ_BLOCK_SIZE = 16 * 2**20
 
 
-class ShardError(RuntimeError):
-    """Input shards that are missing or unreadable (raised before any work starts)."""
+class ShardError(ConfigError):
+    """Input shards that are missing or not tar archives, found before any work starts (a wrong
+    input location: no retry can fix it, exit 2)."""
+
+
+class ShardReadError(RuntimeError):
+    """Input shards that could not be read for a reason a retry may fix (network, throttling)."""
 
 
 @dataclass
@@ -93,12 +93,6 @@ class Sample:
 def fallback_uid(shard_url: str, key: str) -> str:
     """uid of a sample whose json has none: md5 hex of "<shard basename>/<key>" (DataComp-like)."""
     return hashlib.md5(f"{basename(shard_url)}/{key}".encode()).hexdigest()
-
-
-def split_key(name: str) -> tuple[str, str] | None:
-    """(key, extension) of a tar member name, or None for names without an extension."""
-    match = _KEY_EXT.match(name)
-    return (match.group(1), match.group(2)) if match else None
 
 
 def _build_sample(shard: str, index: int, key: str, members: dict[str, bytes], cfg: InputConfig) -> Sample:
@@ -135,63 +129,6 @@ def _build_sample(shard: str, index: int, key: str, members: dict[str, bytes], c
         return sample
     sample.caption = caption
     return sample
-
-
-def _archive_ends_cleanly(tf: tarfile.TarFile) -> bool:
-    """True when the block after the last member is a zero (end-of-archive) block.
-
-    tarfile ends iteration *silently* on a header cut short or corrupt after the first member;
-    this check is what tells a truncated shard from a complete one.
-    """
-    fileobj = tf.fileobj
-    fileobj.seek(tf.offset)
-    block = fileobj.read(_BLOCK)
-    return len(block) == _BLOCK and block.count(0) == _BLOCK
-
-
-def iter_tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
-    """Yield ``(key, {ext: bytes}, None)`` for each group of consecutive members sharing a key;
-    if the archive is damaged, the last item is ``(partial_key, partial_members, error_message)``.
-
-    Reads sequentially through a seekable file (s3fs files are, via range requests), holding one
-    sample's members at a time.
-    """
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    try:
-        tf = tarfile.open(fileobj=fileobj, mode="r:*")
-        while True:
-            info = tf.next()
-            if info is None:
-                break
-            tf.members.clear()  # tarfile keeps every TarInfo; we stream, so drop them
-            if not info.isfile():
-                continue
-            parts = split_key(info.name)
-            if parts is None:
-                continue
-            member_key, ext = parts
-            if member_key != key:
-                # the previous sample is complete as soon as a new key starts: hand it out before
-                # reading data that may turn out truncated
-                if key is not None:
-                    yield key, members, None
-                key, members = member_key, {}
-            data = tf.extractfile(info).read()
-            # a repeated extension within one sample: keep the first (WebDataset would raise)
-            members.setdefault(ext, data)
-        clean = _archive_ends_cleanly(tf)
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile, ValueError) as err:
-        # damaged *data*: a cut or corrupt archive (EOFError/BadGzipFile: compressed streams cut
-        # short; ValueError: malformed numeric header fields). Other I/O errors (network, auth)
-        # propagate: a transient failure must fail the task, never shorten a shard silently.
-        yield key or "", members, f"{type(err).__name__}: {err}"
-        return
-    if not clean:
-        yield key or "", members, "archive ends without an end-of-archive block (truncated or corrupt header)"
-        return
-    if key is not None:
-        yield key, members, None
 
 
 def iter_shard_samples(
@@ -257,25 +194,20 @@ def shard_urls(cfg: InputConfig) -> list[str]:
     return urls
 
 
+_TRANSIENT = "unreadable "
+
+
 def _probe(store: Store, url: str) -> str | None:
     """None when `url` is a readable tar (or compressed tar), else why not."""
     try:
-        head = store.fs(url).cat_file(store.path(url), start=0, end=_BLOCK)
+        head = store.fs(url).cat_file(store.path(url), start=0, end=BLOCK)
     except FileNotFoundError:
         return "not found"
     except PermissionError as err:
         return f"permission denied ({err})"
     except Exception as err:  # network, bad bucket, ...: report, don't crash the probe
-        return f"unreadable ({type(err).__name__}: {err})"
-    if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
-        return None  # compressed tar: checked when read
-    if len(head) < _BLOCK:
-        return f"not a tar archive ({len(head)} bytes)"
-    try:
-        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
-    except tarfile.HeaderError as err:
-        return f"not a tar archive ({err})"
-    return None
+        return f"{_TRANSIENT}({type(err).__name__}: {err})"
+    return looks_like_tar(head)
 
 
 def listing(lines: list[str], limit: int = 20) -> str:
@@ -287,20 +219,26 @@ def listing(lines: list[str], limit: int = 20) -> str:
 
 def verify_shards(store: Store, urls: list[str], max_workers: int = 16) -> None:
     """Check up front that every shard exists and starts with a tar header: one small ranged read
-    per shard, in parallel threads. Raises ShardError naming every bad shard (the first 20)."""
+    per shard, in parallel threads. Raises ShardError naming every bad shard (the first 20), or
+    ShardReadError when some could not be read for a reason a retry may fix."""
     if not urls:
         raise ShardError("no input shards given")
     with ThreadPoolExecutor(max_workers=min(max_workers, len(urls))) as pool:
         problems = list(pool.map(lambda u: _probe(store, u), urls))
     bad = [f"{u}: {p}" for u, p in zip(urls, problems) if p is not None]
     if bad:
-        raise ShardError(f"{len(bad)} of {len(urls)} input shard(s) missing or unreadable:\n{listing(bad)}")
+        transient = any(p is not None and p.startswith(_TRANSIENT) for p in problems)
+        error = ShardReadError if transient else ShardError
+        raise error(f"{len(bad)} of {len(urls)} input shard(s) missing or unreadable:\n{listing(bad)}")
 
 
-def shards_dataset(shards: list[tuple[int, str]]):
-    """A Ray Dataset with one row ``{"shard_index", "shard"}`` per shard and one block per row, so
-    each downstream map task reads exactly one shard (the unit of parallelism and of commit)."""
-    import ray.data
-
-    items = [{"shard_index": int(i), "shard": url} for i, url in shards]
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+def find_samples(store: Store, url: str, keys: set[str], cfg: InputConfig) -> dict[str, Sample]:
+    """The samples of one shard whose keys are in `keys` (usable or not), reading the shard front
+    to back and stopping once all are found."""
+    found: dict[str, Sample] = {}
+    for sample in iter_shard_samples(store, url, cfg, dedupe=False):
+        if sample.key in keys and sample.key not in found:
+            found[sample.key] = sample
+            if len(found) == len(keys):
+                break
+    return found

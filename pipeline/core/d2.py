@@ -8,8 +8,8 @@ Pure numpy + numba; no Ray, no I/O. The maths is ``shared/design/d2-spec.md``:
 * :func:`reverse_select` is the reverse message passing with exact greedy selection (§4);
 * :func:`d2_select` runs both.
 
-Helpers for the coordinator: :func:`budget_for`, :func:`prefilter_mask` (§1),
-:func:`shift_nonnegative`, :func:`subgraph` (per-partition selection, §7) and
+Helpers for the select stage: :func:`budget_for`, :func:`prefilter_mask` (§1),
+:func:`shift_nonnegative`, :func:`subgraph` (per-partition selection, §7), :func:`forward_rows` (a node range of the forward pass) and
 :func:`cross_edge_fraction`.
 
 Conventions
@@ -41,6 +41,7 @@ __all__ = [
     "cross_edge_fraction",
     "d2_select",
     "forward_pass",
+    "forward_rows",
     "prefilter_mask",
     "reverse_select",
     "shift_nonnegative",
@@ -397,17 +398,24 @@ def _symmetrize_kernel(neighbors, distances, idx_template, dist_template):
 
 
 @numba.njit(cache=True, nogil=True)
+def _forward_rows_kernel(indptr, indices, distances, lo, hi, self_scores, prev, gamma, out):
+    """One round for nodes lo..hi-1: out[i-lo] = self_i + sum_j exp(-gamma d_ij) * prev_j, summed
+    in CSR order (the one forward arithmetic: whole-graph and node-range passes agree bit for bit)."""
+    for i in range(lo, hi):
+        total = self_scores[i - lo]
+        for e in range(indptr[i], indptr[i + 1]):
+            total += math.exp(-gamma * np.float64(distances[e])) * prev[indices[e]]
+        out[i - lo] = total
+
+
+@numba.njit(cache=True, nogil=True)
 def _forward_kernel(indptr, indices, distances, scores, gamma, rounds):
     """``rounds`` rounds of s_i + sum_j exp(-gamma d_ij) * s_prev_j, summed in CSR order."""
     n = scores.shape[0]
     prev = scores.copy()
     out = scores.copy()
     for _ in range(rounds):
-        for i in range(n):
-            total = scores[i]
-            for e in range(indptr[i], indptr[i + 1]):
-                total += math.exp(-gamma * np.float64(distances[e])) * prev[indices[e]]
-            out[i] = total
+        _forward_rows_kernel(indptr, indices, distances, 0, n, scores, prev, gamma, out)
         prev[:] = out
     return out
 
@@ -643,6 +651,18 @@ def forward_pass(graph: CSRGraph, scores, gamma: float = 1.0, rounds: int = 1) -
     if r == 0 or graph.n_nodes == 0:
         return s.copy()
     return _forward_kernel(graph.indptr, graph.indices, graph.distances, s, g, r)
+
+
+def forward_rows(graph: CSRGraph, lo: int, hi: int, self_scores, prev, gamma: float) -> np.ndarray:
+    """One forward round for nodes ``lo..hi-1`` only: ``self_i + sum_j exp(-gamma d_ij) prev_j``
+    (``self_scores`` holds rows lo..hi-1, ``prev`` every node's previous-round score). The same
+    arithmetic as :func:`forward_pass`, so a pass split into node ranges is bit-identical."""
+    graph = _check_graph(graph)
+    out = np.empty(int(hi) - int(lo), np.float64)
+    _forward_rows_kernel(graph.indptr, graph.indices, graph.distances, int(lo), int(hi),
+                         np.ascontiguousarray(self_scores, np.float64), np.ascontiguousarray(prev, np.float64),
+                         _check_gamma(gamma, "gamma"), out)
+    return out
 
 
 def reverse_select(graph: CSRGraph, forward_scores, budget: int, gamma: float = 1.0) -> Selection:

@@ -1,0 +1,11 @@
+"""Pure cores: numpy (+ numba, FAISS) in, numpy out. No Ray, no fsspec, no pyarrow, no storage.
+
+* :mod:`.d2`: D2 Pruning on a kNN graph (spec sections 1-4, 6): graph, forward pass, exact greedy.
+* :mod:`.selectors`: the baselines (random, score top-k, CCS, moderate, k-center) and budgets.
+* :mod:`.knn`: the kNN graph maths (vectors, IVF training, list-major search, recall).
+* :mod:`.partition`: partitions of the graph built from IVF cells (spec section 7).
+* :mod:`.coreset`: the select stage's one pure call (pre-filter, shift, forward, partitions, greedy or a baseline).
+
+Everything here is unit-tested without Ray or storage; the stages (``pipeline.embed``,
+``pipeline.graph``, ``pipeline.select``, ``pipeline.write``) wrap it with I/O and Ray.
+"""

@@ -1,0 +1,13 @@
+"""One home per committed file format: its schema, its writer and its checked reader.
+
+| file | module |
+|---|---|
+| input and output shards (tar) | :mod:`.tar` (bytes), :mod:`.webdataset` (samples) |
+| ``embeddings/part-NNNNN.parquet`` | :mod:`.embeddings` |
+| ``graph/nodes.parquet``, ``graph/part-NNNNN.parquet`` | :mod:`.graph` |
+| ``selection/selected.parquet``, ``selection/subset.npy`` | :mod:`.selection` |
+| ``OUTPUT/shards/NNNNN.{tar,parquet}``, ``OUTPUT/_PLAN.json`` | :mod:`.output` |
+
+Stages, the report, the demo, the tests and the benchmarks read and write these files only
+through these modules.
+"""

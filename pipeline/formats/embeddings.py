@@ -1,0 +1,153 @@
+"""``WORKDIR/embeddings/part-NNNNN.parquet``: one part per input shard, written by the embed stage.
+
+Schema (column order and types are part of the contract)::
+
+    uid              string   the sample's identity (json ``uid``, else md5 of shard/key)
+    shard            string   the input shard URL
+    key              string   the sample's key in that shard
+    clip_score       float32  cosine of image and text embedding (or the precomputed score)
+    image_embedding  fixed_size_list<float16>[D]  L2-normalised
+    text_embedding   fixed_size_list<float16>[D]  L2-normalised
+
+Node ids of the graph are row numbers of the parts concatenated in part-name order
+(:func:`list_parts` gives each part's offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.knn import prepare_vectors
+from ..storage import Store, basename
+from ..workdir import committed_parts
+from .columns import fixed_list_to_numpy, fixed_size_list
+
+COLUMNS = ("uid", "shard", "key", "clip_score", "image_embedding", "text_embedding")
+VECTOR_COLUMNS = {"image": ("image_embedding",), "text": ("text_embedding",),
+                  "image+text": ("image_embedding", "text_embedding")}
+
+
+def part_table(shard: str, uids, keys, scores, image_emb: np.ndarray, text_emb: np.ndarray):
+    """A part in the contract's schema."""
+    import pyarrow as pa
+
+    n = len(uids)
+    return pa.table({
+        "uid": pa.array(list(uids), type=pa.string()),
+        "shard": pa.array([shard] * n, type=pa.string()),
+        "key": pa.array(list(keys), type=pa.string()),
+        "clip_score": pa.array(np.asarray(scores, dtype=np.float32), type=pa.float32()),
+        "image_embedding": fixed_size_list(image_emb, np.float16),
+        "text_embedding": fixed_size_list(text_emb, np.float16),
+    })
+
+
+@dataclass(frozen=True)
+class EmbeddingPart:
+    name: str  # "part-NNNNN"
+    url: str
+    rows: int
+    offset: int  # global node id of its first row
+
+    @property
+    def index(self) -> int:
+        """The input shard index the part belongs to (NNNNN)."""
+        return int(self.name.split("-")[1])
+
+
+def _layout(store: Store, urls: list[str], vector: str | None) -> tuple[list[int], int]:
+    """Row counts of the parts (from parquet footers, no data read) and the dimension of `vector`
+    (0 when None: a reader that needs no vectors does not check them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, dim = [], None
+    for url in urls:
+        with store.open(url, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            schema = pf.schema_arrow
+            rows.append(pf.metadata.num_rows)
+        part_dim = 0
+        vector_columns = VECTOR_COLUMNS[vector] if vector else ()
+        for col in ("uid",) + vector_columns:
+            if col not in schema.names:
+                raise ValueError(f"embedding part {url} has no column {col!r} (columns: {schema.names})")
+        for col in vector_columns:
+            typ = schema.field(col).type
+            if not pa.types.is_fixed_size_list(typ):
+                raise ValueError(f"embedding part {url}: column {col} must be fixed_size_list, got {typ}")
+            part_dim += typ.list_size
+        if dim is None:
+            dim = part_dim
+        elif dim != part_dim:
+            raise ValueError(f"embedding part {url} has graph vector dimension {part_dim}, earlier parts {dim}")
+    return rows, int(dim or 0)
+
+
+def list_parts(store: Store, directory: str, vector: str | None = None) -> tuple[list[EmbeddingPart], int]:
+    """The committed parts in `directory` in part-name order with their node offsets, and the
+    dimension of the `vector` the graph is built on (0 when no vector is asked for)."""
+    urls = committed_parts(store, directory)  # sorted: one directory, so name order
+    if not urls:
+        raise FileNotFoundError(f"no embedding parts (part-*.parquet) in {directory}")
+    names = [basename(u)[: -len(".parquet")] for u in urls]
+    rows, dim = _layout(store, urls, vector)
+    offsets = np.concatenate([[0], np.cumsum(rows)])[:-1]
+    return [EmbeddingPart(n, u, int(r), int(o)) for n, u, r, o in zip(names, urls, rows, offsets)], dim
+
+
+def read_vectors(store: Store, part: EmbeddingPart, vector: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """The graph vectors (:func:`~pipeline.core.knn.prepare_vectors`) of one part, optionally only
+    some of its rows. A whole-part read checks the part still holds the rows it was listed with."""
+    columns = list(VECTOR_COLUMNS[vector])
+    table = store.read_parquet(part.url, columns=columns)
+    if rows is None and table.num_rows != part.rows:
+        raise RuntimeError(f"{part.url} has {table.num_rows} rows, {part.rows} when the stage started")
+    if rows is not None:
+        table = table.take(np.asarray(rows, dtype=np.int64))
+    arrays = {c: fixed_list_to_numpy(table.column(c), c, part.url) for c in columns}
+    return prepare_vectors(arrays.get("image_embedding"), arrays.get("text_embedding"), vector)
+
+
+def rows_by_part(parts: list[EmbeddingPart], ids: np.ndarray) -> list[tuple[EmbeddingPart, np.ndarray]]:
+    """Split sorted global node ids into (part, local rows) pairs."""
+    starts = np.array([p.offset for p in parts], dtype=np.int64)
+    where = np.searchsorted(starts, ids, side="right") - 1
+    out = []
+    for idx in np.unique(where):
+        sel = ids[where == idx]
+        out.append((parts[idx], sel - parts[idx].offset))
+    return out
+
+
+def read_vectors_at(store: Store, parts: list[EmbeddingPart], vector: str, ids: np.ndarray) -> np.ndarray:
+    """The graph vectors of the sorted global node ids `ids`, reading one part at a time (a
+    sample of the pool need not hold the pool's vectors in memory)."""
+    ids = np.asarray(ids, np.int64)
+    pieces = [read_vectors(store, part, vector, rows) for part, rows in rows_by_part(parts, ids)]
+    if not pieces:  # no rows asked: an empty array of the right width
+        return read_vectors(store, parts[0], vector, np.zeros(0, np.int64))
+    return np.concatenate(pieces)
+
+
+def read_column(store: Store, parts: list[EmbeddingPart], column: str) -> np.ndarray:
+    """One scalar column of every part, concatenated in node order (object dtype for strings)."""
+    pieces = []
+    for part in parts:
+        table = store.read_parquet(part.url, columns=[column])
+        if table.num_rows != part.rows:
+            raise RuntimeError(f"{part.url} has {table.num_rows} rows, {part.rows} when the stage started")
+        pieces.append(table.column(column).to_numpy(zero_copy_only=False))
+    return np.concatenate(pieces) if pieces else np.zeros(0)
+
+
+def numeric_columns(store: Store, part: EmbeddingPart) -> list[str]:
+    """Names of the numeric scalar columns of a part (what ``select.score`` may name)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with store.open(part.url, "rb") as fh:
+        schema = pq.ParquetFile(fh).schema_arrow
+    return [f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]

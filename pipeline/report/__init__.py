@@ -1,0 +1,292 @@
+"""``WORKDIR/report.html``: one self-contained page about a job, built from its committed files only.
+
+Sections (each built from what is there; a missing optional piece becomes a note, not a failure):
+
+* **summary**: samples in, kept, dropped, where the output is (:func:`pipeline.summary.summarize`);
+* sections a client adds (:class:`ReportExtras`: the demo adds its ground-truth comparison);
+* **what was kept**: CLIP-score histograms of kept vs dropped, a 2-D PCA map of the image
+  embeddings (a seeded sample), thumbnails of kept and dropped samples with their captions, read
+  from the input shards (the original bytes) or, for kept samples when the input is gone, from the
+  output shards;
+* **stages**: every stage's ``_stats.json``.
+
+Every image and plot is embedded as a base64 ``data:`` URI and the page loads nothing from
+anywhere (no CDN, no fonts, no scripts), so it opens offline and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import InputConfig
+from ..formats.embeddings import list_parts, read_column, read_vectors_at
+from ..formats.selection import SELECTED
+from ..formats.webdataset import find_samples
+from ..storage import Store, basename, join
+from ..summary import summarize
+from ..workdir import STAGE_DIRS, read_stats, read_success
+from .plots import embedding_map, map_rows, pca_2d, score_histogram
+from .render import CSS, flatten, note, table, thumbnail_uri
+
+__all__ = ["REPORT_NAME", "ReportExtras", "build_report", "pca_2d"]
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+EXAMPLES_PER_GRID = 16
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class ReportExtras:
+    """What a client adds to the generic report: sections shown after the summary (heading, html)
+    and badges on example thumbnails (uid -> text)."""
+
+    sections: list[tuple[str, str]] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+
+def _summary_section(stats: dict[str, dict | None], kept_n: int | None, n_total: int | None) -> str:
+    s = summarize(stats)
+    rows: list[list[Any]] = []
+    if s["samples_in"] is not None:
+        unreadable = sum(v for k, v in s["dropped"].items() if k.startswith("unreadable"))
+        rows += [["samples read", s["samples_in"]], ["skipped as unreadable", unreadable], ["embedded", s["embedded"]]]
+    select = stats.get("select")
+    if select:
+        rows += [["selection method", s["method"]], ["budget (kept)", s["budget"]]]
+        if select.get("prefiltered"):
+            rows.append([f"pre-filtered (lowest beta={select.get('prefilter_beta')} of scores)", select.get("prefiltered")])
+        rows.append(["pruned by the selection", select.get("pruned")])
+    elif kept_n is not None:
+        rows.append(["kept", kept_n])
+    if stats.get("write"):
+        rows += [["samples written", s["kept"]], ["output shards", s["output"]]]
+    if not rows:
+        return note("No committed stage found in this work directory.")
+    cards = ""
+    if n_total and kept_n is not None:
+        cards = (f'<div class="cards"><div class="card"><b>{n_total:,}</b><span>samples in</span></div>'
+                 f'<div class="card kept"><b>{kept_n:,}</b><span>kept ({kept_n / n_total:.0%})</span></div>'
+                 f'<div class="card dropped"><b>{n_total - kept_n:,}</b><span>dropped</span></div></div>')
+    return cards + table(rows)
+
+
+# The numbers of each stage shown up front; everything else in the stage's stats is one click away.
+KEY_STATS = {
+    "embed": ("samples", "skipped", "skipped_total", "model", "device", "samples_per_s", "seconds"),
+    "graph": ("n_nodes", "vector", "k", "index", "nlist", "nprobe", "recall_at_k", "recall_sample", "seconds"),
+    "select": ("method", "n_nodes", "budget", "selected", "prefiltered", "pruned", "score_offset", "partitions",
+               "cross_partition_edge_fraction", "overlap_with_exact", "gamma_forward", "gamma_reverse", "seconds.total"),
+    "write": ("samples_written", "output_shards", "integrity", "shards_url", "seconds"),
+}
+
+
+def _stage_section(stage: str, stats: dict | None, success: dict | None) -> str:
+    title = f"<h3>{stage}</h3>"
+    if stats is None:
+        return f'<div class="stage">{title}' + note(f"Stage {stage} has no _stats.json (not run, or not committed yet).") + "</div>"
+    committed = "committed" if success else "not committed"
+    when = ""
+    if success and success.get("committed_at"):
+        when = _dt.datetime.fromtimestamp(float(success["committed_at"]), _dt.timezone.utc).strftime(" %Y-%m-%d %H:%M UTC")
+    rows = flatten(stats)
+    wanted = KEY_STATS.get(stage, ())
+    key_rows = [[k, v] for want in wanted for k, v in rows if k == want or k.startswith(want + ".")]
+    shown = {r[0] for r in key_rows}
+    rest = [[k, v] for k, v in rows if k not in shown]
+    details = (f"<details><summary>all {len(rows)} numbers</summary>{table(rest, cls='kv')}</details>"
+               if rest else "")
+    return (f'<div class="stage">{title}<p class="meta">{committed}{when}</p>'
+            f"{table(key_rows or [[k, v] for k, v in rows], cls='kv')}{details}</div>")
+
+
+def _example_grid(store: Store, pool: dict[str, np.ndarray], rows: np.ndarray, labels: dict[str, str],
+                  input_cfg: InputConfig, output_index: Callable[[], dict[str, tuple[str, str]] | None] | None) -> str:
+    """Thumbnails with captions of the samples at `rows` of the pool table. `output_index`
+    (uid -> output shard and key) is called only when some input shard lacks a sample."""
+    wanted: dict[str, set[str]] = {}
+    for r in rows:
+        wanted.setdefault(str(pool["shard"][r]), set()).add(str(pool["key"][r]))
+    members: dict[tuple[str, str], dict[str, bytes]] = {}
+    missing_shards = []
+    for shard, keys in wanted.items():
+        try:
+            for key, sample in find_samples(store, shard, keys, input_cfg).items():
+                members[(shard, key)] = sample.members
+        except (FileNotFoundError, OSError) as err:
+            missing_shards.append(f"{shard} ({type(err).__name__})")
+    index = None  # kept samples whose input shard is gone: the output shards have them
+    if output_index is not None and any((str(pool["shard"][r]), str(pool["key"][r])) not in members for r in rows):
+        index = output_index()
+    if index is not None:
+        fallback: dict[str, set[str]] = {}
+        for r in rows:
+            uid = str(pool["uid"][r])
+            if (str(pool["shard"][r]), str(pool["key"][r])) not in members and uid in index:
+                shard, key = index[uid]
+                fallback.setdefault(shard, set()).add(key)
+        for shard, keys in fallback.items():
+            try:
+                got = find_samples(store, shard, keys, input_cfg)
+            except (FileNotFoundError, OSError):
+                continue
+            for r in rows:
+                uid = str(pool["uid"][r])
+                if uid in index and index[uid][0] == shard and index[uid][1] in got:
+                    members[(str(pool["shard"][r]), str(pool["key"][r]))] = got[index[uid][1]].members
+    cells = []
+    for r in rows:
+        m = members.get((str(pool["shard"][r]), str(pool["key"][r])))
+        image = None
+        caption = ""
+        if m:
+            lower = {ext.lower(): ext for ext in m}
+            ext = next((lower[e] for e in IMAGE_EXTS if e in lower), None)
+            image = thumbnail_uri(m[ext]) if ext else None
+            cap = lower.get(input_cfg.caption_ext.lower())
+            caption = m[cap].decode("utf-8", "replace") if cap else ""
+        badge = labels.get(str(pool["uid"][r]), "")
+        img_html = f'<img src="{image}" alt="">' if image else '<div class="noimg">image not available</div>'
+        cells.append(
+            f'<figure>{img_html}<figcaption><span class="score">score {float(pool["clip_score"][r]):.3f}</span>'
+            f'{f" <span class=badge>{html.escape(badge)}</span>" if badge else ""}'
+            f'<br>{html.escape(caption[:140])}</figcaption></figure>')
+    shown = note("unreadable shards: " + "; ".join(missing_shards)) if missing_shards else ""
+    return shown + '<div class="grid">' + "".join(cells) + "</div>"
+
+
+def _output_index(store: Store, write_stats: dict | None) -> dict[str, tuple[str, str]] | None:
+    """uid -> (output tar URL, key) from the output shards' metadata parquet files."""
+    if not write_stats or not write_stats.get("shards_url"):
+        return None
+    index: dict[str, tuple[str, str]] = {}
+    for url in store.glob(join(write_stats["shards_url"], "*.parquet")):
+        meta = store.read_parquet(url, columns=["uid", "key"])
+        tar_url = url[: -len(".parquet")] + ".tar"
+        for uid, key in zip(meta.column("uid").to_pylist(), meta.column("key").to_pylist()):
+            index[uid] = (tar_url, key)
+    return index
+
+
+# ------------------------------------------------------------------------------------------------
+# The page
+# ------------------------------------------------------------------------------------------------
+
+def _what_was_kept(store: Store, workdir_url: str, pool, kept, stats, extras: ReportExtras,
+                   input_cfg: InputConfig) -> list[str]:
+    n_total = len(pool["uid"])
+    sections = []
+    plots = []
+    drawn = map_rows(n_total)
+
+    def draw_map() -> str:
+        parts, _ = list_parts(store, join(workdir_url, STAGE_DIRS["embed"]), "image")
+        if parts[-1].offset + parts[-1].rows != n_total:
+            raise RuntimeError(f"the embedding parts now hold another number of rows than {n_total}")
+        return embedding_map(read_vectors_at(store, parts, "image", drawn), kept[drawn], n_total)
+
+    for name, fn in (("CLIP score histogram", lambda: score_histogram(pool["clip_score"].astype(float), kept)),
+                     ("embedding map", draw_map)):
+        try:
+            plots.append(f'<img class="plot half" alt="{name}" src="{fn()}">')
+        except Exception as err:  # noqa: BLE001 - a plot that fails is a note, not a failed report
+            log.warning("report: %s failed: %s", name, err)
+            plots.append(note(f"{name} not drawn: {err}"))
+    sections.append('<div class="plots">' + "".join(plots) + "</div>")
+
+    rng = np.random.default_rng(0)
+    kept_rows = np.flatnonzero(kept)
+    dropped_rows = np.flatnonzero(~kept)
+    scores = pool["clip_score"].astype(float)
+    grids = [  # (css class, title, candidate rows, random sample of them or their first ones)
+        ("kept-h", "Kept (a random sample)", kept_rows, True),
+        ("dropped-h", "Dropped (a random sample)", dropped_rows, True),
+        ("dropped-h", "Dropped with the lowest CLIP scores",
+         dropped_rows[np.argsort(scores[dropped_rows], kind="stable")], False),
+    ]
+    for cls, title, pool_rows, sampled in grids:
+        if not len(pool_rows):
+            continue
+        if sampled:
+            rows = np.sort(rng.choice(pool_rows, min(EXAMPLES_PER_GRID, len(pool_rows)), replace=False))
+        else:
+            rows = pool_rows[:EXAMPLES_PER_GRID]
+        # only kept samples are in the output shards, the fallback when an input shard is gone
+        out_index = (lambda: _output_index(store, stats.get("write"))) if cls == "kept-h" else None
+        try:
+            grid = _example_grid(store, pool, rows, extras.labels, input_cfg, out_index)
+        except Exception as err:  # noqa: BLE001
+            log.warning("report: examples failed: %s", err)
+            grid = note(f"examples not shown: {err}")
+        sections.append(f'<h3 class="{cls}">{title}</h3>' + grid)
+    return sections
+
+
+def build_report(workdir_url: str, store: Store | None = None, extras: ReportExtras | None = None,
+                 input_cfg: InputConfig | None = None) -> str:
+    """Build ``WORKDIR/report.html`` from the committed files; returns its URL. `input_cfg` says
+    how samples are laid out in the shards (member extensions; defaults as in the config)."""
+    store = store or Store()
+    extras = extras or ReportExtras()
+    input_cfg = input_cfg or InputConfig(shards="unused")
+    workdir_url = workdir_url.rstrip("/")
+    if not store.exists(workdir_url):
+        raise FileNotFoundError(f"work directory {workdir_url} does not exist")
+    stats = {s: read_stats(store, join(workdir_url, d)) for s, d in STAGE_DIRS.items()}
+    success = {s: read_success(store, join(workdir_url, d)) for s, d in STAGE_DIRS.items()}
+
+    sections: list[str] = []
+    pool = selected = kept = None
+    try:
+        try:
+            parts, _ = list_parts(store, join(workdir_url, STAGE_DIRS["embed"]))
+            pool = {c: read_column(store, parts, c) for c in ("uid", "shard", "key", "clip_score")}
+        except FileNotFoundError:
+            pool = None
+        sel_url = join(workdir_url, STAGE_DIRS["select"], SELECTED)
+        selected = store.read_parquet(sel_url, columns=["uid"]).column("uid").to_numpy(zero_copy_only=False) \
+            if store.exists(sel_url) else None
+    except Exception as err:  # noqa: BLE001 - a damaged part is named on the page; the stage stats still show
+        log.warning("report: could not read embeddings/selection: %s", err)
+        sections.append(note(f"embeddings or selection unreadable: {err}"))
+    if pool is not None and selected is not None:
+        kept = np.isin(pool["uid"].astype(str), selected.astype(str))
+    n_total = len(pool["uid"]) if pool is not None else None
+    kept_n = int(kept.sum()) if kept is not None else (len(selected) if selected is not None else None)
+
+    sections.append("<h2>Summary</h2>" + _summary_section(stats, kept_n, n_total))
+    for heading, body in extras.sections:
+        sections.append(f"<h2>{html.escape(heading)}</h2>" + body)
+    sections.append("<h2>What was kept</h2>")
+    if pool is None:
+        sections.append(note("No committed embedding parts: no score histogram, map or examples."))
+    elif kept is None:
+        sections.append(note("No selection committed yet: no kept/dropped split to show."))
+    else:
+        sections += _what_was_kept(store, workdir_url, pool, kept, stats, extras, input_cfg)
+
+    sections.append("<h2>Stages</h2><div class=\"stages\">" +
+                    "".join(_stage_section(s, stats[s], success[s]) for s in STAGE_DIRS) + "</div>")
+    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>d2prune report: {html.escape(basename(workdir_url))}</title><style>{CSS}</style></head><body><main>"
+        f"<h1>d2prune report</h1><p class=\"meta\">work directory <code>{html.escape(workdir_url)}</code>"
+        f" &middot; built {generated} from the committed files</p>"
+        + "".join(sections) + "</main></body></html>"
+    )
+    url = join(workdir_url, REPORT_NAME)
+    store.write_bytes(url, page.encode("utf-8"))
+    log.info("report written to %s", url)
+    return url

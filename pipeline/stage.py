@@ -1,0 +1,130 @@
+"""The stage contract, and the one place that skips, requires, claims and commits.
+
+A stage declares (like NeMo Curator's ``ProcessingStage`` or Ray Data's ``Datasink``: a name and a
+small lifecycle) ::
+
+    Stage(name="graph", upstream="embed",
+          settings=lambda cfg: {...},   # the settings its output depends on (its fingerprint)
+          check=check,                  # check(cfg, store): inputs usable? (before any write)
+          run=run)                      # run(cfg, store, ctx) -> stats: compute and write its parts
+
+and :func:`run_stage` does the rest, identically for every stage:
+
+1. **skip**: committed (``_SUCCESS.json``) with the current fingerprint, and its outputs still
+   intact → return the committed stats; committed with another fingerprint → StaleStageError (3);
+2. **require**: the upstream stage is committed, else PreconditionError (4); the stage's own
+   ``check`` of its inputs passes (before anything is written);
+3. **claim**: record the fingerprint before the first part is written (partial parts of a run with
+   other settings are refused, never mixed);
+4. **run** the stage (it resumes from its own committed parts), then **commit**: stats, then the
+   marker, last.
+
+A stage's fingerprint hashes its own settings and its upstream's fingerprint, so changing an
+embed setting invalidates every later stage. Fingerprints are computed once per job
+(:func:`fingerprints`) and handed to the stage in its :class:`StageContext`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import workdir
+from .config import JobConfig
+from .errors import PreconditionError
+from .storage import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Test and progress hooks (never read from the environment).
+
+    ``part_committed(stage, index)`` runs in the driver after a stage commits one of its parts;
+    ``shard_written(index)`` runs in the write task after an output tar is committed and before
+    its metadata (the shard's commit), so a test can stop a job exactly there. Both must be
+    picklable (the second travels to Ray workers)."""
+
+    part_committed: Callable[[str, int], None] | None = None
+    shard_written: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True)
+class StageContext:
+    fingerprint: str  # this stage's
+    fingerprints: dict[str, str]  # every stage's, in order
+    hooks: Hooks = field(default_factory=Hooks)
+
+    def part_committed(self, stage: str, index: int) -> None:
+        if self.hooks.part_committed is not None:
+            self.hooks.part_committed(stage, index)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    upstream: str | None
+    settings: Callable[[JobConfig], dict[str, Any]]
+    run: Callable[[JobConfig, Store, StageContext], dict[str, Any]]
+    check: Callable[[JobConfig, Store], None] | None = None
+    # a committed stage whose outputs outside the workdir are gone (deleted output shards) runs
+    # again; returns what is missing (empty when intact)
+    missing_outputs: Callable[[JobConfig, Store, dict[str, Any]], list[str]] | None = None
+    # what --force-from removes besides the stage's work directory (the write stage's output)
+    clear_outputs: Callable[[JobConfig, Store], None] | None = None
+
+    def directory(self, cfg: JobConfig) -> str:
+        return workdir.stage_dir(cfg.workdir, self.name)
+
+
+def fingerprints(cfg: JobConfig, stages: tuple[Stage, ...]) -> dict[str, str]:
+    """Each stage's fingerprint: a hash of its settings and of every earlier stage's."""
+    out: dict[str, str] = {}
+    chain: list[dict[str, Any]] = []
+    for stage in stages:
+        chain.append(stage.settings(cfg))
+        blob = json.dumps(chain, sort_keys=True, default=str).encode()
+        out[stage.name] = hashlib.sha256(blob).hexdigest()[:16]
+    return out
+
+
+def committed_stats(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any] | None:
+    """The committed stats when `stage` need not run; None when it must (StaleStageError when its
+    committed output was made with other settings)."""
+    directory = stage.directory(cfg)
+    if not workdir.is_committed(store, directory, ctx.fingerprint, stage.name):
+        return None
+    stats = workdir.read_stats(store, directory) or {}
+    if stage.missing_outputs is not None:
+        missing = stage.missing_outputs(cfg, store, stats)
+        if missing:
+            log.warning("stage %s was committed but %d of its outputs are gone (e.g. %s): running it again",
+                        stage.name, len(missing), missing[0])
+            return None
+    return stats
+
+
+def run_stage(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext) -> tuple[dict[str, Any], bool]:
+    """Skip / require / claim / run / commit (module docstring); returns (stats, ran)."""
+    stats = committed_stats(stage, cfg, store, ctx)
+    if stats is not None:
+        log.info("stage %s: already committed in %s, skipping", stage.name, stage.directory(cfg))
+        return stats, False
+    if stage.upstream is not None:
+        upstream_dir = workdir.stage_dir(cfg.workdir, stage.upstream)
+        if not workdir.is_committed(store, upstream_dir, ctx.fingerprints[stage.upstream], stage.upstream):
+            raise PreconditionError(
+                f"the {stage.name} stage needs the committed {stage.upstream} stage: no {workdir.SUCCESS} in "
+                f"{upstream_dir} (run `d2prune run` or `d2prune {stage.upstream}` first)"
+            )
+    if stage.check is not None:
+        stage.check(cfg, store)
+    directory = stage.directory(cfg)
+    workdir.claim(store, directory, ctx.fingerprint, stage.name)
+    stats = stage.run(cfg, store, ctx)
+    workdir.commit(store, directory, ctx.fingerprint, stage.name, stats)
+    return stats, True
