@@ -6,8 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline import ivf
-from pipeline.graph import (
+from pipeline.core import ivf
+from pipeline.core.knn import (
     add_vectors,
     build_empty_index,
     default_nlist,

@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from .graph import KMEANS_ITERATIONS, MIN_POINTS_PER_LIST, merge_topk, remove_self
+from .knn import KMEANS_ITERATIONS, MIN_POINTS_PER_LIST, merge_topk, remove_self
 
 # Sample points per centroid used by each training level (see train_two_level's docstring).
 COARSE_POINTS_PER_CENTROID = 256
