@@ -52,7 +52,7 @@ def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=No
     raw = {
         "workdir": str(tmp_path / "work"), "input": {"shards": str(tmp_path / "pool/{00000..00009}.tar")},
         "output": {"url": str(tmp_path / "out")},
-        "graph": {"k": k, "nlist": nlist, "index": "ivfflat", **(graph or {})},
+        "graph": {"k": k, "nlist": nlist, "nprobe": nlist, "index": "ivfflat", **(graph or {})},
         "select": {"prune_rate": 0.7, **(select or {})},
     }
     cfg = config_from_dict(raw)
