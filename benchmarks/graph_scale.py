@@ -274,7 +274,7 @@ def stage_neighbors(root: str, n: int, ids: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def measure_size(base: str, n: int, dim: int, nodes: int, cpus: int, keep: bool) -> dict:
+def measure_size(base: str, n: int, dim: int, nodes: int, cpus: int) -> dict:
     from pipeline.core.knn import recall_at_k
 
     root = os.path.join(base, f"n{n}")
@@ -287,8 +287,6 @@ def measure_size(base: str, n: int, dim: int, nodes: int, cpus: int, keep: bool)
     stage_recall = recall_at_k(stage_neighbors(root, n, ids), exact)
     faiss_result, faiss_nb = run_faiss(root, n, threads=nodes * cpus)
     progress(f"N={n:,}: bare FAISS {faiss_result['total_s']:.0f} s")
-    if not keep:
-        shutil.rmtree(root, ignore_errors=True)
     s = stage["stats"]
     return {
         "n": n, "dim": dim, "k": K, "nlist": s["nlist"], "nprobe": s["nprobe"], "nodes": nodes, "cpus_per_node": cpus,
@@ -307,8 +305,8 @@ def measure_size(base: str, n: int, dim: int, nodes: int, cpus: int, keep: bool)
     }
 
 
-def measure_memory(base: str, n: int, dim: int, rows: int, node_counts: list[int], keep: bool) -> list[dict]:
-    root = os.path.join(base, f"mem{n}")
+def measure_memory(base: str, n: int, dim: int, rows: int, node_counts: list[int]) -> list[dict]:
+    root = os.path.join(base, f"n{n}")
     write_pool(root, n, dim)
     out = []
     for nodes in node_counts:
@@ -321,8 +319,6 @@ def measure_memory(base: str, n: int, dim: int, rows: int, node_counts: list[int
                     "search_task_peak_rss_mb": s["search"]["worker_peak_rss_mb"],
                     "driver_peak_rss_mb": stage["driver_peak_rss_mb"], "stage_seconds": stage["wall_s"]})
         progress(f"memory N={n:,} nodes={nodes}: largest worker {stage['worker_peak_rss_mb']:.0f} MB")
-    if not keep:
-        shutil.rmtree(root, ignore_errors=True)
     return out
 
 
@@ -359,9 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nodes", type=int, default=2, help="Ray nodes on 127.0.0.1 for the timed runs")
     parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument("--memory-n", type=int, default=1_000_000, help="N of the 1/2/3-node memory series (0: none)")
-    parser.add_argument("--memory-rows", type=int, default=6_000_000, help="graph.max_task_rows x nodes in that series")
+    parser.add_argument("--memory-rows", type=int, default=3_000_000, help="graph.max_task_rows x nodes in that series")
     parser.add_argument("--workdir", default=None, help="where the pools go (default: a temporary directory)")
-    parser.add_argument("--keep", action="store_true", help="keep the pools")
+    parser.add_argument("--keep", action="store_true", help="keep the pools (reused by a later run with the same --workdir)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--md", default=None, help="write the tables as markdown to this file")
     parser.add_argument("--_stage"), parser.add_argument("--_faiss"), parser.add_argument("--_out")
@@ -381,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "graph_scale", "sizes": [], "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), "
               f"python {platform.python_version()}", "load_average_start": load_start}
     for n in sizes:
-        result["sizes"].append(measure_size(base, n, args.dim, args.nodes, args.cpus_per_node, args.keep))
+        result["sizes"].append(measure_size(base, n, args.dim, args.nodes, args.cpus_per_node))
     if len(sizes) >= 2:
         first, last = result["sizes"][0], result["sizes"][-1]
         ratio = math.log(last["n"] / first["n"])
@@ -389,11 +385,14 @@ def main(argv: list[str] | None = None) -> dict:
         result["faiss_exponent"] = math.log(last["faiss_seconds"] / first["faiss_seconds"]) / ratio
     if memory_n:
         result["memory_n"], result["memory_rows"] = memory_n, args.memory_rows
-        result["memory"] = measure_memory(base, memory_n, args.dim, args.memory_rows, [1, 2, 3], args.keep)
+        result["memory"] = measure_memory(base, memory_n, args.dim, args.memory_rows, [1, 2, 3])
     result["load_average_end"] = os.getloadavg()
     result["wall_minutes"] = (time.time() - started) / 60
-    if not args.workdir and not args.keep:
-        shutil.rmtree(base, ignore_errors=True)
+    if not args.keep:  # the pools (and the last run's graph) go; --workdir keeps them for a rerun with --keep
+        for n in set(sizes) | ({memory_n} if memory_n else set()):
+            shutil.rmtree(os.path.join(base, f"n{n}"), ignore_errors=True)
+        if not args.workdir:
+            shutil.rmtree(base, ignore_errors=True)
     table = markdown(result)
     print(table)
     if args.md:
