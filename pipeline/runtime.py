@@ -36,7 +36,9 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
         ray.init(address=address, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
     else:
-        kwargs = {"include_dashboard": False, "log_to_driver": True}
+        # address="local": always a new embedded Ray, never a `ray start` cluster that happens to
+        # run on this machine (plain ray.init() would join it, and then refuse num_cpus)
+        kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": True}
         if ray_cfg.num_cpus:
             kwargs["num_cpus"] = ray_cfg.num_cpus
         if ray_cfg.object_store_memory:

@@ -51,7 +51,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300_000_000, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300_000_000,
+                 log_to_driver=True)
     try:
         yield ray
     finally:

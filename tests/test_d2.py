@@ -1,8 +1,9 @@
 """D2 core against a naive reference written here, plus edge cases and input validation.
 
 The references follow the spec literally (dict-of-edges graph, repeated argmax over all nodes),
-performing the same floating-point operations in the same order as the compiled code, so the
-comparison is exact: same selected set, same order, same scores bit for bit.
+performing the same floating-point operations in the same order as the compiled code (and the
+reverse pass's fixed point with Python ints), so the comparison is exact: same selected set,
+same order, same scores bit for bit.
 """
 
 from __future__ import annotations
@@ -58,21 +59,36 @@ def naive_forward(rows, scores, gamma, rounds=1):
     return np.array(prev, dtype=np.float64)
 
 
+# The reverse pass's fixed point written out (spec §7.5): S with M < 2**e, S = 44 - e (capped at
+# 1022); q = floor(s * 2**S + 0.5); each update floor(w * max(q, 0) + 0.5); floor -(2**52 - 1).
+NAIVE_FLOOR = -(2**52 - 1)
+
+
+def naive_shift(max_score):
+    return min(44 - math.frexp(float(max_score))[1], 1022)
+
+
 def naive_reverse(rows, forward_scores, budget, gamma):
-    """Spec §4 verbatim: O(B·N) repeated argmax (first maximum = lowest index)."""
-    s = np.array(forward_scores, dtype=np.float64)
-    n = len(s)
-    selected = np.zeros(n, dtype=bool)
+    """Spec §4 verbatim: O(B·N) repeated argmax (highest score, then lowest index), suppression
+    by max(score, 0), on Python-int fixed-point scores."""
+    fwd = [float(x) for x in forward_scores]
+    n = len(fwd)
+    if n == 0 or budget == 0:
+        return np.zeros(0, dtype=np.int64), np.array(fwd, dtype=np.float64)
+    shift = naive_shift(max(fwd))
+    q = [math.floor(math.ldexp(x, shift) + 0.5) for x in fwd]
+    selected = [False] * n
     order = []
     for _ in range(min(budget, n)):
-        masked = np.where(selected, -np.inf, s)
-        top = int(np.argmax(masked))
+        top = max((i for i in range(n) if not selected[i]), key=lambda i: (q[i], -i))
         order.append(top)
         selected[top] = True
         for j, d in rows[top]:
             if not selected[j]:
-                s[j] = s[j] - math.exp(-gamma * d) * s[top]
-    return np.array(order, dtype=np.int64), s
+                amount = math.floor(math.exp(-gamma * d) * float(max(q[top], 0)) + 0.5)
+                q[j] = max(q[j] - amount, NAIVE_FLOOR)
+    final = np.array([math.ldexp(float(x), -shift) for x in q], dtype=np.float64)
+    return np.array(order, dtype=np.int64), final
 
 
 def random_knn(rng, n, k, p_missing=0.1, p_self=0.05, distance_values=None):
@@ -176,6 +192,50 @@ def test_hand_computed_path_graph():
     assert sel.final_scores.tolist() == [-1.0, 3.0, -1.0]
     assert sel.mask().tolist() == [True, True, False]
     assert sel.ranks().tolist() == [1, 0, -1]
+    # The whole order: 0 is picked at -1 and suppresses 2 by max(-1, 0) = 0 (the published rule
+    # would have raised 2 to -1 - (-1) = 0), so 2 is picked last, still at -1.
+    sel = d2.reverse_select(graph, fwd, budget=3, gamma=0.0)
+    assert sel.order.tolist() == [1, 0, 2]
+    assert sel.final_scores.tolist() == [-1.0, 3.0, -1.0]
+
+
+def test_fixed_point_shift_and_quantization():
+    assert d2.fixed_point_shift(0.0) == d2.FIXED_POINT_BITS
+    assert d2.fixed_point_shift(1.0) == 43  # 1 < 2**1
+    assert d2.fixed_point_shift(0.75) == 44  # 0.75 < 2**0
+    assert d2.fixed_point_shift(3.0) == 42
+    assert d2.fixed_point_shift(1e-320) == 1022  # capped: 2**-S stays a normal float
+    rng = np.random.default_rng(0)
+    for m in [1e-290, 1e-5, 0.3, 1.0, 7.5, 1e6, 2.0**100, 1e200]:
+        shift = d2.fixed_point_shift(m)
+        q = d2.quantize_scores(np.array([m, m * rng.random(), 0.0]), shift)
+        assert q.dtype == np.int64
+        assert 2**43 <= q[0] <= 2**44  # the largest score uses the 44 bits
+        assert q[2] == 0
+        # exact: q == floor(m * 2**S + 0.5) in Python ints
+        assert int(q[0]) == math.floor(math.ldexp(m, shift) + 0.5)
+        np.testing.assert_array_equal(d2.quantize_scores(d2.dequantize_scores(q, shift), shift), q)
+    for bad in (-1.0, float("nan"), float("inf"), 2.0**961):
+        with pytest.raises(ValueError):
+            d2.fixed_point_shift(bad)
+
+
+def test_fixed_point_floor_holds_a_node_pushed_far_below_zero():
+    # Star: hub 0 (score 0) and 600 leaves (score 1), every weight 1. Each leaf pick suppresses
+    # the hub by 2**43 (S = 43); after 512 of them it would pass -2**52: it is held at the floor.
+    n_leaves = 600
+    nb = np.concatenate([np.full((1, 1), -1), np.zeros((n_leaves, 1), np.int64)])
+    dist = np.zeros((n_leaves + 1, 1), np.float32)
+    dist[0, 0] = np.inf
+    graph = d2.symmetrize_knn(nb, dist)
+    fwd = np.ones(n_leaves + 1)
+    fwd[0] = 0.0
+    sel = d2.reverse_select(graph, fwd, n_leaves + 1, gamma=0.0)
+    assert sel.order.tolist() == list(range(1, n_leaves + 1)) + [0]
+    assert sel.final_scores[0] == math.ldexp(d2.FIXED_POINT_FLOOR, -43)
+    order, final = naive_reverse(adjacency_from_csr(graph), fwd, n_leaves + 1, 0.0)
+    np.testing.assert_array_equal(sel.order, order)
+    np.testing.assert_array_equal(sel.final_scores, final)
 
 
 def test_reverse_pass_spreads_selection_over_clusters():
@@ -479,6 +539,8 @@ def test_subgraph_matches_naive_induced_graph():
     sg2 = d2.subgraph(g, perm)
     assert sg2.n_entries == sg.n_entries and sg2.is_symmetric()
     assert d2.subgraph(g, np.zeros(0, np.int64)).n_nodes == 0
+    assert g.known_symmetric and sg.known_symmetric and sg2.known_symmetric
+    assert not CSRGraph(g.indptr, g.indices, g.distances, g.n_nodes).known_symmetric  # not checked
     with pytest.raises(ValueError, match=r"node_ids\[1\] = 80"):
         d2.subgraph(g, np.array([0, 80]))
     with pytest.raises(ValueError, match="repeats node 3"):
@@ -507,6 +569,7 @@ def test_graph_and_selection_pickle_roundtrip(small_graph):
     for name in ("indptr", "indices", "distances"):
         np.testing.assert_array_equal(getattr(g, name), getattr(small_graph, name))
     assert g.n_nodes == small_graph.n_nodes
+    assert g.known_symmetric  # built by symmetrize_knn: symmetric by construction, kept by pickle
     sel = d2.d2_select(small_graph, np.arange(30, dtype=float), 5)
     back = pickle.loads(pickle.dumps(sel))
     np.testing.assert_array_equal(back.order, sel.order)

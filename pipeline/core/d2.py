@@ -5,7 +5,9 @@ Pure numpy + numba; no Ray, no I/O. The maths is ``shared/design/d2-spec.md``:
 * :func:`symmetrize_knn` turns directed kNN lists (FAISS output) into an undirected
   :class:`CSRGraph` (spec §2);
 * :func:`forward_pass` is the forward message passing (§3), with an optional number of rounds;
-* :func:`reverse_select` is the reverse message passing with exact greedy selection (§4);
+* :func:`reverse_select` is the reverse message passing with exact greedy selection (§4), on
+  int64 fixed-point scores (:func:`fixed_point_shift`, :func:`quantize_scores`, §7.5) so that
+  the partitioned greedy of :mod:`pipeline.d2_exact` reproduces it bit for bit;
 * :func:`d2_select` runs both.
 
 Helpers for the select stage: :func:`budget_for`, :func:`prefilter_mask` (§1),
@@ -17,9 +19,9 @@ Conventions
 * Node ids are ``0..N-1``. Scores: higher = more worth keeping; they must be finite and
   non-negative (the reverse pass otherwise *raises* neighbours), which every entry point checks,
   naming the first bad index.
-* Edge weights are ``exp(-gamma * d)`` with ``d`` whatever distance the graph holds (squared
-  Euclidean from FAISS, or plain Euclidean if the caller took the square root): this module never
-  transforms distances.
+* Edge weights are ``exp(-gamma * d)`` (:func:`edge_weight`, the one helper every kernel uses)
+  with ``d`` whatever distance the graph holds (squared Euclidean from FAISS, or plain Euclidean
+  if the caller took the square root): this module never transforms distances.
 * Ties in the greedy go to the lowest node id, so the selected set *and* its order are a pure
   function of the inputs.
 * Compiled kernels use ``cache=True`` so a process loads them from ``__pycache__`` instead of
@@ -29,7 +31,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -38,15 +40,29 @@ __all__ = [
     "CSRGraph",
     "Selection",
     "budget_for",
+    "check_budget",
+    "check_finite_scores",
+    "check_gamma",
+    "check_graph",
+    "check_scores",
     "cross_edge_fraction",
     "d2_select",
+    "dequantize_scores",
+    "edge_weight",
+    "fixed_point_shift",
     "forward_pass",
     "forward_rows",
     "prefilter_mask",
+    "quantize_scores",
     "reverse_select",
     "shift_nonnegative",
     "subgraph",
+    "suppress",
+    "suppression",
     "symmetrize_knn",
+    "FIXED_POINT_BITS",
+    "FIXED_POINT_FLOOR",
+    "MAX_FIXED_POINT_SCORE",
 ]
 
 # Below this many nodes, neighbour ids fit int32, which halves the graph's largest array.
@@ -76,13 +92,17 @@ class CSRGraph:
     Graphs built by :func:`symmetrize_knn` have rows sorted by neighbour id, no self edges, no
     duplicate edges, and the same distance stored in both directions. The constructor checks the
     structure (shapes, ``indptr`` monotone, ids in range, distances finite and >= 0); it
-    does not check symmetry, which the D2 maths assumes but the kernels do not need.
+    does not check symmetry, which the D2 maths assumes but the sequential kernels do not need.
+    Graphs from :func:`symmetrize_knn` (and their :func:`subgraph` s) are symmetric by
+    construction and say so (:attr:`known_symmetric`), which spares the partitioned selection
+    (:mod:`pipeline.d2_exact`) its O(E) symmetry check.
     """
 
     indptr: np.ndarray
     indices: np.ndarray
     distances: np.ndarray
     n_nodes: int
+    _known_symmetric: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = int(self.n_nodes)
@@ -129,13 +149,14 @@ class CSRGraph:
         object.__setattr__(self, "n_nodes", n)
 
     @classmethod
-    def _trusted(cls, indptr, indices, distances, n_nodes) -> "CSRGraph":
+    def _trusted(cls, indptr, indices, distances, n_nodes, known_symmetric=False) -> "CSRGraph":
         """Build without the O(E) checks, for arrays this module produced itself."""
         graph = object.__new__(cls)
         object.__setattr__(graph, "indptr", indptr)
         object.__setattr__(graph, "indices", indices)
         object.__setattr__(graph, "distances", distances)
         object.__setattr__(graph, "n_nodes", int(n_nodes))
+        object.__setattr__(graph, "_known_symmetric", bool(known_symmetric))
         return graph
 
     @classmethod
@@ -145,6 +166,12 @@ class CSRGraph:
         return cls._trusted(
             np.zeros(n_nodes + 1, np.int64), np.zeros(0, idx_dtype), np.zeros(0, np.float32), n_nodes
         )
+
+    @property
+    def known_symmetric(self) -> bool:
+        """True when the graph is symmetric by construction (built by symmetrize_knn, or a
+        subgraph of such a graph, or empty); False means "not known", not "asymmetric"."""
+        return self._known_symmetric or self.indices.shape[0] == 0
 
     @property
     def degrees(self) -> np.ndarray:
@@ -191,9 +218,11 @@ class Selection:
     Attributes:
         order: int64[B] selected node ids in selection order (``order[0]`` picked first).
         forward_scores: float64[N] the scores the reverse pass started from.
-        final_scores: float64[N] each node's score when the greedy stopped: for a selected node,
-            its score at the moment it was selected (selected nodes are never updated again); for
-            the others, the score after every discount from selected neighbours.
+        final_scores: float64[N] each node's score when the greedy stopped, as the reverse pass's
+            fixed point ``q / 2**S`` (see :func:`fixed_point_shift`): for a selected node, its
+            score at the moment it was selected (selected nodes are never updated again); for
+            the others, the score after every discount from selected neighbours. With budget 0,
+            the forward scores unchanged.
     """
 
     order: np.ndarray
@@ -221,7 +250,7 @@ class Selection:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_scores(scores, n: int, what: str = "scores") -> np.ndarray:
+def check_scores(scores, n: int, what: str = "scores") -> np.ndarray:
     """float64 copy-free view of ``scores`` after checking shape, finiteness and sign."""
     arr = np.asarray(scores)
     if arr.ndim != 1 or arr.shape[0] != n:
@@ -239,7 +268,7 @@ def _check_scores(scores, n: int, what: str = "scores") -> np.ndarray:
     return arr
 
 
-def _check_finite_scores(scores, what: str = "scores") -> np.ndarray:
+def check_finite_scores(scores, what: str = "scores") -> np.ndarray:
     """1-D numeric scores as float64 (no copy when already float64), every value finite."""
     s = np.asarray(scores)
     if s.ndim != 1:
@@ -254,7 +283,8 @@ def _check_finite_scores(scores, what: str = "scores") -> np.ndarray:
     return s
 
 
-def _check_gamma(gamma, name: str) -> float:
+def check_gamma(gamma, name: str) -> float:
+    """``gamma`` as a float after checking it is finite and >= 0 (ValueError naming ``name``)."""
     g = float(gamma)
     if not math.isfinite(g) or g < 0:
         # A negative width turns the kernel into exp(+d): far nodes would weigh more than near ones.
@@ -262,7 +292,8 @@ def _check_gamma(gamma, name: str) -> float:
     return g
 
 
-def _check_graph(graph) -> CSRGraph:
+def check_graph(graph) -> CSRGraph:
+    """``graph`` itself when it is a :class:`CSRGraph`, else TypeError."""
     if not isinstance(graph, CSRGraph):
         raise TypeError(f"expected a CSRGraph, got {type(graph).__name__}")
     return graph
@@ -282,13 +313,67 @@ def budget_for(n: int, prune_rate: float) -> int:
     return int(round((1.0 - p) * n))
 
 
-def _check_budget(budget, n: int) -> int:
+def check_budget(budget, n: int) -> int:
+    """A budget as an int capped at ``n``; ValueError for non-integers (bools too) and negatives."""
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)):
         raise ValueError(f"budget must be an integer, got {budget!r}")
     b = int(budget)
     if b < 0:
         raise ValueError(f"budget must be >= 0, got {b}")
     return min(b, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-point scores of the reverse pass (spec §4, §7.5)
+# --------------------------------------------------------------------------------------------
+
+# The reverse pass runs on int64 scores q = floor(s * 2**S + 0.5) so that the order in which a
+# node's discounts arrive cannot change its score (integer subtraction is associative; float is
+# not): the sequential kernel and the partitioned one (d2_exact) then agree bit for bit.
+# S is chosen from the largest forward score M so that every initial q is <= 2**FIXED_POINT_BITS
+# (relative resolution 2**-44 of M, ~6e-14). Scores only fall; a score is held at
+# FIXED_POINT_FLOOR (= -(2**52 - 1), about -256 M) if discounts would take it lower, so every q
+# satisfies |q| < 2**52, converts to float64 exactly, and no int64 arithmetic can overflow. The
+# floor is part of the rule: it is order-independent too, max(max(q - a, F) - b, F) =
+# max(q - a - b, F) for a, b >= 0, and only ever reached by a node pushed below -256 M.
+FIXED_POINT_BITS = 44
+FIXED_POINT_FLOOR = -(2**52 - 1)
+# Largest forward score the fixed point accepts (q * 2**-S must stay a finite float64).
+MAX_FIXED_POINT_SCORE = 2.0**960
+# S is capped so that 2**-S is a normal float64 and q * 2**-S stays exact (only matters for
+# forward scores below 2**-978, which then get fewer than 44 bits).
+_MAX_SHIFT = 1022
+
+
+def fixed_point_shift(max_forward_score) -> int:
+    """The shift S of the reverse pass's fixed point for a largest forward score ``M``.
+
+    ``S = FIXED_POINT_BITS - e`` where ``M < 2**e`` (``math.frexp``), capped at 1022, so that
+    ``floor(s * 2**S + 0.5) <= 2**FIXED_POINT_BITS`` for every ``0 <= s <= M``. A pure function
+    of one number: a partitioned run gets the same S as a sequential one from the global
+    maximum (the max of the partitions' maxima). ``M = 0`` gives ``FIXED_POINT_BITS``.
+
+    Raises:
+        ValueError: M negative, not finite, or >= MAX_FIXED_POINT_SCORE (2**960).
+    """
+    m = float(max_forward_score)
+    if not math.isfinite(m) or m < 0:
+        raise ValueError(f"max_forward_score must be finite and >= 0, got {max_forward_score!r}")
+    if m >= MAX_FIXED_POINT_SCORE:
+        raise ValueError(f"forward scores up to {m!r} are too large for the fixed point (limit 2**960)")
+    _, e = math.frexp(m)
+    return min(FIXED_POINT_BITS - e, _MAX_SHIFT)
+
+
+def quantize_scores(scores, shift: int) -> np.ndarray:
+    """int64 ``floor(s * 2**shift + 0.5)`` of float64 scores (exact: the scaling is by a power of
+    two and the result stays below 2**53, where adding 0.5 is exact)."""
+    return np.floor(np.ldexp(np.asarray(scores, dtype=np.float64), int(shift)) + 0.5).astype(np.int64)
+
+
+def dequantize_scores(q, shift: int) -> np.ndarray:
+    """float64 ``q / 2**shift`` (exact for |q| < 2**53)."""
+    return np.ldexp(np.asarray(q, dtype=np.int64).astype(np.float64), -int(shift))
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,13 +483,41 @@ def _symmetrize_kernel(neighbors, distances, idx_template, dist_template):
 
 
 @numba.njit(cache=True, nogil=True)
+def edge_weight(gamma, d):
+    """``exp(-gamma * d)`` in float64: THE edge weight of every kernel (forward and reverse,
+    sequential and partitioned), so all of them get identical bits. Scalar libm ``exp``; never
+    replace it by a vectorised numpy exp on this path (its last bit may differ)."""
+    return math.exp(-gamma * np.float64(d))
+
+
+@numba.njit(cache=True, nogil=True)
+def suppression(w, q):
+    """The reverse-pass update a picked node with fixed-point score ``q`` sends over an edge of
+    weight ``w``: ``floor(w * max(q, 0) + 0.5)`` as int64 (round half up, never banker's).
+    Exact and >= 0; ``q <= 0`` suppresses nothing (spec §4)."""
+    if q <= 0:
+        return np.int64(0)
+    return np.int64(math.floor(w * np.float64(q) + 0.5))
+
+
+@numba.njit(cache=True, nogil=True)
+def suppress(q, amount):
+    """``max(q - amount, FIXED_POINT_FLOOR)`` for ``amount >= 0``. Because every amount is
+    non-negative, applying several in any order (or their sum at once) gives the same result."""
+    r = q - amount
+    if r < FIXED_POINT_FLOOR:
+        return np.int64(FIXED_POINT_FLOOR)
+    return r
+
+
+@numba.njit(cache=True, nogil=True)
 def _forward_rows_kernel(indptr, indices, distances, lo, hi, self_scores, prev, gamma, out):
-    """One round for nodes lo..hi-1: out[i-lo] = self_i + sum_j exp(-gamma d_ij) * prev_j, summed
-    in CSR order (the one forward arithmetic: whole-graph and node-range passes agree bit for bit)."""
+    """One round for nodes lo..hi-1: out[i-lo] = self_i + sum_j w_ij * prev_j, summed in CSR order
+    (the one forward arithmetic: whole-graph and node-range passes agree bit for bit)."""
     for i in range(lo, hi):
         total = self_scores[i - lo]
         for e in range(indptr[i], indptr[i + 1]):
-            total += math.exp(-gamma * np.float64(distances[e])) * prev[indices[e]]
+            total += edge_weight(gamma, distances[e]) * prev[indices[e]]
         out[i - lo] = total
 
 
@@ -424,24 +537,6 @@ def _forward_kernel(indptr, indices, distances, scores, gamma, rounds):
 def _before(key_a, id_a, key_b, id_b):
     """Heap order: higher score first, then lower node id."""
     return key_a > key_b or (key_a == key_b and id_a < id_b)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _sift_up(heap_key, heap_id, pos, p):
-    key = heap_key[p]
-    node = heap_id[p]
-    while p > 0:
-        parent = (p - 1) >> 1
-        if _before(key, node, heap_key[parent], heap_id[parent]):
-            heap_key[p] = heap_key[parent]
-            heap_id[p] = heap_id[parent]
-            pos[heap_id[p]] = p
-            p = parent
-        else:
-            break
-    heap_key[p] = key
-    heap_id[p] = node
-    pos[node] = p
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -468,27 +563,29 @@ def _sift_down(heap_key, heap_id, pos, p, size):
 
 
 @numba.njit(cache=True, nogil=True)
-def _reverse_kernel(indptr, indices, distances, forward_scores, budget, gamma):
-    """Exact greedy of spec §4 with an indexed binary max-heap (eager key updates).
+def _reverse_kernel(indptr, indices, distances, q0, budget, gamma):
+    """Exact greedy of spec §4 on int64 fixed-point scores, with an indexed binary max-heap.
 
     The heap holds every unselected node keyed by (current score desc, id asc); ``pos`` maps a
-    node to its heap slot (-1 once selected). Discounting a neighbour updates its key in place
-    and re-sifts it from where it is (down when the score fell, up in the rare case it rose
-    because the selected node's score had gone negative), so the top is always the exact
-    argmax, with no stale entries and O(N) memory. Cost: O(N) heapify + O((B + B·k̄) log N).
+    node to its heap slot (-1 once selected). A picked node suppresses each unselected
+    neighbour by ``suppression(w, max(its score, 0))`` >= 0, so keys only ever fall and a
+    discounted node only ever sifts down from its own slot: the top is always the exact argmax,
+    with no stale entries and O(N) memory. Cost: O(N) heapify + O((B + B·k̄) log N).
 
-    (Measured: a lazy-invalidation variant that only lowers a score array and re-sifts stale
-    tops from the root was ~1.6x slower at N=1e6, k=10, B=3e5: the discounted nodes are the
-    high-scoring ones near the top, and re-sifting them from the root costs more than sifting
-    them down from their own slot. It also needs the eager path anyway once scores go negative,
-    which happens late in long greedy runs.)
+    Returns (order int64[budget], final int64[N]): a selected node's score when it was picked,
+    the others' after every discount.
+
+    (Measured on the float version: a lazy-invalidation variant that only lowers a score array
+    and re-sifts stale tops from the root was ~1.6x slower at N=1e6, k=10, B=3e5: the discounted
+    nodes are the high-scoring ones near the top, and re-sifting them from the root costs more
+    than sifting them down from their own slot.)
     """
-    n = forward_scores.shape[0]
+    n = q0.shape[0]
     # A node's current score lives only in its heap slot (one random access less per update);
     # ``final`` is filled when a node is selected and, for the rest, from the heap at the end.
     # ids and slots use the graph's index dtype (int32 below 2^31 nodes) to halve cache traffic.
-    final = np.empty(n, np.float64)
-    heap_key = forward_scores.copy()
+    final = np.empty(n, np.int64)
+    heap_key = q0.copy()
     heap_id = np.arange(n).astype(indices.dtype)
     pos = np.arange(n).astype(indices.dtype)
     for p in range((n >> 1) - 1, -1, -1):
@@ -507,21 +604,20 @@ def _reverse_kernel(indptr, indices, distances, forward_scores, budget, gamma):
             heap_id[0] = heap_id[size]
             pos[heap_id[0]] = 0
             _sift_down(heap_key, heap_id, pos, 0, size)
-        if top_score == 0.0:
-            continue  # discounts by zero change nothing
+        if top_score <= 0:
+            continue  # max(score, 0) = 0: suppresses nothing
         for e in range(indptr[top], indptr[top + 1]):
             j = indices[e]
             p = pos[j]
             if p < 0:
                 continue  # already selected: frozen
-            delta = math.exp(-gamma * np.float64(distances[e])) * top_score
-            if delta == 0.0:
+            amount = suppression(edge_weight(gamma, distances[e]), top_score)
+            if amount == 0:
                 continue
-            heap_key[p] -= delta
-            if delta > 0.0:
+            key = suppress(heap_key[p], amount)
+            if key != heap_key[p]:
+                heap_key[p] = key
                 _sift_down(heap_key, heap_id, pos, p, size)
-            else:
-                _sift_up(heap_key, heap_id, pos, p)
     for p in range(size):
         final[heap_id[p]] = heap_key[p]
     return order, final
@@ -626,7 +722,7 @@ def symmetrize_knn(neighbors, distances) -> CSRGraph:
         # does not travel with the graph (e.g. when it is sent to a Ray task).
         idx = idx[:nnz].copy()
         dd = dd[:nnz].copy()
-    return CSRGraph._trusted(indptr, idx, dd, n)
+    return CSRGraph._trusted(indptr, idx, dd, n, known_symmetric=True)
 
 
 def forward_pass(graph: CSRGraph, scores, gamma: float = 1.0, rounds: int = 1) -> np.ndarray:
@@ -642,9 +738,9 @@ def forward_pass(graph: CSRGraph, scores, gamma: float = 1.0, rounds: int = 1) -
         ValueError: scores not float[N], not finite or negative (first bad index named);
             gamma negative or not finite; rounds negative.
     """
-    graph = _check_graph(graph)
-    s = _check_scores(scores, graph.n_nodes)
-    g = _check_gamma(gamma, "gamma")
+    graph = check_graph(graph)
+    s = check_scores(scores, graph.n_nodes)
+    g = check_gamma(gamma, "gamma")
     r = int(rounds)
     if r < 0 or r != rounds:
         raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}")
@@ -657,11 +753,11 @@ def forward_rows(graph: CSRGraph, lo: int, hi: int, self_scores, prev, gamma: fl
     """One forward round for nodes ``lo..hi-1`` only: ``self_i + sum_j exp(-gamma d_ij) prev_j``
     (``self_scores`` holds rows lo..hi-1, ``prev`` every node's previous-round score). The same
     arithmetic as :func:`forward_pass`, so a pass split into node ranges is bit-identical."""
-    graph = _check_graph(graph)
+    graph = check_graph(graph)
     out = np.empty(int(hi) - int(lo), np.float64)
     _forward_rows_kernel(graph.indptr, graph.indices, graph.distances, int(lo), int(hi),
                          np.ascontiguousarray(self_scores, np.float64), np.ascontiguousarray(prev, np.float64),
-                         _check_gamma(gamma, "gamma"), out)
+                         check_gamma(gamma, "gamma"), out)
     return out
 
 
@@ -669,9 +765,15 @@ def reverse_select(graph: CSRGraph, forward_scores, budget: int, gamma: float = 
     """Reverse message passing with exact greedy selection (spec §4).
 
     Repeatedly picks the unselected node with the highest current score (ties: lowest id) and
-    subtracts ``exp(-gamma d) * (its score)`` from each unselected neighbour. Exact: the same
-    selected set and order as the O(B·N) repeated-argmax formulation, in
-    O((N + B·k̄) log N) time and O(N) extra memory.
+    subtracts ``exp(-gamma d) * max(its score, 0)`` from each unselected neighbour. With
+    non-negative forward scores every update lowers a score, so the picks come in strictly
+    decreasing priority (score desc, then id asc). Scores are int64 fixed point during the pass
+    (``q = floor(s * 2**S + 0.5)``, S from :func:`fixed_point_shift` of the largest forward
+    score; each update ``floor(w * max(q, 0) + 0.5)``; floor ``FIXED_POINT_FLOOR``), so the
+    result does not depend on the order in which a node's discounts arrive: the partitioned
+    greedy of :mod:`pipeline.d2_exact` reproduces it bit for bit. Exact: the same selected set
+    and order as the O(B·N) repeated-argmax formulation, in O((N + B·k̄) log N) time and O(N)
+    extra memory.
 
     Args:
         graph: the undirected graph.
@@ -681,17 +783,24 @@ def reverse_select(graph: CSRGraph, forward_scores, budget: int, gamma: float = 
         gamma: reverse kernel width, >= 0.
 
     Returns:
-        :class:`Selection` (``order`` has ``min(budget, N)`` ids). Isolated nodes are never
-        discounted, so they are picked in order of their own score.
+        :class:`Selection` (``order`` has ``min(budget, N)`` ids). ``final_scores`` are the
+        fixed-point scores as float64 (``q / 2**S``); with budget 0 they are the forward scores
+        unchanged. Isolated nodes are never discounted, so they are picked in order of their own
+        (fixed-point) score.
+
+    Raises:
+        ValueError: bad scores, gamma or budget (see the checks), or forward scores of 2**960
+            or more (beyond the fixed point).
     """
-    graph = _check_graph(graph)
-    s = _check_scores(forward_scores, graph.n_nodes, "forward_scores")
-    g = _check_gamma(gamma, "gamma")
-    b = _check_budget(budget, graph.n_nodes)
+    graph = check_graph(graph)
+    s = check_scores(forward_scores, graph.n_nodes, "forward_scores")
+    g = check_gamma(gamma, "gamma")
+    b = check_budget(budget, graph.n_nodes)
     if graph.n_nodes == 0 or b == 0:
         return Selection(np.zeros(0, np.int64), s.copy(), s.copy())
-    order, final = _reverse_kernel(graph.indptr, graph.indices, graph.distances, s, b, g)
-    return Selection(order, s.copy(), final)
+    shift = fixed_point_shift(s.max())
+    order, final = _reverse_kernel(graph.indptr, graph.indices, graph.distances, quantize_scores(s, shift), b, g)
+    return Selection(order, s.copy(), dequantize_scores(final, shift))
 
 
 def d2_select(
@@ -749,7 +858,7 @@ def shift_nonnegative(scores, offset: float | None = None) -> tuple[np.ndarray, 
     Raises:
         ValueError: scores not 1-D, a score not finite, or a negative result (first index named).
     """
-    s = _check_finite_scores(scores).copy()
+    s = check_finite_scores(scores).copy()
     if offset is None:
         off = float(-s.min()) if s.size else 0.0
     else:
@@ -773,7 +882,7 @@ def subgraph(graph: CSRGraph, node_ids) -> CSRGraph:
     Raises:
         ValueError: ids not 1-D integers, out of range, or repeated (first one named).
     """
-    graph = _check_graph(graph)
+    graph = check_graph(graph)
     ids = np.asarray(node_ids)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
         raise ValueError(f"node_ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
@@ -795,7 +904,7 @@ def subgraph(graph: CSRGraph, node_ids) -> CSRGraph:
     m = ids.shape[0]
     if m < _INT32_LIMIT and idx.dtype != np.int32:
         idx = idx.astype(np.int32)
-    return CSRGraph._trusted(ptr, idx, dist, m)
+    return CSRGraph._trusted(ptr, idx, dist, m, known_symmetric=graph.known_symmetric)
 
 
 def cross_edge_fraction(graph: CSRGraph, labels) -> float:
@@ -805,7 +914,7 @@ def cross_edge_fraction(graph: CSRGraph, labels) -> float:
     Raises:
         ValueError: labels not of shape (N,).
     """
-    graph = _check_graph(graph)
+    graph = check_graph(graph)
     lab = np.asarray(labels)
     if lab.ndim != 1 or lab.shape[0] != graph.n_nodes:
         raise ValueError(f"labels must have shape ({graph.n_nodes},), got {lab.shape}")

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .d2 import _check_budget  # one budget rule for D2 and the baselines
-from .d2 import _check_finite_scores as _check_scores
+from .d2 import check_budget as _check_budget  # one budget rule for D2 and the baselines
+from .d2 import check_finite_scores as _check_scores
 
 __all__ = [
     "balanced_budgets",
