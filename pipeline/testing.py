@@ -405,10 +405,13 @@ def local_cluster(nodes: int, cpus_per_node: int = 1, object_store_memory: int =
     Ray rewrites a 127.0.0.1 address to the machine's own address when a driver connects (so that
     other machines could reach it); with the GCS on loopback that address is refused, so the
     rewrite is switched off for this process and the nodes it starts (Ray's own switch for
-    single-machine clusters)."""
+    single-machine clusters). ``Cluster`` would also record its address in Ray's machine-wide
+    address file, where any plain ``ray.init()`` on the machine (another job, another test run)
+    would find and join it: that write is skipped."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray._private import ray_constants
+    from ray._private import utils as ray_utils
     from ray.cluster_utils import Cluster
 
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -416,7 +419,12 @@ def local_cluster(nodes: int, cpus_per_node: int = 1, object_store_memory: int =
                  "object_store_memory": object_store_memory}
     if memory:
         node_args["memory"] = memory
-    cluster = Cluster(initialize_head=True, head_node_args=dict(node_args, include_dashboard=False))
+    write_address = ray_utils.write_ray_address
+    ray_utils.write_ray_address = lambda *args, **kwargs: None
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args=dict(node_args, include_dashboard=False))
+    finally:
+        ray_utils.write_ray_address = write_address
     try:
         for _ in range(nodes - 1):
             cluster.add_node(**node_args)
