@@ -385,12 +385,16 @@ class FailAtShard:
 
 class StopAfterStep:
     """A stage hook (``Hooks(step_done=StopAfterStep("graph", "assign"))``) that stops the stage
-    right after one of its internal steps is committed, as a job killed there leaves it."""
+    right after one of its internal steps is committed, as a job killed there leaves it; `seen`
+    lists the stage's steps that ran (the hook runs in the driver)."""
 
     def __init__(self, stage: str, step: str):
         self.stage, self.step = stage, step
+        self.seen: list[str] = []
 
     def __call__(self, stage: str, step: str) -> None:
+        if stage == self.stage:
+            self.seen.append(step)
         if (stage, step) == (self.stage, self.step):
             raise KeyboardInterrupt(f"stopped after {stage}/{step}")
 

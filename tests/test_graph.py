@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import workdir
 from pipeline.config import config_from_dict
+from pipeline.core import ivf
 from pipeline.core.knn import (
     exact_knn,
     knn_graph,
@@ -25,7 +26,6 @@ from pipeline.core.knn import (
     recall_sample_ids,
     remove_self,
 )
-from pipeline.core import ivf
 from pipeline.errors import ConfigError, exit_code_for
 from pipeline.formats.graph import read_lists
 from pipeline.graph import scratch
@@ -411,7 +411,7 @@ def test_stage_image_text_vectors_and_flat_exact(tmp_path, ray_local):
     cfg = make_cfg(str(tmp_path / "b"), index="flat", nlist=None, max_task_rows=10**6)
     stats = run_graph_stage(cfg, Store(cfg.storage))
     assert stats["nlist"] == 1 and stats["nprobe"] == 1 and stats["groups"] == 1 and stats["recall_at_k"] == 1.0
-    node, nb, d, cells = table_arrays(read_graph(cfg))
+    _, nb, d, cells = table_arrays(read_graph(cfg))
     en, ed = exact_knn(prepare_vectors(img, None, "image"), 6)
     assert (cells == 0).all() and np.array_equal(nb, en) and np.allclose(d, ed, atol=1e-5)
 
@@ -432,8 +432,10 @@ def test_stage_killed_after_each_step_resumes_with_only_the_missing_work(tmp_pat
     store = Store(cfg.storage)
     gdir = workdir.stage_dir(cfg.workdir, "graph")
     for step in STEPS:  # each run stops right after `step`; the next one resumes from there
+        stop = StopAfterStep("graph", step)
         with pytest.raises(KeyboardInterrupt):
-            run_one(cfg, store, "graph", Hooks(step_done=StopAfterStep("graph", step)))
+            run_one(cfg, store, "graph", Hooks(step_done=stop))
+        assert stop.seen == [step]  # the steps committed before were not run again
         assert not is_committed(store, cfg, "graph")
         if step == "train":
             centroids = os.stat(f"{gdir}/index/centroids.npz").st_mtime_ns

@@ -254,7 +254,7 @@ def search_knn(
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.shape[0] == 0:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.int32)
-    dq, iq = coarse if coarse is not None else coarse_assign(ivf, q, nprobe)
+    _, iq = coarse if coarse is not None else coarse_assign(ivf, q, nprobe)
     query_ids = np.asarray(query_ids, dtype=np.int64)
     nb = np.empty((q.shape[0], k), np.int64)
     sqd = np.empty((q.shape[0], k), np.float32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import resource
 import time
+
 import numpy as np
 
 from ..core import ivf
@@ -26,7 +27,6 @@ from ..runtime import task_cpus
 from ..storage import Store, join
 from . import scratch
 from .layout import Layout
-
 
 # Rows prepared (float16 -> normalised float32) at a time: bounds the temporary copies.
 PREPARE_BLOCK = 65_536
