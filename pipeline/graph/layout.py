@@ -84,10 +84,6 @@ class Layout:
 
     # -- files -------------------------------------------------------------------------------------
     @property
-    def plan_url(self) -> str:
-        return join(self.graph_dir, PLAN)
-
-    @property
     def centroids_url(self) -> str:
         return join(self.graph_dir, "index/centroids.npz")
 

@@ -110,9 +110,3 @@ def read_blocks(store: Store, urls: list[str], schema: BlockSchema, block: int) 
             offset += count * dt.itemsize
         at += rows
     return out
-
-
-def remove(store: Store, url: str) -> None:
-    """Remove a blocked file (the index first, so a half-removed file reads as not committed)."""
-    store.rm(url + INDEX)
-    store.rm(url + DATA)

@@ -48,7 +48,7 @@ from ..stage import Stage, StageContext
 from ..storage import Store, join
 from ..workdir import stage_dir
 from . import scratch, tasks
-from .layout import Layout, plan_units
+from .layout import PLAN, Layout, plan_units
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _plan(store: Store, cfg: JobConfig, graph_dir: str, parts: list[EmbeddingPar
     """The layout fixed on the first run; a resumed run must see the same parts and sizes."""
     current = {"parts": [p.name for p in parts], "rows": [p.rows for p in parts], "dim": dim, "nlist": nlist,
                "nprobe": nprobe, "k": cfg.graph.k, "vector": cfg.graph.vector, "seed": cfg.seed}
-    url = join(graph_dir, "index/plan.json")
+    url = join(graph_dir, PLAN)
     if store.exists(url):
         plan = store.read_json(url)
         for key, value in current.items():
