@@ -6,10 +6,10 @@
 Vectors: 512-d unit vectors with cluster structure, like CLIP embeddings (see clip_like_vectors),
 generated from a seed, in chunks.
 
-The kNN path is `pipeline.core.knn.knn_graph` with the config's defaults (nlist = about 4*sqrt(N),
-nprobe from GraphConfig, seeded training sample of train_size): the same functions the Ray stage
-runs per task (tests/test_graph.py checks the stage's output equals knn_graph's). Its time includes
-training, adding and searching all N nodes.
+The kNN path is the one-process `pipeline.core.knn.knn_graph` (one-level k-means on a seeded
+sample of 200,000, nlist = about 4*sqrt(N) capped at 1/39 of the sample, list-major search). Its
+time includes training, adding and searching all N nodes. The graph stage itself (two-level
+training, nlist = 4*sqrt(N), search by groups of lists on Ray) is measured by graph_scale.py.
 
 Exact brute force over all N queries is too slow at 10^6 on two cores, so it is timed on a seeded
 sample of --exact-queries nodes and extrapolated linearly (exact search cost is linear in the number
@@ -33,11 +33,11 @@ from pipeline.config import GraphConfig  # noqa: E402
 from pipeline.core.knn import exact_knn, knn_graph, recall_at_k  # noqa: E402
 
 
-def clip_like_vectors(n: int, dim: int = 512, seed: int = 0, latent: int = 64, chunk: int = 100_000) -> np.ndarray:
-    """Unit vectors with CLIP-like structure: N/500 clusters grouped under 20 topics in a 64-d latent
-    space (cluster spreads drawn from [0.5, 1.0]), mapped to `dim` by a fixed random matrix, plus
-    isotropic noise and a shared offset (CLIP embeddings share a common direction). The run reports
-    the mean cosine to the nearest and 10th neighbour and between random pairs."""
+def clip_like_chunks(n: int, dim: int = 512, seed: int = 0, latent: int = 64, chunk: int = 100_000):
+    """Unit vectors with CLIP-like structure, `chunk` rows at a time (float32 [rows, dim] each): N/500
+    clusters grouped under 20 topics in a 64-d latent space (cluster spreads drawn from [0.5, 1.0]),
+    mapped to `dim` by a fixed random matrix, plus isotropic noise and a shared offset (CLIP
+    embeddings share a common direction). The chunks of one (n, seed) are the same whatever reads them."""
     rng = np.random.default_rng(seed)
     clusters = max(50, n // 500)
     projection = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
@@ -45,14 +45,23 @@ def clip_like_vectors(n: int, dim: int = 512, seed: int = 0, latent: int = 64, c
     centres = (topics[rng.integers(0, 20, clusters)] + 0.7 * rng.normal(size=(clusters, latent))).astype(np.float32)
     spreads = rng.uniform(0.5, 1.0, size=clusters).astype(np.float32)
     offset = 2.0 * rng.normal(size=dim).astype(np.float32) / np.sqrt(dim)
-    out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         c = rng.integers(0, clusters, stop - start)
         z = centres[c] + spreads[c, None] * rng.normal(size=(stop - start, latent)).astype(np.float32)
         x = z @ projection + 0.05 * rng.normal(size=(stop - start, dim)).astype(np.float32) + offset
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        out[start:stop] = x
+        yield x
+
+
+def clip_like_vectors(n: int, dim: int = 512, seed: int = 0, latent: int = 64, chunk: int = 100_000) -> np.ndarray:
+    """All N vectors of :func:`clip_like_chunks` in one array. The run reports the mean cosine to the
+    nearest and 10th neighbour and between random pairs."""
+    out = np.empty((n, dim), dtype=np.float32)
+    start = 0
+    for x in clip_like_chunks(n, dim, seed, latent, chunk):
+        out[start:start + len(x)] = x
+        start += len(x)
     return out
 
 
@@ -102,8 +111,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--exact-queries", type=int, default=10_000)
     parser.add_argument("--nprobe", type=int, default=None, help="default: GraphConfig's")
     parser.add_argument("--nlist", type=int, default=None, help="default: GraphConfig's (about 4*sqrt(N))")
-    parser.add_argument("--pq-m", type=int, nargs="*", default=None, help="ivfpq sub-quantisers to report (default: GraphConfig's)")
-    parser.add_argument("--no-pq", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the result as JSON (top-level recall, speedup)")
     parser.add_argument("--md", default=None, help="append the result table as markdown to this file")
@@ -111,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     n = 100_000 if args.quick else args.n
     defaults = GraphConfig()
     nprobe = args.nprobe or defaults.nprobe
-    common = dict(nlist=args.nlist or defaults.nlist, nprobe=nprobe, seed=args.seed, train_size=defaults.train_size)
+    train_size = 200_000
+    common = dict(nlist=args.nlist or defaults.nlist, nprobe=nprobe, seed=args.seed, train_size=train_size)
 
     t = time.perf_counter()
     x = clip_like_vectors(n, args.dim, seed=args.seed)
@@ -136,11 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
     ivf = run_knn(x, args.k, sample, exact_nb, index="ivfflat", **common)
     rows.append({"index": "ivfflat", **ivf})
     progress(f"ivfflat: {ivf['seconds']:.1f}s recall {ivf['recall']:.4f}")
-    if not args.no_pq:
-        for pq_m in args.pq_m or [defaults.pq_m]:
-            r = run_knn(x, args.k, sample, exact_nb, index="ivfpq", pq_m=pq_m, pq_bits=defaults.pq_bits, **common)
-            rows.append({"index": f"ivfpq (pq_m={pq_m})", **r})
-            progress(f"ivfpq pq_m={pq_m}: {r['seconds']:.1f}s recall {r['recall']:.4f}")
     vector_bytes = n * args.dim * 4
     for r in rows:
         r["speedup"] = exact_all_s / r["seconds"]
@@ -148,11 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.core.knn import resolve_nlist, training_ids
 
-    nlist = resolve_nlist("ivfflat", n, len(training_ids(n, defaults.train_size, args.seed)), common["nlist"])
+    nlist = resolve_nlist("ivfflat", n, len(training_ids(n, train_size, args.seed)), common["nlist"])
     result = {
         "benchmark": "graph_speed",
         "n": n, "dim": args.dim, "k": args.k, "nlist": nlist, "nprobe": nprobe,
-        "train_size": min(n, defaults.train_size),
+        "train_size": min(n, train_size),
         "exact_queries": int(len(sample)),
         "exact_sample_seconds": exact_sample_s,
         "exact_all_seconds_extrapolated": exact_all_s,

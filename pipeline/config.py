@@ -196,31 +196,64 @@ class GraphConfig(_Section):
         "image", description="Embedding the graph is built on (L2-normalised; image+text is concatenated)."
     )
     k: int = Field(10, gt=0, description="Neighbours per node.")
-    index: Literal["flat", "ivfflat", "ivfpq"] = Field(
-        "ivfflat", description="FAISS index: exact flat, IVF-Flat, or IVF-PQ for pools too big for flat vectors."
+    index: Literal["flat", "ivfflat"] = Field(
+        "ivfflat", description="IVF-Flat sharded by groups of cells (no process holds the index), or 'flat': the "
+        "exact search through the same code with one list (every node in cell 0; all N nodes in one search task)."
     )
-    nlist: int | None = Field(None, gt=0, description="IVF lists; null = about 4*sqrt(N), clamped to the training size.")
-    nprobe: int = Field(16, gt=0, description="IVF lists searched per query.")
-    pq_m: int = Field(32, gt=0, description="PQ sub-quantisers (ivfpq); must divide the vector dimension.")
-    pq_bits: int = Field(8, gt=0, description="Bits per PQ code (ivfpq).")
-    train_size: int = Field(200_000, gt=0, description="Vectors sampled (seeded) to train the quantiser.")
+    nlist: int | None = Field(
+        None, gt=0, description="IVF lists (ivfflat); null = round(4*sqrt(N)), growing with the pool. More than N is an error."
+    )
+    nprobe: int = Field(16, gt=0, description="IVF lists searched per query (ivfflat); more than nlist is an error.")
+    train_size: int | None = Field(
+        None, gt=0, description="Vectors sampled (seeded) for the fine level of the two-level k-means; null = 64*nlist "
+        "(64 per list). At least nlist."
+    )
+    max_task_rows: int = Field(
+        2_000_000, gt=0,
+        description="Memory bound of one search task, in rows: the vectors of its group of IVF lists plus its (query, "
+        "probed list) pairs. About 1 KiB per row at 512-d float16 (benchmarks/results/graph_scale.md); lists are "
+        "grouped under it (a single larger list gets a task of its own). Changes the tasks, not the graph.",
+    )
     distance: Literal["sqeuclidean", "euclidean"] = Field(
         "sqeuclidean", description="Edge distance: squared L2 (what FAISS returns) or plain L2."
     )
-    parts_per_task: int = Field(8, gt=0, description="Embedding parts added/searched per Ray task.")
     recall_sample: int = Field(1000, ge=0, description="Nodes whose kNN recall is checked against exact search.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, data: Any) -> Any:
+        # Say why, and what to use, instead of "unknown key": these were valid in earlier versions.
+        if isinstance(data, dict):
+            if data.get("index") == "ivfpq":
+                raise ValueError(
+                    "graph.index 'ivfpq' was removed: without re-ranking its recall@10 was 0.51 "
+                    "(benchmarks/results/graph_speed.md), too low for a kNN graph; use 'ivfflat' (float16 vectors "
+                    "sharded by groups of IVF cells, no process holds the index) or 'flat' (exact)"
+                )
+            for key in ("pq_m", "pq_bits"):
+                if key in data:
+                    raise ValueError(f"graph.{key} was removed with graph.index 'ivfpq'; delete it (use 'ivfflat')")
+            if "parts_per_task" in data:
+                raise ValueError(
+                    "graph.parts_per_task was removed: the graph stage balances its tasks by rows; "
+                    "graph.max_task_rows bounds one search task's memory"
+                )
+        return data
+
     @model_validator(mode="after")
-    def _ivf_lists_fit(self) -> "GraphConfig":
-        # an explicit nlist is a promise: nprobe beyond it would be silently clamped, and more
-        # lists than training vectors cannot be trained (found only after the embed stage)
-        if self.index != "flat" and self.nlist is not None:
-            if self.nprobe > self.nlist:
-                raise ValueError(f"graph.nprobe={self.nprobe} exceeds graph.nlist={self.nlist}: at most nlist lists "
-                                 "can be probed (nprobe = nlist is exact search within the IVF)")
-            if self.nlist > self.train_size:
-                raise ValueError(f"graph.nlist={self.nlist} exceeds graph.train_size={self.train_size}: the "
-                                 "quantiser needs at least one training vector per list")
+    def _nprobe_within_nlist(self) -> "GraphConfig":
+        # nlist null (about 4*sqrt(N)) is checked when the stage knows N, before any work
+        if self.index == "ivfflat" and self.nlist is not None and self.nprobe > self.nlist:
+            raise ValueError(
+                f"graph.nprobe={self.nprobe} exceeds graph.nlist={self.nlist}: a query cannot probe more lists than "
+                "there are (not clamped); lower nprobe or raise nlist"
+            )
+        if self.index == "ivfflat" and self.nlist is not None and self.train_size is not None \
+                and self.train_size < self.nlist:
+            raise ValueError(
+                f"graph.train_size={self.train_size} cannot place graph.nlist={self.nlist} centroids; use at least "
+                "nlist (better 64*nlist) or leave train_size null"
+            )
         return self
 
 

@@ -47,12 +47,14 @@ class Hooks:
     """Test and progress hooks (never read from the environment).
 
     ``part_committed(stage, index)`` runs in the driver after a stage commits one of its parts;
-    ``shard_written(index)`` runs in the write task after an output tar is committed and before
-    its metadata (the shard's commit), so a test can stop a job exactly there. Both must be
-    picklable (the second travels to Ray workers)."""
+    ``step_done(stage, step)`` runs in the driver after a stage commits one of its internal steps
+    (the graph stage's train, assign, ...); ``shard_written(index)`` runs in the write task after
+    an output tar is committed and before its metadata (the shard's commit), so a test can stop a
+    job exactly there. All must be picklable (the last travels to Ray workers)."""
 
     part_committed: Callable[[str, int], None] | None = None
     shard_written: Callable[[int], None] | None = None
+    step_done: Callable[[str, str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,11 @@ class StageContext:
         """Progress short of a committed part (a batch in, a task done); `waiting_for` names what
         comes next (the stall error names it when it never does)."""
         watchdog.beat(waiting_for)
+
+    def step_done(self, stage: str, step: str) -> None:
+        watchdog.beat(f"the step after {stage}'s {step}")
+        if self.hooks.step_done is not None:
+            self.hooks.step_done(stage, step)
 
 
 @dataclass(frozen=True)

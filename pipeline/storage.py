@@ -397,6 +397,15 @@ class Store:
     def read_json(self, url: str) -> Any:
         return json.loads(self.read_bytes(url).decode())
 
+    def read_range(self, url: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a file (one ranged GET on an object store, not the whole object)."""
+        if end <= start:
+            return b""
+        data = self.fs(url).cat_file(self.path(url), start=start, end=end)
+        if len(data) != end - start:
+            raise RuntimeError(f"{url}: read {len(data)} bytes at {start}, expected {end - start} (a truncated file)")
+        return data
+
     def read_parquet(self, url: str, columns: list[str] | None = None):
         import pyarrow.parquet as pq
 
@@ -434,6 +443,18 @@ class Store:
             _replace_atomically(self.path(url), lambda tmp: shutil.copyfile(local_path, tmp))
         else:
             self.fs(url).put_file(local_path, self.path(url))
+
+    def write_with(self, url: str, fill) -> None:
+        """Commit a file that ``fill(local_path)`` writes (streamed, too large to build in memory)
+        atomically: locally it is written next to `url` and renamed; for an object store into a
+        local temporary file that is then uploaded (one PUT)."""
+        if is_local(url):
+            _replace_atomically(self.path(url), fill)
+            return
+        with tempfile.TemporaryDirectory(prefix="d2prune-put-") as tmp:
+            path = os.path.join(tmp, basename(url))
+            fill(path)
+            self.fs(url).put_file(path, self.path(url))
 
     # -- local copies ----------------------------------------------------------------------------
     def copy_to_local(self, url: str, local_path: str) -> str:

@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -753,3 +754,60 @@ class FailAtShard:
     def __call__(self, index: int) -> None:
         if index == self.index:
             raise RuntimeError(f"injected failure in output shard {index:05d}")
+
+
+class StopAfterStep:
+    """A stage hook (``Hooks(step_done=StopAfterStep("graph", "assign"))``) that stops the stage
+    right after one of its internal steps is committed, as a job killed there leaves it; `seen`
+    lists the stage's steps that ran (the hook runs in the driver)."""
+
+    def __init__(self, stage: str, step: str):
+        self.stage, self.step = stage, step
+        self.seen: list[str] = []
+
+    def __call__(self, stage: str, step: str) -> None:
+        if stage == self.stage:
+            self.seen.append(step)
+        if (stage, step) == (self.stage, self.step):
+            raise KeyboardInterrupt(f"stopped after {stage}/{step}")
+
+
+@contextmanager
+def local_cluster(nodes: int, cpus_per_node: int = 1, object_store_memory: int = 150 * 2**20,
+                  memory: int | None = None):
+    """A multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``), every component on
+    127.0.0.1, with this process connected as its driver; shut down on exit. Ray must not be
+    initialised in this process yet.
+
+    Ray rewrites a 127.0.0.1 address to the machine's own address when a driver connects (so that
+    other machines could reach it); with the GCS on loopback that address is refused, so the
+    rewrite is switched off for this process and the nodes it starts (Ray's own switch for
+    single-machine clusters). ``Cluster`` would also record its address in Ray's machine-wide
+    address file, where any plain ``ray.init()`` on the machine (another job, another test run)
+    would find and join it: that write is skipped."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+    from ray._private import utils as ray_utils
+    from ray.cluster_utils import Cluster
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    node_args = {"num_cpus": cpus_per_node, "node_ip_address": "127.0.0.1",
+                 "object_store_memory": object_store_memory}
+    if memory:
+        node_args["memory"] = memory
+    write_address = ray_utils.write_ray_address
+    ray_utils.write_ray_address = lambda *args, **kwargs: None
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args=dict(node_args, include_dashboard=False))
+    finally:
+        ray_utils.write_ray_address = write_address
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(**node_args)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

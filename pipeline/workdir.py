@@ -6,6 +6,7 @@ Stages talk through files (see ../shared/design/architecture.md)::
     WORKDIR/embeddings/part-NNNNN.stats.json  that shard's counts, committed before the part
     WORKDIR/graph/nodes.parquet             node (row id), uid, part
     WORKDIR/graph/part-NNNNN.parquet        node, neighbors[k], sq_distances[k], cell
+    WORKDIR/graph/lists.parquet             per IVF list: nodes, coarse cell, search group
     WORKDIR/selection/selected.parquet      uid, rank, forward_score, final_score, partition
     WORKDIR/selection/subset.npy            DataComp subset file
     WORKDIR/embeddings/precomputed.json     the precomputed encoder's join counts (its _join/ is temporary)

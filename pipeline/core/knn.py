@@ -1,9 +1,10 @@
 """The kNN dataset graph (spec section 2): pure FAISS maths (numpy in, numpy out; no Ray, no storage).
 
-:func:`prepare_vectors`, :func:`knn_graph`, :func:`exact_knn`, :func:`recall_at_k` and the
-building blocks the graph stage (:mod:`pipeline.graph`) shares with them
-(:func:`build_empty_index`, :func:`train_index`, :func:`search_knn`, :func:`remove_self`,
-:func:`merge_topk`). Tests, the quality benchmark and small pools call these directly.
+:func:`prepare_vectors` (and :func:`prepare_raw`), :func:`knn_graph` (one process: a one-level
+IVF-Flat index searched list-major), :func:`exact_knn`, :func:`recall_at_k` and the pieces the
+graph stage and :mod:`pipeline.core.ivf` share with them (:func:`remove_self`, :func:`merge_topk`,
+:func:`exact_topk_block`). Tests, the quality benchmark and small pools call these directly; the
+graph stage computes :func:`pipeline.core.ivf.sharded_knn_graph`.
 
 Distances: every function returns **squared** L2 distances unless asked otherwise, because that
 is what FAISS computes and what the spec's kernel ``exp(-gamma * d)`` uses. The stage always
@@ -24,8 +25,8 @@ from typing import Literal
 
 import numpy as np
 
-IndexKind = Literal["flat", "ivfflat", "ivfpq"]
-INDEX_KINDS = ("flat", "ivfflat", "ivfpq")
+IndexKind = Literal["flat", "ivfflat"]
+INDEX_KINDS = ("flat", "ivfflat")
 VECTOR_KINDS = ("image", "text", "image+text")
 
 # FAISS warns when k-means gets fewer than 39 training points per centroid; below that the
@@ -71,6 +72,22 @@ def prepare_vectors(
             raise ValueError(f"image and text embeddings have different row counts: {img.shape[0]} != {txt.shape[0]}")
         out = _normalise(np.concatenate([img, txt], axis=1), "image+text")
     return out
+
+
+def prepare_raw(raw: np.ndarray, vector: str, widths: tuple[int, ...]) -> np.ndarray:
+    """:func:`prepare_vectors` of raw embeddings stored side by side in one array (the columns of
+    `vector`, `widths` wide each: ``image+text`` is image | text), row by row: any subset of rows
+    gives the rows of the whole array's result, so a task may prepare a list or a block at a time."""
+    raw = np.asarray(raw)
+    if raw.ndim != 2 or raw.shape[1] != sum(widths):
+        raise ValueError(f"raw {vector} vectors must be [n, {sum(widths)}] (columns {widths}), got shape {raw.shape}")
+    if vector == "image+text":
+        if len(widths) != 2:
+            raise ValueError(f"image+text needs two column widths, got {widths}")
+        return prepare_vectors(raw[:, : widths[0]], raw[:, widths[0]:], vector)
+    if vector == "image":
+        return prepare_vectors(raw, None, vector)
+    return prepare_vectors(None, raw, vector)
 
 
 def _normalise(x: np.ndarray, name: str) -> np.ndarray:
@@ -131,44 +148,28 @@ def recall_sample_ids(n_vectors: int, sample: int, seed: int) -> np.ndarray:
     return seeded_sample(n_vectors, sample, seed, 0x72656361)  # "reca"
 
 
-def build_empty_index(dim: int, index: str, nlist: int, pq_m: int = 32, pq_bits: int = 8):
-    """An untrained FAISS IVF index (``flat`` = IVF with one list: an exact scan that shards and
-    merges exactly like the approximate kinds)."""
+def build_empty_index(dim: int, index: str, nlist: int):
+    """An untrained FAISS IVF-Flat index (``flat`` = IVF with one list: an exact scan)."""
     faiss = _faiss()
     if index not in INDEX_KINDS:
         raise ValueError(f"graph.index must be one of {INDEX_KINDS}, got {index!r}")
     quantizer = faiss.IndexFlatL2(dim)
-    if index in ("flat", "ivfflat"):
-        ivf = faiss.IndexIVFFlat(quantizer, dim, nlist if index == "ivfflat" else 1, faiss.METRIC_L2)
-    else:
-        if dim % pq_m != 0:
-            raise ValueError(f"graph.pq_m={pq_m} must divide the vector dimension {dim}")
-        if not 1 <= pq_bits <= 16:
-            raise ValueError(f"graph.pq_bits must be in 1..16, got {pq_bits}")
-        ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, pq_bits)
+    ivf = faiss.IndexIVFFlat(quantizer, dim, nlist if index == "ivfflat" else 1, faiss.METRIC_L2)
     ivf.own_fields = True
     quantizer.this.disown()  # the IVF index owns and frees its quantiser
     return ivf
 
 
 def train_index(ivf, sample: np.ndarray, seed: int = 0) -> None:
-    """Train the coarse quantiser (and PQ codebooks) on `sample`, deterministically for `seed`."""
-    faiss = _faiss()
+    """Train the coarse quantiser on `sample` (one-level k-means), deterministically for `seed`."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
-    if ivf.nlist == 1 and not isinstance(ivf, faiss.IndexIVFPQ):
+    if ivf.nlist == 1:
         # One list holds everything: its centroid is irrelevant, so skip k-means (and its warning).
         ivf.quantizer.add(np.zeros((1, ivf.d), dtype=np.float32))
         ivf.is_trained = True
         return
     if sample.shape[0] < ivf.nlist:
         raise ValueError(f"{sample.shape[0]} training vectors cannot train {ivf.nlist} IVF lists")
-    if isinstance(ivf, faiss.IndexIVFPQ):
-        ksub = 1 << ivf.pq.nbits
-        if sample.shape[0] < ksub:
-            raise ValueError(
-                f"ivfpq with pq_bits={ivf.pq.nbits} needs at least {ksub} training vectors, got {sample.shape[0]}"
-            )
-        ivf.pq.cp.seed = seed
     ivf.cp.seed = seed
     ivf.cp.niter = KMEANS_ITERATIONS
     # FAISS subsamples to max_points_per_centroid*nlist with its own seed; we already sampled.
@@ -248,25 +249,19 @@ def search_knn(
     its nearest list, taken from the same coarse search that picks the probed lists (`coarse`,
     when the caller already has it).
 
-    IVF-Flat is searched list-major (:func:`_search_flat_lists`); IVF-PQ with FAISS's own scan.
+    The IVF-Flat index is searched list-major (:func:`_search_flat_lists`).
     """
-    faiss = _faiss()
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.shape[0] == 0:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.int32)
-    dq, iq = coarse if coarse is not None else coarse_assign(ivf, q, nprobe)
+    _, iq = coarse if coarse is not None else coarse_assign(ivf, q, nprobe)
     query_ids = np.asarray(query_ids, dtype=np.int64)
-    if isinstance(ivf, faiss.IndexIVFFlat):
-        nb = np.empty((q.shape[0], k), np.int64)
-        sqd = np.empty((q.shape[0], k), np.float32)
-        for lo in range(0, q.shape[0], QUERY_BLOCK):
-            hi = min(q.shape[0], lo + QUERY_BLOCK)
-            d, i = _search_flat_lists(ivf, q[lo:hi], iq[lo:hi], k + 1)
-            nb[lo:hi], sqd[lo:hi] = remove_self(i, d, query_ids[lo:hi], k)
-    else:
-        ivf.nprobe = iq.shape[1]
-        d, i = ivf.search_preassigned(q, k + 1, iq, dq)
-        nb, sqd = remove_self(i, d, query_ids, k)
+    nb = np.empty((q.shape[0], k), np.int64)
+    sqd = np.empty((q.shape[0], k), np.float32)
+    for lo in range(0, q.shape[0], QUERY_BLOCK):
+        hi = min(q.shape[0], lo + QUERY_BLOCK)
+        d, i = _search_flat_lists(ivf, q[lo:hi], iq[lo:hi], k + 1)
+        nb[lo:hi], sqd[lo:hi] = remove_self(i, d, query_ids[lo:hi], k)
     return nb, sqd, iq[:, 0].astype(np.int32)
 
 
@@ -342,8 +337,6 @@ def knn_graph(
     nlist: int | None = None,
     nprobe: int = 16,
     seed: int = 0,
-    pq_m: int = 32,
-    pq_bits: int = 8,
     train_size: int = 200_000,
     distance: str = "sqeuclidean",
     timings: dict[str, float] | None = None,
@@ -352,9 +345,11 @@ def knn_graph(
     cells int32[N]).
 
     Distances are squared L2 (``distance="euclidean"`` returns their square root). Rows with fewer
-    than k other nodes in reach are padded with -1 / inf. The IVF quantiser is trained on a seeded
-    sample of `train_size` vectors (:func:`training_ids`), so the result is deterministic for a
-    seed and equal to what the Ray stage computes on the same vectors. Uses FAISS's OpenMP threads
+    than k other nodes in reach are padded with -1 / inf. The IVF quantiser is trained (one-level
+    k-means) on a seeded sample of `train_size` vectors (:func:`training_ids`), so the result is
+    deterministic for a seed. This is the one-process path for small pools and benchmarks; the graph
+    stage computes :func:`pipeline.core.ivf.sharded_knn_graph` (two-level training, nlist growing
+    with N, search by groups of lists), bit for bit. Uses FAISS's OpenMP threads
     as set by the caller (``faiss.omp_set_num_threads``). When `timings` is given, the seconds of
     each step (train, add, search) are stored in it.
     """
@@ -371,7 +366,7 @@ def knn_graph(
     clock = time.perf_counter()
     train_ids = training_ids(n, train_size, seed)
     lists = resolve_nlist(index, n, len(train_ids), nlist)
-    ivf = build_empty_index(dim, index, lists, pq_m, pq_bits)
+    ivf = build_empty_index(dim, index, lists)
     train_index(ivf, x[train_ids], seed)
     ids = np.arange(n, dtype=np.int64)
     steps = {"train": time.perf_counter() - clock}
@@ -458,10 +453,6 @@ def recall_at_k(approx_neighbors: np.ndarray, exact_neighbors: np.ndarray) -> fl
 
 
 def index_bytes(ivf) -> int:
-    """Bytes an IVF index holds in memory: codes + 8-byte ids per vector, coarse centroids, PQ
-    codebooks (computed, not serialised, so measuring a 2 GB index costs no 2 GB copy)."""
-    faiss = _faiss()
-    total = int(ivf.ntotal) * (int(ivf.code_size) + 8) + int(ivf.nlist) * int(ivf.d) * 4
-    if isinstance(ivf, faiss.IndexIVFPQ):
-        total += int(ivf.pq.M) * int(ivf.pq.ksub) * int(ivf.pq.dsub) * 4
-    return total
+    """Bytes an IVF index holds in memory: codes + 8-byte ids per vector and the coarse centroids
+    (computed, not serialised, so measuring a 2 GB index costs no 2 GB copy)."""
+    return int(ivf.ntotal) * (int(ivf.code_size) + 8) + int(ivf.nlist) * int(ivf.d) * 4

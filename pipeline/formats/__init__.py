@@ -4,7 +4,7 @@
 |---|---|
 | input and output shards (tar) | :mod:`.tar` (bytes), :mod:`.webdataset` (samples) |
 | ``embeddings/part-NNNNN.parquet`` | :mod:`.embeddings` |
-| ``graph/nodes.parquet``, ``graph/part-NNNNN.parquet`` | :mod:`.graph` |
+| ``graph/nodes.parquet``, ``graph/part-NNNNN.parquet``, ``graph/lists.parquet`` | :mod:`.graph` |
 | ``selection/selected.parquet``, ``selection/subset.npy`` | :mod:`.selection` |
 | ``OUTPUT/shards/NNNNN.{tar,parquet}``, ``NNNNN_stats.json``, ``OUTPUT/_PLAN.json`` | :mod:`.output` |
 | DataComp's metadata parquet + npz (input) | :mod:`.datacomp` |

@@ -89,33 +89,49 @@ class EmbeddingPart:
         return int(self.name.split("-")[1])
 
 
+def _schema_widths(url: str, schema, vector: str | None) -> tuple[int, ...]:
+    """Widths of the columns of `vector` in a part's schema (checked to exist and be fixed-size lists)."""
+    import pyarrow as pa
+
+    vector_columns = VECTOR_COLUMNS[vector] if vector else ()
+    for col in ("uid",) + vector_columns:
+        if col not in schema.names:
+            raise ValueError(f"embedding part {url} has no column {col!r} (columns: {schema.names})")
+    widths = []
+    for col in vector_columns:
+        typ = schema.field(col).type
+        if not pa.types.is_fixed_size_list(typ):
+            raise ValueError(f"embedding part {url}: column {col} must be fixed_size_list, got {typ}")
+        widths.append(typ.list_size)
+    return tuple(widths)
+
+
 def _layout(store: Store, urls: list[str], vector: str | None) -> tuple[list[int], int]:
     """Row counts of the parts (from parquet footers, no data read) and the dimension of `vector`
     (0 when None: a reader that needs no vectors does not check them)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows, dim = [], None
+    rows, widths = [], None
     for url in urls:
         with store.open(url, "rb") as fh:
             pf = pq.ParquetFile(fh)
             schema = pf.schema_arrow
             rows.append(pf.metadata.num_rows)
-        part_dim = 0
-        vector_columns = VECTOR_COLUMNS[vector] if vector else ()
-        for col in ("uid",) + vector_columns:
-            if col not in schema.names:
-                raise ValueError(f"embedding part {url} has no column {col!r} (columns: {schema.names})")
-        for col in vector_columns:
-            typ = schema.field(col).type
-            if not pa.types.is_fixed_size_list(typ):
-                raise ValueError(f"embedding part {url}: column {col} must be fixed_size_list, got {typ}")
-            part_dim += typ.list_size
-        if dim is None:
-            dim = part_dim
-        elif dim != part_dim:
-            raise ValueError(f"embedding part {url} has graph vector dimension {part_dim}, earlier parts {dim}")
-    return rows, int(dim or 0)
+        part_widths = _schema_widths(url, schema, vector)
+        if widths is None:
+            widths = part_widths
+        elif widths != part_widths:
+            raise ValueError(f"embedding part {url} has graph vector columns {part_widths} wide, earlier parts {widths}")
+    return rows, int(sum(widths or ()))
+
+
+def vector_widths(store: Store, part: EmbeddingPart, vector: str) -> tuple[int, ...]:
+    """Widths of the embedding columns `vector` is made of (``image+text``: image, text), as
+    :func:`read_raw_vectors` puts them side by side (:func:`list_parts` checked every part agrees)."""
+    import pyarrow.parquet as pq
+
+    with store.open(part.url, "rb") as fh:
+        return _schema_widths(part.url, pq.ParquetFile(fh).schema_arrow, vector)
 
 
 def list_parts(store: Store, directory: str, vector: str | None = None) -> tuple[list[EmbeddingPart], int]:
@@ -130,17 +146,32 @@ def list_parts(store: Store, directory: str, vector: str | None = None) -> tuple
     return [EmbeddingPart(n, u, int(r), int(o)) for n, u, r, o in zip(names, urls, rows, offsets)], dim
 
 
-def read_vectors(store: Store, part: EmbeddingPart, vector: str, rows: np.ndarray | None = None) -> np.ndarray:
-    """The graph vectors (:func:`~pipeline.core.knn.prepare_vectors`) of one part, optionally only
-    some of its rows. A whole-part read checks the part still holds the rows it was listed with."""
+def _vector_arrays(store: Store, part: EmbeddingPart, vector: str, rows: np.ndarray | None) -> list[np.ndarray]:
+    """The columns of `vector` of one part (optionally some rows) as [n, width] arrays, as stored.
+    A whole-part read checks the part still holds the rows it was listed with."""
     columns = list(VECTOR_COLUMNS[vector])
     table = store.read_parquet(part.url, columns=columns)
     if rows is None and table.num_rows != part.rows:
         raise RuntimeError(f"{part.url} has {table.num_rows} rows, {part.rows} when the stage started")
     if rows is not None:
         table = table.take(np.asarray(rows, dtype=np.int64))
-    arrays = {c: fixed_list_to_numpy(table.column(c), c, part.url) for c in columns}
+    return [fixed_list_to_numpy(table.column(c), c, part.url) for c in columns]
+
+
+def read_vectors(store: Store, part: EmbeddingPart, vector: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """The graph vectors (:func:`~pipeline.core.knn.prepare_vectors`) of one part, optionally only
+    some of its rows. A whole-part read checks the part still holds the rows it was listed with."""
+    arrays = dict(zip(VECTOR_COLUMNS[vector], _vector_arrays(store, part, vector, rows)))
     return prepare_vectors(arrays.get("image_embedding"), arrays.get("text_embedding"), vector)
+
+
+def read_raw_vectors(store: Store, part: EmbeddingPart, vector: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """The embedding columns of `vector` side by side, float16 as stored (half the bytes of the
+    prepared float32 vectors: what the graph stage moves between its tasks);
+    :func:`~pipeline.core.knn.prepare_raw` with :func:`vector_widths` turns any of its rows into
+    exactly the rows :func:`read_vectors` gives."""
+    arrays = _vector_arrays(store, part, vector, rows)
+    return np.ascontiguousarray(np.concatenate(arrays, axis=1) if len(arrays) > 1 else arrays[0], dtype=np.float16)
 
 
 def rows_by_part(parts: list[EmbeddingPart], ids: np.ndarray) -> list[tuple[EmbeddingPart, np.ndarray]]:

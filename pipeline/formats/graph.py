@@ -9,6 +9,15 @@
     neighbors     fixed_size_list<int64>[k]   k nearest other nodes, -1 where fewer exist
     sq_distances  fixed_size_list<float32>[k] squared L2 distances (inf for -1)
     cell          int32                       the node's IVF list (0 for the exact index)
+
+``lists.parquet`` (one row per IVF list, in list order; O(sqrt N) rows): what a reader that groups
+cells into partitions needs without reading the graph::
+
+    list          int32   the list id (a node's ``cell``)
+    nodes         int64   nodes whose cell it is
+    coarse_cell   int32   the coarse cell of the two-level training it was split from (lists of one
+                          coarse cell are numbered consecutively, neighbouring cells get nearby ids)
+    group         int32   the graph stage's search group (contiguous runs of lists)
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from .columns import fixed_list_to_numpy, fixed_size_list
 from .embeddings import EmbeddingPart
 
 NODES = "nodes.parquet"
+LISTS = "lists.parquet"
 
 
 def graph_part_table(nodes: np.ndarray, neighbors: np.ndarray, sq_distances: np.ndarray, cells: np.ndarray):
@@ -60,6 +70,26 @@ def write_nodes(store: Store, url: str, parts: list[EmbeddingPart]) -> None:
                     "part": pa.array([part.name] * part.rows, pa.string()),
                 }, schema=schema))
         store.write_local_file(url, path)
+
+
+def write_lists(store: Store, url: str, nodes: np.ndarray, coarse_cell: np.ndarray, group: np.ndarray) -> None:
+    """lists.parquet from per-list arrays (list id = position)."""
+    import pyarrow as pa
+
+    store.write_parquet(url, pa.table({
+        "list": pa.array(np.arange(len(nodes), dtype=np.int32)),
+        "nodes": pa.array(np.asarray(nodes, dtype=np.int64)),
+        "coarse_cell": pa.array(np.asarray(coarse_cell, dtype=np.int32)),
+        "group": pa.array(np.asarray(group, dtype=np.int32)),
+    }))
+
+
+def read_lists(store: Store, directory: str) -> dict[str, np.ndarray]:
+    """lists.parquet as arrays indexed by list id: nodes, coarse_cell, group (checked 0..L-1 in order)."""
+    table = store.read_parquet(join(directory, LISTS), columns=["list", "nodes", "coarse_cell", "group"])
+    if not np.array_equal(table.column("list").to_numpy(), np.arange(table.num_rows)):
+        raise ValueError(f"{directory}/{LISTS}: list ids are not 0..{table.num_rows - 1} in order")
+    return {name: table.column(name).to_numpy() for name in ("nodes", "coarse_cell", "group")}
 
 
 def read_nodes(store: Store, directory: str) -> np.ndarray:

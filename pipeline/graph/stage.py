@@ -1,15 +1,29 @@
-"""The graph stage: the kNN graph of the committed embedding parts, built with a sharded IVF FAISS
-index on Ray (the maths is :mod:`pipeline.core.knn`; the task bodies :mod:`.tasks`).
+"""The graph stage: the kNN graph of the committed embedding parts, an IVF-Flat search sharded by
+groups of cells on Ray, equal bit for bit to :func:`pipeline.core.ivf.sharded_knn_graph` on the
+same vectors (the maths; the task bodies are :mod:`.tasks`, the files :mod:`.layout`).
 
-Steps, each committed and skipped on re-run (a resumed run searches only missing graph parts):
+No process holds the index or anything that grows with N: the driver keeps per-list and per-task
+arrays (O(sqrt N + tasks)); a map task holds one *unit* (a run of parts balanced by rows); a search
+task holds one *group* of lists (its base vectors and the queries that probe them) under
+``graph.max_task_rows``. Steps, each committed in the work directory and skipped on a re-run (a
+resumed run recomputes only what a missing output needs, with the same bytes):
 
-1. ``nodes.parquet`` (node → uid), streamed part by part;
-2. train the IVF quantiser on one worker from a seeded sample gathered in parallel;
-3. add groups of parts into copies of the trained index (``index/shard-*``), merge them into one
-   index with on-disk inverted lists;
-4. search k+1 neighbours of every node, drop self by id, commit one graph part per embedding part;
-5. recall@k of the written graph on a seeded sample against exact search (in ``_stats.json``).
+1. plan (driver): N from the parts' footers, nlist = round(4*sqrt(N)) (or graph.nlist), the units;
+2. train, two-level k-means: gather the seeded samples (a task per unit) -> the coarse centroids
+   (one task) -> split the fine sample by coarse cell (a task per unit) -> the fine centroids (a
+   task per coarse cell, in parallel) -> the driver concatenates them (nlist x d floats);
+3. assign (a task per unit): each vector's home list and nprobe probes, computed once;
+4. group (driver): lists in id order cut into contiguous groups under the row bound;
+5. shuffle (a task per unit): base rows to the group of their home list, queries once to each group
+   they probe, as blocked scratch files (:mod:`.scratch`: why files, and not the object store);
+6. search (a task per group): list-major top-(k+1), candidates written by merge unit;
+7. merge (a task per unit with a missing part): every group's candidates of its nodes, self dropped
+   by id, one graph part per embedding part (cell = home list); nodes.parquet is written by a task;
+8. recall@k of the written graph on a seeded sample against exact search (in ``_stats.json``);
+   the scratch is removed.
 
+``graph.index: flat`` is the exact search through the same code: one list, one probe, every node
+in cell 0 (so the select stage's exact greedy is unchanged), all N nodes in one search task.
 The stage always writes squared L2 distances; ``graph.distance`` is applied by the select stage
 (and fingerprinted with it).
 """
@@ -17,44 +31,83 @@ The stage always writes squared L2 distances; ``graph.distance`` is applied by t
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
 import numpy as np
 
 from ..config import JobConfig
-from ..core.knn import merge_topk, recall_at_k, recall_sample_ids, remove_self, resolve_nlist, training_ids
-from ..errors import StaleStageError
-from ..formats.embeddings import EmbeddingPart, list_parts, rows_by_part
-from ..formats.graph import NODES, read_part, write_nodes
+from ..core import ivf
+from ..core.knn import merge_topk, recall_at_k, recall_sample_ids, remove_self
+from ..errors import ConfigError, StaleStageError
+from ..formats.embeddings import EmbeddingPart, list_parts, rows_by_part, vector_widths
+from ..formats.graph import LISTS, NODES, read_part, write_lists
 from ..runtime import as_completed, init_ray, resources
 from ..stage import Stage, StageContext
 from ..storage import Store, join
 from ..workdir import stage_dir
-from . import tasks
-from .tasks import INDEX_DIR, MERGED, MERGED_DATA, PLAN, TRAINED
+from . import scratch, tasks
+from .layout import PLAN, Layout, plan_units
 
 log = logging.getLogger(__name__)
 
+# A unit (the map side's task) holds its rows' float16 vectors, probes and the shuffle's copies:
+# about 1.5x what a search task holds per row, so units get half the search bound; at least one
+# quantiser block, and enough units to keep every CPU busy with a few tasks each.
+UNIT_ROWS_FRACTION = 0.5
+MIN_UNIT_ROWS = ivf.PROBE_BLOCK
+UNITS_PER_CPU = 4
+# CPUs (and FAISS threads) of one search task. One: the list-major scan parallelises over lists,
+# but reading blocks and selecting the top-k do not; tasks side by side keep every core busy.
+SEARCH_TASK_CPUS = 1
+
 
 def settings(cfg: JobConfig) -> dict[str, Any]:
-    # parts_per_task and recall_sample change how the graph is computed and checked, not the graph;
+    # max_task_rows changes the tasks, not the graph (bit for bit); recall_sample how it is checked;
     # distance is applied (and fingerprinted) by the select stage
-    return {"graph": cfg.graph.model_dump(exclude={"parts_per_task", "recall_sample", "distance"}), "seed": cfg.seed}
+    return {"graph": cfg.graph.model_dump(exclude={"max_task_rows", "recall_sample", "distance"}), "seed": cfg.seed}
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def index_sizes(cfg: JobConfig, n_nodes: int) -> tuple[int, int]:
+    """(nlist, nprobe) for N nodes; a setting that cannot work for this N is a ConfigError (exit 2)."""
+    g = cfg.graph
+    if n_nodes <= 0:
+        raise ConfigError("the embedding parts hold no rows: there is no graph to build")
+    if g.index == "flat":
+        if 2 * n_nodes > g.max_task_rows:
+            raise ConfigError(
+                f"graph.index=flat searches all {n_nodes} nodes in one task ({2 * n_nodes} rows > "
+                f"graph.max_task_rows={g.max_task_rows}); use graph.index=ivfflat, or raise graph.max_task_rows"
+            )
+        return 1, 1
+    try:
+        nlist = ivf.nlist_for(n_nodes, g.nlist)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if g.nprobe > nlist:
+        raise ConfigError(
+            f"graph.nprobe={g.nprobe} exceeds the {nlist} IVF lists of these {n_nodes} nodes "
+            f"({'graph.nlist' if g.nlist else 'graph.nlist null: round(4*sqrt(N))'}); lower graph.nprobe"
+        )
+    fine = min(n_nodes, g.train_size if g.train_size is not None else ivf.FINE_POINTS_PER_LIST * nlist)
+    if fine < nlist:
+        raise ConfigError(f"graph.train_size={g.train_size} cannot place {nlist} IVF lists; use at least nlist or null")
+    return nlist, g.nprobe
 
 
-def _plan(store: Store, cfg: JobConfig, parts: list[EmbeddingPart], dim: int, nlist: int,
-          index_dir: str) -> dict[str, Any]:
-    """The add groups and sizes, fixed on the first run; a resumed run must see the same parts."""
-    current = {
-        "parts": [p.name for p in parts], "rows": [p.rows for p in parts], "dim": dim, "nlist": nlist,
-        "index": cfg.graph.index,
-    }
-    url = join(index_dir, PLAN)
+def check(cfg: JobConfig, store: Store) -> None:
+    """Before any work: the sizes this config gives for the committed parts can work."""
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"), cfg.graph.vector)
+    index_sizes(cfg, parts[-1].offset + parts[-1].rows)
+
+
+def _plan(store: Store, cfg: JobConfig, graph_dir: str, parts: list[EmbeddingPart], dim: int, nlist: int,
+          nprobe: int, cpus: float) -> Layout:
+    """The layout fixed on the first run; a resumed run must see the same parts and sizes."""
+    current = {"parts": [p.name for p in parts], "rows": [p.rows for p in parts], "dim": dim, "nlist": nlist,
+               "nprobe": nprobe, "k": cfg.graph.k, "vector": cfg.graph.vector, "seed": cfg.seed}
+    url = join(graph_dir, PLAN)
     if store.exists(url):
         plan = store.read_json(url)
         for key, value in current.items():
@@ -63,97 +116,245 @@ def _plan(store: Store, cfg: JobConfig, parts: list[EmbeddingPart], dim: int, nl
                     f"{url} was made for other embedding parts or settings ({key} differs); the embedding "
                     "stage changed under a partial graph stage: rerun with --force-from graph"
                 )
-        return plan
-    groups = _chunks(list(range(len(parts))), cfg.graph.parts_per_task)
-    plan = dict(current, groups=groups, shards=[f"shard-{g:05d}" for g in range(len(groups))])
-    store.write_json(url, plan)
-    return plan
+        return Layout.from_json(graph_dir, plan)
+    for name in Layout.SCRATCH + ("index",):  # nothing may outlive the plan it was made with
+        store.rm(join(graph_dir, name), recursive=True)
+    n = parts[-1].offset + parts[-1].rows
+    unit_rows = min(int(cfg.graph.max_task_rows * UNIT_ROWS_FRACTION),
+                    max(MIN_UNIT_ROWS, math.ceil(n / (UNITS_PER_CPU * max(1.0, cpus)))))
+    unit_parts, unit_starts = plan_units([p.rows for p in parts], unit_rows)
+    layout = Layout(graph_dir=graph_dir, vector=cfg.graph.vector, widths=vector_widths(store, parts[0], cfg.graph.vector),
+                    n_nodes=n, nlist=nlist, nprobe=nprobe, k=cfg.graph.k, seed=cfg.seed,
+                    unit_parts=unit_parts, unit_starts=unit_starts)
+    store.write_json(url, dict(current, **layout.to_json()))
+    return layout
 
 
-def _gather(store: Store, vector: str, parts: list[EmbeddingPart], ids: np.ndarray, parts_per_task: int) -> list:
-    """Ray tasks gathering the vectors of the sorted global `ids`, `parts_per_task` parts each."""
+class _Steps:
+    """Seconds per step, the steps that ran and their task counts; tells the job's hooks when a step
+    is committed (a test stops the stage there)."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.seconds: dict[str, float] = {}
+        self.ran: list[str] = []
+        self.tasks: dict[str, int] = {}
+
+    def time(self, name: str, started: float, tasks: int | None = None) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 3)
+        if tasks is not None:
+            self.ran.append(name)
+            self.tasks[name] = tasks
+            self.ctx.step_done("graph", name)
+
+
+def _train(store: Store, cfg: JobConfig, layout: Layout, units: list[list[EmbeddingPart]]) -> dict:
+    """Two-level k-means as tasks (:func:`pipeline.core.ivf.train_two_level`, step by step); commits
+    index/centroids.npz. Returns the training sizes and seconds."""
     import ray
 
-    gather = ray.remote(num_cpus=1)(tasks.gather_rows)
-    return [gather.remote(store, vector, chunk) for chunk in _chunks(rows_by_part(parts, ids), parts_per_task)]
+    g = cfg.graph
+    coarse_ids, fine_ids = ivf.training_sample_ids(layout.n_nodes, layout.nlist, layout.seed, g.train_size)
+    info = {"coarse_cells": layout.k1, "coarse_sample": int(len(coarse_ids)), "fine_sample": int(len(fine_ids))}
+    clock = time.perf_counter()
+    split_todo = [u for u in range(layout.n_units) if not scratch.exists(store, layout.split(u))]
+    coarse_needed = bool(split_todo) and not store.exists(layout.coarse_url)
+    gather_todo = [u for u in range(layout.n_units) if (coarse_needed or u in split_todo)
+                   and not scratch.exists(store, layout.sample(u))]
+    gather = ray.remote(num_cpus=1)(tasks.gather_sample)
+    refs = []
+    for u in gather_todo:
+        lo, hi = layout.unit_range(u)
+        fine = fine_ids[np.searchsorted(fine_ids, lo):np.searchsorted(fine_ids, hi)]
+        coarse = coarse_ids[np.searchsorted(coarse_ids, lo):np.searchsorted(coarse_ids, hi)]
+        refs.append(gather.remote(store, layout, u, units[u], fine, coarse))
+    del coarse_ids, fine_ids
+    for _ in as_completed(refs):
+        pass
+    info["gather_s"] = round(time.perf_counter() - clock, 3)
+
+    clock = time.perf_counter()
+    if coarse_needed:
+        coarse = ray.remote(num_cpus=resources().max_node_cpus)(tasks.train_coarse)
+        ray.get(coarse.remote(store, layout))
+    info["coarse_s"] = round(time.perf_counter() - clock, 3)
+
+    clock = time.perf_counter()
+    if split_todo:
+        (coarse_centroids,) = tasks.load_arrays(store, layout.coarse_url, ["centroids"])
+        split = ray.remote(num_cpus=1)(tasks.split_sample)
+        centroids_ref = ray.put(coarse_centroids)
+        for _ in as_completed([split.remote(store, layout, u, centroids_ref) for u in split_todo]):
+            pass
+    cell_sizes = np.zeros(layout.k1, np.int64)
+    for u in range(layout.n_units):
+        cell_sizes += scratch.block_rows(store, layout.split(u))
+    counts = ivf.fine_counts(cell_sizes, layout.nlist)
+    info["split_s"] = round(time.perf_counter() - clock, 3)
+
+    clock = time.perf_counter()
+    fine = ray.remote(num_cpus=1)(tasks.train_fine)
+    todo = [c for c in range(layout.k1) if counts[c] > 0 and not store.exists(layout.fine(c))]
+    for _ in as_completed([fine.remote(store, layout, c, int(counts[c])) for c in todo]):
+        pass
+    info["tasks"] = len(gather_todo) + int(coarse_needed) + len(split_todo) + len(todo)
+    pieces = [tasks.load_arrays(store, layout.fine(c), ["centroids"])[0] for c in range(layout.k1) if counts[c] > 0]
+    centroids = np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32)
+    if centroids.shape != (layout.nlist, layout.dim):
+        raise RuntimeError(f"trained {centroids.shape} centroids, expected ({layout.nlist}, {layout.dim})")
+    coarse_cell = np.repeat(np.arange(layout.k1, dtype=np.int32), counts)
+    tasks.save_arrays(store, layout.centroids_url, centroids=centroids, coarse_cell=coarse_cell)
+    info["fine_s"] = round(time.perf_counter() - clock, 3)
+    return info
+
+
+def _groups(store: Store, layout: Layout, max_task_rows: int) -> dict[str, np.ndarray] | None:
+    """The committed search groups, or None when there are none or they were cut under another
+    graph.max_task_rows (then the search scratch made with them is removed: a resumed run regroups,
+    which changes the tasks, not the graph)."""
+    if not store.exists(layout.groups_url):
+        return None
+    names = ["list_group", "sizes", "probe_counts", "max_task_rows", "bound"]
+    groups = dict(zip(names, tasks.load_arrays(store, layout.groups_url, names)))
+    if int(groups["max_task_rows"]) == max_task_rows:
+        return groups
+    log.info("graph: graph.max_task_rows changed from %d to %d: regrouping the search", int(groups["max_task_rows"]),
+             max_task_rows)
+    for name in ("buckets", "candidates"):
+        store.rm(join(layout.graph_dir, name), recursive=True)
+    store.rm(layout.groups_url)
+    return None
 
 
 def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     """Build the kNN graph of the committed embedding parts (module docstring)."""
     import ray
 
-    graph_dir = stage_dir(cfg.workdir, "graph")
     g = cfg.graph
-    index_dir = join(graph_dir, INDEX_DIR)
-    seconds = {"layout": 0.0, "nodes": 0.0, "train": 0.0, "add": 0.0, "merge": 0.0, "search": 0.0, "recall": 0.0}
+    graph_dir = stage_dir(cfg.workdir, "graph")
+    steps = _Steps(ctx)
 
-    t0 = time.perf_counter()
+    clock = time.perf_counter()
     parts, dim = list_parts(store, stage_dir(cfg.workdir, "embed"), g.vector)
     n_nodes = parts[-1].offset + parts[-1].rows
-    if n_nodes == 0:
-        raise ValueError(f"the embedding parts in {stage_dir(cfg.workdir, 'embed')} hold no rows")
-    train_ids = training_ids(n_nodes, g.train_size, cfg.seed)
-    nlist = resolve_nlist(g.index, n_nodes, len(train_ids), g.nlist)
-    plan = _plan(store, cfg, parts, dim, nlist, index_dir)
-    seconds["layout"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    nodes_url = join(graph_dir, NODES)
-    if not store.exists(nodes_url):
-        write_nodes(store, nodes_url, parts)
-    seconds["nodes"] = time.perf_counter() - t0
-
+    nlist, nprobe = index_sizes(cfg, n_nodes)
     init_ray(cfg.ray)
-    node_cpus = resources().max_node_cpus
-    steps_run = []
+    cluster = resources()
+    layout = _plan(store, cfg, graph_dir, parts, dim, nlist, nprobe, cluster.cpus)
+    units = [parts[a:b] for a, b in layout.unit_parts]
+    steps.time("plan", clock)
 
-    # 1. train on one worker, from a seeded sample gathered in parallel
-    if not store.exists(join(index_dir, TRAINED)) and not store.exists(join(index_dir, MERGED)):
-        t0 = time.perf_counter()
-        piece_refs = _gather(store, g.vector, parts, train_ids, g.parts_per_task)
-        train = ray.remote(num_cpus=node_cpus)(tasks.train_task)
-        ray.get(train.remote(store, index_dir, dim, g.index, nlist, g.pq_m, g.pq_bits, cfg.seed, *piece_refs))
-        seconds["train"] = time.perf_counter() - t0
-        steps_run.append("train")
+    nodes_url = join(graph_dir, NODES)
+    nodes_ref = None
+    if not store.exists(nodes_url):
+        nodes_ref = ray.remote(num_cpus=1)(tasks.nodes_file).remote(store, nodes_url, parts)
 
-    # 2. add: one shard per group of parts, each into its own copy of the trained index
-    if not store.exists(join(index_dir, MERGED)):
-        t0 = time.perf_counter()
-        add = ray.remote(num_cpus=1)(tasks.add_task)
-        refs = [add.remote(store, index_dir, shard, g.vector, [parts[i] for i in group])
-                for shard, group in zip(plan["shards"], plan["groups"])
-                if not store.exists(join(index_dir, f"{shard}.faissindex"))]
-        for shard, total, _ in as_completed(refs):
-            log.info("graph: %s holds %d vectors", shard, total)
-        seconds["add"] = time.perf_counter() - t0
-        steps_run.append("add")
+    missing = {p.name for p in parts if not store.exists(join(graph_dir, f"{p.name}.parquet"))}
+    merge_todo = [u for u in range(layout.n_units) if any(p.name in missing for p in units[u])]
+    groups = _groups(store, layout, g.max_task_rows)
+    train_info: dict[str, Any] = {}
+    search_results: list[dict] = []
+    shuffled_bytes = 0
 
-        # 3. merge into one index with on-disk inverted lists
-        t0 = time.perf_counter()
-        merge = ray.remote(num_cpus=node_cpus)(tasks.merge_task)
-        ray.get(merge.remote(store, index_dir, plan["shards"], n_nodes))
-        seconds["merge"] = time.perf_counter() - t0
-        steps_run.append("merge")
-    for shard in plan["shards"]:  # the merged index replaces them (also after a kill right after merging)
-        store.rm(join(index_dir, f"{shard}.faissindex"))
+    if merge_todo:
+        # what the missing parts need, from the end backwards
+        n_groups = None if groups is None else int(groups["list_group"].max()) + 1
+        search_todo = (None if n_groups is None else
+                       [q for q in range(n_groups) if not scratch.exists(store, layout.candidates(q))])
+        shuffle_todo = (list(range(layout.n_units)) if search_todo is None else
+                        [u for u in range(layout.n_units) if search_todo and not (
+                            scratch.exists(store, layout.base(u)) and scratch.exists(store, layout.query(u)))])
+        assign_todo = [u for u in range(layout.n_units) if not store.exists(layout.assign(u))
+                       and (groups is None or u in shuffle_todo or u in merge_todo)]
 
-    # 4. search k+1 per node; one committed graph part per embedding part
-    t0 = time.perf_counter()
-    missing = [p for p in parts if not store.exists(join(graph_dir, f"{p.name}.parquet"))]
-    search = ray.remote(num_cpus=1)(tasks.search_task)
-    refs = [search.remote(store, index_dir, graph_dir, g.vector, g.k, g.nprobe, chunk)
-            for chunk in _chunks(missing, g.parts_per_task)]
-    searched_rows = 0
-    for done in as_completed(refs):
-        searched_rows += sum(rows for _, rows, _ in done)
-    seconds["search"] = time.perf_counter() - t0
+        # 2. train
+        clock = time.perf_counter()
+        if assign_todo and not store.exists(layout.centroids_url):
+            train_info = _train(store, cfg, layout, units)
+            steps.time("train", clock, train_info.pop("tasks"))
 
-    # 5. recall@k on a seeded sample against exact search over all parts
-    t0 = time.perf_counter()
-    recall, sample_size = _measure_recall(store, cfg, parts, graph_dir, n_nodes)
-    seconds["recall"] = time.perf_counter() - t0
+        # 3. assign
+        clock = time.perf_counter()
+        sizes = np.zeros(layout.nlist, np.int64)
+        probe_counts = np.zeros(layout.nlist, np.int64)
+        if assign_todo:
+            (centroids,) = tasks.load_arrays(store, layout.centroids_url, ["centroids"])
+            centroids_ref = ray.put(centroids)
+            del centroids
+            assign = ray.remote(num_cpus=1)(tasks.assign_unit)
+            for s, c in as_completed([assign.remote(store, layout, u, units[u], centroids_ref) for u in assign_todo]):
+                sizes += s
+                probe_counts += c
+            del centroids_ref
+            steps.time("assign", clock, len(assign_todo))
 
-    index_size = store.size(join(index_dir, MERGED)) + store.size(join(index_dir, MERGED_DATA))
+        # 4. group
+        clock = time.perf_counter()
+        if groups is None:
+            for u in range(layout.n_units):
+                if u not in assign_todo:
+                    s, c = tasks.load_arrays(store, layout.assign(u), ["sizes", "probe_counts"])
+                    sizes += s
+                    probe_counts += c
+            slots = max(1, int(cluster.cpus) // SEARCH_TASK_CPUS)
+            bound = min(g.max_task_rows, max(1, math.ceil(int((sizes + probe_counts).sum()) / slots)))
+            list_group = ivf.group_cells(sizes, probe_counts, bound)
+            for name in ("buckets", "candidates"):  # made with other groups, if any
+                store.rm(join(graph_dir, name), recursive=True)
+            tasks.save_arrays(store, layout.groups_url, list_group=list_group, sizes=sizes, probe_counts=probe_counts,
+                              max_task_rows=np.int64(g.max_task_rows), bound=np.int64(bound))
+            groups = _groups(store, layout, g.max_task_rows)
+            n_groups = int(list_group.max()) + 1
+            search_todo = list(range(n_groups))
+            shuffle_todo = list(range(layout.n_units))
+            steps.time("group", clock, 0)
+
+        # 5. shuffle
+        clock = time.perf_counter()
+        if shuffle_todo:
+            group_ref = ray.put(groups["list_group"])
+            shuffle = ray.remote(num_cpus=1)(tasks.shuffle_unit)
+            shuffled_bytes = sum(as_completed([shuffle.remote(store, layout, u, group_ref)
+                                               for u in shuffle_todo]))
+            steps.time("shuffle", clock, len(shuffle_todo))
+
+        # 6. search
+        clock = time.perf_counter()
+        if search_todo:
+            search = ray.remote(num_cpus=SEARCH_TASK_CPUS)(tasks.search_group)
+            search_results = list(as_completed([search.remote(store, layout, q) for q in search_todo]))
+            steps.time("search", clock, len(search_todo))
+
+        # 7. merge
+        clock = time.perf_counter()
+        merge = ray.remote(num_cpus=1)(tasks.merge_unit)
+        refs = [merge.remote(store, layout, u, units[u], n_groups, graph_dir,
+                             [p.name for p in units[u] if p.name in missing]) for u in merge_todo]
+        for written in as_completed(refs):
+            for index in written:
+                ctx.part_committed("graph", index)
+        steps.time("merge", clock, len(merge_todo))
+
+    clock = time.perf_counter()
+    if nodes_ref is not None:
+        ray.get(nodes_ref)
+        steps.time("nodes", clock, 1)
+    groups = groups or _groups(store, layout, g.max_task_rows)
+    if groups is None:  # every part was committed and the groups were cut under another bound
+        groups = {}
+    lists_url = join(graph_dir, LISTS)
+    if groups and not store.exists(lists_url):
+        (coarse_cell,) = tasks.load_arrays(store, layout.centroids_url, ["coarse_cell"])
+        write_lists(store, lists_url, groups["sizes"], coarse_cell, groups["list_group"])
+    queries_sent = _queries_sent(store, layout)
+
+    # 8. recall on a seeded sample against exact search over all parts; then the scratch goes
+    clock = time.perf_counter()
+    recall, sample_size = _measure_recall(store, cfg, layout, units, graph_dir)
+    steps.time("recall", clock)
+    for name in reversed(Layout.SCRATCH):  # candidates first: what is left always reads as consistent
+        store.rm(join(graph_dir, name), recursive=True)
+
     stats = {
         "n_nodes": n_nodes,
         "k": g.k,
@@ -161,53 +362,88 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         "dim": dim,
         "index": g.index,
         "nlist": nlist,
-        "nprobe": min(g.nprobe, nlist),
-        "train_size": int(len(train_ids)),
+        "nprobe": nprobe,
         "parts": len(parts),
-        "shards": len(plan["shards"]),
+        "units": layout.n_units,
         "parts_searched": len(missing),
         "parts_reused": len(parts) - len(missing),
-        "rows_searched": searched_rows,
-        "steps_run": steps_run,
-        "seconds": {key: round(value, 3) for key, value in seconds.items()},
+        "rows_searched": int(sum(p.rows for p in parts if p.name in missing)),
+        "steps_run": steps.ran,
+        "tasks_run": steps.tasks,
+        "seconds": steps.seconds,
+        "train": train_info,
         "recall_at_k": recall,
         "recall_sample": sample_size,
-        "index_bytes": index_size,
-        "float32_vector_bytes": n_nodes * dim * 4,
         "sq_distances": "squared L2 always; the select stage takes sqrt when graph.distance is 'euclidean'",
     }
+    if groups:
+        rows = ivf.group_rows(groups["list_group"], groups["sizes"], groups["probe_counts"])
+        lists_per_group = np.bincount(groups["list_group"])
+        stats.update({
+            "groups": int(len(rows)),
+            "max_task_rows": int(groups["max_task_rows"]),
+            "group_bound": int(groups["bound"]),
+            "group_rows_max": int(rows.max()),
+            "group_rows_mean": round(float(rows.mean()), 1),
+            "groups_over_bound": int(((rows > groups["bound"]) & (lists_per_group == 1)).sum()),
+            "groups_per_query": None if queries_sent is None else round(queries_sent / n_nodes, 4),
+        })
+    if search_results:
+        stats["search"] = {
+            "tasks": len(search_results),
+            "task_seconds_max": round(max(r["seconds"] for r in search_results), 3),
+            "task_seconds_sum": round(sum(r["seconds"] for r in search_results), 3),
+            "read_seconds_sum": round(sum(r["read_s"] for r in search_results), 3),
+            "worker_peak_rss_mb": round(max(r["peak_rss_mb"] for r in search_results), 1),
+            "shuffled_bytes": int(shuffled_bytes),
+        }
     log.info("graph stage: %s", stats)
     return stats
 
 
-def _measure_recall(store: Store, cfg: JobConfig, parts: list[EmbeddingPart], graph_dir: str,
-                    n_nodes: int) -> tuple[float | None, int]:
+def _queries_sent(store: Store, layout: Layout) -> int | None:
+    """(query, group) pairs the shuffle sent, from the query files' indexes (None once removed)."""
+    urls = [layout.query(u) for u in range(layout.n_units)]
+    if not all(scratch.exists(store, u) for u in urls):
+        return None
+    return int(sum(scratch.block_rows(store, u).sum() for u in urls))
+
+
+def _unit_items(layout: Layout, units: list[list[EmbeddingPart]], ids: np.ndarray):
+    """(unit, [(part, local rows)]) for the sorted global `ids`, unit by unit."""
+    for u, parts in enumerate(units):
+        lo, hi = layout.unit_range(u)
+        inside = ids[np.searchsorted(ids, lo):np.searchsorted(ids, hi)]
+        if len(inside):
+            yield u, rows_by_part(parts, inside)
+
+
+def _measure_recall(store: Store, cfg: JobConfig, layout: Layout, units: list[list[EmbeddingPart]],
+                    graph_dir: str) -> tuple[float | None, int]:
     """recall@k of the written graph on `graph.recall_sample` seeded nodes, against exact search."""
     import ray
 
     g = cfg.graph
-    sample = recall_sample_ids(n_nodes, g.recall_sample, cfg.seed)
+    sample = recall_sample_ids(layout.n_nodes, g.recall_sample, cfg.seed)
     if len(sample) == 0:
         return None, 0
-    pieces = ray.get(_gather(store, g.vector, parts, sample, g.parts_per_task))
+    gather = ray.remote(num_cpus=1)(tasks.gather_prepared)
+    pieces = ray.get([gather.remote(store, g.vector, items) for _, items in _unit_items(layout, units, sample)])
     ids = np.concatenate([p[0] for p in pieces])
     vecs = np.concatenate([p[1] for p in pieces])
-    order = np.argsort(ids)
-    ids, vecs = ids[order], vecs[order]
     if not np.array_equal(ids, sample):
         raise RuntimeError("recall sample rows were not all gathered")
 
-    exact = ray.remote(num_cpus=1)(tasks.exact_task)
+    exact = ray.remote(num_cpus=1)(tasks.exact_topk)
     queries = ray.put(vecs)
     best_d = np.full((len(ids), g.k + 1), np.inf, np.float32)
     best_i = np.full((len(ids), g.k + 1), -1, np.int64)
-    for d, i in as_completed([exact.remote(store, g.vector, g.k + 1, queries, chunk)
-                              for chunk in _chunks(parts, g.parts_per_task)]):
+    for d, i in as_completed([exact.remote(store, g.vector, g.k + 1, queries, parts) for parts in units if parts]):
         best_d, best_i = merge_topk(best_d, best_i, d, i, g.k + 1)
     exact_neighbors, _ = remove_self(best_i, best_d, ids, g.k)
 
     approx = np.full((len(ids), g.k), -1, np.int64)
-    for part, rows in rows_by_part(parts, sample):
+    for part, rows in rows_by_part([p for parts in units for p in parts], sample):
         got = read_part(store, join(graph_dir, f"{part.name}.parquet"), rows)
         if not np.array_equal(got["node"], rows + part.offset):
             raise RuntimeError(f"graph part {part.name} rows are not in node order")
@@ -215,6 +451,4 @@ def _measure_recall(store: Store, cfg: JobConfig, parts: list[EmbeddingPart], gr
     return recall_at_k(approx, exact_neighbors), int(len(ids))
 
 
-STAGE = Stage(name="graph", upstream="embed", settings=settings, run=run,
-              # every node's copy of the merged index (remote workdirs), removed when the stage commits
-              node_caches=lambda cfg: [tasks.cache_namespace(join(stage_dir(cfg.workdir, "graph"), INDEX_DIR))])
+STAGE = Stage(name="graph", upstream="embed", settings=settings, check=check, run=run)

@@ -1,77 +1,220 @@
-"""The graph stage's Ray task bodies (plain functions; :mod:`.stage` wraps them with ``ray.remote``)
-and the FAISS index files they exchange.
+"""The graph stage's Ray task bodies (plain functions; :mod:`.stage` wraps them with ``ray.remote``).
 
-Layout under ``WORKDIR/graph/index/``::
+Every task reads what it needs from the work directory (embedding parts, scratch blocks, small
+arrays), commits what it makes there, and returns only small things (counts, seconds) to the
+driver. The maths is :mod:`pipeline.core.ivf`; the files are :mod:`.layout` (names) and
+:mod:`.scratch` (blocked scratch files).
 
-    plan.json                  parts, row counts, dim, nlist, the add groups: fixed on the first
-                               run so a resumed run builds the same shards
-    trained.faissindex         the trained empty index (one worker, seeded sample)
-    shard-NNNNN.faissindex     one group of parts added to a copy of it (global ids)
-    merged.faissindex          all shards merged; its inverted lists live in
-    merged.ivfdata             (FAISS OnDiskInvertedLists, memory-mapped by the searchers)
-
-Merge, not search-per-shard: searching S shards separately costs every search task S index reads
-and S top-k merges; one merged index with on-disk inverted lists is read through mmap, so the
-search tasks on a node share one copy in the page cache and no process holds all vectors. The
-results are identical either way (same quantiser, same probed lists).
+Vectors travel as the embedding parts store them (float16 columns side by side, "raw"), never as
+prepared float32: half the bytes, and :func:`~pipeline.core.knn.prepare_raw` turns any subset of
+rows into exactly the rows the whole pool's prepared vectors hold, so every task computes on the
+same float32 values the in-process reference :func:`~pipeline.core.ivf.sharded_knn_graph` sees.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
+import resource
 import time
 
 import numpy as np
 
-from ..core.knn import add_vectors, build_empty_index, exact_topk_block, merge_topk, search_knn, train_index
-from ..formats.embeddings import EmbeddingPart, read_vectors
-from ..formats.graph import graph_part_table
+from ..core import ivf
+from ..core.knn import exact_topk_block, merge_topk, prepare_raw, remove_self
+from ..formats.embeddings import EmbeddingPart, read_raw_vectors, read_vectors, rows_by_part
+from ..formats.graph import graph_part_table, write_nodes
 from ..runtime import task_cpus
-from ..storage import Store, basename, join
+from ..storage import Store, join
+from . import scratch
+from .layout import Layout
 
-INDEX_DIR = "index"
-TRAINED = "trained.faissindex"
-MERGED = "merged.faissindex"
-MERGED_DATA = "merged.ivfdata"
-PLAN = "plan.json"
-
-
-def cache_namespace(index_dir: str) -> str:
-    """The node-local cache directory of one job's merged index (removed when the stage commits)."""
-    import hashlib
-
-    return "faiss-" + hashlib.sha256(index_dir.encode()).hexdigest()[:12]
+# Rows prepared (float16 -> normalised float32) at a time: bounds the temporary copies.
+PREPARE_BLOCK = 65_536
 
 
-def _faiss():
+def _threads() -> int:
+    """FAISS uses exactly the CPUs Ray reserved for this task (the results do not depend on it)."""
     import faiss
 
-    faiss.omp_set_num_threads(task_cpus())  # the CPUs Ray reserved for this task, no more
-    return faiss
+    cpus = task_cpus()
+    faiss.omp_set_num_threads(cpus)
+    return cpus
 
 
-def read_index(store: Store, url: str):
-    faiss = _faiss()
-    with tempfile.TemporaryDirectory(prefix="d2prune-graph-") as tmp:
-        return faiss.read_index(store.copy_to_local(url, os.path.join(tmp, basename(url))))
+def _peak_rss_mb() -> float:
+    """This worker process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_index(store: Store, url: str, ivf) -> None:
-    store.write_bytes(url, _faiss().serialize_index(ivf).tobytes())
+def save_arrays(store: Store, url: str, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    store.write_bytes(url, buf.getvalue())
 
 
-def open_merged(store: Store, index_dir: str):
-    """The merged index with its inverted lists memory-mapped (for a remote workdir, a node-local
-    copy keyed by the files' content identity, shared by every task on the node)."""
-    faiss = _faiss()
-    data_path, index_path = store.node_local_copy([join(index_dir, MERGED_DATA), join(index_dir, MERGED)],
-                                                  cache_namespace(index_dir))
-    return faiss.read_index(index_path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+def load_arrays(store: Store, url: str, names: list[str]) -> list[np.ndarray]:
+    """Members `names` of an .npz (an object store serves only the members read: np.load is lazy)."""
+    with store.open(url, "rb") as fh, np.load(fh) as npz:
+        return [npz[name] for name in names]
 
 
-def gather_rows(store: Store, vector: str, items: list[tuple[EmbeddingPart, np.ndarray]]):
-    """Vectors of selected rows of some parts: (global ids, float32 vectors)."""
+# ------------------------------------------------------------------------------------------------
+# training (two-level k-means, ivf.train_two_level split into tasks)
+# ------------------------------------------------------------------------------------------------
+
+def gather_sample(store: Store, layout: Layout, unit: int, parts: list[EmbeddingPart],
+                  fine_ids: np.ndarray, coarse_ids: np.ndarray) -> int:
+    """The unit's rows of the seeded training samples: block 0 the coarse rows, block 1 the fine rows
+    (ascending ids; the coarse sample is a subset of the fine one)."""
+    pieces = [read_raw_vectors(store, part, layout.vector, rows) for part, rows in rows_by_part(parts, fine_ids)]
+    raw = np.concatenate(pieces) if pieces else np.zeros((0, layout.dim), np.float16)
+    coarse = np.isin(fine_ids, coarse_ids)
+    scratch.write(store, layout.sample(unit), layout.rows_schema,
+                  [{"id": fine_ids[coarse], "raw": raw[coarse]}, {"id": fine_ids, "raw": raw}])
+    return int(len(fine_ids))
+
+
+def train_coarse(store: Store, layout: Layout) -> float:
+    """k1 coarse centroids from the coarse sample (every unit's block 0, ascending ids)."""
+    _threads()
+    start = time.perf_counter()
+    rows = scratch.read_blocks(store, [layout.sample(u) for u in range(layout.n_units)], layout.rows_schema, 0)
+    centroids = ivf.coarse_level(prepare_raw(rows["raw"], layout.vector, layout.widths), layout.k1, layout.seed)
+    save_arrays(store, layout.coarse_url, centroids=centroids)
+    return time.perf_counter() - start
+
+
+def split_sample(store: Store, layout: Layout, unit: int, coarse: np.ndarray) -> np.ndarray:
+    """The unit's fine-sample rows split by coarse cell (k1 blocks); returns the rows per cell."""
+    _threads()
+    rows = scratch.read_blocks(store, [layout.sample(unit)], layout.rows_schema, 1)
+    home, _ = ivf.probe_lists(coarse, rows["raw"], 1, prepare=layout.prepare)
+    order = np.argsort(home, kind="stable")  # within a cell: ascending id
+    bounds = np.searchsorted(home[order], np.arange(layout.k1 + 1))
+    blocks = ({"id": rows["id"][order[a:b]], "raw": rows["raw"][order[a:b]]} for a, b in zip(bounds[:-1], bounds[1:]))
+    return scratch.write(store, layout.split(unit), layout.rows_schema, blocks)
+
+
+def train_fine(store: Store, layout: Layout, cell: int, count: int) -> float:
+    """Coarse cell `cell`'s `count` fine centroids from its fine-sample rows (ascending ids)."""
+    _threads()
+    start = time.perf_counter()
+    rows = scratch.read_blocks(store, [layout.split(u) for u in range(layout.n_units)], layout.rows_schema, cell)
+    points = prepare_raw(rows["raw"], layout.vector, layout.widths)
+    centroids = ivf.fine_level(points, count, ivf.fine_seed(layout.seed, cell))
+    save_arrays(store, layout.fine(cell), centroids=centroids)
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------
+# assign, shuffle, search, merge
+# ------------------------------------------------------------------------------------------------
+
+def assign_unit(store: Store, layout: Layout, unit: int, parts: list[EmbeddingPart],
+                centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Home list and probes of every row of the unit, computed once (ivf.probe_lists); committed
+    with the unit's list sizes and probe counts, which are returned."""
+    _threads()
+    raw = np.concatenate([read_raw_vectors(store, part, layout.vector) for part in parts])
+    home, probes = ivf.probe_lists(centroids, raw, layout.nprobe, prepare=layout.prepare)
+    sizes = np.bincount(home, minlength=layout.nlist).astype(np.int64)
+    probe_counts = np.bincount(probes.ravel(), minlength=layout.nlist).astype(np.int64)
+    # the raw rows too (uncompressed): the shuffle reads them back instead of decoding the parts again
+    save_arrays(store, layout.assign(unit), home=home, probes=probes, sizes=sizes, probe_counts=probe_counts, raw=raw)
+    return sizes, probe_counts
+
+
+def shuffle_unit(store: Store, layout: Layout, unit: int, list_group: np.ndarray) -> int:
+    """Send the unit's rows to the search groups: as base rows to the group holding their home list,
+    as queries once to each group their probes fall in (with only that group's probes). Returns the
+    bytes written."""
+    lo, _ = layout.unit_range(unit)
+    home, probes, raw = load_arrays(store, layout.assign(unit), ["home", "probes", "raw"])
+    ids = np.arange(lo, lo + len(home), dtype=np.int64)
+    n_groups = int(list_group.max()) + 1
+    base_group = list_group[home]
+    order = np.argsort(base_group, kind="stable")
+    b = np.searchsorted(base_group[order], np.arange(n_groups + 1))
+    pair_query, pair_group, pair_probes = ivf.probes_by_group(probes, list_group)
+    p = np.searchsorted(pair_group, np.arange(n_groups + 1))
+    base = ({"id": ids[order[b[g]:b[g + 1]]], "list": home[order[b[g]:b[g + 1]]], "raw": raw[order[b[g]:b[g + 1]]]}
+            for g in range(n_groups))
+    rows = scratch.write(store, layout.base(unit), layout.base_schema, base)
+    queries = ({"id": ids[pair_query[p[g]:p[g + 1]]], "probes": pair_probes[p[g]:p[g + 1]],
+                "raw": raw[pair_query[p[g]:p[g + 1]]]} for g in range(n_groups))
+    pairs = scratch.write(store, layout.query(unit), layout.query_schema, queries)
+    return int(rows.sum() * layout.base_schema.row_bytes + pairs.sum() * layout.query_schema.row_bytes)
+
+
+def search_group(store: Store, layout: Layout, group: int) -> dict:
+    """Top-(k+1) of every query sent to `group` over the group's lists (ivf.search_group), written
+    as candidates split by merge unit."""
+    threads = _threads()
+    start = time.perf_counter()
+    units = range(layout.n_units)
+    base = scratch.read_blocks(store, [layout.base(u) for u in units], layout.base_schema, group)
+    queries = scratch.read_blocks(store, [layout.query(u) for u in units], layout.query_schema, group)
+    read_s = time.perf_counter() - start
+    # Each query is scanned against every list it probes here (13 of 16 on average at N = 10^6):
+    # prepare it once (float32, 2*d bytes more per query) rather than once per list.
+    raw = queries.pop("raw")
+    prepared = np.empty(raw.shape, np.float32)
+    for lo in range(0, len(raw), PREPARE_BLOCK):
+        prepared[lo:lo + PREPARE_BLOCK] = layout.prepare(raw[lo:lo + PREPARE_BLOCK])
+    del raw
+    d, i = ivf.search_group(base["id"], base["raw"], base["list"], queries["id"], prepared, queries["probes"],
+                            layout.k + 1, prepare=layout.prepare, prepare_queries=False)
+    del prepared
+    base_rows, query_rows = len(base["id"]), len(queries["id"])
+    pairs = int((queries["probes"] >= 0).sum())
+    del base
+    qids = queries.pop("id")
+    del queries
+    # queries arrive in ascending id (units in order, ascending within): one contiguous run per unit
+    cut = np.searchsorted(qids, np.asarray(layout.unit_starts, np.int64))
+    cut[-1] = len(qids)
+    blocks = ({"id": qids[a:b], "d": d[a:b], "i": i[a:b]} for a, b in zip(cut[:-1], cut[1:]))
+    scratch.write(store, layout.candidates(group), layout.candidate_schema, blocks)
+    return {"group": group, "base_rows": base_rows, "queries": query_rows, "pairs": pairs, "threads": threads,
+            "read_s": read_s, "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+
+
+def merge_unit(store: Store, layout: Layout, unit: int, parts: list[EmbeddingPart], n_groups: int,
+               graph_dir: str, write: list[str]) -> list[int]:
+    """Merge every group's candidates of the unit's nodes, drop self by id, keep k, and commit the
+    graph parts named in `write` (cell = home list). Returns the indices of the parts written."""
+    lo, hi = layout.unit_range(unit)
+    kk = layout.k + 1
+    best_d = np.full((hi - lo, kk), np.inf, np.float32)
+    best_i = np.full((hi - lo, kk), -1, np.int64)
+    for group in range(n_groups):  # lexicographic (distance, id) top-kk: the order of groups is irrelevant
+        c = scratch.read_blocks(store, [layout.candidates(group)], layout.candidate_schema, unit)
+        ivf.merge_group_results(best_d, best_i, c["id"] - lo, c["d"], c["i"])
+    ids = np.arange(lo, hi, dtype=np.int64)
+    neighbors, sq_distances = remove_self(best_i, best_d, ids, layout.k)
+    (home,) = load_arrays(store, layout.assign(unit), ["home"])
+    written = []
+    for part in parts:
+        if part.name not in write:
+            continue
+        rows = slice(part.offset - lo, part.offset - lo + part.rows)
+        store.write_parquet(join(graph_dir, f"{part.name}.parquet"),
+                            graph_part_table(ids[rows], neighbors[rows], sq_distances[rows], home[rows]))
+        written.append(part.index)
+    return written
+
+
+def nodes_file(store: Store, url: str, parts: list[EmbeddingPart]) -> None:
+    """nodes.parquet, streamed part by part in a task (never through the driver)."""
+    write_nodes(store, url, parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# recall against exact search
+# ------------------------------------------------------------------------------------------------
+
+def gather_prepared(store: Store, vector: str, items: list[tuple[EmbeddingPart, np.ndarray]]):
+    """Prepared vectors of selected rows of some parts: (global ids, float32 vectors)."""
     ids, vecs = [], []
     for part, rows in items:
         vecs.append(read_vectors(store, part, vector, rows))
@@ -79,74 +222,9 @@ def gather_rows(store: Store, vector: str, items: list[tuple[EmbeddingPart, np.n
     return np.concatenate(ids), np.concatenate(vecs)
 
 
-def train_task(store: Store, index_dir: str, dim: int, kind: str, nlist: int, pq_m: int, pq_bits: int, seed: int,
-               *pieces) -> float:
-    _faiss()
-    start = time.perf_counter()
-    ids = np.concatenate([p[0] for p in pieces])
-    vecs = np.concatenate([p[1] for p in pieces])
-    # Pieces arrive grouped by task; sort by global id so the sample is exactly x[training_ids].
-    order = np.argsort(ids, kind="stable")
-    ivf = build_empty_index(dim, kind, nlist, pq_m, pq_bits)
-    train_index(ivf, vecs[order], seed)
-    write_index(store, join(index_dir, TRAINED), ivf)
-    return time.perf_counter() - start
-
-
-def add_task(store: Store, index_dir: str, shard: str, vector: str, parts: list[EmbeddingPart]) -> tuple[str, int, float]:
-    start = time.perf_counter()
-    ivf = read_index(store, join(index_dir, TRAINED))
-    for part in parts:
-        add_vectors(ivf, read_vectors(store, part, vector),
-                    np.arange(part.offset, part.offset + part.rows, dtype=np.int64))
-    write_index(store, join(index_dir, f"{shard}.faissindex"), ivf)
-    return shard, int(ivf.ntotal), time.perf_counter() - start
-
-
-def merge_task(store: Store, index_dir: str, shards: list[str], expected_total: int) -> tuple[int, int, float]:
-    """Merge the shard indexes into one index whose inverted lists are a file on disk."""
-    from faiss.contrib.ondisk import merge_ondisk
-
-    faiss = _faiss()
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="d2prune-merge-") as tmp:
-        local_shards = [store.copy_to_local(join(index_dir, f"{s}.faissindex"), os.path.join(tmp, f"{s}.faissindex"))
-                        for s in shards]
-        trained = read_index(store, join(index_dir, TRAINED))
-        data_path = os.path.join(tmp, MERGED_DATA)
-        merge_ondisk(trained, local_shards, data_path)
-        if trained.ntotal != expected_total:
-            raise RuntimeError(f"merged index holds {trained.ntotal} vectors, expected {expected_total}")
-        index_path = os.path.join(tmp, MERGED)
-        faiss.write_index(trained, index_path)
-        total = int(trained.ntotal)
-        del trained  # unmaps and flushes the inverted-list file before it is copied
-        nbytes = os.path.getsize(data_path) + os.path.getsize(index_path)
-        # The data file first, the index (which names it) last: the index file commits the merge.
-        store.write_local_file(join(index_dir, MERGED_DATA), data_path)
-        store.write_local_file(join(index_dir, MERGED), index_path)
-    return total, nbytes, time.perf_counter() - start
-
-
-def search_task(store: Store, index_dir: str, graph_dir: str, vector: str, k: int, nprobe: int,
-                parts: list[EmbeddingPart]) -> list[tuple[str, int, float]]:
-    """Search k+1 neighbours of every row of `parts`; commit one graph part per embedding part."""
-    ivf = open_merged(store, index_dir)
-    done = []
-    for part in parts:
-        start = time.perf_counter()
-        x = read_vectors(store, part, vector)
-        ids = np.arange(part.offset, part.offset + part.rows, dtype=np.int64)
-        neighbors, sq_distances, cells = search_knn(ivf, x, ids, k, nprobe)
-        store.write_parquet(join(graph_dir, f"{part.name}.parquet"),
-                            graph_part_table(ids, neighbors, sq_distances, cells))
-        done.append((part.name, part.rows, time.perf_counter() - start))
-    return done
-
-
-def exact_task(store: Store, vector: str, k: int, queries: np.ndarray, parts: list[EmbeddingPart]):
+def exact_topk(store: Store, vector: str, k: int, queries: np.ndarray, parts: list[EmbeddingPart]):
     """Exact top-k of `queries` over the rows of `parts` (self not removed here)."""
-    _faiss()
+    _threads()
     d = np.full((queries.shape[0], k), np.inf, np.float32)
     i = np.full((queries.shape[0], k), -1, np.int64)
     for part in parts:
@@ -154,3 +232,7 @@ def exact_task(store: Store, vector: str, k: int, queries: np.ndarray, parts: li
         bd, bi = exact_topk_block(queries, x, np.arange(part.offset, part.offset + part.rows, dtype=np.int64), k)
         d, i = merge_topk(d, i, bd, bi, k)
     return d, i
+
+
+__all__ = ["gather_sample", "train_coarse", "split_sample", "train_fine", "assign_unit", "shuffle_unit",
+           "search_group", "merge_unit", "nodes_file", "gather_prepared", "exact_topk"]

@@ -1,0 +1,659 @@
+"""Cell-sharded IVF-Flat kNN graph at pool scale: pure maths (numpy + faiss only).
+
+At 10^8-10^9 vectors no process may hold the whole index. The search is organised by *groups of
+IVF lists*: a task holds only its lists' base vectors (float16 is fine) and the queries that probe
+them, scans each list once for all of its queries (list-major, one ``faiss.knn`` BLAS product per
+list, as :func:`pipeline.graph._search_flat_lists` does), and the per-query candidates of all
+groups are merged afterwards with :func:`pipeline.graph.merge_topk` and
+:func:`pipeline.graph.remove_self`. The Ray stage moves the data; this module is the maths, and
+:func:`sharded_knn_graph` runs all of it in one process (the reference the stage is tested against).
+
+Steps and the functions for each:
+
+1. Size: :func:`nlist_for` (about 4*sqrt(N) lists, no cap from the training size).
+2. Train, two-level k-means (:func:`train_two_level` in one process; split for parallel tasks):
+   :func:`training_sample_ids` (the two seeded samples), :func:`coarse_level` (k1 = ceil(sqrt(nlist))
+   coarse centroids), :func:`fine_counts` (how many fine centroids each coarse cell gets),
+   :func:`fine_level` (one coarse cell's fine centroids, seed :func:`fine_seed`). Concatenating the
+   fine centroids in coarse-cell order defines the list ids, so lists of one coarse cell are
+   adjacent; a flat ``IndexFlatL2`` over them is the quantiser.
+3. Assign: :func:`probe_lists` gives each vector its home list (where it is stored; its ``cell``)
+   and the ``nprobe`` lists it probes as a query, in one batch-invariant computation.
+4. Group: :func:`group_cells` cuts the lists, in list-id order, into contiguous groups under a row
+   bound; :func:`probes_by_group` splits each query's probes by group (a query is sent once to each
+   group its probes fall in, with only that group's probes).
+5. Search: :func:`search_group` (top-kk of each query over its probed lists of one group), then
+   :func:`merge_group_results` per query.
+
+Bit-for-bit equality across groupings: each list lives in exactly one group and every query that
+probes it is sent there, so each list is scanned by the same ``faiss.knn`` calls (same query set,
+in ascending query id, same base rows in ascending id) whatever the grouping; the final top-kk is
+the lexicographic (distance, id) top-kk of the union of the per-list candidates, which merging in
+any order reproduces exactly. Squared L2 distances throughout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+
+from .knn import KMEANS_ITERATIONS, MIN_POINTS_PER_LIST, merge_topk, remove_self
+
+# Sample points per centroid used by each training level (see train_two_level's docstring).
+COARSE_POINTS_PER_CENTROID = 256
+FINE_POINTS_PER_LIST = 64
+# probe_lists runs the quantiser on blocks of exactly this many rows (the last block zero-padded),
+# so a vector's probes do not depend on which batch it was assigned in (see probe_lists).
+PROBE_BLOCK = 4096
+# Queries of one list scanned by one faiss.knn call (bounds the per-thread copy of query rows to
+# LIST_QUERY_CHUNK * dim * 4 bytes). The chunks depend only on the list's full, sorted query set,
+# which is the same in every grouping.
+LIST_QUERY_CHUNK = 32_768
+# Default bound of sharded_knn_graph's groups: base rows + (query, probed list) pairs.
+DEFAULT_MAX_ROWS_PER_GROUP = 4_000_000
+
+_ID_MAX = np.iinfo(np.int64).max
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+# ================================================================================================
+# 1. sizing
+# ================================================================================================
+
+def nlist_for(n_vectors: int, nlist: int | None = None) -> int:
+    """IVF lists for `n_vectors`: `nlist` when given, else round(4*sqrt(N)) (at least 1, at most N).
+
+    There is no cap from the training sample (the old ``default_nlist`` capped at train_size//39):
+    two-level training samples FINE_POINTS_PER_LIST points per list however many lists there are.
+    An explicit nlist larger than N (some lists would be empty by construction) is an error.
+    """
+    n_vectors = int(n_vectors)
+    if n_vectors <= 0:
+        raise ValueError(f"cannot size an IVF index for {n_vectors} vectors")
+    if nlist is None:
+        return max(1, min(n_vectors, int(round(4 * math.sqrt(n_vectors)))))
+    nlist = int(nlist)
+    if nlist < 1:
+        raise ValueError(f"graph.nlist must be >= 1, got {nlist}")
+    if nlist > n_vectors:
+        raise ValueError(f"graph.nlist={nlist} exceeds the {n_vectors} vectors to index; lower nlist or leave it null")
+    return nlist
+
+
+def coarse_count(nlist: int) -> int:
+    """Coarse cells of the two-level training: k1 = ceil(sqrt(nlist)) (so each gets ~k1 lists)."""
+    if nlist < 1:
+        raise ValueError(f"graph.nlist must be >= 1, got {nlist}")
+    return int(math.isqrt(nlist - 1)) + 1 if nlist > 1 else 1
+
+
+# ================================================================================================
+# 2. two-level training
+# ================================================================================================
+
+def training_sample_ids(
+    n_vectors: int, nlist: int, seed: int, train_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded training samples: (coarse ids, fine ids), both sorted global ids, coarse ⊂ fine.
+
+    The fine sample has ``min(N, train_size or FINE_POINTS_PER_LIST * nlist)`` ids; the coarse
+    sample is a seeded subset of it with ``min(len(fine), COARSE_POINTS_PER_CENTROID * k1)`` ids
+    (k1 = :func:`coarse_count`). A stage can therefore gather the fine sample once and take the
+    coarse one from it. `train_size` smaller than nlist cannot place nlist centroids: an error.
+    """
+    if n_vectors <= 0:
+        raise ValueError(f"cannot sample {n_vectors} vectors")
+    wanted = FINE_POINTS_PER_LIST * nlist if train_size is None else int(train_size)
+    fine_size = min(int(n_vectors), wanted)
+    if fine_size < nlist:
+        raise ValueError(
+            f"graph.train_size={train_size} gives {fine_size} training vectors for {nlist} IVF lists; "
+            f"use at least nlist (better {FINE_POINTS_PER_LIST}*nlist) or leave it null"
+        )
+    if fine_size == n_vectors:
+        fine = np.arange(n_vectors, dtype=np.int64)
+    else:
+        rng = np.random.default_rng([seed, 0x66696E65])  # "fine"
+        fine = np.sort(rng.choice(n_vectors, size=fine_size, replace=False)).astype(np.int64)
+    coarse_size = min(fine_size, COARSE_POINTS_PER_CENTROID * coarse_count(nlist))
+    if coarse_size == fine_size:
+        return fine.copy(), fine
+    rng = np.random.default_rng([seed, 0x636F6172])  # "coar"
+    coarse = np.sort(fine[rng.choice(fine_size, size=coarse_size, replace=False)])
+    return coarse, fine
+
+
+def fine_seed(seed: int, cell: int) -> int:
+    """The k-means seed of coarse cell `cell`'s fine level (independent streams per cell)."""
+    return int(np.random.SeedSequence([int(seed), 0x6365, int(cell)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _kmeans(points: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """FAISS k-means (L2, KMEANS_ITERATIONS iterations) on exactly `points` (no subsampling)."""
+    faiss = _faiss()
+    x = np.ascontiguousarray(points, dtype=np.float32)
+    km = faiss.Kmeans(
+        x.shape[1], int(k), niter=KMEANS_ITERATIONS, seed=int(seed), verbose=False,
+        max_points_per_centroid=max(256, -(-x.shape[0] // k)),  # never subsample: we sampled already
+        min_points_per_centroid=1,  # small cells are expected (fine_level); no warning
+    )
+    km.train(x)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
+
+
+def chain_order(centroids: np.ndarray) -> np.ndarray:
+    """A locality order of centroids: the greedy nearest-neighbour chain from centroid 0 (each next
+    one is the nearest not yet taken, ties to the lower index). O(k^2) for k centroids (k ~ sqrt(nlist)
+    per call), deterministic. Neighbouring cells get nearby ids, so groups of consecutive lists are
+    compact and a query's probes fall in fewer groups (measured at N = 10^5, 17 groups: 2.15 groups
+    per query in k-means order, 1.56 with both levels chained, 10.3 for a random list order)."""
+    c = np.asarray(centroids, dtype=np.float64)
+    k = c.shape[0]
+    if k <= 2:
+        return np.arange(k, dtype=np.int64)
+    sq = (c * c).sum(axis=1)
+    order = np.empty(k, np.int64)
+    taken = np.zeros(k, bool)
+    current = 0
+    for step in range(k):
+        order[step] = current
+        taken[current] = True
+        if step == k - 1:
+            break
+        d = sq - 2 * (c @ c[current])  # + |c_current|^2, the same for every candidate
+        d[taken] = np.inf
+        current = int(np.argmin(d))
+    return order
+
+
+def coarse_level(sample: np.ndarray, k1: int, seed: int) -> np.ndarray:
+    """The k1 coarse centroids (float32[k1, d]), k-means on the coarse sample, deterministic for a seed.
+
+    The sample should be the coarse ids of :func:`training_sample_ids` in ascending id order
+    (COARSE_POINTS_PER_CENTROID points per centroid). k1 = 1 gives the mean. The centroids come in
+    :func:`chain_order`, so coarse cells with adjacent ids are near each other.
+    """
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"sample must be 2-d [n, d], got shape {x.shape}")
+    if k1 < 1:
+        raise ValueError(f"k1 must be >= 1, got {k1}")
+    if x.shape[0] < k1:
+        raise ValueError(f"{x.shape[0]} coarse training vectors cannot place {k1} coarse centroids")
+    if k1 == 1:
+        return x.astype(np.float64).mean(axis=0, keepdims=True).astype(np.float32)
+    c = _kmeans(x, k1, seed)
+    return np.ascontiguousarray(c[chain_order(c)])
+
+
+def fine_counts(cell_sizes: np.ndarray, nlist: int) -> np.ndarray:
+    """Fine centroids per coarse cell (int64[k1]) from the sizes of the cells' shares of the fine sample.
+
+    Proportional to size by largest remainder (Hamilton) with a floor of one list per non-empty
+    cell: start from floor(nlist*size/total) (at least 1 for a non-empty cell, 0 for an empty one),
+    then hand out the missing lists one at a time to the cell furthest below its quota, or take the
+    excess back one at a time from the cell (holding >= 2) furthest above it; ties go to the lower
+    cell id. Exact integer arithmetic, so the result is deterministic; the counts sum to nlist.
+    The coarse centroids themselves are not needed: only the sizes decide.
+    """
+    sizes = np.asarray(cell_sizes, dtype=np.int64)
+    if sizes.ndim != 1 or (sizes < 0).any():
+        raise ValueError("cell_sizes must be a 1-d array of non-negative counts")
+    nonempty = sizes > 0
+    total = int(sizes.sum())
+    if total == 0:
+        raise ValueError("no training vectors in any coarse cell")
+    if int(nonempty.sum()) > nlist:
+        raise ValueError(f"{int(nonempty.sum())} non-empty coarse cells cannot share {nlist} lists")
+    quota = sizes * int(nlist)  # quota_i * total (exact; < 2^63 for any realistic sample)
+    counts = quota // total
+    counts[nonempty & (counts == 0)] = 1
+    missing = int(nlist) - int(counts.sum())
+    while missing > 0:  # at most k1 rounds
+        below = np.where(nonempty, quota - counts * total, np.iinfo(np.int64).min)
+        counts[int(np.argmax(below))] += 1
+        missing -= 1
+    while missing < 0:
+        above = np.where(counts >= 2, counts * total - quota, np.iinfo(np.int64).min)
+        counts[int(np.argmax(above))] -= 1
+        missing += 1
+    return counts
+
+
+def fine_level(points: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """m fine centroids (float32[m, d]) for the fine-sample points of one coarse cell.
+
+    `points` must come in ascending global id order (k-means' seeded initialisation picks points by
+    position). More than m points: k-means. Exactly m: the points themselves. Fewer (n < m, only for
+    cells of a handful of points): the n points, then m - n copies of them split off in turn,
+    copy j being point (j mod n) scaled by (1 + (j//n + 1) * 2^-10) (FAISS's own split of an empty
+    centroid: a tiny move along the point's own direction), so the extra lists are valid, nearly
+    empty and deterministic. m = 1: the mean. m = 0 (empty cell): no centroids. k-means
+    centroids come in :func:`chain_order`.
+    """
+    x = np.ascontiguousarray(points, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"points must be 2-d [n, d], got shape {x.shape}")
+    n = x.shape[0]
+    if m == 0:
+        return np.zeros((0, x.shape[1]), np.float32)
+    if n == 0:
+        raise ValueError(f"a coarse cell with no training points cannot get {m} fine centroids")
+    if m == 1:
+        return x.astype(np.float64).mean(axis=0, keepdims=True).astype(np.float32)
+    if n > m:
+        c = _kmeans(x, m, seed)
+        return np.ascontiguousarray(c[chain_order(c)])
+    j = np.arange(m - n)
+    pad = x[j % n] * (1 + (j // n + 1) * 2.0 ** -10).astype(np.float32)[:, None]
+    return np.ascontiguousarray(np.concatenate([x, pad]), dtype=np.float32)
+
+
+def train_two_level(
+    vectors: np.ndarray, nlist: int, seed: int = 0, train_size: int | None = None,
+    timings: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two-level k-means in one process: (centroids float32[nlist, d], coarse cell of each list int32[nlist]).
+
+    Sample points per list, and why: FAISS wants at least MIN_POINTS_PER_LIST (39) training points
+    per centroid (fewer gives badly placed centroids and very uneven lists) and gains little beyond
+    256. The coarse level runs k1 = ceil(sqrt(nlist)) centroids on COARSE_POINTS_PER_CENTROID (256)
+    points each: ~256*sqrt(nlist) points, 91k at nlist = 126k (N = 10^9), one small task. The fine
+    level gives each coarse cell its share of a sample of FINE_POINTS_PER_LIST (64) points per list
+    and as many lists as fine_counts says (so ~64 points per fine centroid, above FAISS's 39 with a
+    margin for uneven shares): each coarse cell is an independent k-means of ~sqrt(nlist) centroids
+    on ~64*sqrt(nlist) points (23k points at N = 10^9), so training cost is ~nlist^1.5 instead of
+    one-level's nlist^2 * 64 and the fine cells run as parallel tasks. Total sample 64*nlist
+    (8.1M vectors at N = 10^9, gathered in parallel; about 4*sqrt(N)*64 = 256*sqrt(N)).
+
+    Deterministic for a seed (and for the thread count); the fine cells' seeds are :func:`fine_seed`.
+    List ids are the concatenation order (coarse cell 0's fine centroids first), so lists of a coarse
+    cell are adjacent.
+
+    Measured on 512-d CLIP-like vectors (2-core VM shared with other jobs), recall@10 of the graph at
+    nprobe 16, against FAISS one-level k-means (10 iterations) on the same fine sample and nlist:
+    N = 10^5: 0.9993 vs 0.9994 (nprobe 1/2/4: 0.38/0.62/0.88 vs 0.40/0.63/0.88), training 0.7 s vs
+    4.8 s; N = 3*10^5: 0.997 vs 0.997, training 1.7 s vs 66 s.
+    """
+    clock = time.perf_counter()
+    n, dim = vectors.shape
+    nlist = nlist_for(n, nlist)
+    coarse_ids, fine_ids = training_sample_ids(n, nlist, seed, train_size)
+    k1 = coarse_count(nlist)
+    coarse = coarse_level(vectors[coarse_ids], k1, seed)
+    t_coarse = time.perf_counter() - clock
+    fine_x = vectors[fine_ids]
+    home, _ = probe_lists(coarse, fine_x, 1)
+    sizes = np.bincount(home, minlength=k1)
+    counts = fine_counts(sizes, nlist)
+    order = np.argsort(home, kind="stable")  # within a cell: ascending id
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    centroids, owner = [], []
+    for cell in range(k1):
+        pts = fine_x[order[bounds[cell]:bounds[cell + 1]]]
+        centroids.append(fine_level(pts, int(counts[cell]), fine_seed(seed, cell)))
+        owner.append(np.full(int(counts[cell]), cell, np.int32))
+    out = np.ascontiguousarray(np.concatenate(centroids), dtype=np.float32).reshape(nlist, dim)
+    if timings is not None:
+        timings.update(train_coarse=t_coarse, train_fine=time.perf_counter() - clock - t_coarse)
+    return out, np.concatenate(owner)
+
+
+# ================================================================================================
+# 3. coarse assignment
+# ================================================================================================
+
+def probe_lists(
+    centroids: np.ndarray, vectors: np.ndarray, nprobe: int,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(home int32[n], probes int32[n, nprobe]): the nprobe nearest lists of each vector, nearest first.
+
+    home = probes[:, 0] is the list the vector is stored in (its cell); one computation serves both,
+    so a vector always probes its own list. nprobe > nlist is an error (not clamped). `vectors` may be
+    float16 (or raw embeddings with `prepare`, applied per block): converted block by block.
+
+    Batch-invariant: the quantiser runs on blocks of exactly PROBE_BLOCK rows (the last one padded
+    with zero rows), so every row goes through the same-shaped BLAS product and a vector's probes do
+    not depend on the batch it came in (FAISS takes a non-BLAS path below 20 rows; tie-flips between
+    a stage's per-part batches and the reference's would otherwise be possible).
+    """
+    faiss = _faiss()
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    nlist = c.shape[0]
+    nprobe = int(nprobe)
+    if nprobe < 1:
+        raise ValueError(f"graph.nprobe must be >= 1, got {nprobe}")
+    if nprobe > nlist:
+        raise ValueError(f"graph.nprobe={nprobe} exceeds graph.nlist={nlist} (the lists there are)")
+    quantizer = faiss.IndexFlatL2(c.shape[1])
+    quantizer.add(c)
+    n = vectors.shape[0]
+    probes = np.empty((n, nprobe), np.int32)
+    block = np.zeros((PROBE_BLOCK, c.shape[1]), np.float32)
+    for lo in range(0, n, PROBE_BLOCK):
+        hi = min(n, lo + PROBE_BLOCK)
+        rows = vectors[lo:hi]
+        block[: hi - lo] = prepare(rows) if prepare is not None else rows
+        block[hi - lo:] = 0
+        _, i = quantizer.search(block, nprobe)
+        probes[lo:hi] = i[: hi - lo]
+    return probes[:, 0].copy(), probes
+
+
+# ================================================================================================
+# 4. cell groups
+# ================================================================================================
+
+def group_cells(list_sizes: np.ndarray, probe_counts: np.ndarray, max_rows_per_group: int) -> np.ndarray:
+    """Group id (int32[nlist]) of each list: contiguous runs of lists in list-id order.
+
+    List-id order is the locality order: two-level training numbers the lists of a coarse cell
+    consecutively, so a query's probes (mostly in its own and neighbouring fine cells of one coarse
+    cell) tend to fall in one or two groups. A group's rows are its lists' base rows plus their
+    probe counts ((query, probed list) pairs: an upper bound on the distinct queries the group
+    receives, and what its candidate buffer grows with). Greedy: a list joins the current group
+    unless that would pass max_rows_per_group, then it opens the next one; a single list over the
+    bound gets a group of its own. Deterministic; group ids are 0..G-1 in list order.
+    """
+    sizes = np.asarray(list_sizes, dtype=np.int64)
+    probes = np.asarray(probe_counts, dtype=np.int64)
+    if sizes.shape != probes.shape or sizes.ndim != 1:
+        raise ValueError(f"list_sizes {sizes.shape} and probe_counts {probes.shape} must be equal 1-d shapes")
+    if max_rows_per_group < 1:
+        raise ValueError(f"max_rows_per_group must be >= 1, got {max_rows_per_group}")
+    return contiguous_runs(sizes + probes, max_rows_per_group)
+
+
+def contiguous_runs(weights: np.ndarray, bound: int) -> np.ndarray:
+    """Run id (int32, 0..R-1 in order) of each item: items in order join the current run unless that
+    would pass `bound` (a single item over it gets a run of its own). Deterministic."""
+    out = np.empty(len(weights), np.int32)
+    run, used = 0, 0
+    for i, w in enumerate(np.asarray(weights, dtype=np.int64).tolist()):  # nlist ~ 4*sqrt(N): 1.3e5 steps at N = 10^9
+        if used > 0 and used + w > bound:
+            run, used = run + 1, 0
+        out[i] = run
+        used += w
+    return out
+
+
+def group_rows(list_group: np.ndarray, list_sizes: np.ndarray, probe_counts: np.ndarray) -> np.ndarray:
+    """Rows (base + probe pairs) of each group, as group_cells counts them."""
+    g = np.asarray(list_group)
+    n_groups = int(g.max()) + 1 if len(g) else 0
+    return np.bincount(g, weights=np.asarray(list_sizes) + np.asarray(probe_counts), minlength=n_groups).astype(np.int64)
+
+
+def probes_by_group(probes: np.ndarray, list_group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split each query's probes by the group they fall in.
+
+    Returns (pair_query int64[P], pair_group int32[P], pair_probes int32[P, nprobe]), one entry per
+    (query, group its probes touch), sorted by group then query row: `pair_query` is the row in
+    `probes`, `pair_probes` that query's probes with those of other groups set to -1 (slots kept).
+    A shuffle sends query pair_query[p] to group pair_group[p] once, with pair_probes[p].
+    """
+    probes = np.asarray(probes)
+    n, nprobe = probes.shape
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, nprobe), np.int32)
+    groups = np.asarray(list_group, dtype=np.int64)[probes]  # [n, nprobe]
+    flat_q = np.repeat(np.arange(n, dtype=np.int64), nprobe)
+    flat_g = groups.ravel()
+    order = np.lexsort((flat_q, flat_g))
+    sq, sg = flat_q[order], flat_g[order]
+    new = np.ones(len(order), bool)
+    new[1:] = (sq[1:] != sq[:-1]) | (sg[1:] != sg[:-1])
+    pair_of = np.cumsum(new) - 1
+    pair_probes = np.full((int(new.sum()), nprobe), -1, np.int32)
+    pair_probes[pair_of, order % nprobe] = probes.ravel()[order]
+    return sq[new], sg[new].astype(np.int32), pair_probes
+
+
+# ================================================================================================
+# 5. search one group, merge groups
+# ================================================================================================
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _run_parallel(fn, items) -> None:
+    """fn over items on faiss's OpenMP thread count, one OpenMP thread per call (as graph.py does:
+    the per-list products are small; nested OpenMP teams spin-wait at every list's barrier)."""
+    faiss = _faiss()
+    threads = max(1, faiss.omp_get_max_threads())
+    if threads == 1:
+        for item in items:
+            fn(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+    faiss.omp_set_num_threads(threads)
+
+
+def _topk_rows(d: np.ndarray, i: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the kk smallest (distance, id) pairs in lexicographic order (-1 ids carry inf)."""
+    n, width = d.shape
+    if width <= kk:
+        pick = np.lexsort((np.where(i < 0, _ID_MAX, i), d), axis=-1)
+        out_d, out_i = np.take_along_axis(d, pick, 1), np.take_along_axis(i, pick, 1)
+        if width < kk:
+            out_d = np.pad(out_d, ((0, 0), (0, kk - width)), constant_values=np.inf)
+            out_i = np.pad(out_i, ((0, 0), (0, kk - width)), constant_values=-1)
+        return out_d, out_i
+    # Fast path: argpartition by distance; rows whose kk-th distance is tied (or inf) get the exact
+    # lexicographic selection, so ties at the cut always keep the lower id.
+    part = np.argpartition(d, kk - 1, axis=1)[:, :kk]
+    pd = np.take_along_axis(d, part, 1)
+    cut = pd.max(axis=1, keepdims=True)
+    ambiguous = ((d <= cut).sum(axis=1) > kk) | ~np.isfinite(cut[:, 0])
+    out_d = np.empty((n, kk), np.float32)
+    out_i = np.empty((n, kk), np.int64)
+    pi = np.take_along_axis(i, part, 1)
+    pick = np.lexsort((np.where(pi < 0, _ID_MAX, pi), pd), axis=-1)
+    out_d[:], out_i[:] = np.take_along_axis(pd, pick, 1), np.take_along_axis(pi, pick, 1)
+    rows = np.flatnonzero(ambiguous)
+    if len(rows):
+        pick = np.lexsort((np.where(i[rows] < 0, _ID_MAX, i[rows]), d[rows]), axis=-1)[:, :kk]
+        out_d[rows] = np.take_along_axis(d[rows], pick, 1)
+        out_i[rows] = np.take_along_axis(i[rows], pick, 1)
+    return out_d, out_i
+
+
+def search_group(
+    base_ids: np.ndarray,
+    base_vectors: np.ndarray,
+    base_lists: np.ndarray,
+    query_ids: np.ndarray,
+    query_vectors: np.ndarray,
+    query_probes_in_group: np.ndarray,
+    kk: int,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+    prepare_queries: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-kk of each query over its probed lists that belong to this group, list-major.
+
+    base_*: the group's vectors (any order; float16 or float32, or raw embeddings with `prepare`),
+    their global ids and home lists. query_*: the queries sent to this group (distinct ids), their
+    vectors (same dtype rules) and probes (int32[nq, nprobe], -1 for probes in other groups, as
+    :func:`probes_by_group` gives). Returns (sq distances float32[nq, kk], ids int64[nq, kk]) in query
+    input order, ascending (distance, id), padded with inf / -1; self is *not* removed (that happens
+    after the merge of all groups).
+
+    Each list is scanned once for all its queries: its base rows (ascending id) are converted to
+    float32 (`prepare`) per list, never all at once; its queries (ascending id) go through one
+    ``faiss.knn`` per LIST_QUERY_CHUNK queries, exactly as in any other grouping. A query probing w
+    lists of the group is converted w times; with ``prepare_queries=False`` `query_vectors` are the
+    prepared float32 vectors already (a caller that can hold them converts each query once: measured
+    1.7x faster on 512-d float16 rows, for 2*d bytes more per query). A probe naming a
+    list with no base rows here contributes nothing (an empty list; the caller must send each list's
+    base rows to the group holding it).
+
+    Memory: the base rows and query rows as given (1 KiB per row at 512-d float16), a candidate
+    buffer of nq * w * kk * 12 bytes (w = the most probes any query has in this group, <= nprobe),
+    and per running list its float32 base and query-chunk copies.
+    """
+    faiss = _faiss()
+    convert = prepare or _as_float32
+    convert_queries = convert if prepare_queries else _as_float32
+    base_ids = np.asarray(base_ids, dtype=np.int64)
+    base_lists = np.asarray(base_lists, dtype=np.int64)
+    query_ids = np.asarray(query_ids, dtype=np.int64)
+    qp = np.asarray(query_probes_in_group, dtype=np.int64)
+    nq = len(query_ids)
+    if base_vectors.shape[0] != len(base_ids) or len(base_lists) != len(base_ids):
+        raise ValueError(f"{base_vectors.shape[0]} base vectors, {len(base_ids)} ids, {len(base_lists)} lists")
+    if query_vectors.shape[0] != nq or qp.shape[0] != nq:
+        raise ValueError(f"{query_vectors.shape[0]} query vectors, {nq} ids, {qp.shape[0]} probe rows")
+    if nq and len(np.unique(query_ids)) != nq:
+        raise ValueError("a query was sent twice to one group")
+    if kk < 1:
+        raise ValueError(f"kk must be >= 1, got {kk}")
+    # Compact each query's probes in this group to the left: candidates [nq, width, kk].
+    valid = qp >= 0
+    counts = valid.sum(axis=1)
+    width = max(1, int(counts.max())) if nq else 1
+    cand_d = np.full((nq, width, kk), np.inf, np.float32)
+    cand_i = np.full((nq, width, kk), -1, np.int64)
+    if nq == 0 or len(base_ids) == 0:
+        return cand_d[:, 0, :], cand_i[:, 0, :]
+    slot = np.cumsum(valid, axis=1) - 1
+    pq_row, pq_col = np.nonzero(valid)
+    pair_list = qp[pq_row, pq_col]
+    pair_slot = slot[pq_row, pq_col]
+    pair_order = np.lexsort((query_ids[pq_row], pair_list))  # by list, then ascending query id
+    pair_row, pair_slot, pair_list = pq_row[pair_order], pair_slot[pair_order], pair_list[pair_order]
+
+    base_order = np.lexsort((base_ids, base_lists))  # by list, then ascending id
+    sorted_lists = base_lists[base_order]
+    lists = np.unique(pair_list)
+    b_lo = np.searchsorted(sorted_lists, lists, "left")
+    b_hi = np.searchsorted(sorted_lists, lists, "right")
+    p_lo = np.searchsorted(pair_list, lists, "left")
+    p_hi = np.searchsorted(pair_list, lists, "right")
+
+    def scan(j: int) -> None:
+        if b_hi[j] == b_lo[j]:
+            return
+        rows_b = base_order[b_lo[j]:b_hi[j]]
+        base = convert(base_vectors[rows_b])
+        ids = base_ids[rows_b]
+        top = min(kk, len(rows_b))
+        for lo in range(p_lo[j], p_hi[j], LIST_QUERY_CHUNK):
+            hi = min(p_hi[j], lo + LIST_QUERY_CHUNK)
+            rows_q = pair_row[lo:hi]
+            d, local = faiss.knn(convert_queries(query_vectors[rows_q]), base, top)
+            # distinct (row, slot) cells per pair: threads never write the same cell
+            cand_d[rows_q, pair_slot[lo:hi], :top] = d
+            cand_i[rows_q, pair_slot[lo:hi], :top] = np.where(local >= 0, ids[np.maximum(local, 0)], -1)
+
+    _run_parallel(scan, range(len(lists)))
+    return _topk_rows(cand_d.reshape(nq, width * kk), cand_i.reshape(nq, width * kk), kk)
+
+
+def merge_group_results(
+    best_d: np.ndarray, best_i: np.ndarray, rows: np.ndarray, d: np.ndarray, i: np.ndarray
+) -> None:
+    """Merge one group's top-kk (d, i) for queries at `rows` of (best_d, best_i), in place.
+
+    :func:`pipeline.graph.merge_topk` is a lexicographic (distance, id) top-kk, so the groups may
+    arrive in any order and the result is the same, bit for bit.
+    """
+    kk = best_d.shape[1]
+    best_d[rows], best_i[rows] = merge_topk(best_d[rows], best_i[rows], d, i, kk)
+
+
+# ================================================================================================
+# 6. the whole graph in one process (the reference for the Ray stage)
+# ================================================================================================
+
+def sharded_knn_graph(
+    vectors: np.ndarray,
+    k: int,
+    nlist: int | None = None,
+    nprobe: int = 16,
+    seed: int = 0,
+    train_size: int | None = None,
+    max_rows_per_group: int = DEFAULT_MAX_ROWS_PER_GROUP,
+    centroids: np.ndarray | None = None,
+    timings: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed kNN graph by cell-group-sharded IVF-Flat: (neighbors int64[N,k], sq_distances
+    float32[N,k], cells int32[N]), self removed by id, -1/inf padding.
+
+    Train two-level centroids (:func:`train_two_level`, or use `centroids`), assign every vector its
+    home list and probes (:func:`probe_lists`), cut the lists into groups (:func:`group_cells`), search
+    each group (:func:`search_group`) and merge each query's groups (:func:`merge_group_results`),
+    then drop self and keep k. `vectors` are prepared graph vectors (float32, or float16: converted
+    per list). The result does not depend on `max_rows_per_group` (bit for bit). When `timings` is
+    given, seconds of train (train_coarse, train_fine), assign, group and search are stored in it,
+    with the number of groups and the mean groups per query (groups_per_query).
+    """
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be a 2-d array [N, D], got shape {vectors.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = vectors.shape[0]
+    if n == 0:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.int32)
+    steps: dict = {}
+    clock = time.perf_counter()
+    if centroids is None:
+        centroids, _ = train_two_level(vectors, nlist_for(n, nlist), seed, train_size, timings=steps)
+    lists = centroids.shape[0]
+    steps["train"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    home, probes = probe_lists(centroids, vectors, nprobe)
+    steps["assign"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    sizes = np.bincount(home, minlength=lists)
+    probe_counts = np.bincount(probes.ravel(), minlength=lists)
+    list_group = group_cells(sizes, probe_counts, max_rows_per_group)
+    pair_query, pair_group, pair_probes = probes_by_group(probes, list_group)
+    base_group = list_group[home]
+    base_order = np.argsort(base_group, kind="stable")
+    n_groups = int(list_group.max()) + 1
+    b_bounds = np.searchsorted(base_group[base_order], np.arange(n_groups + 1))
+    p_bounds = np.searchsorted(pair_group, np.arange(n_groups + 1))
+    steps["group"] = time.perf_counter() - clock
+    steps["groups"] = n_groups
+    steps["groups_per_query"] = len(pair_query) / n
+
+    clock = time.perf_counter()
+    kk = k + 1
+    best_d = np.full((n, kk), np.inf, np.float32)
+    best_i = np.full((n, kk), -1, np.int64)
+    all_ids = np.arange(n, dtype=np.int64)
+    for g in range(n_groups):
+        b = base_order[b_bounds[g]:b_bounds[g + 1]]
+        p = slice(p_bounds[g], p_bounds[g + 1])
+        q = pair_query[p]
+        d, i = search_group(all_ids[b], vectors[b], home[b], q, vectors[q], pair_probes[p], kk)
+        merge_group_results(best_d, best_i, q, d, i)
+    neighbors, sq_distances = remove_self(best_i, best_d, all_ids, k)
+    steps["search"] = time.perf_counter() - clock
+    if timings is not None:
+        timings.update(steps)
+    return neighbors, sq_distances, home
+
+
+__all__ = [
+    "COARSE_POINTS_PER_CENTROID", "FINE_POINTS_PER_LIST", "MIN_POINTS_PER_LIST",
+    "nlist_for", "coarse_count", "training_sample_ids", "fine_seed", "chain_order", "coarse_level", "fine_counts",
+    "fine_level", "train_two_level", "probe_lists", "group_cells", "contiguous_runs", "group_rows", "probes_by_group",
+    "search_group", "merge_group_results", "sharded_knn_graph",
+]

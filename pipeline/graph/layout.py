@@ -1,0 +1,144 @@
+"""The graph stage's plan (fixed on its first run, ``graph/index/plan.json``) and where every file
+of the stage lives.
+
+Layout under ``WORKDIR/graph/`` (the committed output first, then the stage's own files)::
+
+    part-NNNNN.parquet     one graph part per embedding part (pipeline.formats.graph)
+    nodes.parquet          node -> uid (pipeline.formats.graph)
+    lists.parquet          per IVF list: nodes, coarse cell, search group (pipeline.formats.graph)
+    index/plan.json        the parts, sizes and units this run computes with (a resume checks them)
+    index/centroids.npz    the trained lists (float32 [nlist, d]) and the coarse cell of each
+    index/groups.npz       the search groups: group of each list, list sizes, probe counts, bound
+    train/sample-UUUUU     unit U's rows of the training samples      (blocked: coarse, fine)
+    train/coarse.npz       the k1 coarse centroids
+    train/split-UUUUU      unit U's fine-sample rows by coarse cell   (blocked: k1 cells)
+    train/fine-CCCCC.npz   coarse cell C's fine centroids
+    assign/unit-UUUUU.npz  unit U's home lists and probes, list sizes, probe counts, raw rows
+    buckets/base-UUUUU     unit U's rows by the group of their home list     (blocked: G groups)
+    buckets/query-UUUUU    unit U's queries by the groups they probe         (blocked: G groups)
+    candidates/group-GGGGG group G's top-(k+1) per query by merge unit       (blocked: M units)
+
+A *unit* is a contiguous run of embedding parts (a node-id range) balanced by rows: the map side of
+every shuffle (gather, split, assign, shuffle) and the merge of candidates work per unit. train/,
+assign/, buckets/ and candidates/ are scratch: removed once every graph part is committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..core import ivf
+from ..core.knn import prepare_raw
+from ..storage import join
+from .scratch import BlockSchema
+
+PLAN = "index/plan.json"
+
+
+@dataclass(frozen=True)
+class Layout:
+    graph_dir: str
+    vector: str
+    widths: tuple[int, ...]  # the embedding columns of `vector`, side by side in every raw row
+    n_nodes: int
+    nlist: int
+    nprobe: int
+    k: int
+    seed: int
+    unit_parts: tuple[tuple[int, int], ...]  # [first part, end part) of each unit
+    unit_starts: tuple[int, ...]  # first node of each unit, then N
+    rows_schema: BlockSchema = field(init=False, compare=False)
+    base_schema: BlockSchema = field(init=False, compare=False)
+    query_schema: BlockSchema = field(init=False, compare=False)
+    candidate_schema: BlockSchema = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        raw = ("raw", "<f2", self.dim)
+        kk = self.k + 1
+        object.__setattr__(self, "rows_schema", BlockSchema((("id", "<i8", 0), raw)))
+        object.__setattr__(self, "base_schema", BlockSchema((("id", "<i8", 0), ("list", "<i4", 0), raw)))
+        object.__setattr__(self, "query_schema", BlockSchema((("id", "<i8", 0), ("probes", "<i4", self.nprobe), raw)))
+        object.__setattr__(self, "candidate_schema", BlockSchema((("id", "<i8", 0), ("d", "<f4", kk), ("i", "<i8", kk))))
+
+    # -- sizes -------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(sum(self.widths))
+
+    @property
+    def k1(self) -> int:
+        return ivf.coarse_count(self.nlist)
+
+    @property
+    def n_units(self) -> int:
+        return len(self.unit_parts)
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        return self.unit_starts[unit], self.unit_starts[unit + 1]
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
+        """Prepared float32 graph vectors of raw rows (any subset: row by row)."""
+        return prepare_raw(raw, self.vector, self.widths)
+
+    # -- files -------------------------------------------------------------------------------------
+    @property
+    def centroids_url(self) -> str:
+        return join(self.graph_dir, "index/centroids.npz")
+
+    @property
+    def groups_url(self) -> str:
+        return join(self.graph_dir, "index/groups.npz")
+
+    @property
+    def coarse_url(self) -> str:
+        return join(self.graph_dir, "train/coarse.npz")
+
+    def sample(self, unit: int) -> str:
+        return join(self.graph_dir, f"train/sample-{unit:05d}")
+
+    def split(self, unit: int) -> str:
+        return join(self.graph_dir, f"train/split-{unit:05d}")
+
+    def fine(self, cell: int) -> str:
+        return join(self.graph_dir, f"train/fine-{cell:05d}.npz")
+
+    def assign(self, unit: int) -> str:
+        return join(self.graph_dir, f"assign/unit-{unit:05d}.npz")
+
+    def base(self, unit: int) -> str:
+        return join(self.graph_dir, f"buckets/base-{unit:05d}")
+
+    def query(self, unit: int) -> str:
+        return join(self.graph_dir, f"buckets/query-{unit:05d}")
+
+    def candidates(self, group: int) -> str:
+        return join(self.graph_dir, f"candidates/group-{group:05d}")
+
+    SCRATCH = ("train", "assign", "buckets", "candidates")
+
+    # -- plan.json -----------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        out = asdict(self)
+        for key in ("graph_dir", "rows_schema", "base_schema", "query_schema", "candidate_schema"):
+            out.pop(key)
+        return out
+
+    @classmethod
+    def from_json(cls, graph_dir: str, plan: dict) -> "Layout":
+        return cls(graph_dir=graph_dir, vector=plan["vector"], widths=tuple(plan["widths"]), n_nodes=plan["n_nodes"],
+                   nlist=plan["nlist"], nprobe=plan["nprobe"], k=plan["k"], seed=plan["seed"],
+                   unit_parts=tuple(tuple(u) for u in plan["unit_parts"]), unit_starts=tuple(plan["unit_starts"]))
+
+
+def plan_units(part_rows: list[int], unit_rows: int) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """Contiguous runs of parts of at most `unit_rows` rows (a larger part is a unit of its own):
+    ([first, end) part range of each unit, first node of each unit then N)."""
+    if not part_rows:
+        return (), (0,)
+    run = ivf.contiguous_runs(np.asarray(part_rows, np.int64), max(1, int(unit_rows)))
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(run)) + 1, [len(part_rows)]])
+    offsets = np.concatenate([[0], np.cumsum(part_rows)])
+    units = tuple((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]))
+    return units, tuple(int(offsets[a]) for a, _ in units) + (int(offsets[-1]),)
