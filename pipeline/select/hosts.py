@@ -575,11 +575,15 @@ class PartitionHost:
         return self._call(fn)
 
     def no_reverse(self) -> dict:
-        """Budget 0 (or nothing left after the pre-filter): the final scores are the forward scores."""
+        """Budget 0 (or nothing left after the pre-filter): the final scores are the forward
+        scores, nobody is blamed; an empty run of picks unless rounds ranked nodes for a larger
+        keep rate."""
         def fn(pid, part):
             part.final = part.state.forward_scores
-            part.pick_nodes = part.picks_major = part.pick_minor = np.zeros(0, np.int64)
-            part.pick_forward = part.pick_final = np.zeros(0)
+            part.blame_node = part.blame_amount = None
+            if part.pick_nodes is None:
+                part.pick_nodes = part.picks_major = part.pick_minor = np.zeros(0, np.int64)
+                part.pick_forward = part.pick_final = np.zeros(0)
             return 0
 
         return self._call(fn)
