@@ -74,12 +74,17 @@ def selected_table(uids, rank_start: int, forward, final, partition, budget: int
 
 
 def read_selected(store: Store, directory: str, columns: list[str] | None = None, ranked: bool = False):
-    """selected.parquet: the configured budget's selection (``ranked``: every ranked row)."""
+    """selected.parquet: the configured budget's selection (``ranked``: every ranked row). A file
+    without the ``selected`` column (written before keep rates existed) is all selection."""
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    cols = None if columns is None else list(dict.fromkeys(columns + ([] if ranked else ["selected"])))
-    table = store.read_parquet(join(directory, SELECTED), columns=cols)
-    if not ranked and "selected" in table.column_names:
+    with store.open(join(directory, SELECTED), "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        flag = not ranked and "selected" in pf.schema_arrow.names
+        cols = None if columns is None else list(dict.fromkeys(columns + (["selected"] if flag else [])))
+        table = pf.read(columns=cols)
+    if flag:
         table = table.filter(pc.field("selected"))
         if columns is not None and "selected" not in columns:
             table = table.drop_columns(["selected"])
