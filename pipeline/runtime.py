@@ -9,6 +9,8 @@ stages ask Ray what they may use.
   tasks on a node do not oversubscribe its cores).
 * :func:`as_completed`: results of tasks in completion order (drivers never rely on submission
   order for anything but scheduling).
+* :func:`peak_rss_bytes`: this process's peak memory (what the stages report for their driver and
+  workers).
 """
 
 from __future__ import annotations
@@ -83,3 +85,18 @@ def as_completed(refs: list) -> Iterator[Any]:
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         yield ray.get(ready[0])
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM, which a new program starts afresh (getrusage's
+    ru_maxrss keeps the peak of the process image an exec replaced, e.g. a forked parent's)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -364,3 +364,43 @@ def test_multinode_cluster_gives_the_same_selection(tmp_path):
     read = lambda c: store.read_bytes(join(workdir.stage_dir(c.workdir, "select"), "selected.parquet"))  # noqa: E731
     assert read(cfg) == read(one)
     check_outputs(cfg, store, uids, nb, sq, scores)
+
+
+def test_merge_bytes_do_not_depend_on_how_the_runs_are_split(tmp_path, monkeypatch):
+    """selected.parquet from one run or from many, read in blocks that cut rows differently:
+    the same bytes (row groups of fixed size, contiguous columns), and each run's ranks."""
+    from pipeline.core.coreset import ranking_order
+    from pipeline.formats.shuffle import write_columns
+    from pipeline.select import outputs
+
+    monkeypatch.setattr(outputs, "BLOCK_ROWS", 13)
+    monkeypatch.setattr(outputs, "ROW_GROUP_ROWS", 64)
+    rng = np.random.default_rng(9)
+    n = 500
+    major = rng.integers(-20, 20, n).astype(np.int64)
+    minor = rng.permutation(n).astype(np.int64)
+    order = ranking_order(major, minor)
+    store = Store()
+    results = {}
+    for n_runs in (1, 7):
+        owner = rng.integers(0, n_runs, n)
+        urls = []
+        for p in range(n_runs):
+            sel = order[owner[order] == p]  # each run sorted in ranking order
+            url = str(tmp_path / f"r{n_runs}-{p}.col")
+            write_columns(store, url, {"major": major[sel], "minor": minor[sel], "node": minor[sel],
+                                       "owner": np.full(sel.size, p, np.int32), "forward": major[sel] * 0.5,
+                                       "final": major[sel] * 0.25, "uid": pa.array([f"{m:032x}" for m in minor[sel]])})
+            urls.append(url)
+        out = str(tmp_path / f"sel{n_runs}.parquet")
+        got = outputs.merge_selection(store, urls, out, str(tmp_path / f"ranks{n_runs}-") + "{}.bin", 300, 200, False)
+        assert got["rows"] == 300 and got["last"] == (int(major[order[199]]), int(minor[order[199]]))
+        results[n_runs] = store.read_bytes(out)
+        table = pq.read_table(out).to_pydict()
+        assert table["uid"] == [f"{m:032x}" for m in minor[order[:300]]]
+        assert table["selected"] == [r < 200 for r in range(300)]
+        for p in range(n_runs):  # each run's ranks, in its own order
+            ranks = outputs.read_ranks(store, str(tmp_path / f"ranks{n_runs}-{p}.bin"))
+            assert ranks.tolist() == [r for r in range(300) if owner[order[r]] == p]
+    assert pq.ParquetFile(str(tmp_path / "sel1.parquet")).metadata.num_row_groups == 5
+    assert results[1] == results[7]

@@ -21,7 +21,6 @@ Steps (spec sections in brackets; the workers' side is :mod:`.hosts`):
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from typing import Any, Callable
 
@@ -32,6 +31,7 @@ from ..core import coreset, d2
 from ..core.d2_exact import ReverseRounds
 from ..errors import ConfigError
 from ..formats.selection import NODES_DIR, SELECTED, not_hex_message, subset_name
+from ..runtime import peak_rss_bytes
 from ..storage import Store, join, node_cache_root
 from ..workdir import stage_dir
 from . import outputs, shuffle
@@ -277,7 +277,7 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         hosts.close()
     stats["selected"] = budget
     stats["pruned"] = n - budget - n_drop
-    stats["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    stats["driver_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
     seconds["total"] = round(time.perf_counter() - t_start, 3)
     stats["seconds"] = seconds
     return stats

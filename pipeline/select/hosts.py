@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import resource
 import shutil
 import threading
 import time
@@ -41,6 +40,7 @@ from ..core.d2_exact import PartitionState
 from ..core.partition import PartitionRows
 from ..formats.selection import hex_uid_pairs
 from ..formats.shuffle import ColumnFile, write_columns
+from ..runtime import peak_rss_bytes
 from .outputs import read_ranks
 from .shuffle import ShuffleJob, edge_sources, read_group, read_nodes
 
@@ -54,11 +54,6 @@ class HostSettings:
     gamma_reverse: float
     memory_limit: int | None  # bytes of resident partitions; None = no limit
     spill_dir: str
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (ru_maxrss is in KiB on Linux)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _nbytes(obj, seen=None) -> int:

@@ -135,7 +135,10 @@ def merge_selection(store: Store, run_urls: list[str], selected_url: str, ranks_
                     table = pa.concat_tables(state["pending"])
                     cut = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP_ROWS
                     for lo in range(0, cut, ROW_GROUP_ROWS):
-                        writer.write_table(table.slice(lo, min(ROW_GROUP_ROWS, cut - lo)), row_group_size=ROW_GROUP_ROWS)
+                        # one contiguous chunk per column: the pages, hence the bytes, do not depend
+                        # on the merge's block boundaries (which depend on P)
+                        group = table.slice(lo, min(ROW_GROUP_ROWS, cut - lo)).combine_chunks()
+                        writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
                     state["pending"] = [table.slice(cut)] if cut < table.num_rows else []
 
                 def emit(which, row):
