@@ -373,11 +373,11 @@ def test_merge_bytes_do_not_depend_on_how_the_runs_are_split(tmp_path, monkeypat
     from pipeline.formats.shuffle import write_columns
     from pipeline.select import outputs
 
-    monkeypatch.setattr(outputs, "BLOCK_ROWS", 13)
-    monkeypatch.setattr(outputs, "ROW_GROUP_ROWS", 64)
+    monkeypatch.setattr(outputs, "BLOCK_ROWS", 997)
+    monkeypatch.setattr(outputs, "ROW_GROUP_ROWS", 40_000)
     rng = np.random.default_rng(9)
-    n = 500
-    major = rng.integers(-20, 20, n).astype(np.int64)
+    n = 150_000  # large enough that parquet's page layout depended on how columns were chunked
+    major = rng.integers(-2000, 2000, n).astype(np.int64)
     minor = rng.permutation(n).astype(np.int64)
     order = ranking_order(major, minor)
     store = Store()
@@ -393,14 +393,15 @@ def test_merge_bytes_do_not_depend_on_how_the_runs_are_split(tmp_path, monkeypat
                                        "final": major[sel] * 0.25, "uid": pa.array([f"{m:032x}" for m in minor[sel]])})
             urls.append(url)
         out = str(tmp_path / f"sel{n_runs}.parquet")
-        got = outputs.merge_selection(store, urls, out, str(tmp_path / f"ranks{n_runs}-") + "{}.bin", 300, 200, False)
-        assert got["rows"] == 300 and got["last"] == (int(major[order[199]]), int(minor[order[199]]))
+        got = outputs.merge_selection(store, urls, out, str(tmp_path / f"ranks{n_runs}-") + "{}.bin", 100_000,
+                                      60_000, False)
+        assert got["rows"] == 100_000 and got["last"] == (int(major[order[59_999]]), int(minor[order[59_999]]))
         results[n_runs] = store.read_bytes(out)
         table = pq.read_table(out).to_pydict()
-        assert table["uid"] == [f"{m:032x}" for m in minor[order[:300]]]
-        assert table["selected"] == [r < 200 for r in range(300)]
+        assert table["uid"] == [f"{m:032x}" for m in minor[order[:100_000]]]
+        assert table["selected"] == [r < 60_000 for r in range(100_000)]
         for p in range(n_runs):  # each run's ranks, in its own order
             ranks = outputs.read_ranks(store, str(tmp_path / f"ranks{n_runs}-{p}.bin"))
-            assert ranks.tolist() == [r for r in range(300) if owner[order[r]] == p]
-    assert pq.ParquetFile(str(tmp_path / "sel1.parquet")).metadata.num_row_groups == 5
+            assert np.array_equal(ranks, np.flatnonzero(owner[order[:100_000]] == p))
+    assert pq.ParquetFile(str(tmp_path / "sel1.parquet")).metadata.num_row_groups == 3
     assert results[1] == results[7]
