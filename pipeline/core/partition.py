@@ -88,8 +88,11 @@ def auto_partitions(n_nodes: int, max_nodes: int, cpus: int) -> int:
 def _index_sorted(ids, n_total):
     """A coarse index over sorted distinct ids in 0..n_total-1: ``first[b]`` = position of the first
     id whose top bits (``id >> shift``) are >= b, with about one id per slot, so a lookup is one
-    index read and a search over a slot (O(len(ids)) memory, never O(n_total))."""
+    index read and a search over a slot (O(len(ids)) memory, never O(n_total)). Contiguous ids
+    (one partition owning everything) need no index: ``shift`` -1, a lookup is a subtraction."""
     n = ids.shape[0]
+    if n > 0 and ids[n - 1] - ids[0] == n - 1:
+        return -1, np.zeros(1, np.int64)
     bits = 0
     while (1 << bits) < n:
         bits += 1
@@ -110,6 +113,9 @@ def _index_sorted(ids, n_total):
 @numba.njit(cache=True, nogil=True, inline="always")
 def _find(ids, shift, first, g):
     """Position of id ``g`` in the sorted ``ids`` (index from :func:`_index_sorted`), or -1."""
+    if shift < 0:  # contiguous
+        i = g - ids[0]
+        return i if 0 <= i < ids.shape[0] else -1
     if g < 0:
         return -1
     b = g >> shift
@@ -285,7 +291,8 @@ def _localize(indptr, ent_id, ent_dist, own_ids, own_shift, own_first, keep_own,
               halo_first, keep_halo, halo_rank, nbr_template):
     """The kept rows with local neighbour ids (owned: rank among kept owned nodes; halo: n_kept +
     position of the halo node among the *used* kept halo nodes in ``halo_rank`` order, owner-major).
-    Two passes: count and mark which halo nodes still have an entry, then write.
+    Two passes: count and mark which halo nodes still have an entry (skipped when nothing is
+    dropped), then write.
     Returns (indptr, neighbours, distances, used halo positions in halo_ids order)."""
     n = indptr.shape[0] - 1
     new_own = np.full(n, -1, np.int64)
@@ -295,9 +302,13 @@ def _localize(indptr, ent_id, ent_dist, own_ids, own_shift, own_first, keep_own,
             new_own[r] = k
             k += 1
     n_halo = halo_ids.shape[0]
+    everything = k == n and np.all(keep_halo)
     used = np.zeros(n_halo, np.bool_)
     out_ptr = np.zeros(k + 1, np.int64)
-    for r in range(n):
+    if everything:  # nothing dropped: the rows as they are, every halo node in use
+        out_ptr[:] = indptr
+        used[:] = True
+    for r in range(n if not everything else 0):
         a = new_own[r]
         if a < 0:
             continue
@@ -404,8 +415,9 @@ class PartitionRows:
                           self.part_id)
         del pos
         kept = _sort_dedupe_rows(indptr, ent_id, ent_dist, ent_owner, own.ids)
-        if kept < ent_id.shape[0]:  # right-sized (duplicate entries of mutual kNN pairs merged)
-            ent_id, ent_dist, ent_owner = ent_id[:kept].copy(), ent_dist[:kept].copy(), ent_owner[:kept].copy()
+        for arr in (ent_id, ent_dist, ent_owner):  # right-sized in place (mutual kNN pairs merged)
+            if arr.shape[0] > kept:
+                arr.resize(kept, refcheck=False)
         self.indptr, self.ent_id, self.ent_dist = indptr, ent_id, ent_dist
         if self.n_parts > 1:
             remote = ent_owner != self.part_id
