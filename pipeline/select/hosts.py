@@ -73,6 +73,10 @@ def _nbytes(obj, seen=None) -> int:
     return 0
 
 
+# rows per row group of a partition's nodes file
+NODES_FILE_ROWS = 1_000_000
+
+
 class Part:
     """One partition as a worker holds it."""
 
@@ -88,6 +92,7 @@ class Part:
         self.state: PartitionState | None = None
         self.runs: dict[Any, tuple[np.ndarray, np.ndarray]] = {}  # sorted keys per search kind
         self.pick_nodes: np.ndarray | None = None  # this partition's run of picks (ranking order)
+        self.forward: np.ndarray | None = None  # float64 forward score of the kept owned nodes (state freed)
         self.final: np.ndarray | None = None  # float64 final score of the kept owned nodes
         self.blame_node: np.ndarray | None = None
         self.blame_amount: np.ndarray | None = None
@@ -519,6 +524,7 @@ class PartitionHost:
             part.pick_forward = part.approx_forward
             part.pick_final = part.approx_final[np.searchsorted(part.state.owned, part.approx_nodes)]
             part.final = part.approx_final
+            _release_state(part)
             return int(part.pick_nodes.size)
 
         return self._call(fn)
@@ -565,6 +571,7 @@ class PartitionHost:
             part.final = d2.dequantize_scores(st.finish_receive(self._take("final", 0, pid)), shift)
             node, amount = st.blame
             part.blame_node, part.blame_amount = node.copy(), d2.dequantize_scores(amount, shift)
+            _release_state(part)
             return int(np.count_nonzero(node >= 0))
 
         return self._call(fn)
@@ -576,6 +583,7 @@ class PartitionHost:
         def fn(pid, part):
             part.final = part.state.forward_scores
             part.blame_node = part.blame_amount = None
+            _release_state(part)
             if part.pick_nodes is None:
                 part.pick_nodes = part.picks_major = part.pick_minor = np.zeros(0, np.int64)
                 part.pick_forward = part.pick_final = np.zeros(0)
@@ -588,33 +596,26 @@ class PartitionHost:
     def write_outputs(self, ranks: str, nodes: str, subsets: list[str], budgets: list[int], d2_scores: bool) -> dict:
         """Per partition: ``selection/nodes/part-P.parquet`` (every owned node: rank, scores, blame)
         and one sorted run of subset uids per budget; returns the non-hex uids met."""
-        import pyarrow as pa
-
-        from ..formats.selection import nodes_table
-
         def fn(pid, part):
             got = read_ranks(self.job.store, ranks.format(pid))
             ranked = part.pick_nodes[: got.size] if got.size else np.zeros(0, np.int64)
             n = part.owned.size
             rank = np.full(n, -1, np.int64)
-            pos = np.searchsorted(part.owned, ranked)
-            rank[pos] = got
-            forward = np.full(n, np.nan)
-            final = np.full(n, np.nan)
-            blame_node = np.full(n, -1, np.int64)
-            blame_amount = np.zeros(n)
-            if part.state is not None and d2_scores:
-                forward[part.keep] = part.state.forward_scores
-                final[part.keep] = part.final
+            rank[np.searchsorted(part.owned, ranked)] = got
+            columns = {"forward": np.full(n, np.nan), "final": np.full(n, np.nan),
+                       "blame_node": np.full(n, -1, np.int64), "blame_amount": np.zeros(n)}
+            if d2_scores:
+                columns["forward"][part.keep] = part.forward
+                columns["final"][part.keep] = part.final
                 if part.blame_node is not None:
-                    blame_node[part.keep] = part.blame_node
-                    blame_amount[part.keep] = part.blame_amount
+                    columns["blame_node"][part.keep] = part.blame_node
+                    columns["blame_amount"][part.keep] = part.blame_amount
             elif part.shifted is not None:
-                forward[part.keep] = part.shifted
-                final[part.keep] = part.shifted
+                columns["forward"][part.keep] = part.shifted
+                columns["final"][part.keep] = part.shifted
+            part.final = part.forward = part.blame_node = part.blame_amount = None
             uids = self._uids(part, np.arange(n))
-            self.job.store.write_parquet(nodes.format(pid), nodes_table(
-                part.owned, uids, part.raw, ~part.keep, rank, forward, final, blame_node, blame_amount))
+            write_nodes_file(self.job.store, nodes.format(pid), part.owned, uids, part.raw, ~part.keep, rank, columns)
             bad: list[str] = []
             n_bad = 0
             for b, template in zip(budgets, subsets):
@@ -628,6 +629,34 @@ class PartitionHost:
             return {"bad_uids": n_bad, "bad_examples": bad, "ranked": int(got.size)}
 
         return self._call(fn)
+
+
+def _release_state(part: Part) -> None:
+    """The rounds are over: keep the forward scores, free the D2 state (most of a partition)."""
+    part.forward = part.state.forward_scores
+    part.state = None
+
+
+def write_nodes_file(store, url: str, owned, uids, raw, prefiltered, rank, columns: dict) -> None:
+    """``nodes/part-P.parquet``, NODES_FILE_ROWS rows per row group (a table of at most that
+    many rows at a time)."""
+    import pyarrow.parquet as pq
+
+    from ..formats.selection import nodes_table
+
+    def fill(path: str) -> None:
+        writer = None
+        for lo in range(0, max(len(owned), 1), NODES_FILE_ROWS):
+            hi = min(len(owned), lo + NODES_FILE_ROWS)
+            table = nodes_table(owned[lo:hi], uids.slice(lo, hi - lo), raw[lo:hi], prefiltered[lo:hi], rank[lo:hi],
+                                columns["forward"][lo:hi], columns["final"][lo:hi], columns["blame_node"][lo:hi],
+                                columns["blame_amount"][lo:hi])
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema, compression="zstd")
+            writer.write_table(table)
+        writer.close()
+
+    store.write_file(url, fill)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ A resolved record ``(row, nbr, distance, partition of nbr)`` goes to row's parti
 in the same partition it travels once and the partition enters it in both rows (see
 :class:`pipeline.core.partition.PartitionRows`), else a mirrored record goes to nbr's partition.
 With one partition there is nothing to route: its worker reads the graph parts itself
-(:func:`group_records`, the same code without files).
+(:func:`part_records`, the same code without files).
 
 Scores come from the ``select.score`` column of the embedding parts (their rows are the graph's
 nodes, checked) or, for ``select.score_file``, from a hash join by uid (:func:`score_file_map`,
@@ -108,15 +108,16 @@ def _group_scores(job: ShuffleJob, g: int) -> np.ndarray:
     return scores
 
 
-def read_group(job: ShuffleJob, g: int, edges: bool = True, uids: bool = True) -> dict:
-    """Range group g as arrays: ``node``, ``cell``, ``score`` (raw, checked finite), ``uid``
-    (pyarrow) and, with ``edges``, the valid kNN entries ``row``, ``nbr``, ``dist`` (float32,
-    clamped at 0, square-rooted for ``graph.distance: euclidean``). Checks every entry as
-    :func:`pipeline.core.d2.symmetrize_knn` does, naming the part and the row."""
+def read_group(job: ShuffleJob, g: int, edges: bool = True, uids: bool = True, part: int | None = None) -> dict:
+    """Range group g (or only its graph part ``part``, an index into the plan's parts) as arrays:
+    ``node``, ``cell``, ``score`` (raw, checked finite), ``uid`` (pyarrow) and, with ``edges``,
+    the valid kNN entries ``row``, ``nbr``, ``dist`` (float32, clamped at 0, square-rooted for
+    ``graph.distance: euclidean``). Checks every entry as :func:`pipeline.core.d2.symmetrize_knn`
+    does, naming the part and the row."""
     import pyarrow as pa
 
     plan, store = job.plan, job.store
-    a, b = plan.groups[g]
+    a, b = plan.groups[g] if part is None else (part, part + 1)
     out: dict[str, list] = {"node": [], "cell": [], "score": [], "uid": [], "row": [], "nbr": [], "dist": []}
     joined = _group_scores(job, g) if job.join_buckets else None
     glo = plan.group_range(g)[0]
@@ -286,10 +287,11 @@ def reduce_group(job: ShuffleJob, g: int) -> int:
                           *partition_records(row, nbr, got["dist"], got["row_part"], label[nbr - glo]))
 
 
-def group_records(job: ShuffleJob, g: int):
-    """One partition only: range group g's edge records straight from the graph parts (what the
-    shuffle files would hold): (rows, nbrs, dists, owners=None)."""
-    data = read_group(job, g, edges=True, uids=False)
+def part_records(job: ShuffleJob, g: int, part: int):
+    """One partition only: a graph part's edge records straight from the file (what the shuffle
+    files would hold): (rows, nbrs, dists, owners=None). Part by part, so that a worker building
+    its rows holds one part's records at a time."""
+    data = read_group(job, g, edges=True, uids=False, part=part)
     return data["row"], data["nbr"], data["dist"], None
 
 
@@ -407,8 +409,9 @@ def read_nodes(job: ShuffleJob, p: int, columns: list[str]) -> dict:
 
 def edge_sources(job: ShuffleJob, p: int) -> list:
     """Callables returning partition p's edge-record chunks (rows, nbrs, dists, owners)."""
-    if job.plan.direct:
-        return [lambda g=g: group_records(job, g) for g in range(job.plan.n_groups)]
+    plan = job.plan
+    if plan.direct:
+        return [lambda g=g, i=i: part_records(job, g, i) for g in range(plan.n_groups) for i in range(*plan.groups[g])]
 
     def source(url: str):
         with ColumnFile(job.store, url) as f:
