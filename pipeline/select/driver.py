@@ -242,11 +242,11 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         if merged["rows"] != b_max:  # pragma: no cover - the runs hold at least b_max picks
             raise RuntimeError(f"the merge ranked {merged['rows']} nodes, expected {b_max}")
         stats["ranked"] = merged["rows"]
-        if edges and not s.approximate:
+        if edges and not s.approximate and stats.get("rounds"):  # else _d2 has settled the final scores
             if budget:
                 stats["final_bytes"] = sum(hosts.call("finish_send", merged["last"]).values())
                 stats["blamed"] = sum(hosts.call("finish_receive", shift_bits).values())
-            else:
+            else:  # budget 0, ranked only for larger keep rates
                 hosts.call("no_reverse")
         lap("final_scores")
         rate_budgets = [(None, budget)] + list(rates)
