@@ -163,13 +163,14 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         lap("score_join")
 
     # 3. shuffle
+    shuffled = []
     if not plan.direct:
         last = "pending" if edges else "nodes"
-        _run_missing(tasks, store, shuffle.map_group,
-                     [(job.path(f"{last}-{g:05d}.col"), (job, g, edges)) for g in range(plan.n_groups)])
+        shuffled += _run_missing(tasks, store, shuffle.map_group,
+                                 [(job.path(f"{last}-{g:05d}.col"), (job, g, edges)) for g in range(plan.n_groups)])
         if edges:
-            _run_missing(tasks, store, shuffle.reduce_group,
-                         [(job.path(f"edges-b-{g:05d}.col"), (job, g)) for g in range(plan.n_groups)])
+            shuffled += _run_missing(tasks, store, shuffle.reduce_group,
+                                     [(job.path(f"edges-b-{g:05d}.col"), (job, g)) for g in range(plan.n_groups)])
     lap("shuffle")
 
     budget, rates = budgets_of(cfg, n)
@@ -184,6 +185,8 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         "partition_sizes": {"min": int(min(plan.partition_sizes)), "median": float(np.median(plan.partition_sizes)),
                             "max": int(max(plan.partition_sizes))},
         "range_groups": plan.n_groups, "used_ray": bool(use_ray), "approximate": bool(s.approximate),
+        "shuffle_bytes": sum(r["bytes"] for r in shuffled),
+        "shuffle_task_peak_rss_mb": round(max((r["rss"] for r in shuffled), default=0) / 2**20, 1),
         "score_source": f"{s.score_file}:{s.score}" if s.score_file else f"embeddings:{s.score}",
     }
     if n - n_drop < budget or n - n_drop < b_max:
@@ -283,11 +286,11 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
     return stats
 
 
-def _run_missing(tasks: Tasks, store: Store, fn, items: list[tuple[str, tuple]]) -> None:
+def _run_missing(tasks: Tasks, store: Store, fn, items: list[tuple[str, tuple]]) -> list:
     """Run ``fn(*args)`` for the items whose output file (the last one the task writes) is not
-    committed yet: a resumed stage redoes only unfinished tasks."""
+    committed yet: a resumed stage redoes only unfinished tasks. Their results."""
     todo = [args for url, args in items if not store.exists(url)]
-    tasks.run(fn, todo)
+    return tasks.run(fn, todo)
 
 
 def _d2(hosts, cfg: JobConfig, plan, stats: dict, b_max: int, budget: int, n_kept: int, lap) -> int:

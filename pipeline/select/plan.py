@@ -26,9 +26,9 @@ from ..formats.embeddings import EmbeddingPart, list_parts
 from ..storage import Store, basename, join
 from ..workdir import committed_parts, stage_dir
 
-# Most nodes one shuffle task reads (its graph rows and records, ~150 bytes per node and neighbour
-# slot at k = 10: a few hundred MB).
-GROUP_MAX_NODES = 1_000_000
+# Most nodes one shuffle task reads: it holds their kNN entries and records, about 1 KB per node at
+# k = 10, so ~500 MB.
+GROUP_MAX_NODES = 500_000
 # Shuffle tasks per CPU of the cluster, so that tasks of uneven size still keep every CPU busy.
 GROUPS_PER_CPU = 2
 

@@ -243,8 +243,15 @@ def count_cells(job: ShuffleJob, g: int) -> np.ndarray:
     return counts
 
 
-def map_group(job: ShuffleJob, g: int, edges: bool = True) -> int:
-    """Step 1 for range group g (module docstring); returns the bytes written."""
+def _report(written: int) -> dict:
+    from ..runtime import peak_rss_bytes
+
+    return {"bytes": int(written), "rss": peak_rss_bytes()}
+
+
+def map_group(job: ShuffleJob, g: int, edges: bool = True) -> dict:
+    """Step 1 for range group g (module docstring); returns the bytes written and the task's
+    peak memory."""
     plan = job.plan
     glo, ghi = plan.group_range(g)
     data = read_group(job, g, edges=edges)
@@ -254,8 +261,9 @@ def map_group(job: ShuffleJob, g: int, edges: bool = True) -> int:
                             {"node": data["node"][order], "uid": data["uid"].take(order),
                              "score": data["score"][order]}, offsets)
     if not edges:
-        return written
+        return _report(written)
     row, nbr, dist = data["row"], data["nbr"], data["dist"]
+    del data, order
     row_part = label[row - glo]
     inside = (nbr >= glo) & (nbr < ghi)
     nbr_part = np.full(len(nbr), -1, np.int32)
@@ -270,10 +278,10 @@ def map_group(job: ShuffleJob, g: int, edges: bool = True) -> int:
     written += write_columns(job.store, job.path(f"pending-{g:05d}.col"),
                              {"row": row[out][order].astype(ids), "nbr": nbr[out][order].astype(ids),
                               "dist": dist[out][order], "row_part": row_part[out][order].astype(np.int32)}, offsets)
-    return written
+    return _report(written)
 
 
-def reduce_group(job: ShuffleJob, g: int) -> int:
+def reduce_group(job: ShuffleJob, g: int) -> dict:
     """Step 2 for range group g: the entries pointing into g, resolved."""
     plan = job.plan
     glo, _ = plan.group_range(g)
@@ -283,8 +291,8 @@ def reduce_group(job: ShuffleJob, g: int) -> int:
                             for p in plan.parts[a:b]]).astype(np.int64)
     label = labels_of(plan, cells)
     row, nbr = got["row"].astype(np.int64), got["nbr"].astype(np.int64)
-    return _write_records(job, job.path(f"edges-b-{g:05d}.col"),
-                          *partition_records(row, nbr, got["dist"], got["row_part"], label[nbr - glo]))
+    return _report(_write_records(job, job.path(f"edges-b-{g:05d}.col"),
+                                  *partition_records(row, nbr, got["dist"], got["row_part"], label[nbr - glo])))
 
 
 def part_records(job: ShuffleJob, g: int, part: int):
