@@ -176,7 +176,8 @@ class SelectConfig(_Section):
     )
     worker_memory_mb: int | None = Field(
         None, gt=0, description="Memory a worker may use for the partitions it keeps resident; the others are parked on "
-        "node-local disk between uses. null = no limit."
+        "node-local disk between uses (and 'auto' makes partitions no larger). null = on Ray, the worker's share of its "
+        "node's memory; in one process, no limit."
     )
     ccs_strata: int = Field(50, gt=0, description="CCS: number of score strata.")
 

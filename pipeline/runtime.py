@@ -55,6 +55,7 @@ class Resources:
     cpus: float  # the whole cluster's
     gpus: float
     max_node_cpus: int  # the largest live node's (>= 1)
+    memory_per_cpu: float = 0.0  # bytes: the lowest of the live nodes' memory / CPUs (0 unknown)
 
 
 def resources() -> Resources:
@@ -62,9 +63,11 @@ def resources() -> Resources:
     import ray
 
     total = ray.cluster_resources()
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    node_cpus = [r.get("CPU", 0) for r in alive]
+    per_cpu = [r.get("memory", 0) / r["CPU"] for r in alive if r.get("CPU") and r.get("memory")]
     return Resources(cpus=float(total.get("CPU", 0)), gpus=float(total.get("GPU", 0)),
-                     max_node_cpus=max(1, int(max(node_cpus, default=1))))
+                     max_node_cpus=max(1, int(max(node_cpus, default=1))), memory_per_cpu=min(per_cpu, default=0.0))
 
 
 def task_cpus() -> int:

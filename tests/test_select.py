@@ -66,7 +66,10 @@ def with_select(cfg, **select):
 
 
 def read_selected(store, cfg):
-    return store.read_parquet(join(workdir.stage_dir(cfg.workdir, "select"), "selected.parquet")).to_pydict()
+    """The configured selection, as the write stage reads it."""
+    from pipeline.formats.selection import read_selected as read
+
+    return read(store, workdir.stage_dir(cfg.workdir, "select")).to_pydict()
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
@@ -96,6 +99,8 @@ def test_auto_partitions_by_memory_and_by_cores():
     assert auto_partitions(10**7, max_nodes=10**7, cpus=16) == 16  # enough cores: one partition each
     assert auto_partitions(10**6, max_nodes=10**7, cpus=16) == 4  # but >= 250k nodes per partition
     assert auto_partitions(3 * 10**7, max_nodes=10**7, cpus=2) == 3
+    # and no partition larger than a worker's memory: 10^7 nodes x 300 B in 1 GB workers
+    assert auto_partitions(10**7, max_nodes=10**7, cpus=2, worker_bytes=2**30) == 3
 
 
 def test_forward_rows_split_is_bit_identical_to_forward_pass():
@@ -302,3 +307,39 @@ def test_prune_everything_gives_an_empty_selection(tmp_path):
     assert read_selected(store, cfg)["uid"] == []
     subset = np.load(join(workdir.stage_dir(cfg.workdir, "select"), "subset.npy"))
     assert subset.dtype == U16 and subset.shape == (0,)
+
+
+@pytest.mark.parametrize("method", ["random", "score_topk", "ccs", "moderate"])
+def test_baselines_do_not_depend_on_partitions(tmp_path, method):
+    cfg, store, a = make_workdir(tmp_path, select={"method": method, "beta": 0.1, "partitions": 1})
+    one, _ = select(cfg, store, use_ray=False)
+    many, stats = select(with_select(cfg, partitions=5, workers=3), store, use_ray=False)
+    assert stats["partitions"] == 5 and many.equals(one)
+    if method == "random":  # a uniform draw from the survivors, another one for another seed
+        other, _ = select(config_from_dict({**cfg.model_dump(), "seed": 1}), store, use_ray=False)
+        assert set(other.column("uid").to_pylist()) != set(one.column("uid").to_pylist())
+
+
+def test_one_task_baselines_refuse_pools_above_their_limit_at_start(tmp_path, monkeypatch):
+    from pipeline.select import driver
+
+    cfg, store, _ = make_workdir(tmp_path, n=300, select={"method": "kcenter"})
+    monkeypatch.setattr(driver, "IN_TASK_MAX_NODES", 299)
+    with pytest.raises(ConfigError, match="runs in one task and handles at most 299 samples; this pool has 300"):
+        run_select_stage(cfg, store)
+    assert not store.exists(join(workdir.stage_dir(cfg.workdir, "select"), "_work"))  # refused before any work
+
+
+def test_keep_rates_rank_more_and_write_one_subset_each(tmp_path):
+    cfg, store, a = make_workdir(tmp_path, select={"partitions": 2, "keep_rates": [0.5, 0.1]})
+    stats = run_select_stage(cfg, store)
+    sel_dir = workdir.stage_dir(cfg.workdir, "select")
+    ranked = pq.read_table(join(sel_dir, "selected.parquet")).to_pydict()
+    assert len(ranked["uid"]) == 300 and ranked["selected"] == [r < 180 for r in range(300)]
+    assert stats["ranked"] == 300 and stats["keep_rates"] == {"0.5": 300, "0.1": 60}
+    # the prefix property: the 0.3 selection is the first 180 of the 0.5 one, and the greedy's
+    expected = d2.d2_select(d2.symmetrize_knn(a["neighbors"], a["sq"]), a["scores"] - a["scores"].min(), 300)
+    assert ranked["uid"] == np.array(a["uids"])[expected.order].tolist()
+    for name, b in (("subset.npy", 180), ("subset_keep0.5.npy", 300), ("subset_keep0.1.npy", 60)):
+        assert store.read_bytes(join(sel_dir, name)) == subset_npy_bytes(datacomp_subset(ranked["uid"][:b]))
+    assert read_selected(store, cfg)["uid"] == ranked["uid"][:180]  # what the write stage reads

@@ -63,16 +63,24 @@ PARALLEL_MIN_CPUS = 4
 PARALLEL_MIN_PARTITION_NODES = 250_000
 
 
-def auto_partitions(n_nodes: int, max_nodes: int, cpus: int) -> int:
-    """``select.partitions: auto``: P = max(P_memory, P_cores) where P_memory =
-    ceil(N / max_nodes) (no partition holds more than ``select.partition_max_nodes`` nodes) and
-    P_cores = the cluster's CPUs when there are at least PARALLEL_MIN_CPUS of them, capped so that
-    partitions keep at least PARALLEL_MIN_PARTITION_NODES nodes (else 1). The result is the same
-    for every P; only time and memory depend on it."""
+# What a partition worker holds per node of its partitions at most (rows at k = 10, the greedy's
+# state, the final pass; measured in benchmarks/results/select_scale.md): sizes partitions to memory.
+WORKER_BYTES_PER_NODE = 300
+
+
+def auto_partitions(n_nodes: int, max_nodes: int, cpus: int, worker_bytes: float = 0) -> int:
+    """``select.partitions: auto``: P = max(P_memory, P_cores). P_memory: no partition holds more
+    than ``max_nodes`` (``select.partition_max_nodes``) nodes, nor more than a worker's memory
+    (``worker_bytes``, 0 = unknown) at WORKER_BYTES_PER_NODE. P_cores: the cluster's CPUs when
+    there are at least PARALLEL_MIN_CPUS of them, capped so that partitions keep at least
+    PARALLEL_MIN_PARTITION_NODES nodes (else 1). The result is the same for every P; only time
+    and memory depend on it."""
     if max_nodes < 1:
         raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
     n = max(int(n_nodes), 0)
     by_memory = max(1, -(-n // int(max_nodes)))
+    if worker_bytes > 0:
+        by_memory = max(by_memory, -(-n * WORKER_BYTES_PER_NODE // int(worker_bytes)))
     by_cores = 1
     if int(cpus) >= PARALLEL_MIN_CPUS:
         by_cores = max(1, min(int(cpus), n // PARALLEL_MIN_PARTITION_NODES))

@@ -115,16 +115,18 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         seconds[name] = round(seconds.get(name, 0.0) + now - clock[0], 3)
         clock[0] = now
 
-    cpus = 1
+    cpus, worker_bytes = 1, float(s.worker_memory_mb or 0) * 2**20
     if use_ray:
         from ..runtime import init_ray, resources
 
         init_ray(cfg.ray)
-        cpus = max(1, int(resources().cpus))
+        cluster = resources()
+        cpus = max(1, int(cluster.cpus))
+        worker_bytes = worker_bytes or cluster.memory_per_cpu  # a worker per CPU: its share of a node
     tasks = Tasks(use_ray, hook)
     parts = graph_parts(store, cfg)
     n = sum(p.embedding.rows for p in parts)
-    partitions = resolve_partitions(cfg, n, cpus)
+    partitions = resolve_partitions(cfg, n, cpus, worker_bytes)
     graph_dir = stage_dir(cfg.workdir, "graph")
     edges = s.method == "d2"
 
@@ -192,8 +194,11 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
     if n - n_drop < budget or n - n_drop < b_max:
         raise ValueError(f"select.beta={s.beta} leaves {n - n_drop} samples, fewer than the budget {b_max}")
 
+    # a worker keeps its partitions resident up to its memory (select.worker_memory_mb, else its
+    # share of the node's on a cluster) and parks the others
+    per_worker = min(1.0, cpus / plan.n_hosts) if use_ray else 1.0
     settings = HostSettings(cfg.seed, s.gamma_forward, s.gamma_reverse,
-                            s.worker_memory_mb * 2**20 if s.worker_memory_mb else None,
+                            s.worker_memory_mb * 2**20 if s.worker_memory_mb else (worker_bytes * per_worker or None),
                             join(node_cache_root(), "select-spill", plan.work_dir.rsplit("/", 1)[-1]))
     hosts = RayHosts(job, settings, cpus) if use_ray else LocalHosts(job, settings)
     try:

@@ -7,7 +7,8 @@ the driver never holds anything per node.
 * **Partitions**: groups of whole IVF cells balanced by node count
   (:func:`pipeline.core.partition.cell_partitions` on the per-cell counts, which Ray tasks count
   from the graph parts' ``cell`` column); ``select.partitions: auto`` is
-  :func:`pipeline.core.partition.auto_partitions` of N, ``partition_max_nodes`` and the cluster's CPUs.
+  :func:`pipeline.core.partition.auto_partitions` of N, ``partition_max_nodes``, the cluster's CPUs
+  and a worker's memory.
 * **Hosts**: the partition workers (:mod:`.hosts`), min(P, ``select.workers`` or the cluster's
   CPUs); partitions are dealt to them largest first onto the least loaded.
 """
@@ -115,11 +116,11 @@ def range_groups(parts: tuple[GraphPart, ...], cpus: int, max_nodes: int = GROUP
     return tuple(groups)
 
 
-def resolve_partitions(cfg: JobConfig, n_nodes: int, cpus: int) -> int | str:
+def resolve_partitions(cfg: JobConfig, n_nodes: int, cpus: int, worker_bytes: float = 0) -> int | str:
     """``select.partitions`` with ``auto`` made a number (:func:`auto_partitions`)."""
     p = cfg.select.partitions
     if p == "auto":
-        return auto_partitions(n_nodes, cfg.select.partition_max_nodes, cpus)
+        return auto_partitions(n_nodes, cfg.select.partition_max_nodes, cpus, worker_bytes)
     return p
 
 
