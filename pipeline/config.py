@@ -291,21 +291,39 @@ class SelectConfig(_Section):
     forward_rounds: int = Field(1, ge=1, description="Forward message-passing rounds.")
     partitions: int | Literal["auto", "cells"] = Field(
         "auto",
-        description="'auto' = the exact global greedy (1 partition) up to `partition_max_nodes` nodes, else "
-        "ceil(N / partition_max_nodes) balanced partitions built from IVF cells; 'cells' = one partition "
-        "per IVF cell; an integer = that many balanced partitions built from cells; 1 = the exact greedy.",
+        description="How the pool is split for the distributed greedy; the result is the same for every choice "
+        "(exact D2). 'auto' = max(ceil(N / partition_max_nodes), the cluster's CPUs when it has >= 4 and each "
+        "partition keeps >= 250k nodes); 'cells' = one partition per IVF cell; an integer = that many balanced "
+        "partitions built from whole cells.",
     )
     partition_max_nodes: int = Field(
         10_000_000,
         gt=0,
-        description="'auto' partitioning: most nodes one reverse-greedy task handles (the exact greedy at "
-        "10^7 nodes takes under a minute and ~4 GB, benchmarks/results/d2_speed.md).",
+        description="'auto': most nodes one partition holds (a worker needs ~300 bytes per node of its partitions).",
+    )
+    approximate: bool = Field(
+        False, description="The old approximation: each partition its own greedy on its internal edges with a share "
+        "of the budget (`budget_mode`), merged by pick score; reports its overlap with the exact selection."
     )
     budget_mode: Literal["proportional", "uniform"] = Field(
-        "proportional", description="How the budget is split over partitions (spec section 6)."
+        "proportional", description="approximate: how the budget is split over partitions (spec section 6)."
     )
     exact_check_max_n: int = Field(
-        2_000_000, ge=0, description="Below this N the stage also runs the exact global greedy and reports overlap."
+        2_000_000, ge=0, description="approximate: up to this N the stage also runs the exact greedy and reports the overlap."
+    )
+    keep_rates: list[float] = Field(
+        [], description="Extra keep fractions served by the same run (D2's order is a prefix order): the greedy runs "
+        "to the largest budget, selected.parquet ranks every node up to it and subset_keep{rate}.npy is written per "
+        "rate; the configured prune_rate's selection stays the one written (the `selected` column)."
+    )
+    workers: int | None = Field(
+        None, gt=0, description="Partition workers (processes holding partitions across rounds); null = the cluster's "
+        "CPUs, at most one per partition."
+    )
+    worker_memory_mb: int | None = Field(
+        None, gt=0, description="Memory a worker may use for the partitions it keeps resident; the others are parked on "
+        "node-local disk between uses (and 'auto' makes partitions no larger). null = on Ray, the worker's share of its "
+        "node's memory; in one process, no limit."
     )
     ccs_strata: int = Field(50, gt=0, description="CCS: number of score strata.")
     prefilter: PrefilterConfig = Field(default_factory=PrefilterConfig)
@@ -324,6 +342,28 @@ class SelectConfig(_Section):
         if isinstance(value, int) and value < 1:
             raise ValueError("must be 'auto', 'cells' or an integer >= 1")
         return value
+
+    @field_validator("keep_rates")
+    @classmethod
+    def _keep_rates_are_fractions(cls, value: list[float]) -> list[float]:
+        bad = [r for r in value if not 0.0 < r <= 1.0]
+        if bad:
+            raise ValueError(f"keep rates must lie in (0, 1], got {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"keep rates repeat: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _keep_rates_within_beta(self) -> "SelectConfig":
+        # the pre-filter leaves about (1 - beta) of the pool: no budget can be larger
+        over = [r for r in self.keep_rates if r > 1.0 - self.beta + 1e-12]
+        if over:
+            raise ValueError(f"select.keep_rates {over} keep more than the {1.0 - self.beta:g} of the pool that "
+                             f"select.beta={self.beta} leaves")
+        if self.keep_rates and (self.method != "d2" or self.approximate):
+            raise ValueError("select.keep_rates needs the exact D2 (select.method: d2, select.approximate: false): "
+                             "only its selection for every budget is a prefix of one order")
+        return self
 
     @model_validator(mode="after")
     def _beta_within_prune_rate(self) -> "SelectConfig":

@@ -14,6 +14,8 @@ stages ask Ray what they may use.
   cannot see are refused before any work), :func:`unseen_paths`, :func:`clear_node_caches`.
 * :func:`ship_file`: a driver-local file (a checkpoint) through the object store into each node's
   cache, for clusters whose nodes do not share the driver's filesystem.
+* :func:`peak_rss_bytes`: this process's peak memory (what the stages report for their driver and
+  workers).
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class Resources:
     # KubeRay GPU group at minReplicas 0); equal to the above without an autoscaler
     possible_cpus: float = 0.0
     possible_gpus: float = 0.0
+    memory_per_cpu: float = 0.0  # bytes: the lowest of the live nodes' memory / CPUs (0 unknown)
 
 
 def _autoscaler_maxima() -> dict[str, float]:
@@ -146,11 +149,14 @@ def resources() -> Resources:
     import ray
 
     total = ray.cluster_resources()
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    node_cpus = [r.get("CPU", 0) for r in alive]
+    per_cpu = [r.get("memory", 0) / r["CPU"] for r in alive if r.get("CPU") and r.get("memory")]
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     maxima = _autoscaler_maxima()
     return Resources(cpus=cpus, gpus=gpus, max_node_cpus=max(1, int(max(node_cpus, default=1))),
-                     possible_cpus=max(cpus, maxima.get("CPU", 0.0)), possible_gpus=max(gpus, maxima.get("GPU", 0.0)))
+                     possible_cpus=max(cpus, maxima.get("CPU", 0.0)), possible_gpus=max(gpus, maxima.get("GPU", 0.0)),
+                     memory_per_cpu=min(per_cpu, default=0.0))
 
 
 def task_cpus() -> int:
@@ -333,3 +339,18 @@ def ship_file(path: str) -> ShippedFile:
     with open(path, "rb") as fh:
         data = fh.read()
     return ShippedFile(os.path.basename(path), hashlib.sha256(data).hexdigest(), (ray.put(data),))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM, which a new program starts afresh (getrusage's
+    ru_maxrss keeps the peak of the process image an exec replaced, e.g. a forked parent's)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

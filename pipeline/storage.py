@@ -437,6 +437,18 @@ class Store:
         pq.write_table(table, buf, **{"compression": "zstd", **options})
         self.write_bytes(url, buf.getvalue())
 
+    def write_file(self, url: str, fill) -> None:
+        """Commit a file that ``fill(path)`` writes, atomically, without holding it in memory:
+        locally it is written next to `url` and renamed; elsewhere into a local temporary file
+        that is then uploaded."""
+        if is_local(url):
+            _replace_atomically(self.path(url), fill)
+            return
+        with tempfile.TemporaryDirectory(prefix="d2prune-write-") as tmp:
+            path = os.path.join(tmp, basename(url))
+            fill(path)
+            self.fs(url).put_file(path, self.path(url))
+
     def write_local_file(self, url: str, local_path: str) -> None:
         """Commit a finished local file (e.g. a large tar built on local disk) to `url` atomically."""
         if is_local(url):

@@ -811,3 +811,56 @@ def local_cluster(nodes: int, cpus_per_node: int = 1, object_store_memory: int =
     finally:
         ray.shutdown()
         cluster.shutdown()
+# -- committed embed + graph stages for a given graph (select-stage tests, benchmarks) -------------
+
+def write_graph_stages(store: Store, cfg: JobConfig, neighbors: np.ndarray, sq_distances: np.ndarray,
+                       cells: np.ndarray, scores: np.ndarray, uids: list[str] | None = None, n_parts: int = 3,
+                       vectors: np.ndarray | None = None, score_column: str = "score",
+                       return_uids: bool = True) -> list[str] | None:
+    """Commit the embed and graph stages of ``cfg`` holding exactly this kNN graph, in the stages'
+    own formats: ``n_parts`` embedding parts (uids, float32 ``clip_score`` = the scores, the
+    float64 scores also as ``score_column``, ``vectors`` or 2-d zeros as both embeddings),
+    ``nodes.parquet`` and one graph part per embedding part. ``uids`` default to each node id
+    as 32 hex digits (built part by part). Returns the uids."""
+    import pyarrow as pa
+
+    from .formats.embeddings import part_table
+    from .formats.graph import graph_part_table
+    from .workdir import part_name, stage_dir
+
+    n = len(scores)
+    given = uids is not None
+    vectors = np.zeros((n, 2), np.float32) if vectors is None else np.asarray(vectors, np.float32)
+    bounds = np.linspace(0, n, n_parts + 1).astype(np.int64)
+    emb_dir, graph_dir = stage_dir(cfg.workdir, "embed"), stage_dir(cfg.workdir, "graph")
+    node_tables = []
+    for p in range(n_parts):
+        lo, hi = int(bounds[p]), int(bounds[p + 1])
+        part_uids = list(uids[lo:hi]) if given else [f"{i:032x}" for i in range(lo, hi)]  # node id as hex
+        table = part_table(f"pool/{p:05d}.tar", part_uids, [f"{i:09d}" for i in range(lo, hi)],
+                           np.asarray(scores[lo:hi], np.float32), vectors[lo:hi], vectors[lo:hi])
+        table = table.append_column(score_column, pa.array(np.asarray(scores[lo:hi], np.float64)))
+        store.write_parquet(join(emb_dir, f"{part_name(p)}.parquet"), table)
+        store.write_parquet(join(graph_dir, f"{part_name(p)}.parquet"),
+                            graph_part_table(np.arange(lo, hi), neighbors[lo:hi], sq_distances[lo:hi], cells[lo:hi]))
+        node_tables.append(pa.table({"node": pa.array(np.arange(lo, hi, dtype=np.int64)),
+                                     "uid": pa.array(part_uids, pa.string()),
+                                     "part": pa.array([part_name(p)] * (hi - lo), pa.string())}))
+    _write_row_groups(store, join(graph_dir, "nodes.parquet"), node_tables)
+    commit_stage(store, cfg, "embed", {"samples": n, "skipped": {}})
+    commit_stage(store, cfg, "graph", {"n_nodes": n})
+    if not return_uids:
+        return None
+    return list(uids) if given else [f"{i:032x}" for i in range(n)]
+
+
+def _write_row_groups(store: Store, url: str, tables: list) -> None:
+    """One parquet file with one row group per table (as the graph stage writes nodes.parquet)."""
+    import pyarrow.parquet as pq
+
+    def fill(path: str) -> None:
+        with pq.ParquetWriter(path, tables[0].schema, compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table)
+
+    store.write_file(url, fill)

@@ -7,8 +7,10 @@ Stages talk through files (see ../shared/design/architecture.md)::
     WORKDIR/graph/nodes.parquet             node (row id), uid, part
     WORKDIR/graph/part-NNNNN.parquet        node, neighbors[k], sq_distances[k], cell
     WORKDIR/graph/lists.parquet             per IVF list: nodes, coarse cell, search group
-    WORKDIR/selection/selected.parquet      uid, rank, forward_score, final_score, partition
-    WORKDIR/selection/subset.npy            DataComp subset file
+    WORKDIR/selection/selected.parquet      uid, rank, forward_score, final_score, partition, selected
+    WORKDIR/selection/subset.npy            DataComp subset file (subset_keep{rate}.npy per extra keep rate)
+    WORKDIR/selection/nodes/part-PPPPP.parquet  every node's rank, scores and blame, one file per partition
+    WORKDIR/selection/_work/                the select stage's shuffle and merge files (removed at commit)
     WORKDIR/embeddings/precomputed.json     the precomputed encoder's join counts (its _join/ is temporary)
     WORKDIR/write/plan.json, plan/part-*.parquet  the write stage's fixed shard plan (its _join/ is temporary)
     WORKDIR/<stage>/_FINGERPRINT.json       the settings fingerprint of the run that wrote parts there

@@ -142,9 +142,10 @@ def test_end_to_end_outputs(job, full_run, capsys):
         assert np.searchsorted(subset, key, "right") - np.searchsorted(subset, key, "left") == 1
     assert np.array_equal(subset, datacomp_subset(selected["uid"]))
 
-    # select stats: partitions, the measured overlap with the exact greedy
+    # select stats: partitions, exact (overlap 1 by construction), the per-round record
     sel_stats = store.read_json(join(raw["workdir"], "selection", "_stats.json"))
-    assert sel_stats["partitions"] == 2 and 0 < sel_stats["overlap_with_exact"] <= 1
+    assert sel_stats["partitions"] == 2 and sel_stats["overlap_with_exact"] == 1.0
+    assert len(sel_stats["bytes_per_round"]) == sel_stats["rounds"] >= 1
 
 
 def test_rerun_skips_everything_and_summarises(job, full_run, capsys, caplog):
@@ -179,22 +180,29 @@ def test_changed_config_is_refused_then_forced(job, full_run, capsys):
     assert sel.num_rows == d2.budget_for(job["pool"].n_kept, 0.5)
 
 
-def test_partitions_1_equals_d2_select_on_the_job_graph(job, full_run):
+def test_partitions_1_and_8_equal_d2_select_on_the_job_graph(job, full_run):
     store, raw = job["store"], job["raw"]
-    fork = f"{raw['workdir']}-exact"
-    fork_workdir(store, raw["workdir"], fork, ["embed", "graph"])
-    assert main(["select", job["config"], "--set", f"workdir={fork}", "--set", "select.partitions=1"]) == 0
-    cfg = load_config(job["config"], [f"workdir={fork}"])
+    from pipeline.formats.embeddings import list_parts, read_column
     from pipeline.formats.graph import read_graph
-    from pipeline.select.inputs import read_scores
 
+    for p in (1, 8):
+        fork = f"{raw['workdir']}-p{p}"
+        fork_workdir(store, raw["workdir"], fork, ["embed", "graph"])
+        assert main(["select", job["config"], "--set", f"workdir={fork}", "--set", f"select.partitions={p}"]) == 0
+        # the full run used 2 partitions: every P gives the same files, byte for byte
+        for name in ("selected.parquet", "subset.npy"):
+            assert store.read_bytes(join(fork, "selection", name)) == \
+                store.read_bytes(join(raw["workdir"], "selection", name)), (p, name)
     g = read_graph(store, workdir.stage_dir(fork, "graph"))
-    scores, _ = read_scores(store, cfg, g["uids"])
+    parts, _ = list_parts(store, workdir.stage_dir(fork, "embed"))
+    scores = read_column(store, parts, "clip_score").astype(np.float64)
     graph = d2.symmetrize_knn(g["neighbors"], g["sq_distances"])
     expected = d2.d2_select(graph, scores - scores.min(), d2.budget_for(len(scores), 0.7))
     got = store.read_parquet(join(fork, "selection", "selected.parquet")).to_pydict()
     assert got["uid"] == [str(g["uids"][i]) for i in expected.order]
     assert np.array_equal(got["final_score"], expected.final_scores[expected.order])
+    stats = store.read_json(join(fork, "selection", "_stats.json"))
+    assert stats["partitions"] > 1 and stats["cross_partition_edge_fraction"] > 0
 
 
 @pytest.mark.parametrize("method", ["random", "score_topk", "ccs", "moderate", "kcenter"])

@@ -1,8 +1,10 @@
-"""The select stage (pipeline/select/, its pure call pipeline/core/coreset.py) on synthetic work directories.
+"""The select stage (pipeline/select/) on synthetic work directories: its behaviour per setting.
 
 The embed and graph stages' outputs are written directly here (clustered random vectors, the pure
-``graph.knn_graph``), so these tests need neither a model nor Ray; the Ray paths are checked
-against the in-process ones in the tests marked slow.
+``knn_graph``, through ``pipeline.testing.write_graph_stages``), so these tests need no model; they
+run the stage in-process (the same workers and tasks as objects and calls). Exactness against the
+single-process greedy on many graphs, the Ray path, a multi-node cluster, resume and spilling are
+in test_select_exact.py.
 """
 
 
@@ -16,27 +18,21 @@ from pipeline.config import config_from_dict
 from pipeline.core import d2
 from pipeline.core.d2 import forward_rows
 from pipeline.core.knn import knn_graph
-from pipeline.core.partition import build_partitions, merge_partition_orders
-from pipeline.formats.graph import graph_part_table
+from pipeline.core.partition import auto_partitions, cell_partitions
+from pipeline.errors import ConfigError
 from pipeline.formats.selection import datacomp_subset, subset_npy_bytes
-from pipeline.job import run_one
-from pipeline.select import parallel
+from pipeline.job import run_one, stage_fingerprints
 from pipeline.select.stage import select
 from pipeline.storage import Store, join
-from pipeline.testing import commit_stage
+from pipeline.testing import write_graph_stages
 
 
 def run_select_stage(cfg, store):
     """The select stage through the job runner (skip / require / claim / run / commit)."""
     return run_one(cfg, store, "select")
 
+
 U16 = np.dtype("u8,u8")  # what DataComp's resharder asserts
-
-
-
-def fixed_list(values: np.ndarray, typ) -> pa.Array:
-    n, d = values.shape
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(n * d), typ), d)
 
 
 def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=None, select=None, graph=None):
@@ -57,29 +53,8 @@ def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=No
     }
     cfg = config_from_dict(raw)
     store = Store()
-    emb_dir = workdir.stage_dir(cfg.workdir, "embed")
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-    for p in range(parts):
-        lo, hi = bounds[p], bounds[p + 1]
-        store.write_parquet(join(emb_dir, f"part-{p:05d}.parquet"), pa.table({
-            "uid": pa.array(uids[lo:hi], pa.string()),
-            "shard": pa.array([f"pool/{p:05d}.tar"] * (hi - lo)),
-            "key": pa.array([f"{i:09d}" for i in range(lo, hi)]),
-            "clip_score": pa.array(scores[lo:hi], pa.float32()),
-            "image_embedding": fixed_list(vectors[lo:hi].astype(np.float16), pa.float16()),
-            "text_embedding": fixed_list(vectors[lo:hi].astype(np.float16), pa.float16()),
-        }))
-    commit_stage(store, cfg, "embed", {"samples": n, "skipped": {}})
     neighbors, sq, cells = knn_graph(vectors, k, index="ivfflat", nlist=nlist, nprobe=nlist, seed=0)
-    graph_dir = workdir.stage_dir(cfg.workdir, "graph")
-    store.write_parquet(join(graph_dir, "nodes.parquet"), pa.table({
-        "node": pa.array(np.arange(n, dtype=np.int64)), "uid": pa.array(uids, pa.string()),
-        "part": pa.array([f"part-{int(np.searchsorted(bounds, i, 'right') - 1):05d}" for i in range(n)])}))
-    for p in range(parts):
-        lo, hi = bounds[p], bounds[p + 1]
-        store.write_parquet(join(graph_dir, f"part-{p:05d}.parquet"),
-                            graph_part_table(np.arange(lo, hi), neighbors[lo:hi], sq[lo:hi], cells[lo:hi]))
-    commit_stage(store, cfg, "graph", {"n_nodes": n})
+    write_graph_stages(store, cfg, neighbors, sq, cells, scores, uids, parts, vectors=vectors.astype(np.float16))
     return cfg, store, {"vectors": vectors, "scores": scores.astype(np.float64), "uids": uids,
                         "neighbors": neighbors, "sq": sq, "cells": cells}
 
@@ -91,26 +66,41 @@ def with_select(cfg, **select):
 
 
 def read_selected(store, cfg):
-    return store.read_parquet(join(workdir.stage_dir(cfg.workdir, "select"), "selected.parquet")).to_pydict()
+    """The configured selection, as the write stage reads it."""
+    from pipeline.formats.selection import read_selected as read
+
+    return read(store, workdir.stage_dir(cfg.workdir, "select")).to_pydict()
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
 
-def test_build_partitions_cells_and_balanced_bins_are_deterministic():
+def test_cell_partitions_cells_and_balanced_bins_are_deterministic():
     cells = np.array([5, 5, 5, 5, 2, 2, 2, 9, 9, 7])
-    labels, p = build_partitions(cells, "cells")
-    assert p == 4 and labels.tolist() == [1, 1, 1, 1, 0, 0, 0, 3, 3, 2]
-    labels, p = build_partitions(cells, 2)
+    counts = np.bincount(cells)
+    part, p = cell_partitions(counts, "cells")
+    assert p == 4 and part[cells].tolist() == [1, 1, 1, 1, 0, 0, 0, 3, 3, 2]
+    assert part[[0, 1, 3, 4, 6, 8]].tolist() == [-1] * 6  # empty cells belong nowhere
+    part, p = cell_partitions(counts, 2)
+    labels = part[cells]
     assert p == 2
     sizes = np.bincount(labels)
     assert sorted(sizes.tolist()) == [5, 5]  # {5:4, 7:1} and {2:3, 9:2}
-    for c in np.unique(cells):  # whole cells only
-        assert len(set(labels[cells == c].tolist())) == 1
-    again, _ = build_partitions(cells, 2)
-    assert np.array_equal(labels, again)
-    assert build_partitions(cells, 1)[0].tolist() == [0] * 10
-    labels, p = build_partitions(cells, 50)  # more partitions than cells: one per cell
+    again, _ = cell_partitions(counts, 2)
+    assert np.array_equal(part, again)
+    assert cell_partitions(counts, 1)[0][cells].tolist() == [0] * 10
+    part, p = cell_partitions(counts, 50)  # more partitions than cells: one per cell
     assert p == 4
+
+
+def test_auto_partitions_by_memory_and_by_cores():
+    assert auto_partitions(10, max_nodes=10, cpus=2) == 1
+    assert auto_partitions(10, max_nodes=4, cpus=2) == 3  # ceil(10 / 4): no partition above max_nodes
+    assert auto_partitions(10**7, max_nodes=10**7, cpus=2) == 1  # 2 cores: the extra work would not pay
+    assert auto_partitions(10**7, max_nodes=10**7, cpus=16) == 16  # enough cores: one partition each
+    assert auto_partitions(10**6, max_nodes=10**7, cpus=16) == 4  # but >= 250k nodes per partition
+    assert auto_partitions(3 * 10**7, max_nodes=10**7, cpus=2) == 3
+    # and no partition larger than a worker's memory: 10^7 nodes x 300 B in 1 GB workers
+    assert auto_partitions(10**7, max_nodes=10**7, cpus=2, worker_bytes=2**30) == 3
 
 
 def test_forward_rows_split_is_bit_identical_to_forward_pass():
@@ -127,14 +117,6 @@ def test_forward_rows_split_is_bit_identical_to_forward_pass():
             prev = np.concatenate([forward_rows(graph, lo, min(n, lo + 64), s[lo:lo + 64], prev, 0.7)
                                    for lo in range(0, n, 64)])
         assert np.array_equal(prev, expected)
-
-
-def test_merge_partition_orders_keeps_each_partition_order():
-    results = [(0, np.array([10, 11, 12]), np.array([5.0, 3.0, 1.0])),
-               (1, np.array([20, 21]), np.array([4.0, 3.0]))]
-    ids, parts = merge_partition_orders(results)
-    assert ids.tolist() == [10, 20, 11, 21, 12]
-    assert parts.tolist() == [0, 1, 0, 1, 0]
 
 
 def test_datacomp_subset_reads_back_as_the_resharder_reads_it(tmp_path):
@@ -172,7 +154,8 @@ def test_partitions_1_equals_d2_select_on_the_same_graph(tmp_path):
     assert got["rank"] == list(range(budget))
     assert np.array_equal(got["forward_score"], expected.forward_scores[expected.order])
     assert np.array_equal(got["final_score"], expected.final_scores[expected.order])
-    assert set(got["partition"]) == {0}
+    assert set(got["partition"]) == {-1}  # an exact selection does not depend on partitions
+    assert set(got["selected"]) == {True}
     assert stats["selected"] == budget == 180 and stats["overlap_with_exact"] == 1.0
     assert stats["score_offset"] == pytest.approx(-a["scores"].min())
     # subset.npy holds the same uids
@@ -182,15 +165,16 @@ def test_partitions_1_equals_d2_select_on_the_same_graph(tmp_path):
     assert run_select_stage(cfg, store) == store.read_json(join(workdir.stage_dir(cfg.workdir, "select"), "_stats.json"))
 
 
-def test_partitioned_selection_reports_cut_and_overlap(tmp_path):
-    cfg, store, a = make_workdir(tmp_path, select={"partitions": 3})
+def test_approximate_selection_reports_cut_and_overlap(tmp_path):
+    cfg, store, a = make_workdir(tmp_path, select={"partitions": 3, "approximate": True})
     stats = run_select_stage(cfg, store)
     got = read_selected(store, cfg)
     assert stats["partitions"] == 3 and len(got["uid"]) == 180 == len(set(got["uid"]))
-    assert 0.0 <= stats["cross_partition_edge_fraction"] < 0.5
+    assert stats["approximate"] and 0.0 <= stats["cross_partition_edge_fraction"] < 0.5
     assert 0.5 < stats["overlap_with_exact"] <= 1.0
     # every partition got its proportional share (largest remainder) and used it
-    labels, _ = build_partitions(a["cells"], 3)
+    part, _ = cell_partitions(np.bincount(a["cells"]), 3)
+    labels = part[a["cells"]]
     per_part = np.bincount(np.array(got["partition"]), minlength=3)
     sizes = np.bincount(labels, minlength=3)
     assert np.all(np.abs(per_part - sizes * 0.3) <= 1)
@@ -199,12 +183,30 @@ def test_partitioned_selection_reports_cut_and_overlap(tmp_path):
     assert [int(labels[uid_index[u]]) for u in got["uid"]] == got["partition"]
     # the merged order is by pick score
     assert np.all(np.diff(got["final_score"]) <= 0)
+    # each partition's order is its own greedy on its internal edges, with its share
+    graph = d2.symmetrize_knn(a["neighbors"], a["sq"])
+    shifted = a["scores"] - a["scores"].min()
+    forward = d2.forward_pass(graph, shifted)
+    uids = np.array(a["uids"])
+    for p in range(3):
+        ids = np.flatnonzero(labels == p)
+        own = d2.reverse_select(d2.subgraph(graph, ids), forward[ids], int(per_part[p]))
+        assert [u for u, q in zip(got["uid"], got["partition"]) if q == p] == uids[ids[own.order]].tolist()
 
 
-def test_overlap_check_skipped_above_threshold(tmp_path):
-    cfg, store, _ = make_workdir(tmp_path, select={"partitions": "cells", "exact_check_max_n": 100})
-    stats = run_select_stage(cfg, store)
-    assert stats["overlap_with_exact"] is None and "exact_check_max_n" in stats["overlap_skipped"]
+def test_partitions_alone_do_not_change_an_exact_selection(tmp_path):
+    cfg, store, _ = make_workdir(tmp_path, select={"partitions": 1})
+    run_select_stage(cfg, store)
+    url = join(workdir.stage_dir(cfg.workdir, "select"), "selected.parquet")
+    one = store.read_bytes(url)
+    # the fingerprint ignores how the work is split: the committed stage stands for every P ...
+    assert workdir.is_committed(store, workdir.stage_dir(cfg.workdir, "select"),
+                                stage_fingerprints(with_select(cfg, partitions=5))["select"], "select")
+    # ... because recomputing it with any P gives the same bytes
+    for p in (3, "cells"):
+        table, stats = select(with_select(cfg, partitions=p, workers=2), store, use_ray=False)
+        assert stats["partitions"] > 1 and stats["cross_partition_edge_fraction"] > 0
+        assert table.equals(pq.read_table(url).filter(pq.read_table(url).column("selected")))
 
 
 def test_prefilter_drops_lowest_scores_and_keeps_the_full_budget(tmp_path):
@@ -248,7 +250,7 @@ def test_score_file_joined_by_uid_and_missing_uids_named(tmp_path):
 
 def test_unknown_score_column_is_named(tmp_path):
     cfg, store, _ = make_workdir(tmp_path, select={"score": "aesthetic"})
-    with pytest.raises(ValueError, match=r"select.score='aesthetic'.*numeric columns there: \['clip_score'\]"):
+    with pytest.raises(ConfigError, match=r"select.score='aesthetic'.*numeric columns there: \['clip_score', 'score'\]"):
         run_select_stage(cfg, store)
 
 
@@ -287,14 +289,15 @@ def test_baselines_use_the_same_budget(tmp_path, method):
 
 
 @pytest.mark.slow
-def test_ray_paths_equal_in_process_paths(tmp_path, monkeypatch, ray_local):
-    cfg, store, _ = make_workdir(tmp_path, n=900, select={"partitions": 4, "forward_rounds": 2})
+@pytest.mark.parametrize("method", ["d2", "ccs"])
+def test_ray_paths_equal_in_process_paths(tmp_path, ray_local, method):
+    cfg, store, _ = make_workdir(tmp_path, n=900, select={"partitions": 4, "forward_rounds": 2, "beta": 0.1,
+                                                          "method": method})
     local_table, local_stats = select(cfg, store, use_ray=False)
-    monkeypatch.setattr(parallel, "FORWARD_RANGE_NODES", 128)
     ray_table, ray_stats = select(cfg, store, use_ray=True)
     assert ray_stats["used_ray"] and not local_stats["used_ray"]
     assert ray_table.equals(local_table)
-    assert ray_stats["overlap_with_exact"] == local_stats["overlap_with_exact"]
+    assert ray_stats["workers"] == 2  # one per CPU of the fixture's Ray, partitions dealt to them
 
 
 def test_prune_everything_is_refused_before_the_stage_writes(tmp_path):
@@ -310,11 +313,37 @@ def test_prune_everything_is_refused_before_the_stage_writes(tmp_path):
     assert not store.exists(workdir.stage_dir(cfg.workdir, "select"))
 
 
-def test_build_partitions_auto_is_exact_until_max_nodes():
-    cells = np.array([5, 5, 5, 5, 2, 2, 2, 9, 9, 7])
-    labels, p = build_partitions(cells, "auto", max_nodes=10)
-    assert p == 1 and labels.tolist() == [0] * 10
-    labels, p = build_partitions(cells, "auto", max_nodes=4)  # ceil(10 / 4) = 3 partitions of whole cells
-    assert p == 3
-    for c in np.unique(cells):
-        assert len(set(labels[cells == c].tolist())) == 1
+@pytest.mark.parametrize("method", ["random", "score_topk", "ccs", "moderate"])
+def test_baselines_do_not_depend_on_partitions(tmp_path, method):
+    cfg, store, a = make_workdir(tmp_path, select={"method": method, "beta": 0.1, "partitions": 1})
+    one, _ = select(cfg, store, use_ray=False)
+    many, stats = select(with_select(cfg, partitions=5, workers=3), store, use_ray=False)
+    assert stats["partitions"] == 5 and many.equals(one)
+    if method == "random":  # a uniform draw from the survivors, another one for another seed
+        other, _ = select(config_from_dict({**cfg.model_dump(), "seed": 1}), store, use_ray=False)
+        assert set(other.column("uid").to_pylist()) != set(one.column("uid").to_pylist())
+
+
+def test_one_task_baselines_refuse_pools_above_their_limit_at_start(tmp_path, monkeypatch):
+    from pipeline.select import driver
+
+    cfg, store, _ = make_workdir(tmp_path, n=300, select={"method": "kcenter"})
+    monkeypatch.setattr(driver, "IN_TASK_MAX_NODES", 299)
+    with pytest.raises(ConfigError, match="runs in one task and handles at most 299 samples; this pool has 300"):
+        run_select_stage(cfg, store)
+    assert not store.exists(join(workdir.stage_dir(cfg.workdir, "select"), "_work"))  # refused before any work
+
+
+def test_keep_rates_rank_more_and_write_one_subset_each(tmp_path):
+    cfg, store, a = make_workdir(tmp_path, select={"partitions": 2, "keep_rates": [0.5, 0.1]})
+    stats = run_select_stage(cfg, store)
+    sel_dir = workdir.stage_dir(cfg.workdir, "select")
+    ranked = pq.read_table(join(sel_dir, "selected.parquet")).to_pydict()
+    assert len(ranked["uid"]) == 300 and ranked["selected"] == [r < 180 for r in range(300)]
+    assert stats["ranked"] == 300 and stats["keep_rates"] == {"0.5": 300, "0.1": 60}
+    # the prefix property: the 0.3 selection is the first 180 of the 0.5 one, and the greedy's
+    expected = d2.d2_select(d2.symmetrize_knn(a["neighbors"], a["sq"]), a["scores"] - a["scores"].min(), 300)
+    assert ranked["uid"] == np.array(a["uids"])[expected.order].tolist()
+    for name, b in (("subset.npy", 180), ("subset_keep0.5.npy", 300), ("subset_keep0.1.npy", 60)):
+        assert store.read_bytes(join(sel_dir, name)) == subset_npy_bytes(datacomp_subset(ranked["uid"][:b]))
+    assert read_selected(store, cfg)["uid"] == ranked["uid"][:180]  # what the write stage reads

@@ -19,6 +19,7 @@ import pytest
 
 from pipeline import workdir
 from pipeline.config import config_from_dict
+from pipeline.formats.selection import selected_table
 from pipeline.job import run_one
 from pipeline.stage import Hooks
 from pipeline.storage import Store, join
@@ -84,11 +85,14 @@ def make_job(tmp_path, select_fraction=0.4, samples_per_shard=7, seed=0):
     commit_stage(store, cfg, "embed", {"samples": len(rows), "skipped": {}})
     commit_stage(store, cfg, "graph", {})
     rng = np.random.default_rng(seed + 1)
-    chosen = [rows[i][1] for i in rng.permutation(len(rows))[: int(select_fraction * len(rows))]]
-    store.write_parquet(join(workdir.stage_dir(cfg.workdir, "select"), "selected.parquet"), pa.table({
-        "uid": chosen, "rank": pa.array(np.arange(len(chosen), dtype=np.int64)),
-        "forward_score": np.ones(len(chosen)), "final_score": np.ones(len(chosen)),
-        "partition": pa.array(np.zeros(len(chosen), np.int32))}))
+    order = rng.permutation(len(rows))
+    budget = int(select_fraction * len(rows))
+    chosen = [rows[i][1] for i in order[:budget]]
+    # ranked beyond the budget too (as select.keep_rates leaves it): the write stage takes `selected`
+    ranked = chosen + [rows[i][1] for i in order[budget:budget + 5]]
+    store.write_parquet(join(workdir.stage_dir(cfg.workdir, "select"), "selected.parquet"),
+                        selected_table(ranked, 0, np.ones(len(ranked)), np.ones(len(ranked)),
+                                       np.full(len(ranked), -1), budget))
     commit_stage(store, cfg, "select", {"selected": len(chosen)})
     return cfg, store, samples, chosen, rows
 

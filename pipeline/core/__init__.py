@@ -3,8 +3,9 @@
 * :mod:`.d2`: D2 Pruning on a kNN graph (spec sections 1-4, 6): graph, forward pass, exact greedy.
 * :mod:`.selectors`: the baselines (random, score top-k, CCS, moderate, k-center) and budgets.
 * :mod:`.knn`: the kNN graph maths (vectors, IVF training, list-major search, recall).
-* :mod:`.partition`: partitions of the graph built from IVF cells (spec section 7).
-* :mod:`.coreset`: the select stage's one pure call (pre-filter, shift, forward, partitions, greedy or a baseline).
+* :mod:`.d2_exact`: the exact partitioned greedy (spec section 7): one partition's state and round step.
+* :mod:`.partition`: partitions of the graph built from IVF cells, a partition's rows from edge records.
+* :mod:`.coreset`: the select stage's distributed pieces: rankings, the rank search, random keys.
 
 Everything here is unit-tested without Ray or storage; the stages (``pipeline.embed``,
 ``pipeline.graph``, ``pipeline.select``, ``pipeline.write``) wrap it with I/O and Ray.

@@ -1,195 +1,214 @@
-"""The select stage's one pure call: scores + kNN lists in, the selection out (spec sections in brackets).
+"""Pure pieces of the distributed select stage (spec §1, §6, §7): orders, searches and merges that
+need O(partitions) state in the driver and a partition's share in a worker.
 
-1. pre-filter [§1]: drop the ``round(beta*N)`` lowest scores; the budget ``B`` is computed from the
-   full ``N``. Dropped nodes leave the graph (induced subgraph on the survivors).
-2. shift to non-negative [§3-4]: ``score_offset`` or ``-min`` over the survivors; recorded.
-3. distances: the graph holds squared L2; ``distance="euclidean"`` takes the square root.
-4. forward pass [§3] over every edge among the survivors.
-5. partitions [§7]: one per IVF cell (``partitions="cells"``), or P balanced partitions of whole
-   cells; ``1`` (and ``"auto"`` below ``partition_max_nodes``) is the exact global greedy.
-6. budgets per partition [§6], reverse greedy [§4] per partition on its induced subgraph; the
-   partitions' orders merged by pick score (:func:`~.partition.merge_partition_orders`).
-7. a partitioned run is compared with the exact greedy on the same graph (overlap), below
-   ``exact_check_max_n`` nodes.
+Rankings. Every order the stage produces is a *ranking* of (major, minor) int64 keys: major
+descending, then minor ascending (keys are unique: minor is a node id or includes one):
 
-Baselines (``method``) see the same survivors of the pre-filter and the same budget ``B`` (so
-CCS's own hard cut is this pre-filter: the lowest scores, where noise sits for a quality score
-such as CLIP score). For baselines ``forward_score`` and ``final_score`` both hold the shifted
-score and ``partition`` is -1; CCS's ids come in id order (it has none).
+* D2's greedy: (q at pick, node id), the reverse pass's own priority;
+* the β pre-filter and score top-k: (:func:`float_order_bits` of the score, node id), the order of
+  :func:`pipeline.core.d2.prefilter_mask` and :func:`pipeline.core.selectors.score_topk`;
+* random: (``-random_keys``, node id); the approximate mode: (pick score bits, partition << 40 |
+  position in its partition's order).
 
-The forward pass and the per-partition greedies go through an :class:`Executor` (in-process by
-default; the stage passes one that fans out over Ray: the same arithmetic, the same result).
+:class:`RankSearch` finds the key of a given rank when the keys are split over sorted runs held by
+workers (the pre-filter's threshold, a budget's last pick), asking each worker for counts and a few
+samples per step; :func:`count_at_or_before` and :func:`run_samples` are the worker's side.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
-
+import numba
 import numpy as np
 
-from . import d2, selectors
-from .partition import build_partitions, merge_partition_orders
+from . import d2
+
+__all__ = [
+    "RankSearch",
+    "approximate_budgets",
+    "ccs_strata",
+    "count_at_or_before",
+    "float_order_bits",
+    "internal_subgraph",
+    "random_keys",
+    "ranking_order",
+    "run_samples",
+]
+
+_LOW63 = np.int64(0x7FFF_FFFF_FFFF_FFFF)
 
 
-class Executor(Protocol):
-    def forward(self, graph: d2.CSRGraph, scores: np.ndarray, gamma: float, rounds: int) -> np.ndarray: ...
-
-    def reverse(self, graph: d2.CSRGraph, forward: np.ndarray, jobs: list[tuple[int, np.ndarray, int]],
-                gamma: float) -> list[tuple[int, np.ndarray, np.ndarray]]: ...
-
-
-def reverse_jobs(graph: d2.CSRGraph, forward: np.ndarray, jobs: list[tuple[int, np.ndarray, int]],
-                 gamma: float) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """The reverse greedy of each (partition id, sorted node ids, budget) job on its induced
-    subgraph: (partition id, selected ids in pick order, their pick scores)."""
-    results = []
-    for pid, ids, budget in jobs:
-        sel = d2.reverse_select(d2.subgraph(graph, ids), forward[ids], int(budget), gamma)
-        results.append((pid, ids[sel.order], sel.final_scores[sel.order]))
-    return results
+def float_order_bits(x) -> np.ndarray:
+    """int64 keys ordered exactly like the float64 values (``-0.0`` counts as ``0.0``; no NaN)."""
+    v = np.asarray(x, np.float64) + 0.0  # -0.0 + 0.0 = +0.0: equal scores get equal keys
+    if np.isnan(v).any():
+        raise ValueError("float_order_bits: NaN has no order")
+    bits = v.view(np.int64)
+    return np.where(bits < 0, bits ^ _LOW63, bits)
 
 
-class InProcess:
-    """Everything in the calling process."""
-
-    def forward(self, graph, scores, gamma, rounds):
-        return d2.forward_pass(graph, scores, gamma, rounds)
-
-    def reverse(self, graph, forward, jobs, gamma):
-        return reverse_jobs(graph, forward, jobs, gamma)
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
-@dataclass(frozen=True)
-class Selected:
-    nodes: np.ndarray  # int64 node ids in selection order
-    forward: np.ndarray  # float64 forward score of each
-    final: np.ndarray  # float64 score when picked
-    partition: np.ndarray  # int32 partition that picked it (-1: baselines)
-    stats: dict[str, Any]
+def random_keys(seed: int, ids) -> np.ndarray:
+    """A seeded pseudo-random int64 key in [0, 2**63) per node id (splitmix64 of the seed mixed
+    with the id): the same for a node wherever it is computed, so the nodes with the smallest keys
+    are a uniform random subset that any split of the pool reproduces."""
+    with np.errstate(over="ignore"):
+        mix = _splitmix64(np.array([int(seed) & (2**64 - 1)], np.uint64))[0]
+        keys = _splitmix64(np.asarray(ids, np.int64).astype(np.uint64) ^ mix)
+    return (keys >> np.uint64(1)).astype(np.int64)
 
 
-def select_coreset(neighbors: np.ndarray, sq_distances: np.ndarray, cells: np.ndarray, raw_scores: np.ndarray,
-                   select, distance: str, seed: int, k: int,
-                   vectors_of: Callable[[np.ndarray], np.ndarray] | None = None,
-                   executor: Executor | None = None) -> Selected:
-    """The selection of ``select.method`` (module docstring). `select` is the job's select
-    settings (``pipeline.config.SelectConfig``); `vectors_of(sorted node ids)` gives graph vectors
-    for the embedding-based baselines (moderate, k-center)."""
-    executor = executor or InProcess()
-    s = select
-    n = len(raw_scores)
-    seconds: dict[str, float] = {}
-    budget = d2.budget_for(n, s.prune_rate)
-    keep_mask = d2.prefilter_mask(raw_scores, s.beta) if s.beta > 0 else np.ones(n, bool)
-    kept = np.flatnonzero(keep_mask).astype(np.int64)
-    if budget > len(kept):
-        raise ValueError(f"select.beta={s.beta} leaves {len(kept)} samples, fewer than the budget {budget}")
-    # the shift is taken over the survivors (the pre-filtered minimum is what D2 sees)
-    scores, offset = d2.shift_nonnegative(raw_scores[kept], s.score_offset)
-    stats: dict[str, Any] = {
-        "method": s.method, "n_nodes": n, "budget": budget, "prune_rate": s.prune_rate,
-        "score_offset": offset,
-        "score_min": float(raw_scores.min()) if n else None, "score_max": float(raw_scores.max()) if n else None,
-        "prefilter_beta": s.beta, "prefiltered": int(n - len(kept)),
-        "distance": distance, "gamma_forward": s.gamma_forward, "gamma_reverse": s.gamma_reverse,
-        "forward_rounds": s.forward_rounds,
-    }
-    if s.method != "d2":
-        t0 = time.perf_counter()
-        selected = _baseline(s.method, kept, scores, budget, seed, s.ccs_strata, vectors_of)
-        seconds["baseline"] = time.perf_counter() - t0
-        if len(selected) != budget or len(np.unique(selected)) != len(selected):
-            raise RuntimeError(f"{s.method} selected {len(selected)} ({len(np.unique(selected))} distinct), "
-                               f"budget {budget}")
-        shifted = raw_scores[selected] + offset
-        return Selected(selected, shifted, shifted, np.full(len(selected), -1, np.int32),
-                        _finish(stats, selected, n, seconds))
+def ranking_order(major, minor) -> np.ndarray:
+    """Positions of the keys in ranking order (major desc, minor asc)."""
+    return np.lexsort((np.asarray(minor, np.int64), ~np.asarray(major, np.int64)))  # ~x = -x-1, no overflow
 
-    t0 = time.perf_counter()
-    distances = np.sqrt(sq_distances) if distance == "euclidean" else sq_distances  # inf (missing) stays inf
-    full = d2.symmetrize_knn(neighbors, distances)
-    graph = d2.subgraph(full, kept) if len(kept) < n else full
-    del full
-    seconds["graph"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    forward = executor.forward(graph, scores, s.gamma_forward, s.forward_rounds) if graph.n_nodes else scores.copy()
-    seconds["forward"] = time.perf_counter() - t0
+@numba.njit(cache=True, nogil=True)
+def _count_at_or_before(major, minor, qmaj, qmin):
+    """How many keys of a ranking-sorted run are at or before each query key (binary search)."""
+    n = major.shape[0]
+    out = np.empty(qmaj.shape[0], np.int64)
+    for i in range(qmaj.shape[0]):
+        a, b = qmaj[i], qmin[i]
+        lo = 0
+        hi = n
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if major[mid] > a or (major[mid] == a and minor[mid] <= b):
+                lo = mid + 1
+            else:
+                hi = mid
+        out[i] = lo
+    return out
 
-    t0 = time.perf_counter()
-    labels, n_parts = build_partitions(cells[kept], s.partitions, s.partition_max_nodes)
-    sizes = np.bincount(labels, minlength=n_parts) if n_parts else np.zeros(0, np.int64)
-    if n_parts <= 1:
-        sel = d2.reverse_select(graph, forward, budget, s.gamma_reverse)
-        local_order, final = sel.order, sel.final_scores
-        partition = np.zeros(len(local_order), np.int32)
+
+def count_at_or_before(major, minor, keys) -> np.ndarray:
+    """For each (major, minor) in ``keys`` (two arrays), the number of keys of the sorted run
+    (``major``, ``minor``: ranking order) at or before it."""
+    qmaj, qmin = keys
+    return _count_at_or_before(np.ascontiguousarray(major, np.int64), np.ascontiguousarray(minor, np.int64),
+                               np.ascontiguousarray(qmaj, np.int64), np.ascontiguousarray(qmin, np.int64))
+
+
+def run_samples(major, minor, after, upto, points: int):
+    """A worker's reply to one :class:`RankSearch` step for one sorted run: (number of keys
+    strictly after ``after`` and at or before ``upto`` (None: open ends), and up to ``points``
+    of them evenly spaced by rank, the last included; all of them when there are no more)."""
+    n = len(major)
+    lo = 0 if after is None else int(count_at_or_before(major, minor, ([after[0]], [after[1]]))[0])
+    hi = n if upto is None else int(count_at_or_before(major, minor, ([upto[0]], [upto[1]]))[0])
+    count = max(0, hi - lo)
+    if count <= points:
+        idx = np.arange(lo, lo + count)
     else:
-        budgets = np.asarray(selectors.balanced_budgets(sizes, budget, mode=s.budget_mode, min_whole=k), np.int64)
-        if budgets.sum() != budget:
-            raise RuntimeError(f"partition budgets sum to {int(budgets.sum())}, not the budget {budget}")
-        order = np.argsort(labels, kind="stable")
-        bounds = np.searchsorted(labels[order], np.arange(n_parts + 1))
-        jobs = [(pid, np.sort(order[bounds[pid]:bounds[pid + 1]]).astype(np.int64), int(budgets[pid]))
-                for pid in range(n_parts) if budgets[pid] > 0]
-        # gathered by partition id, never by completion order
-        results = sorted(executor.reverse(graph, forward, jobs, s.gamma_reverse), key=lambda r: r[0])
-        local_order, partition = merge_partition_orders(results)
-        final = np.zeros(graph.n_nodes)
-        for _, ids, picked in results:
-            final[ids] = picked
-    seconds["reverse"] = time.perf_counter() - t0
-    stats.update({
-        "partitions": int(max(n_parts, 1)),
-        "partitions_requested": s.partitions,
-        "partition_sizes": {"min": int(sizes.min()) if n_parts else 0,
-                            "median": float(np.median(sizes)) if n_parts else 0.0,
-                            "max": int(sizes.max()) if n_parts else 0},
-        "budget_mode": s.budget_mode,
-        "graph_edges": int(graph.n_edges),
-        "cross_partition_edge_fraction": float(d2.cross_edge_fraction(graph, labels)) if n_parts > 1 else 0.0,
-        "rank_order": "greedy order" if n_parts <= 1 else
-        "partitions merged by pick score (desc), ties by partition id then partition order",
-    })
-    # the partitioned approximation against the exact global greedy on the same graph
-    if n_parts <= 1:
-        stats["overlap_with_exact"] = 1.0
-    elif graph.n_nodes <= s.exact_check_max_n:
-        t0 = time.perf_counter()
-        exact = d2.reverse_select(graph, forward, budget, s.gamma_reverse)
-        common = np.intersect1d(exact.order, local_order).size
-        stats["overlap_with_exact"] = common / budget if budget else 1.0
-        seconds["exact_check"] = time.perf_counter() - t0
-    else:
-        stats["overlap_with_exact"] = None
-        stats["overlap_skipped"] = f"{graph.n_nodes} nodes > select.exact_check_max_n={s.exact_check_max_n}"
-    selected = kept[local_order]
-    return Selected(selected, forward[local_order], final[local_order], np.asarray(partition, np.int32),
-                    _finish(stats, selected, n, seconds))
+        idx = lo + np.unique(-((-np.arange(1, points + 1, dtype=np.int64) * count) // points)) - 1
+    return count, (np.asarray(major, np.int64)[idx], np.asarray(minor, np.int64)[idx])
 
 
-def _finish(stats: dict[str, Any], selected: np.ndarray, n: int, seconds: dict[str, float]) -> dict[str, Any]:
-    stats["selected"] = int(len(selected))
-    stats["pruned"] = int(n - len(selected) - stats["prefiltered"])
-    stats["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    return stats
+class RankSearch:
+    """The key of 0-based ``rank`` r in the ranking of keys split over sorted runs, found with
+    O(runs × points) numbers per step (the driver's side; the workers answer with
+    :func:`run_samples` and :func:`count_at_or_before`).
+
+    Each step narrows an interval (after, upto] known to hold the answer: the workers send how
+    many of their keys lie in it and ``points`` evenly spaced samples; when every worker sent all
+    of its keys the answer is read off, otherwise the driver asks how many keys lie at or before
+    each sample and keeps the two samples around rank r. Each step shrinks the interval by about
+    ``points``, so a search over N keys takes about log(N) / log(points) steps.
+
+    Use::
+
+        search = RankSearch(r)
+        while not search.done:
+            replies = [run_samples(*run, search.after, search.upto, search.points) for run in runs]
+            queries = search.samples(replies)
+            if queries is not None:
+                search.counts(sum(count_at_or_before(*run, queries) for run in runs))
+        search.key  # (major, minor)
+    """
+
+    def __init__(self, rank: int, points: int = 64):
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.rank = int(rank)
+        self.points = int(points)
+        self.after: tuple[int, int] | None = None
+        self.upto: tuple[int, int] | None = None
+        self.before = 0  # keys at or before `after`
+        self.key: tuple[int, int] | None = None
+        self.done = False
+        self.steps = 0
+        self._queries: tuple[np.ndarray, np.ndarray] | None = None
+
+    def samples(self, replies) -> tuple[np.ndarray, np.ndarray] | None:
+        """Take the workers' :func:`run_samples` replies; returns the keys whose counts are needed
+        next, or None when the answer is known (``key``)."""
+        self.steps += 1
+        counts = [int(c) for c, _ in replies]
+        total = sum(counts)
+        want = self.rank - self.before
+        if want >= total:
+            raise ValueError(f"rank {self.rank} is beyond the {self.before + total} keys")
+        maj = np.concatenate([s[0] for _, s in replies]) if replies else np.zeros(0, np.int64)
+        mnr = np.concatenate([s[1] for _, s in replies]) if replies else np.zeros(0, np.int64)
+        order = ranking_order(maj, mnr)
+        if all(c == len(s[0]) for c, s in replies):  # every key of the interval is here
+            i = order[want]
+            self.key = (int(maj[i]), int(mnr[i]))
+            self.done = True
+            return None
+        self._queries = (maj[order], mnr[order])
+        return self._queries
+
+    def counts(self, at_or_before) -> None:
+        """Take the total count of keys at or before each query key (summed over the workers)."""
+        maj, mnr = self._queries
+        c = np.asarray(at_or_before, np.int64)
+        hit = np.flatnonzero(c >= self.rank + 1)
+        if hit.size:
+            i = int(hit[0])
+            if c[i] == self.rank + 1:  # the query key itself has rank r
+                self.key = (int(maj[i]), int(mnr[i]))
+                self.done = True
+                return
+            self.upto = (int(maj[i]), int(mnr[i]))
+        below = np.flatnonzero(c < self.rank + 1)
+        if below.size:
+            j = int(below[-1])
+            self.after = (int(maj[j]), int(mnr[j]))
+            self.before = int(c[j])
 
 
-def _baseline(method: str, kept: np.ndarray, scores: np.ndarray, budget: int, seed: int, ccs_strata: int,
-              vectors_of: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
-    """Selected node ids (global) of a baseline, in its selection order where it has one."""
-    if method == "random":
-        return kept[np.asarray(selectors.random_select(len(kept), budget, seed), np.int64)]
-    if method == "score_topk":
-        return kept[np.asarray(selectors.score_topk(scores, budget), np.int64)]
-    if method == "ccs":  # its hard cut is the pre-filter above (beta=0 here)
-        return kept[np.asarray(selectors.ccs_select(scores, budget, 0.0, ccs_strata, seed), np.int64)]
-    if method in ("moderate", "kcenter"):
-        if vectors_of is None:
-            raise ValueError(f"select.method {method!r} needs the embeddings (vectors_of)")
-        vectors = vectors_of(kept)
-        if method == "moderate":
-            return kept[np.asarray(selectors.moderate_select(vectors, budget), np.int64)]
-        return kept[np.asarray(selectors.kcenter_greedy(vectors, budget, seed), np.int64)]
-    raise ValueError(f"select.method {method!r} is not known")
+def ccs_strata(scores, lo: float, hi: float, strata: int) -> np.ndarray:
+    """CCS's stratum of each score (equal-width over [lo, hi], the maximum in the last one), as
+    :func:`pipeline.core.selectors.ccs_select` computes it."""
+    s = np.asarray(scores, np.float64)
+    if hi > lo:
+        return np.minimum(((s - lo) / (hi - lo) * strata).astype(np.int64), strata - 1)
+    return np.zeros(s.shape[0], np.int64)
+
+
+def approximate_budgets(sizes, budget: int, mode: str, min_whole: int) -> np.ndarray:
+    """Each partition's share of the budget in the approximate mode (spec §6), checked to sum to it."""
+    from .selectors import balanced_budgets
+
+    out = np.asarray(balanced_budgets(np.asarray(sizes, np.int64), budget, mode=mode, min_whole=min_whole), np.int64)
+    if int(out.sum()) != min(int(budget), int(np.sum(sizes))):
+        raise RuntimeError(f"partition budgets sum to {int(out.sum())}, not the budget {budget}")
+    return out
+
+
+def internal_subgraph(indptr, neighbors, distances, n_own: int) -> d2.CSRGraph:
+    """A partition's rows without its halo entries (local ids < n_own): the induced subgraph the
+    approximate mode's independent greedy runs on, in O(the partition's rows)."""
+    neighbors = np.asarray(neighbors)
+    keep = neighbors < n_own
+    rows = np.repeat(np.arange(n_own, dtype=np.int64), np.diff(indptr))
+    ptr = np.zeros(n_own + 1, np.int64)
+    np.cumsum(np.bincount(rows[keep], minlength=n_own), out=ptr[1:])
+    return d2.CSRGraph._trusted(ptr, neighbors[keep], np.asarray(distances)[keep], n_own, known_symmetric=True)

@@ -86,7 +86,7 @@ Protocol (BSP: every message produced in round t is delivered at the start of ro
         remaining = B - settled
         level = dead_level_from_sketches(sketches, remaining) or the previous level
     top B = k-way merge of s.picks_above(T) (each best first); thr = priority of the B-th
-    out = [s.finish_send(thr, gamma_r) for s]      # {dst: (slots, int64 sums)}
+    out = [s.finish_send(thr, gamma_r) for s]      # {dst: FinalMessage}
     final q of owned nodes = s.finish_receive(inbox); final_scores = q / 2**S
 
 The driver holds O(partitions) numbers per round (a best priority, a count and a 64-point sketch
@@ -109,7 +109,9 @@ the block of halo records owned by a; at a it is looked up once per entry.)
   slots in ``L(b->a)``; ``state_slots`` / ``state_values`` (int64): the current q of the a-owned
   nodes of ``L(a->b)`` that changed since the last message, or ``PICKED`` (int64 min) for those
   picked since. A pick's flag always travels with its suppression (same message).
-* final (a -> b): (slots in ``L(b->a)``, int64 sums) of the first B picks' suppression.
+* final (a -> b): :class:`FinalMessage`: (slots in ``L(b->a)``, int64 sums) of the first B picks'
+  suppression, and per node the largest single suppression by one of a's first B picks and its id
+  (each node's *blame*: the selected neighbour that lowered it most).
 
 Public API
 ----------
@@ -144,7 +146,9 @@ from .d2 import (
 
 __all__ = [
     "PICKED",
+    "FinalMessage",
     "PartitionState",
+    "ReverseRounds",
     "RoundMessage",
     "certified_rounds",
     "dead_level_from_sketches",
@@ -173,6 +177,20 @@ _M_PARKS = 7  # candidates examined and parked (blocked), a work counter
 _M_RECHECKS = 8  # parked nodes examined again when their blocker fell, a work counter
 _M_PENDING = 9  # released nodes waiting for _examine_pending
 _M_SIZE = 10
+
+
+class FinalMessage(NamedTuple):
+    """The final-score pass's message from partition a to the owner b of halo nodes a's first B
+    picks suppressed (see the module docstring)."""
+
+    slots: np.ndarray  # slots in L(b->a)
+    sums: np.ndarray  # int64 summed suppression
+    blame_amounts: np.ndarray  # int64 largest single suppression of each node by one of a's picks
+    blame_nodes: np.ndarray  # int64 global id of that pick
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self))
 
 
 class RoundMessage(NamedTuple):
@@ -616,13 +634,17 @@ def _forward_partition(indptr, nbr, dist, raw, prev, gamma):
 @numba.njit(cache=True, nogil=True)
 def _finish_sums(tq, tg, gamma, n_own, n_halo, indptr, nbr, dist, qpick, gid, pick_lid, n_picks):
     """Suppression sums (saturating) from the picks at or above priority (tq, tg) to every
-    neighbour; owned and halo apart."""
-    acc = np.zeros(n_own, np.int64)
-    halo_acc = np.zeros(n_halo, np.int64)
+    neighbour, and each neighbour's *blame*: the largest single suppression it received from one
+    of those picks and that pick's global id (ties: the lower id; 0 and -1 when none)."""
+    n_loc = n_own + n_halo
+    acc = np.zeros(n_loc, np.int64)
+    blame_amount = np.zeros(n_loc, np.int64)
+    blame_gid = np.full(n_loc, -1, np.int64)
     for i in range(n_picks):
         u = pick_lid[i]
         qu = qpick[u]
-        if qu <= 0 or _higher(tq, tg, qu, gid[u]):
+        gu = gid[u]
+        if qu <= 0 or _higher(tq, tg, qu, gu):
             continue
         for e in range(indptr[u], indptr[u + 1]):
             y = nbr[e]
@@ -631,24 +653,30 @@ def _finish_sums(tq, tg, gamma, n_own, n_halo, indptr, nbr, dist, qpick, gid, pi
             amount = suppression(edge_weight(gamma, dist[e]), qu)
             if amount == 0:
                 continue
-            if y < n_own:
-                t = acc[y] + amount
-                acc[y] = t if t < DECREMENT_CAP else DECREMENT_CAP
-            else:
-                t = halo_acc[y - n_own] + amount
-                halo_acc[y - n_own] = t if t < DECREMENT_CAP else DECREMENT_CAP
-    return acc, halo_acc
+            t = acc[y] + amount
+            acc[y] = t if t < DECREMENT_CAP else DECREMENT_CAP
+            if amount > blame_amount[y] or (amount == blame_amount[y] and gu < blame_gid[y]):
+                blame_amount[y] = amount
+                blame_gid[y] = gu
+    return acc, blame_amount, blame_gid
 
 
 @numba.njit(cache=True, nogil=True)
-def _finish_scores(acc, lids, vals, tq, tg, n_own, node, qpick, q0, gid):
+def _finish_scores(acc, blame_amount, blame_gid, lids, vals, amounts, gids, tq, tg, n_own, node, qpick, q0, gid):
     for i in range(lids.shape[0]):
-        t = acc[lids[i]] + vals[i]
-        acc[lids[i]] = t if t < DECREMENT_CAP else DECREMENT_CAP
+        u = lids[i]
+        t = acc[u] + vals[i]
+        acc[u] = t if t < DECREMENT_CAP else DECREMENT_CAP
+        a = amounts[i]
+        if a > blame_amount[u] or (a == blame_amount[u] and a > 0 and gids[i] < blame_gid[u]):
+            blame_amount[u] = a
+            blame_gid[u] = gids[i]
     final = np.empty(n_own, np.int64)
     for u in range(n_own):
         if node[u, _Q] == PICKED and not _higher(tq, tg, qpick[u], gid[u]):
-            final[u] = qpick[u]  # among the first B: its score when picked
+            final[u] = qpick[u]  # among the first B: its score when picked, blamed on nobody
+            blame_amount[u] = 0
+            blame_gid[u] = -1
         else:
             final[u] = suppress(q0[u], acc[u])
     return final
@@ -986,37 +1014,52 @@ class PartitionState:
 
     # ---- final scores ------------------------------------------------------------------------
 
-    def finish_send(self, threshold: tuple[int, int], gamma: float = 1.0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def finish_send(self, threshold: tuple[int, int], gamma: float = 1.0) -> dict[int, "FinalMessage"]:
         """Start the final-score pass for the first B picks (those at or above ``threshold``,
-        the B-th pick's (q, global id)): sums this partition's suppression from them; returns
-        the halo sums by owner as (slots in ``L(owner->me)``, int64 sums)."""
+        the B-th pick's (q, global id)): sums this partition's suppression from them and finds
+        each neighbour's blame; returns, per owner of halo nodes it suppressed, their
+        :class:`FinalMessage`."""
         tq, tg = threshold
         self._final_threshold = (int(tq), int(tg))
-        self._acc, halo_acc = _finish_sums(
+        acc, amount, who = _finish_sums(
             int(tq), int(tg), float(gamma), self.n_own, self.n_halo, self.indptr, self.neighbors,
             self.distances, self._qpick, self.gid, self.pick_lid, self.meta[_M_PICKS],
         )  # fmt: skip
+        n_own = self.n_own
+        self._acc, self._blame_amount, self._blame_gid = acc[:n_own], amount[:n_own], who[:n_own]
         out = {}
         for o in range(self.n_partitions):
             lo, hi = self._halo_off[o], self._halo_off[o + 1]
             if hi > lo:
-                vals = halo_acc[lo:hi]
+                vals = acc[n_own + lo : n_own + hi]
                 nz = np.flatnonzero(vals)
                 if nz.size:
-                    out[o] = (nz.astype(_slot_dtype(hi - lo)), vals[nz])
+                    out[o] = FinalMessage(nz.astype(_slot_dtype(hi - lo)), vals[nz], amount[n_own + lo + nz],
+                                          who[n_own + lo + nz])
         return out
 
     def finish_receive(self, inbox) -> np.ndarray:
-        """Final int64 q of the owned nodes (``inbox``: iterable of (src, (slots, sums)))."""
-        lids, vals = [], []
-        for src, (slots, sums) in inbox:
-            lids.append(self._bnd_lid[self._bnd_off[src] + slots.astype(np.int64)])
-            vals.append(sums)
+        """Final int64 q of the owned nodes (``inbox``: iterable of (src, :class:`FinalMessage`));
+        the blame is then :attr:`blame`."""
+        lids, vals, amounts, gids = [], [], [], []
+        for src, msg in inbox:
+            lids.append(self._bnd_lid[self._bnd_off[src] + msg.slots.astype(np.int64)])
+            vals.append(msg.sums)
+            amounts.append(msg.blame_amounts)
+            gids.append(msg.blame_nodes)
         tq, tg = self._final_threshold
         return _finish_scores(
-            self._acc, _cat(lids, np.int64), _cat(vals, np.int64), tq, tg, self.n_own, self._node,
-            self._qpick, self.q0, self.gid,
+            self._acc, self._blame_amount, self._blame_gid, _cat(lids, np.int64), _cat(vals, np.int64),
+            _cat(amounts, np.int64), _cat(gids, np.int64), tq, tg, self.n_own, self._node, self._qpick, self.q0,
+            self.gid,
         )  # fmt: skip
+
+    @property
+    def blame(self) -> tuple[np.ndarray, np.ndarray]:
+        """After :meth:`finish_receive`: for each owned node not among the first B, the global id
+        of the selected neighbour whose single suppression of it was largest (ties: the lower
+        id; -1 if none suppressed it) and that suppression (int64 fixed point, >= 0)."""
+        return self._blame_gid, self._blame_amount
 
 
 def _cat(parts, dtype) -> np.ndarray:
@@ -1224,6 +1267,46 @@ def _check_labels(labels, n: int, n_partitions) -> tuple[np.ndarray, int]:
     return lab, P
 
 
+class ReverseRounds:
+    """The driver's side of the reverse rounds, O(partitions) numbers per round: the threshold T
+    (the best unpicked priority of all partitions), the stop test (``budget`` picks settled above
+    T), and what the next round's steps get (``remaining``, ``dead_level``; see the module
+    docstring, claims 4 and 5). Shared by :func:`partitioned_d2_select` and the select stage's
+    Ray driver."""
+
+    def __init__(self, budget: int, max_rounds: int):
+        self.budget = int(budget)
+        self.max_rounds = int(max_rounds)
+        self.remaining = self.budget
+        self.dead_level: tuple[int, int] | None = None
+        self.rounds = 0
+        self.settled_per_round: list[int] = []
+
+    @staticmethod
+    def threshold(bests) -> tuple[int, int] | None:
+        """T: the highest of the partitions' best unpicked priorities (None entries: none left)."""
+        found = [b for b in bests if b is not None]
+        return max(found, key=lambda t: (t[0], -t[1])) if found else None
+
+    def start_round(self) -> None:
+        if self.rounds >= self.max_rounds:
+            raise RuntimeError(f"partitioned greedy did not settle {self.budget} picks in {self.max_rounds} rounds")
+        self.rounds += 1
+
+    def settle(self, reports) -> bool:
+        """Take the partitions' :meth:`PartitionState.settle` reports for the last T; True when
+        ``budget`` picks lie above it (done), else update ``remaining`` and the dead level."""
+        settled = sum(int(c) for c, _ in reports)
+        self.settled_per_round.append(settled)
+        if settled >= self.budget:
+            return True
+        self.remaining = self.budget - settled
+        level = dead_level_from_sketches([sk for _, sk in reports], self.remaining)
+        if level is not None:
+            self.dead_level = level
+        return False
+
+
 def partitioned_d2_select(
     graph: CSRGraph,
     scores,
@@ -1293,16 +1376,13 @@ def partitioned_d2_select(
     for st in states:
         st.start_reverse(shift)
     inbox: list[list] = [[] for _ in range(P)]
-    remaining = b
-    dead_level = None
     # Bounds of halo nodes arrive one round late, so a chain of picks that alternates between
     # partitions can need two rounds per pick (measured: 14 rounds for a 11-node chain over 7
     # partitions); 2N + 2 is then the most a correct run can take.
-    limit = 2 * n + 2 if max_rounds is None else int(max_rounds)
+    book = ReverseRounds(b, 2 * n + 2 if max_rounds is None else int(max_rounds))
     while True:
-        if info["rounds"] >= limit:
-            raise RuntimeError(f"partitioned greedy did not settle {b} picks in {limit} rounds")
-        outs = [st.step(inbox[p], remaining, gr, dead_level) for p, st in enumerate(states)]
+        book.start_round()
+        outs = [st.step(inbox[p], book.remaining, gr, book.dead_level) for p, st in enumerate(states)]
         inbox = [[] for _ in range(P)]
         n_msg = n_bytes = 0
         for src, out in enumerate(outs):
@@ -1310,21 +1390,15 @@ def partitioned_d2_select(
                 inbox[dst].append((src, msg))
                 n_msg += 1
                 n_bytes += msg.nbytes
-        bests = [x for x in (st.best_unpicked() for st in states) if x is not None]
-        threshold = max(bests, key=lambda t: (t[0], -t[1])) if bests else None
-        reports = [st.settle(threshold, remaining) for st in states]
-        settled = sum(c for c, _ in reports)
+        threshold = ReverseRounds.threshold([st.best_unpicked() for st in states])
+        reports = [st.settle(threshold, book.remaining) for st in states]
         info["rounds"] += 1
         info["picks_per_round"].append(sum(st.last_picks for st in states))
-        info["settled_per_round"].append(settled)
         info["messages_per_round"].append(n_msg)
         info["bytes_per_round"].append(n_bytes)
-        if settled >= b:
+        if book.settle(reports):
             break
-        remaining = b - settled
-        level = dead_level_from_sketches([sk for _, sk in reports], remaining)
-        if level is not None:
-            dead_level = level
+    info["settled_per_round"] = book.settled_per_round
     late = sum(st.late_suppressions for st in states)
     if late:  # pragma: no cover - would mean the protocol is wrong
         raise RuntimeError(f"{late} suppression messages arrived for picked nodes")
@@ -1343,10 +1417,10 @@ def partitioned_d2_select(
     final_out = [st.finish_send(thr, gr) for st in states]
     final_in: list[list] = [[] for _ in range(P)]
     for src, out in enumerate(final_out):
-        for dst, (slots, sums) in out.items():
-            final_in[dst].append((src, (slots, sums)))
+        for dst, msg in out.items():
+            final_in[dst].append((src, msg))
             info["final_messages"] += 1
-            info["final_bytes"] += slots.nbytes + sums.nbytes
+            info["final_bytes"] += msg.nbytes
     final_q = np.empty(n, np.int64)
     for p, st in enumerate(states):
         final_q[st.owned] = st.finish_receive(final_in[p])

@@ -5,7 +5,8 @@
 | input and output shards (tar) | :mod:`.tar` (bytes), :mod:`.webdataset` (samples) |
 | ``embeddings/part-NNNNN.parquet`` | :mod:`.embeddings` |
 | ``graph/nodes.parquet``, ``graph/part-NNNNN.parquet``, ``graph/lists.parquet`` | :mod:`.graph` |
-| ``selection/selected.parquet``, ``selection/subset.npy`` | :mod:`.selection` |
+| ``selection/selected.parquet``, ``selection/subset*.npy``, ``selection/nodes/part-*.parquet`` | :mod:`.selection` |
+| ``selection/_work/*.col`` (the select stage's shuffle and merge files) | :mod:`.shuffle` |
 | ``OUTPUT/shards/NNNNN.{tar,parquet}``, ``NNNNN_stats.json``, ``OUTPUT/_PLAN.json`` | :mod:`.output` |
 | DataComp's metadata parquet + npz (input) | :mod:`.datacomp` |
 | ``WORKDIR/*/_join/*.parquet`` (uid-bucketed intermediates) | :mod:`.buckets` |

@@ -1,17 +1,36 @@
 """``WORKDIR/selection/``: what the select stage commits.
 
-``selected.parquet``: one row per selected sample, in selection order::
+``selected.parquet``: one row per ranked sample, in selection order: the configured budget's
+selection and, when ``select.keep_rates`` asks for larger budgets, the nodes ranked after it up to
+the largest (``selected`` false; :func:`read_selected` returns the configured selection only)::
 
     uid            string
     rank           int64    0 = picked first
     forward_score  float64  the score the reverse pass started from (shifted to be >= 0)
     final_score    float64  the score when picked
-    partition      int32    the partition that picked it (-1 for the baselines)
+    partition      int32    the partition that picked it in the approximate mode; -1 where the
+                            selection does not depend on partitions (exact D2, the baselines)
+    selected       bool     rank < the configured budget
 
 ``subset.npy`` is what DataComp's resharder reads with ``--subset_file``: a 1-D numpy structured
 array of dtype ``u8,u8`` (two little-endian uint64 fields: the upper and lower 64 bits of the
 128-bit hex uid), sorted ascending (the resharder binary-searches it), saved with ``np.save``.
 Only hex uids of at most 32 digits (DataComp's and our md5 default) can be written there.
+``subset_keep{rate}.npy``: the same for each extra keep rate of ``select.keep_rates``.
+
+``nodes/part-PPPPP.parquet`` (one per partition, rows in node order; together every node once)::
+
+    node           int64    graph node id
+    uid            string
+    score          float64  the raw ``select.score`` value
+    prefiltered    bool     dropped by the β pre-filter (then not in the graph: no scores below)
+    rank           int64    selection rank up to the largest budget, -1 when not ranked
+    forward_score  float64  D2: the forward pass's score; baselines: the shifted score (NaN if pre-filtered)
+    final_score    float64  D2: the score when picked, for the others the score after every
+                            suppression by the configured budget's selection; baselines: shifted score
+    blame_node     int64    D2, a node not selected at the configured budget: the selected neighbour
+                            whose single suppression of it was largest (ties: lower id); else -1
+    blame_amount   float64  that suppression, in score units (0.0 when blame_node is -1)
 """
 
 from __future__ import annotations
@@ -19,32 +38,132 @@ from __future__ import annotations
 import io
 import re
 
+import numba
 import numpy as np
 
 from ..storage import Store, join
 
 SELECTED = "selected.parquet"
 SUBSET = "subset.npy"
+NODES_DIR = "nodes"
 DATACOMP_UID_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])  # == np.dtype("u8,u8") on x86/ARM
 _HEX_UID = re.compile(r"^[0-9a-fA-F]{1,32}$")
 
 
-def selected_table(uids: np.ndarray, forward: np.ndarray, final: np.ndarray, partition: np.ndarray):
-    """selected.parquet's table; rows in selection order (rank = row number)."""
+def selected_schema():
+    import pyarrow as pa
+
+    return pa.schema([("uid", pa.string()), ("rank", pa.int64()), ("forward_score", pa.float64()),
+                      ("final_score", pa.float64()), ("partition", pa.int32()), ("selected", pa.bool_())])
+
+
+def selected_table(uids, rank_start: int, forward, final, partition, budget: int):
+    """A block of selected.parquet's rows, in selection order from rank ``rank_start``."""
     import pyarrow as pa
 
     n = len(uids)
+    rank = np.arange(rank_start, rank_start + n, dtype=np.int64)
     return pa.table({
-        "uid": pa.array(np.asarray(uids).astype(str) if n else np.zeros(0, str), pa.string()),
-        "rank": pa.array(np.arange(n, dtype=np.int64)),
+        "uid": uids if isinstance(uids, (pa.Array, pa.ChunkedArray)) else pa.array(list(uids), pa.string()),
+        "rank": pa.array(rank),
         "forward_score": pa.array(np.asarray(forward, np.float64)),
         "final_score": pa.array(np.asarray(final, np.float64)),
         "partition": pa.array(np.asarray(partition, np.int32)),
+        "selected": pa.array(rank < budget),
+    }, schema=selected_schema())
+
+
+def read_selected(store: Store, directory: str, columns: list[str] | None = None, ranked: bool = False):
+    """selected.parquet: the configured budget's selection (``ranked``: every ranked row). A file
+    without the ``selected`` column (written before keep rates existed) is all selection."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with store.open(join(directory, SELECTED), "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        flag = not ranked and "selected" in pf.schema_arrow.names
+        cols = None if columns is None else list(dict.fromkeys(columns + (["selected"] if flag else [])))
+        table = pf.read(columns=cols)
+    if flag:
+        table = table.filter(pc.field("selected"))
+        if columns is not None and "selected" not in columns:
+            table = table.drop_columns(["selected"])
+    return table
+
+
+def subset_name(rate: float | None) -> str:
+    """``subset.npy`` for the configured budget, ``subset_keep{rate}.npy`` for an extra keep rate."""
+    return SUBSET if rate is None else f"subset_keep{rate:g}.npy"
+
+
+def nodes_table(node, uid, score, prefiltered, rank, forward, final, blame_node, blame_amount):
+    """A ``nodes/part-PPPPP.parquet`` table (module docstring)."""
+    import pyarrow as pa
+
+    return pa.table({
+        "node": pa.array(np.asarray(node, np.int64)), "uid": uid,
+        "score": pa.array(np.asarray(score, np.float64)), "prefiltered": pa.array(np.asarray(prefiltered, bool)),
+        "rank": pa.array(np.asarray(rank, np.int64)), "forward_score": pa.array(np.asarray(forward, np.float64)),
+        "final_score": pa.array(np.asarray(final, np.float64)),
+        "blame_node": pa.array(np.asarray(blame_node, np.int64)),
+        "blame_amount": pa.array(np.asarray(blame_amount, np.float64)),
     })
 
 
-def read_selected(store: Store, directory: str, columns: list[str] | None = None):
-    return store.read_parquet(join(directory, SELECTED), columns=columns)
+@numba.njit(cache=True, nogil=True)
+def _hex_pairs(offsets, data):
+    n = offsets.shape[0] - 1
+    hi = np.zeros(n, np.uint64)
+    lo = np.zeros(n, np.uint64)
+    ok = np.ones(n, np.bool_)
+    for i in range(n):
+        a, b = offsets[i], offsets[i + 1]
+        if b - a < 1 or b - a > 32:
+            ok[i] = False
+            continue
+        h = np.uint64(0)
+        low = np.uint64(0)
+        for j in range(a, b):
+            c = data[j]
+            if 48 <= c <= 57:
+                v = c - 48
+            elif 97 <= c <= 102:
+                v = c - 87
+            elif 65 <= c <= 70:
+                v = c - 55
+            else:
+                ok[i] = False
+                break
+            # shift the 128-bit (h, low) left by 4 and add v
+            h = (h << np.uint64(4)) | (low >> np.uint64(60))
+            low = (low << np.uint64(4)) | np.uint64(v)
+        if ok[i]:
+            hi[i] = h
+            lo[i] = low
+    return hi, lo, ok
+
+
+def hex_uid_pairs(uids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(upper 64 bits, lower 64 bits, valid) of each uid read as a hex number of 1 to 32 digits
+    (valid false for any other string): the subset file's two fields, without Python ints."""
+    from .shuffle import _string_buffers
+
+    offsets, data = _string_buffers(uids)
+    return _hex_pairs(offsets, data)
+
+
+def not_hex_message(count: int, examples) -> str:
+    return (f"{count} uids are not 128-bit hex strings (DataComp subset files hold only those), "
+            f"e.g. {', '.join(repr(u) for u in list(examples)[:5])}")
+
+
+def npy_header(n: int) -> bytes:
+    """The ``.npy`` header np.save writes for ``n`` subset entries (the data follows it)."""
+    buf = io.BytesIO()
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, DATACOMP_UID_DTYPE))
+    header["shape"] = (int(n),)
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
 
 
 def datacomp_subset(uids) -> np.ndarray:
@@ -55,10 +174,7 @@ def datacomp_subset(uids) -> np.ndarray:
     uids = [str(u) for u in uids]
     bad = [u for u in uids if not _HEX_UID.match(u)]
     if bad:
-        raise ValueError(
-            f"{len(bad)} uids are not 128-bit hex strings (DataComp subset files hold only those), "
-            f"e.g. {', '.join(repr(u) for u in bad[:5])}"
-        )
+        raise ValueError(not_hex_message(len(bad), bad))
     out = np.empty(len(uids), DATACOMP_UID_DTYPE)
     for i, u in enumerate(uids):
         value = int(u, 16)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import InputConfig
 from ..formats.embeddings import list_parts, read_column, read_vectors_at
-from ..formats.selection import SELECTED
+from ..formats.selection import SELECTED, read_selected
 from ..formats.webdataset import find_samples
 from ..storage import Store, basename, join
 from ..summary import SKIP_LABELS, summarize
@@ -260,9 +260,9 @@ def build_report(workdir_url: str, store: Store | None = None, extras: ReportExt
             pool = {c: read_column(store, parts, c) for c in ("uid", "shard", "key", "clip_score")}
         except FileNotFoundError:
             pool = None
-        sel_url = join(workdir_url, STAGE_DIRS["select"], SELECTED)
-        selected = store.read_parquet(sel_url, columns=["uid"]).column("uid").to_numpy(zero_copy_only=False) \
-            if store.exists(sel_url) else None
+        sel_dir = join(workdir_url, STAGE_DIRS["select"])
+        selected = read_selected(store, sel_dir, columns=["uid"]).column("uid").to_numpy(zero_copy_only=False) \
+            if store.exists(join(sel_dir, SELECTED)) else None
     except Exception as err:  # noqa: BLE001 - a damaged part is named on the page; the stage stats still show
         log.warning("report: could not read embeddings/selection: %s", err)
         sections.append(note(f"embeddings or selection unreadable: {err}"))

@@ -1,13 +1,16 @@
-"""The select stage: read the committed graph and scores → one pure call
-(:func:`pipeline.core.coreset.select_coreset`) → write ``selected.parquet`` and ``subset.npy``.
+"""The select stage: the committed graph and scores → ``selected.parquet``, ``subset*.npy`` and
+``nodes/part-*.parquet`` (:mod:`pipeline.formats.selection`), computed by partition workers on
+Ray (:mod:`.driver`, :mod:`.hosts`) with no process holding the pool.
 
-Scores: the ``select.score`` column of the embedding parts (``clip_score`` by default; any numeric
-column), or of ``select.score_file`` joined by uid; every node must have one. Above
-``RAY_MIN_NODES`` nodes the forward pass and the per-partition greedies fan out over Ray tasks
-(:mod:`.parallel`); the result is the same either way.
+D2 is exact by default: the selection, its order and every score are the single-process greedy's
+(:func:`pipeline.core.d2.d2_select` on the whole graph) bit for bit, for any number of partitions
+(spec §7); ``select.approximate: true`` runs the old independent-partition approximation instead.
+Scores: the ``select.score`` column of the embedding parts (``clip_score`` by default; any
+numeric column), or of ``select.score_file`` joined by uid; every node must have one.
 
-When a selected uid is not hex, ``subset.npy`` is not written and the stats say why, naming
-examples (``selected.parquet`` stays the complete record).
+Below ``RAY_MIN_NODES`` nodes everything runs in this process (the same workers and tasks as
+objects and calls): for small graphs starting Ray costs more than the work. When a selected uid is
+not hex, no ``subset*.npy`` is written and the stats say why, naming examples.
 """
 
 from __future__ import annotations
@@ -17,73 +20,90 @@ import time
 from typing import Any
 
 from ..config import JobConfig
-from ..core.coreset import InProcess, select_coreset
-from ..formats.selection import SELECTED, SUBSET, datacomp_subset, selected_table, subset_npy_bytes
-from ..runtime import init_ray
+from ..errors import ConfigError
+from ..formats.embeddings import list_parts, numeric_columns
+from ..formats.selection import read_selected
 from ..stage import Stage, StageContext
 from ..storage import Store, join
 from ..workdir import stage_dir
-from .inputs import read_inputs
-from .parallel import RayExecutor
+from .driver import check_size, compute
 
 log = logging.getLogger(__name__)
 
-# Below this many nodes everything runs in the driver process: for small graphs shipping arrays
-# to Ray workers costs more than the O(N·k) work itself.
+# Below this many nodes everything runs in the driver process (see the module docstring).
 RAY_MIN_NODES = 200_000
+WORK = "_work"
 
 
 def settings(cfg: JobConfig) -> dict[str, Any]:
-    # exact_check_max_n only decides whether the overlap is measured; graph.distance is applied here
-    return {"select": cfg.select.model_dump(exclude={"exact_check_max_n"}), "distance": cfg.graph.distance,
-            "seed": cfg.seed}
+    # How the work is split (partitions, workers, memory) does not change an exact selection;
+    # exact_check_max_n only decides whether the approximation's overlap is measured.
+    split = {"partitions", "partition_max_nodes", "workers", "worker_memory_mb", "exact_check_max_n"}
+    if cfg.select.approximate:
+        split -= {"partitions", "partition_max_nodes"}
+    return {"select": cfg.select.model_dump(exclude=split), "distance": cfg.graph.distance, "seed": cfg.seed}
 
 
 def check(cfg: JobConfig, store: Store) -> None:
-    if cfg.select.score_file and not store.exists(cfg.select.score_file):
-        raise FileNotFoundError(f"select.score_file {cfg.select.score_file} does not exist")
+    """Inputs usable, before any work: the score source, the one-task baselines' size limit."""
+    s = cfg.select
+    if s.score_file:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not store.exists(s.score_file):
+            raise FileNotFoundError(f"select.score_file {s.score_file} does not exist")
+        with store.open(s.score_file, "rb") as fh:
+            schema = pq.ParquetFile(fh).schema_arrow
+        for needed in ("uid", s.score):
+            if needed not in schema.names:
+                raise ConfigError(f"select.score_file {s.score_file} has no column {needed!r} (columns: {schema.names})")
+        typ = schema.field(s.score).type
+        if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_decimal(typ)):
+            raise ConfigError(f"select.score_file {s.score_file} column {s.score!r} must be numeric, got {typ}")
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
+    if not s.score_file:
+        numeric = numeric_columns(store, parts[0])
+        if s.score not in numeric:
+            raise ConfigError(
+                f"select.score={s.score!r} is not a column of the embedding parts ({parts[0].url}); numeric columns "
+                f"there: {numeric}; or give select.score_file"
+            )
+    check_size(cfg, sum(p.rows for p in parts))
 
 
-def select(cfg: JobConfig, store: Store, use_ray: bool | None = None):
-    """Compute the selection without writing it: (selected.parquet's table, stats).
-
-    ``use_ray``: None = Ray tasks when N >= RAY_MIN_NODES; True/False force either path."""
-    t0 = time.perf_counter()
-    inputs = read_inputs(store, cfg)
-    read_seconds = time.perf_counter() - t0
-    n = len(inputs["uids"])
-    if use_ray is None:
-        use_ray = n >= RAY_MIN_NODES
-    if use_ray:
-        init_ray(cfg.ray)
-    result = select_coreset(inputs["neighbors"], inputs["sq_distances"], inputs["cells"], inputs["scores"],
-                            cfg.select, cfg.graph.distance, cfg.seed, cfg.graph.k,
-                            vectors_of=inputs["vectors_of"], executor=RayExecutor() if use_ray else InProcess())
-    stats = dict(result.stats, score_source=inputs["score_source"], used_ray=bool(use_ray))
-    stats["seconds"] = {"read": round(read_seconds, 3), **stats["seconds"]}
-    table = selected_table(inputs["uids"][result.nodes], result.forward, result.final, result.partition)
-    return table, stats
+def _use_ray(store: Store, cfg: JobConfig, use_ray: bool | None) -> bool:
+    if use_ray is not None:
+        return use_ray
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
+    return sum(p.rows for p in parts) >= RAY_MIN_NODES
 
 
-def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
-    """Select the coreset from the committed graph; write selected.parquet + subset.npy."""
+def run(cfg: JobConfig, store: Store, ctx: StageContext, use_ray: bool | None = None) -> dict[str, Any]:
+    """Compute the selection into the stage's directory (module docstring)."""
     sel_dir = stage_dir(cfg.workdir, "select")
     started = time.perf_counter()
-    table, stats = select(cfg, store)
-    # both files are whole-file atomic writes; the stage is committed only after both
-    store.write_parquet(join(sel_dir, SELECTED), table)
-    try:
-        subset = datacomp_subset(table.column("uid").to_pylist())
-        store.write_bytes(join(sel_dir, SUBSET), subset_npy_bytes(subset))
-        stats["subset_file"] = join(sel_dir, SUBSET)
-    except ValueError as err:
-        store.rm(join(sel_dir, SUBSET))
-        stats["subset_file"] = None
-        stats["subset_file_skipped"] = str(err)
-        log.warning("select: subset.npy not written: %s", err)
+    stats = compute(cfg, store, sel_dir, _use_ray(store, cfg, use_ray),
+                    hook=lambda index: ctx.part_committed("select", index))
+    store.rm(join(sel_dir, WORK), recursive=True)  # intermediate files, once the outputs are written
     stats["seconds"]["total"] = round(time.perf_counter() - started, 3)
     log.info("select stage: %d of %d samples selected (%s)", stats["selected"], stats["n_nodes"], stats["method"])
     return stats
+
+
+def select(cfg: JobConfig, store: Store, use_ray: bool | None = None):
+    """The selection of ``cfg`` computed beside the committed one, without committing anything:
+    (its selected.parquet table, its stats). For comparisons (the demo's baselines, sweeps)."""
+    import hashlib
+
+    key = hashlib.sha256(repr(settings(cfg)).encode()).hexdigest()[:12]
+    work = join(stage_dir(cfg.workdir, "select"), WORK)
+    out = join(work, f"variant-{key}")
+    try:
+        stats = compute(cfg, store, out, _use_ray(store, cfg, use_ray))
+        return read_selected(store, out), stats
+    finally:
+        store.rm(work, recursive=True)
 
 
 STAGE = Stage(name="select", upstream="graph", settings=settings, check=check, run=run)
