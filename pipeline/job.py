@@ -25,10 +25,10 @@ from typing import Any, Iterator
 from . import workdir
 from .config import ConfigError, JobConfig, input_folders, load_config
 from .core.d2 import budget_for
-from .core.knn import resolve_nlist, training_ids
 from .embed.stage import STAGE as EMBED
 from .errors import LeaseHeldError, UsageError
 from .graph.stage import STAGE as GRAPH
+from .graph.stage import index_sizes
 from .lease import Lease, acquire, describe, holder
 from .runtime import check_cluster_paths, init_ray
 from .select.stage import STAGE as SELECT
@@ -81,8 +81,8 @@ def check_locations(cfg: JobConfig, store: Store) -> None:
 
 def check_pool_size(cfg: JobConfig, store: Store, name: str, prints: dict[str, str]) -> None:
     """The rules that need the pool size N, checked before the graph or select stage does any
-    work, as soon as the embed stage has committed N: k < N, a budget of at least one sample, an
-    explicit nlist no larger than the training sample. ConfigError (exit 2) naming the field."""
+    work, as soon as the embed stage has committed N: k < N, a budget of at least one sample, IVF
+    lists that this N can hold and train (the graph stage's own rule). ConfigError (exit 2) naming the field."""
     if name not in ("graph", "select"):
         return
     if not workdir.is_committed(store, EMBED.directory(cfg), prints["embed"], "embed"):
@@ -98,8 +98,8 @@ def check_pool_size(cfg: JobConfig, store: Store, name: str, prints: dict[str, s
         if cfg.graph.k >= n:
             problems.append(f"graph.k={cfg.graph.k} needs more than k samples; the pool has N={n}")
         try:
-            resolve_nlist(cfg.graph.index, n, len(training_ids(n, cfg.graph.train_size, cfg.seed)), cfg.graph.nlist)
-        except ValueError as err:
+            index_sizes(cfg, n)
+        except ConfigError as err:
             problems.append(f"{err} (the pool has N={n})")
     if budget_for(n, cfg.select.prune_rate) == 0:
         problems.append(f"select.prune_rate={cfg.select.prune_rate} keeps round((1-p)*N) = 0 of the N={n} samples")

@@ -67,7 +67,7 @@ def job_yaml(path: Path, workdir: str, output: str, pool, checkpoint: str, s3_se
         "/placeholder/work", pool.shards, "/placeholder/out",  # replaced below (they must differ: no overlap)
         storage={"endpoint_url": s3_server},
         embed={"pretrained": checkpoint, "num_actors": 2, "batch_size": 8},
-        graph={"parts_per_task": 1, "index": "ivfflat", "nlist": 4, "nprobe": 4},
+        graph={"index": "ivfflat", "nlist": 4, "nprobe": 4},
         # short, yet above the start-up of the actors and read tasks (torch imports, model load:
         # over a minute on 2 shared cores), which is progress-free too
         job={"stall_timeout_s": 150},

@@ -100,7 +100,7 @@ def test_rules_that_need_the_pool_size_fail_before_the_stage_writes(tmp_path, sm
     assert "select.prune_rate=0.95 keeps round((1-p)*N) = 0 of the N=5 samples" in _last_error_line(capsys)
     assert main(["run", config, "--set", "graph.k=2", "--set", "graph.index=ivfflat", "--set", "graph.nlist=8",
                  "--set", "graph.nprobe=8"]) == EXIT_CONFIG
-    assert "graph.nlist=8 exceeds the 5 training vectors" in _last_error_line(capsys)
+    assert "graph.nlist=8 exceeds the 5 vectors to index" in _last_error_line(capsys)
     assert sorted(os.listdir(tmp_path / "work")) == ["_LEASE.lock", "embeddings"]  # no graph, no selection
 
 
@@ -115,7 +115,9 @@ def test_a_pool_with_no_usable_sample_says_so(tmp_path, small_pool, capsys):
 @pytest.mark.parametrize("raw_extra,needle", [
     ({"select": {"prune_rate": 1.0}}, "select.prune_rate=1.0 drops every sample"),
     ({"graph": {"index": "ivfflat", "nlist": 4, "nprobe": 16}}, "graph.nprobe=16 exceeds graph.nlist=4"),
-    ({"graph": {"index": "ivfpq", "nlist": 4000, "train_size": 1000}}, "graph.nlist=4000 exceeds graph.train_size=1000"),
+    ({"graph": {"index": "ivfflat", "nlist": 4000, "train_size": 1000}},
+     "graph.train_size=1000 cannot place graph.nlist=4000 centroids"),
+    ({"graph": {"index": "ivfpq"}}, "graph.index 'ivfpq' was removed"),
 ])
 def test_configs_that_run_to_no_purpose_fail_at_load(tmp_path, small_pool, capsys, raw_extra, needle):
     assert main(["run", _write(tmp_path, _raw(tmp_path, small_pool, **raw_extra))]) == EXIT_CONFIG
