@@ -566,7 +566,8 @@ def write_training_arrays(pool: Pool, settings: Settings, data, split, log) -> N
     captions = [""] * pool.n
     for url in shard_urls(pool.cfg.input):
         with open(url, "rb") as fh:
-            for _key, members, _err in iter_tar_groups(fh):
+            for group in iter_tar_groups(fh):
+                members = group.members
                 i = row[json.loads(members["json"])["uid"]]
                 image_bytes = members.get("jpg") or members.get("png")
                 images[i] = preprocess(decode_image(image_bytes)).numpy().astype(np.float16)

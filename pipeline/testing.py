@@ -838,7 +838,8 @@ def write_graph_stages(store: Store, cfg: JobConfig, neighbors: np.ndarray, sq_d
         lo, hi = int(bounds[p]), int(bounds[p + 1])
         part_uids = list(uids[lo:hi]) if given else [f"{i:032x}" for i in range(lo, hi)]  # node id as hex
         table = part_table(f"pool/{p:05d}.tar", part_uids, [f"{i:09d}" for i in range(lo, hi)],
-                           np.asarray(scores[lo:hi], np.float32), vectors[lo:hi], vectors[lo:hi])
+                           np.asarray(scores[lo:hi], np.float32), vectors[lo:hi], vectors[lo:hi],
+                           [f"caption {i}" for i in range(lo, hi)], [None] * (hi - lo), [None] * (hi - lo))
         table = table.append_column(score_column, pa.array(np.asarray(scores[lo:hi], np.float64)))
         store.write_parquet(join(emb_dir, f"{part_name(p)}.parquet"), table)
         store.write_parquet(join(graph_dir, f"{part_name(p)}.parquet"),

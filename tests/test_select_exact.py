@@ -41,7 +41,13 @@ def make_case(tmp, neighbors, sq, cells, scores, select=None, n_parts=3, distanc
     raw = {"workdir": str(Path(tmp) / "work"), "input": {"shards": str(Path(tmp) / "pool/{00000..00002}.tar")},
            "output": {"url": str(Path(tmp) / "out")}, "graph": {"k": max(1, neighbors.shape[1]), "distance": distance},
            "select": {"score": "score", **(select or {})}}
-    cfg = config_from_dict(raw)
+    if raw["select"].get("prune_rate") == 1.0:
+        # budget 0 (ranked only for keep rates) is an edge case of the stage; a job config refuses
+        # it when loaded (nothing would be written), so the stage sees it from a copied config
+        cfg = config_from_dict({**raw, "select": {**raw["select"], "prune_rate": 0.5}})
+        cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"prune_rate": 1.0})})
+    else:
+        cfg = config_from_dict(raw)
     store = Store()
     uids = write_graph_stages(store, cfg, neighbors, sq, cells, scores, uids, n_parts)
     return cfg, store, uids

@@ -63,7 +63,13 @@ def selection_task(store: Store, selected_url: str, row_group: int, n_buckets: i
     import pyarrow.parquet as pq
 
     with store.open(selected_url, "rb") as fh:
-        table = pq.ParquetFile(fh).read_row_group(row_group, columns=["uid", "rank"])
+        file = pq.ParquetFile(fh)
+        # rows ranked only for larger keep rates (selected false) are not written; files written
+        # before keep rates existed have no such column and are all selection
+        ranked = "selected" in file.schema_arrow.names
+        table = file.read_row_group(row_group, columns=["uid", "rank"] + (["selected"] if ranked else []))
+    if ranked:
+        table = table.filter(table.column("selected")).select(["uid", "rank"])
     uids = table.column("uid").to_pylist()
     writer = BucketedWriter(table.schema, n_buckets)
     writer.add(table, uid_buckets(uid_hashes(uids), n_buckets))
