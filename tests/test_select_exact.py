@@ -44,8 +44,10 @@ def make_case(tmp, neighbors, sq, cells, scores, select=None, n_parts=3, distanc
     if raw["select"].get("prune_rate") == 1.0:
         # budget 0 (ranked only for keep rates) is an edge case of the stage; a job config refuses
         # it when loaded (nothing would be written), so the stage sees it from a copied config
-        cfg = config_from_dict({**raw, "select": {**raw["select"], "prune_rate": 0.5}})
-        cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"prune_rate": 1.0})})
+        kept = {k: v for k, v in raw["select"].items() if k not in ("prune_rate", "beta")}
+        cfg = config_from_dict({**raw, "select": kept})
+        cfg = cfg.model_copy(update={"select": cfg.select.model_copy(
+            update={"prune_rate": 1.0, "beta": float(raw["select"].get("beta", 0.0))})})
     else:
         cfg = config_from_dict(raw)
     store = Store()
