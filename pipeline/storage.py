@@ -456,18 +456,6 @@ class Store:
         else:
             self.fs(url).put_file(local_path, self.path(url))
 
-    def write_with(self, url: str, fill) -> None:
-        """Commit a file that ``fill(local_path)`` writes (streamed, too large to build in memory)
-        atomically: locally it is written next to `url` and renamed; for an object store into a
-        local temporary file that is then uploaded (one PUT)."""
-        if is_local(url):
-            _replace_atomically(self.path(url), fill)
-            return
-        with tempfile.TemporaryDirectory(prefix="d2prune-put-") as tmp:
-            path = os.path.join(tmp, basename(url))
-            fill(path)
-            self.fs(url).put_file(path, self.path(url))
-
     # -- local copies ----------------------------------------------------------------------------
     def copy_to_local(self, url: str, local_path: str) -> str:
         """`url`'s own path when it is local; else a copy at `local_path` (atomic rename, so a

@@ -77,7 +77,7 @@ def write(store: Store, url: str, schema: BlockSchema, blocks: Iterable[dict[str
                 for name, dtype, _ in schema.columns:
                     fh.write(np.ascontiguousarray(block[name], dtype=dtype).tobytes())
 
-    store.write_with(url + DATA, fill)
+    store.write_file(url + DATA, fill)
     index = np.asarray(starts, dtype="<i8")
     store.write_bytes(url + INDEX, index.tobytes())
     return np.diff(index)
