@@ -250,7 +250,7 @@ def test_score_file_joined_by_uid_and_missing_uids_named(tmp_path):
 
 def test_unknown_score_column_is_named(tmp_path):
     cfg, store, _ = make_workdir(tmp_path, select={"score": "aesthetic"})
-    with pytest.raises(ConfigError, match=r"select.score='aesthetic'.*numeric columns there: \['clip_score', 'score'\]"):
+    with pytest.raises(ConfigError, match=r"select.score='aesthetic'.*numeric columns there: \['clip_score', 'original_width', 'original_height', 'score'\]"):
         run_select_stage(cfg, store)
 
 
