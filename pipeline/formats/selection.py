@@ -23,7 +23,10 @@ Only hex uids of at most 32 digits (DataComp's and our md5 default) can be writt
     node           int64    graph node id
     uid            string
     score          float64  the raw ``select.score`` value
-    prefiltered    bool     dropped by the β pre-filter (then not in the graph: no scores below)
+    prefiltered    bool     dropped by a pre-filter, DataComp's basic filter or β (then not in the
+                            graph: no scores below)
+    prefilter      string   which one: "" (kept), the basic filter's rule
+                            (:data:`pipeline.core.basic_filter.RULES`) or "beta"
     rank           int64    selection rank up to the largest budget, -1 when not ranked
     forward_score  float64  D2: the forward pass's score; baselines: the shifted score (NaN if pre-filtered)
     final_score    float64  D2: the score when picked, for the others the score after every
@@ -41,6 +44,7 @@ import re
 import numba
 import numpy as np
 
+from ..core.basic_filter import RULES
 from ..storage import Store, join
 
 SELECTED = "selected.parquet"
@@ -96,13 +100,34 @@ def subset_name(rate: float | None) -> str:
     return SUBSET if rate is None else f"subset_keep{rate:g}.npy"
 
 
-def nodes_table(node, uid, score, prefiltered, rank, forward, final, blame_node, blame_amount):
-    """A ``nodes/part-PPPPP.parquet`` table (module docstring)."""
+BETA = "beta"
+# prefilter codes (int8): -1 kept, i < len(RULES) the basic filter's rule i, len(RULES) the β pre-filter
+PREFILTER_KEPT = -1
+PREFILTER_BETA = len(RULES)
+PREFILTER_LABELS = ("",) + RULES + (BETA,)
+
+
+def prefilter_labels(codes):
+    """The ``prefilter`` strings of prefilter codes (a dictionary lookup, no Python strings per row)."""
     import pyarrow as pa
 
+    codes = np.asarray(codes, np.int64)
+    if codes.size and (codes.min() < PREFILTER_KEPT or codes.max() > PREFILTER_BETA):
+        raise ValueError(f"prefilter codes must lie in {PREFILTER_KEPT}..{PREFILTER_BETA}")
+    return pa.DictionaryArray.from_arrays(pa.array((codes + 1).astype(np.int32)),
+                                          pa.array(PREFILTER_LABELS, pa.string())).cast(pa.string())
+
+
+def nodes_table(node, uid, score, prefilter_codes, rank, forward, final, blame_node, blame_amount):
+    """A ``nodes/part-PPPPP.parquet`` table (module docstring); ``prefilter_codes`` as
+    :func:`prefilter_labels` reads them."""
+    import pyarrow as pa
+
+    codes = np.asarray(prefilter_codes, np.int64)
     return pa.table({
         "node": pa.array(np.asarray(node, np.int64)), "uid": uid,
-        "score": pa.array(np.asarray(score, np.float64)), "prefiltered": pa.array(np.asarray(prefiltered, bool)),
+        "score": pa.array(np.asarray(score, np.float64)), "prefiltered": pa.array(codes != PREFILTER_KEPT),
+        "prefilter": prefilter_labels(codes),
         "rank": pa.array(np.asarray(rank, np.int64)), "forward_score": pa.array(np.asarray(forward, np.float64)),
         "final_score": pa.array(np.asarray(final, np.float64)),
         "blame_node": pa.array(np.asarray(blame_node, np.int64)),

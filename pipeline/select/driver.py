@@ -4,11 +4,14 @@ the method, runs the output tasks. It holds O(partitions + parts + cells) number
 Steps (spec sections in brackets; the workers' side is :mod:`.hosts`):
 
 1. plan [§7]: graph parts, per-cell counts (tasks), partitions of whole cells, workers;
+   ``select.prefilter.basic``: DataComp's basic filter per embedding part (tasks, :mod:`.prefilter`);
+   the M samples that pass are the pool: budget, keep rates and β are fractions of M;
 2. ``select.score_file``: hash join by uid (tasks) [scores];
 3. shuffle (tasks, :mod:`.shuffle`): each partition's rows, both directions; none for one partition;
 4. workers load their partitions; boundary scores exchanged (the halo's raw scores);
-5. pre-filter [§1]: the ``round(beta*N)`` lowest scores (ranking: score desc, id asc) found by a
-   distributed rank search (:class:`pipeline.core.coreset.RankSearch`); the budget is from N;
+5. pre-filter [§1]: the basic filter's drops, then the ``round(beta*M)`` lowest scores of the rest
+   (ranking: score desc, id asc) found by a distributed rank search
+   (:class:`pipeline.core.coreset.RankSearch`); the budget is from M;
 6. shift [§3-4]: ``score_offset`` or minus the survivors' minimum (a reduction);
 7. D2: forward rounds [§3]; the fixed-point shift from the partitions' maxima; reverse rounds
    [§4, §7] until the largest budget is settled (:class:`pipeline.core.d2_exact.ReverseRounds`,
@@ -34,7 +37,7 @@ from ..formats.selection import NODES_DIR, SELECTED, not_hex_message, subset_nam
 from ..runtime import peak_rss_bytes
 from ..storage import Store, join, node_cache_root
 from ..workdir import stage_dir
-from . import outputs, shuffle
+from . import outputs, prefilter, shuffle
 from .hosts import HostSettings, LocalHosts, RayHosts
 from .plan import graph_parts, make_plan, range_groups, resolve_partitions
 
@@ -140,11 +143,25 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         counts = np.zeros(size, np.int64)
         for c in per_group:
             counts[: len(c)] += c
-    plan = make_plan(cfg, parts, counts, partitions, cpus, s.workers,
-                     store.identity(s.score_file) if s.score_file else "")
+    basic = bool(s.prefilter.basic)
+    # the node records carry the basic filter's codes only with it on: a plan of its own
+    inputs = (store.identity(s.score_file) if s.score_file else "") + ("+basic" if basic else "")
+    plan = make_plan(cfg, parts, counts, partitions, cpus, s.workers, inputs)
     join_buckets = shuffle.join_bucket_count(n, cpus) if s.score_file else 0
-    job = shuffle.ShuffleJob(store, plan, graph_dir, s.score, cfg.graph.distance, s.score_file, join_buckets)
+    job = shuffle.ShuffleJob(store, plan, graph_dir, s.score, cfg.graph.distance, s.score_file, join_buckets, basic)
     lap("plan")
+
+    # 1b. DataComp's basic filter: codes per part for the workers, counts for the stats
+    basic_stats = None
+    if basic:
+        _run_missing(tasks, store, prefilter.filter_part,
+                     [(prefilter.codes_url(job, i), (job, i)) for i in range(len(plan.parts))])
+        basic_stats = prefilter.summary([store.read_json(prefilter.counts_url(job, i))
+                                         for i in range(len(plan.parts))])
+        lap("basic_filter")
+    # the pool selected from: the samples that pass the basic filter; the budget, the keep rates
+    # and β are fractions of it (a sample the filter drops was never a candidate)
+    m = n - (basic_stats["dropped"] if basic_stats else 0)
 
     # 2. score file
     if s.score_file:
@@ -175,13 +192,14 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
                                      [(job.path(f"edges-b-{g:05d}.col"), (job, g)) for g in range(plan.n_groups)])
     lap("shuffle")
 
-    budget, rates = budgets_of(cfg, n)
+    budget, rates = budgets_of(cfg, m)
     b_max = max([budget] + [b for _, b in rates])
-    n_drop = int(round(s.beta * n))
+    n_drop = int(round(s.beta * m))
     stats: dict[str, Any] = {
-        "method": s.method, "n_nodes": n, "budget": budget, "prune_rate": s.prune_rate,
+        "method": s.method, "n_nodes": n, "candidates": m, "budget": budget, "prune_rate": s.prune_rate,
         "keep_rates": {f"{r:g}": b for r, b in rates}, "ranked": 0,
-        "prefilter_beta": s.beta, "prefiltered": n_drop, "distance": cfg.graph.distance,
+        "prefilter_beta": s.beta, "prefiltered": n - m + n_drop, "prefiltered_beta": n_drop,
+        "distance": cfg.graph.distance,
         "gamma_forward": s.gamma_forward, "gamma_reverse": s.gamma_reverse, "forward_rounds": s.forward_rounds,
         "partitions": plan.n_partitions, "partitions_requested": s.partitions, "workers": plan.n_hosts,
         "partition_sizes": {"min": int(min(plan.partition_sizes)), "median": float(np.median(plan.partition_sizes)),
@@ -191,8 +209,13 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         "shuffle_task_peak_rss_mb": round(max((r["rss"] for r in shuffled), default=0) / 2**20, 1),
         "score_source": f"{s.score_file}:{s.score}" if s.score_file else f"embeddings:{s.score}",
     }
-    if n - n_drop < budget or n - n_drop < b_max:
-        raise ValueError(f"select.beta={s.beta} leaves {n - n_drop} samples, fewer than the budget {b_max}")
+    if basic_stats is not None:
+        stats["basic_filter"] = basic_stats
+        if budget == 0 and not rates:
+            raise ConfigError(f"select.prune_rate={s.prune_rate} keeps round((1-p)*M) = 0 of the M={m} samples that "
+                              f"pass the basic filter (of {n})")
+    if m - n_drop < budget or m - n_drop < b_max:
+        raise ValueError(f"select.beta={s.beta} leaves {m - n_drop} samples, fewer than the budget {b_max}")
 
     # a worker keeps its partitions resident up to its memory (select.worker_memory_mb, else its
     # share of the node's on a cluster) and parks the others
@@ -204,6 +227,9 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
     try:
         # 4. load
         loaded = hosts.call("load", edges)
+        passed = sum(v["passed"] for v in loaded.values())
+        if passed != m:  # pragma: no cover - the workers read the codes the counts were made from
+            raise RuntimeError(f"the partitions hold {passed} nodes that pass the basic filter, the parts' counts {m}")
         mins = [v["score_min"] for v in loaded.values() if v["score_min"] is not None]
         stats["score_min"] = min(mins) if mins else None
         stats["score_max"] = max((v["score_max"] for v in loaded.values() if v["score_max"] is not None), default=None)
@@ -214,11 +240,11 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         # 5-6. pre-filter, shift
         last_kept = None
         if n_drop:
-            last_kept = _search(hosts, "prefilter", n - n_drop - 1, stats) if n > n_drop else (2**63 - 1, -1)
+            last_kept = _search(hosts, "prefilter", m - n_drop - 1, stats) if m > n_drop else (2**63 - 1, -1)
         kept = hosts.call("prefilter", last_kept)
         n_kept = sum(v["kept"] for v in kept.values())
-        if n_kept != n - n_drop:  # pragma: no cover - the search is exact
-            raise RuntimeError(f"pre-filter kept {n_kept} nodes, expected {n - n_drop}")
+        if n_kept != m - n_drop:  # pragma: no cover - the search is exact
+            raise RuntimeError(f"pre-filter kept {n_kept} nodes, expected {m - n_drop}")
         if s.score_offset is None:
             mins = [v["min"] for v in kept.values() if v["min"] is not None]
             offset = float(-min(mins)) if mins else 0.0
@@ -284,7 +310,7 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
     finally:
         hosts.close()
     stats["selected"] = budget
-    stats["pruned"] = n - budget - n_drop
+    stats["pruned"] = m - budget - n_drop
     stats["driver_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
     seconds["total"] = round(time.perf_counter() - t_start, 3)
     stats["seconds"] = seconds
