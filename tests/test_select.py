@@ -392,7 +392,7 @@ def basic_expected(a, cols, cfg):
     graph = d2.symmetrize_knn(a["neighbors"], a["sq"])
     shifted, _ = d2.shift_nonnegative(a["scores"][kept], None)
     budget = d2.budget_for(passed.size, s.prune_rate)
-    b_max = max([budget] + [int(round(r * passed.size)) for r in s.keep_rates])
+    b_max = max([budget] + [round(r * passed.size) for r in s.keep_rates])
     top = d2.d2_select(d2.subgraph(graph, kept), shifted, b_max, s.gamma_forward, s.gamma_reverse, s.forward_rounds)
     return result, passed, kept, budget, np.array(a["uids"])[kept[top.order]].tolist()
 
@@ -408,7 +408,7 @@ def test_basic_filter_drops_each_rule_before_beta_and_selects_from_the_rest(tmp_
     # the fixture exercises every rule: each failing node is dropped by the rule it was built to fail
     for i, rule in enumerate(rules):
         assert result.reason(i) == (rule or None)
-    assert set(r for r in rules if r) == set(RULES)
+    assert {r for r in rules if r} == set(RULES)
     assert stats["basic_filter"] == {"dropped": 420, "dropped_by": result.dropped_by, "failed": result.failed}
     assert stats["candidates"] == passed.size == 180
     assert stats["budget"] == budget == round(0.3 * 180)  # a fraction of the samples that pass
@@ -511,3 +511,100 @@ def test_keep_flag_sets_keep_rates_through_the_cli(tmp_path, capsys):
     # d2prune run takes the flag too, checked the same way before any stage runs
     assert main(["run", str(config), "--keep", "0.4,2"]) == 2
     assert "--keep 0.4,2: keep rates must lie in (0, 1], got [2.0]" in capsys.readouterr().err
+
+
+# -- decisions.parquet ---------------------------------------------------------------------------
+
+def write_skip_records(store, cfg, part, rows):
+    """What the embed stage records for a shard's samples it did not embed (exactly its schema)."""
+    table = pa.table({c: pa.array([r[i] for r in rows], pa.string()) for i, c in enumerate(("shard", "key", "uid",
+                                                                                             "reason"))})
+    store.write_parquet(join(workdir.stage_dir(cfg.workdir, "embed"), f"part-{part:05d}.skipped.parquet"), table)
+
+
+def test_decisions_account_for_every_input_sample_once(tmp_path):
+    from pipeline.select.driver import compute
+
+    cols, rules = basic_columns(600)
+    cfg, store, a = make_workdir(tmp_path, select={"partitions": 3, "beta": 0.1, "keep_rates": [0.5],
+                                                   "prefilter": {"basic": True}}, filter_columns=cols)
+    skips = {0: [("pool/00000.tar", "x1", "", "decode_error"), ("pool/00000.tar", "x2", "ab" * 16, "no_caption")],
+             1: [("pool/00001.tar", "y1", "cd" * 16, "no_embedding")]}  # part 2: an older workdir, none
+    for part, rows in skips.items():
+        write_skip_records(store, cfg, part, rows)
+    stats = run_select_stage(cfg, store)
+    sel_dir = workdir.stage_dir(cfg.workdir, "select")
+    names = sorted(p.name for p in (tmp_path / "work" / "selection" / "decisions.parquet").iterdir())
+    assert names == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    dec = pq.read_table(join(sel_dir, "decisions.parquet")).to_pydict()
+    assert list(dec) == ["shard", "key", "uid", "decision", "reason", "rank", "score", "blame_uid", "blame_amount"]
+    emb = pa.concat_tables([pq.read_table(u, columns=["shard", "key", "uid"]) for u in
+                            workdir.committed_parts(store, workdir.stage_dir(cfg.workdir, "embed"))]).to_pydict()
+    embedded = [(s, k, u) for s, k, u, d in zip(dec["shard"], dec["key"], dec["uid"], dec["decision"]) if d != "skipped"]
+    assert sorted(embedded) == sorted(zip(emb["shard"], emb["key"], emb["uid"])) and len(set(embedded)) == 600
+    skipped = [(s, k, u, r) for s, k, u, r, d in zip(dec["shard"], dec["key"], dec["uid"], dec["reason"], dec["decision"])
+               if d == "skipped"]
+    assert sorted(skipped) == sorted(skips[0] + skips[1])
+    # the counts match the stage's stats
+    count = {d: dec["decision"].count(d) for d in ("skipped", "prefiltered", "selected", "ranked", "pruned")}
+    ranked_only = stats["ranked"] - stats["budget"]
+    assert count == {"skipped": 3, "prefiltered": stats["prefiltered"], "selected": stats["budget"],
+                     "ranked": ranked_only, "pruned": stats["pruned"] - ranked_only} == stats["decisions"]
+    assert stats["decisions_without_skip_records"] == 1 and ranked_only == 90 - 54
+    # per sample: reason, rank, score, blame as the other outputs say
+    row = {u: i for i, (u, d) in enumerate(zip(dec["uid"], dec["decision"])) if d != "skipped"}
+    ranked = pq.read_table(join(sel_dir, "selected.parquet")).to_pydict()
+    for r, (u, sel) in enumerate(zip(ranked["uid"], ranked["selected"])):
+        assert dec["decision"][row[u]] == ("selected" if sel else "ranked") and dec["rank"][row[u]] == r
+    nodes = pq.read_table(join(sel_dir, "nodes")).to_pydict()
+    uid_of = np.array(a["uids"])
+    selected = set(read_selected(store, cfg)["uid"])
+    blamed = 0
+    for node, u, label, bn, amount in zip(nodes["node"], nodes["uid"], nodes["prefilter"], nodes["blame_node"],
+                                          nodes["blame_amount"]):
+        i = row[u]
+        assert dec["score"][i] == a["scores"][node]
+        assert dec["reason"][i] == label == (rules[node] or label)
+        assert (dec["decision"][i] == "prefiltered") == bool(label)
+        assert dec["blame_uid"][i] == (uid_of[bn] if bn >= 0 else "") and dec["blame_amount"][i] == amount
+        if dec["decision"][i] == "pruned" and bn >= 0:
+            assert dec["blame_uid"][i] in selected
+            blamed += 1
+    assert blamed > 0.5 * count["pruned"]
+    assert all(np.isnan(s) and r == -1 for s, r, d in zip(dec["score"], dec["rank"], dec["decision"]) if d == "skipped")
+    assert not store.exists(join(sel_dir, "_work"))
+
+    # resumable: a second computation keeps the files there and writes only the missing one
+    out = str(tmp_path / "again")
+    compute(cfg, store, out, use_ray=False)
+    files = {n: tmp_path / "again" / "decisions.parquet" / n for n in names}
+    before = {n: f.stat().st_mtime_ns for n, f in files.items()}
+    files["part-00001.parquet"].unlink()
+    again = compute(cfg, store, out, use_ray=False)
+    assert files["part-00000.parquet"].stat().st_mtime_ns == before["part-00000.parquet"]
+    assert pq.read_table(files["part-00001.parquet"]).to_pandas().equals(  # NaN scores of skipped rows equal
+        pq.read_table(join(sel_dir, "decisions.parquet", "part-00001.parquet")).to_pandas())
+    assert again["decisions"] == stats["decisions"]
+
+
+def test_committed_parts_are_not_skip_records(tmp_path):
+    cfg, store, _ = make_workdir(tmp_path, n=100)
+    write_skip_records(store, cfg, 0, [("pool/00000.tar", "k", "", "decode_error")])
+    names = [u.rsplit("/", 1)[-1] for u in workdir.committed_parts(store, workdir.stage_dir(cfg.workdir, "embed"))]
+    assert names == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+
+
+@pytest.mark.slow
+def test_basic_filter_and_decisions_on_ray_equal_in_process(tmp_path, ray_local):
+    from pipeline.select.driver import compute
+
+    cols, _ = basic_columns(600)
+    cfg, store, _ = make_workdir(tmp_path, select={"partitions": 4, "beta": 0.1, "prefilter": {"basic": True}},
+                                 filter_columns=cols)
+    write_skip_records(store, cfg, 1, [("pool/00001.tar", "y1", "", "decode_error")])
+    local = compute(cfg, store, str(tmp_path / "local"), use_ray=False)
+    remote = compute(cfg, store, str(tmp_path / "ray"), use_ray=True)
+    assert remote["used_ray"] and remote["basic_filter"] == local["basic_filter"]
+    assert remote["decisions"] == local["decisions"]
+    for name in ("selected.parquet", "decisions.parquet"):
+        assert pq.read_table(tmp_path / "ray" / name).to_pandas().equals(pq.read_table(tmp_path / "local" / name).to_pandas())

@@ -34,6 +34,25 @@ Only hex uids of at most 32 digits (DataComp's and our md5 default) can be writt
     blame_node     int64    D2, a node not selected at the configured budget: the selected neighbour
                             whose single suppression of it was largest (ties: lower id); else -1
     blame_amount   float64  that suppression, in score units (0.0 when blame_node is -1)
+
+``decisions.parquet/part-NNNNN.parquet`` (one per embedding part, same NNNNN as the part and its
+input shard; together one row per input sample): what happened to each sample and why::
+
+    shard          string   the input shard URL
+    key            string   the sample's key in that shard
+    uid            string   "" when a skipped sample had none
+    decision       string   skipped | prefiltered | selected | ranked | pruned
+                            (:mod:`pipeline.core.decide`; ranked = only for a larger keep rate)
+    reason         string   skipped: the embed stage's reason; prefiltered: the basic filter's rule or
+                            "beta"; else ""
+    rank           int64    selection rank (selected, ranked), else -1
+    score          float64  the raw ``select.score`` value (NaN when skipped)
+    blame_uid      string   D2, a candidate not selected at the configured budget: the selected
+                            neighbour whose suppression of it was largest (``blame_node``); else ""
+    blame_amount   float64  that suppression (0.0 without one)
+
+The embedded samples' rows come first, in the part's row order, then the part's skip records
+(``embeddings/part-NNNNN.skipped.parquet``) when the embed stage wrote them.
 """
 
 from __future__ import annotations
@@ -48,6 +67,7 @@ from ..core.basic_filter import RULES
 from ..storage import Store, join
 
 SELECTED = "selected.parquet"
+DECISIONS_DIR = "decisions.parquet"
 SUBSET = "subset.npy"
 NODES_DIR = "nodes"
 DATACOMP_UID_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])  # == np.dtype("u8,u8") on x86/ARM
@@ -133,6 +153,28 @@ def nodes_table(node, uid, score, prefilter_codes, rank, forward, final, blame_n
         "blame_node": pa.array(np.asarray(blame_node, np.int64)),
         "blame_amount": pa.array(np.asarray(blame_amount, np.float64)),
     })
+
+
+def decisions_schema():
+    import pyarrow as pa
+
+    return pa.schema([("shard", pa.string()), ("key", pa.string()), ("uid", pa.string()),
+                      ("decision", pa.string()), ("reason", pa.string()), ("rank", pa.int64()),
+                      ("score", pa.float64()), ("blame_uid", pa.string()), ("blame_amount", pa.float64())])
+
+
+def decisions_table(shard, key, uid, decision_codes, reason, rank, score, blame_uid, blame_amount):
+    """A ``decisions.parquet`` part (module docstring): string columns as pyarrow arrays,
+    ``decision_codes`` int8 indices into :data:`pipeline.core.decide.DECISIONS`."""
+    import pyarrow as pa
+
+    from ..core.decide import DECISIONS
+
+    codes = np.asarray(decision_codes, np.int32)
+    decision = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(DECISIONS, pa.string())).cast(pa.string())
+    return pa.Table.from_arrays([
+        shard, key, uid, decision, reason, pa.array(np.asarray(rank, np.int64)), pa.array(np.asarray(score, np.float64)),
+        blame_uid, pa.array(np.asarray(blame_amount, np.float64))], schema=decisions_schema())
 
 
 @numba.njit(cache=True, nogil=True)

@@ -18,7 +18,8 @@ Steps (spec sections in brackets; the workers' side is :mod:`.hosts`):
    each partition's settle report folded into the next round's call); or a baseline's cuts;
 8. outputs (tasks, :mod:`.outputs`): the merge writes ``selected.parquet`` and each partition's
    ranks; the final scores' exchange; the workers write ``nodes/part-*.parquet`` and sorted subset
-   runs; merges write ``subset*.npy``.
+   runs; merges write ``subset*.npy``;
+9. decisions (tasks, :mod:`.decisions`): ``decisions.parquet``, one row per input sample.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ..formats.selection import NODES_DIR, SELECTED, not_hex_message, subset_nam
 from ..runtime import peak_rss_bytes
 from ..storage import Store, join, node_cache_root
 from ..workdir import stage_dir
+from . import decisions as decision_files
 from . import outputs, prefilter, shuffle
 from .hosts import HostSettings, LocalHosts, RayHosts
 from .plan import graph_parts, make_plan, range_groups, resolve_partitions
@@ -105,8 +107,10 @@ def budgets_of(cfg: JobConfig, n: int) -> tuple[int, list[tuple[float, int]]]:
     return d2.budget_for(n, cfg.select.prune_rate), [(r, int(round(r * n))) for r in cfg.select.keep_rates]
 
 
-def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None) -> dict[str, Any]:
-    """Run the select stage's computation, writing its outputs into ``out_dir``; returns the stats."""
+def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None,
+            decisions: bool = True) -> dict[str, Any]:
+    """Run the select stage's computation, writing its outputs into ``out_dir`` (with
+    ``decisions``, ``decisions.parquet`` too); returns the stats."""
     s = cfg.select
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -287,7 +291,7 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         subset_runs = [join(plan.work_dir, f"subset{i}-" + "{:05d}.col") for i in range(len(rate_budgets))]
         written = hosts.call("write_outputs", join(plan.work_dir, "ranks-{:05d}.bin"),
                              join(out_dir, NODES_DIR, "part-{:05d}.parquet"), subset_runs,
-                             [b for _, b in rate_budgets], d2_scores)
+                             [b for _, b in rate_budgets], d2_scores, decisions)
         n_bad = max((v["bad_uids"] for v in written.values()), default=0)
         subsets = [join(out_dir, subset_name(r)) for r, _ in rate_budgets]
         if n_bad:
@@ -309,6 +313,19 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         stats["worker_exchange_seconds"] = {k: round(v, 3) for k, v in hosts.exchange_seconds.items()}
     finally:
         hosts.close()
+
+    # 9. decisions: one row per input sample (tasks, :mod:`.decisions`), once the workers are gone
+    if decisions and plan.n_groups:
+        if not all(store.exists(decision_files.decisions_url(out_dir, p)) for p in plan.parts):
+            _run_missing(tasks, store, decision_files.resolve_blame,
+                         [(decision_files.blame_url(job, g), (job, g)) for g in range(plan.n_groups)])
+        reports = tasks.run(decision_files.write_decisions, [(job, g, out_dir, budget) for g in range(plan.n_groups)])
+        stats["decisions"] = {k: sum(r["counts"][k] for r in reports) for k in reports[0]["counts"]}
+        stats["decisions_without_skip_records"] = sum(r["without_skip_records"] for r in reports)
+        if stats["decisions_without_skip_records"]:
+            log.info("select: %d embedding parts have no skip records (written before the embed stage kept them): "
+                     "decisions.parquet lists only their embedded samples", stats["decisions_without_skip_records"])
+        lap("decisions")
     stats["selected"] = budget
     stats["pruned"] = m - budget - n_drop
     stats["driver_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)

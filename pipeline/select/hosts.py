@@ -41,9 +41,9 @@ from ..core.partition import PartitionRows
 from ..formats.selection import PREFILTER_BETA, PREFILTER_KEPT, hex_uid_pairs
 from ..formats.shuffle import ColumnFile, write_columns
 from ..runtime import peak_rss_bytes
+from .decisions import write_decision_records
 from .outputs import read_ranks
-from .prefilter import read_codes_range
-from .shuffle import ShuffleJob, edge_sources, read_group, read_nodes
+from .shuffle import ShuffleJob, edge_sources, read_basic_codes, read_group, read_nodes
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ class PartitionHost:
         job = self.job
         if job.plan.direct:
             scores = [read_group(job, g, edges=False, uids=False)["score"] for g in range(job.plan.n_groups)]
-            codes = read_codes_range(job, 0, len(job.plan.parts)) if job.basic else None
+            codes = read_basic_codes(job, 0, len(job.plan.parts)) if job.basic else None
             return (np.arange(job.plan.n_nodes, dtype=np.int64), np.concatenate(scores) if scores else np.zeros(0),
                     codes)
         got = read_nodes(job, pid, ["node", "score"] + (["basic"] if job.basic else []))
@@ -611,9 +611,11 @@ class PartitionHost:
 
     # ---- outputs ---------------------------------------------------------------------------------
 
-    def write_outputs(self, ranks: str, nodes: str, subsets: list[str], budgets: list[int], d2_scores: bool) -> dict:
-        """Per partition: ``selection/nodes/part-P.parquet`` (every owned node: rank, scores, blame)
-        and one sorted run of subset uids per budget; returns the non-hex uids met."""
+    def write_outputs(self, ranks: str, nodes: str, subsets: list[str], budgets: list[int], d2_scores: bool,
+                      decisions: bool = False) -> dict:
+        """Per partition: ``selection/nodes/part-P.parquet`` (every owned node: rank, scores, blame),
+        one sorted run of subset uids per budget and (``decisions``) the records the decisions
+        tasks join (:mod:`.decisions`); returns the non-hex uids met."""
         def fn(pid, part):
             got = read_ranks(self.job.store, ranks.format(pid))
             ranked = part.pick_nodes[: got.size] if got.size else np.zeros(0, np.int64)
@@ -636,6 +638,9 @@ class PartitionHost:
             codes = np.full(n, PREFILTER_KEPT, np.int8) if part.basic is None else part.basic.copy()
             codes[~part.keep & (codes == PREFILTER_KEPT)] = PREFILTER_BETA  # passed the basic filter, not β
             write_nodes_file(self.job.store, nodes.format(pid), part.owned, uids, part.raw, codes, rank, columns)
+            if decisions:
+                write_decision_records(self.job, pid, part.owned, codes, rank, part.raw, columns["blame_node"],
+                                       columns["blame_amount"])
             bad: list[str] = []
             n_bad = 0
             for b, template in zip(budgets, subsets):

@@ -20,12 +20,11 @@ import numpy as np
 
 from ..core.basic_filter import RULES, basic_filter
 from ..formats.embeddings import read_filter_columns
-from ..formats.shuffle import ColumnFile, write_columns
-from .shuffle import ShuffleJob
+from ..formats.shuffle import write_columns
+from .shuffle import ShuffleJob, basic_codes_url, read_basic_codes
 
-
-def codes_url(job: ShuffleJob, index: int) -> str:
-    return job.path(f"basic-{index:05d}.col")
+# where the codes are and how they are read belong to the shuffle, which carries them
+codes_url, read_codes_range = basic_codes_url, read_basic_codes
 
 
 def counts_url(job: ShuffleJob, index: int) -> str:
@@ -44,22 +43,6 @@ def filter_part(job: ShuffleJob, index: int) -> dict:
     job.store.write_json(counts_url(job, index), counts)
     write_columns(job.store, codes_url(job, index), {"code": result.first_failed.astype(np.int8)})
     return counts
-
-
-def read_codes(job: ShuffleJob, index: int) -> np.ndarray:
-    """Part ``index``'s codes (int8, -1 = passes), checked to cover the part's rows."""
-    with ColumnFile(job.store, codes_url(job, index)) as f:
-        codes = f.read_rows(0, f.rows, ["code"])["code"]
-    rows = job.plan.parts[index].embedding.rows
-    if codes.size != rows:
-        raise RuntimeError(f"{codes_url(job, index)} has {codes.size} codes for the {rows} rows of its part")
-    return codes
-
-
-def read_codes_range(job: ShuffleJob, first: int, end: int) -> np.ndarray:
-    """The codes of plan parts ``first..end-1`` concatenated (their node range)."""
-    pieces = [read_codes(job, i) for i in range(first, end)]
-    return np.concatenate(pieces) if pieces else np.zeros(0, np.int8)
 
 
 def summary(counts: list[dict]) -> dict:
