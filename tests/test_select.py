@@ -415,6 +415,13 @@ def test_basic_filter_drops_each_rule_before_beta_and_selects_from_the_rest(tmp_
     assert stats["prefiltered_beta"] == round(0.1 * 180) and stats["prefiltered"] == 420 + 18
     assert stats["pruned"] == 180 - budget - 18
     assert read_selected(store, cfg)["uid"] == expected
+    # what the job's summary and report list as dropped: each rule, β on its own
+    from pipeline.summary import summarize
+
+    dropped = summarize({"select": stats})["dropped"]
+    assert {k: v for k, v in dropped.items() if k.startswith("basic filter: ")} == \
+        {f"basic filter: {r}": c for r, c in result.dropped_by.items()}
+    assert dropped["pre-filter (lowest 0.1 of scores)"] == 18
     # the nodes files say which pre-filter dropped each node
     nodes = pq.read_table(join(workdir.stage_dir(cfg.workdir, "select"), "nodes")).to_pydict()
     label = dict(zip(nodes["node"], nodes["prefilter"]))
