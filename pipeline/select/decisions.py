@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.decide import DECISIONS, SKIPPED, decide
-from ..formats.embeddings import read_skipped
+from ..formats.embeddings import read_skipped, skipped_url
 from ..formats.selection import DECISIONS_DIR, PREFILTER_KEPT, decisions_table, prefilter_labels
 from ..formats.shuffle import bucket_order, read_buckets, write_columns
 from ..storage import join
@@ -133,13 +133,14 @@ def write_decisions(job: ShuffleJob, g: int, out_dir: str, budget: int) -> dict:
     for i in range(a, b):
         part = plan.parts[i]
         url = decisions_url(out_dir, part)
-        skipped = read_skipped(store, part.embedding)
-        without += skipped is None
         if i not in todo:
+            without += not store.exists(skipped_url(part.embedding))
             found = _count(store.read_parquet(url, columns=["decision"]))
             for d in DECISIONS:
                 counts[d] += found[d]
             continue
+        skipped = read_skipped(store, part.embedding)
+        without += skipped is None
         s, e = part.lo - lo, part.hi - lo
         code, rank = rec["code"][s:e], rec["rank"][s:e]
         decision = decide(code != PREFILTER_KEPT, rank, budget)
