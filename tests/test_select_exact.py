@@ -295,7 +295,8 @@ RAY_CASES = {
                 {"partitions": 7, "gamma_reverse": 0.0, "workers": 3}),
     "isolated-P4": (isolated_case, {"partitions": 4}),
     "hubs-P8": (hub_case, {"partitions": 8, "workers": 4, "keep_rates": [0.5]}),
-    "budget0-P3": (lambda: random_graph(np.random.default_rng(3), 200, 4, 9), {"partitions": 3, "prune_rate": 1.0}),
+    "budget0-P3": (lambda: random_graph(np.random.default_rng(3), 200, 4, 9), {"partitions": 3, "prune_rate": 0.998,
+                                                                                 "keep_rates": [0.1]}),  # budget 0
     "budgetN-P6": (lambda: random_graph(np.random.default_rng(4), 200, 4, 9), {"partitions": 6, "prune_rate": 0.0}),
     "beta-P9": (lambda: random_graph(np.random.default_rng(5), 500, 5, 30), {"partitions": 9, "beta": 0.2}),
     "cells-P1": (lambda: random_graph(np.random.default_rng(6), 300, 5, 1), {"partitions": "cells"}),
