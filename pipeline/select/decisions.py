@@ -27,7 +27,12 @@ import numpy as np
 
 from ..core.decide import DECISIONS, SKIPPED, decide
 from ..formats.embeddings import read_skipped, skipped_url
-from ..formats.selection import DECISIONS_DIR, PREFILTER_KEPT, decisions_table, prefilter_labels
+from ..formats.selection import (
+    DECISIONS_DIR,
+    PREFILTER_KEPT,
+    decisions_table,
+    prefilter_labels,
+)
 from ..formats.shuffle import bucket_order, read_buckets, write_columns
 from ..storage import join
 from .shuffle import ShuffleJob
