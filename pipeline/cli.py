@@ -1,7 +1,8 @@
 """``d2prune``: the whole job (or one stage) from one YAML config.
 
-    d2prune run CONFIG [--set key=value ...] [--force-from STAGE] [--address ADDR]
+    d2prune run CONFIG [--set key=value ...] [--force-from STAGE] [--keep RATES] [--address ADDR]
     d2prune embed|graph|select|write CONFIG [--set key=value ...] [--force] [--address ADDR]
+    d2prune select CONFIG --keep 0.1,0.2,0.3,0.5   # one subset_keep{rate}.npy per rate, one greedy run
     d2prune demo [--out DIR] [--quick]
     d2prune report WORKDIR [--config CONFIG]
     d2prune lease CONFIG                  # who holds the workdir: exit 0 free, 5 held
@@ -22,7 +23,7 @@ import sys
 
 from .config import load_config
 from .console import print_summary, setup_logging, stdout_for_summary_only
-from .errors import EXIT_BUSY, EXIT_FAILED, EXIT_OK, exit_code_for, one_line
+from .errors import EXIT_BUSY, EXIT_FAILED, EXIT_OK, UsageError, exit_code_for, one_line
 from .job import STAGE_NAMES, run_job
 from .lease import acquire, describe, holder
 from .storage import Store
@@ -41,13 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set select.prune_rate=0.5 (repeatable)")
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local Ray)")
 
+    def keep_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--keep", default=None, metavar="RATES",
+                       help="keep fractions served by one selection, e.g. 0.1,0.2,0.3,0.5: sets select.keep_rates "
+                       "(one subset_keep{rate}.npy each; D2's order is a prefix order)")
+
     run = sub.add_parser("run", help="run embed -> graph -> select -> write, skipping committed stages")
     job_args(run)
+    keep_arg(run)
     run.add_argument("--force-from", choices=STAGE_NAMES, default=None,
                      help="recompute this stage and every later one")
     for stage in STAGE_NAMES:
         p = sub.add_parser(stage, help=f"run only the {stage} stage")
         job_args(p)
+        if stage == "select":
+            keep_arg(p)
         p.add_argument("--force", action="store_true", help="recompute this stage and every later one")
     demo = sub.add_parser("demo", help="make a small pool locally and run the whole job with a report")
     demo.add_argument("--out", default="d2prune-demo", help="directory for the demo pool, work dir and output")
@@ -61,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def keep_override(text: str) -> str:
+    """``--keep 0.1,0.2`` as the ``select.keep_rates`` override, checked as the config field is
+    (fractions in (0, 1], no repeats) so that a typo is one clear line (exit 2)."""
+    rates = []
+    for item in text.split(","):
+        try:
+            rates.append(float(item))
+        except ValueError:
+            raise UsageError(f"--keep {text}: {item.strip()!r} is not a number (give fractions, e.g. 0.1,0.2,0.5)") \
+                from None
+    bad = [r for r in rates if not 0.0 < r <= 1.0]
+    if bad:
+        raise UsageError(f"--keep {text}: keep rates must lie in (0, 1], got {bad}")
+    if len(set(rates)) != len(rates):
+        raise UsageError(f"--keep {text}: keep rates repeat")
+    return "select.keep_rates=[" + ",".join(repr(r) for r in rates) + "]"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -70,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     command = "d2prune " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
+        if getattr(args, "keep", None) is not None:  # after the --set overrides: the flag wins
+            args.overrides = args.overrides + [keep_override(args.keep)]
         if args.command == "run":
             with stdout_for_summary_only() as out:
                 print_summary(run_job(args.config, args.overrides, args.force_from, args.address,

@@ -260,17 +260,9 @@ class GraphConfig(_Section):
 class PrefilterConfig(_Section):
     basic: bool = Field(
         False, description="DataComp's basic filter before selection: English caption (fastText lid.176, "
-        "offline), more than 2 words and 5 characters, smaller image side >= 200 px, aspect ratio <= 3.",
+        "offline), more than 2 words and 5 characters, smaller image side >= 200 px, aspect ratio <= 3. The samples "
+        "that pass are the pool selected from: prune_rate, keep_rates and beta are fractions of them.",
     )
-
-    @field_validator("basic")
-    @classmethod
-    def _not_wired_yet(cls, value: bool) -> bool:
-        # The embed stage records what the filter reads and pipeline/core/basic_filter.py applies it,
-        # but the select stage does not call it yet: refuse rather than silently select unfiltered.
-        if value:
-            raise ValueError("the basic pre-filter is not applied by the select stage yet; leave it false")
-        return value
 
 
 class SelectConfig(_Section):

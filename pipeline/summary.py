@@ -23,8 +23,14 @@ def summarize(stats: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
             embedded = int(embed["samples"])
             samples_in = embedded + sum(skipped.values())
     if select:
-        if select.get("prefiltered"):
-            dropped[f"pre-filter (lowest {select.get('prefilter_beta', 0):g} of scores)"] = int(select["prefiltered"])
+        basic = select.get("basic_filter") or {}
+        for rule, count in (basic.get("dropped_by") or {}).items():
+            if count:
+                dropped[f"basic filter: {rule}"] = int(count)
+        # prefiltered counts both pre-filters; prefiltered_beta is β's share (absent in older stats)
+        beta = select.get("prefiltered_beta", select.get("prefiltered"))
+        if beta:
+            dropped[f"pre-filter (lowest {select.get('prefilter_beta', 0):g} of scores)"] = int(beta)
         dropped[f"pruned by {select.get('method')}"] = int(select.get("pruned", 0))
     return {
         "samples_in": samples_in,

@@ -4,13 +4,17 @@ Stages talk through files (see ../shared/design/architecture.md)::
 
     WORKDIR/embeddings/part-NNNNN.parquet   one per input shard (NNNNN = index in the expanded shard list)
     WORKDIR/embeddings/part-NNNNN.stats.json  that shard's counts, committed before the part
+    WORKDIR/embeddings/part-NNNNN.skipped.parquet  that shard's samples not in the part: shard, key, uid, reason
     WORKDIR/graph/nodes.parquet             node (row id), uid, part
     WORKDIR/graph/part-NNNNN.parquet        node, neighbors[k], sq_distances[k], cell
     WORKDIR/graph/lists.parquet             per IVF list: nodes, coarse cell, search group
     WORKDIR/selection/selected.parquet      uid, rank, forward_score, final_score, partition, selected
     WORKDIR/selection/subset.npy            DataComp subset file (subset_keep{rate}.npy per extra keep rate)
-    WORKDIR/selection/nodes/part-PPPPP.parquet  every node's rank, scores and blame, one file per partition
-    WORKDIR/selection/_work/                the select stage's shuffle and merge files (removed at commit)
+    WORKDIR/selection/nodes/part-PPPPP.parquet  every node's rank, scores, blame and pre-filter, one file per partition
+    WORKDIR/selection/decisions.parquet/part-NNNNN.parquet  one row per input sample of shard NNNNN: what
+                                            happened to it and why (decision, reason, rank, score, blame_uid)
+    WORKDIR/selection/_work/                the select stage's shuffle, basic-filter, merge and decision-join
+                                            files (removed at commit)
     WORKDIR/embeddings/precomputed.json     the precomputed encoder's join counts (its _join/ is temporary)
     WORKDIR/write/plan.json, plan/part-*.parquet  the write stage's fixed shard plan (its _join/ is temporary)
     WORKDIR/<stage>/_FINGERPRINT.json       the settings fingerprint of the run that wrote parts there
@@ -23,6 +27,7 @@ these primitives (skip, require upstream, claim, commit) is :func:`pipeline.stag
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -32,6 +37,7 @@ from .storage import Store, join
 STAGE_DIRS = {"embed": "embeddings", "graph": "graph", "select": "selection", "write": "write"}
 SUCCESS = "_SUCCESS.json"
 FINGERPRINT = "_FINGERPRINT.json"
+_PART = re.compile(r"^part-\d+\.parquet$")
 STATS = "_stats.json"
 
 __all__ = ["STAGE_DIRS", "SUCCESS", "StaleStageError", "stage_dir", "part_name"]
@@ -96,4 +102,5 @@ def committed_parts(store: Store, directory: str) -> list[str]:
     """URLs of the committed ``part-NNNNN.parquet`` files in `directory`, in part order (the node
     order of the graph). Temporary files of an interrupted local write are hidden
     (``.part-…tmp-…``) and never match."""
-    return store.glob(join(directory, "part-*.parquet"))
+    # only part-<digits>.parquet: a part's companions (part-NNNNN.skipped.parquet) are not parts
+    return [u for u in store.glob(join(directory, "part-*.parquet")) if _PART.match(u.rsplit("/", 1)[-1])]

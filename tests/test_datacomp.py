@@ -401,9 +401,11 @@ def test_datacomp_settings_are_validated_and_fingerprinted_where_they_matter(tmp
     wide = stage_fingerprints(make_config(str(tmp_path / "w"), ["a.tar"], overrides=["output.shard_name_width=8"]))
     narrow = stage_fingerprints(make_config(str(tmp_path / "w"), ["a.tar"]))
     assert wide["write"] != narrow["write"] and wide["select"] == narrow["select"]
+    # the basic filter is accepted and changes what is selected from
+    basic = stage_fingerprints(make_config(str(tmp_path / "w"), ["a.tar"], overrides=["select.prefilter.basic=true"]))
+    assert basic["select"] != narrow["select"] and basic["embed"] == narrow["embed"]
     for bad, needle in ((["embed.precomputed.image_key=[]"], "image_key: Value error, must name at least one"),
-                        (["output.shard_name_width=0"], "shard_name_width"),
-                        (["select.prefilter.basic=true"], "not applied by the select stage yet")):
+                        (["output.shard_name_width=0"], "shard_name_width")):
         with pytest.raises(ConfigError, match=needle):
             make_config(str(tmp_path / "w"), ["a.tar"], overrides=bad,
                         embed={"encoder": "precomputed", "precomputed": {"metadata": "m/"}})

@@ -8,6 +8,8 @@ in test_select_exact.py.
 """
 
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,7 +37,8 @@ def run_select_stage(cfg, store):
 U16 = np.dtype("u8,u8")  # what DataComp's resharder asserts
 
 
-def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=None, select=None, graph=None):
+def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=None, select=None, graph=None,
+                 filter_columns=None):
     """A committed embed + graph stage for n clustered points; returns (cfg, store, arrays)."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(nlist, dim))
@@ -54,7 +57,8 @@ def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=No
     cfg = config_from_dict(raw)
     store = Store()
     neighbors, sq, cells = knn_graph(vectors, k, index="ivfflat", nlist=nlist, nprobe=nlist, seed=0)
-    write_graph_stages(store, cfg, neighbors, sq, cells, scores, uids, parts, vectors=vectors.astype(np.float16))
+    write_graph_stages(store, cfg, neighbors, sq, cells, scores, uids, parts, vectors=vectors.astype(np.float16),
+                       **(filter_columns or {}))
     return cfg, store, {"vectors": vectors, "scores": scores.astype(np.float64), "uids": uids,
                         "neighbors": neighbors, "sq": sq, "cells": cells}
 
@@ -250,7 +254,7 @@ def test_score_file_joined_by_uid_and_missing_uids_named(tmp_path):
 
 def test_unknown_score_column_is_named(tmp_path):
     cfg, store, _ = make_workdir(tmp_path, select={"score": "aesthetic"})
-    with pytest.raises(ConfigError, match=r"select.score='aesthetic'.*numeric columns there: \['clip_score', .*'score'\]"):
+    with pytest.raises(ConfigError, match=r"select.score='aesthetic'.*numeric columns there: \['clip_score', 'original_width', 'original_height', 'score'\]"):
         run_select_stage(cfg, store)
 
 
@@ -347,3 +351,267 @@ def test_keep_rates_rank_more_and_write_one_subset_each(tmp_path):
     for name, b in (("subset.npy", 180), ("subset_keep0.5.npy", 300), ("subset_keep0.1.npy", 60)):
         assert store.read_bytes(join(sel_dir, name)) == subset_npy_bytes(datacomp_subset(ranked["uid"][:b]))
     assert read_selected(store, cfg)["uid"] == ranked["uid"][:180]  # what the write stage reads
+
+
+# -- select.prefilter.basic: DataComp's basic filter before the β pre-filter ---------------------
+
+ENGLISH = ["a photo of a small red dog playing in the garden", "a big red house on the hill at sunset",
+           "two children riding bicycles along the beach", "a bowl of fresh fruit on a wooden table"]
+# captions / sizes that fail one rule each (node i % 10 picks the case; other nodes pass)
+FAILING = {1: ("caption_not_english", "ein kleiner roter Hund spielt im Garten", 640, 480),
+           2: ("caption_not_english", "一只小红狗在花园里玩耍", 640, 480),
+           3: ("caption_too_few_words", "sunny beach", 640, 480),
+           4: ("caption_too_short", "a b c", 640, 480),
+           5: ("image_too_small", ENGLISH[0], 150, 480),
+           6: ("image_aspect_ratio", ENGLISH[1], 1000, 200),
+           7: ("image_too_small", ENGLISH[2], None, None)}  # unknown size: the filter cannot vouch for it
+
+
+def basic_columns(n):
+    captions, widths, heights, rules = [], [], [], []
+    for i in range(n):
+        rule, caption, w, h = FAILING.get(i % 10, ("", ENGLISH[i % len(ENGLISH)], 640, 480))
+        captions.append(caption)
+        widths.append(w)
+        heights.append(h)
+        rules.append(rule)
+    return {"captions": captions, "widths": widths, "heights": heights}, rules
+
+
+def basic_expected(a, cols, cfg):
+    """The single-process reference: DataComp's filter (the core function with the offline
+    language id), then β on the samples that pass, then d2_select on the graph without the dropped
+    nodes; budget and β are fractions of the samples that pass."""
+    from pipeline.core.basic_filter import basic_filter
+    from pipeline.langid import detect_languages
+
+    s = cfg.select
+    result = basic_filter(cols["captions"], cols["widths"], cols["heights"], detect_languages)
+    passed = np.flatnonzero(result.keep)
+    kept = passed[d2.prefilter_mask(a["scores"][passed], s.beta)] if s.beta else passed
+    graph = d2.symmetrize_knn(a["neighbors"], a["sq"])
+    shifted, _ = d2.shift_nonnegative(a["scores"][kept], None)
+    budget = d2.budget_for(passed.size, s.prune_rate)
+    b_max = max([budget] + [round(r * passed.size) for r in s.keep_rates])
+    top = d2.d2_select(d2.subgraph(graph, kept), shifted, b_max, s.gamma_forward, s.gamma_reverse, s.forward_rounds)
+    return result, passed, kept, budget, np.array(a["uids"])[kept[top.order]].tolist()
+
+
+def test_basic_filter_drops_each_rule_before_beta_and_selects_from_the_rest(tmp_path):
+    from pipeline.core.basic_filter import RULES
+
+    cols, rules = basic_columns(600)
+    cfg, store, a = make_workdir(tmp_path, select={"partitions": 1, "beta": 0.1, "prefilter": {"basic": True}},
+                                 filter_columns=cols)
+    stats = run_select_stage(cfg, store)
+    result, passed, kept, budget, expected = basic_expected(a, cols, cfg)
+    # the fixture exercises every rule: each failing node is dropped by the rule it was built to fail
+    for i, rule in enumerate(rules):
+        assert result.reason(i) == (rule or None)
+    assert {r for r in rules if r} == set(RULES)
+    assert stats["basic_filter"] == {"dropped": 420, "dropped_by": result.dropped_by, "failed": result.failed}
+    assert stats["candidates"] == passed.size == 180
+    assert stats["budget"] == budget == round(0.3 * 180)  # a fraction of the samples that pass
+    assert stats["prefiltered_beta"] == round(0.1 * 180) and stats["prefiltered"] == 420 + 18
+    assert stats["pruned"] == 180 - budget - 18
+    assert read_selected(store, cfg)["uid"] == expected
+    # what the job's summary and report list as dropped: each rule, β on its own
+    from pipeline.summary import summarize
+
+    dropped = summarize({"select": stats})["dropped"]
+    assert {k: v for k, v in dropped.items() if k.startswith("basic filter: ")} == \
+        {f"basic filter: {r}": c for r, c in result.dropped_by.items()}
+    assert dropped["pre-filter (lowest 0.1 of scores)"] == 18
+    # the nodes files say which pre-filter dropped each node
+    nodes = pq.read_table(join(workdir.stage_dir(cfg.workdir, "select"), "nodes")).to_pydict()
+    label = dict(zip(nodes["node"], nodes["prefilter"]))
+    beta_dropped = set(passed.tolist()) - set(kept.tolist())
+    for i in range(600):
+        want = rules[i] or ("beta" if i in beta_dropped else "")
+        assert label[i] == want, i
+    assert nodes["prefiltered"] == [bool(lab) for lab in nodes["prefilter"]]
+    assert all(np.isnan(f) for f, lab in zip(nodes["forward_score"], nodes["prefilter"]) if lab)
+
+
+def test_basic_filter_selection_does_not_depend_on_partitions(tmp_path):
+    cols, _ = basic_columns(600)
+    cfg, store, a = make_workdir(tmp_path, select={"partitions": 1, "beta": 0.1, "keep_rates": [0.5],
+                                                   "prefilter": {"basic": True}}, filter_columns=cols)
+    one, one_stats = select(cfg, store, use_ray=False)
+    many, stats = select(with_select(cfg, partitions=5, workers=3), store, use_ray=False)
+    assert stats["partitions"] == 5 and stats["cross_partition_edge_fraction"] > 0
+    assert many.equals(one)
+    assert stats["basic_filter"] == one_stats["basic_filter"]
+    _, _, _, budget, expected = basic_expected(a, cols, cfg)
+    assert one.column("uid").to_pylist() == expected[:budget]
+
+
+@pytest.mark.parametrize("method", ["score_topk", "random"])
+def test_baselines_with_basic_filter_do_not_depend_on_partitions(tmp_path, method):
+    cols, rules = basic_columns(600)
+    cfg, store, a = make_workdir(tmp_path, select={"method": method, "partitions": 1, "prefilter": {"basic": True}},
+                                 filter_columns=cols)
+    one, stats = select(cfg, store, use_ray=False)
+    many, _ = select(with_select(cfg, partitions=5, workers=3), store, use_ray=False)
+    assert many.equals(one) and one.num_rows == stats["budget"] == round(0.3 * 180)
+    passing = {u for u, r in zip(a["uids"], rules) if not r}
+    assert set(one.column("uid").to_pylist()) <= passing
+    if method == "score_topk":
+        ids = np.array([i for i, r in enumerate(rules) if not r])
+        top = ids[np.argsort(-a["scores"][ids], kind="stable")[: stats["budget"]]]
+        assert set(one.column("uid").to_pylist()) == set(np.array(a["uids"])[top].tolist())
+
+
+def test_basic_filter_resumes_only_unfinished_parts(tmp_path, monkeypatch):
+    from pipeline.select import prefilter
+
+    cols, _ = basic_columns(300)
+    cfg, store, _ = make_workdir(tmp_path, n=300, select={"partitions": 1, "prefilter": {"basic": True}},
+                                 filter_columns=cols)
+    calls = []
+    real = prefilter.filter_part
+
+    def flaky(job, index):
+        calls.append(index)
+        if index == 2 and calls.count(2) == 1:
+            raise RuntimeError("killed")
+        return real(job, index)
+
+    monkeypatch.setattr(prefilter, "filter_part", flaky)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_select_stage(cfg, store)
+    first = list(calls)
+    stats = run_select_stage(cfg, store)
+    assert first == [0, 1, 2] and calls[3:] == [2]  # the resumed stage filtered only part 2
+    assert stats["basic_filter"]["dropped"] == 210
+
+
+# -- d2prune select CONFIG --keep ------------------------------------------------------------------
+
+def test_keep_flag_sets_keep_rates_through_the_cli(tmp_path, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    cfg, store, a = make_workdir(tmp_path, select={"partitions": 2})
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    for bad, needle in (("0.1,abc", "'abc' is not a number"), ("0,0.2", r"must lie in \(0, 1\], got \[0.0\]"),
+                        ("0.2,1.5", r"got \[1.5\]"), ("0.2,0.2", "repeat")):
+        assert main(["select", str(config), "--keep", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("d2prune: error: --keep") and re.search(needle, err[0]), err
+    assert not store.exists(workdir.stage_dir(cfg.workdir, "select"))
+    assert main(["select", str(config), "--keep", "0.1,0.2,0.3,0.5"]) == 0
+    sel_dir = workdir.stage_dir(cfg.workdir, "select")
+    stats = store.read_json(join(sel_dir, "_stats.json"))
+    assert stats["keep_rates"] == {"0.1": 60, "0.2": 120, "0.3": 180, "0.5": 300} and stats["ranked"] == 300
+    # one greedy order serves every rate: each subset is a prefix of the largest budget's order
+    expected = d2.d2_select(d2.symmetrize_knn(a["neighbors"], a["sq"]), a["scores"] - a["scores"].min(), 300)
+    order = np.array(a["uids"])[expected.order].tolist()
+    for rate, b in (("0.1", 60), ("0.2", 120), ("0.3", 180), ("0.5", 300)):
+        assert store.read_bytes(join(sel_dir, f"subset_keep{rate}.npy")) == subset_npy_bytes(datacomp_subset(order[:b]))
+    assert store.read_bytes(join(sel_dir, "subset.npy")) == subset_npy_bytes(datacomp_subset(order[:180]))
+    # the committed stage was made with these rates: asking for others without --force is stale (exit 3)
+    assert main(["select", str(config), "--keep", "0.2"]) == 3
+    capsys.readouterr()
+    # d2prune run takes the flag too, checked the same way before any stage runs
+    assert main(["run", str(config), "--keep", "0.4,2"]) == 2
+    assert "--keep 0.4,2: keep rates must lie in (0, 1], got [2.0]" in capsys.readouterr().err
+
+
+# -- decisions.parquet ---------------------------------------------------------------------------
+
+def write_skip_records(store, cfg, part, rows):
+    """What the embed stage records for a shard's samples it did not embed (exactly its schema)."""
+    table = pa.table({c: pa.array([r[i] for r in rows], pa.string()) for i, c in enumerate(("shard", "key", "uid",
+                                                                                             "reason"))})
+    store.write_parquet(join(workdir.stage_dir(cfg.workdir, "embed"), f"part-{part:05d}.skipped.parquet"), table)
+
+
+def test_decisions_account_for_every_input_sample_once(tmp_path):
+    from pipeline.select.driver import compute
+
+    cols, rules = basic_columns(600)
+    cfg, store, a = make_workdir(tmp_path, select={"partitions": 3, "beta": 0.1, "keep_rates": [0.5],
+                                                   "prefilter": {"basic": True}}, filter_columns=cols)
+    skips = {0: [("pool/00000.tar", "x1", "", "decode_error"), ("pool/00000.tar", "x2", "ab" * 16, "no_caption")],
+             1: [("pool/00001.tar", "y1", "cd" * 16, "no_embedding")]}  # part 2: an older workdir, none
+    for part, rows in skips.items():
+        write_skip_records(store, cfg, part, rows)
+    stats = run_select_stage(cfg, store)
+    sel_dir = workdir.stage_dir(cfg.workdir, "select")
+    names = sorted(p.name for p in (tmp_path / "work" / "selection" / "decisions.parquet").iterdir())
+    assert names == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    dec = pq.read_table(join(sel_dir, "decisions.parquet")).to_pydict()
+    assert list(dec) == ["shard", "key", "uid", "decision", "reason", "rank", "score", "blame_uid", "blame_amount"]
+    emb = pa.concat_tables([pq.read_table(u, columns=["shard", "key", "uid"]) for u in
+                            workdir.committed_parts(store, workdir.stage_dir(cfg.workdir, "embed"))]).to_pydict()
+    embedded = [(s, k, u) for s, k, u, d in zip(dec["shard"], dec["key"], dec["uid"], dec["decision"]) if d != "skipped"]
+    assert sorted(embedded) == sorted(zip(emb["shard"], emb["key"], emb["uid"])) and len(set(embedded)) == 600
+    skipped = [(s, k, u, r) for s, k, u, r, d in zip(dec["shard"], dec["key"], dec["uid"], dec["reason"], dec["decision"])
+               if d == "skipped"]
+    assert sorted(skipped) == sorted(skips[0] + skips[1])
+    # the counts match the stage's stats
+    count = {d: dec["decision"].count(d) for d in ("skipped", "prefiltered", "selected", "ranked", "pruned")}
+    ranked_only = stats["ranked"] - stats["budget"]
+    assert count == {"skipped": 3, "prefiltered": stats["prefiltered"], "selected": stats["budget"],
+                     "ranked": ranked_only, "pruned": stats["pruned"] - ranked_only} == stats["decisions"]
+    assert stats["decisions_without_skip_records"] == 1 and ranked_only == 90 - 54
+    # per sample: reason, rank, score, blame as the other outputs say
+    row = {u: i for i, (u, d) in enumerate(zip(dec["uid"], dec["decision"])) if d != "skipped"}
+    ranked = pq.read_table(join(sel_dir, "selected.parquet")).to_pydict()
+    for r, (u, sel) in enumerate(zip(ranked["uid"], ranked["selected"])):
+        assert dec["decision"][row[u]] == ("selected" if sel else "ranked") and dec["rank"][row[u]] == r
+    nodes = pq.read_table(join(sel_dir, "nodes")).to_pydict()
+    uid_of = np.array(a["uids"])
+    selected = set(read_selected(store, cfg)["uid"])
+    blamed = 0
+    for node, u, label, bn, amount in zip(nodes["node"], nodes["uid"], nodes["prefilter"], nodes["blame_node"],
+                                          nodes["blame_amount"]):
+        i = row[u]
+        assert dec["score"][i] == a["scores"][node]
+        assert dec["reason"][i] == label == (rules[node] or label)
+        assert (dec["decision"][i] == "prefiltered") == bool(label)
+        assert dec["blame_uid"][i] == (uid_of[bn] if bn >= 0 else "") and dec["blame_amount"][i] == amount
+        if dec["decision"][i] == "pruned" and bn >= 0:
+            assert dec["blame_uid"][i] in selected
+            blamed += 1
+    assert blamed > 0.5 * count["pruned"]
+    assert all(np.isnan(s) and r == -1 for s, r, d in zip(dec["score"], dec["rank"], dec["decision"]) if d == "skipped")
+    assert not store.exists(join(sel_dir, "_work"))
+
+    # resumable: a second computation keeps the files there and writes only the missing one
+    out = str(tmp_path / "again")
+    compute(cfg, store, out, use_ray=False)
+    files = {n: tmp_path / "again" / "decisions.parquet" / n for n in names}
+    before = {n: f.stat().st_mtime_ns for n, f in files.items()}
+    files["part-00001.parquet"].unlink()
+    again = compute(cfg, store, out, use_ray=False)
+    assert files["part-00000.parquet"].stat().st_mtime_ns == before["part-00000.parquet"]
+    assert pq.read_table(files["part-00001.parquet"]).to_pandas().equals(  # NaN scores of skipped rows equal
+        pq.read_table(join(sel_dir, "decisions.parquet", "part-00001.parquet")).to_pandas())
+    assert again["decisions"] == stats["decisions"]
+
+
+def test_committed_parts_are_not_skip_records(tmp_path):
+    cfg, store, _ = make_workdir(tmp_path, n=100)
+    write_skip_records(store, cfg, 0, [("pool/00000.tar", "k", "", "decode_error")])
+    names = [u.rsplit("/", 1)[-1] for u in workdir.committed_parts(store, workdir.stage_dir(cfg.workdir, "embed"))]
+    assert names == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+
+
+@pytest.mark.slow
+def test_basic_filter_and_decisions_on_ray_equal_in_process(tmp_path, ray_local):
+    from pipeline.select.driver import compute
+
+    cols, _ = basic_columns(600)
+    cfg, store, _ = make_workdir(tmp_path, select={"partitions": 4, "beta": 0.1, "prefilter": {"basic": True}},
+                                 filter_columns=cols)
+    write_skip_records(store, cfg, 1, [("pool/00001.tar", "y1", "", "decode_error")])
+    local = compute(cfg, store, str(tmp_path / "local"), use_ray=False)
+    remote = compute(cfg, store, str(tmp_path / "ray"), use_ray=True)
+    assert remote["used_ray"] and remote["basic_filter"] == local["basic_filter"]
+    assert remote["decisions"] == local["decisions"]
+    for name in ("selected.parquet", "decisions.parquet"):
+        assert pq.read_table(tmp_path / "ray" / name).to_pandas().equals(pq.read_table(tmp_path / "local" / name).to_pandas())

@@ -41,15 +41,7 @@ def make_case(tmp, neighbors, sq, cells, scores, select=None, n_parts=3, distanc
     raw = {"workdir": str(Path(tmp) / "work"), "input": {"shards": str(Path(tmp) / "pool/{00000..00002}.tar")},
            "output": {"url": str(Path(tmp) / "out")}, "graph": {"k": max(1, neighbors.shape[1]), "distance": distance},
            "select": {"score": "score", **(select or {})}}
-    if raw["select"].get("prune_rate") == 1.0:
-        # budget 0 (ranked only for keep rates) is an edge case of the stage; a job config refuses
-        # it when loaded (nothing would be written), so the stage sees it from a copied config
-        kept = {k: v for k, v in raw["select"].items() if k not in ("prune_rate", "beta")}
-        cfg = config_from_dict({**raw, "select": kept})
-        cfg = cfg.model_copy(update={"select": cfg.select.model_copy(
-            update={"prune_rate": 1.0, "beta": float(raw["select"].get("beta", 0.0))})})
-    else:
-        cfg = config_from_dict(raw)
+    cfg = config_from_dict(raw)
     store = Store()
     uids = write_graph_stages(store, cfg, neighbors, sq, cells, scores, uids, n_parts)
     return cfg, store, uids
@@ -170,7 +162,7 @@ def random_graph(rng, n, k, n_cells, p_missing=0.1, tied=False):
     gf=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
     gr=st.sampled_from([0.0, 0.1, 1.0, 4.0]),
     rounds=st.integers(1, 3),
-    prune=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    prune=st.sampled_from([0.0, 0.3, 0.7]),  # 1.0 is refused by the config (nothing kept)
     beta_frac=st.sampled_from([0.0, 0.0, 0.5, 1.0]),
     euclidean=st.booleans(),
     rates=st.sampled_from([[], [0.1], [0.05, 0.2]]),
@@ -229,11 +221,12 @@ class KillAt:
             raise RuntimeError(f"killed after task {index}")
 
 
-@pytest.mark.parametrize("kill_at", [4, 9])
+@pytest.mark.parametrize("kill_at", [4, 9, 16])
 def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, kill_at):
-    """Killed during the shuffle (task 4: 3 cell counts, then 2 of 3 map tasks) or after
-    selected.parquet was written (task 9: the merge; the subset merges follow), then rerun: the
-    same files, byte for byte, as an uninterrupted run."""
+    """Killed during the shuffle (task 4: 3 cell counts, then 2 of 3 map tasks), after
+    selected.parquet was written (task 9: the merge; the subset merges follow) or while writing
+    decisions.parquet (task 16: 3 blame lookups, then 2 of 3 decision tasks), then rerun: the same
+    files, byte for byte, as an uninterrupted run."""
     from pipeline.job import run_stages
 
     rng = np.random.default_rng(5)
@@ -246,10 +239,13 @@ def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, kill_at):
         run_stages(cfg, store, ["select"], Hooks(part_committed=KillAt(kill_at)))
     sel = workdir.stage_dir(cfg.workdir, "select")
     assert store.exists(join(sel, "_work")) and not store.exists(join(sel, workdir.SUCCESS))
-    assert store.exists(join(sel, "selected.parquet")) == (kill_at == 9)
+    assert store.exists(join(sel, "selected.parquet")) == (kill_at >= 9)
+    assert store.exists(join(sel, "decisions.parquet/part-00001.parquet")) == (kill_at == 16)
+    assert not store.exists(join(sel, "decisions.parquet/part-00002.parquet"))
     run_one(cfg, store, "select")
     for name in ("selected.parquet", "subset.npy", "subset_keep0.1.npy", "nodes/part-00000.parquet",
-                 "nodes/part-00002.parquet"):
+                 "nodes/part-00002.parquet", "decisions.parquet/part-00000.parquet",
+                 "decisions.parquet/part-00002.parquet"):
         assert store.read_bytes(join(sel, name)) == \
             store.read_bytes(join(workdir.stage_dir(clean_cfg.workdir, "select"), name)), name
     assert not store.exists(join(sel, "_work"))
@@ -299,7 +295,8 @@ RAY_CASES = {
                 {"partitions": 7, "gamma_reverse": 0.0, "workers": 3}),
     "isolated-P4": (isolated_case, {"partitions": 4}),
     "hubs-P8": (hub_case, {"partitions": 8, "workers": 4, "keep_rates": [0.5]}),
-    "budget0-P3": (lambda: random_graph(np.random.default_rng(3), 200, 4, 9), {"partitions": 3, "prune_rate": 1.0}),
+    "budget0-P3": (lambda: random_graph(np.random.default_rng(3), 200, 4, 9), {"partitions": 3, "prune_rate": 0.998,
+                                                                                 "keep_rates": [0.1]}),  # budget 0
     "budgetN-P6": (lambda: random_graph(np.random.default_rng(4), 200, 4, 9), {"partitions": 6, "prune_rate": 0.0}),
     "beta-P9": (lambda: random_graph(np.random.default_rng(5), 500, 5, 30), {"partitions": 9, "beta": 0.2}),
     "cells-P1": (lambda: random_graph(np.random.default_rng(6), 300, 5, 1), {"partitions": "cells"}),

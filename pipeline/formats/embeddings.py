@@ -19,6 +19,10 @@ such parts, and that one names the part and says to re-embed (``--force-from emb
 
 Node ids of the graph are row numbers of the parts concatenated in part-name order
 (:func:`list_parts` gives each part's offset).
+
+``WORKDIR/embeddings/part-NNNNN.skipped.parquet`` (when the embed stage writes it): one row per
+input sample of shard NNNNN that is not in the part, :data:`SKIPPED_COLUMNS` (all strings: shard,
+key, uid ("" if none), reason). Not a part: :func:`pipeline.workdir.committed_parts` never lists it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from .columns import fixed_list_to_numpy, fixed_size_list
 COLUMNS = ("uid", "shard", "key", "clip_score", "image_embedding", "text_embedding", "caption",
            "original_width", "original_height")
 FILTER_COLUMNS = ("caption", "original_width", "original_height")
+SKIPPED_COLUMNS = ("shard", "key", "uid", "reason")
+SKIPPED_SUFFIX = ".skipped.parquet"
 VECTOR_COLUMNS = {"image": ("image_embedding",), "text": ("text_embedding",),
                   "image+text": ("image_embedding", "text_embedding")}
 
@@ -236,3 +242,24 @@ def read_filter_columns(store: Store, part: EmbeddingPart) -> dict[str, np.ndarr
     sizes = {c: table.column(c).cast(pa.float64()).to_numpy(zero_copy_only=False)
              for c in ("original_width", "original_height")}
     return {"caption": table.column("caption").to_numpy(zero_copy_only=False), **sizes}
+
+
+def skipped_url(part: EmbeddingPart) -> str:
+    """Where the embed stage records the samples of the part's shard it did not embed."""
+    return part.url[: -len(".parquet")] + SKIPPED_SUFFIX
+
+
+def read_skipped(store: Store, part: EmbeddingPart):
+    """The part's skip records (:data:`SKIPPED_COLUMNS`, strings, nulls as ""), or None when the
+    embed stage did not write them (older workdirs)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    url = skipped_url(part)
+    if not store.exists(url):
+        return None
+    table = store.read_parquet(url)
+    missing = [c for c in SKIPPED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{url} has no column(s) {missing} (columns: {table.column_names})")
+    return pa.table({c: pc.fill_null(table.column(c).cast(pa.string()), "") for c in SKIPPED_COLUMNS})

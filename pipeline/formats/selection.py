@@ -23,7 +23,10 @@ Only hex uids of at most 32 digits (DataComp's and our md5 default) can be writt
     node           int64    graph node id
     uid            string
     score          float64  the raw ``select.score`` value
-    prefiltered    bool     dropped by the β pre-filter (then not in the graph: no scores below)
+    prefiltered    bool     dropped by a pre-filter, DataComp's basic filter or β (then not in the
+                            graph: no scores below)
+    prefilter      string   which one: "" (kept), the basic filter's rule
+                            (:data:`pipeline.core.basic_filter.RULES`) or "beta"
     rank           int64    selection rank up to the largest budget, -1 when not ranked
     forward_score  float64  D2: the forward pass's score; baselines: the shifted score (NaN if pre-filtered)
     final_score    float64  D2: the score when picked, for the others the score after every
@@ -31,6 +34,25 @@ Only hex uids of at most 32 digits (DataComp's and our md5 default) can be writt
     blame_node     int64    D2, a node not selected at the configured budget: the selected neighbour
                             whose single suppression of it was largest (ties: lower id); else -1
     blame_amount   float64  that suppression, in score units (0.0 when blame_node is -1)
+
+``decisions.parquet/part-NNNNN.parquet`` (one per embedding part, same NNNNN as the part and its
+input shard; together one row per input sample): what happened to each sample and why::
+
+    shard          string   the input shard URL
+    key            string   the sample's key in that shard
+    uid            string   "" when a skipped sample had none
+    decision       string   skipped | prefiltered | selected | ranked | pruned
+                            (:mod:`pipeline.core.decide`; ranked = only for a larger keep rate)
+    reason         string   skipped: the embed stage's reason; prefiltered: the basic filter's rule or
+                            "beta"; else ""
+    rank           int64    selection rank (selected, ranked), else -1
+    score          float64  the raw ``select.score`` value (NaN when skipped)
+    blame_uid      string   D2, a candidate not selected at the configured budget: the selected
+                            neighbour whose suppression of it was largest (``blame_node``); else ""
+    blame_amount   float64  that suppression (0.0 without one)
+
+The embedded samples' rows come first, in the part's row order, then the part's skip records
+(``embeddings/part-NNNNN.skipped.parquet``) when the embed stage wrote them.
 """
 
 from __future__ import annotations
@@ -41,9 +63,11 @@ import re
 import numba
 import numpy as np
 
+from ..core.basic_filter import RULES
 from ..storage import Store, join
 
 SELECTED = "selected.parquet"
+DECISIONS_DIR = "decisions.parquet"
 SUBSET = "subset.npy"
 NODES_DIR = "nodes"
 DATACOMP_UID_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])  # == np.dtype("u8,u8") on x86/ARM
@@ -96,18 +120,61 @@ def subset_name(rate: float | None) -> str:
     return SUBSET if rate is None else f"subset_keep{rate:g}.npy"
 
 
-def nodes_table(node, uid, score, prefiltered, rank, forward, final, blame_node, blame_amount):
-    """A ``nodes/part-PPPPP.parquet`` table (module docstring)."""
+BETA = "beta"
+# prefilter codes (int8): -1 kept, i < len(RULES) the basic filter's rule i, len(RULES) the β pre-filter
+PREFILTER_KEPT = -1
+PREFILTER_BETA = len(RULES)
+PREFILTER_LABELS = ("",) + RULES + (BETA,)
+
+
+def prefilter_labels(codes):
+    """The ``prefilter`` strings of prefilter codes (a dictionary lookup, no Python strings per row)."""
     import pyarrow as pa
 
+    codes = np.asarray(codes, np.int64)
+    if codes.size and (codes.min() < PREFILTER_KEPT or codes.max() > PREFILTER_BETA):
+        raise ValueError(f"prefilter codes must lie in {PREFILTER_KEPT}..{PREFILTER_BETA}")
+    return pa.DictionaryArray.from_arrays(pa.array((codes + 1).astype(np.int32)),
+                                          pa.array(PREFILTER_LABELS, pa.string())).cast(pa.string())
+
+
+def nodes_table(node, uid, score, prefilter_codes, rank, forward, final, blame_node, blame_amount):
+    """A ``nodes/part-PPPPP.parquet`` table (module docstring); ``prefilter_codes`` as
+    :func:`prefilter_labels` reads them."""
+    import pyarrow as pa
+
+    codes = np.asarray(prefilter_codes, np.int64)
     return pa.table({
         "node": pa.array(np.asarray(node, np.int64)), "uid": uid,
-        "score": pa.array(np.asarray(score, np.float64)), "prefiltered": pa.array(np.asarray(prefiltered, bool)),
+        "score": pa.array(np.asarray(score, np.float64)), "prefiltered": pa.array(codes != PREFILTER_KEPT),
+        "prefilter": prefilter_labels(codes),
         "rank": pa.array(np.asarray(rank, np.int64)), "forward_score": pa.array(np.asarray(forward, np.float64)),
         "final_score": pa.array(np.asarray(final, np.float64)),
         "blame_node": pa.array(np.asarray(blame_node, np.int64)),
         "blame_amount": pa.array(np.asarray(blame_amount, np.float64)),
     })
+
+
+def decisions_schema():
+    import pyarrow as pa
+
+    return pa.schema([("shard", pa.string()), ("key", pa.string()), ("uid", pa.string()),
+                      ("decision", pa.string()), ("reason", pa.string()), ("rank", pa.int64()),
+                      ("score", pa.float64()), ("blame_uid", pa.string()), ("blame_amount", pa.float64())])
+
+
+def decisions_table(shard, key, uid, decision_codes, reason, rank, score, blame_uid, blame_amount):
+    """A ``decisions.parquet`` part (module docstring): string columns as pyarrow arrays,
+    ``decision_codes`` int8 indices into :data:`pipeline.core.decide.DECISIONS`."""
+    import pyarrow as pa
+
+    from ..core.decide import DECISIONS
+
+    codes = np.asarray(decision_codes, np.int32)
+    decision = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(DECISIONS, pa.string())).cast(pa.string())
+    return pa.Table.from_arrays([
+        shard, key, uid, decision, reason, pa.array(np.asarray(rank, np.int64)), pa.array(np.asarray(score, np.float64)),
+        blame_uid, pa.array(np.asarray(blame_amount, np.float64))], schema=decisions_schema())
 
 
 @numba.njit(cache=True, nogil=True)

@@ -71,8 +71,12 @@ def _summary_section(stats: dict[str, dict | None], kept_n: int | None, n_total:
     select = stats.get("select")
     if select:
         rows += [["selection method", s["method"]], ["budget (kept)", s["budget"]]]
-        if select.get("prefiltered"):
-            rows.append([f"pre-filtered (lowest beta={select.get('prefilter_beta')} of scores)", select.get("prefiltered")])
+        basic = select.get("basic_filter") or {}
+        rows += [[f"DataComp basic filter: {rule}", count]
+                 for rule, count in (basic.get("dropped_by") or {}).items() if count]
+        beta = select.get("prefiltered_beta", select.get("prefiltered"))  # older stats: β only
+        if beta:
+            rows.append([f"pre-filtered (lowest beta={select.get('prefilter_beta')} of scores)", beta])
         rows.append(["pruned by the selection", select.get("pruned")])
     elif kept_n is not None:
         rows.append(["kept", kept_n])

@@ -4,18 +4,22 @@ the method, runs the output tasks. It holds O(partitions + parts + cells) number
 Steps (spec sections in brackets; the workers' side is :mod:`.hosts`):
 
 1. plan [§7]: graph parts, per-cell counts (tasks), partitions of whole cells, workers;
+   ``select.prefilter.basic``: DataComp's basic filter per embedding part (tasks, :mod:`.prefilter`);
+   the M samples that pass are the pool: budget, keep rates and β are fractions of M;
 2. ``select.score_file``: hash join by uid (tasks) [scores];
 3. shuffle (tasks, :mod:`.shuffle`): each partition's rows, both directions; none for one partition;
 4. workers load their partitions; boundary scores exchanged (the halo's raw scores);
-5. pre-filter [§1]: the ``round(beta*N)`` lowest scores (ranking: score desc, id asc) found by a
-   distributed rank search (:class:`pipeline.core.coreset.RankSearch`); the budget is from N;
+5. pre-filter [§1]: the basic filter's drops, then the ``round(beta*M)`` lowest scores of the rest
+   (ranking: score desc, id asc) found by a distributed rank search
+   (:class:`pipeline.core.coreset.RankSearch`); the budget is from M;
 6. shift [§3-4]: ``score_offset`` or minus the survivors' minimum (a reduction);
 7. D2: forward rounds [§3]; the fixed-point shift from the partitions' maxima; reverse rounds
    [§4, §7] until the largest budget is settled (:class:`pipeline.core.d2_exact.ReverseRounds`,
    each partition's settle report folded into the next round's call); or a baseline's cuts;
 8. outputs (tasks, :mod:`.outputs`): the merge writes ``selected.parquet`` and each partition's
    ranks; the final scores' exchange; the workers write ``nodes/part-*.parquet`` and sorted subset
-   runs; merges write ``subset*.npy``.
+   runs; merges write ``subset*.npy``;
+9. decisions (tasks, :mod:`.decisions`): ``decisions.parquet``, one row per input sample.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from ..formats.selection import NODES_DIR, SELECTED, not_hex_message, subset_nam
 from ..runtime import peak_rss_bytes
 from ..storage import Store, join, node_cache_root
 from ..workdir import stage_dir
-from . import outputs, shuffle
+from . import decisions as decision_files
+from . import outputs, prefilter, shuffle
 from .hosts import HostSettings, LocalHosts, RayHosts
 from .plan import graph_parts, make_plan, range_groups, resolve_partitions
 
@@ -102,8 +107,10 @@ def budgets_of(cfg: JobConfig, n: int) -> tuple[int, list[tuple[float, int]]]:
     return d2.budget_for(n, cfg.select.prune_rate), [(r, int(round(r * n))) for r in cfg.select.keep_rates]
 
 
-def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None) -> dict[str, Any]:
-    """Run the select stage's computation, writing its outputs into ``out_dir``; returns the stats."""
+def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None,
+            decisions: bool = True) -> dict[str, Any]:
+    """Run the select stage's computation, writing its outputs into ``out_dir`` (with
+    ``decisions``, ``decisions.parquet`` too); returns the stats."""
     s = cfg.select
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -140,11 +147,25 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         counts = np.zeros(size, np.int64)
         for c in per_group:
             counts[: len(c)] += c
-    plan = make_plan(cfg, parts, counts, partitions, cpus, s.workers,
-                     store.identity(s.score_file) if s.score_file else "")
+    basic = bool(s.prefilter.basic)
+    # the node records carry the basic filter's codes only with it on: a plan of its own
+    inputs = (store.identity(s.score_file) if s.score_file else "") + ("+basic" if basic else "")
+    plan = make_plan(cfg, parts, counts, partitions, cpus, s.workers, inputs)
     join_buckets = shuffle.join_bucket_count(n, cpus) if s.score_file else 0
-    job = shuffle.ShuffleJob(store, plan, graph_dir, s.score, cfg.graph.distance, s.score_file, join_buckets)
+    job = shuffle.ShuffleJob(store, plan, graph_dir, s.score, cfg.graph.distance, s.score_file, join_buckets, basic)
     lap("plan")
+
+    # 1b. DataComp's basic filter: codes per part for the workers, counts for the stats
+    basic_stats = None
+    if basic:
+        _run_missing(tasks, store, prefilter.filter_part,
+                     [(prefilter.codes_url(job, i), (job, i)) for i in range(len(plan.parts))])
+        basic_stats = prefilter.summary([store.read_json(prefilter.counts_url(job, i))
+                                         for i in range(len(plan.parts))])
+        lap("basic_filter")
+    # the pool selected from: the samples that pass the basic filter; the budget, the keep rates
+    # and β are fractions of it (a sample the filter drops was never a candidate)
+    m = n - (basic_stats["dropped"] if basic_stats else 0)
 
     # 2. score file
     if s.score_file:
@@ -175,13 +196,14 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
                                      [(job.path(f"edges-b-{g:05d}.col"), (job, g)) for g in range(plan.n_groups)])
     lap("shuffle")
 
-    budget, rates = budgets_of(cfg, n)
+    budget, rates = budgets_of(cfg, m)
     b_max = max([budget] + [b for _, b in rates])
-    n_drop = int(round(s.beta * n))
+    n_drop = int(round(s.beta * m))
     stats: dict[str, Any] = {
-        "method": s.method, "n_nodes": n, "budget": budget, "prune_rate": s.prune_rate,
+        "method": s.method, "n_nodes": n, "candidates": m, "budget": budget, "prune_rate": s.prune_rate,
         "keep_rates": {f"{r:g}": b for r, b in rates}, "ranked": 0,
-        "prefilter_beta": s.beta, "prefiltered": n_drop, "distance": cfg.graph.distance,
+        "prefilter_beta": s.beta, "prefiltered": n - m + n_drop, "prefiltered_beta": n_drop,
+        "distance": cfg.graph.distance,
         "gamma_forward": s.gamma_forward, "gamma_reverse": s.gamma_reverse, "forward_rounds": s.forward_rounds,
         "partitions": plan.n_partitions, "partitions_requested": s.partitions, "workers": plan.n_hosts,
         "partition_sizes": {"min": int(min(plan.partition_sizes)), "median": float(np.median(plan.partition_sizes)),
@@ -191,8 +213,13 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         "shuffle_task_peak_rss_mb": round(max((r["rss"] for r in shuffled), default=0) / 2**20, 1),
         "score_source": f"{s.score_file}:{s.score}" if s.score_file else f"embeddings:{s.score}",
     }
-    if n - n_drop < budget or n - n_drop < b_max:
-        raise ValueError(f"select.beta={s.beta} leaves {n - n_drop} samples, fewer than the budget {b_max}")
+    if basic_stats is not None:
+        stats["basic_filter"] = basic_stats
+        if budget == 0 and not rates:
+            raise ConfigError(f"select.prune_rate={s.prune_rate} keeps round((1-p)*M) = 0 of the M={m} samples that "
+                              f"pass the basic filter (of {n})")
+    if m - n_drop < budget or m - n_drop < b_max:
+        raise ValueError(f"select.beta={s.beta} leaves {m - n_drop} samples, fewer than the budget {b_max}")
 
     # a worker keeps its partitions resident up to its memory (select.worker_memory_mb, else its
     # share of the node's on a cluster) and parks the others
@@ -204,6 +231,9 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
     try:
         # 4. load
         loaded = hosts.call("load", edges)
+        passed = sum(v["passed"] for v in loaded.values())
+        if passed != m:  # pragma: no cover - the workers read the codes the counts were made from
+            raise RuntimeError(f"the partitions hold {passed} nodes that pass the basic filter, the parts' counts {m}")
         mins = [v["score_min"] for v in loaded.values() if v["score_min"] is not None]
         stats["score_min"] = min(mins) if mins else None
         stats["score_max"] = max((v["score_max"] for v in loaded.values() if v["score_max"] is not None), default=None)
@@ -214,11 +244,11 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         # 5-6. pre-filter, shift
         last_kept = None
         if n_drop:
-            last_kept = _search(hosts, "prefilter", n - n_drop - 1, stats) if n > n_drop else (2**63 - 1, -1)
+            last_kept = _search(hosts, "prefilter", m - n_drop - 1, stats) if m > n_drop else (2**63 - 1, -1)
         kept = hosts.call("prefilter", last_kept)
         n_kept = sum(v["kept"] for v in kept.values())
-        if n_kept != n - n_drop:  # pragma: no cover - the search is exact
-            raise RuntimeError(f"pre-filter kept {n_kept} nodes, expected {n - n_drop}")
+        if n_kept != m - n_drop:  # pragma: no cover - the search is exact
+            raise RuntimeError(f"pre-filter kept {n_kept} nodes, expected {m - n_drop}")
         if s.score_offset is None:
             mins = [v["min"] for v in kept.values() if v["min"] is not None]
             offset = float(-min(mins)) if mins else 0.0
@@ -261,7 +291,7 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         subset_runs = [join(plan.work_dir, f"subset{i}-" + "{:05d}.col") for i in range(len(rate_budgets))]
         written = hosts.call("write_outputs", join(plan.work_dir, "ranks-{:05d}.bin"),
                              join(out_dir, NODES_DIR, "part-{:05d}.parquet"), subset_runs,
-                             [b for _, b in rate_budgets], d2_scores)
+                             [b for _, b in rate_budgets], d2_scores, decisions)
         n_bad = max((v["bad_uids"] for v in written.values()), default=0)
         subsets = [join(out_dir, subset_name(r)) for r, _ in rate_budgets]
         if n_bad:
@@ -283,8 +313,21 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         stats["worker_exchange_seconds"] = {k: round(v, 3) for k, v in hosts.exchange_seconds.items()}
     finally:
         hosts.close()
+
+    # 9. decisions: one row per input sample (tasks, :mod:`.decisions`), once the workers are gone
+    if decisions and plan.n_groups:
+        if not all(store.exists(decision_files.decisions_url(out_dir, p)) for p in plan.parts):
+            _run_missing(tasks, store, decision_files.resolve_blame,
+                         [(decision_files.blame_url(job, g), (job, g)) for g in range(plan.n_groups)])
+        reports = tasks.run(decision_files.write_decisions, [(job, g, out_dir, budget) for g in range(plan.n_groups)])
+        stats["decisions"] = {k: sum(r["counts"][k] for r in reports) for k in reports[0]["counts"]}
+        stats["decisions_without_skip_records"] = sum(r["without_skip_records"] for r in reports)
+        if stats["decisions_without_skip_records"]:
+            log.info("select: %d embedding parts have no skip records (written before the embed stage kept them): "
+                     "decisions.parquet lists only their embedded samples", stats["decisions_without_skip_records"])
+        lap("decisions")
     stats["selected"] = budget
-    stats["pruned"] = n - budget - n_drop
+    stats["pruned"] = m - budget - n_drop
     stats["driver_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
     seconds["total"] = round(time.perf_counter() - t_start, 3)
     stats["seconds"] = seconds

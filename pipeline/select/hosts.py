@@ -38,11 +38,12 @@ import numpy as np
 from ..core import coreset, d2
 from ..core.d2_exact import PartitionState
 from ..core.partition import PartitionRows
-from ..formats.selection import hex_uid_pairs
+from ..formats.selection import PREFILTER_BETA, PREFILTER_KEPT, hex_uid_pairs
 from ..formats.shuffle import ColumnFile, write_columns
 from ..runtime import peak_rss_bytes
+from .decisions import write_decision_records
 from .outputs import read_ranks
-from .shuffle import ShuffleJob, edge_sources, read_group, read_nodes
+from .shuffle import ShuffleJob, edge_sources, read_basic_codes, read_group, read_nodes
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class Part:
         self.pid = pid
         self.owned: np.ndarray | None = None  # every owned node, pre-filtered ones included
         self.raw: np.ndarray | None = None  # their raw scores
+        self.basic: np.ndarray | None = None  # int8 basic-filter code of each (-1 passes); None: no basic filter
+        self.halo_pass: np.ndarray | None = None  # halo nodes passing the basic filter
         self.rows: PartitionRows | None = None  # until the state is built
         self.halo_raw: np.ndarray | None = None
         self.keep: np.ndarray | None = None  # owned nodes surviving the pre-filter
@@ -199,13 +202,21 @@ class PartitionHost:
 
     # ---- loading -------------------------------------------------------------------------------
 
-    def _node_scores(self, pid: int) -> tuple[np.ndarray, np.ndarray]:
+    def _node_scores(self, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(owned nodes, raw scores, basic-filter codes or None)."""
         job = self.job
         if job.plan.direct:
             scores = [read_group(job, g, edges=False, uids=False)["score"] for g in range(job.plan.n_groups)]
-            return np.arange(job.plan.n_nodes, dtype=np.int64), np.concatenate(scores) if scores else np.zeros(0)
-        got = read_nodes(job, pid, ["node", "score"])
-        return got["node"].astype(np.int64), got["score"]
+            codes = read_basic_codes(job, 0, len(job.plan.parts)) if job.basic else None
+            return (np.arange(job.plan.n_nodes, dtype=np.int64), np.concatenate(scores) if scores else np.zeros(0),
+                    codes)
+        got = read_nodes(job, pid, ["node", "score"] + (["basic"] if job.basic else []))
+        return got["node"].astype(np.int64), got["score"], got.get("basic")
+
+    @staticmethod
+    def _passes(part: Part) -> np.ndarray:
+        """Owned nodes that pass the basic filter (all without one): the pool selected from."""
+        return np.ones(part.owned.size, bool) if part.basic is None else part.basic < 0
 
     def _uids(self, part: Part, positions: np.ndarray):
         """uids of owned nodes at ``positions`` (in ``part.owned``, any order), read back from the
@@ -233,7 +244,7 @@ class PartitionHost:
         job = self.job
 
         def fn(pid, part):
-            part.owned, part.raw = self._node_scores(pid)
+            part.owned, part.raw, part.basic = self._node_scores(pid)
             if part.owned.size > 1 and np.any(np.diff(part.owned) <= 0):
                 raise RuntimeError(f"partition {pid}: node records are not in node order")
             if edges:
@@ -241,32 +252,37 @@ class PartitionHost:
                     edge_sources(job, pid))
                 part.halo_raw = np.full(len(part.rows.halo_ids), np.nan)
             finite = part.raw.size > 0
-            return {"nodes": int(part.owned.size), "entries": int(part.rows.n_entries) if edges else 0,
+            return {"nodes": int(part.owned.size), "passed": int(self._passes(part).sum()),
+                    "entries": int(part.rows.n_entries) if edges else 0,
                     "score_min": float(part.raw.min()) if finite else None,
                     "score_max": float(part.raw.max()) if finite else None}
 
         return self._call(fn)
 
     def send_scores(self) -> dict:
-        """Raw scores of each boundary list to the partition that holds those nodes as halo."""
+        """Raw scores of each boundary list to the partition that holds those nodes as halo, and
+        whether they pass the basic filter (a halo node that does not leaves the graph there too)."""
         def fn(pid, part):
             sent = 0
+            passes = self._passes(part)
             for b, rows in part.rows.boundary.items():
-                payload = (part.owned[rows], part.raw[rows])
+                payload = (part.owned[rows], part.raw[rows], passes[rows])
                 self._send("scores", 0, b, pid, payload)
-                sent += payload[0].nbytes + payload[1].nbytes
+                sent += sum(a.nbytes for a in payload)
             return sent
 
         return self._call(fn)
 
     def _take_scores(self, pid: int, part: Part) -> None:
         blocks = part.rows.halo_blocks()
-        for src, (gids, values) in self._take("scores", 0, pid):
+        part.halo_pass = np.ones(part.halo_raw.size, bool)
+        for src, (gids, values, passes) in self._take("scores", 0, pid):
             block = blocks.get(src)
             if block is None or not np.array_equal(part.rows.halo_ids[block], gids):
                 raise RuntimeError(f"partition {pid}: partition {src}'s boundary does not match its halo there "
                                    "(the shuffled graph is not symmetric)")
             part.halo_raw[block] = values
+            part.halo_pass[block] = passes
         if np.isnan(part.halo_raw).any():
             raise RuntimeError(f"partition {pid}: no score received for some halo nodes")
 
@@ -278,8 +294,9 @@ class PartitionHost:
         return part.runs[kind]
 
     def _make_run(self, part: Part, kind) -> tuple[np.ndarray, np.ndarray]:
-        if kind == "prefilter":  # every node by raw score: d2.prefilter_mask's ranking
-            major, minor = coreset.float_order_bits(part.raw), part.owned
+        if kind == "prefilter":  # the basic filter's passes by raw score: d2.prefilter_mask's ranking
+            passes = self._passes(part)
+            major, minor = coreset.float_order_bits(part.raw[passes]), part.owned[passes]
         elif kind == "topk":  # survivors by shifted score: selectors.score_topk's ranking
             major, minor = coreset.float_order_bits(part.shifted), part.owned[part.keep]
         elif kind == "random" or (isinstance(kind, tuple) and kind[0] == "ccs"):
@@ -313,13 +330,14 @@ class PartitionHost:
         return (bits > key[0]) | ((bits == key[0]) & (ids <= key[1]))
 
     def prefilter(self, last_kept) -> dict:
-        """Keep the nodes at or before ``last_kept`` in the pre-filter's ranking (None: all);
-        report what the shift needs."""
+        """Keep the nodes that pass the basic filter and are at or before ``last_kept`` in the β
+        pre-filter's ranking (None: all that pass); report what the shift needs."""
         def fn(pid, part):
-            part.keep = self._kept(part.raw, part.owned, last_kept)
+            part.keep = self._passes(part) & self._kept(part.raw, part.owned, last_kept)
             if part.rows is not None:
                 self._take_scores(pid, part)
-                part.keep_halo = self._kept(part.halo_raw, part.rows.halo_ids, last_kept)
+                part.keep_halo = part.halo_pass & self._kept(part.halo_raw, part.rows.halo_ids, last_kept)
+                part.halo_pass = None
             kept = part.raw[part.keep]
             if not kept.size:
                 return {"kept": 0, "min": None}
@@ -593,9 +611,11 @@ class PartitionHost:
 
     # ---- outputs ---------------------------------------------------------------------------------
 
-    def write_outputs(self, ranks: str, nodes: str, subsets: list[str], budgets: list[int], d2_scores: bool) -> dict:
-        """Per partition: ``selection/nodes/part-P.parquet`` (every owned node: rank, scores, blame)
-        and one sorted run of subset uids per budget; returns the non-hex uids met."""
+    def write_outputs(self, ranks: str, nodes: str, subsets: list[str], budgets: list[int], d2_scores: bool,
+                      decisions: bool = False) -> dict:
+        """Per partition: ``selection/nodes/part-P.parquet`` (every owned node: rank, scores, blame),
+        one sorted run of subset uids per budget and (``decisions``) the records the decisions
+        tasks join (:mod:`.decisions`); returns the non-hex uids met."""
         def fn(pid, part):
             got = read_ranks(self.job.store, ranks.format(pid))
             ranked = part.pick_nodes[: got.size] if got.size else np.zeros(0, np.int64)
@@ -615,7 +635,12 @@ class PartitionHost:
                 columns["final"][part.keep] = part.shifted
             part.final = part.forward = part.blame_node = part.blame_amount = None
             uids = self._uids(part, np.arange(n))
-            write_nodes_file(self.job.store, nodes.format(pid), part.owned, uids, part.raw, ~part.keep, rank, columns)
+            codes = np.full(n, PREFILTER_KEPT, np.int8) if part.basic is None else part.basic.copy()
+            codes[~part.keep & (codes == PREFILTER_KEPT)] = PREFILTER_BETA  # passed the basic filter, not β
+            write_nodes_file(self.job.store, nodes.format(pid), part.owned, uids, part.raw, codes, rank, columns)
+            if decisions:
+                write_decision_records(self.job, pid, part.owned, codes, rank, part.raw, columns["blame_node"],
+                                       columns["blame_amount"])
             bad: list[str] = []
             n_bad = 0
             for b, template in zip(budgets, subsets):
@@ -637,7 +662,7 @@ def _release_state(part: Part) -> None:
     part.state = None
 
 
-def write_nodes_file(store, url: str, owned, uids, raw, prefiltered, rank, columns: dict) -> None:
+def write_nodes_file(store, url: str, owned, uids, raw, prefilter_codes, rank, columns: dict) -> None:
     """``nodes/part-P.parquet``, NODES_FILE_ROWS rows per row group (a table of at most that
     many rows at a time)."""
     import pyarrow.parquet as pq
@@ -648,7 +673,7 @@ def write_nodes_file(store, url: str, owned, uids, raw, prefiltered, rank, colum
         writer = None
         for lo in range(0, max(len(owned), 1), NODES_FILE_ROWS):
             hi = min(len(owned), lo + NODES_FILE_ROWS)
-            table = nodes_table(owned[lo:hi], uids.slice(lo, hi - lo), raw[lo:hi], prefiltered[lo:hi], rank[lo:hi],
+            table = nodes_table(owned[lo:hi], uids.slice(lo, hi - lo), raw[lo:hi], prefilter_codes[lo:hi], rank[lo:hi],
                                 columns["forward"][lo:hi], columns["final"][lo:hi], columns["blame_node"][lo:hi],
                                 columns["blame_amount"][lo:hi])
             if writer is None:

@@ -12,7 +12,8 @@ of i and of j. The task reading i's part knows i's partition (its cell) but, in 
 j's cell is in j's part. So, per range group g of parts (:mod:`.plan`):
 
 1. **map** (:func:`map_group`): read g's graph parts, scores and uids; write ``nodes-g`` (node,
-   uid, raw score) bucketed by partition; the edge records whose both ends are in g, resolved
+   uid, raw score and, with ``select.prefilter.basic``, the basic filter's code) bucketed by
+   partition; the edge records whose both ends are in g, resolved
    (``edges-a-g``, bucketed by partition); the other entries ``pending-g`` (row, nbr, distance,
    row's partition) bucketed by the range group of nbr.
 2. **reduce** (:func:`reduce_group`): read bucket g of every ``pending-*``, learn each nbr's
@@ -60,6 +61,7 @@ class ShuffleJob:
     distance: str  # "sqeuclidean" | "euclidean"
     score_file: str | None = None
     join_buckets: int = 0  # > 0: scores come from the score-file join
+    basic: bool = False  # select.prefilter.basic: node records carry the basic filter's codes (.prefilter)
 
     @property
     def id_dtype(self):
@@ -257,9 +259,10 @@ def map_group(job: ShuffleJob, g: int, edges: bool = True) -> dict:
     data = read_group(job, g, edges=edges)
     label = labels_of(plan, data["cell"])
     order, offsets = bucket_order(label, plan.n_partitions)
-    written = write_columns(job.store, job.path(f"nodes-{g:05d}.col"),
-                            {"node": data["node"][order], "uid": data["uid"].take(order),
-                             "score": data["score"][order]}, offsets)
+    records = {"node": data["node"][order], "uid": data["uid"].take(order), "score": data["score"][order]}
+    if job.basic:  # each node's basic-filter code travels with its record to its partition
+        records["basic"] = read_basic_codes(job, *plan.groups[g])[order]
+    written = write_columns(job.store, job.path(f"nodes-{g:05d}.col"), records, offsets)
     if not edges:
         return _report(written)
     row, nbr, dist = data["row"], data["nbr"], data["dist"]
@@ -408,6 +411,25 @@ def join_scores(job: ShuffleJob, h: int, n_file_chunks: int) -> dict:
 
 def join_bucket_count(n_nodes: int, cpus: int) -> int:
     return max(1, min(max(1, n_nodes), max(JOIN_BUCKETS_PER_CPU * max(1, cpus), math.ceil(n_nodes / 2_000_000))))
+
+
+def basic_codes_url(job: ShuffleJob, index: int) -> str:
+    """Plan part ``index``'s basic-filter codes (written by :func:`.prefilter.filter_part`)."""
+    return job.path(f"basic-{index:05d}.col")
+
+
+def read_basic_codes(job: ShuffleJob, first: int, end: int) -> np.ndarray:
+    """The basic-filter codes (int8, -1 = passes) of plan parts ``first..end-1``, concatenated
+    (their node range), each checked to cover its part's rows."""
+    pieces = []
+    for i in range(first, end):
+        with ColumnFile(job.store, basic_codes_url(job, i)) as f:
+            codes = f.read_rows(0, f.rows, ["code"])["code"]
+        if codes.size != job.plan.parts[i].embedding.rows:
+            raise RuntimeError(f"{basic_codes_url(job, i)} has {codes.size} codes for the "
+                               f"{job.plan.parts[i].embedding.rows} rows of its part")
+        pieces.append(codes)
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.int8)
 
 
 def read_nodes(job: ShuffleJob, p: int, columns: list[str]) -> dict:

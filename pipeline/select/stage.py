@@ -1,6 +1,7 @@
-"""The select stage: the committed graph and scores → ``selected.parquet``, ``subset*.npy`` and
-``nodes/part-*.parquet`` (:mod:`pipeline.formats.selection`), computed by partition workers on
-Ray (:mod:`.driver`, :mod:`.hosts`) with no process holding the pool.
+"""The select stage: the committed graph and scores → ``selected.parquet``, ``subset*.npy``,
+``nodes/part-*.parquet`` and ``decisions.parquet/`` (:mod:`pipeline.formats.selection`), computed
+by partition workers and tasks on Ray (:mod:`.driver`, :mod:`.hosts`, :mod:`.prefilter`,
+:mod:`.decisions`) with no process holding the pool.
 
 D2 is exact by default: the selection, its order and every score are the single-process greedy's
 (:func:`pipeline.core.d2.d2_select` on the whole graph) bit for bit, for any number of partitions
@@ -100,7 +101,7 @@ def select(cfg: JobConfig, store: Store, use_ray: bool | None = None):
     work = join(stage_dir(cfg.workdir, "select"), WORK)
     out = join(work, f"variant-{key}")
     try:
-        stats = compute(cfg, store, out, _use_ray(store, cfg, use_ray))
+        stats = compute(cfg, store, out, _use_ray(store, cfg, use_ray), decisions=False)  # compared, not acted on
         return read_selected(store, out), stats
     finally:
         store.rm(work, recursive=True)
