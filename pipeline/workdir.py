@@ -4,6 +4,8 @@ Stages talk through files (see ../shared/design/architecture.md)::
 
     WORKDIR/embeddings/part-NNNNN.parquet   one per input shard (NNNNN = index in the expanded shard list)
     WORKDIR/embeddings/part-NNNNN.stats.json  that shard's counts, committed before the part
+    WORKDIR/embeddings/part-NNNNN.skipped.parquet  shard, key, uid, reason of each sample not in the part
+                                            (written before the stats json)
     WORKDIR/graph/nodes.parquet             node (row id), uid, part
     WORKDIR/graph/part-NNNNN.parquet        node, neighbors[k], sq_distances[k], cell
     WORKDIR/graph/lists.parquet             per IVF list: nodes, coarse cell, search group
@@ -23,16 +25,18 @@ these primitives (skip, require upstream, claim, commit) is :func:`pipeline.stag
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from .errors import StaleStageError
-from .storage import Store, join
+from .storage import Store, basename, join
 
 STAGE_DIRS = {"embed": "embeddings", "graph": "graph", "select": "selection", "write": "write"}
 SUCCESS = "_SUCCESS.json"
 FINGERPRINT = "_FINGERPRINT.json"
 STATS = "_stats.json"
+_PART = re.compile(r"part-\d+\.parquet")
 
 __all__ = ["STAGE_DIRS", "SUCCESS", "StaleStageError", "stage_dir", "part_name"]
 
@@ -96,4 +100,5 @@ def committed_parts(store: Store, directory: str) -> list[str]:
     """URLs of the committed ``part-NNNNN.parquet`` files in `directory`, in part order (the node
     order of the graph). Temporary files of an interrupted local write are hidden
     (``.part-…tmp-…``) and never match."""
-    return store.glob(join(directory, "part-*.parquet"))
+    # not part-NNNNN.skipped.parquet (the embed stage's skip records) nor any other part-*.parquet
+    return [u for u in store.glob(join(directory, "part-*.parquet")) if _PART.fullmatch(basename(u))]

@@ -23,7 +23,7 @@ from pipeline.formats.datacomp import MetadataError, metadata_files
 from pipeline.job import run_one
 from pipeline.stage import Hooks
 from pipeline.storage import Store, join
-from pipeline.testing import DATACOMP_DIMS, make_config, write_datacomp_pool
+from pipeline.testing import DATACOMP_DIMS, make_config, skip_record_mismatches, write_datacomp_pool
 from pipeline.workdir import part_name, stage_dir
 
 U16 = np.dtype("u8,u8")  # DataComp resharder's subset dtype
@@ -190,6 +190,9 @@ def test_precomputed_embeddings_joined_by_uid_with_every_reason_counted(ray_loca
                                    atol=1e-6)
         part_stats = store.read_json(join(stage_dir(cfg.workdir, "embed"), part_name(i) + ".stats.json"))
         assert part_stats["samples"] == len(kept) and part_stats["skipped"] == dict(sorted(pool.skipped[i].items()))
+    # every skipped sample by key, json uid and reason (no_uid, no_embedding, bad_embedding,
+    # duplicate_uid across shards), in shard order, the rows per reason equal to the stats
+    assert skip_record_mismatches(store, stage_dir(cfg.workdir, "embed"), pool) == []
     assert stats["samples"] == pool.n_kept
     assert stats["skipped"] == dict(sorted(pool.skipped_total.items()))
     assert {k: stats[k] for k in ("not_in_shards", "metadata_duplicate_uid", "metadata_without_uid")} == {

@@ -23,6 +23,7 @@ from pipeline.testing import (
     TINY_MODEL_NAME,
     make_config,
     render_image,
+    skip_record_mismatches,
 )
 from pipeline.workdir import part_name, stage_dir
 
@@ -60,6 +61,8 @@ def _check_against_manifest(store, cfg, manifest, stats):
         notes = {"uid_notes": {"uid_fallback": manifest.without_json_uid[i]}} if manifest.without_json_uid[i] else {}
         assert part_stats == {"shard": manifest.shards[i], "samples": len(kept),
                               "skipped": dict(sorted(manifest.skipped[i].items())), **notes}
+    # one skip record per skipped sample, the right samples, in shard order, matching the stats
+    assert skip_record_mismatches(store, stage_dir(cfg.workdir, "embed"), manifest) == []
     assert stats["samples"] == manifest.n_kept
     assert stats["skipped"] == dict(sorted(manifest.skipped_total.items()))
     if sum(manifest.without_json_uid):  # said in the stats: subset.npy cannot select these

@@ -157,7 +157,7 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
                           "caption", "original_width", "original_height")})
             for m in np.flatnonzero(sel & markers):
                 acc.expected = int(batch["marker_samples"][m])
-                acc.skipped.update(json.loads(str(batch["marker_skipped"][m])))
+                acc.skips.extend(tuple(r) for r in json.loads(str(batch["marker_skipped"][m])))
                 acc.error = str(batch["marker_error"][m])
             if acc.error:
                 # a shard that could not be read as a whole: never commit part of it
