@@ -141,7 +141,9 @@ def test_resume_after_kill_embeds_each_shard_once(local_run, small_pool, tmp_pat
     with pytest.raises(Killed):
         run_embed_stage(cfg, store, on_part_committed=kill_after_two)
     committed = sorted(n for n in os.listdir(directory) if n.endswith(".parquet"))
-    assert committed == ["part-00000.parquet", "part-00001.parquet"]
+    # each part after its skip records
+    assert committed == ["part-00000.parquet", "part-00000.skipped.parquet", "part-00001.parquet",
+                         "part-00001.skipped.parquet"]
     assert not store.exists(join(directory, "_SUCCESS.json"))
     before = {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in committed}
 
