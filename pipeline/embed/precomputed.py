@@ -74,6 +74,7 @@ from .parts import commit_part
 log = logging.getLogger(__name__)
 
 JOIN_DIR = "_join"
+JOIN_LAYOUT = 2  # of the _join/ files (2: skip records, not counts); a resume never mixes two
 INFO = "precomputed.json"  # the join's counts, committed before _join/ is removed
 NO_UID = "no_uid"  # the sample's json has no uid: it cannot be looked up in the metadata
 NO_EMBEDDING = "no_embedding"  # in the shards, but its uid is on no metadata row
@@ -119,12 +120,18 @@ def inspect_inputs(cfg: JobConfig, store: Store) -> dict[str, Any]:
 def _plan(cfg: JobConfig, store: Store, join_dir: str, n_shards: int) -> dict[str, Any]:
     url = join(join_dir, "plan.json")
     if store.exists(url):
-        return store.read_json(url)
+        plan = store.read_json(url)
+        if plan.get("layout") == JOIN_LAYOUT:
+            return plan
+        # intermediates of an older version (skip counts, not records): they cannot be resumed
+        log.warning("precomputed join: %s holds files of an older layout; starting the join over", join_dir)
+        store.rm(join_dir, recursive=True)
     pc = cfg.embed.precomputed
     plan = inspect_inputs(cfg, store)
     total = sum(rows for _, _, rows in plan["files"])
     plan["buckets"] = max(1, math.ceil(total / pc.bucket_rows))
     plan["bucket_rows"] = pc.bucket_rows
+    plan["layout"] = JOIN_LAYOUT
     plan["shard_tasks"] = [[lo, min(lo + pc.shards_per_task, n_shards)] for lo in range(0, n_shards, pc.shards_per_task)]
     store.write_json(url, plan)
     return plan

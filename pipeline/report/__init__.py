@@ -186,7 +186,8 @@ def _example_grid(store: Store, pool: dict[str, np.ndarray], rows: np.ndarray, l
     return shown + '<div class="grid">' + "".join(cells) + "</div>"
 
 
-def _near_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarray], input_cfg: InputConfig) -> str:
+def _near_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarray], labels: dict[str, str],
+                       input_cfg: InputConfig) -> str:
     """The "dropped as near-copy of …" pairs (:mod:`.near_copies`) side by side: the pruned sample,
     the selected sample that suppressed it most, both captions and their graph distance. "" when
     the selection has no per-node blame (older workdirs, a baseline method)."""
@@ -203,8 +204,10 @@ def _near_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarra
         for role, r in (("pruned", c.pruned), ("kept", c.kept)):
             image, caption = _image_and_caption(members.get((str(pool["shard"][r]), str(pool["key"][r]))), input_cfg)
             img_html = f'<img src="{image}" alt="">' if image else '<div class="noimg">image not available</div>'
+            badge = labels.get(str(pool["uid"][r]), "")
             figures.append(f'<figure class="{role}">{img_html}<figcaption><span class="role">{role}</span> '
                            f'<span class="score">score {float(pool["clip_score"][r]):.3f}</span>'
+                           f'{f" <span class=badge>{html.escape(badge)}</span>" if badge else ""}'
                            f'<br>{html.escape(caption[:140])}</figcaption></figure>')
         cells.append(f'<div class="pair" data-pruned="{html.escape(str(pool["uid"][c.pruned]))}" '
                      f'data-kept="{html.escape(str(pool["uid"][c.kept]))}" data-distance="{c.distance!r}">'
@@ -283,7 +286,7 @@ def _what_was_kept(store: Store, workdir_url: str, pool, kept, stats, extras: Re
             grid = note(f"examples not shown: {err}")
         sections.append(f'<h3 class="{cls}">{title}</h3>' + grid)
     try:
-        gallery = _near_copy_gallery(store, workdir_url, pool, input_cfg)
+        gallery = _near_copy_gallery(store, workdir_url, pool, extras.labels, input_cfg)
     except Exception as err:  # noqa: BLE001 - a damaged nodes or graph file is a note, not a failed report
         log.warning("report: near-copy gallery failed: %s", err)
         gallery = note(f"near-copy gallery not shown: {err}")
