@@ -9,8 +9,8 @@ Data flow (open_clip encoder)::
         many rows as the marker announces; complete shards are committed in shard order
         (:mod:`.parts`).
 
-A part is written only when all its rows are in, after its stats json; a killed job leaves no
-partial part, and a rerun embeds exactly the shards without a part.
+A part is written only when all its rows are in, after its skip records and stats json; a killed
+job leaves no partial part, and a rerun embeds exactly the shards without a part.
 
 The precomputed encoder joins DataComp's metadata to the shards by uid through bucketed files
 and Ray tasks that write the parts themselves (:mod:`.precomputed`).
