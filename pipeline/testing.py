@@ -136,6 +136,9 @@ class PoolManifest(_ShardCounts):
     skipped: list[dict[str, int]]  # per shard: reason -> count
     truncated_shards: list[int] = field(default_factory=list)
     without_json_uid: list[int] = field(default_factory=list)  # per shard: kept samples whose json has no uid
+    # per shard, in tar order, where the generator knows them: {"key", "uid" (json's, else ""), "reason"}
+    # of each sample a correct reader skips ("" key for a truncated tar and a key that is not UTF-8)
+    skipped_samples: list[list[dict[str, str]]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"shards": self.shards, "kept": self.kept, "skipped": self.skipped,
@@ -188,7 +191,7 @@ def write_pool(dest_dir: str, store: Store | None = None, n_shards: int = 4, per
         raise ValueError("a broken pool needs per_shard >= 12 (defects sit at fixed positions)")
     rng = np.random.default_rng(seed)
     store.makedirs(dest_dir)
-    urls, kept, skipped, truncated, without_json_uid = [], [], [], [], []
+    urls, kept, skipped, truncated, without_json_uid, skipped_samples = [], [], [], [], [], []
     seen: set[str] = set()
     for shard in range(n_shards):
         no_uid = 0
@@ -198,6 +201,7 @@ def write_pool(dest_dir: str, store: Store | None = None, n_shards: int = 4, per
         cut_offset = None
         shard_kept: list[dict[str, str]] = []
         shard_skipped: Counter = Counter()
+        shard_records: list[dict[str, str]] = []
         with TarWriter(buf) as tf:
             for pos in range(per_shard):
                 key = f"{shard:05d}{pos:04d}"
@@ -244,18 +248,49 @@ def write_pool(dest_dir: str, store: Store | None = None, n_shards: int = 4, per
                     no_uid += defect == "no_json"
                 else:
                     shard_skipped[reason] += 1
+                    shard_records.append({"key": key, "uid": "" if defect in (BAD_METADATA, "no_json") else uid,
+                                          "reason": reason})
         data = buf.getvalue()
         if cut_offset is not None:
             data = data[:cut_offset]
             shard_skipped[TRUNCATED_TAR] += 1
+            shard_records.append({"key": "", "uid": "", "reason": TRUNCATED_TAR})
             truncated.append(shard)
         store.write_bytes(url, data)
         urls.append(url)
         kept.append(shard_kept)
         skipped.append(dict(shard_skipped))
         without_json_uid.append(no_uid)
+        skipped_samples.append(shard_records)
     return PoolManifest(shards=urls, kept=kept, skipped=skipped, truncated_shards=truncated,
-                        without_json_uid=without_json_uid)
+                        without_json_uid=without_json_uid, skipped_samples=skipped_samples)
+
+
+def skip_record_mismatches(store: Store, embed_dir: str, manifest) -> list[str]:
+    """What is wrong with the embed stage's ``part-NNNNN.skipped.parquet`` files against a
+    generated pool's manifest (its ``skipped_samples``, known from construction) and against the
+    parts' own stats json (rows per reason = its ``skipped``): one line per problem, [] when
+    every shard's records are right."""
+    from .formats.embeddings import SKIPPED_COLUMNS, read_skipped, skipped_url
+    from .workdir import part_name
+
+    problems = []
+    for i, shard in enumerate(manifest.shards):
+        name = part_name(i)
+        table = read_skipped(store, skipped_url(embed_dir, name))
+        stats = store.read_json(join(embed_dir, name + ".stats.json"))
+        if table.schema.names != list(SKIPPED_COLUMNS) or any(str(t) != "string" for t in table.schema.types):
+            problems.append(f"{name}: schema {table.schema}")
+        rows = table.to_pylist()
+        by_reason = dict(sorted(Counter(r["reason"] for r in rows).items()))
+        if by_reason != stats["skipped"]:
+            problems.append(f"{name}: records per reason {by_reason} != stats {stats['skipped']}")
+        if any(r["shard"] != shard for r in rows):
+            problems.append(f"{name}: records of another shard than {shard}")
+        got = [{k: r[k] for k in ("key", "uid", "reason")} for r in rows]
+        if got != manifest.skipped_samples[i]:
+            problems.append(f"{name}: records {got} != expected {manifest.skipped_samples[i]}")
+    return problems
 
 
 # -- a bad-input corpus ---------------------------------------------------------------------------
@@ -345,6 +380,7 @@ def write_bad_input_pool(dest_dir: str, store: Store | None = None, seed: int = 
     urls = [join(dest_dir, f"{i:05d}.tar") for i in range(5)]
     kept: list[list[dict[str, str]]] = [[], [], []]
     skipped: list[Counter] = [Counter(), Counter(), Counter()]
+    skipped_samples: list[list[dict[str, str]]] = [[], [], []]
 
     def healthy(pos: int, uid: Any) -> tuple[list[tuple[str, bytes]], str]:
         image, caption = render_image(rng, 48)
@@ -372,6 +408,8 @@ def write_bad_input_pool(dest_dir: str, store: Store | None = None, seed: int = 
                 kept[0].append({"uid": uid, "key": key, "caption": caption})
             else:
                 skipped[0][expect] += 1
+                skipped_samples[0].append({"key": "" if expect == BAD_KEY else key, "uid": uid or "",
+                                           "reason": expect})
             pos += 1
 
         for i in range(12):
@@ -387,25 +425,26 @@ def write_bad_input_pool(dest_dir: str, store: Store | None = None, seed: int = 
         image, caption = render_image(rng, 48)
         png = encode_image(image, "png")
         meta = lambda: json.dumps({"uid": _sample_uid(seed, 0, pos)}).encode()  # noqa: E731
+        here = lambda: _sample_uid(seed, 0, pos)  # noqa: E731 - the uid meta() writes (skip records name it)
         add([("jpg", b"\xff\xd8\xff\xe0 garbage " + rng.bytes(200)), ("txt", b"a caption"), ("json", meta())],
-            UNDECODABLE_IMAGE)
-        add([("png", b""), ("txt", b"a caption"), ("json", meta())], UNDECODABLE_IMAGE)
-        add([("png", png[: len(png) // 2]), ("txt", b"a caption"), ("json", meta())], UNDECODABLE_IMAGE)
-        add([("png", png), ("txt", b""), ("json", meta())], MISSING_CAPTION)
-        add([("png", png), ("txt", b"\xff\xfe\xfa"), ("json", meta())], MISSING_CAPTION)
+            UNDECODABLE_IMAGE, here())
+        add([("png", b""), ("txt", b"a caption"), ("json", meta())], UNDECODABLE_IMAGE, here())
+        add([("png", png[: len(png) // 2]), ("txt", b"a caption"), ("json", meta())], UNDECODABLE_IMAGE, here())
+        add([("png", png), ("txt", b""), ("json", meta())], MISSING_CAPTION, here())
+        add([("png", png), ("txt", b"\xff\xfe\xfa"), ("json", meta())], MISSING_CAPTION, here())
         big = Image.fromarray(np.full((1200, 1200), 128, np.uint8), mode="L")
-        add([("png", _png(big)), ("txt", b"a caption"), ("json", meta())], TOO_LARGE)
-        add([("png", _png_header_only(30000, 30000)), ("txt", b"a caption"), ("json", meta())], TOO_LARGE)
+        add([("png", _png(big)), ("txt", b"a caption"), ("json", meta())], TOO_LARGE, here())
+        add([("png", _png_header_only(30000, 30000)), ("txt", b"a caption"), ("json", meta())], TOO_LARGE, here())
         for name, (ext, data) in odd_mode_images(rng).items():
             uid = _sample_uid(seed, 0, pos)
             add([(ext, data), ("txt", f"an image in mode {name}".encode()), ("json", json.dumps({"uid": uid}).encode())],
                 "keep", uid, f"an image in mode {name}")
-        add([("png", png), ("txt", b"a caption"), ("bin", bytes(2**20 + 1)), ("json", meta())], TOO_LARGE)
-        add([("png", png), ("txt", b"a caption"), ("json", meta())], BAD_KEY, key="\udcff\udcfe-key")
-        add([("txt", b"a caption"), ("json", meta())], MISSING_IMAGE)
+        add([("png", png), ("txt", b"a caption"), ("bin", bytes(2**20 + 1)), ("json", meta())], TOO_LARGE, here())
+        add([("png", png), ("txt", b"a caption"), ("json", meta())], BAD_KEY, here(), key="\udcff\udcfe-key")
+        add([("txt", b"a caption"), ("json", meta())], MISSING_IMAGE, here())
         add([("png", png), ("txt", b"a caption"), ("json", b'{"uid": ')], BAD_METADATA)
         members, _ = healthy(pos, first_uid)
-        add(members, DUPLICATE_UID)
+        add(members, DUPLICATE_UID, first_uid)
     store.write_bytes(urls[0], buf.getvalue())
 
     # -- shard 1: cut in the middle of its seventh sample; its third repeats a uid of shard 0
@@ -422,9 +461,11 @@ def write_bad_input_pool(dest_dir: str, store: Store | None = None, seed: int = 
             if i < 6:
                 if i == 2:
                     skipped[1][DUPLICATE_UID] += 1
+                    skipped_samples[1].append({"key": f"1{i:03d}", "uid": uid, "reason": DUPLICATE_UID})
                 else:
                     kept[1].append({"uid": uid, "key": f"1{i:03d}", "caption": caption})
     skipped[1][TRUNCATED_TAR] += 1
+    skipped_samples[1].append({"key": "", "uid": "", "reason": TRUNCATED_TAR})
     store.write_bytes(urls[1], buf.getvalue()[:cut])
 
     # -- shard 2: an empty tar; 3: zero bytes; 4: random bytes
@@ -433,7 +474,8 @@ def write_bad_input_pool(dest_dir: str, store: Store | None = None, seed: int = 
     store.write_bytes(urls[2], buf.getvalue())
     store.write_bytes(urls[3], b"")
     store.write_bytes(urls[4], b"\x00GARBAGE" + rng.bytes(3000))
-    manifest = PoolManifest(shards=urls[:3], kept=kept, skipped=[dict(c) for c in skipped], truncated_shards=[1])
+    manifest = PoolManifest(shards=urls[:3], kept=kept, skipped=[dict(c) for c in skipped], truncated_shards=[1],
+                            skipped_samples=skipped_samples)
     return BadInputCorpus(manifest, {urls[3]: "not a tar archive (0 bytes)", urls[4]: "not a tar archive"},
                           [urls[2]])
 
@@ -491,6 +533,8 @@ class DataCompManifest(_ShardCounts):
     metadata_without_uid: int
     arrays: list[dict[str, np.ndarray]]  # per metadata file: npz key -> float16 array as written
     scores: list[dict[str, np.ndarray]]  # per metadata file: score column -> float64
+    skipped_samples: list[list[dict[str, str]]] = field(default_factory=list)  # per shard, tar order:
+    #                                   key, uid (the json's, else ""), reason of each sample not kept
 
 
 def _original_size(rng: np.random.Generator, j: int) -> tuple[int, int]:
@@ -594,13 +638,14 @@ def write_datacomp_pool(root: str, store: Store | None = None, n_shards: int = 3
         arrays.append(vecs)
         scores.append(file_scores)
 
-    shards, kept, skipped = [], [], []
+    shards, kept, skipped, skipped_samples = [], [], [], []
     first_of_shard0 = None
     for shard in range(n_shards):
         members: list[tuple[str, bytes]] = []
         shard_rows: list[dict[str, Any]] = []  # img2dataset's parquet: every attempted sample
         shard_kept: list[dict[str, Any]] = []
         counts: Counter = Counter()
+        shard_skipped: list[dict[str, str]] = []
 
         def add_sample(key: str, r: dict[str, Any], uid: str | None, expect: str | None) -> None:
             data = encode_image(r["image"], "jpg")
@@ -621,6 +666,7 @@ def write_datacomp_pool(root: str, store: Store | None = None, n_shards: int = 3
                                    "url": r["url"], "sha256": meta["sha256"], "file": r["file"], "row": r["row"]})
             else:
                 counts[expect] += 1
+                shard_skipped.append({"key": key, "uid": uid or "", "reason": expect})
 
         for pos in range(per_shard):
             i = shard * per_shard + pos
@@ -669,12 +715,14 @@ def write_datacomp_pool(root: str, store: Store | None = None, n_shards: int = 3
         shards.append(url)
         kept.append(shard_kept)
         skipped.append(dict(counts))
+        skipped_samples.append(shard_skipped)
 
     in_shards = {s["uid"] for k in kept for s in k} | {rows[zero_row]["uid"]}
     first_rows = [r for r in rows if r.get("metadata_uid", r["uid"]) and r is not rows[dup_row]]
     not_in_shards = sum(1 for r in first_rows if r["uid"] not in in_shards)
     return DataCompManifest(meta_dir, shards_dir, shards, metadata, kept, skipped, not_in_shards,
-                            metadata_duplicate_uid=1, metadata_without_uid=1, arrays=arrays, scores=scores)
+                            metadata_duplicate_uid=1, metadata_without_uid=1, arrays=arrays, scores=scores,
+                            skipped_samples=skipped_samples)
 
 
 # -- configs and object storage ------------------------------------------------------------------

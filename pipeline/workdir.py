@@ -4,7 +4,8 @@ Stages talk through files (see ../shared/design/architecture.md)::
 
     WORKDIR/embeddings/part-NNNNN.parquet   one per input shard (NNNNN = index in the expanded shard list)
     WORKDIR/embeddings/part-NNNNN.stats.json  that shard's counts, committed before the part
-    WORKDIR/embeddings/part-NNNNN.skipped.parquet  that shard's samples not in the part: shard, key, uid, reason
+    WORKDIR/embeddings/part-NNNNN.skipped.parquet  shard, key, uid, reason of each sample not in the part
+                                            (written before the stats json)
     WORKDIR/graph/nodes.parquet             node (row id), uid, part
     WORKDIR/graph/part-NNNNN.parquet        node, neighbors[k], sq_distances[k], cell
     WORKDIR/graph/lists.parquet             per IVF list: nodes, coarse cell, search group
@@ -32,13 +33,13 @@ import time
 from typing import Any
 
 from .errors import StaleStageError
-from .storage import Store, join
+from .storage import Store, basename, join
 
 STAGE_DIRS = {"embed": "embeddings", "graph": "graph", "select": "selection", "write": "write"}
 SUCCESS = "_SUCCESS.json"
 FINGERPRINT = "_FINGERPRINT.json"
-_PART = re.compile(r"^part-\d+\.parquet$")
 STATS = "_stats.json"
+_PART = re.compile(r"part-\d+\.parquet")
 
 __all__ = ["STAGE_DIRS", "SUCCESS", "StaleStageError", "stage_dir", "part_name"]
 
@@ -102,5 +103,5 @@ def committed_parts(store: Store, directory: str) -> list[str]:
     """URLs of the committed ``part-NNNNN.parquet`` files in `directory`, in part order (the node
     order of the graph). Temporary files of an interrupted local write are hidden
     (``.part-…tmp-…``) and never match."""
-    # only part-<digits>.parquet: a part's companions (part-NNNNN.skipped.parquet) are not parts
-    return [u for u in store.glob(join(directory, "part-*.parquet")) if _PART.match(u.rsplit("/", 1)[-1])]
+    # not part-NNNNN.skipped.parquet (the embed stage's skip records) nor any other part-*.parquet
+    return [u for u in store.glob(join(directory, "part-*.parquet")) if _PART.fullmatch(basename(u))]

@@ -33,6 +33,8 @@ from pipeline.formats.webdataset import (
 from pipeline.storage import Store
 from pipeline.testing import (
     CORPUS_INPUT,
+    make_config,
+    skip_record_mismatches,
     odd_mode_images,
     write_bad_input_pool,
     write_repeated_keys_pool,
@@ -278,6 +280,31 @@ def test_bad_input_corpus_through_the_whole_job_with_exact_counts(tmp_path, corp
     assert "missing    : 2 input shard(s) skipped" in out
     written = store.read_json(str(tmp_path / "out" / "_stats.json"))
     assert written["samples_written"] == budget_for(manifest.n_kept, 0.5) and written["integrity"].startswith("ok")
+
+
+@pytest.mark.slow
+def test_bad_input_corpus_skip_records_name_every_skipped_sample(tmp_path, corpus, ray_local):
+    """Per shard, part-NNNNN.skipped.parquet holds one row per input sample not in the part: the
+    sample the corpus broke (key, json uid) under the reason the stats count; the damaged tar's
+    one truncated_tar row has no key; a missing shard has an empty file."""
+    from pipeline.formats.embeddings import list_parts, read_skipped, skipped_url
+    from pipeline.job import run_one
+    from pipeline.workdir import part_name, stage_dir
+
+    shards = corpus.shards + list(corpus.unreadable)
+    cfg = make_config(str(tmp_path / "work"), shards, input={**CORPUS_INPUT, "allow_missing_shards": True},
+                      embed={"batch_size": 8})
+    store = Store()
+    run_one(cfg, store, "embed")
+    directory = stage_dir(cfg.workdir, "embed")
+    assert skip_record_mismatches(store, directory, corpus.manifest) == []
+    for i in range(len(corpus.shards), len(shards)):  # the shards skipped as missing: no samples
+        assert read_skipped(store, skipped_url(directory, part_name(i))).num_rows == 0
+    # the skip records are no parts: the graph's node order is the parts' alone
+    assert [p.name for p in list_parts(store, directory)[0]] == [part_name(i) for i in range(len(shards))]
+    bad_key = [r for r in read_skipped(store, skipped_url(directory, part_name(0))).to_pylist()
+               if r["reason"] == "bad_key"]
+    assert len(bad_key) == 1 and bad_key[0]["key"] == "" and bad_key[0]["uid"]  # named by its json uid
 
 
 @pytest.fixture(scope="module")

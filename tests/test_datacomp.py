@@ -23,7 +23,7 @@ from pipeline.formats.datacomp import MetadataError, metadata_files
 from pipeline.job import run_one
 from pipeline.stage import Hooks
 from pipeline.storage import Store, join
-from pipeline.testing import DATACOMP_DIMS, make_config, write_datacomp_pool
+from pipeline.testing import DATACOMP_DIMS, make_config, skip_record_mismatches, write_datacomp_pool
 from pipeline.workdir import part_name, stage_dir
 
 U16 = np.dtype("u8,u8")  # DataComp resharder's subset dtype
@@ -170,6 +170,20 @@ def datacomp_pool(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_precomputed_join_of_an_older_layout_is_started_over(ray_local, datacomp_pool, tmp_path):
+    """A _join/ left by a version that moved skip counts (not records) is not resumed: its files
+    would not hold the records the parts' skip files are made of."""
+    pool, store = datacomp_pool, Store()
+    cfg = _precomputed_config(tmp_path, pool, bucket_rows=16, shards_per_task=1)
+    join_dir = join(stage_dir(cfg.workdir, "embed"), "_join")
+    store.write_json(join(join_dir, "plan.json"), {"buckets": 1, "dim": 16, "files": [], "bucket_rows": 16,
+                                                   "shard_tasks": [[0, len(pool.shards)]]})
+    store.write_bytes(join(join_dir, "samples-00000.bkt"), b"an older step-1 file")
+    run_one(cfg, store, "embed")
+    assert skip_record_mismatches(store, stage_dir(cfg.workdir, "embed"), pool) == []
+
+
+@pytest.mark.slow
 def test_precomputed_embeddings_joined_by_uid_with_every_reason_counted(ray_local, datacomp_pool, tmp_path):
     pool, store = datacomp_pool, Store()
     # small buckets: several join buckets and shard groups, one shard per read task
@@ -190,6 +204,9 @@ def test_precomputed_embeddings_joined_by_uid_with_every_reason_counted(ray_loca
                                    atol=1e-6)
         part_stats = store.read_json(join(stage_dir(cfg.workdir, "embed"), part_name(i) + ".stats.json"))
         assert part_stats["samples"] == len(kept) and part_stats["skipped"] == dict(sorted(pool.skipped[i].items()))
+    # every skipped sample by key, json uid and reason (no_uid, no_embedding, bad_embedding,
+    # duplicate_uid across shards), in shard order, the rows per reason equal to the stats
+    assert skip_record_mismatches(store, stage_dir(cfg.workdir, "embed"), pool) == []
     assert stats["samples"] == pool.n_kept
     assert stats["skipped"] == dict(sorted(pool.skipped_total.items()))
     assert {k: stats[k] for k in ("not_in_shards", "metadata_duplicate_uid", "metadata_without_uid")} == {

@@ -180,8 +180,16 @@ def test_quick_demo_end_to_end(tmp_path, ray_local, capsys):
     page = open(report, encoding="utf-8").read()
     assert "The demo against its ground truth" in page
     assert not re.search(r"https?://", page)
-    for heading in ("Summary", "What was kept", "Stages", "Kept (a random sample)"):
+    for heading in ("Summary", "What was kept", "Stages", "Kept (a random sample)",
+                    "Dropped as near-copy of a kept sample"):
         assert heading in page
+    # the pool's planted copies (a picture and its re-encoded copies, one caption) are the closest
+    # pruned pairs: the gallery pairs them with the copy D2 kept
+    pairs = re.findall(r'<div class="pair" data-pruned="([^"]+)" data-kept="([^"]+)"', page)
+    group = dict(zip(*(pq.read_table(record["pool"]["ground_truth"]).column(c).to_pylist()
+                       for c in ("uid", "dup_group"))))
+    copies = [group[p] >= 0 and group[p] == group[k] for p, k in pairs]
+    assert len(pairs) == 12 and copies[0] and sum(copies) >= 8, copies
 
     # `d2prune report WORKDIR` rebuilds it from the committed files
     os.remove(report)

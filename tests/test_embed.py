@@ -23,6 +23,7 @@ from pipeline.testing import (
     TINY_MODEL_NAME,
     make_config,
     render_image,
+    skip_record_mismatches,
 )
 from pipeline.workdir import part_name, stage_dir
 
@@ -60,6 +61,8 @@ def _check_against_manifest(store, cfg, manifest, stats):
         notes = {"uid_notes": {"uid_fallback": manifest.without_json_uid[i]}} if manifest.without_json_uid[i] else {}
         assert part_stats == {"shard": manifest.shards[i], "samples": len(kept),
                               "skipped": dict(sorted(manifest.skipped[i].items())), **notes}
+    # one skip record per skipped sample, the right samples, in shard order, matching the stats
+    assert skip_record_mismatches(store, stage_dir(cfg.workdir, "embed"), manifest) == []
     assert stats["samples"] == manifest.n_kept
     assert stats["skipped"] == dict(sorted(manifest.skipped_total.items()))
     if sum(manifest.without_json_uid):  # said in the stats: subset.npy cannot select these
@@ -138,7 +141,9 @@ def test_resume_after_kill_embeds_each_shard_once(local_run, small_pool, tmp_pat
     with pytest.raises(Killed):
         run_embed_stage(cfg, store, on_part_committed=kill_after_two)
     committed = sorted(n for n in os.listdir(directory) if n.endswith(".parquet"))
-    assert committed == ["part-00000.parquet", "part-00001.parquet"]
+    # each part after its skip records
+    assert committed == ["part-00000.parquet", "part-00000.skipped.parquet", "part-00001.parquet",
+                         "part-00001.skipped.parquet"]
     assert not store.exists(join(directory, "_SUCCESS.json"))
     before = {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in committed}
 

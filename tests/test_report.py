@@ -180,3 +180,152 @@ def test_pca_2d_finds_the_main_axes():
     assert abs(np.corrcoef(xy[:, 0], x[:, 2])[0, 1]) > 0.99
     assert abs(np.corrcoef(xy[:, 1], x[:, 4])[0, 1]) > 0.99
     assert xy[:, 0].std() > xy[:, 1].std()
+
+
+# -- the "dropped as near-copy of …" gallery --------------------------------------------------------
+
+_PAIR = re.compile(r'<div class="pair" data-pruned="([^"]+)" data-kept="([^"]+)" data-distance="([^"]+)">'
+                   r'(.*?</figure>.*?</figure>)</div>', re.S)
+
+
+@pytest.fixture(scope="module")
+def demo_job(tmp_path_factory, ray_local):
+    """The demo's job (its config and shipped tiny CLIP) on a 400-sample demo pool, through the
+    real embed, graph and select stages; exact kNN so the reference below can read the graph."""
+    from pipeline.config import config_from_dict
+    from pipeline.demo.run import demo_config
+    from pipeline.job import run_one
+
+    out = tmp_path_factory.mktemp("gallery")
+    manifest = generate_pool(str(out / "pool"), PoolSpec(n_samples=400, samples_per_shard=200, seed=3))
+    raw = demo_config(str(out), manifest["shards"], quick=True)
+    raw["graph"].update(index="flat", recall_sample=0)
+    raw["select"].update(partitions=2)  # two nodes files
+    raw["embed"].update(num_gpus_per_actor=0)
+    cfg = config_from_dict(raw)
+    store = Store()
+    for stage in ("embed", "graph", "select"):
+        run_one(cfg, store, stage)
+    return cfg, manifest
+
+
+def _reference_pairs(store, workdir):
+    """Every (pruned, blame) pair of the committed selection with its squared distance on the graph
+    edge, read straight from the nodes and graph files."""
+    import pyarrow.parquet as pq
+
+    from pipeline.formats.graph import read_graph
+
+    graph = read_graph(store, join(workdir, "graph"))
+    nodes = pa.concat_tables([pq.read_table(u) for u in store.glob(join(workdir, "selection", "nodes", "part-*.parquet"))])
+    pairs = {}
+    for node, blame in zip(nodes.column("node").to_pylist(), nodes.column("blame_node").to_pylist()):
+        if blame < 0:
+            continue
+        if blame in graph["neighbors"][node]:
+            sq = graph["sq_distances"][node][list(graph["neighbors"][node]).index(blame)]
+        else:
+            sq = graph["sq_distances"][blame][list(graph["neighbors"][blame]).index(node)]
+        pairs[(graph["uids"][node], graph["uids"][blame])] = float(np.sqrt(max(sq, 0.0)))
+    return pairs
+
+
+@pytest.mark.slow
+def test_near_copy_gallery_shows_the_closest_pruned_pairs_with_their_blame(demo_job):
+    import pyarrow.parquet as pq
+
+    cfg, manifest = demo_job
+    store = Store()
+    page = open(build_report(cfg.workdir, store, input_cfg=cfg.input), encoding="utf-8").read()
+    _assert_self_contained(page)
+    assert "Dropped as near-copy of a kept sample" in page
+    shown = _PAIR.findall(page)
+    reference = _reference_pairs(store, cfg.workdir)
+    assert len(reference) > 12 and len(shown) == 12
+    selected = set(pq.read_table(join(cfg.workdir, "selection", "selected.parquet")).column("uid").to_pylist())
+    distances = [float(d) for _, _, d, _ in shown]
+    assert distances == sorted(distances)
+    # the 12 closest of all pruned samples and their blame, at the graph's distance
+    np.testing.assert_allclose(distances, sorted(reference.values())[:12], rtol=1e-6)
+    gt = pq.read_table(manifest["ground_truth"]).to_pydict()
+    caption = dict(zip(gt["uid"], gt["caption"]))
+    group = dict(zip(gt["uid"], gt["dup_group"]))
+    for pruned, kept, distance, body in shown:
+        assert (pruned, kept) in reference and reference[(pruned, kept)] == pytest.approx(float(distance), rel=1e-6)
+        assert kept in selected and pruned not in selected
+        images = _images(body)
+        assert len(images) == 2 and all(src.startswith("data:image/jpeg") for src in images)
+        for uid in (pruned, kept):
+            assert html_escape(caption[uid][:140]) in body
+    # the demo pool plants near-duplicate groups (a picture and re-encoded copies, one caption):
+    # D2 keeps one and prunes the rest, and they are the closest pairs the gallery shows
+    copies = [group[p] >= 0 and group[p] == group[k] for p, k, _, _ in shown]
+    assert copies[0] and sum(copies) >= 8, copies
+
+    # a selection without per-node blame (an older workdir): no gallery, the rest of the report as before
+    import shutil
+
+    nodes_dir = join(cfg.workdir, "selection", "nodes")
+    backup = nodes_dir + ".bak"
+    shutil.move(nodes_dir, backup)
+    try:
+        page = open(build_report(cfg.workdir, store, input_cfg=cfg.input), encoding="utf-8").read()
+    finally:
+        shutil.move(backup, nodes_dir)
+    assert "near-copy" not in page and "Kept (a random sample)" in page
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def test_near_copies_edges_in_either_direction_and_the_memory_cap(tmp_path):
+    """find_near_copies on a hand-made graph: an edge listed only in the blame node's row is found
+    (second pass); pairs closer than every other come first; with the waiting heap capped below
+    what it needs the result says it may not be exact."""
+    from pipeline.formats.embeddings import EmbeddingPart
+    from pipeline.formats.graph import graph_part_table
+    from pipeline.formats.selection import nodes_table
+    from pipeline.report.near_copies import find_near_copies
+
+    store = Store()
+    wd = str(tmp_path)
+    # 8 nodes in two parts of 4; k=2. Pruned -> blame (sq distance), by construction:
+    #   1 -> 0 (0.30, in 1's row), 5 -> 4 (0.10, only in 4's row), 6 -> 2 (0.05, in 6's row),
+    #   3 -> 7 (0.20, only in 7's row); 0, 2, 4, 7 selected (no blame).
+    k = 2
+    neighbors = np.full((8, k), -1, np.int64)
+    sq = np.full((8, k), np.inf, np.float32)
+    rows = {0: [(1, 0.30)], 1: [(0, 0.30)], 2: [(6, 0.05)], 3: [(2, 0.01), (1, 0.02)],
+            4: [(5, 0.10)], 5: [(6, 0.03), (7, 0.04)], 6: [(2, 0.05)], 7: [(3, 0.20)]}
+    for node, edges in rows.items():
+        for j, (other, d) in enumerate(edges):
+            neighbors[node, j], sq[node, j] = other, d
+    blame = np.array([-1, 0, -1, 7, -1, 4, 2, -1])
+    parts = []
+    for p in range(2):
+        lo, hi = 4 * p, 4 * p + 4
+        store.write_parquet(join(wd, "graph", f"part-{p:05d}.parquet"),
+                            graph_part_table(np.arange(lo, hi), neighbors[lo:hi], sq[lo:hi], np.zeros(4)))
+        parts.append(EmbeddingPart(f"part-{p:05d}", join(wd, "embeddings", f"part-{p:05d}.parquet"), 4, lo))
+    for f, nodes in enumerate(([0, 2, 5, 7], [1, 3, 4, 6])):  # two partitions, each in node order
+        nodes = np.array(nodes)
+        store.write_parquet(join(wd, "selection", "nodes", f"part-{f:05d}.parquet"), nodes_table(
+            nodes, pa.array([f"{n:032x}" for n in nodes]), np.zeros(4), np.zeros(4, bool), np.full(4, -1),
+            np.zeros(4), np.zeros(4), blame[nodes], np.where(blame[nodes] >= 0, 1.0, 0.0)))
+    sel_dir, graph_dir = join(wd, "selection"), join(wd, "graph")
+
+    found = find_near_copies(store, sel_dir, graph_dir, parts, n=3)
+    assert [(c.pruned, c.kept) for c in found.pairs] == [(6, 2), (5, 4), (3, 7)]
+    np.testing.assert_allclose([c.sq_distance for c in found.pairs], [0.05, 0.10, 0.20], rtol=1e-6)
+    assert found.exact and found.unmatched == 0
+    found = find_near_copies(store, sel_dir, graph_dir, parts, n=10)
+    assert [(c.pruned, c.kept) for c in found.pairs] == [(6, 2), (5, 4), (3, 7), (1, 0)]
+    # one waiting pair at most: 3 -> 7 (bound 0.02) is kept over 5 -> 4 (bound 0.04), which is closer
+    # than the farthest pair shown: said, not hidden
+    capped = find_near_copies(store, sel_dir, graph_dir, parts, n=3, pending_cap=1)
+    assert not capped.exact and (5, 4) not in [(c.pruned, c.kept) for c in capped.pairs]
+    # no nodes files: no gallery
+    assert find_near_copies(store, join(wd, "nowhere"), graph_dir, parts) is None

@@ -1,7 +1,8 @@
 """Committed embedding parts: cross-shard uid de-duplication and commits in shard order.
 
-Complete shards are committed *in shard order* (stats json, then the part), skipping uids already
-seen in earlier shards (counted as ``duplicate_uid``: the occurrence in the earliest shard wins).
+Complete shards are committed *in shard order* (skip records, stats json, then the part), skipping
+uids already seen in earlier shards (recorded as ``duplicate_uid``: the occurrence in the earliest
+shard wins).
 Commits in shard order make that rule deterministic and keep committed parts a prefix, which
 resume relies on; the driver holds only the rows of shards in flight.
 """
@@ -17,8 +18,8 @@ import numpy as np
 
 from ..formats.buckets import uid_hashes
 from ..formats.datacomp import uid_notes
-from ..formats.embeddings import part_table, write_part
-from ..formats.webdataset import DUPLICATE_UID
+from ..formats.embeddings import part_table, skipped_table, skipped_url, write_part, write_skipped
+from ..formats.webdataset import DUPLICATE_UID, fallback_uid
 from ..storage import Store, join
 from ..workdir import part_name
 
@@ -55,7 +56,8 @@ class UidRegistry:
 
 @dataclass
 class ShardResult:
-    """A complete shard's usable rows (in shard order) and its skip counts."""
+    """A complete shard's usable rows (in shard order, at `positions` in the shard) and its skip
+    records ((position, key, uid, reason))."""
 
     uids: list[str]
     keys: list[str]
@@ -65,13 +67,14 @@ class ShardResult:
     captions: list[str]
     widths: np.ndarray  # original image size (int32)
     heights: np.ndarray
-    skipped: Counter = field(default_factory=Counter)
+    skips: list[tuple[int, str, str, str]] = field(default_factory=list)
     missing: str | None = None  # why the shard could not be read (input.allow_missing_shards): no rows
+    positions: np.ndarray | None = None  # of the rows (tar order; None when there are none)
 
     @classmethod
     def unreadable(cls, reason: str) -> "ShardResult":
         return cls([], [], np.zeros(0, np.float32), np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16),
-                   [], np.zeros(0, np.int32), np.zeros(0, np.int32), Counter(), reason)
+                   [], np.zeros(0, np.int32), np.zeros(0, np.int32), [], reason)
 
 
 class ShardAccumulator:
@@ -81,7 +84,7 @@ class ShardAccumulator:
         self.chunks: list[dict[str, np.ndarray]] = []
         self.rows = 0
         self.expected: int | None = None
-        self.skipped: Counter = Counter()
+        self.skips: list[tuple[int, str, str, str]] = []
         self.error = ""  # the shard could not be read (its marker says why)
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
@@ -96,18 +99,19 @@ class ShardAccumulator:
         if not self.chunks:
             return ShardResult([], [], np.zeros(0, np.float32), np.zeros((0, 0), np.float16),
                                np.zeros((0, 0), np.float16), [], np.zeros(0, np.int32), np.zeros(0, np.int32),
-                               self.skipped)
+                               self.skips)
         cat = {k: np.concatenate([c[k] for c in self.chunks]) for k in self.chunks[0]}
         order = np.argsort(cat["sample_index"], kind="stable")
         return ShardResult([str(u) for u in cat["uid"][order]], [str(k) for k in cat["key"][order]],
                            cat["clip_score"][order], cat["image_embedding"][order],
                            cat["text_embedding"][order], [str(c) for c in cat["caption"][order]],
-                           cat["original_width"][order], cat["original_height"][order], self.skipped)
+                           cat["original_width"][order], cat["original_height"][order], self.skips,
+                           positions=cat["sample_index"][order])
 
 
 class PartCommitter:
-    """Commits complete shards in shard order: drops uids seen in earlier shards (counted as
-    `duplicate_uid`), writes ``part-NNNNN.stats.json`` then ``part-NNNNN.parquet``."""
+    """Commits complete shards in shard order: drops uids seen in earlier shards (recorded as
+    `duplicate_uid`), writes the skip records, ``part-NNNNN.stats.json`` then ``part-NNNNN.parquet``."""
 
     def __init__(self, store: Store, directory: str, urls: list[str], pending: list[int], committed: list[int],
                  on_part_committed: Callable[[int], None] | None = None):
@@ -150,7 +154,7 @@ class PartCommitter:
 
     def _commit(self, index: int, result: ShardResult) -> None:
         url = self.urls[index]
-        skipped = Counter(result.skipped)
+        skips = list(result.skips)
         hashes = uid_hashes(result.uids)
         keep = ~self.registry.contains(hashes)
         # also within the shard (the reader dedupes already; precomputed files may not be)
@@ -158,8 +162,11 @@ class PartCommitter:
         unique = np.zeros(len(hashes), dtype=bool)
         unique[first] = True
         keep &= unique
-        if (~keep).any():
-            skipped[DUPLICATE_UID] += int((~keep).sum())
+        for i in np.flatnonzero(~keep).tolist():
+            # the json uid, not the md5 fallback (two shards of one basename in two folders share those)
+            uid, key = result.uids[i], result.keys[i]
+            skips.append((int(result.positions[i]), key, "" if uid == fallback_uid(url, key) else uid, DUPLICATE_UID))
+        skips.sort(key=lambda r: r[0])  # shard order (positions are unique within a shard)
         idx = np.flatnonzero(keep)
         if result.image.ndim == 2 and result.image.shape[1] > 0:
             self.dim = result.image.shape[1]
@@ -171,19 +178,22 @@ class PartCommitter:
         table = part_table(url, [result.uids[i] for i in idx], [result.keys[i] for i in idx],
                            result.scores[idx], image, text, [result.captions[i] for i in idx],
                            result.widths[idx], result.heights[idx])
-        self.stats[index] = commit_part(self.store, self.directory, index, url, table, skipped, result.missing)
+        self.stats[index] = commit_part(self.store, self.directory, index, url, table, [r[1:] for r in skips], result.missing)
         self.registry.add(hashes[idx])
         if self.on_part_committed is not None:
             self.on_part_committed(index)
 
 
-def commit_part(store: Store, directory: str, index: int, shard_url: str, table, skipped: Counter,
+def commit_part(store: Store, directory: str, index: int, shard_url: str, table, skips: list[tuple[str, str, str]],
                 missing: str | None = None) -> dict[str, Any]:
-    """Commit input shard `index`'s part: its stats json, then the part (the commit). The stats say
-    how many rows, why the others were skipped, and how many uids DataComp's resharder cannot
+    """Commit input shard `index`'s part: its skip records (`skips`: (key, uid, reason) per input
+    sample not in `table`), its stats json, then the part (the commit). The stats say how many
+    rows, why the others were skipped (counted from the records, so the two always agree), and
+    how many uids DataComp's resharder cannot
     select (:func:`~pipeline.formats.datacomp.uid_notes`); for a shard that could not be read and
     was skipped (input.allow_missing_shards), why (``missing``). Returns the stats."""
     uids = table.column("uid").to_pylist()
+    skipped = Counter(reason for _, _, reason in skips)
     stats: dict[str, Any] = {"shard": shard_url, "samples": table.num_rows,
                              "skipped": dict(sorted((k, int(v)) for k, v in skipped.items() if v))}
     notes = uid_notes(uids, table.column("key").to_pylist(), shard_url)
@@ -192,6 +202,7 @@ def commit_part(store: Store, directory: str, index: int, shard_url: str, table,
     if missing is not None:
         stats["missing"] = missing
     name = part_name(index)
+    write_skipped(store, skipped_url(directory, name), skipped_table(shard_url, skips))
     store.write_json(join(directory, name + ".stats.json"), stats)
     write_part(store, join(directory, name + ".parquet"), table)
     if missing is not None:

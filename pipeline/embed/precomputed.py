@@ -15,14 +15,15 @@ files that exist, so a killed job resumes at the step it was in)::
 
     plan.json               metadata files with rows and array widths, buckets, shard tasks: fixed
                             by the first run (a resume never mixes two bucketings)
-    samples-TTTTT.json      (1) per task of `shards_per_task` input shards: per shard, usable samples
-    samples-TTTTT.bkt           and skips by reason; every usable sample's uid, shard, position, key,
-                                caption and original size, bucketed by uid (the .bkt commits)
+    samples-TTTTT.json      (1) per task of `shards_per_task` input shards: per shard, usable samples;
+    samples-TTTTT.skipped.bkt   the samples the reader skips (shard, position, key, json uid, reason),
+                                one bucket per shard of the task; every usable sample's uid, shard,
+    samples-TTTTT.bkt           position, key, caption and original size, bucketed by uid (the .bkt commits)
     metadata-MMMMM.json     (1) per metadata file: rows, rows without a uid; its rows (uid, file, row,
     metadata-MMMMM.bkt          score, L2-normalised vectors, ok), bucketed by uid
     groups.json             consecutive shards grouped to at most `bucket_rows` usable samples
     joined-BBBBB.json       (2) per bucket: metadata rows whose uid is in no shard, repeated uids
-    skipped-BBBBB.bkt           (shard, reason, count) of samples not kept, bucketed by shard group
+    skipped-BBBBB.bkt           (shard, position, key, uid, reason) of samples not kept, bucketed by shard group
     joined-BBBBB.bkt            the kept rows, bucketed by shard group (commits the bucket)
     part-NNNNN.*            (3) per shard group: its rows from every joined file, in shard order, as
                                 the usual parts (:func:`~.parts.commit_part`), one per input shard
@@ -34,10 +35,17 @@ takes the first row (file order, row order; ``metadata_duplicate_uid``); a sampl
 no uid cannot be looked up (``no_uid``); a sample whose uid has no metadata row is
 ``no_embedding``; one whose vectors are not finite or zero is ``bad_embedding``; metadata rows
 matching no sample are ``not_in_shards`` (failed downloads; not samples of the pool).
+
+Every skipped sample travels as a record (shard, position, key, json uid, reason) through the same
+files as its count would: the reader's skips in ``samples-TTTTT.skipped.bkt``, the join's in
+``skipped-BBBBB.bkt``; a parts task reads only its own shards' records and writes them, in shard
+position order, as ``part-NNNNN.skipped.parquet`` (:func:`~.parts.commit_part` counts the stats
+from them).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
@@ -58,7 +66,7 @@ from ..formats.datacomp import (
     metadata_files,
 )
 from ..formats.embeddings import part_table
-from ..formats.webdataset import DUPLICATE_UID, iter_shard_samples
+from ..formats.webdataset import DUPLICATE_UID, iter_shard_samples, json_uid, skip_record
 from ..runtime import as_completed
 from ..storage import Store, join
 from .parts import commit_part
@@ -66,6 +74,7 @@ from .parts import commit_part
 log = logging.getLogger(__name__)
 
 JOIN_DIR = "_join"
+JOIN_LAYOUT = 2  # of the _join/ files (2: skip records, not counts); a resume never mixes two
 INFO = "precomputed.json"  # the join's counts, committed before _join/ is removed
 NO_UID = "no_uid"  # the sample's json has no uid: it cannot be looked up in the metadata
 NO_EMBEDDING = "no_embedding"  # in the shards, but its uid is on no metadata row
@@ -111,12 +120,18 @@ def inspect_inputs(cfg: JobConfig, store: Store) -> dict[str, Any]:
 def _plan(cfg: JobConfig, store: Store, join_dir: str, n_shards: int) -> dict[str, Any]:
     url = join(join_dir, "plan.json")
     if store.exists(url):
-        return store.read_json(url)
+        plan = store.read_json(url)
+        if plan.get("layout") == JOIN_LAYOUT:
+            return plan
+        # intermediates of an older version (skip counts, not records): they cannot be resumed
+        log.warning("precomputed join: %s holds files of an older layout; starting the join over", join_dir)
+        store.rm(join_dir, recursive=True)
     pc = cfg.embed.precomputed
     plan = inspect_inputs(cfg, store)
     total = sum(rows for _, _, rows in plan["files"])
     plan["buckets"] = max(1, math.ceil(total / pc.bucket_rows))
     plan["bucket_rows"] = pc.bucket_rows
+    plan["layout"] = JOIN_LAYOUT
     plan["shard_tasks"] = [[lo, min(lo + pc.shards_per_task, n_shards)] for lo in range(0, n_shards, pc.shards_per_task)]
     store.write_json(url, plan)
     return plan
@@ -145,24 +160,46 @@ def _samples_schema():
                       ("caption", pa.string()), ("original_width", pa.int32()), ("original_height", pa.int32())])
 
 
+def _skips_schema():
+    """A skipped sample on its way to its part's skip records (:mod:`~pipeline.formats.embeddings`)."""
+    import pyarrow as pa
+
+    return pa.schema([("shard", pa.int32()), ("position", pa.int64()), ("key", pa.string()), ("uid", pa.string()),
+                      ("reason", pa.string())])
+
+
+def _skips_table(rows: list[tuple[int, int, str, str, str]]):
+    import pyarrow as pa
+
+    return pa.table([pa.array([r[i] for r in rows], f.type) for i, f in enumerate(_skips_schema())],
+                    schema=_skips_schema())
+
+
+def skips_url(samples_url: str) -> str:
+    """The reader's skip records of a samples task (one bucket per shard of the task)."""
+    return samples_url[: -len(".bkt")] + ".skipped.bkt"
+
+
 def samples_task(store: Store, cfg: JobConfig, urls: list[str], lo: int, hi: int, n_buckets: int,
                  out_url: str) -> None:
     """Stream input shards lo..hi-1 (the embed stage's reader: same samples, skips and uids) and
-    write their usable samples bucketed by uid, and per shard the counts."""
+    write their usable samples bucketed by uid, per shard the count, and the skipped samples'
+    records with one bucket per shard (so a parts task reads only its shard's)."""
     import pyarrow as pa
 
     writer = BucketedWriter(_samples_schema(), n_buckets)
+    skips_writer = BucketedWriter(_skips_schema(), hi - lo)
     counts = {}
     for shard in range(lo, hi):
         url = urls[shard]
-        skipped: Counter = Counter()
+        skips: list[tuple[int, int, str, str, str]] = []
         rows: dict[str, list] = {name: [] for name in _samples_schema().names}
         for sample in iter_shard_samples(store, url, cfg.input, dedupe=True):
             if sample.problem is not None:
-                skipped[sample.problem] += 1
+                skips.append((shard, sample.index, *skip_record(sample, cfg.input)))
                 continue
-            if not (sample.meta and sample.meta.get("uid") not in (None, "")):
-                skipped[NO_UID] += 1
+            if not json_uid(sample, cfg.input):
+                skips.append((shard, sample.index, *skip_record(sample, cfg.input, NO_UID)))
                 continue
             width, height = json_original_size(sample.meta) or header_size(sample.image_bytes) or (None, None)
             for name, value in (("uid", sample.uid), ("shard", shard), ("position", sample.index),
@@ -171,7 +208,9 @@ def samples_task(store: Store, cfg: JobConfig, urls: list[str], lo: int, hi: int
                 rows[name].append(value)
         table = pa.table(rows, schema=_samples_schema())
         writer.add(table, uid_buckets(uid_hashes(rows["uid"]), n_buckets))
-        counts[str(shard)] = {"usable": table.num_rows, "skipped": dict(skipped)}
+        skips_writer.add(_skips_table(skips), np.full(len(skips), shard - lo, np.int64))
+        counts[str(shard)] = {"usable": table.num_rows}
+    skips_writer.commit(store, skips_url(out_url))
     store.write_json(out_url[: -len(".bkt")] + ".json", counts)
     writer.commit(store, out_url)
 
@@ -278,13 +317,12 @@ def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str],
     ok = np.zeros(len(winners), bool)
     ok[matched] = meta.column("ok").to_numpy(zero_copy_only=False)[meta_of[matched]]
 
-    reasons = ([(s_shard[r], DUPLICATE_UID) for r in s_order[~s_first]]
-               + [(s_shard[r], NO_EMBEDDING) for r in winners[~matched]]
-               + [(s_shard[r], BAD_EMBEDDING) for r in winners[matched & ~ok]])
-    counted = Counter((int(shard), reason) for shard, reason in reasons)
-    skipped = pa.table({"shard": pa.array([k[0] for k in counted], pa.int32()),
-                        "reason": pa.array([k[1] for k in counted], pa.string()),
-                        "count": pa.array(list(counted.values()), pa.int64())})
+    s_position = samples.column("position").to_numpy()
+    s_key = samples.column("key").to_numpy(zero_copy_only=False)
+    skipped = _skips_table([(int(s_shard[r]), int(s_position[r]), s_key[r], s_uid[r], reason)
+                            for rows_, reason in ((s_order[~s_first], DUPLICATE_UID), (winners[~matched], NO_EMBEDDING),
+                                                  (winners[matched & ~ok], BAD_EMBEDDING))
+                            for r in rows_.tolist()])
     groups = np.asarray(group_of_shard, np.int64)
     n_groups = int(groups.max()) + 1
     skipped_writer = BucketedWriter(skipped.schema, n_groups)
@@ -315,9 +353,10 @@ def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str],
 # -- step 3: the parts of one shard group ---------------------------------------------------------
 
 def parts_task(store: Store, directory: str, join_dir: str, group: int, urls: list[str], shards: list[int],
-               tar_skips: dict[str, dict[str, int]], n_buckets: int, dim: int) -> dict[int, dict[str, Any]]:
+               tar_skips: dict[str, tuple[str, int]], n_buckets: int, dim: int) -> dict[int, dict[str, Any]]:
     """Commit the parts of `shards` (pending shards of shard group `group`) from the group's rows
-    of every joined bucket; returns each part's stats."""
+    of every joined bucket, and their skip records from the group's skipped rows of every bucket
+    and (`tar_skips`: shard -> (file, bucket)) the reader's; returns each part's stats."""
     import pyarrow as pa
 
     kept = pa.concat_tables([read_bucket(store, join(join_dir, f"joined-{b:05d}.bkt"), group)
@@ -328,9 +367,9 @@ def parts_task(store: Store, directory: str, join_dir: str, group: int, urls: li
     order = np.lexsort((kept.column("position").to_numpy(), shard_col)) if kept.num_rows else np.zeros(0, np.int64)
     kept = kept.take(pa.array(order, pa.int64()))
     shard_col = shard_col[order]
-    join_skips: dict[int, Counter] = {}
-    for shard, reason, count in zip(*(skipped.column(c).to_pylist() for c in ("shard", "reason", "count"))):
-        join_skips.setdefault(shard, Counter())[reason] += count
+    join_skips: dict[int, list[tuple[int, str, str, str]]] = {}
+    for shard, *record in zip(*(skipped.column(c).to_pylist() for c in ("shard", "position", "key", "uid", "reason"))):
+        join_skips.setdefault(shard, []).append(tuple(record))
     out = {}
     for shard in shards:
         lo, hi = np.searchsorted(shard_col, [shard, shard + 1])
@@ -342,12 +381,23 @@ def parts_task(store: Store, directory: str, join_dir: str, group: int, urls: li
         table = part_table(urls[shard], rows.column("uid").to_pylist(), rows.column("key").to_pylist(),
                            rows.column("clip_score").to_numpy(), image, text, rows.column("caption").to_pylist(),
                            rows.column("original_width"), rows.column("original_height"))
-        skips = Counter(tar_skips.get(str(shard), {})) + join_skips.get(shard, Counter())
-        out[shard] = commit_part(store, directory, shard, urls[shard], table, skips)
+        skips_file, bucket = tar_skips[str(shard)]
+        reader_skips = read_bucket(store, skips_file, bucket)
+        records = list(zip(*(reader_skips.column(c).to_pylist() for c in ("position", "key", "uid", "reason"))))
+        records += join_skips.get(shard, [])
+        records.sort(key=lambda r: r[0])  # shard order (positions are unique within a shard)
+        out[shard] = commit_part(store, directory, shard, urls[shard], table, [r[1:] for r in records])
     return out
 
 
 # -- the driver -----------------------------------------------------------------------------------
+
+def _reader_skips(task_starts: list[int], sample_urls: list[str], shard: int) -> tuple[str, int]:
+    """(file, bucket) of input shard `shard`'s reader skip records (:func:`samples_task`);
+    `task_starts`: the first shard of each samples task, ascending."""
+    task = bisect.bisect_right(task_starts, shard) - 1
+    return skips_url(sample_urls[task]), shard - task_starts[task]
+
 
 def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str], pending: list[int],
                     on_part_committed) -> tuple[dict[str, Any], dict[int, dict[str, Any]], int]:
@@ -411,12 +461,13 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
     # step 3: one task per shard group with pending parts, each committing its parts in shard order
     t2 = time.perf_counter()
     todo = set(pending)
+    task_starts = [lo for lo, _ in plan["shard_tasks"]]
     parts_remote = ray.remote(num_cpus=1, memory=memory)(parts_task)
     refs = []
     for g, (lo, hi) in enumerate(groups):
         shards = [i for i in range(lo, hi) if i in todo]
         if shards:
-            tar_skips = {str(i): counts[str(i)]["skipped"] for i in shards}
+            tar_skips = {str(i): _reader_skips(task_starts, sample_urls, i) for i in shards}
             refs.append(parts_remote.remote(store, directory, join_dir, g, urls_ref, shards, tar_skips, n_buckets, dim))
     new_stats: dict[int, dict[str, Any]] = {}
     for done in as_completed(refs):

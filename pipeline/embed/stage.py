@@ -9,8 +9,8 @@ Data flow (open_clip encoder)::
         many rows as the marker announces; complete shards are committed in shard order
         (:mod:`.parts`).
 
-A part is written only when all its rows are in, after its stats json; a killed job leaves no
-partial part, and a rerun embeds exactly the shards without a part.
+A part is written only when all its rows are in, after its skip records and stats json; a killed
+job leaves no partial part, and a rerun embeds exactly the shards without a part.
 
 The precomputed encoder joins DataComp's metadata to the shards by uid through bucketed files
 and Ray tasks that write the parts themselves (:mod:`.precomputed`).
@@ -157,7 +157,7 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
                           "caption", "original_width", "original_height")})
             for m in np.flatnonzero(sel & markers):
                 acc.expected = int(batch["marker_samples"][m])
-                acc.skipped.update(json.loads(str(batch["marker_skipped"][m])))
+                acc.skips.extend(tuple(r) for r in json.loads(str(batch["marker_skipped"][m])))
                 acc.error = str(batch["marker_error"][m])
             if acc.error:
                 # a shard that could not be read as a whole: never commit part of it

@@ -20,9 +20,22 @@ such parts, and that one names the part and says to re-embed (``--force-from emb
 Node ids of the graph are row numbers of the parts concatenated in part-name order
 (:func:`list_parts` gives each part's offset).
 
-``WORKDIR/embeddings/part-NNNNN.skipped.parquet`` (when the embed stage writes it): one row per
-input sample of shard NNNNN that is not in the part, :data:`SKIPPED_COLUMNS` (all strings: shard,
-key, uid ("" if none), reason). Not a part: :func:`pipeline.workdir.committed_parts` never lists it.
+``WORKDIR/embeddings/part-NNNNN.skipped.parquet``: the input samples of shard NNNNN that are not
+in its part, one row each (written before the stats json and the part, for every committed part;
+empty when nothing was skipped). Schema (a contract: the select stage reads it for
+``decisions.parquet``)::
+
+    shard   string  the input shard URL (as in the part's ``shard`` column)
+    key     string  the sample's tar key ("" when unknown: a ``truncated_tar`` row, whose sample
+                    cannot be told, or a ``bad_key`` whose name is not UTF-8 and cannot be stored)
+    uid     string  the sample's json ``uid`` when it has one (a string), else ""
+    reason  string  why it was skipped: the names counted in the part's stats json ``skipped``
+                    (:data:`~pipeline.formats.webdataset.SKIP_REASONS`, and for the precomputed
+                    encoder ``no_uid``, ``no_embedding``, ``bad_embedding``)
+
+Per shard the rows per reason are exactly the stats json's ``skipped`` counts (the stats are
+counted from these records). A shard skipped as missing (``input.allow_missing_shards``) has no
+samples and an empty file.
 """
 
 from __future__ import annotations
@@ -32,15 +45,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.knn import prepare_vectors
-from ..storage import Store, basename
+from ..storage import Store, basename, join
 from ..workdir import committed_parts
 from .columns import fixed_list_to_numpy, fixed_size_list
 
 COLUMNS = ("uid", "shard", "key", "clip_score", "image_embedding", "text_embedding", "caption",
            "original_width", "original_height")
-FILTER_COLUMNS = ("caption", "original_width", "original_height")
 SKIPPED_COLUMNS = ("shard", "key", "uid", "reason")
 SKIPPED_SUFFIX = ".skipped.parquet"
+FILTER_COLUMNS = ("caption", "original_width", "original_height")
 VECTOR_COLUMNS = {"image": ("image_embedding",), "text": ("text_embedding",),
                   "image+text": ("image_embedding", "text_embedding")}
 
@@ -71,6 +84,37 @@ def write_part(store: Store, url: str, table) -> None:
 
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     store.write_parquet(url, table, use_dictionary=strings)
+
+
+def skipped_table(shard: str, records) -> "pa.Table":
+    """The skip records of one input shard (`records`: (key, uid, reason) tuples, in shard order)
+    in the contract's schema."""
+    import pyarrow as pa
+
+    records = list(records)
+    return pa.table({
+        "shard": pa.array([shard] * len(records), type=pa.string()),
+        "key": pa.array([r[0] for r in records], type=pa.string()),
+        "uid": pa.array([r[1] for r in records], type=pa.string()),
+        "reason": pa.array([r[2] for r in records], type=pa.string()),
+    })
+
+
+def skipped_url(directory: str, name: str) -> str:
+    """Where part `name`'s (``part-NNNNN``) skip records are."""
+    return join(directory, name + SKIPPED_SUFFIX)
+
+
+def write_skipped(store: Store, url: str, table) -> None:
+    store.write_parquet(url, table)
+
+
+def read_skipped(store: Store, url: str):
+    """One part's skip records, checked to have the contract's columns."""
+    table = store.read_parquet(url)
+    if tuple(table.column_names) != SKIPPED_COLUMNS:
+        raise ValueError(f"{url}: columns {table.column_names}, expected {list(SKIPPED_COLUMNS)}")
+    return table
 
 
 def _sizes(values, n: int):
@@ -244,22 +288,12 @@ def read_filter_columns(store: Store, part: EmbeddingPart) -> dict[str, np.ndarr
     return {"caption": table.column("caption").to_numpy(zero_copy_only=False), **sizes}
 
 
-def skipped_url(part: EmbeddingPart) -> str:
-    """Where the embed stage records the samples of the part's shard it did not embed."""
-    return part.url[: -len(".parquet")] + SKIPPED_SUFFIX
+def part_skipped_url(part: EmbeddingPart) -> str:
+    return skipped_url(part.url.rsplit("/", 1)[0], part.name)
 
 
-def read_skipped(store: Store, part: EmbeddingPart):
-    """The part's skip records (:data:`SKIPPED_COLUMNS`, strings, nulls as ""), or None when the
-    embed stage did not write them (older workdirs)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    url = skipped_url(part)
-    if not store.exists(url):
-        return None
-    table = store.read_parquet(url)
-    missing = [c for c in SKIPPED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{url} has no column(s) {missing} (columns: {table.column_names})")
-    return pa.table({c: pc.fill_null(table.column(c).cast(pa.string()), "") for c in SKIPPED_COLUMNS})
+def read_part_skipped(store: Store, part: EmbeddingPart):
+    """The skip records of `part`'s shard, or None when the embed stage did not write them (a
+    workdir embedded before they existed)."""
+    url = part_skipped_url(part)
+    return read_skipped(store, url) if store.exists(url) else None

@@ -65,6 +65,7 @@ import numpy as np
 
 from ..core.basic_filter import RULES
 from ..storage import Store, join
+from ..workdir import committed_parts
 
 SELECTED = "selected.parquet"
 DECISIONS_DIR = "decisions.parquet"
@@ -118,6 +119,23 @@ def read_selected(store: Store, directory: str, columns: list[str] | None = None
 def subset_name(rate: float | None) -> str:
     """``subset.npy`` for the configured budget, ``subset_keep{rate}.npy`` for an extra keep rate."""
     return SUBSET if rate is None else f"subset_keep{rate:g}.npy"
+
+
+def node_part_urls(store: Store, directory: str) -> list[str]:
+    """The committed ``nodes/part-PPPPP.parquet`` files of the selection in `directory`, in
+    partition order ([] when there are none: a selection committed before they existed)."""
+    nodes_dir = join(directory, NODES_DIR)
+    return committed_parts(store, nodes_dir) if store.exists(nodes_dir) else []
+
+
+def iter_node_batches(store: Store, url: str, columns: list[str], batch_rows: int = 65536):
+    """One ``nodes/part-PPPPP.parquet`` file as dicts of numpy arrays of at most `batch_rows`
+    rows, in its (node) order: a reader never holds more than one batch of a partition."""
+    import pyarrow.parquet as pq
+
+    with store.open(url, "rb") as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns):
+            yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
 BETA = "beta"

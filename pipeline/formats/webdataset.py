@@ -185,6 +185,31 @@ def _build_sample(shard: str, index: int, key: str, members: dict[str, bytes], c
     return sample
 
 
+def json_uid(sample: Sample, cfg: InputConfig) -> str:
+    """The sample's json ``uid`` when it has one that is a non-empty string, else "" (the md5
+    fallback uid is not a uid anyone else knows). Samples rejected before their json was read
+    (``too_large``, ``bad_key``) still have it read here: a skip record is most useful by uid."""
+    meta = sample.meta
+    if meta is None and sample.problem != TRUNCATED_TAR:
+        raw = next((data for ext, data in sample.members.items() if ext.lower() == cfg.meta_ext.lower()), None)
+        try:
+            meta = json.loads(raw.decode("utf-8")) if raw is not None else None
+        except (UnicodeDecodeError, ValueError):
+            meta = None
+    uid = meta.get("uid") if isinstance(meta, dict) else None
+    return uid if isinstance(uid, str) and _utf8(uid) else ""
+
+
+def skip_record(sample: Sample, cfg: InputConfig, reason: str | None = None) -> tuple[str, str, str]:
+    """(key, uid, reason) of a skipped sample, as :mod:`.embeddings` stores it: `reason` (default
+    the sample's ``problem``); the key "" for a ``truncated_tar`` marker (no whole sample is
+    behind it) and for a name that is not UTF-8 (it cannot be stored as a string)."""
+    reason = reason or sample.problem
+    if reason == TRUNCATED_TAR:
+        return "", "", reason
+    return (sample.key if _utf8(sample.key) else ""), json_uid(sample, cfg), reason
+
+
 def iter_shard_samples(
     store: Store, url: str, cfg: InputConfig, dedupe: bool = True
 ) -> Iterator[Sample]:

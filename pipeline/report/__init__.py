@@ -7,7 +7,8 @@ Sections (each built from what is there; a missing optional piece becomes a note
 * **what was kept**: CLIP-score histograms of kept vs dropped, a 2-D PCA map of the image
   embeddings (a seeded sample), thumbnails of kept and dropped samples with their captions, read
   from the input shards (the original bytes) or, for kept samples when the input is gone, from the
-  output shards;
+  output shards; the pruned samples closest to the selected sample that suppressed them
+  ("dropped as near-copy of …", :mod:`.near_copies`), when the selection recorded it;
 * **stages**: every stage's ``_stats.json``.
 
 Every image and plot is embedded as a base64 ``data:`` URI and the page loads nothing from
@@ -31,6 +32,7 @@ from ..formats.webdataset import find_samples
 from ..storage import Store, basename, join
 from ..summary import SKIP_LABELS, summarize
 from ..workdir import STAGE_DIRS, read_stats, read_success
+from .near_copies import find_near_copies
 from .plots import embedding_map, map_rows, pca_2d, score_histogram
 from .render import CSS, flatten, note, table, thumbnail_uri
 
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "report.html"
 JOIN_LABELS = set(SKIP_LABELS.values())
 EXAMPLES_PER_GRID = 16
+NEAR_COPY_TITLE = "Dropped as near-copy of a kept sample"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -121,10 +124,11 @@ def _stage_section(stage: str, stats: dict | None, success: dict | None) -> str:
             f"{table(key_rows or [[k, v] for k, v in rows], cls='kv')}{details}</div>")
 
 
-def _example_grid(store: Store, pool: dict[str, np.ndarray], rows: np.ndarray, labels: dict[str, str],
-                  input_cfg: InputConfig, output_index: Callable[[], dict[str, tuple[str, str]] | None] | None) -> str:
-    """Thumbnails with captions of the samples at `rows` of the pool table. `output_index`
-    (uid -> output shard and key) is called only when some input shard lacks a sample."""
+def _input_members(store: Store, pool: dict[str, np.ndarray], rows, input_cfg: InputConfig
+                   ) -> tuple[dict[tuple[str, str], dict[str, bytes]], list[str]]:
+    """The members of the samples at `rows` of the pool table, read from their input shards (each
+    shard once, stopping at its last wanted key): {(shard, key): members}, and the shards that
+    could not be read."""
     wanted: dict[str, set[str]] = {}
     for r in rows:
         wanted.setdefault(str(pool["shard"][r]), set()).add(str(pool["key"][r]))
@@ -136,6 +140,24 @@ def _example_grid(store: Store, pool: dict[str, np.ndarray], rows: np.ndarray, l
                 members[(shard, key)] = sample.members
         except (FileNotFoundError, OSError) as err:
             missing_shards.append(f"{shard} ({type(err).__name__})")
+    return members, missing_shards
+
+
+def _image_and_caption(m: dict[str, bytes] | None, input_cfg: InputConfig) -> tuple[str | None, str]:
+    """A sample's thumbnail (data URI, None when it has no decodable image) and caption."""
+    if not m:
+        return None, ""
+    lower = {ext.lower(): ext for ext in m}
+    ext = next((lower[e] for e in IMAGE_EXTS if e in lower), None)
+    cap = lower.get(input_cfg.caption_ext.lower())
+    return (thumbnail_uri(m[ext]) if ext else None), (m[cap].decode("utf-8", "replace") if cap else "")
+
+
+def _example_grid(store: Store, pool: dict[str, np.ndarray], rows: np.ndarray, labels: dict[str, str],
+                  input_cfg: InputConfig, output_index: Callable[[], dict[str, tuple[str, str]] | None] | None) -> str:
+    """Thumbnails with captions of the samples at `rows` of the pool table. `output_index`
+    (uid -> output shard and key) is called only when some input shard lacks a sample."""
+    members, missing_shards = _input_members(store, pool, rows, input_cfg)
     index = None  # kept samples whose input shard is gone: the output shards have them
     if output_index is not None and any((str(pool["shard"][r]), str(pool["key"][r])) not in members for r in rows):
         index = output_index()
@@ -157,15 +179,7 @@ def _example_grid(store: Store, pool: dict[str, np.ndarray], rows: np.ndarray, l
                     members[(str(pool["shard"][r]), str(pool["key"][r]))] = got[index[uid][1]].members
     cells = []
     for r in rows:
-        m = members.get((str(pool["shard"][r]), str(pool["key"][r])))
-        image = None
-        caption = ""
-        if m:
-            lower = {ext.lower(): ext for ext in m}
-            ext = next((lower[e] for e in IMAGE_EXTS if e in lower), None)
-            image = thumbnail_uri(m[ext]) if ext else None
-            cap = lower.get(input_cfg.caption_ext.lower())
-            caption = m[cap].decode("utf-8", "replace") if cap else ""
+        image, caption = _image_and_caption(members.get((str(pool["shard"][r]), str(pool["key"][r]))), input_cfg)
         badge = labels.get(str(pool["uid"][r]), "")
         img_html = f'<img src="{image}" alt="">' if image else '<div class="noimg">image not available</div>'
         cells.append(
@@ -174,6 +188,41 @@ def _example_grid(store: Store, pool: dict[str, np.ndarray], rows: np.ndarray, l
             f'<br>{html.escape(caption[:140])}</figcaption></figure>')
     shown = note("unreadable shards: " + "; ".join(missing_shards)) if missing_shards else ""
     return shown + '<div class="grid">' + "".join(cells) + "</div>"
+
+
+def _near_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarray], labels: dict[str, str],
+                       input_cfg: InputConfig) -> str:
+    """The "dropped as near-copy of …" pairs (:mod:`.near_copies`) side by side: the pruned sample,
+    the selected sample that suppressed it most, both captions and their graph distance. "" when
+    the selection has no per-node blame (older workdirs, a baseline method)."""
+    parts, _ = list_parts(store, join(workdir_url, STAGE_DIRS["embed"]))
+    found = find_near_copies(store, join(workdir_url, STAGE_DIRS["select"]), join(workdir_url, STAGE_DIRS["graph"]),
+                             parts)
+    if found is None or not found.pairs:
+        return ""
+    rows = [r for c in found.pairs for r in (c.pruned, c.kept)]
+    members, missing_shards = _input_members(store, pool, rows, input_cfg)
+    cells = []
+    for c in found.pairs:
+        figures = []
+        for role, r in (("pruned", c.pruned), ("kept", c.kept)):
+            image, caption = _image_and_caption(members.get((str(pool["shard"][r]), str(pool["key"][r]))), input_cfg)
+            img_html = f'<img src="{image}" alt="">' if image else '<div class="noimg">image not available</div>'
+            badge = labels.get(str(pool["uid"][r]), "")
+            figures.append(f'<figure class="{role}">{img_html}<figcaption><span class="role">{role}</span> '
+                           f'<span class="score">score {float(pool["clip_score"][r]):.3f}</span>'
+                           f'{f" <span class=badge>{html.escape(badge)}</span>" if badge else ""}'
+                           f'<br>{html.escape(caption[:140])}</figcaption></figure>')
+        cells.append(f'<div class="pair" data-pruned="{html.escape(str(pool["uid"][c.pruned]))}" '
+                     f'data-kept="{html.escape(str(pool["uid"][c.kept]))}" data-distance="{c.distance!r}">'
+                     f'{figures[0]}<div class="dist">distance<br><b>{c.distance:.4f}</b></div>{figures[1]}</div>')
+    notes = [f"The {len(found.pairs)} pruned samples closest in the kNN graph to the selected sample that "
+             "suppressed them most (selection/nodes blame_node), with their graph distance (L2 of the graph vectors)."]
+    if not found.exact:
+        notes.append("Closest pairs among those examined: some candidates were set aside (memory cap).")
+    if missing_shards:
+        notes.append("unreadable shards: " + "; ".join(missing_shards))
+    return "".join(note(t) for t in notes) + '<div class="pairs">' + "".join(cells) + "</div>"
 
 
 def _output_index(store: Store, write_stats: dict | None) -> dict[str, tuple[str, str]] | None:
@@ -240,6 +289,13 @@ def _what_was_kept(store: Store, workdir_url: str, pool, kept, stats, extras: Re
             log.warning("report: examples failed: %s", err)
             grid = note(f"examples not shown: {err}")
         sections.append(f'<h3 class="{cls}">{title}</h3>' + grid)
+    try:
+        gallery = _near_copy_gallery(store, workdir_url, pool, extras.labels, input_cfg)
+    except Exception as err:  # noqa: BLE001 - a damaged nodes or graph file is a note, not a failed report
+        log.warning("report: near-copy gallery failed: %s", err)
+        gallery = note(f"near-copy gallery not shown: {err}")
+    if gallery:
+        sections.append(f'<h3 class="dropped-h">{NEAR_COPY_TITLE}</h3>' + gallery)
     return sections
 
 

@@ -100,4 +100,8 @@ figure{margin:0;background:#fff;border:1px solid #e3e3e3;border-radius:6px;paddi
 figure img{width:100%;image-rendering:auto;border-radius:3px}.noimg{height:100px;background:#eee;color:#888;display:flex;align-items:center;justify-content:center}
 .score{color:#555;font-family:monospace}.badge{background:#fdecea;color:#a12a1c;border-radius:3px;padding:0 4px;font-size:10px}
 .kept-h{color:#1b7f3b}.dropped-h{color:#c0392b}
+.pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:12px}
+.pair{display:grid;grid-template-columns:1fr 62px 1fr;align-items:start;background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:6px}
+.pair figure{border:none;padding:0}.pair .dist{text-align:center;font-size:11px;color:#555;padding-top:36px}
+.role{font-weight:bold;text-transform:uppercase;font-size:10px}.pruned .role{color:#c0392b}.kept .role{color:#1b7f3b}
 """

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.decide import DECISIONS, SKIPPED, decide
-from ..formats.embeddings import read_skipped, skipped_url
+from ..formats.embeddings import part_skipped_url, read_part_skipped
 from ..formats.selection import (
     DECISIONS_DIR,
     PREFILTER_KEPT,
@@ -139,12 +139,12 @@ def write_decisions(job: ShuffleJob, g: int, out_dir: str, budget: int) -> dict:
         part = plan.parts[i]
         url = decisions_url(out_dir, part)
         if i not in todo:
-            without += not store.exists(skipped_url(part.embedding))
+            without += not store.exists(part_skipped_url(part.embedding))
             found = _count(store.read_parquet(url, columns=["decision"]))
             for d in DECISIONS:
                 counts[d] += found[d]
             continue
-        skipped = read_skipped(store, part.embedding)
+        skipped = read_part_skipped(store, part.embedding)
         without += skipped is None
         s, e = part.lo - lo, part.hi - lo
         code, rank = rec["code"][s:e], rec["rank"][s:e]
