@@ -10,6 +10,7 @@ import socket
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.core.basic_filter import RULES, basic_filter
@@ -20,6 +21,7 @@ from pipeline.formats.buckets import (
     uid_hashes,
 )
 from pipeline.formats.datacomp import MetadataError, metadata_files
+from pipeline.formats.selection import datacomp_subset
 from pipeline.job import run_one
 from pipeline.stage import Hooks
 from pipeline.storage import Store, join
@@ -343,7 +345,7 @@ def test_datacomp_pool_end_to_end_through_s3(datacomp_job, capsys, tmp_path):
     from pipeline.core.d2 import budget_for
 
     job, store, pool = datacomp_job, datacomp_job["store"], datacomp_job["pool"]
-    assert main(["run", job["config"]]) == 0
+    assert main(["run", job["config"], "--keep", "0.2"]) == 0
     printed = capsys.readouterr().out
     work, out = job["raw"]["workdir"], job["raw"]["output"]["url"]
 
@@ -361,6 +363,29 @@ def test_datacomp_pool_end_to_end_through_s3(datacomp_job, capsys, tmp_path):
     selected = store.read_parquet(join(work, "selection", "selected.parquet")).to_pydict()
     budget = budget_for(pool.n_kept, 0.5)
     assert len(selected["uid"]) == budget
+
+    # --keep: the 20% subset is the first round(0.2 N) of the same greedy order (a prefix)
+    keep20 = np.load(io.BytesIO(store.read_bytes(join(work, "selection", "subset_keep0.2.npy"))))
+    small = int(round(0.2 * pool.n_kept))
+    assert len(keep20) == small and keep20.tobytes() == datacomp_subset(selected["uid"][:small]).tobytes()
+
+    # decisions.parquet: one row per input sample of every shard, each with what happened to it
+    decided = pa.concat_tables([store.read_parquet(join(work, "selection", "decisions.parquet", f"part-{i:05d}.parquet"))
+                                for i in range(len(pool.shards))]).to_pydict()
+    expected_rows = sorted([(shard, s["key"], s["uid"], "kept") for shard, samples in zip(pool.shards, pool.kept)
+                            for s in samples]
+                           + [(shard, r["key"], r["uid"], r["reason"]) for shard, records in
+                              zip(pool.shards, pool.skipped_samples) for r in records])
+    got_rows = sorted((sh, k, u, r if d == "skipped" else "kept") for sh, k, u, d, r in
+                      zip(decided["shard"], decided["key"], decided["uid"], decided["decision"], decided["reason"]))
+    assert got_rows == expected_rows
+    kinds = {d: decided["decision"].count(d) for d in set(decided["decision"])}
+    assert kinds == {"selected": budget, "pruned": pool.n_kept - budget,
+                     "skipped": sum(len(r) for r in pool.skipped_samples)}
+    picked = set(selected["uid"])
+    for d, uid, blame, rank in zip(decided["decision"], decided["uid"], decided["blame_uid"], decided["rank"]):
+        assert (d == "selected") == (uid in picked and 0 <= rank < budget)
+        assert blame == "" or (d == "pruned" and blame in picked)
     shards_dir = join(out, "shards")
     names = sorted(n for n in store.ls(shards_dir) if n.endswith(".tar"))
     assert names == [f"{i:08d}.tar" for i in range(-(-budget // 10))]
