@@ -89,7 +89,8 @@ def write_pool(root: str, n: int, dim: int) -> None:
         nonlocal index
         uids = [f"{index:05d}-{r:05d}" for r in range(len(rows))]
         table = part_table(f"{root}/pool/{index:05d}.tar", uids, uids, np.zeros(len(rows), np.float32),
-                           rows.astype(np.float16), text[: len(rows)])
+                           rows.astype(np.float16), text[: len(rows)], [""] * len(rows), [None] * len(rows),
+                           [None] * len(rows))
         store.write_parquet(f"{emb}/{part_name(index)}.parquet", table)
         index += 1
 
