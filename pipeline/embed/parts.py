@@ -88,6 +88,12 @@ class ShardAccumulator:
         self.chunks.append(rows)
         self.rows += len(rows["uid"])
 
+    def drop(self, reason: str) -> None:
+        """A row the actor could not embed (a JPEG neither the device nor PIL decodes, with device
+        decode): counted as skipped, and as arrived (the marker counted it as sent)."""
+        self.skipped[reason] += 1
+        self.rows += 1
+
     @property
     def complete(self) -> bool:
         return self.expected is not None and self.rows == self.expected

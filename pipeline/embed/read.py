@@ -1,7 +1,10 @@
 """Read + decode, the CPU half of the embed stage (a Ray Data map task, one shard per call).
 
 tar → samples (:func:`~pipeline.formats.webdataset.iter_shard_samples`) → PIL decode → the model's
-own resize/crop → uint8 HxWx3, tokenised caption. Yields fixed chunks of ``embed.batch_size``
+own resize/crop → uint8 HxWx3, tokenised caption. With device decode (``embed.device_decode``,
+:mod:`.device_preprocess`) a JPEG the device takes is sent as its bytes, undecoded, and every
+other image as its CPU-preprocessed pixels (both as bytes: one column type), flagged by the
+``jpeg`` column. Yields fixed chunks of ``embed.batch_size``
 samples (one chunk = one model forward, so batch composition is a function of the shard alone:
 determinism), then one end-of-shard marker row carrying the shard's sample and skip counts.
 
@@ -34,20 +37,27 @@ from ..formats.webdataset import (
     shard_failure,
 )
 from ..storage import Store
+from .device_preprocess import device_jpeg_size, pixels_payload
 from .model import ImagePipeline, ModelSpec, tokenize, worker_preprocessors
 
 log = logging.getLogger(__name__)
 
 
-def _chunk(shard_index: int, chunk: int, rows: list[tuple], tokenizer) -> dict[str, np.ndarray]:
+def _chunk(shard_index: int, chunk: int, rows: list[tuple], tokenizer, device_decode: bool) -> dict[str, np.ndarray]:
     n = len(rows)
+    if device_decode:
+        images = np.empty(n, dtype=object)
+        images[:] = [r[3] if r[7] else pixels_payload(r[3]) for r in rows]
+    else:
+        images = np.stack([r[3] for r in rows])
     return {
         "shard_index": np.full(n, shard_index, dtype=np.int64),
         "chunk": np.full(n, chunk, dtype=np.int64),
         "sample_index": np.array([r[0] for r in rows], dtype=np.int64),
         "uid": np.array([r[1] for r in rows], dtype=object),
         "key": np.array([r[2] for r in rows], dtype=object),
-        "image": np.stack([r[3] for r in rows]),
+        "image": images,
+        "jpeg": np.array([r[7] for r in rows], dtype=bool),
         "tokens": tokenize(tokenizer, [r[4] for r in rows]),
         "caption": np.array([r[4] for r in rows], dtype=object),
         "original_width": np.array([r[5] for r in rows], dtype=np.int32),
@@ -59,14 +69,17 @@ def _chunk(shard_index: int, chunk: int, rows: list[tuple], tokenizer) -> dict[s
     }
 
 
-def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeline, context: int, error: str = ""):
+def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeline, context: int,
+            device_decode: bool, error: str = ""):
+    empty = np.array([b""], dtype=object) if device_decode else images.empty(1)
     return {
         "shard_index": np.array([shard_index], dtype=np.int64),
         "chunk": np.array([-1], dtype=np.int64),
         "sample_index": np.array([-1], dtype=np.int64),
         "uid": np.array([""], dtype=object),
         "key": np.array([""], dtype=object),
-        "image": images.empty(1),
+        "image": empty,
+        "jpeg": np.zeros(1, dtype=bool),
         "tokens": np.zeros((1, context), dtype=np.int32),
         "caption": np.array([""], dtype=object),
         "original_width": np.zeros(1, dtype=np.int32),
@@ -79,9 +92,9 @@ def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeli
 
 
 def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: InputConfig, spec: ModelSpec,
-                        pp_json: str, chunk_size: int) -> Iterator[dict[str, np.ndarray]]:
+                        pp_json: str, chunk_size: int, device_decode: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data generator UDF: stream each shard of `batch`, decode and preprocess its usable
-    samples, yield chunks of `chunk_size` rows (numbered per shard: one chunk = one model
+    samples (or, with `device_decode`, pass device-decodable JPEGs through undecoded), yield chunks of `chunk_size` rows (numbered per shard: one chunk = one model
     forward), then the shard's end-of-shard marker."""
     images, tokenizer, context = worker_preprocessors(spec, pp_json)
     for shard_index, url in zip(batch["shard_index"].tolist(), batch["shard"].tolist()):
@@ -93,9 +106,15 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
                 if sample.problem is not None:
                     skipped[sample.problem] += 1
                     continue
+                jpeg_size = device_jpeg_size(sample.image_bytes) if device_decode else None
+                too_large = jpeg_size is not None and input_cfg.max_image_pixels is not None and \
+                    jpeg_size[0] * jpeg_size[1] > input_cfg.max_image_pixels
                 try:
-                    image = decode_image(sample.image_bytes, input_cfg.max_image_pixels)
-                    pixels = images(image)
+                    if jpeg_size is not None and not too_large:
+                        pixels, size = sample.image_bytes, jpeg_size  # decoded on the actor's device
+                    else:  # the CPU path, which also counts a too-large JPEG like without device decode
+                        image = decode_image(sample.image_bytes, input_cfg.max_image_pixels)
+                        pixels, size = images(image), image.size
                 except ImageTooLargeError:
                     skipped[TOO_LARGE] += 1
                     continue
@@ -103,17 +122,18 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
                     skipped[UNDECODABLE_IMAGE] += 1
                     continue
                 # the size before img2dataset's resize when the json says it, else the image's own
-                width, height = json_original_size(sample.meta) or image.size
-                rows.append((sample.index, sample.uid, sample.key, pixels, sample.caption, width, height))
+                width, height = json_original_size(sample.meta) or size
+                rows.append((sample.index, sample.uid, sample.key, pixels, sample.caption, width, height,
+                             jpeg_size is not None and not too_large))
                 if len(rows) == chunk_size:
-                    yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer)
+                    yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer, device_decode)
                     n_good += len(rows)
                     rows = []
         except SHARD_FAILURES as err:
             log.error("input shard %s could not be read: %s", url, shard_failure(err, url))
-            yield _marker(shard_index, n_good, skipped, images, context, error=shard_failure(err, url))
+            yield _marker(shard_index, n_good, skipped, images, context, device_decode, error=shard_failure(err, url))
             continue
         if rows:
-            yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer)
+            yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer, device_decode)
             n_good += len(rows)
-        yield _marker(shard_index, n_good, skipped, images, context)
+        yield _marker(shard_index, n_good, skipped, images, context, device_decode)
