@@ -200,6 +200,13 @@ class EmbedConfig(_Section):
                              f"({self.num_actors}), the most actors the pool may have")
         return self
 
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if value != "auto" and value <= 0:
+            raise ValueError("embed.batch_size must be greater than 0 (or auto)")
+        return value
+
     @model_validator(mode="after")
     def _gpus_per_actor(self) -> "EmbedConfig":
         if self.num_gpus_per_actor < 0 and self.num_gpus_per_actor != -1:
