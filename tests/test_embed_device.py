@@ -314,3 +314,30 @@ def test_device_decode_stage_is_deterministic_and_resumes(device_run, small_pool
     # another run (other actor count, interrupted and resumed) gives the same bytes
     for a, b in zip(reference, _parts(store, cfg, len(small_pool.shards))):
         assert a.equals(b)
+
+
+def test_bad_input_corpus_keeps_and_skips_the_same_samples_with_device_decode(tmp_path):
+    """Every kind of bad input (odd modes, truncated, oversized, not images...) through the read
+    task and the actor with device decode: the samples kept and the skip counts are the CPU path's."""
+    from pipeline.testing import CORPUS_INPUT, write_bad_input_pool
+
+    corpus = write_bad_input_pool(str(tmp_path / "corpus"), seed=5)
+    cfg = make_config(str(tmp_path / "work"), corpus.shards, input=CORPUS_INPUT)
+    embedder = ClipEmbedder(TINY, Store(), _pp_json(), device_decode=True)
+    routed = 0
+    for url in corpus.shards:
+        cpu, dev = _read(cfg, url, False), _read(cfg, url, True)
+        kept_cpu = [u for c in cpu for u, m in zip(c["uid"], c["is_marker"]) if not m]
+        skipped_cpu = Counter(json.loads(cpu[-1]["marker_skipped"][0]))
+        kept_dev, skipped_dev = [], Counter(json.loads(dev[-1]["marker_skipped"][0]))
+        for chunk in dev:
+            out = embedder(chunk)
+            routed += int(chunk["jpeg"].sum())
+            for uid, marker, reason in zip(chunk["uid"], chunk["is_marker"], out["skip_reason"]):
+                if reason:
+                    skipped_dev[reason] += 1
+                elif not marker:
+                    kept_dev.append(uid)
+        assert kept_dev == kept_cpu, url
+        assert skipped_dev == skipped_cpu, url
+    assert routed > 0  # the corpus's healthy JPEGs did take the device path
