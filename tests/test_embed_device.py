@@ -60,6 +60,8 @@ def test_device_pixels_are_close_to_the_pil_path(model):
     jpegs.append(grey.getvalue())
     out, failed = device(jpegs)
     assert failed == [] and tuple(out.shape) == (len(jpegs), 3, *pil.size)
+    grouped, _ = device(jpegs, group=4)  # decoded in groups: the same pixels
+    assert (grouped == out).all()
     reference = np.stack([pil(decode_image(j)) for j in jpegs]).transpose(0, 3, 1, 2).astype(np.int16)
     diff = np.abs(out.numpy().astype(np.int16) - reference)
     # not bit-equal (torch's antialiased bicubic is not PIL's), but within rounding almost everywhere
@@ -249,6 +251,9 @@ def test_a_resume_on_another_device_or_decode_is_refused(tmp_path):
     store.write_json(join(directory, RESOLVED), {"device": "cuda", "device_decode": True, "batch_size": 512})
     with pytest.raises(StaleStageError, match="device: cuda then, cpu now.*--force-from embed"):
         resolve_run_settings(cfg, store, directory, TINY, _pp_json(), gpus=0)
+    # no part committed yet: the record binds nothing and is replaced
+    assert resolve_run_settings(cfg, store, directory, TINY, _pp_json(), gpus=0, resuming=False) == first
+    assert store.read_json(join(directory, RESOLVED)) == first
 
 
 # -- the stage with device decode forced on, on CPU ----------------------------------------------

@@ -113,13 +113,19 @@ class DevicePreprocessor:
         image = F.resize(image, [self.size[0]], interpolation=self.interpolation, antialias=True)
         return F.center_crop(image, list(self.size))
 
-    def __call__(self, jpegs: list[bytes]) -> tuple[Any, list[int]]:
-        """(uint8 N'xCxHxW on the device, indices into `jpegs` that failed to decode)."""
+    def __call__(self, jpegs: list[bytes], group: int = 64) -> tuple[Any, list[int]]:
+        """(uint8 N'xCxHxW on the device, indices into `jpegs` that failed to decode). Decoded in
+        groups of `group`, each resized before the next is decoded: full-size pictures (a 12-Mpx
+        photo is 36 MB decoded) never pile up a whole batch's worth in device memory."""
         import torch
 
-        decoded = self.decode(jpegs)
-        failed = [i for i, image in enumerate(decoded) if image is None]
-        images = [self.resize_crop(image) for image in decoded if image is not None]
+        failed, images = [], []
+        for start in range(0, len(jpegs), group):
+            for i, image in enumerate(self.decode(jpegs[start:start + group]), start):
+                if image is None:
+                    failed.append(i)
+                else:
+                    images.append(self.resize_crop(image))
         if not images:
             return torch.zeros((0, 3, *self.size), dtype=torch.uint8, device=self.device), failed
         return torch.stack(images), failed

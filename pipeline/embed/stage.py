@@ -106,16 +106,17 @@ def resolve_device_decode(setting: bool | str, use_gpu: bool, pp: dict[str, Any]
 
 
 def resolve_run_settings(cfg: JobConfig, store: Store, directory: str, spec: ModelSpec, pp_json: str,
-                         gpus: float) -> dict[str, Any]:
-    """device, device_decode and batch_size of this run. The first run of a stage records them
-    (RESOLVED) before its first part; a resume reuses the recorded batch size when it is auto
-    (no new warm-up: a batch size changes bits) and refuses another device or device decode (which
-    auto settings could give on another cluster) rather than mix parts."""
+                         gpus: float, resuming: bool = True) -> dict[str, Any]:
+    """device, device_decode and batch_size of this run. They are recorded (RESOLVED) before the
+    first part; a resume (`resuming`: parts are committed) reuses the recorded batch size when it is
+    auto (no new warm-up: a batch size changes bits) and refuses another device or device decode
+    (which auto settings could give on another cluster) rather than mix parts."""
     use_gpu = gpus > 0
     resolved = {"device": "cuda" if use_gpu else "cpu",
                 "device_decode": resolve_device_decode(cfg.embed.device_decode, use_gpu, json.loads(pp_json))}
     url = join(directory, RESOLVED)
-    recorded = store.read_json(url) if store.exists(url) else None
+    # a record without any committed part binds nothing (a run that died before its first part)
+    recorded = store.read_json(url) if resuming and store.exists(url) else None
     if recorded is not None:
         changed = {k: (recorded.get(k), v) for k, v in resolved.items() if recorded.get(k) != v}
         if changed:
@@ -209,7 +210,8 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
     threads = cpu_threads(cfg)
     device = "cuda" if use_gpu else "cpu"
     precision = cfg.embed.precision if cfg.embed.precision != "auto" else ("bf16/fp16" if use_gpu else "fp32")
-    run = resolve_run_settings(cfg, store, committer.directory, spec, pp_json, gpus)
+    run = resolve_run_settings(cfg, store, committer.directory, spec, pp_json, gpus,
+                               resuming=len(pending) < len(urls))
     log.info("embedding %d shard(s) with %s (pretrained=%s) on %d-%d %s actor(s) of %g GPU (%s), batch %d, "
              "decode on the %s, preprocessing %s", len(pending), spec.name, spec.pretrained, min_actors, max_actors,
              device, gpus, why, run["batch_size"], device if run["device_decode"] else "read tasks' CPUs", pp)
