@@ -237,7 +237,7 @@ class Sampler:
 def bench_model(name: str, model: str, model_config_path: str | None, shards: int, per_shard: int,
                 batch_size: int, threads: int, image_size: int, root: str, bare_samples: int,
                 device: str = "cpu", decode_variants: tuple[bool, ...] = (False,), actors_per_gpu: int = 1,
-                steady_seconds: float = 0.0) -> list[dict]:
+                steady_seconds: float = 0.0, max_samples: int = 100_000) -> list[dict]:
     import ray.data
 
     store = Store()
@@ -263,7 +263,7 @@ def bench_model(name: str, model: str, model_config_path: str | None, shards: in
                 "batch_size": batch_size, "threads": threads, "use_gpu": gpu,
                 "min_seconds": 3.0 if gpu else 0.0}
         out = ray.data.range(1, override_num_blocks=1).map_batches(
-            BareLoop, fn_constructor_kwargs=args, batch_size=None,
+            BareLoop, fn_constructor_kwargs=args, batch_size=1,  # one row in: the loop runs once
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, num_gpus=1 if gpu else None).take_all()
         return float(out[0]["samples_per_s"])
 
@@ -272,8 +272,9 @@ def bench_model(name: str, model: str, model_config_path: str | None, shards: in
                                           spec, pp_json, limit=bare_samples)
         bare_before = bare_loop_in_worker(pixels, tokens)
         if steady_seconds:  # size the pool so that the stage's steady phase lasts about steady_seconds
+            # capped: the pool is written to local disk (~40 KB a sample) and read twice
             per_shard = 1000
-            shards = max(4, int(bare_before * steady_seconds / per_shard))
+            shards = max(4, min(max_samples // per_shard, int(bare_before * steady_seconds / per_shard)))
         urls = write_jpeg_pool(os.path.join(root, f"pool-{name}"), shards, per_shard, image_size)
     else:
         urls = write_pool(os.path.join(root, f"pool-{name}"), n_shards=shards, per_shard=per_shard, seed=0,
@@ -357,8 +358,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode", choices=("cpu", "device", "both"), default=None,
                         help="where JPEGs are decoded in the stage rows (default: cpu on CPU, both on cuda)")
     parser.add_argument("--actors-per-gpu", type=int, default=1)
-    parser.add_argument("--steady-seconds", type=float, default=20.0,
+    parser.add_argument("--steady-seconds", type=float, default=15.0,
                         help="cuda: pool sized for about this many seconds at the bare loop's speed, per model")
+    parser.add_argument("--max-samples", type=int, default=100_000, help="cuda: the most samples in a model's pool")
     parser.add_argument("--skip-tiny", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -392,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
                 batch = batch if batch == "auto" else int(batch)
                 rows += bench_model(model.lower(), model, None, 4, 1000, batch, threads, image_size, root,
                                     bare_samples=2048, device="cuda", decode_variants=decode,
-                                    actors_per_gpu=args.actors_per_gpu, steady_seconds=args.steady_seconds)
+                                    actors_per_gpu=args.actors_per_gpu, steady_seconds=args.steady_seconds,
+                                    max_samples=args.max_samples)
                 continue
             batch = int(args.batch_size or (16 if args.quick else 32))
             big_shards, big_per = (3, 2 * batch) if args.quick else (6, 3 * batch)

@@ -346,3 +346,14 @@ def test_bad_input_corpus_keeps_and_skips_the_same_samples_with_device_decode(tm
         assert kept_dev == kept_cpu, url
         assert skipped_dev == skipped_cpu, url
     assert routed > 0  # the corpus's healthy JPEGs did take the device path
+
+
+def test_the_dataset_of_gpu_actors_can_be_built(ray_local, tmp_path):
+    """Ray Data refuses `num_gpus` on a map without an int batch size: the stage must give one
+    (batches of exactly one chunk, read.py); building the plan is where it was refused."""
+    from pipeline.embed.dataset import build_embed_dataset
+
+    cfg = make_config(str(tmp_path / "work"), ["/x/00000.tar"], embed={"num_gpus_per_actor": 0.5})
+    ds = build_embed_dataset(cfg, Store(), TINY, _pp_json(), [(0, "/x/00000.tar")], gpus=0.5, threads=1,
+                             batch_size=8, device_decode=True)
+    assert ds is not None

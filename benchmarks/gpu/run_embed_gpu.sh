@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv-gpu}
-STEADY_S=${STEADY_S:-20}
+STEADY_S=${STEADY_S:-15}
 MODEL_TIMEOUT_S=${MODEL_TIMEOUT_S:-200}
 RESULTS=benchmarks/results
 

@@ -4,9 +4,11 @@ Why these choices:
 * Decoding in the read tasks, never in the model actor: the actor's CPU/GPU does nothing but
   forward passes, and decoding scales with read tasks. Only uint8 pixels travel (4x less than
   float32 tensors); the normalisation is done on the model's device.
-* Each read chunk is exactly one model batch (``batch_size=None`` on the actor map): batch
-  composition is then a function of the shard alone, not of task timing, so two runs give
-  bit-identical embeddings (batched matmuls may round differently for different batch mates).
+* Each read chunk is exactly one model batch: every read yield is a whole chunk's number of rows
+  (the last partial chunk padded with the shard's marker and filler rows) and the actor map takes
+  batches of exactly that many rows, so batch composition is a function of the shard alone, not of
+  task timing or of which blocks Ray bundles together, and two runs give bit-identical embeddings
+  (batched matmuls may round differently for different batch mates).
 """
 
 from __future__ import annotations
@@ -177,7 +179,9 @@ def build_embed_dataset(cfg: JobConfig, store: Store, spec: ModelSpec, pp_json: 
     )
     return ds.map_batches(
         ClipEmbedder,
-        batch_size=None,  # one read chunk = one model batch (determinism)
+        # Batches of exactly one read chunk's size: every read yield is that many rows (read.py), so
+        # batches fall on chunk boundaries (determinism). Ray requires a batch size for GPU actors.
+        batch_size=batch_size,
         batch_format="numpy",
         # An autoscaling pool: idle actors above min_size are released, so when a lost node's actor
         # is restarted on a surviving node and the read tasks run short of CPUs, the pool shrinks

@@ -8,6 +8,12 @@ other image as its CPU-preprocessed pixels (both as bytes: one column type), fla
 samples (one chunk = one model forward, so batch composition is a function of the shard alone:
 determinism), then one end-of-shard marker row carrying the shard's sample and skip counts.
 
+Every yield is exactly ``batch_size`` rows: the shard's last, partial chunk goes out together with
+its marker row and filler rows (markers with ``marker_samples`` -1, no image). The actor map asks
+Ray Data for batches of exactly that many rows (Ray requires a batch size for GPU actors, and cuts
+a bundle of blocks into batches of it), so batches always fall on chunk boundaries, whatever
+blocks arrive together: a chunk is never split over two forwards.
+
 A shard that cannot be read as a whole (missing, not a tar, still failing after the storage
 retries: :data:`~pipeline.formats.webdataset.SHARD_FAILURES`) does not fail the task: its marker
 carries the reason (``marker_error``) and the driver drops whatever rows of it were sent, then
@@ -70,32 +76,38 @@ def _chunk(shard_index: int, chunk: int, rows: list[tuple], tokenizer, device_de
 
 
 def _marker(shard_index: int, n_good: int, skipped: Counter, images: ImagePipeline, context: int,
-            device_decode: bool, error: str = ""):
-    empty = np.array([b""], dtype=object) if device_decode else images.empty(1)
-    return {
-        "shard_index": np.array([shard_index], dtype=np.int64),
-        "chunk": np.array([-1], dtype=np.int64),
-        "sample_index": np.array([-1], dtype=np.int64),
-        "uid": np.array([""], dtype=object),
-        "key": np.array([""], dtype=object),
+            device_decode: bool, n: int, error: str = "", before: dict[str, np.ndarray] | None = None):
+    """The end-of-shard marker row then n-1 filler rows, after the rows of `before` (the shard's
+    last chunk) when given: one block of a whole number of chunks (see the module docstring)."""
+    empty = np.array([b""] * n, dtype=object) if device_decode else images.empty(n)
+    marker = {
+        "shard_index": np.full(n, shard_index, dtype=np.int64),
+        "chunk": np.full(n, -1, dtype=np.int64),
+        "sample_index": np.full(n, -1, dtype=np.int64),
+        "uid": np.array([""] * n, dtype=object),
+        "key": np.array([""] * n, dtype=object),
         "image": empty,
-        "jpeg": np.zeros(1, dtype=bool),
-        "tokens": np.zeros((1, context), dtype=np.int32),
-        "caption": np.array([""], dtype=object),
-        "original_width": np.zeros(1, dtype=np.int32),
-        "original_height": np.zeros(1, dtype=np.int32),
-        "is_marker": np.array([True]),
-        "marker_samples": np.array([n_good], dtype=np.int64),
-        "marker_skipped": np.array([json.dumps(dict(skipped), sort_keys=True)], dtype=object),
-        "marker_error": np.array([error], dtype=object),
+        "jpeg": np.zeros(n, dtype=bool),
+        "tokens": np.zeros((n, context), dtype=np.int32),
+        "caption": np.array([""] * n, dtype=object),
+        "original_width": np.zeros(n, dtype=np.int32),
+        "original_height": np.zeros(n, dtype=np.int32),
+        "is_marker": np.ones(n, dtype=bool),
+        "marker_samples": np.array([n_good] + [-1] * (n - 1), dtype=np.int64),  # -1: filler
+        "marker_skipped": np.array([json.dumps(dict(skipped), sort_keys=True)] + [""] * (n - 1), dtype=object),
+        "marker_error": np.array([error] * n, dtype=object),
     }
+    if before is None:
+        return marker
+    return {k: np.concatenate([before[k], marker[k]]) for k in marker}
 
 
 def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: InputConfig, spec: ModelSpec,
                         pp_json: str, chunk_size: int, device_decode: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data generator UDF: stream each shard of `batch`, decode and preprocess its usable
-    samples (or, with `device_decode`, pass device-decodable JPEGs through undecoded), yield chunks of `chunk_size` rows (numbered per shard: one chunk = one model
-    forward), then the shard's end-of-shard marker."""
+    samples (or, with `device_decode`, pass device-decodable JPEGs through undecoded), yield chunks
+    of `chunk_size` rows (numbered per shard: one chunk = one model forward), then the shard's
+    end-of-shard marker, each yield `chunk_size` rows."""
     images, tokenizer, context = worker_preprocessors(spec, pp_json)
     for shard_index, url in zip(batch["shard_index"].tolist(), batch["shard"].tolist()):
         skipped: Counter = Counter()
@@ -131,9 +143,9 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
                     rows = []
         except SHARD_FAILURES as err:
             log.error("input shard %s could not be read: %s", url, shard_failure(err, url))
-            yield _marker(shard_index, n_good, skipped, images, context, device_decode, error=shard_failure(err, url))
+            yield _marker(shard_index, n_good, skipped, images, context, device_decode, chunk_size,
+                          error=shard_failure(err, url))
             continue
-        if rows:
-            yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer, device_decode)
-            n_good += len(rows)
-        yield _marker(shard_index, n_good, skipped, images, context, device_decode)
+        last = _chunk(shard_index, n_good // chunk_size, rows, tokenizer, device_decode) if rows else None
+        n_good += len(rows)
+        yield _marker(shard_index, n_good, skipped, images, context, device_decode, chunk_size - len(rows), before=last)

@@ -249,7 +249,7 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
                 acc.add({k: np.asarray(batch[k])[rows] for k in
                          ("sample_index", "uid", "key", "clip_score", "image_embedding", "text_embedding",
                           "caption", "original_width", "original_height")})
-            for m in np.flatnonzero(sel & markers):
+            for m in np.flatnonzero(sel & markers & (np.asarray(batch["marker_samples"]) >= 0)):  # not filler
                 acc.expected = int(batch["marker_samples"][m])
                 acc.skipped.update(json.loads(str(batch["marker_skipped"][m])))
                 acc.error = str(batch["marker_error"][m])
