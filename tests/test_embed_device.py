@@ -106,6 +106,13 @@ def _mixed_shard(path, rng) -> dict[str, str]:
     return {name: ext for name, (_, ext) in samples.items()}
 
 
+def _skipped(chunks) -> Counter:
+    """The skip counts of the shard's end marker (the marker row that is not filler)."""
+    c = chunks[-1]
+    row = int(np.flatnonzero(c["is_marker"] & (c["marker_samples"] >= 0))[0])
+    return Counter(json.loads(c["marker_skipped"][row]))
+
+
 def _read(cfg, url, device_decode, chunk=4):
     batch = {"shard_index": np.array([0]), "shard": np.array([url], dtype=object)}
     return list(read_and_preprocess(batch, Store(), cfg.input, TINY, _pp_json(), chunk, device_decode=device_decode))
@@ -116,20 +123,20 @@ def test_mixed_shard_gives_the_same_samples_and_skips_with_and_without_device_de
     _mixed_shard(url, np.random.default_rng(3))
     cfg = make_config(str(tmp_path / "work"), [url])
     cpu, dev = _read(cfg, url, False), _read(cfg, url, True)
-    for chunks in (cpu, dev):
-        assert [c["chunk"][0] for c in chunks] == [0, 1, -1]  # one marker, same chunking
-    kept = [c["uid"].tolist() for c in cpu[:-1]]
-    assert [c["uid"].tolist() for c in dev[:-1]] == kept == [["jpeg", "png", "png_named_jpg", "cmyk_jpeg"],
-                                                             ["jpeg_2"]]
-    assert cpu[-1]["marker_skipped"][0] == dev[-1]["marker_skipped"][0] == json.dumps({UNDECODABLE_IMAGE: 2})
+    for chunks in (cpu, dev):  # the same chunking: whole batches, the last with the marker and filler
+        assert [c["chunk"].tolist() for c in chunks] == [[0] * 4, [1, -1, -1, -1]]
+    kept = [c["uid"][~c["is_marker"]].tolist() for c in cpu]
+    assert [c["uid"][~c["is_marker"]].tolist() for c in dev] == kept == [
+        ["jpeg", "png", "png_named_jpg", "cmyk_jpeg"], ["jpeg_2"]]
+    assert _skipped(cpu) == _skipped(dev) == {UNDECODABLE_IMAGE: 2}
     # only whole RGB/grey JPEGs travel undecoded; the PNG (even named .jpg) and CMYK ones as pixels
-    assert np.concatenate([c["jpeg"] for c in dev[:-1]]).tolist() == [True, False, False, False, True]
-    assert not np.concatenate([c["jpeg"] for c in cpu[:-1]]).any()
-    for c_cpu, c_dev in zip(cpu[:-1], dev[:-1]):
+    assert np.concatenate([c["jpeg"][~c["is_marker"]] for c in dev]).tolist() == [True, False, False, False, True]
+    assert not np.concatenate([c["jpeg"] for c in cpu]).any()
+    for c_cpu, c_dev in zip(cpu, dev):
         assert c_dev["original_width"].tolist() == c_cpu["original_width"].tolist()
         # the rows the read task preprocessed are the CPU path's pixels, byte for byte
-        for pixels, payload, jpeg in zip(c_cpu["image"], c_dev["image"], c_dev["jpeg"]):
-            if not jpeg:
+        for pixels, payload, jpeg, marker in zip(c_cpu["image"], c_dev["image"], c_dev["jpeg"], c_dev["is_marker"]):
+            if not jpeg and not marker:
                 assert payload == pixels.tobytes()
 
     # through the actor: the same embeddings within the resize difference, in the same rows
@@ -333,8 +340,8 @@ def test_bad_input_corpus_keeps_and_skips_the_same_samples_with_device_decode(tm
     for url in corpus.shards:
         cpu, dev = _read(cfg, url, False), _read(cfg, url, True)
         kept_cpu = [u for c in cpu for u, m in zip(c["uid"], c["is_marker"]) if not m]
-        skipped_cpu = Counter(json.loads(cpu[-1]["marker_skipped"][0]))
-        kept_dev, skipped_dev = [], Counter(json.loads(dev[-1]["marker_skipped"][0]))
+        skipped_cpu = _skipped(cpu)
+        kept_dev, skipped_dev = [], _skipped(dev)
         for chunk in dev:
             out = embedder(chunk)
             routed += int(chunk["jpeg"].sum())
