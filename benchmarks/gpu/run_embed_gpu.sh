@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu/run_embed_gpu.sh
 #
 # Creates a venv (.venv-gpu; system site-packages visible, so a machine's preinstalled CUDA torch
-# is used when it has the pinned version), installs the package (pip install -e .; set
-# WHEELS=/path/to/wheels on a machine without network), then runs benchmarks/embed_throughput.py
+# is used when it has the pinned version), installs the package (pip install -e .; on a machine
+# without network set WHEELS=/path/to/wheels holding the pinned wheels, CUDA torch included), then runs benchmarks/embed_throughput.py
 # --device cuda for ViT-B-32 and ViT-L-14 (random weights: speed only), each with device decode on
 # and off against the bare forward loop, and writes benchmarks/results/embed_gpu.json and .md.
 # Budget: under 8 minutes with the packages at hand (about 2 for the install, 2.5 per model:
@@ -21,6 +21,10 @@ MODEL_TIMEOUT_S=${MODEL_TIMEOUT_S:-200}
 RESULTS=benchmarks/results
 
 started=$(date +%s)
+if ! command -v "$PYTHON" >/dev/null; then
+    echo "$PYTHON not found: the package needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2
+    exit 2
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv --system-site-packages "$VENV"
 fi
