@@ -151,7 +151,11 @@ class EmbedConfig(_Section):
         description="Optional open_clip model config JSON (like open_clip's model_configs/*.json) registered "
         "under `model` before loading: how small custom architectures are used.",
     )
-    batch_size: int = Field(256, gt=0, description="Images per model forward.")
+    batch_size: int | Literal["auto"] = Field(
+        256, description="Images per model forward; auto = on GPU actors, the largest power of two (32-1024) whose "
+        "forward stays under 80% of the GPU memory left to one actor (a short warm-up on a GPU before the stage, "
+        "recorded with the stage and reused on resume); on CPU actors 256. Part of the fingerprint: it changes bits."
+    )
     num_actors: int = Field(
         1, gt=0, description="Most embedding actors (model replicas) in the actor pool; fewer when the cluster "
         "has not the CPUs/GPUs for them and `reader_cpus` (the pool scales between min_actors and this)."
@@ -165,7 +169,19 @@ class EmbedConfig(_Section):
         "they stay free); without them the stream starves while the actors wait for input."
     )
     num_gpus_per_actor: float = Field(
-        -1, description="GPUs per actor; -1 = 1 when the cluster has GPUs, else 0 (CPU fallback)."
+        -1, description="GPUs per actor, fractions allowed (0.25 = four actors share a GPU); -1 = 1/actors_per_gpu "
+        "when the cluster has GPUs, else 0 (CPU fallback)."
+    )
+    actors_per_gpu: int = Field(
+        1, gt=0, description="Model actors sharing one GPU (each asks Ray for 1/actors_per_gpu GPU) when "
+        "num_gpus_per_actor is -1: where one actor cannot keep a GPU busy (small models, host-side work between "
+        "forwards). Throughput only."
+    )
+    device_decode: bool | Literal["auto"] = Field(
+        "auto", description="Decode JPEGs and apply the model's resize/crop/normalise on the actor's device "
+        "(nvJPEG on a GPU) instead of in the read tasks; other formats and JPEGs the device cannot take go through "
+        "the CPU path per sample. auto = on for GPU actors. Part of the fingerprint: resizing on the device "
+        "changes bits."
     )
     cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per actor.")
     torch_threads: int | None = Field(
@@ -182,6 +198,26 @@ class EmbedConfig(_Section):
         if self.min_actors > self.num_actors:
             raise ValueError(f"embed.min_actors ({self.min_actors}) is larger than embed.num_actors "
                              f"({self.num_actors}), the most actors the pool may have")
+        return self
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if value != "auto" and value <= 0:
+            raise ValueError("embed.batch_size must be greater than 0 (or auto)")
+        return value
+
+    @model_validator(mode="after")
+    def _gpus_per_actor(self) -> "EmbedConfig":
+        if self.num_gpus_per_actor < 0 and self.num_gpus_per_actor != -1:
+            raise ValueError(f"embed.num_gpus_per_actor is {self.num_gpus_per_actor:g}: give -1 (auto) or >= 0")
+        if 0 < self.num_gpus_per_actor < 1 and abs(1 / self.num_gpus_per_actor - round(1 / self.num_gpus_per_actor)) > 1e-6:
+            # Ray packs fractional GPUs per device: 0.4 would leave 0.2 of every GPU unused
+            raise ValueError(f"embed.num_gpus_per_actor {self.num_gpus_per_actor:g}: a fraction of a GPU must be "
+                             "1/n (0.5, 0.25, ...) so that n actors fill each GPU")
+        if self.actors_per_gpu > 1 and self.num_gpus_per_actor != -1:
+            raise ValueError("embed.actors_per_gpu applies when embed.num_gpus_per_actor is -1 (auto); with an "
+                             "explicit num_gpus_per_actor give the fraction there (0.5 = two actors per GPU)")
         return self
 
     @model_validator(mode="after")

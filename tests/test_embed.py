@@ -240,16 +240,30 @@ def test_missing_shard_fails_before_any_work(ray_local, small_pool, tmp_path):
 def test_decoding_runs_in_tasks_not_in_the_model_actor(ray_local, small_pool, tmp_path):
     import json
 
-    cfg = make_config(str(tmp_path / "work"), small_pool.shards)
     spec = ModelSpec(TINY_MODEL_NAME, None, json.dumps(TINY_MODEL_CONFIG))
     pp_json = json.dumps(preprocess_config(spec))
-    ds = build_embed_dataset(cfg, Store(), spec, pp_json, [(0, small_pool.shards[0])], gpus=0, threads=1)
+    cfg = make_config(str(tmp_path / "work"), small_pool.shards, embed={"num_actors": 2, "cpus_per_actor": 0.5})
+    shards = list(enumerate(small_pool.shards))
+    ds = build_embed_dataset(cfg, Store(), spec, pp_json, shards, gpus=0, threads=1, batch_size=8)
     ds = ds.materialize()
     summary = ds.stats()
     # two physical operators: the read/decode tasks and the actor pool, never one fused worker
     assert "read_and_preprocess)->MapBatches(ClipEmbedder" not in summary
     assert "MapBatches(read_and_preprocess)" in summary and "MapBatches(ClipEmbedder)" in summary
-    assert ds.count() == len(small_pool.kept[0]) + 1  # the shard's rows and its end marker
+    rows = ds.to_pandas()
+    # each shard's rows, its end marker, and filler up to whole batches of 8
+    markers = rows[rows.is_marker & (rows.marker_samples >= 0)]
+    assert sorted(markers.shard_index) == list(range(len(shards)))
+    samples = rows[~rows.is_marker]
+    assert len(rows) % 8 == 0 and len(samples) == sum(markers.marker_samples)
+    # one chunk = one forward (its rows share the forward's end time), however the blocks of the
+    # 4 shards' read tasks reached the 2 actors: never split over two forwards
+    forwards = samples.groupby("shard_index").embedded_at.nunique()
+    sizes = samples.groupby(["shard_index", "embedded_at"]).size()
+    for shard, counts in sizes.groupby(level=0):
+        n = int(markers[markers.shard_index == shard].marker_samples.iloc[0])
+        assert sorted(counts.tolist(), reverse=True) == [8] * (n // 8) + ([n % 8] if n % 8 else []), shard
+        assert forwards[shard] == len(counts)
 
 
 def test_split_transform_equals_model_transform():

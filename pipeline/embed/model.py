@@ -303,7 +303,7 @@ class ClipEncoder:
         self._std = torch.tensor(self.images.std, device=self.device).view(1, 3, 1, 1)
         import open_clip
 
-        context = tokenize(open_clip.get_tokenizer(spec.name), [""]).shape[1]
+        self.context = context = tokenize(open_clip.get_tokenizer(spec.name), [""]).shape[1]
         self.dim = int(self.encode(self.images.empty(1), np.zeros((1, context), dtype=np.int32))[0].shape[1])
 
     def _autocast(self):
@@ -316,28 +316,98 @@ class ClipEncoder:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype)
 
-    def pixels_to_tensor(self, pixels: np.ndarray):
+    def to_device(self, array: np.ndarray):
+        """A host array on the model's device. On CUDA through pinned (page-locked) memory with a
+        non-blocking copy: the copy is queued behind the running forward instead of waiting for it
+        (what lets :class:`.dataset.ClipEmbedder` prepare the next batch while this one runs)."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:  # split pipeline: ToTensor (HWC->CHW, /255) + Normalize, here
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
-            x = (x - self._mean) / self._std
-        return x
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.startswith("cuda"):
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
-    def encode(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def normalise(self, images):
+        """uint8 NCHW on the device -> the model's float input (ToTensor's /255, then Normalize)."""
+        return (images.float().div_(255.0) - self._mean) / self._std
+
+    def pixels_to_tensor(self, pixels: np.ndarray):
+        x = self.to_device(pixels)
+        if x.dtype.is_floating_point:  # unsplit pipeline: the read tasks did the whole transform
+            return x
+        return self.normalise(x.permute(0, 3, 1, 2))  # split pipeline: HWC -> CHW here
+
+    def forward(self, images, tokens):
+        """Queue one batch's forward (model input on the device, tokens as an array): the outputs
+        stay on the device until :meth:`collect`, so on a GPU the host is free meanwhile."""
         import torch
         import torch.nn.functional as F
 
-        images = self.pixels_to_tensor(pixels)
-        text = torch.from_numpy(np.ascontiguousarray(tokens)).long().to(self.device, non_blocking=True)
+        text = self.to_device(np.asarray(tokens)).long()
         with torch.inference_mode(), self._autocast():
             image_features = self.model.encode_image(images)
             text_features = self.model.encode_text(text)
         image_features = F.normalize(image_features.float(), dim=-1)
         text_features = F.normalize(text_features.float(), dim=-1)
         scores = (image_features * text_features).sum(dim=-1)
-        return image_features.cpu().numpy(), text_features.cpu().numpy(), scores.cpu().numpy()
+        return image_features, text_features, scores
+
+    @staticmethod
+    def collect(outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(t.cpu().numpy() for t in outputs)
+
+    def encode(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.collect(self.forward(self.pixels_to_tensor(pixels), tokens))
+
+
+def probe_batch_size(try_batch: Callable[[int], int], capacity: int, start: int = 32, limit: int = 1024) -> int:
+    """The largest power-of-two batch (`start`..`limit`) whose forward peaks under `capacity`
+    bytes: doubling from `start` while ``try_batch(b)`` (the peak bytes of a forward of b samples)
+    stays under it; a batch that raises out-of-memory counts as over. Halves below `start` when
+    even that does not fit (1 at the least). Pure logic, so CPU tests check it with a fake
+    ``try_batch``; :func:`gpu_batch_size` gives it the real one."""
+    def fits(b: int) -> bool:
+        try:
+            return try_batch(b) <= capacity
+        except MemoryError:
+            return False
+
+    batch = start
+    if not fits(batch):
+        while batch > 1 and not fits(batch):
+            batch //= 2
+        return batch
+    while batch * 2 <= limit and fits(batch * 2):
+        batch *= 2
+    return batch
+
+
+def gpu_batch_size(encoder: "ClipEncoder", context: int, share: float, fraction: float = 0.8) -> int:
+    """`embed.batch_size: auto` on a GPU: :func:`probe_batch_size` against `fraction` of the
+    device's memory times `share` (1/actors_per_gpu: the actors on one GPU split it), with the
+    model's real forward on random inputs. The 20% left is for the decoded full-size JPEGs of
+    device decode, the CUDA context and the allocator's fragmentation."""
+    import torch
+
+    device = torch.device(encoder.device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    size = encoder.images.size
+
+    def try_batch(b: int) -> int:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            images = encoder.normalise(torch.randint(0, 256, (b, 3, *size), dtype=torch.uint8, device=device))
+            encoder.collect(encoder.forward(images, np.ones((b, context), dtype=np.int32)))
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError as err:
+            raise MemoryError(str(err)) from None
+        finally:
+            torch.cuda.empty_cache()
+        return int(torch.cuda.max_memory_allocated(device))
+
+    return probe_batch_size(try_batch, int(total * fraction * share))
 
 
 def model_embed_dim(spec: ModelSpec) -> int | None:

@@ -91,6 +91,13 @@ class ShardAccumulator:
         self.chunks.append(rows)
         self.rows += len(rows["uid"])
 
+    def drop(self, record: tuple[int, str, str, str]) -> None:
+        """A row the actor could not embed (a JPEG neither the device nor PIL decodes, with device
+        decode): its skip record (position, key, uid, reason), and counted as arrived (the marker
+        counted it as sent)."""
+        self.skips.append(record)
+        self.rows += 1
+
     @property
     def complete(self) -> bool:
         return self.expected is not None and self.rows == self.expected

@@ -29,16 +29,17 @@ from typing import Any
 import numpy as np
 
 from ..config import JobConfig
-from ..errors import ConfigError, innermost
+from ..errors import ConfigError, StaleStageError, innermost
 from ..formats.datacomp import subset_file_warning
-from ..formats.webdataset import ShardReadError, listing, shard_urls, verify_shards
+from ..formats.webdataset import ShardReadError, fallback_uid, listing, shard_urls, verify_shards
 from ..runtime import init_ray, resources, ship_file, unseen_paths
 from ..stage import Stage, StageContext
 from ..storage import Store, join
 from ..workdir import part_name, stage_dir
 from .dataset import actor_gpus, actor_pool_bounds, build_embed_dataset
-from .model import (check_pretrained, checkpoint_namespace, is_local_checkpoint, model_embed_dim, model_spec,
-                    preprocess_config)
+from .device_preprocess import unsupported_reason
+from .model import (ClipEncoder, ModelSpec, check_pretrained, checkpoint_namespace, gpu_batch_size, image_pipeline,
+                    is_local_checkpoint, model_embed_dim, model_spec, preprocess_config)
 from .parts import PartCommitter, ShardAccumulator, ShardResult, committed_indices
 from .precomputed import run_precomputed, verify_precomputed_inputs
 
@@ -47,8 +48,10 @@ log = logging.getLogger(__name__)
 # throughput knobs: they change how fast, never what is embedded
 # (batch_size is not one: see settings())
 THROUGHPUT_SETTINGS = {"num_actors": True, "min_actors": True, "reader_cpus": True,
-                       "num_gpus_per_actor": True, "cpus_per_actor": True, "torch_threads": True,
-                       "precomputed": {"bucket_rows", "shards_per_task"}}
+                       "num_gpus_per_actor": True, "actors_per_gpu": True, "cpus_per_actor": True,
+                       "torch_threads": True, "precomputed": {"bucket_rows", "shards_per_task"}}
+CPU_BATCH_SIZE = 256  # embed.batch_size auto on CPU actors (the default before auto existed)
+RESOLVED = "_RESOLVED.json"  # settings resolved at run time, recorded before the first part
 MISSING_LISTED = 1000  # missing shards named in the stats (all are counted)
 
 
@@ -65,8 +68,89 @@ def settings(cfg: JobConfig) -> dict[str, Any]:
     # go through other kernels than those of a full one (measured on AMD EPYC, tiny and ViT-B-32:
     # most clip_scores of batches of 1-3 differ in the last bits from batch 32; batches of 5 and 7
     # differ too with 2 threads), so it stays in the fingerprint with the model settings.
-    return {"input": cfg.input.model_dump(), "embed": cfg.embed.model_dump(exclude=THROUGHPUT_SETTINGS),
-            "cpu_threads": cpu_threads(cfg)}
+    # device_decode and batch_size enter resolved as far as the config alone decides them (auto
+    # with num_gpus_per_actor -1 depends on the cluster: RESOLVED, checked on resume, covers that).
+    embed = cfg.embed.model_dump(exclude=THROUGHPUT_SETTINGS | {"device_decode": True, "batch_size": True})
+    return {"input": cfg.input.model_dump(), "embed": embed, "cpu_threads": cpu_threads(cfg),
+            "device_decode": static_device_decode(cfg), "batch_size": static_batch_size(cfg)}
+
+
+def static_device_decode(cfg: JobConfig) -> bool | str:
+    """embed.device_decode as far as the config decides it: "auto" only when whether the actors
+    get a GPU is up to the cluster (num_gpus_per_actor -1)."""
+    if cfg.embed.device_decode != "auto":
+        return cfg.embed.device_decode
+    return "auto" if cfg.embed.num_gpus_per_actor < 0 else cfg.embed.num_gpus_per_actor > 0
+
+
+def static_batch_size(cfg: JobConfig) -> int | str:
+    if cfg.embed.batch_size != "auto":
+        return cfg.embed.batch_size
+    return CPU_BATCH_SIZE if cfg.embed.num_gpus_per_actor == 0 else "auto"
+
+
+def resolve_device_decode(setting: bool | str, use_gpu: bool, pp: dict[str, Any]) -> bool:
+    """Whether the actors decode JPEGs on their device: auto = on GPU actors, when the model's
+    preprocessing is one the device path reproduces (else the CPU path, said in the log)."""
+    if setting is False:
+        return False
+    reason = unsupported_reason(pp)
+    if reason is None and not image_pipeline(pp).split:
+        reason = "a transform that cannot be split at ToTensor"
+    if setting is True and reason:
+        raise ConfigError(f"embed.device_decode: the model's preprocessing has {reason}, which only the CPU "
+                          "path reproduces; set embed.device_decode to auto or false")
+    if reason and use_gpu:
+        log.info("device decode off: the model's preprocessing has %s", reason)
+    return (use_gpu and reason is None) if setting == "auto" else True
+
+
+def resolve_run_settings(cfg: JobConfig, store: Store, directory: str, spec: ModelSpec, pp_json: str,
+                         gpus: float, resuming: bool = True) -> dict[str, Any]:
+    """device, device_decode and batch_size of this run. They are recorded (RESOLVED) before the
+    first part; a resume (`resuming`: parts are committed) reuses the recorded batch size when it is
+    auto (no new warm-up: a batch size changes bits) and refuses another device or device decode
+    (which auto settings could give on another cluster) rather than mix parts."""
+    use_gpu = gpus > 0
+    resolved = {"device": "cuda" if use_gpu else "cpu",
+                "device_decode": resolve_device_decode(cfg.embed.device_decode, use_gpu, json.loads(pp_json))}
+    url = join(directory, RESOLVED)
+    # a record without any committed part binds nothing (a run that died before its first part)
+    recorded = store.read_json(url) if resuming and store.exists(url) else None
+    if recorded is not None:
+        changed = {k: (recorded.get(k), v) for k, v in resolved.items() if recorded.get(k) != v}
+        if changed:
+            raise StaleStageError(
+                f"{directory} holds parts embedded with other run-time settings ("
+                + ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in changed.items())
+                + "); rerun `d2prune run` with --force-from embed, or set them explicitly to the recorded values")
+    if cfg.embed.batch_size != "auto":
+        resolved["batch_size"] = cfg.embed.batch_size
+    elif recorded is not None:
+        resolved["batch_size"] = int(recorded["batch_size"])
+    elif use_gpu:
+        resolved["batch_size"] = probe_gpu_batch_size(spec, store, pp_json, cfg.embed.precision, gpus)
+    else:
+        resolved["batch_size"] = CPU_BATCH_SIZE
+    if recorded is None:
+        store.write_json(url, resolved)
+    return resolved
+
+
+def probe_gpu_batch_size(spec: ModelSpec, store: Store, pp_json: str, precision: str, gpus: float) -> int:
+    """embed.batch_size auto: a short warm-up in a Ray task holding what an actor holds (its share
+    of a GPU), before the read tasks start (they cut chunks of the batch size)."""
+    import ray
+
+    @ray.remote(num_gpus=gpus, num_cpus=1)
+    def probe() -> int:
+        encoder = ClipEncoder(spec, store, pp_json, use_gpu=True, precision=precision)
+        return gpu_batch_size(encoder, encoder.context, share=min(1.0, gpus))
+
+    batch = int(ray.get(probe.remote()))
+    log.info("embed.batch_size auto: %d (the largest power of two whose forward fits 80%% of the memory of %g GPU)",
+             batch, min(1.0, gpus))
+    return batch
 
 
 def check(cfg: JobConfig, store: Store) -> None:
@@ -76,7 +160,10 @@ def check(cfg: JobConfig, store: Store) -> None:
     if cfg.embed.encoder == "precomputed":
         verify_precomputed_inputs(cfg, store)
     else:
-        check_pretrained(model_spec(cfg, store), store)  # the model config and checkpoint, a few KB read
+        spec = model_spec(cfg, store)
+        check_pretrained(spec, store)  # the model config and checkpoint, a few KB read
+        if cfg.embed.device_decode is True:  # forced on: the model's preprocessing must allow it
+            resolve_device_decode(True, False, preprocess_config(spec))
 
 
 def steady_rate(forward_times: Counter) -> float | None:
@@ -113,7 +200,7 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
     pp = preprocess_config(spec)
     pp_json = json.dumps(pp, sort_keys=True)
     cluster = resources()
-    gpus = actor_gpus(cfg.embed.num_gpus_per_actor, cluster.gpus, cluster.possible_gpus)
+    gpus = actor_gpus(cfg.embed.num_gpus_per_actor, cluster.gpus, cluster.possible_gpus, cfg.embed.actors_per_gpu)
     use_gpu = gpus > 0
     if use_gpu and cluster.gpus == 0:
         log.info("no GPU is up yet: the %g-GPU actors wait for the cluster's autoscaler to add GPU nodes "
@@ -123,8 +210,11 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
     threads = cpu_threads(cfg)
     device = "cuda" if use_gpu else "cpu"
     precision = cfg.embed.precision if cfg.embed.precision != "auto" else ("bf16/fp16" if use_gpu else "fp32")
-    log.info("embedding %d shard(s) with %s (pretrained=%s) on %d-%d %s actor(s) (%s), batch %d, preprocessing %s",
-             len(pending), spec.name, spec.pretrained, min_actors, max_actors, device, why, cfg.embed.batch_size, pp)
+    run = resolve_run_settings(cfg, store, committer.directory, spec, pp_json, gpus,
+                               resuming=len(pending) < len(urls))
+    log.info("embedding %d shard(s) with %s (pretrained=%s) on %d-%d %s actor(s) of %g GPU (%s), batch %d, "
+             "decode on the %s, preprocessing %s", len(pending), spec.name, spec.pretrained, min_actors, max_actors,
+             device, gpus, why, run["batch_size"], device if run["device_decode"] else "read tasks' CPUs", pp)
     shipped = None
     if is_local_checkpoint(spec) and unseen_paths({spec.pretrained: os.path.getsize(spec.pretrained)}):
         # the actors may start on nodes that do not see the driver's file: send it with the job
@@ -134,7 +224,8 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
 
     committer.dim = model_embed_dim(spec)
     ds = build_embed_dataset(cfg, store, spec, pp_json, [(i, urls[i]) for i in pending], gpus, threads,
-                             pool=(min_actors, max_actors), shipped=shipped)
+                             pool=(min_actors, max_actors), shipped=shipped, batch_size=run["batch_size"],
+                             device_decode=run["device_decode"])
     partial: dict[int, ShardAccumulator] = {}
     failed: dict[int, str] = {}  # shards that could not be read (their late rows are dropped)
     forward_times: Counter = Counter()  # forward end time -> rows (for the steady-state rate)
@@ -144,18 +235,24 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
         progress(waiting)
         markers = np.asarray(batch["is_marker"], dtype=bool)
         shard_index = np.asarray(batch["shard_index"])
-        forward_times.update(np.asarray(batch["embedded_at"])[~markers].tolist())
+        dropped = np.asarray(batch["skip_reason"]) != ""  # rows the actor could not decode (device decode)
+        forward_times.update(np.asarray(batch["embedded_at"])[~markers & ~dropped].tolist())
         for index in np.unique(shard_index).tolist():
             if index in failed:
                 continue
             acc = partial.setdefault(index, ShardAccumulator())
             sel = shard_index == index
-            rows = sel & ~markers
+            rows = sel & ~markers & ~dropped
+            for r in np.flatnonzero(sel & dropped):
+                key, uid = str(batch["key"][r]), str(batch["uid"][r])
+                # the json uid only (as every skip record), never the md5 fallback
+                acc.drop((int(batch["sample_index"][r]), key, "" if uid == fallback_uid(urls[index], key) else uid,
+                          str(batch["skip_reason"][r])))
             if rows.any():
                 acc.add({k: np.asarray(batch[k])[rows] for k in
                          ("sample_index", "uid", "key", "clip_score", "image_embedding", "text_embedding",
                           "caption", "original_width", "original_height")})
-            for m in np.flatnonzero(sel & markers):
+            for m in np.flatnonzero(sel & markers & (np.asarray(batch["marker_samples"]) >= 0)):  # not filler
                 acc.expected = int(batch["marker_samples"][m])
                 acc.skips.extend(tuple(r) for r in json.loads(str(batch["marker_skipped"][m])))
                 acc.error = str(batch["marker_error"][m])
@@ -179,7 +276,8 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
         raise RuntimeError(f"embed stage ended with incomplete shards: {[urls[i] for i in missing]}")
     return {"encoder": "open_clip", "model": spec.name, "pretrained": spec.pretrained, "device": device,
             "precision": precision, "actors": [min_actors, max_actors], "torch_threads": threads,
-            "batch_size": cfg.embed.batch_size, "preprocess": pp,
+            "batch_size": run["batch_size"], "device_decode": run["device_decode"],
+            "gpus_per_actor": gpus, "preprocess": pp,
             "steady_samples_per_s": steady_rate(forward_times)}
 
 
