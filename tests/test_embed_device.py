@@ -107,10 +107,11 @@ def _mixed_shard(path, rng) -> dict[str, str]:
 
 
 def _skipped(chunks) -> Counter:
-    """The skip counts of the shard's end marker (the marker row that is not filler)."""
+    """The skip counts of the shard's end marker (the marker row that is not filler), from its
+    skip records (position, key, uid, reason)."""
     c = chunks[-1]
     row = int(np.flatnonzero(c["is_marker"] & (c["marker_samples"] >= 0))[0])
-    return Counter(json.loads(c["marker_skipped"][row]))
+    return Counter(record[3] for record in json.loads(c["marker_skipped"][row]))
 
 
 def _read(cfg, url, device_decode, chunk=4):
