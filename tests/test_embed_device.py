@@ -24,7 +24,7 @@ from pipeline.job import run_one, stage_fingerprints
 from pipeline.stage import Hooks
 from pipeline.storage import Store, join
 from pipeline.testing import TINY_MODEL_CONFIG, TINY_MODEL_NAME, encode_image, make_config, render_image
-from pipeline.workdir import part_name, stage_dir
+from pipeline.workdir import committed_parts, part_name, stage_dir
 
 slow = pytest.mark.slow
 TINY = ModelSpec(TINY_MODEL_NAME, None, json.dumps(TINY_MODEL_CONFIG))
@@ -318,8 +318,8 @@ def test_device_decode_stage_is_deterministic_and_resumes(device_run, small_pool
     with pytest.raises(Killed):
         run_one(cfg, store, "embed", Hooks(part_committed=kill_after_two))
     directory = stage_dir(cfg.workdir, "embed")
-    assert sorted(n for n in os.listdir(directory) if n.endswith(".parquet")) == ["part-00000.parquet",
-                                                                                   "part-00001.parquet"]
+    assert [u.rsplit("/", 1)[-1] for u in committed_parts(store, directory)] == ["part-00000.parquet",
+                                                                                  "part-00001.parquet"]
     embedded = []
     stats = run_one(cfg, store, "embed", Hooks(part_committed=lambda stage, i: embedded.append(i)))
     assert embedded == [2, 3] and stats["shards_resumed"] == 2
