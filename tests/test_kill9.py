@@ -55,8 +55,9 @@ def _config(root, pool, tiny_model_config) -> str:
 def _artefacts(root) -> dict[str, bytes]:
     out = {}
     for pattern in ("work/embeddings/part-*.parquet", "work/graph/part-*.parquet", "work/selection/*.parquet",
-                    "work/selection/*.npy", "out/shards/*"):
-        for path in sorted(glob.glob(str(root / pattern))):
+                    "work/selection/*.npy", "work/selection/nodes/*.parquet", "work/selection/decisions.parquet/*",
+                    "out/shards/*"):
+        for path in sorted(p for p in glob.glob(str(root / pattern)) if os.path.isfile(p)):
             with open(path, "rb") as fh:
                 out[os.path.relpath(path, root)] = fh.read()
     return out
