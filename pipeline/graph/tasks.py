@@ -14,7 +14,6 @@ same float32 values the in-process reference :func:`~pipeline.core.ivf.sharded_k
 from __future__ import annotations
 
 import io
-import resource
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ from ..core import ivf
 from ..core.knn import exact_topk_block, merge_topk, prepare_raw, remove_self
 from ..formats.embeddings import EmbeddingPart, read_raw_vectors, read_vectors, rows_by_part
 from ..formats.graph import graph_part_table, write_nodes
-from ..runtime import task_cpus
+from ..runtime import peak_rss_bytes, task_cpus
 from ..storage import Store, join
 from . import scratch
 from .layout import Layout
@@ -39,11 +38,6 @@ def _threads() -> int:
     cpus = task_cpus()
     faiss.omp_set_num_threads(cpus)
     return cpus
-
-
-def _peak_rss_mb() -> float:
-    """This worker process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def save_arrays(store: Store, url: str, **arrays: np.ndarray) -> None:
@@ -176,7 +170,7 @@ def search_group(store: Store, layout: Layout, group: int) -> dict:
     blocks = ({"id": qids[a:b], "d": d[a:b], "i": i[a:b]} for a, b in zip(cut[:-1], cut[1:]))
     scratch.write(store, layout.candidates(group), layout.candidate_schema, blocks)
     return {"group": group, "base_rows": base_rows, "queries": query_rows, "pairs": pairs, "threads": threads,
-            "read_s": read_s, "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+            "read_s": read_s, "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_bytes() / 2**20}
 
 
 def merge_unit(store: Store, layout: Layout, unit: int, parts: list[EmbeddingPart], n_groups: int,
