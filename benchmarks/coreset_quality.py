@@ -19,7 +19,8 @@ Protocol (the D2 paper's, scaled to a 2-core CPU):
    iteration count), evaluated on the 10k test images over several seeds.
 
 Results per (method, rate, seed) are checkpointed to ``benchmarks/cache/<run hash>/results.jsonl``
-so a killed run resumes where it stopped.
+so a killed run resumes where it stopped; a result whose coreset is not the one the method selects
+today (its hash is in the record) is retrained.
 
 Usage::
 
@@ -528,12 +529,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def rows_hash(rows: np.ndarray) -> str:
+    """What a training's result was measured on: the sorted ids of its subset."""
+    return hashlib.sha256(np.ascontiguousarray(np.sort(rows), dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 class ResultLog:
     """Append-only JSON-lines checkpoint of finished training jobs, keyed by job key."""
 
     def __init__(self, path: Path):
         self.path = path
         self.done: dict[str, dict] = {}
+        self.stale = 0  # logged results found trained on another subset (see `stands`)
         if path.exists():
             with open(path) as f:
                 for line in f:
@@ -545,6 +552,20 @@ class ResultLog:
                     except json.JSONDecodeError:
                         continue  # a line cut by a crash: that job simply runs again
                     self.done[rec["key"]] = rec
+
+    def stands(self, key: str, rows_sha: str, log) -> bool:
+        """Whether the logged result of `key` was trained on the subset whose `rows_hash` is
+        `rows_sha`: after a pipeline change (D2's rule, a selector's seeding) the same method and
+        parameters can select another subset, and its old result must be retrained, not reported."""
+        rec = self.done.get(key)
+        if rec is None:
+            return False
+        if rec.get("rows_sha") == rows_sha:
+            return True
+        self.stale += 1
+        log(f"  stale result (trained on another subset than today's selection), retrained: {key}")
+        del self.done[key]
+        return False
 
     def add(self, rec: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -973,7 +994,7 @@ class Runner:
     def run(self, jobs: list[Job], deadline: float | None = None) -> dict[str, dict]:
         """Run the jobs not yet checkpointed, in order, at most `workers` at a time; no job starts
         after `deadline` (time.time()). Returns the records of the finished `jobs`."""
-        todo = [j for j in dict.fromkeys(jobs) if j.key() not in self.results.done]
+        todo = [j for j in dict.fromkeys(jobs) if not self.results.stands(j.key(), self.rows_sha(j), self.log)]
         pending: dict[cf.Future, tuple[Job, int]] = {}
         queue = list(todo)
         skipped = 0
@@ -1002,8 +1023,12 @@ class Runner:
             self.skipped += skipped
         return {j.key(): self.results.done[j.key()] for j in jobs if j.key() in self.results.done}
 
+    def rows_sha(self, job: Job) -> str:
+        return rows_hash(self.selector.select(job.method, job.rate, job.seed))
+
     def _record(self, job: Job, size: int, out: dict) -> None:
         rec = {
+            "rows_sha": self.rows_sha(job),
             "key": job.key(),
             "split": job.split,
             "method": job.method.name,
@@ -1475,6 +1500,7 @@ def _main(args, settings: Settings, data: dict[str, np.ndarray], executor: cf.Ex
             "total_s": total,
             "trainings": runner.jobs_run,
             "trainings_skipped_by_deadline": runner.skipped,
+            "stale_retrained": runner.results.stale,
             "training_cpu_s": runner.train_seconds,
             "checkpoint": str(run_dir.relative_to(REPO)),
         },

@@ -32,7 +32,9 @@ of every method are chosen on a validation split (seed 0, at 30% kept, used at e
 never on the test sets.
 
 Results per (pool, split, method, kept, seed) go to ``benchmarks/cache/datacomp_mini-<mode>-<hash>/
-results.jsonl``; a rerun skips what is there.
+results.jsonl``; a rerun skips what is there, unless the method selects another subset today than the
+one that result was trained on (each result carries its subset's hash; selections are memoised per
+version of the pipeline's source), which is retrained.
 
     python benchmarks/datacomp_mini.py --quick          # scenes pool only, small: a few minutes
     nice -n 10 python benchmarks/datacomp_mini.py --json benchmarks/results/datacomp_mini.json \\
@@ -830,16 +832,30 @@ def select_rows(pool: Pool, method: Method, kept: float, seed: int) -> np.ndarra
     return rows
 
 
+def pipeline_source_hash() -> str:
+    """Hash of the pipeline package's source: a selection memoised under an older pipeline is
+    recomputed, not reused (a change to D2's rule or to the select stage's seeding changes
+    subsets while the method's parameters stay the same)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 class Selections:
-    """Memoised selections (k-center and SemDeDup are not free), on disk under the run dir."""
+    """Memoised selections (k-center and SemDeDup are not free), on disk under the run dir, keyed
+    by the pipeline's source as well as the method."""
 
     def __init__(self, run_dir: Path):
         self.dir = run_dir / "selections"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.seconds: dict[str, float] = {}
+        self.code = pipeline_source_hash()
 
     def rows(self, pool: Pool, method: Method, kept: float, seed: int) -> np.ndarray:
-        tag = f"{pool.name}-{method.key()}-{kept}-{seed if method.seeded() else 'any'}"
+        tag = f"{pool.name}-{method.key()}-{kept}-{seed if method.seeded() else 'any'}-{self.code}"
         path = self.dir / f"{cq.short_hash(tag)}.npy"
         if path.exists():
             return np.load(path)
@@ -940,9 +956,15 @@ class Runner:
         self.skipped = 0
         self.loads: list[float] = []
 
+    def current(self, job: Job) -> bool:
+        """A logged result stands only if it was trained on the subset the method selects today."""
+        rows = self.selections.rows(self.pools[job.pool], job.method, job.kept, job.seed)
+        return self.results.stands(job.key(), cq.rows_hash(rows), self.log)
+
     def run(self, jobs: list[Job], deadline: float | None = None) -> dict[str, dict]:
-        todo = [j for j in dict.fromkeys(jobs) if j.key() not in self.results.done]
+        todo = [j for j in dict.fromkeys(jobs) if not self.current(j)]
         pending: dict[cf.Future, Job] = {}
+        rows_of: dict[Job, np.ndarray] = {}
         while todo or pending:
             while todo and len(pending) < self.settings.workers:
                 if deadline is not None and time.time() > deadline:
@@ -957,6 +979,7 @@ class Runner:
                                            self.settings.samples_seen(pool.n), self.settings.batch_size,
                                            self.settings.lr)
                 pending[fut] = job
+                rows_of[job] = rows
             if not pending:
                 break
             done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -966,7 +989,8 @@ class Runner:
                 load = os.getloadavg()[0]
                 self.loads.append(load)
                 rec = {"key": job.key(), "pool": job.pool, "split": job.split, "method": job.method.name,
-                       "params": job.method.p, "kept": job.kept, "seed": job.seed, **out, "load_1min": load}
+                       "params": job.method.p, "kept": job.kept, "seed": job.seed, **out, "load_1min": load,
+                       "rows_sha": cq.rows_hash(rows_of[job])}
                 self.results.add(rec)
                 self.jobs_run += 1
                 m = out["metrics"]
@@ -1328,6 +1352,7 @@ def main(argv: list[str] | None = None) -> int:
         "d2_minus_topk": {name: pr["d2_minus_topk"] for name, pr in report_pools.items()},
         "machine": machine,
         "timing": {"total_s": round(total, 1), "trainings": runner.jobs_run, "skipped_by_deadline": runner.skipped,
+                   "stale_retrained": results.stale,
                    "invocations": invocations, "all_invocations_wall_s": round(sum(i["wall_s"] for i in invocations), 1),
                    "load_median": round(float(np.median(loads)), 2) if loads else None,
                    "load_max": round(float(np.max(loads)), 2) if loads else None,

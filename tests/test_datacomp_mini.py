@@ -41,6 +41,29 @@ def test_recall_counts_identical_captions_as_hits(dm):
     assert dm.recall_at(sims, same, ks=(1,))[1] == 1.0
 
 
+def test_a_logged_result_stands_only_for_the_subset_selected_today(dm, tmp_path):
+    """Resuming after the pipeline changed (D2's rule, the select stage's seeding): a result
+    trained on another subset than the one the method selects now is retrained, not reported."""
+    import coreset_quality as cq
+
+    today = {"random": np.array([3, 1, 2]), "topk": np.array([4, 5, 6])}
+
+    class Today:  # the Selections interface: today's subset of each method
+        def rows(self, pool, method, kept, seed):
+            return today[method.name]
+
+    log = cq.ResultLog(tmp_path / "results.jsonl")
+    jobs = {name: dm.Job("scenes", dm.Method(name), 0.3, 0, "test") for name in today}
+    log.add({"key": jobs["random"].key(), "rows_sha": cq.rows_hash(np.array([1, 2, 3]))})  # same rows, other order
+    log.add({"key": jobs["topk"].key(), "rows_sha": cq.rows_hash(np.array([4, 5, 7]))})  # an older selection
+    messages = []
+    runner = dm.Runner(dm.quick_settings(), {"scenes": None}, Today(), cq.ResultLog(log.path), None, messages.append)
+    assert runner.current(jobs["random"])
+    assert not runner.current(jobs["topk"]) and runner.results.stale == 1
+    assert jobs["topk"].key() not in runner.results.done and "stale result" in messages[0]
+    assert cq.rows_hash(np.array([1, 2, 3])) != cq.rows_hash(np.array([1, 2, 4]))
+
+
 def test_semdedup_drops_the_asked_fraction_near_copies_first(dm):
     rng = np.random.default_rng(0)
     base = rng.normal(size=(200, 16))
