@@ -1274,6 +1274,13 @@ class ReverseRounds:
     docstring, claims 4 and 5). Shared by :func:`partitioned_d2_select` and the select stage's
     Ray driver."""
 
+    @staticmethod
+    def safety_stop(n_nodes: int) -> int:
+        """The most rounds a correct run over `n_nodes` can take. Bounds of halo nodes arrive one
+        round late, so a chain of picks that alternates between partitions can need two rounds
+        per pick (measured: 14 rounds for an 11-node chain over 7 partitions): 2N + 2."""
+        return 2 * int(n_nodes) + 2
+
     def __init__(self, budget: int, max_rounds: int):
         self.budget = int(budget)
         self.max_rounds = int(max_rounds)
@@ -1376,10 +1383,7 @@ def partitioned_d2_select(
     for st in states:
         st.start_reverse(shift)
     inbox: list[list] = [[] for _ in range(P)]
-    # Bounds of halo nodes arrive one round late, so a chain of picks that alternates between
-    # partitions can need two rounds per pick (measured: 14 rounds for a 11-node chain over 7
-    # partitions); 2N + 2 is then the most a correct run can take.
-    book = ReverseRounds(b, 2 * n + 2 if max_rounds is None else int(max_rounds))
+    book = ReverseRounds(b, ReverseRounds.safety_stop(n) if max_rounds is None else int(max_rounds))
     while True:
         book.start_round()
         outs = [st.step(inbox[p], book.remaining, gr, book.dead_level) for p, st in enumerate(states)]

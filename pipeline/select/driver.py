@@ -391,7 +391,7 @@ def _d2(hosts, cfg: JobConfig, plan, stats: dict, b_max: int, budget: int, n_kep
 def _reverse_rounds(hosts, stats: dict, b_max: int, n_kept: int, shift: int) -> None:
     """Reverse rounds until ``b_max`` picks are settled; then each partition's run of picks."""
     hosts.call("start_reverse", shift)
-    book = ReverseRounds(b_max, 2 * n_kept + 3)  # a safety stop: two rounds per pick at worst (d2_exact)
+    book = ReverseRounds(b_max, ReverseRounds.safety_stop(n_kept))
     rounds: dict[str, list] = {k: [] for k in ("picks", "messages", "bytes", "seconds", "step_seconds",
                                                "exchange_seconds")}
     settle, threshold, limit, rnd = False, None, b_max, 0
