@@ -191,7 +191,20 @@ class EmbedConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
     )
+    uid_registry_actors: int | Literal["auto"] = Field(
+        "auto", description="Where the cross-shard duplicate-uid check keeps the uids seen (8 bytes each): 1 = in "
+        "the driver; n > 1 = split by uid hash over n Ray actors (0 CPUs each), so no process holds the pool's uids. "
+        "auto = one actor per 50 million uids the pool is estimated to hold (the first committed shard's samples x "
+        "the shard count), in the driver below that. Changes where, never what.",
+    )
     precomputed: PrecomputedConfig | None = Field(None, description="Required when encoder = precomputed.")
+
+    @field_validator("uid_registry_actors")
+    @classmethod
+    def _registry_actors(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"embed.uid_registry_actors must be 'auto' or >= 1, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _actor_bounds(self) -> "EmbedConfig":

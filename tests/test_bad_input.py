@@ -30,7 +30,7 @@ from pipeline.formats.webdataset import (
     iter_shard_samples,
     verify_shards,
 )
-from pipeline.storage import Store
+from pipeline.storage import Store, join
 from pipeline.testing import (
     CORPUS_INPUT,
     make_config,
@@ -283,20 +283,23 @@ def test_bad_input_corpus_through_the_whole_job_with_exact_counts(tmp_path, corp
 
 
 @pytest.mark.slow
-def test_bad_input_corpus_skip_records_name_every_skipped_sample(tmp_path, corpus, ray_local):
+@pytest.mark.parametrize("registry_actors", [1, 3])
+def test_bad_input_corpus_skip_records_name_every_skipped_sample(tmp_path, corpus, ray_local, registry_actors):
     """Per shard, part-NNNNN.skipped.parquet holds one row per input sample not in the part: the
     sample the corpus broke (key, json uid) under the reason the stats count; the damaged tar's
-    one truncated_tar row has no key; a missing shard has an empty file."""
+    one truncated_tar row has no key; a missing shard has an empty file. The same with the uids
+    seen split over 3 Ray actors (the cross-shard duplicate is found by its actor)."""
     from pipeline.formats.embeddings import list_parts, read_skipped, skipped_url
     from pipeline.job import run_one
     from pipeline.workdir import part_name, stage_dir
 
     shards = corpus.shards + list(corpus.unreadable)
     cfg = make_config(str(tmp_path / "work"), shards, input={**CORPUS_INPUT, "allow_missing_shards": True},
-                      embed={"batch_size": 8})
+                      embed={"batch_size": 8, "uid_registry_actors": registry_actors})
     store = Store()
     run_one(cfg, store, "embed")
     directory = stage_dir(cfg.workdir, "embed")
+    assert store.read_json(join(directory, "_stats.json"))["uid_registry_actors"] == registry_actors
     assert skip_record_mismatches(store, directory, corpus.manifest) == []
     for i in range(len(corpus.shards), len(shards)):  # the shards skipped as missing: no samples
         assert read_skipped(store, skipped_url(directory, part_name(i))).num_rows == 0

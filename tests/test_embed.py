@@ -4,15 +4,17 @@ encoder: test_datacomp.py)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.embed import parts
 from pipeline.embed.dataset import build_embed_dataset
 from pipeline.embed.model import ModelSpec, image_pipeline, preprocess_config
-from pipeline.embed.parts import UidRegistry, uid_hashes
+from pipeline.embed.parts import ShardedUidRegistry, UidRegistry, uid_hashes
 from pipeline.formats.webdataset import ShardError
 from pipeline.errors import StaleStageError
 from pipeline.job import run_one, stage_fingerprints
@@ -296,9 +298,13 @@ def test_preprocess_config_matches_a_real_build():
     assert preprocess_config(spec) == real
 
 
-def test_uid_registry_matches_a_set():
+@pytest.mark.parametrize("actors", [0, 3])
+def test_uid_registry_matches_a_set(actors, request):
+    """In the driver, and split by uid hash over Ray actors (embed.uid_registry_actors > 1)."""
+    if actors:
+        request.getfixturevalue("ray_local")
     rng = np.random.default_rng(0)
-    registry, reference = UidRegistry(), set()
+    registry, reference = (ShardedUidRegistry(actors) if actors else UidRegistry()), set()
     for _ in range(30):
         batch = [f"u{v}" for v in rng.integers(0, 3000, size=int(rng.integers(1, 200)))]
         hashes = uid_hashes(batch)
@@ -307,6 +313,16 @@ def test_uid_registry_matches_a_set():
         reference.update(batch)
     assert len(set(uid_hashes(sorted(reference)).tolist())) == len(reference)
     assert len(registry) >= len(reference)  # levels are unique; merged ones dedupe
+    if actors:
+        assert len(registry.actors) == 3
+        registry.close()
+
+
+def test_uid_registry_actors_auto_follows_the_estimated_pool():
+    per_actor = parts.UIDS_PER_REGISTRY_ACTOR
+    assert parts.registry_actors("auto", 10_000, 1_000) == 1  # 10^7 uids: in the driver
+    assert parts.registry_actors("auto", 10_000, 128_000) == math.ceil(1.28e9 / per_actor)  # DataComp xlarge
+    assert parts.registry_actors(4, 10, 2) == 4  # asked for: whatever the size
 
 
 def test_actor_pool_leaves_cpus_to_the_readers_and_refuses_a_minimum_that_cannot():

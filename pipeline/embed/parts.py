@@ -4,19 +4,22 @@ Complete shards are committed *in shard order* (skip records, stats json, then t
 uids already seen in earlier shards (recorded as ``duplicate_uid``: the occurrence in the earliest
 shard wins).
 Commits in shard order make that rule deterministic and keep committed parts a prefix, which
-resume relies on; the driver holds only the rows of shards in flight.
+resume relies on; the driver holds only the rows of shards in flight, and the uids seen (8 bytes
+each) only while the pool is small: past that they are split by hash over Ray actors
+(``embed.uid_registry_actors``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from ..formats.buckets import uid_hashes
+from ..formats.buckets import uid_buckets, uid_hashes
 from ..formats.datacomp import uid_notes
 from ..formats.embeddings import part_table, skipped_table, skipped_url, write_part, write_skipped
 from ..formats.webdataset import DUPLICATE_UID, fallback_uid
@@ -35,6 +38,9 @@ class UidRegistry:
         self._levels: list[np.ndarray] = []
 
     def __len__(self) -> int:
+        return self.size()
+
+    def size(self) -> int:  # len() as a method a Ray actor exposes
         return sum(len(level) for level in self._levels)
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
@@ -52,6 +58,62 @@ class UidRegistry:
         while len(self._levels) > 1 and len(self._levels[-2]) <= 2 * len(self._levels[-1]):
             top = self._levels.pop()
             self._levels[-1] = np.union1d(self._levels[-1], top)
+
+
+# auto: one registry actor per this many uids (400 MB of hashes each)
+UIDS_PER_REGISTRY_ACTOR = 50_000_000
+
+
+class ShardedUidRegistry:
+    """A :class:`UidRegistry` split by uid hash over Ray actors, each holding the hashes of its
+    share: at 10^9 uids no process holds 8 GB of them. Answers exactly what one registry would.
+    Calls from the one driver run in submission order on each actor, so a ``contains`` after an
+    ``add`` sees what was added."""
+
+    def __init__(self, n_actors: int):
+        import ray
+
+        self.n = int(n_actors)
+        actor = ray.remote(num_cpus=0, max_restarts=0)(UidRegistry)
+        self.actors = [actor.options(scheduling_strategy="SPREAD").remote() for _ in range(self.n)]
+
+    def _shares(self, hashes: np.ndarray) -> list[np.ndarray]:
+        bucket = uid_buckets(hashes, self.n)
+        return [np.flatnonzero(bucket == i) for i in range(self.n)]
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        import ray
+
+        found = np.zeros(len(hashes), dtype=bool)
+        asked = [(idx, a.contains.remote(hashes[idx])) for a, idx in zip(self.actors, self._shares(hashes)) if len(idx)]
+        for idx, ref in asked:
+            found[idx] = ray.get(ref)
+        return found
+
+    def add(self, hashes: np.ndarray) -> None:
+        import ray
+
+        ray.get([a.add.remote(hashes[idx]) for a, idx in zip(self.actors, self._shares(hashes)) if len(idx)])
+
+    def __len__(self) -> int:
+        import ray
+
+        return sum(ray.get([a.size.remote() for a in self.actors]))
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def registry_actors(setting: int | str, rows_per_shard: int, n_shards: int) -> int:
+    """How many actors hold the uids seen (1 = the driver itself): `embed.uid_registry_actors`,
+    or for auto one per UIDS_PER_REGISTRY_ACTOR of the estimated pool."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, math.ceil(rows_per_shard * n_shards / UIDS_PER_REGISTRY_ACTOR))
 
 
 @dataclass
@@ -121,13 +183,15 @@ class PartCommitter:
     `duplicate_uid`), writes the skip records, ``part-NNNNN.stats.json`` then ``part-NNNNN.parquet``."""
 
     def __init__(self, store: Store, directory: str, urls: list[str], pending: list[int], committed: list[int],
-                 on_part_committed: Callable[[int], None] | None = None):
+                 on_part_committed: Callable[[int], None] | None = None, registry_actors: int | str = 1):
         self.store, self.urls = store, urls
         self.directory = directory
         self.queue = sorted(pending)
         self.position = 0
         self.ready: dict[int, ShardResult] = {}
-        self.registry = UidRegistry()
+        # the uids seen: built at the first rows, when the pool's size can be estimated
+        self.registry: UidRegistry | ShardedUidRegistry | None = None
+        self.registry_setting = registry_actors
         self.on_disk = sorted(committed)  # parts committed by earlier runs, loaded as they come due
         self._disk_position = 0
         self.on_part_committed = on_part_committed
@@ -147,6 +211,26 @@ class PartCommitter:
         return self.position == len(self.queue)
 
     @property
+    def registry_actors(self) -> int:
+        """Actors holding the uids seen (1: the driver)."""
+        if isinstance(self.registry, ShardedUidRegistry):
+            return self.registry.n
+        return 1 if self.registry is not None or self.registry_setting == "auto" else int(self.registry_setting)
+
+    def _registry(self, rows: int) -> UidRegistry | ShardedUidRegistry:
+        if self.registry is None:
+            n = registry_actors(self.registry_setting, max(rows, 1), len(self.urls))
+            self.registry = UidRegistry() if n == 1 else ShardedUidRegistry(n)
+            if n > 1:
+                log.info("duplicate-uid check: the uids seen are held by %d Ray actors (split by uid hash)", n)
+        return self.registry
+
+    def close(self) -> None:
+        """Release the registry's actors (the uids seen live no longer than the stage)."""
+        if isinstance(self.registry, ShardedUidRegistry):
+            self.registry.close()
+
+    @property
     def next_index(self) -> int | None:
         """The shard the next commit waits for (None when every pending shard is committed)."""
         return None if self.done else self.queue[self.position]
@@ -156,14 +240,16 @@ class PartCommitter:
         while self._disk_position < len(self.on_disk) and self.on_disk[self._disk_position] < index:
             done = self.on_disk[self._disk_position]
             uids = self.store.read_parquet(join(self.directory, part_name(done) + ".parquet"), columns=["uid"])
-            self.registry.add(uid_hashes(uids.column("uid").to_pylist()))
+            if uids.num_rows:
+                self._registry(uids.num_rows).add(uid_hashes(uids.column("uid").to_pylist()))
             self._disk_position += 1
 
     def _commit(self, index: int, result: ShardResult) -> None:
         url = self.urls[index]
         skips = list(result.skips)
         hashes = uid_hashes(result.uids)
-        keep = ~self.registry.contains(hashes)
+        registry = self._registry(len(result.uids) + len(skips)) if len(hashes) else None
+        keep = ~registry.contains(hashes) if registry is not None else np.ones(0, dtype=bool)
         # also within the shard (the reader dedupes already; precomputed files may not be)
         _, first = np.unique(hashes, return_index=True)
         unique = np.zeros(len(hashes), dtype=bool)
@@ -186,7 +272,8 @@ class PartCommitter:
                            result.scores[idx], image, text, [result.captions[i] for i in idx],
                            result.widths[idx], result.heights[idx])
         self.stats[index] = commit_part(self.store, self.directory, index, url, table, [r[1:] for r in skips], result.missing)
-        self.registry.add(hashes[idx])
+        if registry is not None:
+            registry.add(hashes[idx])
         if self.on_part_committed is not None:
             self.on_part_committed(index)
 

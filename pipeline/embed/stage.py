@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # (batch_size is not one: see settings())
 THROUGHPUT_SETTINGS = {"num_actors": True, "min_actors": True, "reader_cpus": True,
                        "num_gpus_per_actor": True, "actors_per_gpu": True, "cpus_per_actor": True,
-                       "torch_threads": True, "precomputed": {"bucket_rows", "shards_per_task"}}
+                       "torch_threads": True, "uid_registry_actors": True, "precomputed": {"bucket_rows", "shards_per_task"}}
 CPU_BATCH_SIZE = 256  # embed.batch_size auto on CPU actors (the default before auto existed)
 RESOLVED = "_RESOLVED.json"  # settings resolved at run time, recorded before the first part
 MISSING_LISTED = 1000  # missing shards named in the stats (all are counted)
@@ -298,8 +298,13 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         # its own part writer: the join decides duplicates across shards exactly (.precomputed)
         info, new_stats, dim = run_precomputed(cfg, store, directory, urls, pending, on_part_committed)
     else:
-        committer = PartCommitter(store, directory, urls, pending, committed, on_part_committed)
-        info = _run_open_clip(cfg, store, urls, pending, committer, ctx.progress) if pending else {"encoder": "open_clip"}
+        committer = PartCommitter(store, directory, urls, pending, committed, on_part_committed,
+                                  registry_actors=cfg.embed.uid_registry_actors)
+        try:
+            info = _run_open_clip(cfg, store, urls, pending, committer, ctx.progress) if pending else {"encoder": "open_clip"}
+        finally:
+            committer.close()
+        info["uid_registry_actors"] = committer.registry_actors
         new_stats, dim = committer.stats, committer.dim
     seconds = time.perf_counter() - started
 
