@@ -59,6 +59,8 @@ def test_unknown_key_is_named():
     ("select", "method", "magic", "select.method"),
     ("select", "partitions", "some", "select.partitions"),
     ("output", "samples_per_shard", -3, "output.samples_per_shard"),
+    ("embed", "uid_registry_actors", 0, "embed.uid_registry_actors"),
+    ("embed", "uid_registry_actors", "many", "embed.uid_registry_actors"),
 ])
 def test_bad_types_and_ranges_name_the_field(section, key, value, needle):
     raw = minimal()
