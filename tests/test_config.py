@@ -90,6 +90,39 @@ def test_set_overrides_parse_yaml_scalars_and_lists(tmp_path):
         load_config(path, ["select.nope=1"])
 
 
+def test_a_checkpoint_replaced_in_place_changes_the_embed_fingerprint(tmp_path):
+    """Same name, other weights: the embed stage (and every later one) must run again instead of
+    serving the old model's embeddings; the same file read again keeps the fingerprint."""
+    import os
+
+    from pipeline.embed.stage import settings
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights v1")
+    cfg = config_from_dict(minimal(embed={"pretrained": str(ckpt)}))
+    before = stage_fingerprints(cfg)
+    assert stage_fingerprints(cfg) == before and "pretrained" in settings(cfg)["model_files"]
+    ckpt.write_bytes(b"weights v2")  # same size, new content
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    after = stage_fingerprints(cfg)
+    assert all(after[s] != before[s] for s in before)
+    # an open_clip tag names no file: nothing is added to the settings
+    tag = config_from_dict(minimal(embed={"pretrained": "openai"}))
+    assert "model_files" not in settings(tag) or "pretrained" not in settings(tag)["model_files"]
+
+
+def test_a_checkpoint_replaced_at_the_same_s3_url_changes_the_embed_fingerprint(s3_store, s3_bucket, s3_server,
+                                                                                tmp_path):
+    url = f"{s3_bucket}/models/fingerprinted.pt"
+    cfg = config_from_dict(minimal(embed={"pretrained": url}, storage={"endpoint_url": s3_server}))
+    prints = []
+    for content in (b"weights v1", b"weights v2"):  # same size: the ETag tells them apart
+        (tmp_path / "c.pt").write_bytes(content)
+        s3_store.write_local_file(url, str(tmp_path / "c.pt"))
+        prints.append(stage_fingerprints(cfg)["embed"])
+    assert prints[0] != prints[1] and stage_fingerprints(cfg)["embed"] == prints[1]
+
+
 def test_fingerprints_change_only_for_the_stages_that_depend_on_a_setting():
     base = config_from_dict(minimal())
     k = config_from_dict(minimal(graph={"k": 3}))

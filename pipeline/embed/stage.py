@@ -71,8 +71,30 @@ def settings(cfg: JobConfig) -> dict[str, Any]:
     # device_decode and batch_size enter resolved as far as the config alone decides them (auto
     # with num_gpus_per_actor -1 depends on the cluster: RESOLVED, checked on resume, covers that).
     embed = cfg.embed.model_dump(exclude=THROUGHPUT_SETTINGS | {"device_decode": True, "batch_size": True})
-    return {"input": cfg.input.model_dump(), "embed": embed, "cpu_threads": cpu_threads(cfg),
-            "device_decode": static_device_decode(cfg), "batch_size": static_batch_size(cfg)}
+    out = {"input": cfg.input.model_dump(), "embed": embed, "cpu_threads": cpu_threads(cfg),
+           "device_decode": static_device_decode(cfg), "batch_size": static_batch_size(cfg)}
+    files = model_file_identities(cfg)
+    if files:  # only when the config names files: fingerprints of tag-only configs are unchanged
+        out["model_files"] = files
+    return out
+
+
+def model_file_identities(cfg: JobConfig) -> dict[str, str]:
+    """The content identity (size and ETag or modification time, no read) of the checkpoint and
+    model config files `embed.pretrained` and `embed.model_config_path` name. A checkpoint
+    replaced in place under the same name is another model: its embeddings must be recomputed,
+    never served from the earlier parts (nor mixed with them on resume). An open_clip tag names
+    no file and adds nothing; a missing file neither (the stage's check names it before any
+    work)."""
+    if cfg.embed.encoder != "open_clip":
+        return {}
+    store = Store(cfg.storage)
+    out = {}
+    for field in ("pretrained", "model_config_path"):
+        url = getattr(cfg.embed, field)
+        if url and store.exists(url):
+            out[field] = store.identity(url)
+    return out
 
 
 def static_device_decode(cfg: JobConfig) -> bool | str:
