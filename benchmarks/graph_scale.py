@@ -3,7 +3,7 @@
     python benchmarks/graph_scale.py --json benchmarks/results/graph_scale.json   # N = 10^6 and 3*10^6
     python benchmarks/graph_scale.py --quick                                       # N = 10^5, under 3 minutes
 
-Pool: 512-d CLIP-like unit vectors (graph_speed.clip_like_chunks), generated in chunks and written
+Pool: 512-d CLIP-like unit vectors (pipeline.testing.clip_like_chunks), generated in chunks and written
 as embedding parts of 10,000 rows in the embed stage's own format (float16, formats.embeddings;
 the text column is a narrow placeholder, the graph is built on the image column), committed.
 
@@ -46,7 +46,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from graph_speed import clip_like_chunks  # noqa: E402
+from pipeline.testing import clip_like_chunks  # noqa: E402
 
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.storage import Store  # noqa: E402

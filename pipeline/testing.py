@@ -917,3 +917,38 @@ def _write_row_groups(store: Store, url: str, tables: list) -> None:
                 writer.write_table(table)
 
     store.write_file(url, fill)
+
+
+# -- synthetic embeddings (graph tests and benchmarks) ------------------------------------------
+
+
+def clip_like_chunks(n: int, dim: int = 512, seed: int = 0, latent: int = 64, chunk: int = 100_000):
+    """Unit vectors with CLIP-like structure, `chunk` rows at a time (float32 [rows, dim] each): N/500
+    clusters grouped under 20 topics in a 64-d latent space (cluster spreads drawn from [0.5, 1.0]),
+    mapped to `dim` by a fixed random matrix, plus isotropic noise and a shared offset (CLIP
+    embeddings share a common direction). The chunks of one (n, seed) are the same whatever reads them."""
+    rng = np.random.default_rng(seed)
+    clusters = max(50, n // 500)
+    projection = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
+    topics = rng.normal(size=(20, latent))
+    centres = (topics[rng.integers(0, 20, clusters)] + 0.7 * rng.normal(size=(clusters, latent))).astype(np.float32)
+    spreads = rng.uniform(0.5, 1.0, size=clusters).astype(np.float32)
+    offset = 2.0 * rng.normal(size=dim).astype(np.float32) / np.sqrt(dim)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        c = rng.integers(0, clusters, stop - start)
+        z = centres[c] + spreads[c, None] * rng.normal(size=(stop - start, latent)).astype(np.float32)
+        x = z @ projection + 0.05 * rng.normal(size=(stop - start, dim)).astype(np.float32) + offset
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        yield x
+
+
+def clip_like_vectors(n: int, dim: int = 512, seed: int = 0, latent: int = 64, chunk: int = 100_000) -> np.ndarray:
+    """All N vectors of :func:`clip_like_chunks` in one array. The run reports the mean cosine to the
+    nearest and 10th neighbour and between random pairs."""
+    out = np.empty((n, dim), dtype=np.float32)
+    start = 0
+    for x in clip_like_chunks(n, dim, seed, latent, chunk):
+        out[start:start + len(x)] = x
+        start += len(x)
+    return out

@@ -19,28 +19,13 @@ from pipeline.core.knn import (
     search_knn,
     train_index,
 )
+from pipeline.testing import clip_like_vectors
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int, spread: float = 0.35) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(clusters, dim))
     x = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim))
-    return prepare_vectors(x, None)
-
-
-def clip_like(n: int, dim: int = 512, seed: int = 0, latent: int = 64) -> np.ndarray:
-    """CLIP-like unit vectors (as benchmarks/graph_speed.py): n/500 clusters under 20 topics in a
-    64-d latent space, mapped to `dim`, plus isotropic noise and a shared offset."""
-    rng = np.random.default_rng(seed)
-    clusters = max(50, n // 500)
-    projection = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
-    topics = rng.normal(size=(20, latent))
-    centres = (topics[rng.integers(0, 20, clusters)] + 0.7 * rng.normal(size=(clusters, latent))).astype(np.float32)
-    spreads = rng.uniform(0.5, 1.0, size=clusters).astype(np.float32)
-    offset = 2.0 * rng.normal(size=dim).astype(np.float32) / np.sqrt(dim)
-    c = rng.integers(0, clusters, n)
-    z = centres[c] + spreads[c, None] * rng.normal(size=(n, latent)).astype(np.float32)
-    x = z @ projection + 0.05 * rng.normal(size=(n, dim)).astype(np.float32) + offset
     return prepare_vectors(x, None)
 
 
@@ -304,7 +289,7 @@ def test_sharded_graph_is_deterministic_for_a_seed():
 
 def test_recall_on_clustered_512d_matches_one_level_kmeans():
     n, k, nprobe, seed = 20_000, 10, 16, 0
-    x = clip_like(n, 512, seed=12)
+    x = prepare_vectors(clip_like_vectors(n, 512, seed=12), None)
     sample = recall_sample_ids(n, 1500, seed)
     exact, _ = exact_knn(x, k, sample)
     nb, _, _ = ivf.sharded_knn_graph(x, k, nprobe=nprobe, seed=seed, max_rows_per_group=100_000)
