@@ -497,6 +497,7 @@ def prepare_pool(name: str, settings: Settings, root: Path, log) -> Pool:
     from pipeline.config import config_from_dict
     from pipeline.demo.pool import PoolSpec, generate_pool
     from pipeline.demo.train_tiny_clip import CHECKPOINT_PATH
+    from pipeline.errors import StaleStageError
     from pipeline.job import run_one
     from pipeline.storage import Store
 
@@ -533,6 +534,12 @@ def prepare_pool(name: str, settings: Settings, root: Path, log) -> Pool:
     try:
         for stage in ("embed", "graph"):
             run_one(cfg, store, stage)
+    except StaleStageError as err:
+        # a cache made before a pipeline or scorer change: say how to refresh it, keep the results
+        raise StaleStageError(
+            f"{name}: the cached pool's stages are out of date ({err.args[0].split(';')[0]}): remove {cfg.workdir} "
+            f"and {cfg.workdir}-variants to embed again; logged trainings are kept and reused where their "
+            "subsets come out the same") from None
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -1347,7 +1354,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    pools = {name: prepare_pool(name, settings, run_dir, log) for name in settings.pools}
+    from pipeline.errors import StaleStageError
+
+    try:
+        pools = {name: prepare_pool(name, settings, run_dir, log) for name in settings.pools}
+    except StaleStageError as err:
+        print(f"datacomp_mini: {err}", file=sys.stderr)
+        return 3
     results = cq.ResultLog(run_dir / "results.jsonl")
     log(f"checkpoint: {run_dir / 'results.jsonl'} ({len(results.done)} trainings already done)")
     selections = Selections(run_dir)
