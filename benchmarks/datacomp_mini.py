@@ -1167,6 +1167,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [f"## Pool `{name}`: no test training finished yet", ""]
             continue
         tasks = [k for k in any_cell["metrics"] if k.startswith("zeroshot_") and k != "zeroshot_avg"]
+        target = f"{round(pr['target_kept'] * 100)}%"
         lines.append(f"## Pool `{name}`: {pr['pool']['samples']} pairs")
         lines.append("")
         lines.append(pool_description(name, pr, st))
@@ -1204,12 +1205,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                 label = pr["methods"][m]["label"] + (" (same samples seen)" if m == "full" else "")
                 lines.append(f"| {label} | " + " | ".join(vals) + " |")
             lines.append("")
-        lines.append(f"`d2_minus_topk` (avg zero-shot, {int(round(pr['target_kept'] * 100))}% kept, mean over seeds): "
+        lines.append(f"`d2_minus_topk` (avg zero-shot, {target} kept, mean over seeds): "
                      + (f"{100 * pr['d2_minus_topk']:+.2f} points" if pr["d2_minus_topk"] is not None else "n/a")
                      + (f"; D2 minus the best baseline ({LABELS[pr['best_baseline']['method']]}): "
                         f"{100 * pr['best_baseline']['d2_minus_best']:+.2f} points" if pr.get("best_baseline") else ""))
         lines.append("")
-        lines.append(f"What each subset kept at {int(round(pr['target_kept'] * 100))}% (ground truth the filters never "
+        lines.append(f"What each subset kept at {target} (ground truth the filters never "
                      f"see; seed {st['seeds'][0]}; kind balance: normalised entropy of the correctly captioned kinds "
                      f"kept, 1 = all equally often):")
         lines.append("")
@@ -1241,7 +1242,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
         noise = pr.get("validation_noise") or {}
         if noise:
-            lines.append(f"Seed noise on validation ({settings_kept_pct(pr)} kept, avg zero-shot %, each training seed a "
+            lines.append(f"Seed noise on validation ({target} kept, avg zero-shot %, each training seed a "
                          "fresh model; random also a fresh subset): "
                          + "; ".join(f"{LABELS[m]} {100 * v['mean']:.1f} ± {100 * v['std']:.1f} "
                                      f"({', '.join(f'{100 * x:.1f}' for x in v['values'])})" for m, v in noise.items())
@@ -1256,10 +1257,6 @@ def render_markdown(report: dict[str, Any]) -> str:
                  f"{st['workers']} training process(es) x 1 torch thread.")
     lines.append("")
     return "\n".join(lines)
-
-
-def settings_kept_pct(pr: dict[str, Any]) -> str:
-    return f"{round(100 * pr['target_kept'])}%"
 
 
 def pool_description(name: str, pr: dict[str, Any], st: dict[str, Any]) -> str:

@@ -320,9 +320,9 @@ def test_uid_registry_matches_a_set(actors, request):
 
 def test_uid_registry_actors_auto_follows_the_estimated_pool():
     per_actor = parts.UIDS_PER_REGISTRY_ACTOR
-    assert parts.registry_actors("auto", 10_000, 1_000) == 1  # 10^7 uids: in the driver
-    assert parts.registry_actors("auto", 10_000, 128_000) == math.ceil(1.28e9 / per_actor)  # DataComp xlarge
-    assert parts.registry_actors(4, 10, 2) == 4  # asked for: whatever the size
+    assert parts.registry_actor_count("auto", 10_000, 1_000) == 1  # 10^7 uids: in the driver
+    assert parts.registry_actor_count("auto", 10_000, 128_000) == math.ceil(1.28e9 / per_actor)  # DataComp xlarge
+    assert parts.registry_actor_count(4, 10, 2) == 4  # asked for: whatever the size
 
 
 def test_actor_pool_leaves_cpus_to_the_readers_and_refuses_a_minimum_that_cannot():

@@ -117,7 +117,7 @@ class ShardedUidRegistry:
         self.actors = []
 
 
-def registry_actors(setting: int | str, rows_per_shard: int, n_shards: int) -> int:
+def registry_actor_count(setting: int | str, rows_per_shard: int, n_shards: int) -> int:
     """How many actors hold the uids seen (1 = the driver itself): `embed.uid_registry_actors`,
     or for auto one per UIDS_PER_REGISTRY_ACTOR of the estimated pool."""
     if setting != "auto":
@@ -192,7 +192,7 @@ class PartCommitter:
     `duplicate_uid`), writes the skip records, ``part-NNNNN.stats.json`` then ``part-NNNNN.parquet``."""
 
     def __init__(self, store: Store, directory: str, urls: list[str], pending: list[int], committed: list[int],
-                 on_part_committed: Callable[[int], None] | None = None, registry_actors: int | str = 1):
+                 on_part_committed: Callable[[int], None] | None = None, registry_setting: int | str = 1):
         self.store, self.urls = store, urls
         self.directory = directory
         self.queue = sorted(pending)
@@ -200,7 +200,7 @@ class PartCommitter:
         self.ready: dict[int, ShardResult] = {}
         # the uids seen: built at the first rows, when the pool's size can be estimated
         self.registry: UidRegistry | ShardedUidRegistry | None = None
-        self.registry_setting = registry_actors
+        self.registry_setting = registry_setting  # embed.uid_registry_actors
         self.on_disk = sorted(committed)  # parts committed by earlier runs, loaded as they come due
         self._disk_position = 0
         self.on_part_committed = on_part_committed
@@ -221,14 +221,14 @@ class PartCommitter:
 
     @property
     def registry_actors(self) -> int:
-        """Actors holding the uids seen (1: the driver)."""
-        if isinstance(self.registry, ShardedUidRegistry):
-            return self.registry.n
-        return 1 if self.registry is not None or self.registry_setting == "auto" else int(self.registry_setting)
+        """Actors holding the uids seen (1: the driver; before any rows, what the setting says)."""
+        if self.registry is None:
+            return registry_actor_count(self.registry_setting, 0, 0)
+        return self.registry.n if isinstance(self.registry, ShardedUidRegistry) else 1
 
     def _registry(self, rows: int) -> UidRegistry | ShardedUidRegistry:
         if self.registry is None:
-            n = registry_actors(self.registry_setting, max(rows, 1), len(self.urls))
+            n = registry_actor_count(self.registry_setting, max(rows, 1), len(self.urls))
             self.registry = UidRegistry() if n == 1 else ShardedUidRegistry(n)
             if n > 1:
                 log.info("duplicate-uid check: the uids seen are held by %d Ray actors (split by uid hash)", n)

@@ -92,8 +92,11 @@ def model_file_identities(cfg: JobConfig) -> dict[str, str]:
     out = {}
     for field in ("pretrained", "model_config_path"):
         url = getattr(cfg.embed, field)
-        if url and store.exists(url):
-            out[field] = store.identity(url)
+        if url:
+            try:
+                out[field] = store.identity(url)  # one stat / HEAD
+            except FileNotFoundError:
+                pass
     return out
 
 
@@ -321,7 +324,7 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         info, new_stats, dim = run_precomputed(cfg, store, directory, urls, pending, on_part_committed)
     else:
         committer = PartCommitter(store, directory, urls, pending, committed, on_part_committed,
-                                  registry_actors=cfg.embed.uid_registry_actors)
+                                  registry_setting=cfg.embed.uid_registry_actors)
         try:
             info = _run_open_clip(cfg, store, urls, pending, committer, ctx.progress) if pending else {"encoder": "open_clip"}
         finally:
