@@ -10,7 +10,7 @@ Protocol (the D2 paper's, scaled to a 2-core CPU):
    recorded: forgetting events (Toneva et al.), EL2N at an early epoch (Paul et al.) and AUM
    (Pleiss et al.). Its penultimate layer gives the embeddings. Cached in ``benchmarks/cache/``
    under a hash of the settings.
-3. The kNN graph is built per class with the project's own ``pipeline.core.knn.knn_graph`` (exact
+3. The kNN graph is built per class with the project's own ``pipeline.core.ivf.sharded_knn_graph`` (exact
    ``flat`` index) and ``pipeline.core.d2.symmetrize_knn``; D2 runs per class with label-balanced
    budgets (``pipeline.core.selectors.balanced_budgets``), as the paper does on CIFAR.
 4. Every coreset (random, score top-k, CCS, moderate, k-center greedy, D2) is selected through the
@@ -744,14 +744,14 @@ class ClassGraphs:
 
 
 def build_class_graphs(features: np.ndarray, labels: np.ndarray, k_max: int, unit_k: int | None = None) -> ClassGraphs:
-    """kNN per class with the project's ``pipeline.core.knn.knn_graph`` (exact flat index: a class
-    has a few thousand nodes). The paper builds its CIFAR graphs per class too.
+    """kNN per class with the graph stage's ``pipeline.core.ivf.sharded_knn_graph`` as ``graph.index:
+    flat`` runs it (one list, one probe: exact; a class has a few thousand nodes). The paper builds its CIFAR graphs per class too.
 
     The distance unit is the median squared distance to the first `unit_k` (default `k_max`)
     neighbours, so searching further (a larger `k_max`) does not change the unit."""
     import faiss
 
-    from pipeline.core.knn import knn_graph
+    from pipeline.core.ivf import sharded_knn_graph
 
     faiss.omp_set_num_threads(1)
     clock = time.time()
@@ -759,7 +759,7 @@ def build_class_graphs(features: np.ndarray, labels: np.ndarray, k_max: int, uni
     class_ids, nbs, dists = [], [], []
     for c in np.unique(labels):
         ids = np.flatnonzero(labels == c)
-        nb, d, _ = knn_graph(x[ids], k_max, index="flat")
+        nb, d, _ = sharded_knn_graph(x[ids], k_max, nlist=1, nprobe=1)
         class_ids.append(ids)
         nbs.append(nb)
         dists.append(d)
@@ -809,7 +809,9 @@ class Method:
         }[self.name]
 
     def key(self) -> str:
-        return self.name + json.dumps(self.p, sort_keys=True)
+        # random and CCS draw with the select stage's keyed randomness (coreset.random_keys) since
+        # they call its selectors; trainings on the older numpy-RNG draws are not reused
+        return self.name + json.dumps(self.p, sort_keys=True) + ("|keyed" if self.seeded() else "")
 
     def seeded(self) -> bool:
         """Does the selection itself depend on the seed?"""
@@ -861,10 +863,13 @@ class Selector:
             return selectors.random_select(self.n, budget, seed)
         if method.name in ("forgetting", "el2n"):
             return selectors.score_topk(difficulty(self.dyn, method.name), budget)
-        if method.name == "ccs":
-            return selectors.ccs_select(
-                difficulty(self.dyn, "aum"), budget, beta=p["beta"], strata=self.settings.ccs_strata, seed=seed
-            )
+        if method.name == "ccs":  # the original hard cut: the hardest (highest AUM difficulty) go first
+            aum = difficulty(self.dyn, "aum")
+            survivors = selectors.ccs_hard_cut(aum, p["beta"], "highest")
+            if len(survivors) < budget:
+                raise ValueError(f"CCS beta={p['beta']} leaves {len(survivors)} samples < budget {budget}")
+            return selectors.ccs_select(aum[survivors], budget, strata=self.settings.ccs_strata, seed=seed,
+                                        ids=survivors)
         if method.name == "moderate":
             return selectors.moderate_select(self.features, budget, groups=self.labels)
         if method.name == "kcenter":
@@ -1318,7 +1323,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     g = report["graph"]
     lines.append(
-        f"D2: per-class exact kNN graphs (`pipeline.core.knn.knn_graph`, flat index) on L2-normalised "
+        f"D2: per-class exact kNN graphs (`pipeline.core.ivf.sharded_knn_graph`, flat index) on L2-normalised "
         f"penultimate features, symmetrised with `pipeline.core.d2.symmetrize_knn`; squared distances in "
         f"units of the median kNN squared distance ({g['unit']:.4g}), so γ is dimensionless; "
         f"difficulty scaled to [0, 1] + "

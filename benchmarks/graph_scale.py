@@ -75,11 +75,11 @@ def write_pool(root: str, n: int, dim: int) -> None:
     """The embedding parts of N vectors (float16, 10,000 rows each), committed as the embed stage would."""
     from pipeline.formats.embeddings import part_table
     from pipeline.testing import commit_stage
-    from pipeline.workdir import part_name, stage_dir
+    from pipeline.workdir import EMBED, part_name, stage_dir
 
     cfg = config_from_dict(config(root, n))
     store = Store(cfg.storage)
-    emb = stage_dir(cfg.workdir, "embed")
+    emb = stage_dir(cfg.workdir, EMBED)
     if store.exists(f"{emb}/_SUCCESS.json"):
         return
     index, buf = 0, []
@@ -162,14 +162,14 @@ def faiss_child(cfg_json: str, threads: int, out: str) -> None:
     import faiss
 
     from pipeline.core import ivf
-    from pipeline.core.knn import KMEANS_ITERATIONS, recall_sample_ids, remove_self
+    from pipeline.core.knn import recall_sample_ids, remove_self
     from pipeline.formats.embeddings import list_parts, read_vectors, read_vectors_at
-    from pipeline.workdir import stage_dir
+    from pipeline.workdir import EMBED, stage_dir
 
     faiss.omp_set_num_threads(threads)
     cfg = config_from_dict(json.loads(cfg_json))
     store = Store(cfg.storage)
-    parts, dim = list_parts(store, stage_dir(cfg.workdir, "embed"), "image")
+    parts, dim = list_parts(store, stage_dir(cfg.workdir, EMBED), "image")
     n = parts[-1].offset + parts[-1].rows
     nlist = ivf.nlist_for(n)
     nprobe = cfg.graph.nprobe
@@ -178,7 +178,7 @@ def faiss_child(cfg_json: str, threads: int, out: str) -> None:
     timings = {}
     start = time.perf_counter()
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
-    index.cp.niter = KMEANS_ITERATIONS
+    index.cp.niter = ivf.KMEANS_ITERATIONS
     index.cp.seed = SEED
     index.cp.max_points_per_centroid = max(256, -(-len(sample) // nlist))  # the whole sample, as the stage
     index.train(sample)
@@ -223,10 +223,10 @@ def run_child(args: list[str], log_name: str) -> None:
 
 def run_stage(root: str, n: int, nodes: int, cpus: int, **graph) -> dict:
     """The stage from scratch (its previous output removed), in a driver process on a local cluster."""
-    from pipeline.workdir import stage_dir
+    from pipeline.workdir import GRAPH, stage_dir
 
     cfg = config(root, n, **graph)
-    shutil.rmtree(stage_dir(cfg["workdir"], "graph"), ignore_errors=True)
+    shutil.rmtree(stage_dir(cfg["workdir"], GRAPH), ignore_errors=True)
     out = os.path.join(root, f"stage-{nodes}.json")
     run_child(["--_stage", json.dumps(cfg), "--_nodes", str(nodes), "--_cpus", str(cpus), "--_out", out], "stage")
     with open(out) as fh:
@@ -245,11 +245,11 @@ def exact_neighbors(root: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest of the seeded recall sample (the stage's own sample), part by part."""
     from pipeline.core.knn import exact_topk_block, merge_topk, recall_sample_ids, remove_self
     from pipeline.formats.embeddings import list_parts, read_vectors, read_vectors_at
-    from pipeline.workdir import stage_dir
+    from pipeline.workdir import EMBED, stage_dir
 
     cfg = config_from_dict(config(root, n))
     store = Store(cfg.storage)
-    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"), "image")
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, EMBED), "image")
     ids = recall_sample_ids(n, RECALL_SAMPLE, SEED)
     queries = read_vectors_at(store, parts, "image", ids)
     best_d = np.full((len(ids), K + 1), np.inf, np.float32)
@@ -264,14 +264,14 @@ def exact_neighbors(root: str, n: int) -> tuple[np.ndarray, np.ndarray]:
 def stage_neighbors(root: str, n: int, ids: np.ndarray) -> np.ndarray:
     from pipeline.formats.embeddings import list_parts, rows_by_part
     from pipeline.formats.graph import read_part
-    from pipeline.workdir import stage_dir
+    from pipeline.workdir import EMBED, GRAPH, stage_dir
 
     cfg = config_from_dict(config(root, n))
     store = Store(cfg.storage)
-    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, EMBED))
     out = []
     for part, rows in rows_by_part(parts, ids):
-        out.append(read_part(store, f"{stage_dir(cfg.workdir, 'graph')}/{part.name}.parquet", rows)["neighbors"])
+        out.append(read_part(store, f"{stage_dir(cfg.workdir, GRAPH)}/{part.name}.parquet", rows)["neighbors"])
     return np.concatenate(out)
 
 

@@ -6,10 +6,11 @@
 Vectors: 512-d unit vectors with cluster structure, like CLIP embeddings (see clip_like_vectors),
 generated from a seed, in chunks.
 
-The kNN path is the one-process `pipeline.core.knn.knn_graph` (one-level k-means on a seeded
-sample of 200,000, nlist = about 4*sqrt(N) capped at 1/39 of the sample, list-major search). Its
-time includes training, adding and searching all N nodes. The graph stage itself (two-level
-training, nlist = 4*sqrt(N), search by groups of lists on Ray) is measured by graph_scale.py.
+The kNN path is `pipeline.core.ivf.sharded_knn_graph`, the graph stage's maths in one process
+(two-level k-means on 64 vectors per list, nlist = round(4*sqrt(N)), search by groups of lists
+under graph.max_task_rows rows), bit for bit what the stage writes for these vectors. Its time
+includes training, assigning, grouping and searching all N nodes. The stage itself on Ray (tasks,
+scratch files, several nodes) is measured by graph_scale.py.
 
 Exact brute force over all N queries is too slow at 10^6 on two cores, so it is timed on a seeded
 sample of --exact-queries nodes and extrapolated linearly (exact search cost is linear in the number
@@ -30,20 +31,22 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pipeline.config import GraphConfig  # noqa: E402
-from pipeline.core.knn import exact_knn, knn_graph, recall_at_k  # noqa: E402
+from pipeline.core.ivf import FINE_POINTS_PER_LIST, nlist_for, sharded_knn_graph  # noqa: E402
+from pipeline.core.knn import exact_knn, recall_at_k  # noqa: E402
 from pipeline.testing import clip_like_vectors  # noqa: E402
 
 
 def run_knn(x: np.ndarray, k: int, sample: np.ndarray, exact_nb: np.ndarray, **kwargs) -> dict:
     timings: dict = {}
     start = time.perf_counter()
-    nb, _, cells = knn_graph(x, k, timings=timings, **kwargs)
+    nb, _, cells = sharded_knn_graph(x, k, timings=timings, **kwargs)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
-        "train_s": timings["train"], "add_s": timings["add"], "search_s": timings["search"],
+        "train_s": timings["train"], "assign_s": timings["assign"], "group_s": timings["group"],
+        "search_s": timings["search"], "groups": int(timings["groups"]),
+        "groups_per_query": float(timings["groups_per_query"]),
         "recall": recall_at_k(nb[sample], exact_nb),
-        "index_bytes": int(timings["index_bytes"]),
         "cells": int(len(np.unique(cells))),
     }
 
@@ -55,18 +58,21 @@ def progress(message: str) -> None:
 def markdown_table(result: dict) -> str:
     lines = [
         f"### N = {result['n']:,} ({result['dim']}-d, k = {result['k']}, nlist = {result['nlist']}, "
-        f"nprobe = {result['nprobe']}, train_size = {result['train_size']:,})",
+        f"nprobe = {result['nprobe']}, train_size = {result['train_size']:,}, "
+        f"max_task_rows = {result['max_task_rows']:,})",
         "",
         f"Exact brute force (FAISS flat): {result['exact_sample_seconds']:.1f} s for {result['exact_queries']:,} "
         f"seeded queries, extrapolated to {result['exact_all_seconds_extrapolated']:.0f} s for all N.",
         "",
-        "| index | recall@10 | total s | train s | add s | search s | speedup vs exact | index MB | index / float32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| index | recall@10 | total s | train s | assign s | group s | search s | speedup vs exact | groups "
+        "| groups per query |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['index']} | {r['recall']:.4f} | {r['seconds']:.1f} | {r['train_s']:.1f} | {r['add_s']:.1f} | "
-            f"{r['search_s']:.1f} | {r['speedup']:.1f}x | {r['index_bytes'] / 2**20:.1f} | {r['memory_fraction']:.4f} |"
+            f"| {r['index']} | {r['recall']:.4f} | {r['seconds']:.1f} | {r['train_s']:.1f} | {r['assign_s']:.1f} | "
+            f"{r['group_s']:.1f} | {r['search_s']:.1f} | {r['speedup']:.1f}x | {r['groups']} | "
+            f"{r['groups_per_query']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -87,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     n = 100_000 if args.quick else args.n
     defaults = GraphConfig()
     nprobe = args.nprobe or defaults.nprobe
-    train_size = 200_000
-    common = dict(nlist=args.nlist or defaults.nlist, nprobe=nprobe, seed=args.seed, train_size=train_size)
+    nlist = nlist_for(n, args.nlist or defaults.nlist)
+    common = dict(nlist=nlist, nprobe=nprobe, seed=args.seed, train_size=defaults.train_size,
+                  max_rows_per_group=defaults.max_task_rows)
 
     t = time.perf_counter()
     x = clip_like_vectors(n, args.dim, seed=args.seed)
@@ -110,21 +117,18 @@ def main(argv: list[str] | None = None) -> dict:
     progress(f"exact search of {len(sample)} queries: {exact_sample_s:.1f}s")
 
     rows = []
-    ivf = run_knn(x, args.k, sample, exact_nb, index="ivfflat", **common)
+    ivf = run_knn(x, args.k, sample, exact_nb, **common)
     rows.append({"index": "ivfflat", **ivf})
     progress(f"ivfflat: {ivf['seconds']:.1f}s recall {ivf['recall']:.4f}")
     vector_bytes = n * args.dim * 4
     for r in rows:
         r["speedup"] = exact_all_s / r["seconds"]
-        r["memory_fraction"] = r["index_bytes"] / vector_bytes
 
-    from pipeline.core.knn import resolve_nlist, training_ids
-
-    nlist = resolve_nlist("ivfflat", n, len(training_ids(n, train_size, args.seed)), common["nlist"])
     result = {
         "benchmark": "graph_speed",
         "n": n, "dim": args.dim, "k": args.k, "nlist": nlist, "nprobe": nprobe,
-        "train_size": min(n, train_size),
+        "train_size": min(n, defaults.train_size or FINE_POINTS_PER_LIST * nlist),
+        "max_task_rows": defaults.max_task_rows,
         "exact_queries": int(len(sample)),
         "exact_sample_seconds": exact_sample_s,
         "exact_all_seconds_extrapolated": exact_all_s,
@@ -142,11 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"exact: {exact_sample_s:.1f}s for {len(sample)} queries -> {exact_all_s:.0f}s for all N (extrapolated)")
     print("data: mean cosine nearest %.3f, %dth %.3f, random pairs %.3f" % (
         geometry["mean_cos_nearest"], args.k, geometry["mean_cos_kth"], geometry["mean_cos_random_pair"]))
-    print(f"{'index':<20} {'recall@10':>9} {'total s':>8} {'train':>7} {'add':>7} {'search':>7} "
-          f"{'speedup':>8} {'index MB':>9} {'mem/f32':>8}")
+    print(f"{'index':<20} {'recall@10':>9} {'total s':>8} {'train':>7} {'assign':>7} {'group':>7} {'search':>7} "
+          f"{'speedup':>8} {'groups':>7} {'g/query':>8}")
     for r in rows:
-        print(f"{r['index']:<20} {r['recall']:>9.4f} {r['seconds']:>8.1f} {r['train_s']:>7.1f} {r['add_s']:>7.1f} "
-              f"{r['search_s']:>7.1f} {r['speedup']:>7.1f}x {r['index_bytes'] / 2**20:>9.1f} {r['memory_fraction']:>8.4f}")
+        print(f"{r['index']:<20} {r['recall']:>9.4f} {r['seconds']:>8.1f} {r['train_s']:>7.1f} {r['assign_s']:>7.1f} "
+              f"{r['group_s']:>7.1f} {r['search_s']:>7.1f} {r['speedup']:>7.1f}x {r['groups']:>7} "
+              f"{r['groups_per_query']:>8.2f}")
     if args.md:
         with open(args.md, "a") as fh:
             fh.write(markdown_table(result) + "\n")

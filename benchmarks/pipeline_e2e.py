@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> dict:
             partitions = spec if spec in ("auto", "cells") else int(spec)
             raw = cfg.model_dump()
             raw["select"]["partitions"] = partitions
-            raw["select"]["approximate"] = partitions != 1  # the exact greedy is the same for every P
             from pipeline.config import config_from_dict
 
             variant = config_from_dict(raw)

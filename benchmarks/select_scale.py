@@ -16,7 +16,8 @@ For each N, in separate processes (so each peak RSS is that process's own):
 * ``reference``: the graph read whole (formats.graph.read_graph), ``symmetrize_knn`` +
   ``d2_select`` (the single-process exact greedy; its seconds exclude reading) and
   ``certified_rounds`` (the rounds the unpartitioned certification needs: the yardstick of the
-  partitioned rounds);
+  partitioned rounds), and the old approximation's overlap with the exact selection for each P
+  (:func:`approximate_partitioned`: what ``select.approximate`` ran before the stage became exact);
 * ``stage`` for each P: a ``ray.cluster_utils.Cluster`` of ``--nodes`` nodes on 127.0.0.1, the
   select stage on it (this process is the driver), ``select.workers = P`` (one worker per
   partition) unless ``--workers``.
@@ -152,7 +153,7 @@ def config_raw(base: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def run_reference(base: str) -> dict:
+def run_reference(base: str, partitions: list[int]) -> dict:
     from pipeline.core import d2, d2_exact
     from pipeline.formats.embeddings import list_parts, read_column
     from pipeline.formats.graph import read_graph
@@ -171,6 +172,7 @@ def run_reference(base: str) -> dict:
     d2.d2_select(d2.symmetrize_knn(g["neighbors"][:1000] % 1000, g["sq_distances"][:1000]), np.ones(1000), 10)  # warm
     t0 = time.perf_counter()
     graph = d2.symmetrize_knn(g["neighbors"], g["sq_distances"])
+    cells = g["cells"]
     del g
     shifted, _ = d2.shift_nonnegative(scores)
     sel = d2.d2_select(graph, shifted, budget, GAMMA, GAMMA)
@@ -180,9 +182,48 @@ def run_reference(base: str) -> dict:
     rounds = d2_exact.certified_rounds(graph, sel.forward_scores, budget, GAMMA)
     np.save(os.path.join(base, "reference_order.npy"), sel.order)
     np.save(os.path.join(base, "reference_final.npy"), sel.final_scores[sel.order])
+    certified_s = time.perf_counter() - t0
+    overlaps = approximate_overlaps(graph, sel.forward_scores, sel.order, cells, budget, partitions)
     return {"n": n, "budget": budget, "read_s": round(read_s, 2), "greedy_s": round(greedy_s, 2),
             "peak_rss_mb": round(rss, 1), "certified_rounds": int(rounds),
-            "certified_rounds_s": round(time.perf_counter() - t0, 2), "edges": int(graph.n_edges)}
+            "certified_rounds_s": round(certified_s, 2), "edges": int(graph.n_edges),
+            "approximate_overlap_with_exact": overlaps}
+
+
+def approximate_partitioned(graph, forward: np.ndarray, labels: np.ndarray, budget: int, gamma: float = GAMMA,
+                            min_whole: int = K) -> np.ndarray:
+    """The approximate partitioned greedy the select stage ran before it became exact (the removed
+    ``select.approximate``): each partition (``labels``) its own reverse greedy on its internal
+    edges with its proportional share of the budget (partitions of at most ``min_whole`` nodes
+    whole), from the whole graph's forward scores; node ids merged by pick score (desc), ties by
+    partition, then the partition's own order."""
+    from pipeline.core import d2
+    from pipeline.core.selectors import balanced_budgets
+
+    shares = balanced_budgets(np.bincount(labels), budget, mode="proportional", min_whole=min_whole)
+    nodes, score, part, pos = [], [], [], []
+    for p, share in enumerate(shares):
+        ids = np.flatnonzero(labels == p)
+        sel = d2.reverse_select(d2.subgraph(graph, ids), forward[ids], int(share), gamma)
+        nodes.append(ids[sel.order])
+        score.append(sel.final_scores[sel.order])
+        part.append(np.full(sel.order.size, p))
+        pos.append(np.arange(sel.order.size))
+    nodes, score, part, pos = (np.concatenate(x) for x in (nodes, score, part, pos))
+    return nodes[np.lexsort((pos, part, -score))]
+
+
+def approximate_overlaps(graph, forward, exact: np.ndarray, cells: np.ndarray, budget: int,
+                         partitions: list[int]) -> dict[str, float]:
+    """|approximate ∩ exact| / budget per P (partitions of whole cells, as the stage makes them)."""
+    from pipeline.core.partition import cell_partitions
+
+    out = {}
+    for p in partitions:
+        of_cell, _ = cell_partitions(np.bincount(cells), p)
+        picked = approximate_partitioned(graph, forward, of_cell[cells], budget)
+        out[str(p)] = round(np.intersect1d(picked, exact).size / budget, 4) if budget else 1.0
+    return out
 
 
 def run_stage(base: str, partitions: int, nodes: int, cpus_per_node: int, workers: int | None) -> dict:
@@ -276,7 +317,7 @@ def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "_reference":
-        print(json.dumps(run_reference(argv[1])))
+        print(json.dumps(run_reference(argv[1], [int(p) for p in argv[2].split(",") if p])))
         return 0
     if argv and argv[0] == "_stage":
         workers = int(argv[5]) if argv[5] != "0" else None
@@ -301,7 +342,7 @@ def main(argv=None) -> int:
         base = os.path.join(args.dir, f"n{n}")
         info = write_workdir(base, n, args.seed)
         print(f"N={n:,}: graph {info}", flush=True)
-        ref = child(["_reference", base])
+        ref = child(["_reference", base, ",".join(str(p) for p in args.partitions if p > 1)])
         print(f"  reference: {ref}", flush=True)
         runs = []
         for p in sorted(set([1] + args.partitions)):

@@ -13,8 +13,12 @@ directory of the file itself (symlinks followed, so ``configs/demo.yaml`` -> ``p
 ``--set`` values and configs built from a dict against the current directory. A config read from
 a URL has no directory a path could be relative to on every machine: a relative local path in it
 is refused (exit 2). On a cluster, a Ray worker's current directory is a per-node copy of the
-job's working dir, so an unresolved relative path would point at a different place on every node. Which settings each stage's output depends on is
-declared by the stage itself (:mod:`pipeline.stage`), not here.
+job's working dir, so an unresolved relative path would point at a different place on every node.
+
+Which settings a stage's output depends on (its fingerprint, :mod:`pipeline.stage`) is declared
+here: a field that does not change what its stage writes carries a mark (:data:`NOT_OUTPUT` and
+the others below), and a stage's settings are its sections less the marked fields
+(:func:`output_settings`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,42 @@ __all__ = ["ConfigError", "JobConfig", "config_from_dict", "load_config"]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Marks (a Field's json_schema_extra) on the fields that do not enter their stage's fingerprint as
+# configured. A committed stage is reused while its fingerprint is unchanged, so a field that changes
+# what a stage writes must stay unmarked, and a field that does not must be marked (or changing it
+# would recompute a committed stage for nothing).
+AFFECTS_OUTPUT = "affects_output"
+# changes how the work runs (tasks, actors, memory, how a result is checked), never what is written
+NOT_OUTPUT = {AFFECTS_OUTPUT: False}
+# changes what is written through a value the stage resolves from it (and fingerprints under its own key)
+VIA_RESOLVED = {AFFECTS_OUTPUT: "resolved"}
+
+
+def used_by(stage: str) -> dict[str, Any]:
+    """Mark of a field that changes what a later `stage` writes (which fingerprints it), not its own stage."""
+    return {AFFECTS_OUTPUT: f"{stage} stage"}
+
+
+def output_settings(section: BaseModel) -> dict[str, Any]:
+    """`section` as configured (``model_dump``), less its marked fields, nested sections included:
+    the part of a stage's fingerprint its config section makes."""
+    return section.model_dump(exclude=_marked_fields(section))
+
+
+def _marked_fields(section: BaseModel) -> dict[str, Any]:
+    exclude: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        mark = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        value = getattr(section, name)
+        if AFFECTS_OUTPUT in mark:
+            exclude[name] = True
+        elif isinstance(value, BaseModel):
+            inner = _marked_fields(value)
+            if inner:
+                exclude[name] = inner
+    return exclude
 
 
 class StorageConfig(_Section):
@@ -117,12 +157,13 @@ class PrecomputedConfig(_Section):
         "clip_b32_similarity_score); rows where it is null get the cosine of their image and text vectors.",
     )
     bucket_rows: int = Field(
-        100_000, gt=0, description="Memory knob of the join: metadata rows per join bucket. A join task holds "
-        "~0.25 GB + ~15 KB per bucket row with l14 image+text vectors (0.4 GB at 10k, 0.8 GB at 40k: "
-        "benchmarks/results/precomputed_join.md), ~1.7 GB at 100k. Fixed for a run when its join starts.",
+        100_000, gt=0, json_schema_extra=NOT_OUTPUT, description="Memory knob of the join: metadata rows per join "
+        "bucket. A join task holds ~0.25 GB + ~15 KB per bucket row with l14 image+text vectors (0.4 GB at 10k, 0.8 "
+        "GB at 40k: benchmarks/results/precomputed_join.md), ~1.7 GB at 100k. Fixed for a run when its join starts.",
     )
     shards_per_task: int = Field(
-        16, gt=0, description="Input shards read (json uids, captions, sizes) per Ray task of the join.",
+        16, gt=0, json_schema_extra=NOT_OUTPUT, description="Input shards read (json uids, captions, sizes) per Ray "
+        "task of the join.",
     )
 
     @field_validator("image_key", "text_key")
@@ -152,50 +193,55 @@ class EmbedConfig(_Section):
         "under `model` before loading: how small custom architectures are used.",
     )
     batch_size: int | Literal["auto"] = Field(
-        256, description="Images per model forward; auto = on GPU actors, the largest power of two (32-1024) whose "
-        "forward stays under 80% of the GPU memory left to one actor (a short warm-up on a GPU before the stage, "
-        "recorded with the stage and reused on resume); on CPU actors 256. Part of the fingerprint: it changes bits."
+        256, json_schema_extra=VIA_RESOLVED, description="Images per model forward; auto = on GPU actors, the "
+        "largest power of two (32-1024) whose forward stays under 80% of the GPU memory left to one actor (a short "
+        "warm-up on a GPU before the stage, recorded with the stage and reused on resume); on CPU actors 256. Part "
+        "of the fingerprint: it changes bits."
     )
     num_actors: int = Field(
-        1, gt=0, description="Most embedding actors (model replicas) in the actor pool; fewer when the cluster "
-        "has not the CPUs/GPUs for them and `reader_cpus` (the pool scales between min_actors and this)."
+        1, gt=0, json_schema_extra=NOT_OUTPUT, description="Most embedding actors (model replicas) in the actor "
+        "pool; fewer when the cluster has not the CPUs/GPUs for them and `reader_cpus` (the pool scales between "
+        "min_actors and this)."
     )
     min_actors: int = Field(
-        1, gt=0, description="Fewest actors the pool scales down to. Idle actors above it are released, so "
-        "after a node loss the pool can shrink and give its CPUs back to the readers."
+        1, gt=0, json_schema_extra=NOT_OUTPUT, description="Fewest actors the pool scales down to. Idle actors "
+        "above it are released, so after a node loss the pool can shrink and give its CPUs back to the readers."
     )
     reader_cpus: float = Field(
-        1, gt=0, description="CPUs the actor pool always leaves to the read/decode tasks (the pool is sized so "
-        "they stay free); without them the stream starves while the actors wait for input."
+        1, gt=0, json_schema_extra=NOT_OUTPUT, description="CPUs the actor pool always leaves to the read/decode "
+        "tasks (the pool is sized so they stay free); without them the stream starves while the actors wait for "
+        "input."
     )
     num_gpus_per_actor: float = Field(
-        -1, description="GPUs per actor, fractions allowed (0.25 = four actors share a GPU); -1 = 1/actors_per_gpu "
+        -1, json_schema_extra=VIA_RESOLVED,  # whether device decode and an auto batch size apply
+        description="GPUs per actor, fractions allowed (0.25 = four actors share a GPU); -1 = 1/actors_per_gpu "
         "when the cluster has GPUs, else 0 (CPU fallback)."
     )
     actors_per_gpu: int = Field(
-        1, gt=0, description="Model actors sharing one GPU (each asks Ray for 1/actors_per_gpu GPU) when "
-        "num_gpus_per_actor is -1: where one actor cannot keep a GPU busy (small models, host-side work between "
-        "forwards). Throughput only."
+        1, gt=0, json_schema_extra=NOT_OUTPUT, description="Model actors sharing one GPU (each asks Ray for "
+        "1/actors_per_gpu GPU) when num_gpus_per_actor is -1: where one actor cannot keep a GPU busy (small models, "
+        "host-side work between forwards). Throughput only."
     )
     device_decode: bool | Literal["auto"] = Field(
-        "auto", description="Decode JPEGs and apply the model's resize/crop/normalise on the actor's device "
-        "(nvJPEG on a GPU) instead of in the read tasks; other formats and JPEGs the device cannot take go through "
-        "the CPU path per sample. auto = on for GPU actors. Part of the fingerprint: resizing on the device "
-        "changes bits."
+        "auto", json_schema_extra=VIA_RESOLVED, description="Decode JPEGs and apply the model's "
+        "resize/crop/normalise on the actor's device (nvJPEG on a GPU) instead of in the read tasks; other formats "
+        "and JPEGs the device cannot take go through the CPU path per sample. auto = on for GPU actors. Part of the "
+        "fingerprint: resizing on the device changes bits."
     )
-    cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per actor.")
+    cpus_per_actor: float = Field(1, gt=0, json_schema_extra=VIA_RESOLVED, description="CPUs reserved per actor.")
     torch_threads: int | None = Field(
-        None, description="torch intra-op threads inside a CPU actor; null = the actor's CPU count. Part of the embed "
-        "stage's fingerprint: on some CPUs the last bit of float32 results depends on it."
+        None, json_schema_extra=VIA_RESOLVED, description="torch intra-op threads inside a CPU actor; null = the "
+        "actor's CPU count. Part of the embed stage's fingerprint: on some CPUs the last bit of float32 results "
+        "depends on it."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
     )
     uid_registry_actors: int | Literal["auto"] = Field(
-        "auto", description="Where the cross-shard duplicate-uid check keeps the uids seen (8 bytes each): 1 = in "
-        "the driver; n > 1 = split by uid hash over n Ray actors (0 CPUs each), so no process holds the pool's uids. "
-        "auto = one actor per 50 million uids the pool is estimated to hold (the first committed shard's samples x "
-        "the shard count), in the driver below that. Changes where, never what.",
+        "auto", json_schema_extra=NOT_OUTPUT, description="Where the cross-shard duplicate-uid check keeps the uids "
+        "seen (8 bytes each): 1 = in the driver; n > 1 = split by uid hash over n Ray actors (0 CPUs each), so no "
+        "process holds the pool's uids. auto = one actor per 50 million uids the pool is estimated to hold (the "
+        "first committed shard's samples x the shard count), in the driver below that. Changes where, never what.",
     )
     precomputed: PrecomputedConfig | None = Field(None, description="Required when encoder = precomputed.")
 
@@ -259,14 +305,18 @@ class GraphConfig(_Section):
     )
     max_task_rows: int = Field(
         2_000_000, gt=0,
-        description="Memory bound of one search task, in rows: the vectors of its group of IVF lists plus its (query, "
-        "probed list) pairs. About 1 KiB per row at 512-d float16 (benchmarks/results/graph_scale.md); lists are "
-        "grouped under it (a single larger list gets a task of its own). Changes the tasks, not the graph.",
+        json_schema_extra=NOT_OUTPUT, description="Memory bound of one search task, in rows: the vectors of its "
+        "group of IVF lists plus its (query, probed list) pairs. About 1 KiB per row at 512-d float16 "
+        "(benchmarks/results/graph_scale.md); lists are grouped under it (a single larger list gets a task of its "
+        "own). Changes the tasks, not the graph.",
     )
     distance: Literal["sqeuclidean", "euclidean"] = Field(
-        "sqeuclidean", description="Edge distance: squared L2 (what FAISS returns) or plain L2."
+        "sqeuclidean", json_schema_extra=used_by("select"),
+        description="Edge distance: squared L2 (what FAISS returns) or plain L2."
     )
-    recall_sample: int = Field(1000, ge=0, description="Nodes whose kNN recall is checked against exact search.")
+    recall_sample: int = Field(
+        1000, ge=0, json_schema_extra=NOT_OUTPUT, description="Nodes whose kNN recall is checked against exact search.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -314,9 +364,14 @@ class PrefilterConfig(_Section):
     )
 
 
+# keys of the approximate partitioned mode, which left the select stage
+REMOVED_SELECT_FIELDS = ("approximate", "budget_mode", "exact_check_max_n")
+
+
 class SelectConfig(_Section):
-    method: Literal["d2", "random", "score_topk", "ccs", "moderate", "kcenter"] = Field(
-        "d2", description="Selection method; the baselines use the same budget."
+    method: str = Field(
+        "d2", description="Selection method, one of pipeline/select/methods (d2, random, score_topk, ccs, moderate, "
+        "kcenter); the baselines use the same budget."
     )
     prune_rate: float = Field(0.7, ge=0.0, le=1.0, description="Fraction dropped; budget = round((1-p)*N).")
     score: str = Field("clip_score", description="Difficulty/importance column (higher = more worth keeping).")
@@ -332,25 +387,16 @@ class SelectConfig(_Section):
     forward_rounds: int = Field(1, ge=1, description="Forward message-passing rounds.")
     partitions: int | Literal["auto", "cells"] = Field(
         "auto",
-        description="How the pool is split for the distributed greedy; the result is the same for every choice "
-        "(exact D2). 'auto' = max(ceil(N / partition_max_nodes), the cluster's CPUs when it has >= 4 and each "
-        "partition keeps >= 250k nodes); 'cells' = one partition per IVF cell; an integer = that many balanced "
-        "partitions built from whole cells.",
+        json_schema_extra=NOT_OUTPUT, description="How the pool is split for the distributed greedy; the result is "
+        "the same for every choice (exact D2). 'auto' = max(ceil(N / partition_max_nodes), the cluster's CPUs when "
+        "it has >= 4 and each partition keeps >= 250k nodes); 'cells' = one partition per IVF cell; an integer = "
+        "that many balanced partitions built from whole cells.",
     )
     partition_max_nodes: int = Field(
         10_000_000,
         gt=0,
-        description="'auto': most nodes one partition holds (a worker needs ~300 bytes per node of its partitions).",
-    )
-    approximate: bool = Field(
-        False, description="The old approximation: each partition its own greedy on its internal edges with a share "
-        "of the budget (`budget_mode`), merged by pick score; reports its overlap with the exact selection."
-    )
-    budget_mode: Literal["proportional", "uniform"] = Field(
-        "proportional", description="approximate: how the budget is split over partitions (spec section 6)."
-    )
-    exact_check_max_n: int = Field(
-        2_000_000, ge=0, description="approximate: up to this N the stage also runs the exact greedy and reports the overlap."
+        json_schema_extra=NOT_OUTPUT, description="'auto': most nodes one partition holds (a worker needs ~300 "
+        "bytes per node of its partitions).",
     )
     keep_rates: list[float] = Field(
         [], description="Extra keep fractions served by the same run (D2's order is a prefix order): the greedy runs "
@@ -358,16 +404,36 @@ class SelectConfig(_Section):
         "rate; the configured prune_rate's selection stays the one written (the `selected` column)."
     )
     workers: int | None = Field(
-        None, gt=0, description="Partition workers (processes holding partitions across rounds); null = the cluster's "
-        "CPUs, at most one per partition."
+        None, gt=0, json_schema_extra=NOT_OUTPUT, description="Partition workers (processes holding partitions "
+        "across rounds); null = the cluster's CPUs, at most one per partition."
     )
     worker_memory_mb: int | None = Field(
-        None, gt=0, description="Memory a worker may use for the partitions it keeps resident; the others are parked on "
-        "node-local disk between uses (and 'auto' makes partitions no larger). null = on Ray, the worker's share of its "
-        "node's memory; in one process, no limit."
+        None, gt=0, json_schema_extra=NOT_OUTPUT, description="Memory a worker may use for the partitions it keeps "
+        "resident; the others are parked on node-local disk between uses (and 'auto' makes partitions no larger). "
+        "null = on Ray, the worker's share of its node's memory; in one process, no limit."
     )
     ccs_strata: int = Field(50, gt=0, description="CCS: number of score strata.")
     prefilter: PrefilterConfig = Field(default_factory=PrefilterConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_removed_fields(cls, data: Any) -> Any:
+        # the approximate partitioned mode left the stage (D2 is exact for every partitioning); its
+        # keys get an error that says so rather than "unknown key"
+        removed = [k for k in REMOVED_SELECT_FIELDS if isinstance(data, dict) and k in data]
+        if removed:
+            raise ValueError(f"select.{removed[0]} was removed with the approximate partitioned mode: the select "
+                             "stage's D2 is exact for any partitioning; delete the key")
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        from .select.methods import SELECTORS  # here: loading a config need not load the numeric cores
+
+        if value not in SELECTORS:
+            raise ValueError(f"unknown selection method {value!r}; one of {', '.join(SELECTORS)}")
+        return value
 
     @field_validator("prune_rate")
     @classmethod
@@ -401,9 +467,9 @@ class SelectConfig(_Section):
         if over:
             raise ValueError(f"select.keep_rates {over} keep more than the {1.0 - self.beta:g} of the pool that "
                              f"select.beta={self.beta} leaves")
-        if self.keep_rates and (self.method != "d2" or self.approximate):
-            raise ValueError("select.keep_rates needs the exact D2 (select.method: d2, select.approximate: false): "
-                             "only its selection for every budget is a prefix of one order")
+        if self.keep_rates and self.method != "d2":
+            raise ValueError("select.keep_rates needs select.method: d2: only its selection for every budget is a "
+                             "prefix of one order")
         return self
 
     @model_validator(mode="after")

@@ -25,21 +25,22 @@ from typing import Any, Iterator
 from . import workdir
 from .config import ConfigError, JobConfig, input_folders, load_config
 from .core.d2 import budget_for
-from .embed.stage import STAGE as EMBED
+from .embed.stage import STAGE as EMBED_STAGE
 from .errors import LeaseHeldError, UsageError
-from .graph.stage import STAGE as GRAPH
+from .graph.stage import STAGE as GRAPH_STAGE
 from .graph.stage import index_sizes
 from .lease import Lease, acquire, describe, holder
 from .runtime import check_cluster_paths, init_ray
-from .select.stage import STAGE as SELECT
+from .select.stage import STAGE as SELECT_STAGE
 from .stage import Hooks, Stage, StageContext, fingerprints, run_stage
 from .storage import Store, join
 from .summary import summarize
-from .write.stage import STAGE as WRITE
+from .workdir import EMBED, GRAPH, SELECT
+from .write.stage import STAGE as WRITE_STAGE
 
 log = logging.getLogger("d2prune")
 
-STAGES: tuple[Stage, ...] = (EMBED, GRAPH, SELECT, WRITE)
+STAGES: tuple[Stage, ...] = (EMBED_STAGE, GRAPH_STAGE, SELECT_STAGE, WRITE_STAGE)
 # The report reads every sample's uid, shard, key and score into the driver; above this many it is
 # left to `d2prune report WORKDIR` rather than risk the job's driver memory after the work is done.
 REPORT_MAX_SAMPLES = 5_000_000
@@ -83,18 +84,18 @@ def check_pool_size(cfg: JobConfig, store: Store, name: str, prints: dict[str, s
     """The rules that need the pool size N, checked before the graph or select stage does any
     work, as soon as the embed stage has committed N: k < N, a budget of at least one sample, IVF
     lists that this N can hold and train (the graph stage's own rule). ConfigError (exit 2) naming the field."""
-    if name not in ("graph", "select"):
+    if name not in (GRAPH, SELECT):
         return
-    if not workdir.is_committed(store, EMBED.directory(cfg), prints["embed"], "embed"):
-        return  # the stage itself refuses (upstream not committed)
-    stats = workdir.read_stats(store, EMBED.directory(cfg)) or {}
+    if not workdir.is_committed(store, EMBED_STAGE.directory(cfg), prints[EMBED], EMBED):
+        return  # the stage itself refuses (a stage it reads is not committed)
+    stats = workdir.read_stats(store, EMBED_STAGE.directory(cfg)) or {}
     n = int(stats.get("samples", 0))
     if n == 0:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted((stats.get("skipped") or {}).items())) or "nothing"
         raise ConfigError(f"the embed stage kept no samples of the input (skipped: {skipped}; missing shards: "
                           f"{stats.get('shards_missing', 0)}): input.shards holds nothing to select from")
     problems = []
-    if name == "graph":
+    if name == GRAPH:
         if cfg.graph.k >= n:
             problems.append(f"graph.k={cfg.graph.k} needs more than k samples; the pool has N={n}")
         try:
@@ -134,7 +135,7 @@ def check_first_inputs(cfg: JobConfig, store: Store, names: list[str], force: st
         stage = BY_NAME[name]
         if name not in forced and workdir.is_committed(store, stage.directory(cfg), prints[name], name):
             continue
-        if stage.upstream is None and stage.check is not None:
+        if not stage.reads and stage.check is not None:
             stage.check(cfg, store)
             return {name}
         return set()
@@ -202,7 +203,7 @@ def job_summary(cfg: JobConfig, store: Store, results: dict[str, Any]) -> dict[s
     summary.update(
         seconds=results["seconds"],
         skipped_stages=results["skipped"],
-        selection=join(SELECT.directory(cfg), "selected.parquet") if stats["select"] else None,
+        selection=join(SELECT_STAGE.directory(cfg), "selected.parquet") if stats[SELECT] else None,
     )
     return summary
 

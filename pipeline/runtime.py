@@ -8,7 +8,8 @@ stages ask Ray what they may use.
 * :func:`task_cpus`: inside a task, the CPUs Ray reserved for it (threads to use, so concurrent
   tasks on a node do not oversubscribe its cores).
 * :func:`as_completed`: results of tasks in completion order (drivers never rely on submission
-  order for anything but scheduling); each result is progress for the stall detector.
+  order for anything but scheduling; the stages' steps, :mod:`pipeline.steps`, collect their Ray
+  tasks through it); each result is progress for the stall detector.
 * :func:`on_every_node`: a small function once on every alive node (what the per-node checks and
   cleanups below are made of): :func:`check_cluster_paths` (local paths a multi-node cluster
   cannot see are refused before any work), :func:`unseen_paths`, :func:`clear_node_caches`.

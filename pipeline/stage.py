@@ -3,7 +3,7 @@
 A stage declares (like NeMo Curator's ``ProcessingStage`` or Ray Data's ``Datasink``: a name and a
 small lifecycle) ::
 
-    Stage(name="graph", upstream="embed",
+    Stage(name=GRAPH, reads=(EMBED,),  # the stages whose folders it reads (pipeline.workdir names)
           settings=lambda cfg: {...},   # the settings its output depends on (its fingerprint)
           check=check,                  # check(cfg, store): inputs usable? (before any write)
           run=run)                      # run(cfg, store, ctx) -> stats: compute and write its parts
@@ -12,8 +12,8 @@ and :func:`run_stage` does the rest, identically for every stage:
 
 1. **skip**: committed (``_SUCCESS.json``) with the current fingerprint, and its outputs still
    intact → return the committed stats; committed with another fingerprint → StaleStageError (3);
-2. **require**: the upstream stage is committed, else PreconditionError (4); the stage's own
-   ``check`` of its inputs passes (before anything is written);
+2. **require**: every stage it reads is committed, else PreconditionError (4) naming the missing
+   one; the stage's own ``check`` of its inputs passes (before anything is written);
 3. **claim**: record the fingerprint before the first part is written (partial parts of a run with
    other settings are refused, never mixed);
 4. **run** the stage (it resumes from its own committed parts) under the stall detector
@@ -21,9 +21,11 @@ and :func:`run_stage` does the rest, identically for every stage:
    StallError, exit 1), then **commit**: stats, then the marker, last; then remove the stage's
    node-local caches (``node_caches``) on every node of the cluster.
 
-A stage's fingerprint hashes its own settings and its upstream's fingerprint, so changing an
-embed setting invalidates every later stage. Fingerprints are computed once per job
-(:func:`fingerprints`) and handed to the stage in its :class:`StageContext`.
+A stage's fingerprint hashes its own settings and every earlier stage's, so changing an embed
+setting invalidates every later stage. Its settings are its config sections less the fields
+:mod:`pipeline.config` marks as not changing output (:func:`pipeline.config.output_settings`).
+Fingerprints are computed once per job (:func:`fingerprints`) and handed to the stage in its
+:class:`StageContext`.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class StageContext:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    upstream: str | None
+    # the earlier stages whose committed folders it reads (none: it reads the job's inputs)
+    reads: tuple[str, ...]
     settings: Callable[[JobConfig], dict[str, Any]]
     run: Callable[[JobConfig, Store, StageContext], dict[str, Any]]
     check: Callable[[JobConfig, Store], None] | None = None
@@ -126,6 +129,19 @@ def committed_stats(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContex
     return stats
 
 
+def require_read_stages(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext) -> None:
+    """PreconditionError naming a stage that `stage` reads and that is not committed. The latest (in
+    pipeline order) is checked first: it is the one to run next, and it names any earlier one it
+    needs in turn."""
+    for name in sorted(stage.reads, key=list(workdir.STAGE_DIRS).index, reverse=True):
+        directory = workdir.stage_dir(cfg.workdir, name)
+        if not workdir.is_committed(store, directory, ctx.fingerprints[name], name):
+            raise PreconditionError(
+                f"the {stage.name} stage needs the committed {name} stage: no {workdir.SUCCESS} in "
+                f"{directory} (run `d2prune run` or `d2prune {name}` first)"
+            )
+
+
 def run_stage(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext,
               checked: bool = False) -> tuple[dict[str, Any], bool]:
     """Skip / require / claim / run / commit (module docstring); returns (stats, ran). `checked`:
@@ -134,13 +150,7 @@ def run_stage(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext,
     if stats is not None:
         log.info("stage %s: already committed in %s, skipping", stage.name, stage.directory(cfg))
         return stats, False
-    if stage.upstream is not None:
-        upstream_dir = workdir.stage_dir(cfg.workdir, stage.upstream)
-        if not workdir.is_committed(store, upstream_dir, ctx.fingerprints[stage.upstream], stage.upstream):
-            raise PreconditionError(
-                f"the {stage.name} stage needs the committed {stage.upstream} stage: no {workdir.SUCCESS} in "
-                f"{upstream_dir} (run `d2prune run` or `d2prune {stage.upstream}` first)"
-            )
+    require_read_stages(stage, cfg, store, ctx)
     if stage.check is not None and not checked:
         stage.check(cfg, store)
     directory = stage.directory(cfg)

@@ -876,13 +876,13 @@ def write_graph_stages(store: Store, cfg: JobConfig, neighbors: np.ndarray, sq_d
 
     from .formats.embeddings import part_table
     from .formats.graph import graph_part_table
-    from .workdir import part_name, stage_dir
+    from .workdir import EMBED, GRAPH, part_name, stage_dir
 
     n = len(scores)
     given = uids is not None
     vectors = np.zeros((n, 2), np.float32) if vectors is None else np.asarray(vectors, np.float32)
     bounds = np.linspace(0, n, n_parts + 1).astype(np.int64)
-    emb_dir, graph_dir = stage_dir(cfg.workdir, "embed"), stage_dir(cfg.workdir, "graph")
+    emb_dir, graph_dir = stage_dir(cfg.workdir, EMBED), stage_dir(cfg.workdir, GRAPH)
     node_tables = []
     for p in range(n_parts):
         lo, hi = int(bounds[p]), int(bounds[p + 1])

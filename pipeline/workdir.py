@@ -1,11 +1,12 @@
 """The work directory's layout and the commit protocol's primitives.
 
-Stages talk through files (see ../shared/design/architecture.md)::
+Stages talk through files (docs/design.md#5-files-each-stage-commits)::
 
     WORKDIR/embeddings/part-NNNNN.parquet   one per input shard (NNNNN = index in the expanded shard list)
     WORKDIR/embeddings/part-NNNNN.stats.json  that shard's counts, committed before the part
-    WORKDIR/embeddings/part-NNNNN.skipped.parquet  shard, key, uid, reason of each sample not in the part
-                                            (written before the stats json)
+    WORKDIR/embeddings/_skipped/part-NNNNN.parquet  shard, key, uid, reason of each sample not in the part
+                                            (written before the stats json; beside the part as
+                                            part-NNNNN.skipped.parquet in workdirs embedded before)
     WORKDIR/graph/nodes.parquet             node (row id), uid, part
     WORKDIR/graph/part-NNNNN.parquet        node, neighbors[k], sq_distances[k], cell
     WORKDIR/graph/lists.parquet             per IVF list: nodes, coarse cell, search group
@@ -35,16 +36,20 @@ from typing import Any
 from .errors import StaleStageError
 from .storage import Store, basename, join
 
-STAGE_DIRS = {"embed": "embeddings", "graph": "graph", "select": "selection", "write": "write"}
+# The stages' names (what a Stage declares and reads, what --force-from takes) and their folders:
+# every stage finds another's folder through stage_dir(workdir, NAME).
+EMBED, GRAPH, SELECT, WRITE = "embed", "graph", "select", "write"
+STAGE_DIRS = {EMBED: "embeddings", GRAPH: "graph", SELECT: "selection", WRITE: "write"}
 SUCCESS = "_SUCCESS.json"
 FINGERPRINT = "_FINGERPRINT.json"
 STATS = "_stats.json"
 _PART = re.compile(r"part-\d+\.parquet")
 
-__all__ = ["STAGE_DIRS", "SUCCESS", "StaleStageError", "stage_dir", "part_name"]
+__all__ = ["EMBED", "GRAPH", "SELECT", "WRITE", "STAGE_DIRS", "SUCCESS", "StaleStageError", "stage_dir", "part_name"]
 
 
 def stage_dir(workdir: str, stage: str) -> str:
+    """The folder of `stage` (EMBED, GRAPH, SELECT or WRITE) in `workdir`."""
     return join(workdir, STAGE_DIRS[stage])
 
 
@@ -103,5 +108,6 @@ def committed_parts(store: Store, directory: str) -> list[str]:
     """URLs of the committed ``part-NNNNN.parquet`` files in `directory`, in part order (the node
     order of the graph). Temporary files of an interrupted local write are hidden
     (``.part-…tmp-…``) and never match."""
-    # not part-NNNNN.skipped.parquet (the embed stage's skip records) nor any other part-*.parquet
+    # not part-NNNNN.skipped.parquet (skip records, beside the parts in workdirs embedded before
+    # they got a folder of their own) nor any other part-*.parquet
     return [u for u in store.glob(join(directory, "part-*.parquet")) if _PART.fullmatch(basename(u))]

@@ -163,7 +163,9 @@ class LocalRayCluster:
         self.nodes.append(node)
         return node
 
-    def start(self, workers: int = 2, timeout_s: float = 120) -> "LocalRayCluster":
+    # 240 s: the first Ray start of a fresh venv imports everything from source (CI sets
+    # PYTHONDONTWRITEBYTECODE), three nodes at once on 2 cores; 120 s was missed once that way
+    def start(self, workers: int = 2, timeout_s: float = 240) -> "LocalRayCluster":
         self._start("head", RAY_CLI + ["start", "--head", "--node-ip-address", "127.0.0.1",
                                        "--port", str(self.gcs_port), "--include-dashboard", "true",
                                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),

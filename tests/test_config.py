@@ -52,6 +52,12 @@ def test_unknown_key_is_named():
         config_from_dict(minimal(outptu={"url": "x"}))
 
 
+def test_keys_of_the_removed_approximate_mode_are_refused_by_name():
+    for key, value in (("approximate", True), ("budget_mode", "uniform"), ("exact_check_max_n", 10)):
+        with pytest.raises(ConfigError, match=rf"select\.{key} was removed with the approximate partitioned mode"):
+            config_from_dict(minimal(select={key: value}))
+
+
 @pytest.mark.parametrize("section,key,value,needle", [
     ("graph", "k", "many", "graph.k"),
     ("graph", "k", 0, "graph.k"),

@@ -1,6 +1,6 @@
 """D2 core against a naive reference written here, plus edge cases and input validation.
 
-The references follow the spec literally (dict-of-edges graph, repeated argmax over all nodes),
+The references follow docs/d2.md literally (dict-of-edges graph, repeated argmax over all nodes),
 performing the same floating-point operations in the same order as the compiled code (and the
 reverse pass's fixed point with Python ints), so the comparison is exact: same selected set,
 same order, same scores bit for bit.
@@ -59,7 +59,7 @@ def naive_forward(rows, scores, gamma, rounds=1):
     return np.array(prev, dtype=np.float64)
 
 
-# The reverse pass's fixed point written out (spec §7.5): S with M < 2**e, S = 44 - e (capped at
+# The reverse pass's fixed point written out (docs/d2.md#7-fixed-point-integer-scores): S with M < 2**e, S = 44 - e (capped at
 # 1022); q = floor(s * 2**S + 0.5); each update floor(w * max(q, 0) + 0.5); floor -(2**52 - 1).
 NAIVE_FLOOR = -(2**52 - 1)
 
@@ -69,7 +69,7 @@ def naive_shift(max_score):
 
 
 def naive_reverse(rows, forward_scores, budget, gamma):
-    """Spec §4 verbatim: O(B·N) repeated argmax (highest score, then lowest index), suppression
+    """docs/d2.md §5 verbatim: O(B·N) repeated argmax (highest score, then lowest index), suppression
     by max(score, 0), on Python-int fixed-point scores."""
     fwd = [float(x) for x in forward_scores]
     n = len(fwd)

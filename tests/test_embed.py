@@ -15,6 +15,7 @@ from pipeline.embed import parts
 from pipeline.embed.dataset import build_embed_dataset
 from pipeline.embed.model import ModelSpec, image_pipeline, preprocess_config
 from pipeline.embed.parts import ShardedUidRegistry, UidRegistry, uid_hashes
+from pipeline.formats.embeddings import SKIPPED_DIR
 from pipeline.formats.webdataset import ShardError
 from pipeline.errors import StaleStageError
 from pipeline.job import run_one, stage_fingerprints
@@ -143,9 +144,9 @@ def test_resume_after_kill_embeds_each_shard_once(local_run, small_pool, tmp_pat
     with pytest.raises(Killed):
         run_embed_stage(cfg, store, on_part_committed=kill_after_two)
     committed = sorted(n for n in os.listdir(directory) if n.endswith(".parquet"))
-    # each part after its skip records
-    assert committed == ["part-00000.parquet", "part-00000.skipped.parquet", "part-00001.parquet",
-                         "part-00001.skipped.parquet"]
+    assert committed == ["part-00000.parquet", "part-00001.parquet"]
+    # each part after its skip records, in a folder of their own
+    assert sorted(os.listdir(os.path.join(directory, SKIPPED_DIR))) == committed
     assert not store.exists(join(directory, "_SUCCESS.json"))
     before = {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in committed}
 

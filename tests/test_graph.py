@@ -14,18 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import workdir
+from pipeline import steps, workdir
 from pipeline.config import config_from_dict
 from pipeline.core import ivf
-from pipeline.core.knn import (
-    exact_knn,
-    knn_graph,
-    merge_topk,
-    prepare_vectors,
-    recall_at_k,
-    recall_sample_ids,
-    remove_self,
-)
+from pipeline.core.knn import exact_knn, merge_topk, prepare_vectors, recall_at_k, recall_sample_ids, remove_self
 from pipeline.errors import ConfigError, exit_code_for
 from pipeline.formats.graph import read_lists
 from pipeline.graph import scratch
@@ -35,6 +27,7 @@ from pipeline.graph.scratch import BlockSchema
 from pipeline.job import run_one
 from pipeline.stage import Hooks
 from pipeline.storage import Store
+from pipeline.steps import Resources
 from pipeline.testing import StopAfterStep, commit_stage, is_committed
 
 
@@ -81,19 +74,13 @@ def test_prepare_vectors_errors_name_the_problem():
         prepare_vectors(bad, None, "audio")
 
 
-def test_ivfflat_with_all_lists_probed_equals_exact_knn():
-    x = clustered(2000, 24, clusters=12, seed=1)
-    nb, d, cells = knn_graph(x, 8, index="ivfflat", nlist=20, nprobe=20, seed=3)
-    en, ed = exact_knn(x, 8)
-    assert np.array_equal(nb, en)
-    assert np.allclose(d, ed, atol=1e-5)
-    assert cells.dtype == np.int32 and cells.min() >= 0 and cells.max() < 20
-    assert len(np.unique(cells)) > 10  # the cells really partition the pool
+# graph.index: flat, as the stage runs it (index_sizes): one list, one probe
+FLAT = {"nlist": 1, "nprobe": 1}
 
 
 def test_flat_index_is_exact_and_puts_everything_in_cell_zero():
     x = clustered(1500, 16, clusters=5, seed=2)
-    nb, d, cells = knn_graph(x, 5, index="flat")
+    nb, d, cells = ivf.sharded_knn_graph(x, 5, **FLAT)
     en, ed = exact_knn(x, 5)
     assert np.array_equal(nb, en) and np.allclose(d, ed, atol=1e-5)
     assert (cells == 0).all()
@@ -103,21 +90,14 @@ def test_flat_index_is_exact_and_puts_everything_in_cell_zero():
     assert np.allclose(direct, d[rows], atol=1e-5)
 
 
-def test_euclidean_returns_square_roots():
-    x = clustered(500, 8, clusters=3, seed=4)
-    _, sq, _ = knn_graph(x, 4, index="flat")
-    _, eu, _ = knn_graph(x, 4, index="flat", distance="euclidean")
-    assert np.allclose(eu, np.sqrt(sq))
-
-
 @pytest.mark.parametrize("index", ["flat", "ivfflat"])
 def test_self_removed_by_id_with_exact_duplicates(index):
     base = clustered(400, 16, clusters=4, seed=5)
     copies = 4  # each vector 4 times: self ties at distance 0 with 3 duplicates
     x = np.repeat(base, copies, axis=0)
     ids = np.arange(len(x))
-    kw = {"nlist": 8, "nprobe": 8} if index != "flat" else {}
-    nb, d, _ = knn_graph(x, copies - 1, index=index, **kw)
+    kw = {"nlist": 8, "nprobe": 8} if index != "flat" else FLAT
+    nb, d, _ = ivf.sharded_knn_graph(x, copies - 1, **kw)
     assert not (nb == ids[:, None]).any(), "a node listed itself"
     assert (nb >= 0).all()
     # the k = copies-1 nearest others are exactly the node's duplicates
@@ -136,8 +116,8 @@ def test_remove_self_when_self_is_not_first_or_missing():
 
 def test_padding_when_fewer_than_k_neighbours_exist():
     x = clustered(4, 8, clusters=2, seed=6)
-    for index in ("flat", "ivfflat"):
-        nb, d, _ = knn_graph(x, 6, index=index, nlist=1 if index == "ivfflat" else None)
+    for kw in (FLAT, {"nlist": 2, "nprobe": 2}):
+        nb, d, _ = ivf.sharded_knn_graph(x, 6, **kw)
         assert nb.shape == (4, 6) and d.dtype == np.float32
         assert (nb[:, :3] >= 0).all() and (nb[:, 3:] == -1).all()
         assert np.isfinite(d[:, :3]).all() and np.isinf(d[:, 3:]).all()
@@ -145,7 +125,7 @@ def test_padding_when_fewer_than_k_neighbours_exist():
     rng = np.random.default_rng(7)
     far = prepare_vectors(np.concatenate([rng.normal(size=(3, 8)) * 0.01 + 5 * np.eye(8)[0],
                                           rng.normal(size=(300, 8)) * 0.01 - 5 * np.eye(8)[0]]), None)
-    nb, d, cells = knn_graph(far, 4, index="ivfflat", nlist=2, nprobe=1)
+    nb, d, cells = ivf.sharded_knn_graph(far, 4, nlist=2, nprobe=1)
     small = cells == cells[0]
     assert small.sum() == 3
     assert (nb[small][:, 2:] == -1).all() and np.isinf(d[small][:, 2:]).all()
@@ -154,8 +134,8 @@ def test_padding_when_fewer_than_k_neighbours_exist():
 def test_approximate_recall_is_reported_and_sane():
     x = clustered(3000, 32, clusters=30, seed=8)
     en, _ = exact_knn(x, 10)
-    nb_full, _, _ = knn_graph(x, 10, nlist=40, nprobe=40)
-    nb_few, _, _ = knn_graph(x, 10, nlist=40, nprobe=2)
+    nb_full, _, _ = ivf.sharded_knn_graph(x, 10, nlist=40, nprobe=40)
+    nb_few, _, _ = ivf.sharded_knn_graph(x, 10, nlist=40, nprobe=2)
     full, few = recall_at_k(nb_full, en), recall_at_k(nb_few, en)
     assert full == 1.0
     assert 0.5 < few < 1.0  # approximate, yet mostly right on clustered data
@@ -167,14 +147,6 @@ def test_recall_at_k_counts_ids_and_ignores_padding():
     assert recall_at_k(approx, exact) == pytest.approx((2 / 3 + 1 / 2) / 2)
     with pytest.raises(ValueError, match="rows"):
         recall_at_k(approx[:2], exact)
-
-
-def test_knn_graph_is_deterministic_and_seeded_sample_matters():
-    x = clustered(3000, 16, clusters=10, seed=9)
-    a = knn_graph(x, 5, nprobe=2, train_size=1000, seed=1)
-    b = knn_graph(x, 5, nprobe=2, train_size=1000, seed=1)
-    for u, v in zip(a, b):
-        assert np.array_equal(u, v)
 
 
 def test_merge_topk_is_independent_of_block_order():
@@ -195,11 +167,9 @@ def test_merge_topk_is_independent_of_block_order():
 def test_bad_arguments_are_named():
     x = clustered(100, 10, clusters=2, seed=11)
     with pytest.raises(ValueError, match="graph.nlist=500"):
-        knn_graph(x, 3, nlist=500)
-    with pytest.raises(ValueError, match="graph.index"):
-        knn_graph(x, 3, index="hnsw")
-    with pytest.raises(ValueError, match="graph.index"):
-        knn_graph(x, 3, index="ivfpq")  # removed: recall 0.51 without re-ranking
+        ivf.sharded_knn_graph(x, 3, nlist=500)
+    with pytest.raises(ValueError, match="graph.nprobe=3"):
+        ivf.sharded_knn_graph(x, 3, nlist=2, nprobe=3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,7 +355,7 @@ def test_stage_is_the_same_graph_for_any_group_bound_and_respects_it(tmp_path, r
     is larger."""
     img, _, _ = write_embedding_parts(str(tmp_path), seed=6)
     cfg = make_cfg(str(tmp_path), max_task_rows=max_task_rows)
-    monkeypatch.setattr(graph_stage, "SEARCH_TASK_CPUS", search_cpus)  # one slot: no split for parallelism
+    monkeypatch.setattr(graph_stage, "SEARCH_TASK", Resources(cpus=search_cpus))  # one slot: no split for parallelism
     stats = run_graph_stage(cfg, Store(cfg.storage))
     assert_equals_reference(cfg, reference(prepare_vectors(img, None, "image"), cfg))
     assert {"one": stats["groups"] == 1, "few": 1 < stats["groups"] < 12, "per list": stats["groups"] == 12}[groups]
@@ -499,7 +469,7 @@ def test_stage_shuffled_completion_order_gives_the_same_graph(tmp_path, ray_loca
         for j in np.random.default_rng(3).permutation(len(results))[::-1]:
             yield results[j]
 
-    monkeypatch.setattr(graph_stage, "as_completed", shuffled)
+    monkeypatch.setattr(steps, "as_completed", shuffled)  # every step of the stage completes out of order
     stats_b = run_graph_stage(cfg_b, Store(cfg_b.storage))
     assert read_graph(cfg_b).equals(read_graph(cfg_a))
     assert stats_b["recall_at_k"] == stats_a["recall_at_k"]

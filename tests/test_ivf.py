@@ -7,18 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.core import ivf
-from pipeline.core.knn import (
-    add_vectors,
-    build_empty_index,
-    default_nlist,
-    exact_knn,
-    prepare_vectors,
-    recall_at_k,
-    recall_sample_ids,
-    remove_self,
-    search_knn,
-    train_index,
-)
+from pipeline.core.knn import exact_knn, merge_topk, prepare_vectors, recall_at_k, recall_sample_ids, remove_self
 from pipeline.testing import clip_like_vectors
 
 
@@ -30,14 +19,19 @@ def clustered(n: int, dim: int, clusters: int, seed: int, spread: float = 0.35) 
 
 
 def single_list_major(x: np.ndarray, centroids: np.ndarray, k: int, nprobe: int):
-    """The graph through pipeline.graph's list-major IVF-Flat search (one index, one query block)."""
-    index = build_empty_index(x.shape[1], "ivfflat", centroids.shape[0])
-    index.quantizer.add(centroids)
-    index.is_trained = True
+    """The graph list by list without groups: each list's members (ascending id) searched by the
+    queries probing it (ascending id) in one faiss.knn, every query's candidates merged, self dropped."""
     home, probes = ivf.probe_lists(centroids, x, nprobe)
     ids = np.arange(len(x), dtype=np.int64)
-    add_vectors(index, x, ids, assign=home)
-    return search_knn(index, x, ids, k, nprobe, coarse=(None, probes.astype(np.int64)))
+    best_d = np.full((len(x), k + 1), np.inf, np.float32)
+    best_i = np.full((len(x), k + 1), -1, np.int64)
+    for lst in np.unique(home):
+        base = ids[home == lst]
+        queries = ids[(probes == lst).any(axis=1)]
+        d, local = faiss.knn(x[queries], x[base], min(k + 1, len(base)))
+        best_d[queries], best_i[queries] = merge_topk(best_d[queries], best_i[queries], d, base[local], k + 1)
+    neighbors, sq_distances = remove_self(best_i, best_d, ids, k)
+    return neighbors, sq_distances, home
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,7 +42,6 @@ def test_nlist_grows_as_four_sqrt_n_without_a_training_cap():
     assert ivf.nlist_for(10**6) == 4000
     assert ivf.nlist_for(10**8) == 40_000
     assert ivf.nlist_for(10**9) == 126_491
-    assert default_nlist(10**8, 200_000) == 200_000 // 39  # the old cap, far below 4*sqrt(N)
     assert ivf.nlist_for(1) == 1 and ivf.nlist_for(9) == 9  # never more lists than vectors
     assert ivf.nlist_for(1000, nlist=1000) == 1000
     with pytest.raises(ValueError, match="graph.nlist=1001"):
@@ -297,8 +290,10 @@ def test_recall_on_clustered_512d_matches_one_level_kmeans():
     # FAISS IndexIVFFlat with one-level k-means on the same training sample, same nlist and nprobe
     nlist = ivf.nlist_for(n)
     _, fine = ivf.training_sample_ids(n, nlist, seed)
-    index = build_empty_index(512, "ivfflat", nlist)
-    train_index(index, x[fine], seed)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(512), 512, nlist, faiss.METRIC_L2)
+    index.cp.seed, index.cp.niter = seed, ivf.KMEANS_ITERATIONS
+    index.cp.max_points_per_centroid = max(256, -(-len(fine) // nlist))  # the whole sample, as the stage
+    index.train(x[fine])
     index.add(x)
     index.nprobe = nprobe
     d, i = index.search(x[sample], k + 1)

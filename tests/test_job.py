@@ -50,7 +50,7 @@ def job(tmp_path_factory, s3_server, s3_bucket, s3_store, tiny_model_config, tin
         "embed": {"model": "d2prune-tiny", "model_config_path": tiny_model_config, "pretrained": tiny_checkpoint,
                   "batch_size": 32, "num_actors": 1, "cpus_per_actor": 1, "torch_threads": 1},
         "graph": {"k": 5, "index": "ivfflat", "nlist": 4, "nprobe": 4, "recall_sample": 50, "train_size": 1000},
-        "select": {"method": "d2", "prune_rate": 0.7, "partitions": 2, "exact_check_max_n": 100000},
+        "select": {"method": "d2", "prune_rate": 0.7, "partitions": 2},
         "output": {"url": f"{s3_bucket}/e2e/out", "samples_per_shard": 25},
         "ray": {"num_cpus": 2, "object_store_memory": 300_000_000},
     }

@@ -94,8 +94,9 @@ def test_a_shard_that_stays_unreadable_is_named_and_nothing_past_it_commits(tmp_
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("d2prune: error: ShardReadError:") and f"{pool.shards[1]}: read failed" in line
     embeddings = f"{s3_bucket}/faults/stuck/work/embeddings"
-    assert s3_store.ls(embeddings) == ["_FINGERPRINT.json", "_RESOLVED.json", "part-00000.parquet",
-                                         "part-00000.skipped.parquet", "part-00000.stats.json"]
+    assert s3_store.ls(embeddings) == ["_FINGERPRINT.json", "_RESOLVED.json", "_skipped", "part-00000.parquet",
+                                         "part-00000.stats.json"]
+    assert s3_store.ls(f"{embeddings}/_skipped") == ["part-00000.parquet"]
     proxy.clear()
     assert main(["run", config]) == 0
     assert _artefacts(s3_store, f"{s3_bucket}/faults/stuck/work", f"{s3_bucket}/faults/stuck/out") == reference

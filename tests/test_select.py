@@ -1,7 +1,7 @@
 """The select stage (pipeline/select/) on synthetic work directories: its behaviour per setting.
 
 The embed and graph stages' outputs are written directly here (clustered random vectors, the pure
-``knn_graph``, through ``pipeline.testing.write_graph_stages``), so these tests need no model; they
+``sharded_knn_graph``, through ``pipeline.testing.write_graph_stages``), so these tests need no model; they
 run the stage in-process (the same workers and tasks as objects and calls). Exactness against the
 single-process greedy on many graphs, the Ray path, a multi-node cluster, resume and spilling are
 in test_select_exact.py.
@@ -19,7 +19,7 @@ from pipeline import workdir
 from pipeline.config import config_from_dict
 from pipeline.core import d2
 from pipeline.core.d2 import forward_rows
-from pipeline.core.knn import knn_graph
+from pipeline.core.ivf import sharded_knn_graph
 from pipeline.core.partition import auto_partitions, cell_partitions
 from pipeline.errors import ConfigError
 from pipeline.formats.selection import datacomp_subset, subset_npy_bytes
@@ -51,12 +51,13 @@ def make_workdir(tmp_path, n=600, k=5, nlist=8, parts=3, dim=16, seed=0, uids=No
     raw = {
         "workdir": str(tmp_path / "work"), "input": {"shards": str(tmp_path / "pool/{00000..00009}.tar")},
         "output": {"url": str(tmp_path / "out")},
-        "graph": {"k": k, "nlist": nlist, "nprobe": nlist, "index": "ivfflat", **(graph or {})},
+        # two IVF lists per cluster: the cells cut the clusters, so partitions cut kNN edges
+        "graph": {"k": k, "nlist": 2 * nlist, "nprobe": 2 * nlist, "index": "ivfflat", **(graph or {})},
         "select": {"prune_rate": 0.7, **(select or {})},
     }
     cfg = config_from_dict(raw)
     store = Store()
-    neighbors, sq, cells = knn_graph(vectors, k, index="ivfflat", nlist=nlist, nprobe=nlist, seed=0)
+    neighbors, sq, cells = sharded_knn_graph(vectors, k, nlist=cfg.graph.nlist, nprobe=cfg.graph.nprobe, seed=0)
     write_graph_stages(store, cfg, neighbors, sq, cells, scores, uids, parts, vectors=vectors.astype(np.float16),
                        **(filter_columns or {}))
     return cfg, store, {"vectors": vectors, "scores": scores.astype(np.float64), "uids": uids,
@@ -169,33 +170,61 @@ def test_partitions_1_equals_d2_select_on_the_same_graph(tmp_path):
     assert run_select_stage(cfg, store) == store.read_json(join(workdir.stage_dir(cfg.workdir, "select"), "_stats.json"))
 
 
-def test_approximate_selection_reports_cut_and_overlap(tmp_path):
-    cfg, store, a = make_workdir(tmp_path, select={"partitions": 3, "approximate": True})
-    stats = run_select_stage(cfg, store)
-    got = read_selected(store, cfg)
-    assert stats["partitions"] == 3 and len(got["uid"]) == 180 == len(set(got["uid"]))
-    assert stats["approximate"] and 0.0 <= stats["cross_partition_edge_fraction"] < 0.5
-    assert 0.5 < stats["overlap_with_exact"] <= 1.0
-    # every partition got its proportional share (largest remainder) and used it
-    part, _ = cell_partitions(np.bincount(a["cells"]), 3)
-    labels = part[a["cells"]]
-    per_part = np.bincount(np.array(got["partition"]), minlength=3)
-    sizes = np.bincount(labels, minlength=3)
-    assert np.all(np.abs(per_part - sizes * 0.3) <= 1)
-    # the partition column agrees with the cells of the selected nodes
-    uid_index = {u: i for i, u in enumerate(a["uids"])}
-    assert [int(labels[uid_index[u]]) for u in got["uid"]] == got["partition"]
-    # the merged order is by pick score
-    assert np.all(np.diff(got["final_score"]) <= 0)
-    # each partition's order is its own greedy on its internal edges, with its share
+def test_the_old_approximation_kept_by_the_select_scale_benchmark(tmp_path):
+    """select.approximate left the stage; benchmarks/select_scale.py keeps the approximation (each
+    partition its own greedy on its internal edges with its proportional share, merged by pick
+    score) to report its overlap with the exact selection."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "select_scale.py"
+    spec = importlib.util.spec_from_file_location("select_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _, _, a = make_workdir(tmp_path)
     graph = d2.symmetrize_knn(a["neighbors"], a["sq"])
     shifted = a["scores"] - a["scores"].min()
     forward = d2.forward_pass(graph, shifted)
-    uids = np.array(a["uids"])
+    part, _ = cell_partitions(np.bincount(a["cells"]), 3)
+    labels = part[a["cells"]]
+    picked = bench.approximate_partitioned(graph, forward, labels, 180)
+    assert len(picked) == 180 == len(set(picked.tolist()))
+    per_part = np.bincount(labels[picked], minlength=3)
+    assert np.all(np.abs(per_part - np.bincount(labels, minlength=3) * 0.3) <= 1)
+    finals = {}
     for p in range(3):
         ids = np.flatnonzero(labels == p)
         own = d2.reverse_select(d2.subgraph(graph, ids), forward[ids], int(per_part[p]))
-        assert [u for u, q in zip(got["uid"], got["partition"]) if q == p] == uids[ids[own.order]].tolist()
+        assert picked[labels[picked] == p].tolist() == ids[own.order].tolist()
+        finals.update(zip(ids[own.order].tolist(), own.final_scores[own.order]))
+    assert np.all(np.diff([finals[i] for i in picked.tolist()]) <= 0)  # merged by pick score
+    exact = d2.d2_select(graph, shifted, 180).order
+    overlap = bench.approximate_overlaps(graph, forward, exact, a["cells"], 180, [1, 3])
+    assert overlap["1"] == 1.0 and 0.5 < overlap["3"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["random", "ccs"])
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_in_memory_selectors_pick_what_the_stage_picks(tmp_path, method, partitions):
+    """pipeline.core.selectors' random and CCS (what the benchmarks run) on the stage's survivors
+    and shifted scores pick the stage's set, in the stage's order."""
+    from pipeline.core import selectors
+
+    cfg, store, a = make_workdir(tmp_path, select={"method": method, "beta": 0.1, "partitions": partitions,
+                                                   "ccs_strata": 7}, seed=3)
+    table, stats = select(cfg, store, use_ray=False)
+    survivors = np.flatnonzero(d2.prefilter_mask(a["scores"], 0.1))
+    shifted = a["scores"][survivors] - a["scores"][survivors].min()
+    if method == "random":
+        picked = selectors.random_select(survivors, stats["budget"], seed=cfg.seed)
+    else:
+        picked = selectors.ccs_select(shifted, stats["budget"], strata=7, seed=cfg.seed, ids=survivors)
+    assert table.column("uid").to_pylist() == np.array(a["uids"])[picked].tolist()
+    other = config_from_dict({**cfg.model_dump(), "seed": 5})
+    table5, _ = select(other, store, use_ray=False)
+    picked5 = (selectors.random_select(survivors, stats["budget"], seed=5) if method == "random" else
+               selectors.ccs_select(shifted, stats["budget"], strata=7, seed=5, ids=survivors))
+    assert table5.column("uid").to_pylist() == np.array(a["uids"])[picked5].tolist() != table.column("uid").to_pylist()
 
 
 def test_partitions_alone_do_not_change_an_exact_selection(tmp_path):
@@ -329,10 +358,10 @@ def test_baselines_do_not_depend_on_partitions(tmp_path, method):
 
 
 def test_one_task_baselines_refuse_pools_above_their_limit_at_start(tmp_path, monkeypatch):
-    from pipeline.select import driver
+    from pipeline.select.methods import KCenter
 
     cfg, store, _ = make_workdir(tmp_path, n=300, select={"method": "kcenter"})
-    monkeypatch.setattr(driver, "IN_TASK_MAX_NODES", 299)
+    monkeypatch.setattr(KCenter, "max_nodes", 299)
     with pytest.raises(ConfigError, match="runs in one task and handles at most 299 samples; this pool has 300"):
         run_select_stage(cfg, store)
     assert not store.exists(join(workdir.stage_dir(cfg.workdir, "select"), "_work"))  # refused before any work

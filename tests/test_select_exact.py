@@ -399,7 +399,7 @@ def test_merge_bytes_do_not_depend_on_how_the_runs_are_split(tmp_path, monkeypat
             urls.append(url)
         out = str(tmp_path / f"sel{n_runs}.parquet")
         got = outputs.merge_selection(store, urls, out, str(tmp_path / f"ranks{n_runs}-") + "{}.bin", 100_000,
-                                      60_000, False)
+                                      60_000)
         assert got["rows"] == 100_000 and got["last"] == (int(major[order[59_999]]), int(minor[order[59_999]]))
         results[n_runs] = store.read_bytes(out)
         table = pq.read_table(out).to_pydict()

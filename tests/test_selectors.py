@@ -106,6 +106,23 @@ def test_random_select_budget_determinism_and_prefixes():
     assert S.random_select(0, 5, seed=0).shape == (0,)
     with pytest.raises(ValueError, match="budget must be >= 0"):
         S.random_select(10, -1, seed=0)
+    with pytest.raises(ValueError, match="distinct"):
+        S.random_select([3, 3, 4], 1, seed=0)
+
+
+def test_random_select_is_keyed_by_id():
+    """A candidate's draw depends only on the seed and its id (what lets the select stage draw
+    the same subset over any partitioning): the smallest coreset.random_keys, ties by id, and
+    any subset of candidates keeps its members' relative order."""
+    from pipeline.core.coreset import random_keys
+
+    ids = np.random.default_rng(0).permutation(5000)[:800]
+    got = S.random_select(ids, 200, seed=9)
+    keys = random_keys(9, ids)
+    np.testing.assert_array_equal(got, ids[np.argsort(keys, kind="stable")[:200]])
+    sub = np.sort(ids[:400])
+    assert [i for i in S.random_select(ids, 800, seed=9) if i in set(sub.tolist())] == \
+        S.random_select(sub, 400, seed=9).tolist()
 
 
 def test_random_select_is_uniform():
@@ -114,20 +131,6 @@ def test_random_select_is_uniform():
         counts[S.random_select(50, 10, seed=seed)] += 1
     # Each id expected 400 * 10/50 = 80 times; binomial sd ~8.
     assert counts.min() > 50 and counts.max() < 110
-
-
-def test_random_select_groups_follow_balanced_budgets():
-    groups = np.repeat([0, 1, 2, 7], [500, 300, 150, 50])
-    rng = np.random.default_rng(0)
-    groups = rng.permutation(groups)
-    for mode in ("proportional", "uniform"):
-        ids = S.random_select(1000, 200, seed=1, groups=groups, group_mode=mode)
-        assert_valid_ids(ids, 1000, 200)
-        assert np.all(np.diff(ids) > 0)
-        got = [int((groups[ids] == g).sum()) for g in (0, 1, 2, 7)]
-        assert got == S.balanced_budgets([500, 300, 150, 50], 200, mode=mode).tolist()
-    with pytest.raises(ValueError, match=r"groups must have shape \(1000,\)"):
-        S.random_select(1000, 10, seed=0, groups=groups[:5])
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,29 +171,29 @@ def strata_of(scores, strata):
 def test_ccs_budget_determinism_and_hard_cut():
     rng = np.random.default_rng(0)
     s = skewed_scores(rng)
-    ids = S.ccs_select(s, 300, beta=0.1, strata=20, seed=3)
+    survivors = S.ccs_hard_cut(s, 0.1)
+    ids = S.ccs_select(s[survivors], 300, strata=20, seed=3, ids=survivors)
     assert_valid_ids(ids, 2000, 300)
     assert np.all(np.diff(ids) > 0)
-    np.testing.assert_array_equal(ids, S.ccs_select(s, 300, beta=0.1, strata=20, seed=3))
-    assert not np.array_equal(ids, S.ccs_select(s, 300, beta=0.1, strata=20, seed=4))
+    np.testing.assert_array_equal(ids, S.ccs_select(s[survivors], 300, strata=20, seed=3, ids=survivors))
+    assert not np.array_equal(ids, S.ccs_select(s[survivors], 300, strata=20, seed=4, ids=survivors))
     # "highest": the 200 highest scores are gone; "lowest": the 200 lowest are.
     ranking = np.argsort(-s, kind="stable")
     assert not set(ids.tolist()) & set(ranking[:200].tolist())
-    low = S.ccs_select(s, 300, beta=0.1, strata=20, seed=3, hard_cutoff="lowest")
-    assert not set(low.tolist()) & set(ranking[-200:].tolist())
-    with pytest.raises(ValueError, match="leaving 1000 < budget 1500"):
-        S.ccs_select(s, 1500, beta=0.5, strata=20, seed=0)
-    with pytest.raises(ValueError, match="hard_cutoff"):
-        S.ccs_select(s, 10, beta=0.1, hard_cutoff="middle")
+    assert set(S.ccs_hard_cut(s, 0.1, "lowest").tolist()) == set(ranking[:-200].tolist())
+    with pytest.raises(ValueError, match="cutoff"):
+        S.ccs_hard_cut(s, 0.1, "middle")
     with pytest.raises(ValueError, match="strata"):
         S.ccs_select(s, 10, strata=0)
+    with pytest.raises(ValueError, match="ids has 3 entries for 2000 scores"):
+        S.ccs_select(s, 10, ids=[1, 2, 3])
 
 
 def test_ccs_covers_strata_by_water_filling():
     rng = np.random.default_rng(1)
     s = skewed_scores(rng)
     strata = 20
-    ids = S.ccs_select(s, 300, beta=0.0, strata=strata, seed=0)
+    ids = S.ccs_select(s, 300, strata=strata, seed=0)
     which = strata_of(s, strata)
     sizes = np.bincount(which, minlength=strata)
     got = np.bincount(which[ids], minlength=strata)
@@ -207,19 +210,19 @@ def test_ccs_covers_strata_by_water_filling():
     assert tail_ccs > 0.6 and tail_random < 0.2
 
 
-def test_ccs_constant_scores_and_groups():
+def test_ccs_constant_scores_and_draws_inside_strata():
     ids = S.ccs_select(np.ones(50), 20, strata=5, seed=0)
     assert_valid_ids(ids, 50, 20)
+    # one stratum: the draw is random_select's
+    np.testing.assert_array_equal(ids, np.sort(S.random_select(50, 20, seed=0)))
     rng = np.random.default_rng(2)
     s = rng.random(600)
-    groups = np.repeat([0, 1, 2], [300, 200, 100])
-    ids = S.ccs_select(s, 120, beta=0.1, strata=10, seed=0, groups=groups)
-    assert_valid_ids(ids, 600, 120)
-    # The hard cut is global; group budgets follow the survivors per group.
-    survivors = np.sort(np.lexsort((np.arange(600), -s))[60:])
-    sizes = np.bincount(groups[survivors], minlength=3)
-    expected = S.balanced_budgets(sizes, 120)
-    assert np.bincount(groups[ids], minlength=3).tolist() == expected.tolist()
+    ids = S.ccs_select(s, 120, strata=10, seed=0)
+    which = strata_of(s, 10)
+    for stratum in range(10):
+        members = np.flatnonzero(which == stratum)
+        got = ids[which[ids] == stratum]
+        np.testing.assert_array_equal(got, np.sort(S.random_select(members, got.size, seed=0)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Pure pieces of the distributed select stage (spec §1, §6, §7): orders, searches and merges that
+"""Pure pieces of the distributed select stage (docs/d2.md sections 2, 9, 10): orders, searches and merges that
 need O(partitions) state in the driver and a partition's share in a worker.
 
 Rankings. Every order the stage produces is a *ranking* of (major, minor) int64 keys: major
@@ -7,8 +7,7 @@ descending, then minor ascending (keys are unique: minor is a node id or include
 * D2's greedy: (q at pick, node id), the reverse pass's own priority;
 * the β pre-filter and score top-k: (:func:`float_order_bits` of the score, node id), the order of
   :func:`pipeline.core.d2.prefilter_mask` and :func:`pipeline.core.selectors.score_topk`;
-* random: (``-random_keys``, node id); the approximate mode: (pick score bits, partition << 40 |
-  position in its partition's order).
+* random (and CCS inside a stratum): (``-random_keys``, node id).
 
 :class:`RankSearch` finds the key of a given rank when the keys are split over sorted runs held by
 workers (the pre-filter's threshold, a budget's last pick), asking each worker for counts and a few
@@ -20,15 +19,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import d2
-
 __all__ = [
     "RankSearch",
-    "approximate_budgets",
     "ccs_strata",
     "count_at_or_before",
     "float_order_bits",
-    "internal_subgraph",
     "random_keys",
     "ranking_order",
     "run_samples",
@@ -191,24 +186,3 @@ def ccs_strata(scores, lo: float, hi: float, strata: int) -> np.ndarray:
     if hi > lo:
         return np.minimum(((s - lo) / (hi - lo) * strata).astype(np.int64), strata - 1)
     return np.zeros(s.shape[0], np.int64)
-
-
-def approximate_budgets(sizes, budget: int, mode: str, min_whole: int) -> np.ndarray:
-    """Each partition's share of the budget in the approximate mode (spec §6), checked to sum to it."""
-    from .selectors import balanced_budgets
-
-    out = np.asarray(balanced_budgets(np.asarray(sizes, np.int64), budget, mode=mode, min_whole=min_whole), np.int64)
-    if int(out.sum()) != min(int(budget), int(np.sum(sizes))):
-        raise RuntimeError(f"partition budgets sum to {int(out.sum())}, not the budget {budget}")
-    return out
-
-
-def internal_subgraph(indptr, neighbors, distances, n_own: int) -> d2.CSRGraph:
-    """A partition's rows without its halo entries (local ids < n_own): the induced subgraph the
-    approximate mode's independent greedy runs on, in O(the partition's rows)."""
-    neighbors = np.asarray(neighbors)
-    keep = neighbors < n_own
-    rows = np.repeat(np.arange(n_own, dtype=np.int64), np.diff(indptr))
-    ptr = np.zeros(n_own + 1, np.int64)
-    np.cumsum(np.bincount(rows[keep], minlength=n_own), out=ptr[1:])
-    return d2.CSRGraph._trusted(ptr, neighbors[keep], np.asarray(distances)[keep], n_own, known_symmetric=True)

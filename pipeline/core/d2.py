@@ -1,17 +1,17 @@
 """D2 Pruning on a kNN graph: exact, O(N·k) memory, compiled greedy.
 
-Pure numpy + numba; no Ray, no I/O. The maths is ``shared/design/d2-spec.md``:
+Pure numpy + numba; no Ray, no I/O. The maths is ``docs/d2.md`` (section numbers below are its sections):
 
 * :func:`symmetrize_knn` turns directed kNN lists (FAISS output) into an undirected
-  :class:`CSRGraph` (spec §2);
-* :func:`forward_pass` is the forward message passing (§3), with an optional number of rounds;
-* :func:`reverse_select` is the reverse message passing with exact greedy selection (§4), on
-  int64 fixed-point scores (:func:`fixed_point_shift`, :func:`quantize_scores`, §7.5) so that
+  :class:`CSRGraph` (§3);
+* :func:`forward_pass` is the forward message passing (§4), with an optional number of rounds;
+* :func:`reverse_select` is the reverse message passing with exact greedy selection (§5), on
+  int64 fixed-point scores (:func:`fixed_point_shift`, :func:`quantize_scores`, §7) so that
   the partitioned greedy of :mod:`pipeline.d2_exact` reproduces it bit for bit;
 * :func:`d2_select` runs both.
 
-Helpers for the select stage: :func:`budget_for`, :func:`prefilter_mask` (§1),
-:func:`shift_nonnegative`, :func:`subgraph` (per-partition selection, §7), :func:`forward_rows` (a node range of the forward pass) and
+Helpers for the select stage: :func:`budget_for`, :func:`prefilter_mask` (§2),
+:func:`shift_nonnegative`, :func:`subgraph` (a node-induced subgraph), :func:`forward_rows` (a node range of the forward pass) and
 :func:`cross_edge_fraction`.
 
 Conventions
@@ -324,7 +324,7 @@ def check_budget(budget, n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Fixed-point scores of the reverse pass (spec §4, §7.5)
+# Fixed-point scores of the reverse pass (docs/d2.md#7-fixed-point-integer-scores)
 # --------------------------------------------------------------------------------------------
 
 # The reverse pass runs on int64 scores q = floor(s * 2**S + 0.5) so that the order in which a
@@ -494,7 +494,7 @@ def edge_weight(gamma, d):
 def suppression(w, q):
     """The reverse-pass update a picked node with fixed-point score ``q`` sends over an edge of
     weight ``w``: ``floor(w * max(q, 0) + 0.5)`` as int64 (round half up, never banker's).
-    Exact and >= 0; ``q <= 0`` suppresses nothing (spec §4)."""
+    Exact and >= 0; ``q <= 0`` suppresses nothing (docs/d2.md#6-why-suppression-is-clamped-at-zero)."""
     if q <= 0:
         return np.int64(0)
     return np.int64(math.floor(w * np.float64(q) + 0.5))
@@ -564,7 +564,7 @@ def _sift_down(heap_key, heap_id, pos, p, size):
 
 @numba.njit(cache=True, nogil=True)
 def _reverse_kernel(indptr, indices, distances, q0, budget, gamma):
-    """Exact greedy of spec §4 on int64 fixed-point scores, with an indexed binary max-heap.
+    """Exact greedy of docs/d2.md#5-reverse-message-passing-and-the-greedy on int64 fixed-point scores, with an indexed binary max-heap.
 
     The heap holds every unselected node keyed by (current score desc, id asc); ``pos`` maps a
     node to its heap slot (-1 once selected). A picked node suppresses each unselected
@@ -657,7 +657,7 @@ def _subgraph_kernel(indptr, indices, distances, node_ids, n_nodes):
 
 
 def symmetrize_knn(neighbors, distances) -> CSRGraph:
-    """Undirected graph from directed kNN lists (spec §2).
+    """Undirected graph from directed kNN lists (docs/d2.md#3-the-knn-graph).
 
     Args:
         neighbors: int[N, k] neighbour ids of each node; ``-1`` marks a missing neighbour (FAISS
@@ -726,7 +726,7 @@ def symmetrize_knn(neighbors, distances) -> CSRGraph:
 
 
 def forward_pass(graph: CSRGraph, scores, gamma: float = 1.0, rounds: int = 1) -> np.ndarray:
-    """Forward message passing (spec §3): ``s'_i = s_i + sum_{j in N(i)} exp(-gamma d_ij) s_j``.
+    """Forward message passing (docs/d2.md#4-forward-message-passing): ``s'_i = s_i + sum_{j in N(i)} exp(-gamma d_ij) s_j``.
 
     With ``rounds = R > 1`` (spec extension) each round uses the previous round's scores for the
     neighbours and the original ``s_i`` as the self term. ``rounds = 0`` returns the scores
@@ -762,7 +762,7 @@ def forward_rows(graph: CSRGraph, lo: int, hi: int, self_scores, prev, gamma: fl
 
 
 def reverse_select(graph: CSRGraph, forward_scores, budget: int, gamma: float = 1.0) -> Selection:
-    """Reverse message passing with exact greedy selection (spec §4).
+    """Reverse message passing with exact greedy selection (docs/d2.md#5-reverse-message-passing-and-the-greedy).
 
     Repeatedly picks the unselected node with the highest current score (ties: lowest id) and
     subtracts ``exp(-gamma d) * max(its score, 0)`` from each unselected neighbour. With
@@ -820,7 +820,7 @@ def d2_select(
 
 
 def prefilter_mask(scores, beta: float) -> np.ndarray:
-    """Spec §1 pre-filter: bool[N], False for the ``round(beta * N)`` lowest scores.
+    """The β pre-filter (docs/d2.md#2-pre-filters-and-the-budget): bool[N], False for the ``round(beta * N)`` lowest scores.
 
     Ties are broken deterministically and consistently with the greedy: samples are ranked by
     (score descending, index ascending) and the last ``round(beta * N)`` of that ranking are
@@ -908,7 +908,7 @@ def subgraph(graph: CSRGraph, node_ids) -> CSRGraph:
 
 
 def cross_edge_fraction(graph: CSRGraph, labels) -> float:
-    """Fraction of stored edges whose endpoints have different labels (spec §7's measure of how
+    """Fraction of stored edges whose endpoints have different labels (docs/d2.md#102-partitions-and-halos: the measure of how
     much a partitioning cuts the graph). 0.0 for a graph with no edges.
 
     Raises:

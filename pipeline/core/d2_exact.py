@@ -1,4 +1,4 @@
-"""Exact D2 selection across partitions (spec §7): the sequential greedy's result, bit for bit.
+"""Exact D2 selection across partitions (docs/d2.md#10-the-exact-partitioned-greedy): the sequential greedy's result, bit for bit.
 
 Pure numpy + numba; no Ray, no I/O. :func:`pipeline.d2.d2_select` is the definition; this module
 computes the same :class:`~pipeline.d2.Selection` (same order, same final and forward scores, bit
@@ -71,7 +71,7 @@ Protocol (BSP: every message produced in round t is delivered at the start of ro
 ::
 
     states = [PartitionState(...) for each partition]
-    for r in range(forward_rounds):                # forward pass, spec §3
+    for r in range(forward_rounds):                # forward pass, docs/d2.md §4
         out = [s.forward_round(gamma_f) for s]     # {dst: float64[...]} boundary values
         deliver: s.receive_forward(src, values)
     S = d2.fixed_point_shift(max(s.max_forward() for s))

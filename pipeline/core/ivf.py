@@ -3,10 +3,11 @@
 At 10^8-10^9 vectors no process may hold the whole index. The search is organised by *groups of
 IVF lists*: a task holds only its lists' base vectors (float16 is fine) and the queries that probe
 them, scans each list once for all of its queries (list-major, one ``faiss.knn`` BLAS product per
-list, as :func:`pipeline.graph._search_flat_lists` does), and the per-query candidates of all
-groups are merged afterwards with :func:`pipeline.graph.merge_topk` and
-:func:`pipeline.graph.remove_self`. The Ray stage moves the data; this module is the maths, and
-:func:`sharded_knn_graph` runs all of it in one process (the reference the stage is tested against).
+list), and the per-query candidates of all groups are merged afterwards with
+:func:`pipeline.core.knn.merge_topk` and :func:`pipeline.core.knn.remove_self`. The Ray stage moves
+the data; this module is the maths, and :func:`sharded_knn_graph` runs all of it in one process:
+the one in-memory graph builder (tests, benchmarks and small pools call it; the stage is tested
+against it bit for bit; ``graph.index: flat`` is ``nlist=1, nprobe=1``).
 
 Steps and the functions for each:
 
@@ -40,8 +41,16 @@ from typing import Callable
 
 import numpy as np
 
-from .knn import KMEANS_ITERATIONS, MIN_POINTS_PER_LIST, merge_topk, remove_self
+from .knn import merge_topk, remove_self
+from .runs import run_ids
 
+# FAISS warns when k-means gets fewer than 39 training points per centroid; below that the
+# centroids are poorly placed and list sizes become very uneven.
+MIN_POINTS_PER_LIST = 39
+# k-means iterations of both training levels: FAISS's default of 25 costs 2.5x the time of 10, and
+# the lists only need to split the space into compact cells (recall is then set by nprobe,
+# measured in benchmarks/graph_speed.py).
+KMEANS_ITERATIONS = 10
 # Sample points per centroid used by each training level (see train_two_level's docstring).
 COARSE_POINTS_PER_CENTROID = 256
 FINE_POINTS_PER_LIST = 64
@@ -71,8 +80,9 @@ def _faiss():
 def nlist_for(n_vectors: int, nlist: int | None = None) -> int:
     """IVF lists for `n_vectors`: `nlist` when given, else round(4*sqrt(N)) (at least 1, at most N).
 
-    There is no cap from the training sample (the old ``default_nlist`` capped at train_size//39):
-    two-level training samples FINE_POINTS_PER_LIST points per list however many lists there are.
+    There is no cap from the training sample (one-level k-means on a fixed sample would need one,
+    at train_size // MIN_POINTS_PER_LIST): two-level training samples FINE_POINTS_PER_LIST points
+    per list however many lists there are.
     An explicit nlist larger than N (some lists would be empty by construction) is an error.
     """
     n_vectors = int(n_vectors)
@@ -370,20 +380,7 @@ def group_cells(list_sizes: np.ndarray, probe_counts: np.ndarray, max_rows_per_g
         raise ValueError(f"list_sizes {sizes.shape} and probe_counts {probes.shape} must be equal 1-d shapes")
     if max_rows_per_group < 1:
         raise ValueError(f"max_rows_per_group must be >= 1, got {max_rows_per_group}")
-    return contiguous_runs(sizes + probes, max_rows_per_group)
-
-
-def contiguous_runs(weights: np.ndarray, bound: int) -> np.ndarray:
-    """Run id (int32, 0..R-1 in order) of each item: items in order join the current run unless that
-    would pass `bound` (a single item over it gets a run of its own). Deterministic."""
-    out = np.empty(len(weights), np.int32)
-    run, used = 0, 0
-    for i, w in enumerate(np.asarray(weights, dtype=np.int64).tolist()):  # nlist ~ 4*sqrt(N): 1.3e5 steps at N = 10^9
-        if used > 0 and used + w > bound:
-            run, used = run + 1, 0
-        out[i] = run
-        used += w
-    return out
+    return run_ids(sizes + probes, max_rows_per_group)
 
 
 def group_rows(list_group: np.ndarray, list_sizes: np.ndarray, probe_counts: np.ndarray) -> np.ndarray:
@@ -652,8 +649,8 @@ def sharded_knn_graph(
 
 
 __all__ = [
-    "COARSE_POINTS_PER_CENTROID", "FINE_POINTS_PER_LIST", "MIN_POINTS_PER_LIST",
+    "COARSE_POINTS_PER_CENTROID", "FINE_POINTS_PER_LIST", "MIN_POINTS_PER_LIST", "KMEANS_ITERATIONS",
     "nlist_for", "coarse_count", "training_sample_ids", "fine_seed", "chain_order", "coarse_level", "fine_counts",
-    "fine_level", "train_two_level", "probe_lists", "group_cells", "contiguous_runs", "group_rows", "probes_by_group",
+    "fine_level", "train_two_level", "probe_lists", "group_cells", "group_rows", "probes_by_group",
     "search_group", "merge_group_results", "sharded_knn_graph",
 ]

@@ -1,4 +1,4 @@
-"""Partitions of the dataset graph built from IVF cells (spec section 7): which nodes, how many
+"""Partitions of the dataset graph built from IVF cells (docs/d2.md#102-partitions-and-halos): which nodes, how many
 partitions, and a partition's rows assembled from the select stage's shuffled edge records.
 
 Pure numpy + numba. A partition is a group of whole IVF cells (most kNN edges stay inside a cell),

@@ -1,33 +1,42 @@
-"""Baseline coreset selectors with the same budget semantics as :mod:`pipeline.d2`.
+"""Coreset selectors in memory, with the same budget semantics as :mod:`pipeline.core.d2`.
 
-Pure numpy; no Ray, no I/O. Every selector:
+Pure numpy; no Ray, no I/O. Each is the in-memory form of a ``select.method``: the select stage
+runs the same maths split over partitions (:mod:`pipeline.select.methods`), with the same keys,
+so a selector here and the stage pick the same set for the same candidates and seed. Every
+selector:
 
 * takes a keep budget ``B`` (an integer >= 0; ``B >= N`` keeps everything, as in D2);
 * returns an int64 array of distinct sample ids: in selection order where the method has one
-  (random, score top-k, k-center), otherwise sorted ascending (CCS, moderate, any grouped
-  selection), as stated per function;
-* is deterministic for a fixed ``seed`` (``numpy.random.default_rng(seed)``).
+  (random, score top-k, k-center), otherwise sorted ascending (CCS, moderate), as stated per
+  function;
+* is deterministic for a fixed ``seed``. Random draws are keyed (:func:`pipeline.core.coreset.
+  random_keys`: a hash of the seed and the sample id), so a draw does not depend on how the pool
+  is split or ordered; k-center's first centre is ``numpy.random.default_rng(seed)``'s.
 
 Score convention (as in D2): higher = more worth keeping (CLIP score, or a training-dynamics
 difficulty such as forgetting count / EL2N / negated AUM).
 
-``groups`` (random, CCS, moderate): an int label per sample (class, cluster or partition). The
-budget is split over groups with :func:`balanced_budgets` and each group is selected on its own.
+``groups`` (moderate): an int label per sample (class, cluster or partition). The budget is split
+over groups with :func:`balanced_budgets` and each group is selected on its own.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .coreset import ccs_strata, float_order_bits, random_keys, ranking_order
 from .d2 import check_budget as _check_budget  # one budget rule for D2 and the baselines
 from .d2 import check_finite_scores as _check_scores
 
 __all__ = [
     "balanced_budgets",
+    "ccs_hard_cut",
     "ccs_select",
     "kcenter_greedy",
     "moderate_select",
+    "random_rank",
     "random_select",
+    "score_rank",
     "score_topk",
 ]
 
@@ -69,12 +78,12 @@ def _rank_desc(scores: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Budgets over groups (spec §6)
+# Budgets over groups (docs/d2.md#9-budgets-over-groups)
 # --------------------------------------------------------------------------------------------
 
 
 def balanced_budgets(group_sizes, budget: int, mode: str = "proportional", min_whole: int = 0) -> np.ndarray:
-    """Split a keep budget over groups (classes or partitions), spec §6.
+    """Split a keep budget over groups (classes or partitions), docs/d2.md#9-budgets-over-groups.
 
     Args:
         group_sizes: int[G] members per group (>= 0).
@@ -168,117 +177,102 @@ def _split_by_groups(groups, n, budget, mode, min_whole):
 # --------------------------------------------------------------------------------------------
 
 
-def random_select(
-    n: int, budget: int, seed: int = 0, groups=None, group_mode: str = "proportional", min_whole: int = 0
-) -> np.ndarray:
-    """Uniform random subset of ``min(budget, n)`` ids.
+def random_rank(seed: int, ids) -> np.ndarray:
+    """Random's ranking keys (major; ties by id): the smallest :func:`random_keys` first."""
+    return -random_keys(seed, ids)
 
-    Without groups the result is in draw order (every prefix is itself a uniform random subset).
-    With ``groups`` each group gets its :func:`balanced_budgets` share (``group_mode``,
-    ``min_whole``), drawn uniformly inside the group; the result is sorted ascending.
-    """
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    b = _check_budget(budget, n)
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        return rng.permutation(n)[:b].astype(np.int64)
-    _, members, budgets = _split_by_groups(groups, n, b, group_mode, min_whole)
-    picked = [rng.permutation(m)[:bg] for m, bg in zip(members, budgets)]
-    return np.sort(np.concatenate(picked)).astype(np.int64) if picked else np.zeros(0, np.int64)
+
+def score_rank(scores) -> np.ndarray:
+    """Score top-k's ranking keys (major; ties by id): the highest score first."""
+    return float_order_bits(scores)
+
+
+def _first(ids: np.ndarray, major: np.ndarray, budget: int) -> np.ndarray:
+    """The ``budget`` first ids of the ranking (major desc, id asc), in that order."""
+    return ids[ranking_order(major, ids)[:budget]]
+
+
+def _ids(ids, n: int | None = None) -> np.ndarray:
+    out = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
+    if out.ndim != 1 or (out.size and out.dtype.kind not in "iu"):
+        raise ValueError(f"ids must be a 1-D integer array, got shape {out.shape} dtype {out.dtype}")
+    out = out.astype(np.int64, copy=False)
+    if out.size and (out.min() < 0 or np.unique(out).size != out.size):
+        raise ValueError("ids must be distinct and >= 0")
+    return out
+
+
+def random_select(ids, budget: int, seed: int = 0) -> np.ndarray:
+    """A uniform random subset of ``min(budget, len(ids))`` of the candidate ``ids`` (an int giving
+    ``range(ids)``): the ids with the smallest :func:`random_keys` for ``seed``, in that order
+    (every prefix is itself a uniform random subset). A candidate's key depends only on the seed and
+    its id, so a larger pool keeps the relative order of these candidates."""
+    cand = _ids(None, int(ids)) if isinstance(ids, (int, np.integer)) else _ids(ids)
+    b = _check_budget(budget, cand.size)
+    return _first(cand, random_rank(seed, cand), b)
 
 
 def score_topk(scores, budget: int) -> np.ndarray:
     """The ``budget`` highest scores (DataComp's CLIP-score filter), best first, ties to the lower id."""
     s = _check_scores(scores)
     b = _check_budget(budget, s.shape[0])
-    return _rank_desc(s)[:b]
+    return _first(np.arange(s.shape[0], dtype=np.int64), score_rank(s), b)
 
 
-def _ccs_one(scores: np.ndarray, ids: np.ndarray, budget: int, strata: int, rng) -> np.ndarray:
-    """CCS inside one group: equal-width strata, smallest first, equal share of what is left."""
-    if budget == 0 or ids.size == 0:
-        return np.zeros(0, np.int64)
-    s = scores[ids]
-    lo, hi = float(s.min()), float(s.max())
-    if hi > lo:
-        # Equal-width bins over [lo, hi]; the maximum falls in the last bin.
-        which = np.minimum(((s - lo) / (hi - lo) * strata).astype(np.int64), strata - 1)
-    else:
-        which = np.zeros(s.shape[0], np.int64)
-    by_stratum = ids[np.argsort(which, kind="stable")]
-    counts = np.bincount(which, minlength=strata)
-    bins = [m for m in np.split(by_stratum, np.cumsum(counts)[:-1]) if m.size]
-    # Smallest stratum first (ties: lower score range first), each taking an equal share of the
-    # remaining budget capped at its size, so what a sparse stratum cannot use flows to denser
-    # ones: exactly balanced_budgets' "uniform" mode over the strata sizes.
-    shares = balanced_budgets(np.array([m.size for m in bins], np.int64), budget, mode="uniform")
-    picked = [rng.choice(m, size=int(k), replace=False) for m, k in zip(bins, shares)]
-    return np.concatenate(picked).astype(np.int64)
+def ccs_hard_cut(scores, beta: float, cutoff: str = "highest") -> np.ndarray:
+    """CCS's hard cut: the ids (ascending) left after dropping ``round(beta * N)`` samples.
+
+    With ``cutoff="highest"`` (the original method, meant for difficulty scores such as forgetting
+    count, EL2N or negated AUM) those are the *highest* scores: the very hardest training examples
+    are mostly mislabeled or ambiguous, and at high pruning rates they hurt more than they teach.
+    ``"lowest"`` drops the lowest, as the select stage's ``select.beta`` does for a quality score
+    where noise sits at the low end (CLIP score). Ties: ids ranked by (score desc, id asc);
+    "highest" drops the head of that ranking, "lowest" the tail.
+    """
+    s = _check_scores(scores)
+    n = s.shape[0]
+    if not (0.0 <= float(beta) < 1.0):
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    if cutoff not in ("highest", "lowest"):
+        raise ValueError(f"cutoff must be 'highest' or 'lowest', got {cutoff!r}")
+    n_drop = int(round(float(beta) * n))
+    ranking = _rank_desc(s)
+    return np.sort(ranking[n_drop:] if cutoff == "highest" else ranking[: n - n_drop])
 
 
-def ccs_select(
-    scores,
-    budget: int,
-    beta: float = 0.0,
-    strata: int = 50,
-    seed: int = 0,
-    groups=None,
-    hard_cutoff: str = "highest",
-    group_mode: str = "proportional",
-    min_whole: int = 0,
-) -> np.ndarray:
-    """Coverage-centric coreset selection (CCS; Zheng et al., ICLR 2023).
+def ccs_select(scores, budget: int, strata: int = 50, seed: int = 0, ids=None) -> np.ndarray:
+    """Coverage-centric coreset selection (CCS; Zheng et al., ICLR 2023) over the candidates
+    (``ids``, default ``range(len(scores))``; ``scores[i]`` is ``ids[i]``'s), after the hard cut
+    (:func:`ccs_hard_cut`, or the stage's β pre-filter):
 
-    1. Hard cut: drop ``round(beta * N)`` samples. With ``hard_cutoff="highest"`` (the original
-       method, meant for difficulty scores such as forgetting count, EL2N or negated AUM) those
-       are the *highest* scores: the very hardest training examples are mostly mislabeled or
-       ambiguous, and at high pruning rates they hurt more than they teach. With a quality score
-       where noise sits at the low end (CLIP score), pass ``hard_cutoff="lowest"``. Ties: ids
-       ranked by (score desc, id asc); "highest" drops the head of that ranking, "lowest" the tail.
-    2. Cut the surviving score range into ``strata`` equal-width strata.
-    3. Visit non-empty strata from smallest to largest; each takes ``min(size, left // strata_left)``
-       samples uniformly at random, so sparse score regions are kept whole and coverage of the
-       whole score range is preserved.
-
-    With ``groups`` the hard cut is global, the budget is split over the groups' surviving
-    members with :func:`balanced_budgets`, and steps 2–3 run inside each group.
+    1. cut the candidates' score range [min, max] into ``strata`` equal-width strata
+       (:func:`pipeline.core.coreset.ccs_strata`: the maximum falls in the last one);
+    2. visit the non-empty strata from smallest to largest; each takes ``min(size, left //
+       strata_left)`` samples (:func:`balanced_budgets`' "uniform" mode), so sparse score regions
+       are kept whole and the whole score range stays covered;
+    3. inside a stratum the samples are :func:`random_select`'s: the smallest keyed random keys.
 
     Returns:
         int64 ids sorted ascending (CCS has no meaningful order).
 
     Raises:
-        ValueError: bad scores/budget/beta/strata, or the hard cut leaves fewer samples than the
-            budget (the numbers are named: lower ``beta``).
+        ValueError: bad scores/budget/strata/ids; the budget is capped at the candidates.
     """
     s = _check_scores(scores)
-    n = s.shape[0]
-    b = _check_budget(budget, n)
-    if not (0.0 <= float(beta) < 1.0):
-        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    cand = _ids(ids, s.shape[0])
+    if cand.size != s.shape[0]:
+        raise ValueError(f"ids has {cand.size} entries for {s.shape[0]} scores")
     if int(strata) < 1:
         raise ValueError(f"strata must be >= 1, got {strata!r}")
-    if hard_cutoff not in ("highest", "lowest"):
-        raise ValueError(f"hard_cutoff must be 'highest' or 'lowest', got {hard_cutoff!r}")
-    n_drop = int(round(float(beta) * n))
-    ranking = _rank_desc(s)
-    survivors = ranking[n_drop:] if hard_cutoff == "highest" else ranking[: n - n_drop]
-    survivors = np.sort(survivors)
-    if survivors.shape[0] < b:
-        raise ValueError(
-            f"ccs_select: beta={beta} drops {n_drop} of {n} samples, leaving {survivors.shape[0]} "
-            f"< budget {b}; lower beta"
-        )
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        return np.sort(_ccs_one(s, survivors, b, int(strata), rng))
-    g = _check_groups(groups, n)
-    labels, members = _group_members(g[survivors])
-    members = [survivors[m] for m in members]
-    budgets = balanced_budgets(np.array([m.size for m in members], np.int64), b, group_mode, min_whole)
-    picked = [_ccs_one(s, m, int(bg), int(strata), rng) for m, bg in zip(members, budgets)]
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+    b = _check_budget(budget, cand.size)
+    if b == 0:
+        return np.zeros(0, np.int64)
+    which = ccs_strata(s, float(s.min()), float(s.max()), int(strata))
+    counts = np.bincount(which, minlength=int(strata))
+    nonempty = np.flatnonzero(counts)
+    picked = [random_select(cand[which == stratum], int(share), seed)
+              for stratum, share in zip(nonempty, balanced_budgets(counts[nonempty], b, mode="uniform")) if share]
+    return np.sort(np.concatenate(picked))
 
 
 def _moderate_one(x: np.ndarray, ids: np.ndarray, budget: int, chunk: int) -> np.ndarray:

@@ -85,11 +85,11 @@ def evaluate_job(cfg, store, ground_truth_path: str) -> dict[str, Any]:
 
     from ..formats.selection import read_selected
     from ..select.stage import select
-    from ..workdir import read_stats, stage_dir
+    from ..workdir import SELECT, read_stats, stage_dir
     from .evaluate import evaluate_selection
 
     ground_truth = pq.read_table(ground_truth_path)
-    sel_dir = stage_dir(cfg.workdir, "select")
+    sel_dir = stage_dir(cfg.workdir, SELECT)
     d2_uids = read_selected(store, sel_dir, columns=["uid"]).column("uid").to_pylist()
     select_stats = read_stats(store, sel_dir)
     results = {"d2": evaluate_selection(ground_truth, d2_uids)}

@@ -39,7 +39,7 @@ matching no sample are ``not_in_shards`` (failed downloads; not samples of the p
 Every skipped sample travels as a record (shard, position, key, json uid, reason) through the same
 files as its count would: the reader's skips in ``samples-TTTTT.skipped.bkt``, the join's in
 ``skipped-BBBBB.bkt``; a parts task reads only its own shards' records and writes them, in shard
-position order, as ``part-NNNNN.skipped.parquet`` (:func:`~.parts.commit_part` counts the stats
+position order, as ``_skipped/part-NNNNN.parquet`` (:func:`~.parts.commit_part` counts the stats
 from them).
 """
 
@@ -55,7 +55,8 @@ from typing import Any
 import numpy as np
 
 from ..config import JobConfig, PrecomputedConfig
-from ..formats.buckets import BucketedWriter, read_bucket, uid_buckets, uid_hashes
+from ..core.runs import consecutive_runs
+from ..formats.buckets import BucketedWriter, gather_bucket, read_bucket, uid_positions
 from ..formats.columns import fixed_list_to_numpy, fixed_size_list
 from ..formats.datacomp import (
     MetadataError,
@@ -67,7 +68,7 @@ from ..formats.datacomp import (
 )
 from ..formats.embeddings import part_table
 from ..formats.webdataset import DUPLICATE_UID, iter_shard_samples, json_uid, skip_record
-from ..runtime import as_completed
+from ..steps import Resources, Step, run_step, start_step
 from ..storage import Store, join
 from .parts import commit_part
 
@@ -82,8 +83,8 @@ BAD_EMBEDDING = "bad_embedding"  # its metadata vectors are not finite, or zero
 PRECOMPUTED_REASONS = (NO_UID, NO_EMBEDDING, BAD_EMBEDDING)
 # What a join or parts task holds besides its bucket (the worker with pyarrow and pandas, ~0.5
 # GB), and how many copies of a bucket's rows it makes on the way (decode, take, sort, encode):
-# both measured (benchmarks/precomputed_join.py); declared to Ray so a node runs no more of them
-# than its memory holds.
+# both measured (benchmarks/precomputed_join.py); declared as the steps' Resources so a node runs
+# no more of them than its memory holds.
 TASK_BASE_MEMORY = 600 * 2**20
 BUCKET_COPIES = 6
 METADATA_CHUNK_ROWS = 8192  # rows read at once: ~25 MB of l14 vectors (peak task RSS ~0.6 GB, measured)
@@ -135,20 +136,6 @@ def _plan(cfg: JobConfig, store: Store, join_dir: str, n_shards: int) -> dict[st
     plan["shard_tasks"] = [[lo, min(lo + pc.shards_per_task, n_shards)] for lo in range(0, n_shards, pc.shards_per_task)]
     store.write_json(url, plan)
     return plan
-
-
-def _shard_groups(usable: list[int], max_rows: int) -> list[list[int]]:
-    """Consecutive shards [lo, hi) whose usable samples add up to at most `max_rows` (a shard
-    larger than that is a group of its own)."""
-    groups, lo, rows = [], 0, 0
-    for i, n in enumerate(usable):
-        if i > lo and rows + n > max_rows:
-            groups.append([lo, i])
-            lo, rows = i, 0
-        rows += n
-    if lo < len(usable):
-        groups.append([lo, len(usable)])
-    return groups
 
 
 # -- step 1: both sides, bucketed by uid ----------------------------------------------------------
@@ -207,7 +194,7 @@ def samples_task(store: Store, cfg: JobConfig, urls: list[str], lo: int, hi: int
                                 ("original_width", width), ("original_height", height)):
                 rows[name].append(value)
         table = pa.table(rows, schema=_samples_schema())
-        writer.add(table, uid_buckets(uid_hashes(rows["uid"]), n_buckets))
+        writer.add_by_uid(table)
         skips_writer.add(_skips_table(skips), np.full(len(skips), shard - lo, np.int64))
         counts[str(shard)] = {"usable": table.num_rows}
     skips_writer.commit(store, skips_url(out_url))
@@ -274,7 +261,7 @@ def metadata_task(store: Store, pc: PrecomputedConfig, file_index: int, parquet:
         })
         keep = np.flatnonzero(has_uid)
         table = table.take(keep)
-        writer.add(table, uid_buckets(uid_hashes(table.column("uid").to_pylist()), n_buckets))
+        writer.add_by_uid(table)
         position += n
     store.write_json(out_url[: -len(".bkt")] + ".json", {"rows": position, "without_uid": without_uid})
     writer.commit(store, out_url)
@@ -296,12 +283,11 @@ def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str],
               group_of_shard: list[int]) -> None:
     """Join bucket `bucket` of both sides by uid; write the kept rows and the skip counts, each
     bucketed by shard group, then the bucket's own counts."""
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    samples = pa.concat_tables([read_bucket(store, u, bucket) for u in sample_files]).combine_chunks()
-    meta = pa.concat_tables([read_bucket(store, u, bucket) for u in metadata_files_])  # vectors: no copy
+    samples = gather_bucket(store, sample_files, bucket).combine_chunks()
+    meta = gather_bucket(store, metadata_files_, bucket)  # vectors: no copy
 
     s_uid = samples.column("uid").to_numpy(zero_copy_only=False)
     s_shard = samples.column("shard").to_numpy()
@@ -311,7 +297,7 @@ def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str],
 
     winners = s_order[s_first]
     meta_rows = m_order[m_first]
-    where = pd.Index(m_uid[meta_rows]).get_indexer(pd.Index(s_uid[winners]))  # -1: no metadata row
+    where = uid_positions(m_uid[meta_rows], s_uid[winners])  # -1: no metadata row
     matched = where >= 0
     meta_of = np.where(matched, meta_rows[np.maximum(where, 0)], -1)
     ok = np.zeros(len(winners), bool)
@@ -352,6 +338,18 @@ def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str],
 
 # -- step 3: the parts of one shard group ---------------------------------------------------------
 
+def _bucket_task_resources(bucket_rows: int, dim: int) -> Resources:
+    """A join or parts task: one CPU, and the memory of a bucket's rows (1.2: hash imbalance)
+    times the copies it makes, besides the worker's own."""
+    row_bytes = 2 * dim * 2 + 256  # two float16 vectors, uid, key, caption
+    return Resources(cpus=1, memory=TASK_BASE_MEMORY + BUCKET_COPIES * int(bucket_rows * 1.2) * row_bytes)
+
+
+def _bucket_files(join_dir: str, prefix: str, n_buckets: int) -> list[str]:
+    """The join tasks' files of one kind (``joined``, ``skipped``), one per uid bucket."""
+    return [join(join_dir, f"{prefix}-{b:05d}.bkt") for b in range(n_buckets)]
+
+
 def parts_task(store: Store, directory: str, join_dir: str, group: int, urls: list[str], shards: list[int],
                tar_skips: dict[str, tuple[str, int]], n_buckets: int, dim: int) -> dict[int, dict[str, Any]]:
     """Commit the parts of `shards` (pending shards of shard group `group`) from the group's rows
@@ -359,10 +357,8 @@ def parts_task(store: Store, directory: str, join_dir: str, group: int, urls: li
     and (`tar_skips`: shard -> (file, bucket)) the reader's; returns each part's stats."""
     import pyarrow as pa
 
-    kept = pa.concat_tables([read_bucket(store, join(join_dir, f"joined-{b:05d}.bkt"), group)
-                             for b in range(n_buckets)]).combine_chunks()
-    skipped = pa.concat_tables([read_bucket(store, join(join_dir, f"skipped-{b:05d}.bkt"), group)
-                                for b in range(n_buckets)]).combine_chunks()
+    kept = gather_bucket(store, _bucket_files(join_dir, "joined", n_buckets), group).combine_chunks()
+    skipped = gather_bucket(store, _bucket_files(join_dir, "skipped", n_buckets), group).combine_chunks()
     shard_col = kept.column("shard").to_numpy()
     order = np.lexsort((kept.column("position").to_numpy(), shard_col)) if kept.num_rows else np.zeros(0, np.int64)
     kept = kept.take(pa.array(order, pa.int64()))
@@ -415,22 +411,23 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
     t0 = time.perf_counter()
     plan = _plan(cfg, store, join_dir, len(urls))
     n_buckets, dim, files = plan["buckets"], plan["dim"], plan["files"]
-    existing = set(store.ls(join_dir))
 
-    # step 1: both sides bucketed by uid
+    # step 1: both sides bucketed by uid, side by side
     sample_urls = [join(join_dir, f"samples-{t:05d}.bkt") for t in range(len(plan["shard_tasks"]))]
     meta_urls = [join(join_dir, f"metadata-{m:05d}.bkt") for m in range(len(files))]
-    samples_remote = ray.remote(num_cpus=1)(samples_task)
-    metadata_remote = ray.remote(num_cpus=1)(metadata_task)
     urls_ref = ray.put(urls)  # O(shards) names: shipped once, not once per task
-    refs = [samples_remote.remote(store, cfg, urls_ref, lo, hi, n_buckets, url)
-            for (lo, hi), url in zip(plan["shard_tasks"], sample_urls) if url.rsplit("/", 1)[1] not in existing]
-    refs += [metadata_remote.remote(store, pc, m, parquet, npz, dim, n_buckets, plan["sizes_in_metadata"], url)
-             for m, ((parquet, npz, _), url) in enumerate(zip(files, meta_urls)) if url.rsplit("/", 1)[1] not in existing]
-    log.info("precomputed join: %d metadata file(s), %d bucket(s), %d shard task(s); step 1: %d task(s) to run",
-             len(files), n_buckets, len(sample_urls), len(refs))
-    for _ in as_completed(refs):
-        pass
+    log.info("precomputed join: %d metadata file(s), %d bucket(s), %d shard task(s)",
+             len(files), n_buckets, len(sample_urls))
+    samples = Step("embed.join.samples", samples_task,
+                   [(store, cfg, urls_ref, lo, hi, n_buckets, url)
+                    for (lo, hi), url in zip(plan["shard_tasks"], sample_urls)],
+                   outputs=sample_urls, unit="shard tasks")
+    metadata = Step("embed.join.metadata", metadata_task,
+                    [(store, pc, m, parquet, npz, dim, n_buckets, plan["sizes_in_metadata"], url)
+                     for m, ((parquet, npz, _), url) in enumerate(zip(files, meta_urls))],
+                    outputs=meta_urls, unit="metadata files")
+    for side in [start_step(samples, store), start_step(metadata, store)]:
+        side.wait()
     seconds["bucket_by_uid"] = round(time.perf_counter() - t0, 3)
 
     counts: dict[str, dict[str, Any]] = {}
@@ -441,39 +438,39 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
     if store.exists(groups_url):
         groups = store.read_json(groups_url)
     else:
-        groups = _shard_groups(usable, plan["bucket_rows"])
+        # consecutive shards [lo, hi) of at most bucket_rows usable samples (a larger shard alone)
+        groups = [[lo, hi] for lo, hi in consecutive_runs(usable, plan["bucket_rows"])]
         store.write_json(groups_url, groups)
     group_of_shard = [g for g, (lo, hi) in enumerate(groups) for _ in range(lo, hi)]
 
     # step 2: one task per bucket
     t1 = time.perf_counter()
-    existing = set(store.ls(join_dir))
-    row_bytes = 2 * dim * 2 + 256  # two float16 vectors, uid, key, caption
-    memory = TASK_BASE_MEMORY + BUCKET_COPIES * int(plan["bucket_rows"] * 1.2) * row_bytes  # 1.2: hash imbalance
-    join_remote = ray.remote(num_cpus=1, memory=memory)(join_task)
+    bucket_task = _bucket_task_resources(plan["bucket_rows"], dim)
     groups_ref = ray.put(group_of_shard)
-    refs = [join_remote.remote(store, join_dir, b, sample_urls, meta_urls, groups_ref)
-            for b in range(n_buckets) if f"joined-{b:05d}.bkt" not in existing]
-    for _ in as_completed(refs):
-        pass
+    run_step(Step("embed.join", join_task, [(store, join_dir, b, sample_urls, meta_urls, groups_ref)
+                                            for b in range(n_buckets)],
+                  outputs=_bucket_files(join_dir, "joined", n_buckets), resources=bucket_task, unit="buckets"), store)
     seconds["join"] = round(time.perf_counter() - t1, 3)
 
     # step 3: one task per shard group with pending parts, each committing its parts in shard order
     t2 = time.perf_counter()
     todo = set(pending)
     task_starts = [lo for lo, _ in plan["shard_tasks"]]
-    parts_remote = ray.remote(num_cpus=1, memory=memory)(parts_task)
-    refs = []
+    calls = []
     for g, (lo, hi) in enumerate(groups):
         shards = [i for i in range(lo, hi) if i in todo]
         if shards:
             tar_skips = {str(i): _reader_skips(task_starts, sample_urls, i) for i in shards}
-            refs.append(parts_remote.remote(store, directory, join_dir, g, urls_ref, shards, tar_skips, n_buckets, dim))
+            calls.append((store, directory, join_dir, g, urls_ref, shards, tar_skips, n_buckets, dim))
     new_stats: dict[int, dict[str, Any]] = {}
-    for done in as_completed(refs):
+
+    def committed(_: int, done: dict[int, dict[str, Any]]) -> None:
         for shard, stats in sorted(done.items()):
             new_stats[int(shard)] = stats
             on_part_committed(int(shard))
+
+    run_step(Step("embed.parts", parts_task, calls, resources=bucket_task, on_result=committed, unit="shard groups"),
+             store)
     seconds["parts"] = round(time.perf_counter() - t2, 3)
 
     totals: Counter = Counter()

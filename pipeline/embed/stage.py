@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from ..config import JobConfig
+from ..config import JobConfig, output_settings
 from ..errors import ConfigError, StaleStageError, innermost
 from ..formats.datacomp import subset_file_warning
 from ..formats.webdataset import ShardReadError, fallback_uid, listing, shard_urls, verify_shards
 from ..runtime import init_ray, resources, ship_file, unseen_paths
 from ..stage import Stage, StageContext
 from ..storage import Store, join
-from ..workdir import part_name, stage_dir
+from ..workdir import EMBED, part_name, stage_dir
 from .dataset import actor_gpus, actor_pool_bounds, build_embed_dataset
 from .device_preprocess import unsupported_reason
 from .model import (ClipEncoder, ModelSpec, check_pretrained, checkpoint_namespace, gpu_batch_size, image_pipeline,
@@ -45,11 +45,6 @@ from .precomputed import run_precomputed, verify_precomputed_inputs
 
 log = logging.getLogger(__name__)
 
-# throughput knobs: they change how fast, never what is embedded
-# (batch_size is not one: see settings())
-THROUGHPUT_SETTINGS = {"num_actors": True, "min_actors": True, "reader_cpus": True,
-                       "num_gpus_per_actor": True, "actors_per_gpu": True, "cpus_per_actor": True,
-                       "torch_threads": True, "uid_registry_actors": True, "precomputed": {"bucket_rows", "shards_per_task"}}
 CPU_BATCH_SIZE = 256  # embed.batch_size auto on CPU actors (the default before auto existed)
 RESOLVED = "_RESOLVED.json"  # settings resolved at run time, recorded before the first part
 MISSING_LISTED = 1000  # missing shards named in the stats (all are counted)
@@ -69,9 +64,9 @@ def settings(cfg: JobConfig) -> dict[str, Any]:
     # most clip_scores of batches of 1-3 differ in the last bits from batch 32; batches of 5 and 7
     # differ too with 2 threads), so it stays in the fingerprint with the model settings.
     # device_decode and batch_size enter resolved as far as the config alone decides them (auto
-    # with num_gpus_per_actor -1 depends on the cluster: RESOLVED, checked on resume, covers that).
-    embed = cfg.embed.model_dump(exclude=THROUGHPUT_SETTINGS | {"device_decode": True, "batch_size": True})
-    out = {"input": cfg.input.model_dump(), "embed": embed, "cpu_threads": cpu_threads(cfg),
+    # with num_gpus_per_actor -1 depends on the cluster: RESOLVED, checked on resume, covers that);
+    # the config marks them, torch_threads and cpus_per_actor (cpu_threads) as entering resolved.
+    out = {"input": output_settings(cfg.input), "embed": output_settings(cfg.embed), "cpu_threads": cpu_threads(cfg),
            "device_decode": static_device_decode(cfg), "batch_size": static_batch_size(cfg)}
     files = model_file_identities(cfg)
     if files:  # only when the config names files: fingerprints of tag-only configs are unchanged
@@ -308,7 +303,7 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
 
 def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     """Embed every input shard not yet committed; return the stage's stats."""
-    directory = stage_dir(cfg.workdir, "embed")
+    directory = stage_dir(cfg.workdir, EMBED)
     urls = shard_urls(cfg.input)
     init_ray(cfg.ray)
     committed = committed_indices(store, directory, len(urls))
@@ -316,7 +311,7 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     pending = [i for i in range(len(urls)) if i not in done]
     if committed:
         log.info("resuming embed stage: %d of %d shard(s) already committed", len(committed), len(urls))
-    on_part_committed = lambda i: ctx.part_committed("embed", i)  # noqa: E731
+    on_part_committed = lambda i: ctx.part_committed(EMBED, i)  # noqa: E731
     started = time.perf_counter()
     dim = None
     if cfg.embed.encoder == "precomputed":
@@ -380,5 +375,5 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     return stats
 
 
-STAGE = Stage(name="embed", upstream=None, settings=settings, check=check, run=run,
+STAGE = Stage(name=EMBED, reads=(), settings=settings, check=check, run=run,
               node_caches=lambda cfg: [checkpoint_namespace(cfg)])

@@ -3,7 +3,7 @@
 | file | module |
 |---|---|
 | input and output shards (tar) | :mod:`.tar` (bytes), :mod:`.webdataset` (samples) |
-| ``embeddings/part-NNNNN.parquet``, ``embeddings/part-NNNNN.skipped.parquet`` | :mod:`.embeddings` |
+| ``embeddings/part-NNNNN.parquet``, ``embeddings/_skipped/part-NNNNN.parquet`` | :mod:`.embeddings` |
 | ``graph/nodes.parquet``, ``graph/part-NNNNN.parquet``, ``graph/lists.parquet`` | :mod:`.graph` |
 | ``selection/selected.parquet``, ``selection/subset*.npy``, ``selection/nodes/part-*.parquet`` | :mod:`.selection` |
 | ``selection/_work/*.col`` (the select stage's shuffle and merge files) | :mod:`.shuffle` |

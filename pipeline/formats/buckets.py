@@ -1,5 +1,6 @@
-"""Bucketed files: the intermediate format of every join by uid that must not hold a pool in one
-process (``WORKDIR/embeddings/_join/``, ``WORKDIR/write/_join/``).
+"""Bucketed files and the uid shuffle: the intermediate format and the helpers of every join by uid
+that must not hold a pool in one process (the precomputed embeddings, ``WORKDIR/embeddings/_join/``;
+the write plan, ``WORKDIR/write/_join/``; the select stage's ``select.score_file``).
 
 Why a file-based hash shuffle: joining two sides by uid in one process needs both sides' uids
 in memory (1.28·10^8 DataComp-medium uids alone are several GB in Python, and the precomputed
@@ -8,6 +9,17 @@ of the uid, so all rows of a uid, from either side, land in the same bucket); on
 bucket then joins a small slice of the pool; its output is bucketed again by where the rows go
 next (a group of consecutive shards). Each step's files are committed atomically and kept until
 the stage commits, so a killed job resumes from the last finished step.
+
+The three pieces every such join is made of: the map side writes its rows with
+:meth:`BucketedWriter.add_by_uid` (the bucket of a uid is :func:`uid_buckets` of the one uid hash,
+:mod:`pipeline.core.uids`); the join task reads its bucket of every file of each side with
+:func:`gather_bucket` and matches the sides with :func:`uid_positions`.
+
+Why the select stage's record shuffle (:mod:`.shuffle`) and the graph's scratch blocks
+(:mod:`pipeline.graph.scratch`) keep formats of their own: they move billions of plain numeric
+rows (edges, vectors) that a reader takes raw by row range or with one ranged read per block,
+where a parquet blob would add a decode per block; a uid join's rows are any Arrow schema (nulls,
+float16 vector lists), which is what parquet blobs carry.
 
 A bucketed file (``*.bkt``) holds one small parquet blob per non-empty bucket behind a fixed-size
 header, so that a reader fetches one bucket with two ranged reads (the header up to its entry,
@@ -27,7 +39,6 @@ map task's memory is bounded by that limit, not by its input.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -36,6 +47,7 @@ import tempfile
 
 import numpy as np
 
+from ..core import uids as core_uids
 from ..storage import Store
 
 MAGIC = b"D2PBKT01"
@@ -44,16 +56,65 @@ _HEAD = len(MAGIC) + 8
 
 
 def uid_hashes(uids) -> np.ndarray:
-    """A 64-bit hash of each uid (blake2b; the same on every machine and Python version)."""
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uids),
-        dtype=np.uint64, count=len(uids),
-    )
+    """The 64-bit hash (:mod:`pipeline.core.uids`) of each uid: a pyarrow string array (hashed in
+    place) or a sequence of str."""
+    import pyarrow as pa
+
+    from .shuffle import _string_buffers
+
+    if isinstance(uids, (pa.Array, pa.ChunkedArray)):
+        return core_uids.hash_utf8(*_string_buffers(uids.cast(pa.string())))
+    return core_uids.uid_hashes(uids)
 
 
 def uid_buckets(hashes: np.ndarray, n_buckets: int) -> np.ndarray:
     """The bucket (0..n_buckets-1) of each uid hash (:func:`uid_hashes`)."""
-    return (np.asarray(hashes, np.uint64) % np.uint64(n_buckets)).astype(np.int64)
+    return core_uids.hash_buckets(hashes, n_buckets)
+
+
+def hash_sum(uids) -> int:
+    """Order-independent fingerprint of a set of uids: the sum of their hashes mod 2^64."""
+    return core_uids.hash_sum(uid_hashes(uids))
+
+
+def gather_bucket(store: Store, urls: list[str], bucket: int):
+    """Bucket `bucket` of every bucketed file of `urls` (at least one), concatenated in url order:
+    one side of a join task's share."""
+    import pyarrow as pa
+
+    if not urls:
+        raise ValueError("gather_bucket needs at least one file")
+    return pa.concat_tables([read_bucket(store, url, bucket) for url in urls])
+
+
+def uid_positions(keys, uids) -> np.ndarray:
+    """The join of a bucket: position in `keys` (one side's uids) of each of `uids` (the other
+    side's), the first where a uid repeats in `keys`, -1 where it is not there. Both: pyarrow
+    string arrays, numpy object arrays or lists."""
+    import pandas as pd
+
+    index = pd.Index(_objects(keys))
+    if index.is_unique:
+        return index.get_indexer(pd.Index(_objects(uids))).astype(np.int64)
+    first = np.flatnonzero(~index.duplicated(keep="first"))
+    where = index[first].get_indexer(pd.Index(_objects(uids)))
+    return np.where(where >= 0, first[where], -1).astype(np.int64)
+
+
+def repeated_uids(uids) -> list[str]:
+    """The distinct uids that occur more than once, in order of their second occurrence."""
+    import pandas as pd
+
+    values = pd.Series(_objects(uids))
+    return [str(u) for u in values[values.duplicated()].unique()]
+
+
+def _objects(uids) -> np.ndarray:
+    import pyarrow as pa
+
+    if isinstance(uids, (pa.Array, pa.ChunkedArray)):
+        return uids.to_numpy(zero_copy_only=False)
+    return np.asarray(uids, dtype=object)
 
 
 def _blob(table) -> bytes:
@@ -124,6 +185,10 @@ class BucketedWriter:
         self._tmp = tempfile.mkdtemp(prefix="d2prune-buckets-")
         self._runs: list[str] = []
 
+    def add_by_uid(self, table, column: str = "uid") -> None:
+        """Add `table`'s rows, each to the bucket of its uid (column `column`)."""
+        self.add(table, uid_buckets(uid_hashes(table.column(column)), self.n_buckets))
+
     def add(self, table, buckets: np.ndarray) -> None:
         if table.num_rows == 0:
             return
@@ -159,7 +224,8 @@ class BucketedWriter:
         self._write_collected(path)
         self._runs.append(path)
 
-    def commit(self, store: Store, url: str) -> None:
+    def commit(self, store: Store, url: str) -> int:
+        """Write the file at `url` (atomically); returns its size in bytes."""
         import pyarrow as pa
 
         try:
@@ -175,7 +241,9 @@ class BucketedWriter:
                     if parts:
                         writer.write(bucket, pa.concat_tables(parts))
                 writer.close()
+            size = os.path.getsize(final)
             store.write_local_file(url, final)
+            return size
         finally:
             shutil.rmtree(self._tmp, ignore_errors=True)
 

@@ -20,10 +20,13 @@ such parts, and that one names the part and says to re-embed (``--force-from emb
 Node ids of the graph are row numbers of the parts concatenated in part-name order
 (:func:`list_parts` gives each part's offset).
 
-``WORKDIR/embeddings/part-NNNNN.skipped.parquet``: the input samples of shard NNNNN that are not
+``WORKDIR/embeddings/_skipped/part-NNNNN.parquet``: the input samples of shard NNNNN that are not
 in its part, one row each (written before the stats json and the part, for every committed part;
-empty when nothing was skipped). Schema (a contract: the select stage reads it for
-``decisions.parquet``)::
+empty when nothing was skipped). They have a folder of their own, named with a leading ``_`` as
+Hive, Spark and ``pyarrow.dataset`` name what is not data, so a dataset over ``embeddings/`` (or a
+glob of ``part-*.parquet``) sees the parts' one schema. Workdirs embedded before this folder
+existed hold them beside the parts as ``part-NNNNN.skipped.parquet``; :func:`part_skipped_url`
+reads either. Schema (a contract: the select stage reads it for ``decisions.parquet``)::
 
     shard   string  the input shard URL (as in the part's ``shard`` column)
     key     string  the sample's tar key ("" when unknown: a ``truncated_tar`` row, whose sample
@@ -52,7 +55,8 @@ from .columns import fixed_list_to_numpy, fixed_size_list
 COLUMNS = ("uid", "shard", "key", "clip_score", "image_embedding", "text_embedding", "caption",
            "original_width", "original_height")
 SKIPPED_COLUMNS = ("shard", "key", "uid", "reason")
-SKIPPED_SUFFIX = ".skipped.parquet"
+SKIPPED_DIR = "_skipped"
+SKIPPED_SUFFIX_BEFORE = ".skipped.parquet"  # beside the part: the layout before SKIPPED_DIR
 FILTER_COLUMNS = ("caption", "original_width", "original_height")
 VECTOR_COLUMNS = {"image": ("image_embedding",), "text": ("text_embedding",),
                   "image+text": ("image_embedding", "text_embedding")}
@@ -101,8 +105,8 @@ def skipped_table(shard: str, records) -> "pa.Table":
 
 
 def skipped_url(directory: str, name: str) -> str:
-    """Where part `name`'s (``part-NNNNN``) skip records are."""
-    return join(directory, name + SKIPPED_SUFFIX)
+    """Where the embed stage writes part `name`'s (``part-NNNNN``) skip records."""
+    return join(directory, SKIPPED_DIR, name + ".parquet")
 
 
 def write_skipped(store: Store, url: str, table) -> None:
@@ -288,12 +292,18 @@ def read_filter_columns(store: Store, part: EmbeddingPart) -> dict[str, np.ndarr
     return {"caption": table.column("caption").to_numpy(zero_copy_only=False), **sizes}
 
 
-def part_skipped_url(part: EmbeddingPart) -> str:
-    return skipped_url(part.url.rsplit("/", 1)[0], part.name)
+def part_skipped_url(store: Store, part: EmbeddingPart) -> str | None:
+    """Where the skip records of `part`'s shard are: in the skip-records folder, else beside the
+    part (a workdir embedded before that folder existed); None when the embed stage wrote none (a
+    workdir embedded before skip records existed)."""
+    directory = part.url.rsplit("/", 1)[0]
+    for url in (skipped_url(directory, part.name), join(directory, part.name + SKIPPED_SUFFIX_BEFORE)):
+        if store.exists(url):
+            return url
+    return None
 
 
 def read_part_skipped(store: Store, part: EmbeddingPart):
-    """The skip records of `part`'s shard, or None when the embed stage did not write them (a
-    workdir embedded before they existed)."""
-    url = part_skipped_url(part)
-    return read_skipped(store, url) if store.exists(url) else None
+    """The skip records of `part`'s shard (:func:`part_skipped_url`), or None when there are none."""
+    url = part_skipped_url(store, part)
+    return read_skipped(store, url) if url is not None else None

@@ -52,7 +52,7 @@ input shard; together one row per input sample): what happened to each sample an
     blame_amount   float64  that suppression (0.0 without one)
 
 The embedded samples' rows come first, in the part's row order, then the part's skip records
-(``embeddings/part-NNNNN.skipped.parquet``) when the embed stage wrote them.
+(``embeddings/_skipped/part-NNNNN.parquet``) when the embed stage wrote them.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..core import ivf
 from ..core.knn import prepare_raw
+from ..core.runs import consecutive_runs
 from ..storage import join
 from .scratch import BlockSchema
 
@@ -135,10 +136,6 @@ class Layout:
 def plan_units(part_rows: list[int], unit_rows: int) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
     """Contiguous runs of parts of at most `unit_rows` rows (a larger part is a unit of its own):
     ([first, end) part range of each unit, first node of each unit then N)."""
-    if not part_rows:
-        return (), (0,)
-    run = ivf.contiguous_runs(np.asarray(part_rows, np.int64), max(1, int(unit_rows)))
-    edges = np.concatenate([[0], np.flatnonzero(np.diff(run)) + 1, [len(part_rows)]])
-    offsets = np.concatenate([[0], np.cumsum(part_rows)])
-    units = tuple((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]))
+    units = tuple(consecutive_runs(part_rows, max(1, int(unit_rows))))
+    offsets = np.concatenate([[0], np.cumsum(part_rows, dtype=np.int64)])
     return units, tuple(int(offsets[a]) for a, _ in units) + (int(offsets[-1]),)

@@ -60,9 +60,14 @@ class BlockSchema:
         return int(rows or 0)
 
 
+def index_url(url: str) -> str:
+    """The file that commits the blocked file at `url` (its index, written last)."""
+    return url + INDEX
+
+
 def exists(store: Store, url: str) -> bool:
     """True when the blocked file at `url` is committed (its index exists)."""
-    return store.exists(url + INDEX)
+    return store.exists(index_url(url))
 
 
 def write(store: Store, url: str, schema: BlockSchema, blocks: Iterable[dict[str, np.ndarray]]) -> np.ndarray:

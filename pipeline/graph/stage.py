@@ -37,16 +37,17 @@ from typing import Any
 
 import numpy as np
 
-from ..config import JobConfig
+from ..config import JobConfig, output_settings
 from ..core import ivf
 from ..core.knn import merge_topk, recall_at_k, recall_sample_ids, remove_self
 from ..errors import ConfigError, StaleStageError
 from ..formats.embeddings import EmbeddingPart, list_parts, rows_by_part, vector_widths
 from ..formats.graph import LISTS, NODES, read_part, write_lists
-from ..runtime import as_completed, init_ray, resources
+from ..runtime import init_ray, resources
 from ..stage import Stage, StageContext
+from ..steps import Resources, Step, run_step, start_step
 from ..storage import Store, join
-from ..workdir import stage_dir
+from ..workdir import EMBED, GRAPH, stage_dir
 from . import scratch, tasks
 from .layout import PLAN, Layout, plan_units
 
@@ -60,13 +61,11 @@ MIN_UNIT_ROWS = ivf.PROBE_BLOCK
 UNITS_PER_CPU = 4
 # CPUs (and FAISS threads) of one search task. One: the list-major scan parallelises over lists,
 # but reading blocks and selecting the top-k do not; tasks side by side keep every core busy.
-SEARCH_TASK_CPUS = 1
+SEARCH_TASK = Resources(cpus=1)
 
 
 def settings(cfg: JobConfig) -> dict[str, Any]:
-    # max_task_rows changes the tasks, not the graph (bit for bit); recall_sample how it is checked;
-    # distance is applied (and fingerprinted) by the select stage
-    return {"graph": cfg.graph.model_dump(exclude={"max_task_rows", "recall_sample", "distance"}), "seed": cfg.seed}
+    return {"graph": output_settings(cfg.graph), "seed": cfg.seed}
 
 
 def index_sizes(cfg: JobConfig, n_nodes: int) -> tuple[int, int]:
@@ -98,7 +97,7 @@ def index_sizes(cfg: JobConfig, n_nodes: int) -> tuple[int, int]:
 
 def check(cfg: JobConfig, store: Store) -> None:
     """Before any work: the sizes this config gives for the committed parts can work."""
-    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"), cfg.graph.vector)
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, EMBED), cfg.graph.vector)
     index_sizes(cfg, parts[-1].offset + parts[-1].rows)
 
 
@@ -132,15 +131,31 @@ def _plan(store: Store, cfg: JobConfig, graph_dir: str, parts: list[EmbeddingPar
 
 class _Steps:
     """Seconds per step, the steps that ran and their task counts; tells the job's hooks when a step
-    is committed (a test stops the stage there)."""
+    is committed (a test stops the stage there). A step of the stage may run several
+    runner steps (:mod:`pipeline.steps`; train: gather, coarse, split, fine): :meth:`run` counts their
+    tasks for the next :meth:`time`."""
 
-    def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: StageContext, store: Store) -> None:
+        self.ctx, self.store = ctx, store
         self.seconds: dict[str, float] = {}
         self.ran: list[str] = []
         self.tasks: dict[str, int] = {}
+        self.counted = 0
+
+    def run(self, step: Step) -> list:
+        """:func:`~pipeline.steps.run_step`, counting the tasks that ran (:meth:`take`)."""
+        started = start_step(step, self.store)
+        self.counted += len(started.todo)
+        return started.wait()
+
+    def take(self) -> int:
+        """The tasks :meth:`run` ran since the last call."""
+        counted, self.counted = self.counted, 0
+        return counted
 
     def time(self, name: str, started: float, tasks: int | None = None) -> None:
+        """Step `name` took since `started`; with `tasks` (how many it ran) it ran and is
+        committed: the hooks hear of it."""
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 3)
         if tasks is not None:
             self.ran.append(name)
@@ -148,7 +163,7 @@ class _Steps:
             self.ctx.step_done("graph", name)
 
 
-def _train(store: Store, cfg: JobConfig, layout: Layout, units: list[list[EmbeddingPart]]) -> dict:
+def _train(steps: _Steps, store: Store, cfg: JobConfig, layout: Layout, units: list[list[EmbeddingPart]]) -> dict:
     """Two-level k-means as tasks (:func:`pipeline.core.ivf.train_two_level`, step by step); commits
     index/centroids.npz. Returns the training sizes and seconds."""
     import ray
@@ -159,33 +174,31 @@ def _train(store: Store, cfg: JobConfig, layout: Layout, units: list[list[Embedd
     clock = time.perf_counter()
     split_todo = [u for u in range(layout.n_units) if not scratch.exists(store, layout.split(u))]
     coarse_needed = bool(split_todo) and not store.exists(layout.coarse_url)
-    gather_todo = [u for u in range(layout.n_units) if (coarse_needed or u in split_todo)
-                   and not scratch.exists(store, layout.sample(u))]
-    gather = ray.remote(num_cpus=1)(tasks.gather_sample)
-    refs = []
-    for u in gather_todo:
+    gather_units = [u for u in range(layout.n_units) if coarse_needed or u in split_todo]
+    calls = []
+    for u in gather_units:
         lo, hi = layout.unit_range(u)
         fine = fine_ids[np.searchsorted(fine_ids, lo):np.searchsorted(fine_ids, hi)]
         coarse = coarse_ids[np.searchsorted(coarse_ids, lo):np.searchsorted(coarse_ids, hi)]
-        refs.append(gather.remote(store, layout, u, units[u], fine, coarse))
+        calls.append((store, layout, u, units[u], fine, coarse))
     del coarse_ids, fine_ids
-    for _ in as_completed(refs):
-        pass
+    steps.run(Step("graph.train.gather", tasks.gather_sample, calls, unit="units",
+                   outputs=[scratch.index_url(layout.sample(u)) for u in gather_units]))
+    del calls
     info["gather_s"] = round(time.perf_counter() - clock, 3)
 
     clock = time.perf_counter()
-    if coarse_needed:
-        coarse = ray.remote(num_cpus=resources().max_node_cpus)(tasks.train_coarse)
-        ray.get(coarse.remote(store, layout))
+    if coarse_needed:  # one task with a whole node's cores
+        steps.run(Step("graph.train.coarse", tasks.train_coarse, [(store, layout)], outputs=[layout.coarse_url],
+                       resources=Resources(cpus=resources().max_node_cpus)))
     info["coarse_s"] = round(time.perf_counter() - clock, 3)
 
     clock = time.perf_counter()
     if split_todo:
         (coarse_centroids,) = tasks.load_arrays(store, layout.coarse_url, ["centroids"])
-        split = ray.remote(num_cpus=1)(tasks.split_sample)
         centroids_ref = ray.put(coarse_centroids)
-        for _ in as_completed([split.remote(store, layout, u, centroids_ref) for u in split_todo]):
-            pass
+        steps.run(Step("graph.train.split", tasks.split_sample, [(store, layout, u, centroids_ref) for u in split_todo],
+                       outputs=[scratch.index_url(layout.split(u)) for u in split_todo], unit="units"))
     cell_sizes = np.zeros(layout.k1, np.int64)
     for u in range(layout.n_units):
         cell_sizes += scratch.block_rows(store, layout.split(u))
@@ -193,12 +206,10 @@ def _train(store: Store, cfg: JobConfig, layout: Layout, units: list[list[Embedd
     info["split_s"] = round(time.perf_counter() - clock, 3)
 
     clock = time.perf_counter()
-    fine = ray.remote(num_cpus=1)(tasks.train_fine)
-    todo = [c for c in range(layout.k1) if counts[c] > 0 and not store.exists(layout.fine(c))]
-    for _ in as_completed([fine.remote(store, layout, c, int(counts[c])) for c in todo]):
-        pass
-    info["tasks"] = len(gather_todo) + int(coarse_needed) + len(split_todo) + len(todo)
-    pieces = [tasks.load_arrays(store, layout.fine(c), ["centroids"])[0] for c in range(layout.k1) if counts[c] > 0]
+    cells = [c for c in range(layout.k1) if counts[c] > 0]
+    steps.run(Step("graph.train.fine", tasks.train_fine, [(store, layout, c, int(counts[c])) for c in cells],
+                   outputs=[layout.fine(c) for c in cells], unit="cells"))
+    pieces = [tasks.load_arrays(store, layout.fine(c), ["centroids"])[0] for c in cells]
     centroids = np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32)
     if centroids.shape != (layout.nlist, layout.dim):
         raise RuntimeError(f"trained {centroids.shape} centroids, expected ({layout.nlist}, {layout.dim})")
@@ -231,11 +242,11 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     import ray
 
     g = cfg.graph
-    graph_dir = stage_dir(cfg.workdir, "graph")
-    steps = _Steps(ctx)
+    graph_dir = stage_dir(cfg.workdir, GRAPH)
+    steps = _Steps(ctx, store)
 
     clock = time.perf_counter()
-    parts, dim = list_parts(store, stage_dir(cfg.workdir, "embed"), g.vector)
+    parts, dim = list_parts(store, stage_dir(cfg.workdir, EMBED), g.vector)
     n_nodes = parts[-1].offset + parts[-1].rows
     nlist, nprobe = index_sizes(cfg, n_nodes)
     init_ray(cfg.ray)
@@ -244,10 +255,9 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     units = [parts[a:b] for a, b in layout.unit_parts]
     steps.time("plan", clock)
 
+    # nodes.parquet: one task, beside the steps below (it reads every part's uids)
     nodes_url = join(graph_dir, NODES)
-    nodes_ref = None
-    if not store.exists(nodes_url):
-        nodes_ref = ray.remote(num_cpus=1)(tasks.nodes_file).remote(store, nodes_url, parts)
+    nodes = start_step(Step("graph.nodes", tasks.nodes_file, [(store, nodes_url, parts)], outputs=[nodes_url]), store)
 
     missing = {p.name for p in parts if not store.exists(join(graph_dir, f"{p.name}.parquet"))}
     merge_todo = [u for u in range(layout.n_units) if any(p.name in missing for p in units[u])]
@@ -270,33 +280,37 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         # 2. train
         clock = time.perf_counter()
         if assign_todo and not store.exists(layout.centroids_url):
-            train_info = _train(store, cfg, layout, units)
-            steps.time("train", clock, train_info.pop("tasks"))
+            train_info = _train(steps, store, cfg, layout, units)
+            steps.time("train", clock, steps.take())
 
         # 3. assign
         clock = time.perf_counter()
         sizes = np.zeros(layout.nlist, np.int64)
         probe_counts = np.zeros(layout.nlist, np.int64)
+        assigned: dict[int, Any] = {}
         if assign_todo:
             (centroids,) = tasks.load_arrays(store, layout.centroids_url, ["centroids"])
             centroids_ref = ray.put(centroids)
             del centroids
-            assign = ray.remote(num_cpus=1)(tasks.assign_unit)
-            for s, c in as_completed([assign.remote(store, layout, u, units[u], centroids_ref) for u in assign_todo]):
+            results = steps.run(Step("graph.assign", tasks.assign_unit,
+                                     [(store, layout, u, units[u], centroids_ref) for u in assign_todo],
+                                     outputs=[layout.assign(u) for u in assign_todo], unit="units"))
+            assigned = {u: r for u, r in zip(assign_todo, results) if r is not None}
+            for s, c in assigned.values():
                 sizes += s
                 probe_counts += c
-            del centroids_ref
-            steps.time("assign", clock, len(assign_todo))
+            del centroids_ref, results
+            steps.time("assign", clock, steps.take())
 
         # 4. group
         clock = time.perf_counter()
         if groups is None:
             for u in range(layout.n_units):
-                if u not in assign_todo:
+                if u not in assigned:
                     s, c = tasks.load_arrays(store, layout.assign(u), ["sizes", "probe_counts"])
                     sizes += s
                     probe_counts += c
-            slots = max(1, int(cluster.cpus) // SEARCH_TASK_CPUS)
+            slots = max(1, int(cluster.cpus // SEARCH_TASK.cpus))
             bound = min(g.max_task_rows, max(1, math.ceil(int((sizes + probe_counts).sum()) / slots)))
             list_group = ivf.group_cells(sizes, probe_counts, bound)
             for name in ("buckets", "candidates"):  # made with other groups, if any
@@ -313,32 +327,39 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         clock = time.perf_counter()
         if shuffle_todo:
             group_ref = ray.put(groups["list_group"])
-            shuffle = ray.remote(num_cpus=1)(tasks.shuffle_unit)
-            shuffled_bytes = sum(as_completed([shuffle.remote(store, layout, u, group_ref)
-                                               for u in shuffle_todo]))
-            steps.time("shuffle", clock, len(shuffle_todo))
+            # the query file is written after the base file: its index commits the unit
+            shuffled = steps.run(Step(
+                "graph.shuffle", tasks.shuffle_unit, [(store, layout, u, group_ref) for u in shuffle_todo],
+                outputs=[scratch.index_url(layout.query(u)) for u in shuffle_todo], unit="units"))
+            shuffled_bytes = sum(b for b in shuffled if b is not None)
+            steps.time("shuffle", clock, steps.take())
 
         # 6. search
         clock = time.perf_counter()
         if search_todo:
-            search = ray.remote(num_cpus=SEARCH_TASK_CPUS)(tasks.search_group)
-            search_results = list(as_completed([search.remote(store, layout, q) for q in search_todo]))
-            steps.time("search", clock, len(search_todo))
+            searched = steps.run(Step(
+                "graph.search", tasks.search_group, [(store, layout, q) for q in search_todo], resources=SEARCH_TASK,
+                outputs=[scratch.index_url(layout.candidates(q)) for q in search_todo], unit="groups"))
+            search_results = [r for r in searched if r is not None]
+            steps.time("search", clock, steps.take())
 
         # 7. merge
         clock = time.perf_counter()
-        merge = ray.remote(num_cpus=1)(tasks.merge_unit)
-        refs = [merge.remote(store, layout, u, units[u], n_groups, graph_dir,
-                             [p.name for p in units[u] if p.name in missing]) for u in merge_todo]
-        for written in as_completed(refs):
+
+        def committed(_: int, written: list[int]) -> None:
             for index in written:
                 ctx.part_committed("graph", index)
-        steps.time("merge", clock, len(merge_todo))
 
-    clock = time.perf_counter()
-    if nodes_ref is not None:
-        ray.get(nodes_ref)
-        steps.time("nodes", clock, 1)
+        writes = [[p.name for p in units[u] if p.name in missing] for u in merge_todo]
+        steps.run(Step("graph.merge", tasks.merge_unit,
+                       [(store, layout, u, units[u], n_groups, graph_dir, write) for u, write in zip(merge_todo, writes)],
+                       on_result=committed, unit="units"))
+        steps.time("merge", clock, steps.take())
+
+    if nodes.todo:
+        clock = time.perf_counter()
+        nodes.wait()
+        steps.time("nodes", clock, len(nodes.todo))
     groups = groups or _groups(store, layout, g.max_task_rows)
     if groups is None:  # every part was committed and the groups were cut under another bound
         groups = {}
@@ -427,18 +448,20 @@ def _measure_recall(store: Store, cfg: JobConfig, layout: Layout, units: list[li
     sample = recall_sample_ids(layout.n_nodes, g.recall_sample, cfg.seed)
     if len(sample) == 0:
         return None, 0
-    gather = ray.remote(num_cpus=1)(tasks.gather_prepared)
-    pieces = ray.get([gather.remote(store, g.vector, items) for _, items in _unit_items(layout, units, sample)])
+    pieces = run_step(Step("graph.recall.gather", tasks.gather_prepared,
+                           [(store, g.vector, items) for _, items in _unit_items(layout, units, sample)], unit="units"),
+                      store)
     ids = np.concatenate([p[0] for p in pieces])
     vecs = np.concatenate([p[1] for p in pieces])
     if not np.array_equal(ids, sample):
         raise RuntimeError("recall sample rows were not all gathered")
 
-    exact = ray.remote(num_cpus=1)(tasks.exact_topk)
     queries = ray.put(vecs)
     best_d = np.full((len(ids), g.k + 1), np.inf, np.float32)
     best_i = np.full((len(ids), g.k + 1), -1, np.int64)
-    for d, i in as_completed([exact.remote(store, g.vector, g.k + 1, queries, parts) for parts in units if parts]):
+    for d, i in run_step(Step("graph.recall.exact", tasks.exact_topk,
+                              [(store, g.vector, g.k + 1, queries, parts) for parts in units if parts], unit="units"),
+                         store):
         best_d, best_i = merge_topk(best_d, best_i, d, i, g.k + 1)
     exact_neighbors, _ = remove_self(best_i, best_d, ids, g.k)
 
@@ -451,4 +474,4 @@ def _measure_recall(store: Store, cfg: JobConfig, layout: Layout, units: list[li
     return recall_at_k(approx, exact_neighbors), int(len(ids))
 
 
-STAGE = Stage(name="graph", upstream="embed", settings=settings, check=check, run=run)
+STAGE = Stage(name=GRAPH, reads=(EMBED,), settings=settings, check=check, run=run)

@@ -1,4 +1,4 @@
-"""The graph stage's Ray task bodies (plain functions; :mod:`.stage` wraps them with ``ray.remote``).
+"""The graph stage's Ray task bodies (plain functions; :mod:`.stage` runs them as steps, :mod:`pipeline.steps`).
 
 Every task reads what it needs from the work directory (embedding parts, scratch blocks, small
 arrays), commits what it makes there, and returns only small things (counts, seconds) to the

@@ -31,7 +31,7 @@ from ..formats.selection import SELECTED, read_selected
 from ..formats.webdataset import find_samples
 from ..storage import Store, basename, join
 from ..summary import SKIP_LABELS, summarize
-from ..workdir import STAGE_DIRS, read_stats, read_success
+from ..workdir import EMBED, GRAPH, SELECT, STAGE_DIRS, read_stats, read_success, stage_dir
 from .near_copies import find_near_copies
 from .plots import embedding_map, map_rows, pca_2d, score_histogram
 from .render import CSS, flatten, note, table, thumbnail_uri
@@ -195,9 +195,8 @@ def _near_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarra
     """The "dropped as near-copy of …" pairs (:mod:`.near_copies`) side by side: the pruned sample,
     the selected sample that suppressed it most, both captions and their graph distance. "" when
     the selection has no per-node blame (older workdirs, a baseline method)."""
-    parts, _ = list_parts(store, join(workdir_url, STAGE_DIRS["embed"]))
-    found = find_near_copies(store, join(workdir_url, STAGE_DIRS["select"]), join(workdir_url, STAGE_DIRS["graph"]),
-                             parts)
+    parts, _ = list_parts(store, stage_dir(workdir_url, EMBED))
+    found = find_near_copies(store, stage_dir(workdir_url, SELECT), stage_dir(workdir_url, GRAPH), parts)
     if found is None or not found.pairs:
         return ""
     rows = [r for c in found.pairs for r in (c.pruned, c.kept)]
@@ -250,7 +249,7 @@ def _what_was_kept(store: Store, workdir_url: str, pool, kept, stats, extras: Re
     drawn = map_rows(n_total)
 
     def draw_map() -> str:
-        parts, _ = list_parts(store, join(workdir_url, STAGE_DIRS["embed"]), "image")
+        parts, _ = list_parts(store, stage_dir(workdir_url, EMBED), "image")
         if parts[-1].offset + parts[-1].rows != n_total:
             raise RuntimeError(f"the embedding parts now hold another number of rows than {n_total}")
         return embedding_map(read_vectors_at(store, parts, "image", drawn), kept[drawn], n_total)
@@ -309,18 +308,18 @@ def build_report(workdir_url: str, store: Store | None = None, extras: ReportExt
     workdir_url = workdir_url.rstrip("/")
     if not store.exists(workdir_url):
         raise FileNotFoundError(f"work directory {workdir_url} does not exist")
-    stats = {s: read_stats(store, join(workdir_url, d)) for s, d in STAGE_DIRS.items()}
-    success = {s: read_success(store, join(workdir_url, d)) for s, d in STAGE_DIRS.items()}
+    stats = {s: read_stats(store, stage_dir(workdir_url, s)) for s in STAGE_DIRS}
+    success = {s: read_success(store, stage_dir(workdir_url, s)) for s in STAGE_DIRS}
 
     sections: list[str] = []
     pool = selected = kept = None
     try:
         try:
-            parts, _ = list_parts(store, join(workdir_url, STAGE_DIRS["embed"]))
+            parts, _ = list_parts(store, stage_dir(workdir_url, EMBED))
             pool = {c: read_column(store, parts, c) for c in ("uid", "shard", "key", "clip_score")}
         except FileNotFoundError:
             pool = None
-        sel_dir = join(workdir_url, STAGE_DIRS["select"])
+        sel_dir = stage_dir(workdir_url, SELECT)
         selected = read_selected(store, sel_dir, columns=["uid"]).column("uid").to_numpy(zero_copy_only=False) \
             if store.exists(join(sel_dir, SELECTED)) else None
     except Exception as err:  # noqa: BLE001 - a damaged part is named on the page; the stage stats still show

@@ -7,7 +7,7 @@ yet another part. So the rows are brought together by range group (:mod:`.plan`,
 parts, at most ``GROUP_MAX_NODES`` nodes) in three steps through the work directory, never
 through the driver:
 
-1. each partition, while writing its nodes file (:meth:`.hosts.PartitionHost.write_outputs`),
+1. each partition, while writing its nodes file (:func:`.partition_io.write_outputs`),
    writes ``decide-P`` (node, pre-filter code, rank, raw score, blame node and amount) bucketed by
    the node's range group, and ``blame-req-P`` (blamed node, node) bucketed by the *blamed* node's
    range group;
@@ -139,7 +139,7 @@ def write_decisions(job: ShuffleJob, g: int, out_dir: str, budget: int) -> dict:
         part = plan.parts[i]
         url = decisions_url(out_dir, part)
         if i not in todo:
-            without += not store.exists(part_skipped_url(part.embedding))
+            without += part_skipped_url(store, part.embedding) is None
             found = _count(store.read_parquet(url, columns=["decision"]))
             for d in DECISIONS:
                 counts[d] += found[d]

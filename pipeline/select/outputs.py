@@ -113,10 +113,11 @@ def _take(runs: list[_Run], which: np.ndarray, row: np.ndarray, column: str):
 
 
 def merge_selection(store: Store, run_urls: list[str], selected_url: str, ranks_template: str, limit: int,
-                    budget: int, partition_column: bool) -> dict:
+                    budget: int) -> dict:
     """``selected.parquet`` (the first ``limit`` picks of the runs in ranking order, ``selected``
-    = rank < ``budget``) and, per run owner p, the ranks of its emitted rows (raw int64,
-    ``ranks_template.format(p)``). Returns the rows written and the key of rank ``budget - 1``."""
+    = rank < ``budget``; ``partition`` -1: the selection does not depend on the partitions) and,
+    per run owner p, the ranks of its emitted rows (raw int64, ``ranks_template.format(p)``).
+    Returns the rows written and the key of rank ``budget - 1``."""
     import pyarrow.parquet as pq
 
     columns = ["major", "minor", "owner", "forward", "final", "uid"]
@@ -144,7 +145,7 @@ def merge_selection(store: Store, run_urls: list[str], selected_url: str, ranks_
                 def emit(which, row):
                     start = state["rank"]
                     owner = _take(runs, which, row, "owner")
-                    part_col = owner if partition_column else np.full(len(which), -1, np.int32)
+                    part_col = np.full(len(which), -1, np.int32)
                     state["pending"].append(selected_table(_take(runs, which, row, "uid"), start,
                                                            _take(runs, which, row, "forward"),
                                                            _take(runs, which, row, "final"), part_col, budget))

@@ -23,9 +23,10 @@ import numpy as np
 
 from ..config import JobConfig
 from ..core.partition import auto_partitions, cell_partitions, pack_largest_first
+from ..core.runs import consecutive_runs
 from ..formats.embeddings import EmbeddingPart, list_parts
 from ..storage import Store, basename, join
-from ..workdir import committed_parts, stage_dir
+from ..workdir import EMBED, GRAPH, SELECT, committed_parts, stage_dir
 
 # Most nodes one shuffle task reads: it holds their kNN entries and records, about 1 KB per node at
 # k = 10, so ~500 MB.
@@ -86,34 +87,25 @@ class SelectPlan:
 
 def graph_parts(store: Store, cfg: JobConfig) -> tuple[GraphPart, ...]:
     """The committed graph parts with their embedding parts, checked to pair up by name."""
-    emb, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
+    emb, _ = list_parts(store, stage_dir(cfg.workdir, EMBED))
     by_name = {p.name: p for p in emb}
-    urls = committed_parts(store, stage_dir(cfg.workdir, "graph"))
+    urls = committed_parts(store, stage_dir(cfg.workdir, GRAPH))
     names = [basename(u)[: -len(".parquet")] for u in urls]
     if sorted(names) != sorted(by_name):
         missing = sorted(set(by_name) - set(names))[:5]
         extra = sorted(set(names) - set(by_name))[:5]
-        raise ValueError(f"the graph parts in {stage_dir(cfg.workdir, 'graph')} do not match the embedding parts "
+        raise ValueError(f"the graph parts in {stage_dir(cfg.workdir, GRAPH)} do not match the embedding parts "
                          f"(no graph part for {missing}, no embedding part for {extra}): rerun with --force-from graph")
     return tuple(GraphPart(u, by_name[n]) for u, n in zip(urls, names))
 
 
 def range_groups(parts: tuple[GraphPart, ...], cpus: int, max_nodes: int = GROUP_MAX_NODES) -> tuple[tuple[int, int], ...]:
-    """Consecutive runs of parts of about equal node count: enough for every CPU twice over, none
-    above ``max_nodes`` nodes unless one part is."""
-    if not parts:
-        return ()
-    n = sum(p.embedding.rows for p in parts)
+    """Consecutive runs of parts of about equal node count (:func:`~pipeline.core.runs.consecutive_runs`):
+    enough for every CPU twice over, none above ``max_nodes`` nodes unless one part is."""
+    rows = [p.embedding.rows for p in parts]
+    n = sum(rows)
     want = max(1, min(len(parts), max(GROUPS_PER_CPU * max(1, cpus), -(-n // max_nodes))))
-    target = max(1, -(-n // want))
-    groups, start, size = [], 0, 0
-    for i, p in enumerate(parts):
-        if i > start and (size + p.embedding.rows > target or size + p.embedding.rows > max_nodes):
-            groups.append((start, i))
-            start, size = i, 0
-        size += p.embedding.rows
-    groups.append((start, len(parts)))
-    return tuple(groups)
+    return tuple(consecutive_runs(rows, min(max_nodes, max(1, -(-n // want)))))
 
 
 def resolve_partitions(cfg: JobConfig, n_nodes: int, cpus: int, worker_bytes: float = 0) -> int | str:
@@ -143,5 +135,5 @@ def make_plan(cfg: JobConfig, parts: tuple[GraphPart, ...], cell_counts: np.ndar
     key = json.dumps({"parts": [p.url for p in parts], "rows": [p.embedding.rows for p in parts], "groups": groups,
                       "cells": hashlib.sha256(np.ascontiguousarray(cell_partition).tobytes()).hexdigest(),
                       "P": n_parts, "inputs": inputs}, sort_keys=True)
-    work = join(stage_dir(cfg.workdir, "select"), "_work", hashlib.sha256(key.encode()).hexdigest()[:16])
+    work = join(stage_dir(cfg.workdir, SELECT), "_work", hashlib.sha256(key.encode()).hexdigest()[:16])
     return SelectPlan(n, parts, groups, n_parts, cell_partition, sizes, host_of, work)

@@ -27,7 +27,8 @@ With one partition there is nothing to route: its worker reads the graph parts i
 
 Scores come from the ``select.score`` column of the embedding parts (their rows are the graph's
 nodes, checked) or, for ``select.score_file``, from a hash join by uid (:func:`score_file_map`,
-:func:`uid_map`, :func:`join_scores`) whose output is bucketed by range group.
+:func:`uid_map`, :func:`join_scores`: the uid shuffle of :mod:`pipeline.formats.buckets`, the same
+files and hash as every other join by uid) whose output is bucketed by range group.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from ..core.d2 import NEGATIVE_DISTANCE_TOLERANCE
+from ..formats.buckets import BucketedWriter, gather_bucket, repeated_uids, uid_positions
 from ..formats.graph import NODES, read_part
 from ..formats.shuffle import ColumnFile, bucket_order, read_buckets, write_columns
 from ..storage import Store, join
@@ -104,9 +105,9 @@ def _check_uids(store: Store, graph_dir: str, part: GraphPart, uids) -> None:
 def _group_scores(job: ShuffleJob, g: int) -> np.ndarray:
     """Scores of group g's nodes from the score-file join (every node must have one)."""
     lo, hi = job.plan.group_range(g)
-    got = read_buckets(job.store, job.files("joined", job.join_buckets), g, ["node", "score"])
+    got = gather_bucket(job.store, [join_file(job, "joined", h) for h in range(job.join_buckets)], g)
     scores = np.full(hi - lo, np.nan)
-    scores[got["node"] - lo] = got["score"]
+    scores[got.column("node").to_numpy() - lo] = got.column("score").to_numpy()
     return scores
 
 
@@ -311,23 +312,11 @@ def part_records(job: ShuffleJob, g: int, part: int):
 # --------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True)
-def _fnv1a(offsets, data):
-    out = np.empty(offsets.shape[0] - 1, np.uint64)
-    for i in range(offsets.shape[0] - 1):
-        h = np.uint64(0xCBF29CE484222325)
-        for j in range(offsets[i], offsets[i + 1]):
-            h = (h ^ np.uint64(data[j])) * np.uint64(0x100000001B3)
-        out[i] = h
-    return out
-
-
-def uid_buckets(uids, n_buckets: int) -> np.ndarray:
-    """The join bucket of each uid (FNV-1a of its utf-8 bytes: the same on every machine)."""
-    from ..formats.shuffle import _string_buffers
-
-    offsets, data = _string_buffers(uids)
-    return (_fnv1a(offsets, data) % np.uint64(n_buckets)).astype(np.int64)
+def join_file(job: ShuffleJob, kind: str, i: int) -> str:
+    """A bucketed file of the score-file join (:mod:`pipeline.formats.buckets`), each its task's
+    last write: ``scorefile`` (map task i's rows of the score file, by uid), ``uids`` (range group
+    i's (node, uid), by uid) or ``joined`` (join bucket i's (node, score), by range group)."""
+    return job.path(f"{kind}-{i:05d}.bkt")
 
 
 def score_file_chunks(store: Store, url: str) -> list[tuple[int, int]]:
@@ -358,9 +347,10 @@ def score_file_map(job: ShuffleJob, index: int, row_groups: tuple[int, int]) -> 
     if uid.null_count:
         raise ValueError(f"select.score_file {job.score_file}: {uid.null_count} rows have a null uid")
     score = _numeric(table.column(job.score_column), f"{job.score_file} column {job.score_column!r}")
-    order, offsets = bucket_order(uid_buckets(uid, job.join_buckets), job.join_buckets)
-    return write_columns(job.store, job.path(f"scorefile-{index:05d}.col"),
-                         {"uid": uid.take(order), "score": score[order]}, offsets)
+    rows = pa.table({"uid": uid, "score": pa.array(score, pa.float64())})
+    writer = BucketedWriter(rows.schema, job.join_buckets)
+    writer.add_by_uid(rows)
+    return writer.commit(job.store, join_file(job, "scorefile", index))
 
 
 def uid_map(job: ShuffleJob, g: int) -> int:
@@ -375,37 +365,36 @@ def uid_map(job: ShuffleJob, g: int) -> int:
         _check_uids(job.store, job.graph_dir, part, uid)
         uids.append(uid.cast(pa.string()))
         nodes.append(np.arange(part.lo, part.hi, dtype=np.int64))
-    uid = pa.concat_arrays(uids)
-    order, offsets = bucket_order(uid_buckets(uid, job.join_buckets), job.join_buckets)
-    return write_columns(job.store, job.path(f"uids-{g:05d}.col"),
-                         {"node": np.concatenate(nodes)[order], "uid": uid.take(order)}, offsets)
+    rows = pa.table({"node": np.concatenate(nodes), "uid": pa.concat_arrays(uids)})
+    writer = BucketedWriter(rows.schema, job.join_buckets)
+    writer.add_by_uid(rows)
+    return writer.commit(job.store, join_file(job, "uids", g))
 
 
 def join_scores(job: ShuffleJob, h: int, n_file_chunks: int) -> dict:
     """Bucket h of the join: each node's score, bucketed by range group. Returns the missing and
     repeated uids (counts and examples) for the driver's error message."""
-    import pandas as pd
+    import pyarrow as pa
 
     plan = job.plan
-    file_side = read_buckets(job.store, job.files("scorefile", n_file_chunks), h, ["uid", "score"])
-    node_side = read_buckets(job.store, job.files("uids", plan.n_groups), h, ["node", "uid"])
-    file_uids = pd.Index(file_side["uid"].to_numpy(zero_copy_only=False))
+    file_side = gather_bucket(job.store, [join_file(job, "scorefile", i) for i in range(n_file_chunks)], h)
+    node_side = gather_bucket(job.store, [join_file(job, "uids", g) for g in range(plan.n_groups)], h)
     report = {"missing": 0, "missing_examples": [], "repeated": 0, "repeated_examples": []}
-    if not file_uids.is_unique:
-        dup = file_uids[file_uids.duplicated()].unique()
-        report.update(repeated=int(len(dup)), repeated_examples=[str(u) for u in dup[:5]])
+    repeated = repeated_uids(file_side.column("uid"))
+    if repeated:
+        report.update(repeated=len(repeated), repeated_examples=repeated[:5])
         return report
-    node_uids = node_side["uid"].to_numpy(zero_copy_only=False)
-    where = file_uids.get_indexer(node_uids)
+    node_uids = node_side.column("uid").to_numpy(zero_copy_only=False)
+    where = uid_positions(file_side.column("uid"), node_uids)
     missing = np.flatnonzero(where < 0)
     if missing.size:
         report.update(missing=int(missing.size), missing_examples=[str(node_uids[i]) for i in missing[:5]])
         return report
-    node = node_side["node"]
-    score = file_side["score"][where]
-    group = np.searchsorted(plan.group_starts, node, side="right") - 1
-    order, offsets = bucket_order(group, plan.n_groups)
-    write_columns(job.store, job.path(f"joined-{h:05d}.col"), {"node": node[order], "score": score[order]}, offsets)
+    node = node_side.column("node").to_numpy()
+    rows = pa.table({"node": node, "score": file_side.column("score").take(pa.array(where, pa.int64()))})
+    writer = BucketedWriter(rows.schema, plan.n_groups)
+    writer.add(rows, np.searchsorted(plan.group_starts, node, side="right") - 1)
+    writer.commit(job.store, join_file(job, "joined", h))
     return report
 
 

@@ -1,12 +1,11 @@
 """The select stage: the committed graph and scores → ``selected.parquet``, ``subset*.npy``,
 ``nodes/part-*.parquet`` and ``decisions.parquet/`` (:mod:`pipeline.formats.selection`), computed
 by partition workers and tasks on Ray (:mod:`.driver`, :mod:`.hosts`, :mod:`.prefilter`,
-:mod:`.decisions`) with no process holding the pool.
+:mod:`.decisions`; one selector per method in :mod:`.methods`) with no process holding the pool.
 
-D2 is exact by default: the selection, its order and every score are the single-process greedy's
+D2 is exact: the selection, its order and every score are the single-process greedy's
 (:func:`pipeline.core.d2.d2_select` on the whole graph) bit for bit, for any number of partitions
-(spec §7); ``select.approximate: true`` runs the old independent-partition approximation instead.
-Scores: the ``select.score`` column of the embedding parts (``clip_score`` by default; any
+(docs/d2.md#10-the-exact-partitioned-greedy). Scores: the ``select.score`` column of the embedding parts (``clip_score`` by default; any
 numeric column), or of ``select.score_file`` joined by uid; every node must have one.
 
 Below ``RAY_MIN_NODES`` nodes everything runs in this process (the same workers and tasks as
@@ -20,13 +19,13 @@ import logging
 import time
 from typing import Any
 
-from ..config import JobConfig
+from ..config import JobConfig, output_settings
 from ..errors import ConfigError
 from ..formats.embeddings import list_parts, numeric_columns
 from ..formats.selection import read_selected
 from ..stage import Stage, StageContext
 from ..storage import Store, join
-from ..workdir import stage_dir
+from ..workdir import EMBED, GRAPH, SELECT, stage_dir
 from .driver import check_size, compute
 
 log = logging.getLogger(__name__)
@@ -37,12 +36,8 @@ WORK = "_work"
 
 
 def settings(cfg: JobConfig) -> dict[str, Any]:
-    # How the work is split (partitions, workers, memory) does not change an exact selection;
-    # exact_check_max_n only decides whether the approximation's overlap is measured.
-    split = {"partitions", "partition_max_nodes", "workers", "worker_memory_mb", "exact_check_max_n"}
-    if cfg.select.approximate:
-        split -= {"partitions", "partition_max_nodes"}
-    return {"select": cfg.select.model_dump(exclude=split), "distance": cfg.graph.distance, "seed": cfg.seed}
+    # graph.distance is applied here (the graph stage writes squared L2 whatever it says)
+    return {"select": output_settings(cfg.select), "distance": cfg.graph.distance, "seed": cfg.seed}
 
 
 def check(cfg: JobConfig, store: Store) -> None:
@@ -62,7 +57,7 @@ def check(cfg: JobConfig, store: Store) -> None:
         typ = schema.field(s.score).type
         if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_decimal(typ)):
             raise ConfigError(f"select.score_file {s.score_file} column {s.score!r} must be numeric, got {typ}")
-    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, EMBED))
     if not s.score_file:
         numeric = numeric_columns(store, parts[0])
         if s.score not in numeric:
@@ -76,13 +71,13 @@ def check(cfg: JobConfig, store: Store) -> None:
 def _use_ray(store: Store, cfg: JobConfig, use_ray: bool | None) -> bool:
     if use_ray is not None:
         return use_ray
-    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, EMBED))
     return sum(p.rows for p in parts) >= RAY_MIN_NODES
 
 
 def run(cfg: JobConfig, store: Store, ctx: StageContext, use_ray: bool | None = None) -> dict[str, Any]:
     """Compute the selection into the stage's directory (module docstring)."""
-    sel_dir = stage_dir(cfg.workdir, "select")
+    sel_dir = stage_dir(cfg.workdir, SELECT)
     started = time.perf_counter()
     stats = compute(cfg, store, sel_dir, _use_ray(store, cfg, use_ray),
                     hook=lambda index: ctx.part_committed("select", index))
@@ -98,7 +93,7 @@ def select(cfg: JobConfig, store: Store, use_ray: bool | None = None):
     import hashlib
 
     key = hashlib.sha256(repr(settings(cfg)).encode()).hexdigest()[:12]
-    work = join(stage_dir(cfg.workdir, "select"), WORK)
+    work = join(stage_dir(cfg.workdir, SELECT), WORK)
     out = join(work, f"variant-{key}")
     try:
         stats = compute(cfg, store, out, _use_ray(store, cfg, use_ray), decisions=False)  # compared, not acted on
@@ -107,4 +102,4 @@ def select(cfg: JobConfig, store: Store, use_ray: bool | None = None):
         store.rm(work, recursive=True)
 
 
-STAGE = Stage(name="select", upstream="graph", settings=settings, check=check, run=run)
+STAGE = Stage(name=SELECT, reads=(EMBED, GRAPH), settings=settings, check=check, run=run)

@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 
 from ..config import JobConfig
-from ..formats.buckets import BucketedWriter, read_bucket, uid_buckets, uid_hashes
+from ..formats.buckets import BucketedWriter, gather_bucket, hash_sum, repeated_uids, uid_positions
 from ..formats.embeddings import EmbeddingPart, list_parts
 from ..formats.selection import SELECTED
-from ..runtime import as_completed
+from ..steps import Step, run_step, start_step
 from ..storage import Store, join
-from ..workdir import stage_dir
+from ..workdir import EMBED, SELECT, WRITE, stage_dir
 
 PLAN = "plan.json"
 PLAN_DIR = "plan"
@@ -50,11 +50,6 @@ JOIN_DIR = "_join"
 POOL_ROWS_PER_BUCKET = 2_000_000
 PARTS_PER_TASK = 16  # parts read per pool-side task, and parts per plan-writing task
 PLAN_COLUMNS = ("uid", "rank", "clip_score", "source_shard", "source_key")
-
-
-def hash_sum(uids) -> int:
-    """Order-independent fingerprint of a set of uids: the sum of their 64-bit hashes mod 2^64."""
-    return int(np.sum(uid_hashes(list(uids)), dtype=np.uint64))
 
 
 # -- step 1 ---------------------------------------------------------------------------------------
@@ -70,10 +65,10 @@ def selection_task(store: Store, selected_url: str, row_group: int, n_buckets: i
         table = file.read_row_group(row_group, columns=["uid", "rank"] + (["selected"] if ranked else []))
     if ranked:
         table = table.filter(table.column("selected")).select(["uid", "rank"])
-    uids = table.column("uid").to_pylist()
     writer = BucketedWriter(table.schema, n_buckets)
-    writer.add(table, uid_buckets(uid_hashes(uids), n_buckets))
-    store.write_json(out_url[: -len(".bkt")] + ".json", {"rows": len(uids), "hash_sum": str(hash_sum(uids))})
+    writer.add_by_uid(table)
+    store.write_json(out_url[: -len(".bkt")] + ".json",
+                     {"rows": table.num_rows, "hash_sum": str(hash_sum(table.column("uid")))})
     writer.commit(store, out_url)
 
 
@@ -98,11 +93,10 @@ def pool_task(store: Store, parts: list[tuple[int, EmbeddingPart]], n_buckets: i
         if len(names) > 1:
             raise ValueError(f"embedding part {part.url} holds rows of several input shards: {sorted(names)[:3]}")
         shards[str(ordinal)] = names.pop() if names else None
-        uids = table.column("uid").to_pylist()
         rows = pa.table({"uid": table.column("uid"), "part": pa.array(np.full(part.rows, ordinal, np.int32)),
                          "position": pa.array(np.arange(part.rows, dtype=np.int64)), "key": table.column("key"),
                          "clip_score": table.column("clip_score").cast(pa.float32())})
-        writer.add(rows, uid_buckets(uid_hashes(uids), n_buckets))
+        writer.add_by_uid(rows)
     store.write_json(out_url[: -len(".bkt")] + ".json", {"shards": shards})
     writer.commit(store, out_url)
 
@@ -117,34 +111,36 @@ def join_task(store: Store, join_dir: str, bucket: int, selected_urls: list[str]
               parts_per_group: int, n_groups: int) -> None:
     """The selected rows of bucket `bucket` with their part and position, bucketed by group of
     `parts_per_group` consecutive parts."""
-    import pandas as pd
     import pyarrow as pa
 
-    selected = pa.concat_tables([read_bucket(store, u, bucket) for u in selected_urls]).to_pandas()
-    pool = pa.concat_tables([read_bucket(store, u, bucket) for u in pool_urls]).to_pandas()
-    repeated = selected["uid"][selected["uid"].duplicated()]
-    if len(repeated):
+    selected = gather_bucket(store, selected_urls, bucket)
+    pool = gather_bucket(store, pool_urls, bucket)
+    uids = selected.column("uid").to_numpy(zero_copy_only=False)
+    repeated = repeated_uids(uids)
+    if repeated:
         raise ValueError(f"selected.parquet lists {len(repeated)} uids more than once, e.g. {_examples(repeated)}")
-    joined = selected.merge(pool, on="uid", how="left")
-    lost = joined["part"].isna()
+    where = uid_positions(pool.column("uid"), uids)
+    lost = where < 0
     if lost.any():
         raise ValueError(f"{int(lost.sum())} selected uids are not in the embedding parts, "
-                         f"e.g. {_examples(joined['uid'][lost])}")
-    twice = joined["uid"][joined["uid"].duplicated()]
-    if len(twice):
+                         f"e.g. {_examples(uids[lost])}")
+    in_two = set(repeated_uids(pool.column("uid")))
+    twice = [u for u in uids.tolist() if u in in_two]
+    if twice:
         raise ValueError(f"{len(twice)} selected uids appear in more than one pool sample, e.g. {_examples(twice)}")
-    part = joined["part"].to_numpy(np.int64)
-    table = pa.table({"uid": pa.array(joined["uid"].astype(str).tolist(), pa.string()),
-                      "rank": pa.array(joined["rank"].to_numpy(np.int64)),
-                      "clip_score": pa.array(joined["clip_score"].to_numpy(np.float32)),
-                      "part": pa.array(part.astype(np.int32)),
-                      "position": pa.array(joined["position"].to_numpy(np.int64)),
-                      "key": pa.array(joined["key"].astype(str).tolist(), pa.string())})
+    found = pool.take(pa.array(where, pa.int64()))
+    part = found.column("part").to_numpy().astype(np.int64)
+    table = pa.table({"uid": selected.column("uid").cast(pa.string()),
+                      "rank": selected.column("rank").cast(pa.int64()),
+                      "clip_score": found.column("clip_score").cast(pa.float32()),
+                      "part": found.column("part").cast(pa.int32()),
+                      "position": found.column("position").cast(pa.int64()),
+                      "key": found.column("key").cast(pa.string())})
     writer = BucketedWriter(table.schema, n_groups)
     writer.add(table, part // parts_per_group)
-    counts = pd.Series(part).value_counts()
+    ordinals, counts = np.unique(part, return_counts=True)
     store.write_json(join(join_dir, f"joined-{bucket:05d}.json"),
-                     {"selected_per_part": {str(k): int(v) for k, v in counts.items()}})
+                     {"selected_per_part": {str(k): int(v) for k, v in zip(ordinals.tolist(), counts.tolist())}})
     writer.commit(store, join(join_dir, f"joined-{bucket:05d}.bkt"))
 
 
@@ -159,8 +155,8 @@ def plan_task(store: Store, join_dir: str, plan_dir: str, group: int, n_buckets:
     """Write the plan pieces of the parts of group `group` ({ordinal: (part name, shard URL)})."""
     import pyarrow as pa
 
-    rows = pa.concat_tables([read_bucket(store, join(join_dir, f"joined-{b:05d}.bkt"), group)
-                             for b in range(n_buckets)]).combine_chunks()
+    rows = gather_bucket(store, [join(join_dir, f"joined-{b:05d}.bkt") for b in range(n_buckets)], group)
+    rows = rows.combine_chunks()
     part = rows.column("part").to_numpy()
     order = np.lexsort((rows.column("position").to_numpy(), part))
     rows, part = rows.take(pa.array(order, pa.int64())), part[order]
@@ -179,43 +175,43 @@ def plan_task(store: Store, join_dir: str, plan_dir: str, group: int, n_buckets:
 def build_plan(store: Store, cfg: JobConfig) -> dict[str, Any]:
     """The committed plan (plan.json), building it with Ray tasks when it is not there yet."""
     import pyarrow.parquet as pq
-    import ray
 
-    write_dir = stage_dir(cfg.workdir, "write")
+    write_dir = stage_dir(cfg.workdir, WRITE)
     plan_url = join(write_dir, PLAN)
     if store.exists(plan_url):
         return store.read_json(plan_url)
     join_dir, plan_dir = join(write_dir, JOIN_DIR), join(write_dir, PLAN_DIR)
-    selected_url = join(stage_dir(cfg.workdir, "select"), SELECTED)
+    selected_url = join(stage_dir(cfg.workdir, SELECT), SELECTED)
     with store.open(selected_url, "rb") as fh:
         row_groups = pq.ParquetFile(fh).metadata.num_row_groups
-    parts, _ = list_parts(store, stage_dir(cfg.workdir, "embed"))
+    parts, _ = list_parts(store, stage_dir(cfg.workdir, EMBED))
     n_buckets = max(1, math.ceil(sum(p.rows for p in parts) / POOL_ROWS_PER_BUCKET))
     groups = [list(range(lo, min(lo + PARTS_PER_TASK, len(parts)))) for lo in range(0, len(parts), PARTS_PER_TASK)]
-    existing = set(store.ls(join_dir))
 
+    # 1: both sides bucketed by uid, side by side
     selected_urls = [join(join_dir, f"selected-{r:05d}.bkt") for r in range(row_groups)]
     pool_urls = [join(join_dir, f"pool-{t:05d}.bkt") for t in range(len(groups))]
-    select_remote = ray.remote(num_cpus=1)(selection_task)
-    pool_remote = ray.remote(num_cpus=1)(pool_task)
-    refs = [select_remote.remote(store, selected_url, r, n_buckets, url)
-            for r, url in enumerate(selected_urls) if url.rsplit("/", 1)[1] not in existing]
-    refs += [pool_remote.remote(store, [(i, parts[i]) for i in group], n_buckets, url)
-             for group, url in zip(groups, pool_urls) if url.rsplit("/", 1)[1] not in existing]
-    for _ in as_completed(refs):
-        pass
+    selection = Step("write.plan.selection", selection_task,
+                     [(store, selected_url, r, n_buckets, url) for r, url in enumerate(selected_urls)],
+                     outputs=selected_urls, unit="row groups")
+    pool = Step("write.plan.pool", pool_task,
+                [(store, [(i, parts[i]) for i in group], n_buckets, url) for group, url in zip(groups, pool_urls)],
+                outputs=pool_urls, unit="part groups")
+    for side in [start_step(selection, store), start_step(pool, store)]:
+        side.wait()
 
-    join_remote = ray.remote(num_cpus=1)(join_task)
-    for _ in as_completed([join_remote.remote(store, join_dir, b, selected_urls, pool_urls, PARTS_PER_TASK, len(groups))
-                           for b in range(n_buckets) if selected_urls and f"joined-{b:05d}.bkt" not in existing]):
-        pass
+    # 2: the join, when there is a selection (an empty selected.parquet has no row group)
+    joined_urls = [join(join_dir, f"joined-{b:05d}.bkt") for b in range(n_buckets if selected_urls else 0)]
+    run_step(Step("write.plan.join", join_task, [(store, join_dir, b, selected_urls, pool_urls, PARTS_PER_TASK,
+                                                  len(groups)) for b in range(len(joined_urls))],
+                  outputs=joined_urls, unit="buckets"), store)
 
     shards: dict[str, str] = {}
     for url in pool_urls:
         shards.update(store.read_json(url[: -len(".bkt")] + ".json")["shards"])
     selected_per_part = np.zeros(len(parts), np.int64)
-    for b in range(n_buckets if selected_urls else 0):  # an empty selection.parquet has no row group
-        for ordinal, count in store.read_json(join(join_dir, f"joined-{b:05d}.json"))["selected_per_part"].items():
+    for url in joined_urls:
+        for ordinal, count in store.read_json(url[: -len(".bkt")] + ".json")["selected_per_part"].items():
             selected_per_part[int(ordinal)] += count
     selection_rows, selection_hash = 0, 0
     for url in selected_urls:
@@ -226,16 +222,15 @@ def build_plan(store: Store, cfg: JobConfig) -> dict[str, Any]:
     if samples != selection_rows:  # the joins' own checks make this unreachable; a bug would show here
         raise RuntimeError(f"the write plan holds {samples} samples, selected.parquet {selection_rows}")
 
+    # 3: the plan pieces; a task writes its group's missing pieces
     existing_pieces = set(store.ls(plan_dir))
-    plan_remote = ray.remote(num_cpus=1)(plan_task)
-    refs = []
+    calls = []
     for g, group in enumerate(groups):
         todo = {i: (parts[i].name, shards[str(i)]) for i in group
                 if selected_per_part[i] and parts[i].name + ".parquet" not in existing_pieces}
         if todo:
-            refs.append(plan_remote.remote(store, join_dir, plan_dir, g, n_buckets, todo))
-    for _ in as_completed(refs):
-        pass
+            calls.append((store, join_dir, plan_dir, g, n_buckets, todo))
+    run_step(Step("write.plan.pieces", plan_task, calls, unit="part groups"), store)
 
     samples_per_shard = cfg.output.samples_per_shard
     plan = {"parts": [p.name for p in parts], "selected_per_part": selected_per_part.tolist(),

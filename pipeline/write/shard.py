@@ -23,7 +23,7 @@ from ..formats.output import (
 from ..formats.tar import TarWriter
 from ..formats.webdataset import Sample, iter_shard_samples
 from ..storage import Store
-from ..workdir import stage_dir
+from ..workdir import WRITE, stage_dir
 from .plan import hash_sum, read_plan_rows
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def write_output_shard(store: Store, cfg: JobConfig, plan: dict[str, Any], index
     layout = layout_of(cfg)
     if layout.committed(store, index):
         return {"index": index, "written": False, "samples": None}
-    rows = read_plan_rows(store, stage_dir(cfg.workdir, "write"), plan, index)
+    rows = read_plan_rows(store, stage_dir(cfg.workdir, WRITE), plan, index)
     found = find_planned_samples(store, cfg, rows)
     missing = [rows["uid"][r] for r, sample in enumerate(found) if sample is None]
     if missing:
@@ -117,7 +117,7 @@ def check_shards(store: Store, cfg: JobConfig, plan: dict[str, Any], indices: li
     exactly its planned uids, each once, and its stats say as many samples. Returns per shard its
     count, uid hash sum and problems (empty when it is right)."""
     layout = layout_of(cfg)
-    write_dir = stage_dir(cfg.workdir, "write")
+    write_dir = stage_dir(cfg.workdir, WRITE)
     out = []
     for index in indices:
         planned = read_plan_rows(store, write_dir, plan, index)["uid"]

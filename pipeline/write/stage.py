@@ -23,14 +23,15 @@ import logging
 import time
 from typing import Any
 
-from ..config import JobConfig
+from ..config import JobConfig, output_settings
 from ..errors import StaleStageError
 from ..formats.output import OUTPUT_PLAN, SIZES, STATS
-from ..runtime import as_completed, init_ray
+from ..runtime import init_ray
 from ..stage import Stage, StageContext
+from ..steps import Step, run_step
 from ..storage import Store, join
 from ..summary import summarize
-from ..workdir import read_stats, stage_dir
+from ..workdir import EMBED, SELECT, WRITE, read_stats, stage_dir
 from .plan import build_plan
 from .shard import check_shards, layout_of, write_shard_row
 
@@ -40,24 +41,22 @@ CHECK_SHARDS_PER_TASK = 16
 
 
 def settings(cfg: JobConfig) -> dict[str, Any]:
-    return {"output": cfg.output.model_dump()}
+    return {"output": output_settings(cfg.output)}
 
 
 def check_output(store: Store, cfg: JobConfig, plan: dict[str, Any]) -> dict[str, Any]:
     """Every output shard committed and holding exactly its planned uids (Ray tasks, a batch of
     shards each); the written uids' hash sum equals the selection's."""
-    import ray
-
     layout = layout_of(cfg)
     n_shards = plan["output_shards"]
     uncommitted = [layout.name(i) for i in layout.missing(store, n_shards)]
     if uncommitted:
         raise RuntimeError(f"output shards not committed: {uncommitted[:10]} ({len(uncommitted)} in all)")
-    check_remote = ray.remote(num_cpus=1)(check_shards)
     batches = [list(range(lo, min(lo + CHECK_SHARDS_PER_TASK, n_shards)))
                for lo in range(0, n_shards, CHECK_SHARDS_PER_TASK)]
-    results = sorted((r for done in as_completed([check_remote.remote(store, cfg, plan, b) for b in batches])
-                      for r in done), key=lambda r: r["index"])
+    checked = run_step(Step("write.check", check_shards, [(store, cfg, plan, b) for b in batches], unit="shard batches"),
+                       store)
+    results = sorted((r for done in checked for r in done), key=lambda r: r["index"])
     samples = sum(r["samples"] for r in results)
     written_hash = sum(int(r["hash_sum"]) for r in results) % 2**64
     bad = [f"shard {layout.name(r['index'])}: " + "; ".join(r["problems"]) for r in results if r["problems"]]
@@ -146,9 +145,9 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         "integrity": "ok: every selected uid written exactly once",
         "seconds": round(time.perf_counter() - started, 3),
     }
-    upstream = {s: read_stats(store, stage_dir(cfg.workdir, s)) for s in ("embed", "select")}
-    store.write_json(join(cfg.output.url, STATS), {**stats, "job": summarize({**upstream, "write": stats}),
-                                                   "select": _extract(upstream["select"], SELECT_KEYS)})
+    upstream = {s: read_stats(store, stage_dir(cfg.workdir, s)) for s in (EMBED, SELECT)}
+    store.write_json(join(cfg.output.url, STATS), {**stats, "job": summarize({**upstream, WRITE: stats}),
+                                                   "select": _extract(upstream[SELECT], SELECT_KEYS)})
     log.info("write stage: %d samples in %d shards under %s", check["samples"], n_shards, layout.shards_dir)
     return stats
 
@@ -161,5 +160,5 @@ def _extract(stats: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, A
     return {k: stats.get(k) for k in keys} if stats else None
 
 
-STAGE = Stage(name="write", upstream="select", settings=settings, run=run,
+STAGE = Stage(name=WRITE, reads=(EMBED, SELECT), settings=settings, run=run,
               missing_outputs=missing_outputs, clear_outputs=clear_output)
