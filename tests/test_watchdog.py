@@ -80,7 +80,7 @@ def test_run_stage_fails_a_stage_waiting_for_resources_that_never_come(ray_local
 
     ctx = StageContext(fingerprint="f", fingerprints={"embed": "f"})
     with pytest.raises(StallError, match=r"stage embed made no progress .*waiting for its first step"):
-        run_stage(Stage("embed", None, lambda c: {}, blocked), cfg, Store(), ctx)
-    stats, ran = run_stage(Stage("embed", None, lambda c: {}, steady), cfg.model_copy(update={"workdir": str(tmp_path / "w2")}),
+        run_stage(Stage("embed", (), lambda c: {}, blocked), cfg, Store(), ctx)
+    stats, ran = run_stage(Stage("embed", (), lambda c: {}, steady), cfg.model_copy(update={"workdir": str(tmp_path / "w2")}),
                            Store(), ctx)
     assert ran and stats == {"done": 8}
