@@ -22,10 +22,17 @@ For each N, in separate processes (so each peak RSS is that process's own):
   select stage on it (this process is the driver), ``select.workers = P`` (one worker per
   partition) unless ``--workers``.
 
-Prints a table and writes ``--json`` (each run: ``identical`` to P=1 byte for byte, and against the
-reference; ``driver_peak_rss_mb``; ``worker_peak_rss_mb``; rounds; bytes; seconds) and ``--md``.
+Small pools first (``--small-n``, default the demo's 3·10^3 and 10^5): the stage as a job runs it
+below ``RAY_MIN_NODES``, in process (no Ray), in a fresh process each (so its time includes loading
+the numba kernels from their on-disk cache, which :mod:`pipeline.warmup` fills first when it is
+cold), for P = 1 and the demo's P = 4; against the same in-memory greedy.
 
-    python benchmarks/select_scale.py --quick               # N = 1e5, P = 1, 8, 32: under 2 minutes idle
+Prints a table and writes ``--json`` (each run: ``identical`` to P=1 byte for byte, and against the
+reference; ``driver_peak_rss_mb``; ``worker_peak_rss_mb``; ``x_greedy``: the stage's wall seconds
+over the greedy's compute seconds; rounds; bytes; seconds) and ``--md``.
+
+    python benchmarks/select_scale.py --small-only          # N = 3e3, 1e5 in process: seconds
+    python benchmarks/select_scale.py --quick               # the small rows, then N = 1e5, P = 1, 8, 32 on Ray
     python benchmarks/select_scale.py --n 1000000 10000000 --json out.json --md out.md
 """
 
@@ -184,7 +191,7 @@ def run_reference(base: str, partitions: list[int]) -> dict:
     np.save(os.path.join(base, "reference_final.npy"), sel.final_scores[sel.order])
     certified_s = time.perf_counter() - t0
     overlaps = approximate_overlaps(graph, sel.forward_scores, sel.order, cells, budget, partitions)
-    return {"n": n, "budget": budget, "read_s": round(read_s, 2), "greedy_s": round(greedy_s, 2),
+    return {"n": n, "budget": budget, "read_s": round(read_s, 2), "greedy_s": round(greedy_s, 4),
             "peak_rss_mb": round(rss, 1), "certified_rounds": int(rounds),
             "certified_rounds_s": round(certified_s, 2), "edges": int(graph.n_edges),
             "approximate_overlap_with_exact": overlaps}
@@ -261,6 +268,77 @@ def run_stage(base: str, partitions: int, nodes: int, cpus_per_node: int, worker
     return {"wall_s": round(wall, 2), "stats": stats}
 
 
+def run_small(base: str, partitions: int) -> dict:
+    """The stage as a job runs it on a small pool: in this process, no Ray (``use_ray`` left to the
+    stage: below ``RAY_MIN_NODES``)."""
+    from pipeline.config import config_from_dict
+    from pipeline.select import stage
+    from pipeline.stage import StageContext
+    from pipeline.storage import Store
+    from pipeline.workdir import stage_dir
+
+    raw = config_raw(base)
+    raw["select"].update(partitions=partitions)
+    cfg = config_from_dict(raw)
+    store = Store()
+    shutil.rmtree(stage_dir(cfg.workdir, "select"), ignore_errors=True)
+    t0 = time.perf_counter()
+    stats = stage.run(cfg, store, StageContext("bench", {}))
+    wall = time.perf_counter() - t0
+    keep = os.path.join(base, f"selection-local-P{partitions}")
+    shutil.rmtree(keep, ignore_errors=True)
+    os.rename(stage_dir(cfg.workdir, "select"), keep)
+    return {"wall_s": round(wall, 3), "stats": stats}
+
+
+def warm_cache() -> dict:
+    """The numba cache warmed (:mod:`pipeline.warmup`) unless it is: whether it was, and seconds."""
+    from pipeline import warmup
+
+    if warmup.is_warm():
+        return {"was_warm": True, "seconds": 0.0}
+    t0 = time.perf_counter()
+    warmup.main([])
+    return {"was_warm": False, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+SMALL_PARTITIONS = (1, 4)
+
+
+def small_rows(sizes: list[int], directory: str, seed: int) -> list[dict]:
+    out = []
+    for n in sizes:
+        base = os.path.join(directory, f"n{n}")
+        info = write_workdir(base, n, seed)
+        print(f"N={n:,} (in process): graph {info}", flush=True)
+        ref = child(["_reference", base, ""])
+        print(f"  reference: {ref}", flush=True)
+        runs = []
+        for p in SMALL_PARTITIONS:
+            run = child(["_small", base, str(p)])
+            s = run["stats"]
+            run.update(partitions=p, identical=identical(base, p, "selection-local-P"),
+                       driver_peak_rss_mb=s["driver_peak_rss_mb"], worker_peak_rss_mb=s["worker_peak_rss_mb"],
+                       x_greedy=round(run["wall_s"] / max(ref["greedy_s"], 1e-3), 1))
+            print(f"  P={p} in process: wall {run['wall_s']} s ({run['x_greedy']}x greedy), identical "
+                  f"{run['identical']}, seconds {s['seconds']}", flush=True)
+            runs.append(run)
+        out.append({"n": n, "graph": info, "reference": ref,
+                    "reference_identical": matches_reference(base, "selection-local-P1"), "runs": runs})
+    return out
+
+
+def small_table(results: list[dict]) -> str:
+    lines = ["| N | P | in process | identical to P=1 | stage wall s | greedy s | x greedy | driver RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for run in r["runs"]:
+            lines.append(f"| {r['n']:,} | {run['partitions']} | yes | {'yes' if run['identical'] else 'NO'} | "
+                         f"{run['wall_s']:.2f} | {r['reference']['greedy_s']:.3f} | {run['x_greedy']:.1f} | "
+                         f"{run['driver_peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def child(argv: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": REPO, "RAY_ADDRESS": ""})
@@ -269,16 +347,16 @@ def child(argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def identical(base: str, partitions: int) -> bool:
-    a = os.path.join(base, "selection-P1", "selected.parquet")
-    b = os.path.join(base, f"selection-P{partitions}", "selected.parquet")
+def identical(base: str, partitions: int, prefix: str = "selection-P") -> bool:
+    a = os.path.join(base, f"{prefix}1", "selected.parquet")
+    b = os.path.join(base, f"{prefix}{partitions}", "selected.parquet")
     return open(a, "rb").read() == open(b, "rb").read()
 
 
-def matches_reference(base: str) -> bool:
+def matches_reference(base: str, selection: str = "selection-P1") -> bool:
     import pyarrow.parquet as pq
 
-    got = pq.read_table(os.path.join(base, "selection-P1", "selected.parquet"), columns=["uid", "final_score"])
+    got = pq.read_table(os.path.join(base, selection, "selected.parquet"), columns=["uid", "final_score"])
     nodes = np.array([int(u, 16) for u in got.column("uid").to_pylist()], np.int64)
     return bool(np.array_equal(nodes, np.load(os.path.join(base, "reference_order.npy")))
                 and np.array_equal(got.column("final_score").to_numpy(), np.load(os.path.join(base, "reference_final.npy"))))
@@ -323,10 +401,19 @@ def main(argv=None) -> int:
         workers = int(argv[5]) if argv[5] != "0" else None
         print(json.dumps(run_stage(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), workers), default=str))
         return 0
+    if argv and argv[0] == "_small":
+        print(json.dumps(run_small(argv[1], int(argv[2])), default=str))
+        return 0
+    if argv and argv[0] == "_warm":
+        print(json.dumps(warm_cache()))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--partitions", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--quick", action="store_true", help="N = 1e5 only")
+    parser.add_argument("--quick", action="store_true", help="the small rows, then N = 1e5 only")
+    parser.add_argument("--small-n", type=int, nargs="*", default=[3_000, 100_000],
+                        help="small pools run in process (none: skip them)")
+    parser.add_argument("--small-only", action="store_true", help="only the small rows")
     parser.add_argument("--nodes", type=int, default=4, help="Ray nodes of the local cluster")
     parser.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs per node")
     parser.add_argument("--workers", type=int, default=0, help="partition workers (0: one per partition)")
@@ -335,8 +422,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     parser.add_argument("--md")
     args = parser.parse_args(argv)
-    sizes = [100_000] if args.quick else args.n
+    sizes = [] if args.small_only else [100_000] if args.quick else args.n
     load = os.getloadavg()
+    cache = child(["_warm"]) if args.small_n else None
+    small = small_rows(args.small_n, args.dir, args.seed)
     results = []
     for n in sizes:
         base = os.path.join(args.dir, f"n{n}")
@@ -358,6 +447,7 @@ def main(argv=None) -> int:
             run["worker_target_mb"] = 2 * s1 / run["partitions"] + 300
             run["exchanged_mb"] = (s.get("bytes_exchanged", 0) + s.get("forward_bytes", 0)
                                    + s.get("final_bytes", 0)) / 2**20
+            run["x_greedy"] = round(run["wall_s"] / max(ref["greedy_s"], 1e-3), 2)
             print(f"  P={run['partitions']}: wall {run['wall_s']} s, identical {run['identical']}, rounds "
                   f"{s.get('rounds')}, workers {s['workers']}, worker RSS {s['worker_peak_rss_mb']} MB, driver RSS "
                   f"{s['driver_peak_rss_mb']} MB, seconds {s['seconds']}", flush=True)
@@ -366,14 +456,15 @@ def main(argv=None) -> int:
     report = {"machine": machine(), "load_average_start": [round(x, 1) for x in load],
               "load_average_end": [round(x, 1) for x in os.getloadavg()], "k": K, "prune_rate": PRUNE_RATE,
               "gamma": GAMMA, "cluster": {"nodes": args.nodes, "cpus_per_node": args.cpus_per_node},
-              "results": results}
-    print(table(results))
+              "numba_cache": cache, "small": small, "results": results}
+    text = "\n\n".join(t for t in (small_table(small) if small else "", table(results) if results else "") if t)
+    print(text)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1, default=str)
     if args.md:
         with open(args.md, "w") as fh:
-            fh.write(table(results) + "\n")
+            fh.write(text + "\n")
     return 0
 
 

@@ -8,7 +8,10 @@ endpoint other than AWS, set botocore's standard AWS_ENDPOINT_URL_S3 for the job
 then goes through the config's own storage.endpoint_url). Inside a Ray job RAY_ADDRESS is set, so the stages join the
 cluster rather than starting a local Ray. The exit status is the CLI's (0 done, 1 failed, 2 bad
 config, 3 committed output made with other settings, 4 an earlier stage missing, 5 another job holds
-the workdir), so the RayJob's status says what happened.
+the workdir, 143/130 stopped by SIGTERM/SIGINT), so the RayJob's status says what happened. A stop
+(``ray job stop``, a preempted pod) is the CLI's too: the running stage stops, the workdir's lease is
+released, the driver leaves the cluster (never shutting it down), one line on stderr, exit 143, and
+resubmitting the same job resumes.
 """
 
 from __future__ import annotations

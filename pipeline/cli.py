@@ -6,13 +6,21 @@
     d2prune demo [--out DIR] [--quick]
     d2prune report WORKDIR [--config CONFIG]
     d2prune lease CONFIG                  # who holds the workdir: exit 0 free, 5 held
+    d2prune verify CONFIG                 # every committed file intact? exit 0 yes, 3 (one line per damaged file) no
 
 Committed stages are skipped (and said so); a stage committed with other settings is refused
 (exit 3) unless ``--force-from`` names it or an earlier stage, which recomputes it and everything
 after it. Logs go to stderr with timestamps; the summary goes to stdout. Exit codes are
 :mod:`pipeline.errors`' (0 done, 1 failed: retry resumes, 2 bad config or input, 3 stale output,
-4 an earlier stage is missing, 5 another job holds the workdir, 130 interrupted); every non-zero
-exit prints one line ``d2prune: error: ...`` on stderr.
+4 an earlier stage is missing, 5 another job holds the workdir, 143/130 stopped by SIGTERM/SIGINT);
+every non-zero exit prints one line ``d2prune: error: ...`` on stderr, a stop by a signal
+``d2prune: stopped by SIGTERM during the embed stage; rerun the same command to resume``.
+
+SIGTERM (a preempted pod, a Slurm time limit, ``ray job stop``) and SIGINT (^C) are handled alike
+(:func:`pipeline.runtime.stop_signals`): the running stage stops at once (nothing half-written is
+committed: every commit is an atomic rename or a single PUT), the workdir's lease is released, an
+embedded Ray is shut down (a cluster joined with ``--address``/``RAY_ADDRESS`` is only disconnected
+from), and a rerun of the same command resumes from what was committed.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from .console import print_summary, setup_logging, stdout_for_summary_only
 from .errors import EXIT_BUSY, EXIT_FAILED, EXIT_OK, UsageError, exit_code_for, one_line
 from .job import STAGE_NAMES, run_job
 from .lease import acquire, describe, holder
+from .runtime import finish_stop, stop_signals, stopped
 from .storage import Store
 
 log = logging.getLogger("d2prune")
@@ -67,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     lease = sub.add_parser("lease", help="who holds the job's workdir (exit 0 when free, 5 when held)")
     lease.add_argument("config", help="YAML config (local path or fsspec URL)")
     lease.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    verify = sub.add_parser("verify", help="check every committed file of the workdir and output against its "
+                            "commit, changing nothing (exit 0 intact, 3 damaged: one line per file)")
+    verify.add_argument("config", help="YAML config (local path or fsspec URL)")
+    verify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -96,6 +109,25 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     setup_logging(args.verbose)
     command = "d2prune " + " ".join(sys.argv[1:] if argv is None else argv)
+    with stop_signals():
+        try:
+            return _run_command(args, command)
+        except KeyboardInterrupt as err:  # a stop signal while the command reported its own error
+            if stopped(err) is None:
+                raise
+            return _stop(args, err)
+
+
+def _stop(args: argparse.Namespace, err: BaseException) -> int:
+    """After SIGTERM / SIGINT: clean up (lease, Ray), one line, end the process with 128 + the
+    signal (:func:`pipeline.runtime.finish_stop`; it does not return)."""
+    stop = stopped(err)
+    if args.verbose:
+        log.info("d2prune %s stopped", args.command, exc_info=err)
+    finish_stop(stop.code)
+
+
+def _run_command(args: argparse.Namespace, command: str) -> int:
     try:
         if getattr(args, "keep", None) is not None:  # after the --set overrides: the flag wins
             args.overrides = args.overrides + [keep_override(args.keep)]
@@ -115,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_OK
             print(f"{cfg.workdir}: held by {describe(record)}")
             return EXIT_BUSY
+        elif args.command == "verify":
+            from .verify import verify_command
+
+            return verify_command(args.config, args.overrides)
         elif args.command == "demo":
             from .demo.run import run_demo
 
@@ -130,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                                    input_cfg=cfg.input if cfg else None))
         return EXIT_OK
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure becomes an exit code
+        if stopped(err) is not None:  # SIGTERM / SIGINT
+            return _stop(args, err)
         code = exit_code_for(err)
         if args.verbose:
             log.error("d2prune %s failed", args.command, exc_info=err)

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from . import workdir
+from . import warmup, workdir
 from .config import ConfigError, JobConfig, input_folders, load_config
 from .core.d2 import budget_for
 from .embed.stage import STAGE as EMBED_STAGE
@@ -32,7 +32,7 @@ from .graph.stage import index_sizes
 from .lease import Lease, acquire, describe, holder
 from .runtime import check_cluster_paths, init_ray
 from .select.stage import STAGE as SELECT_STAGE
-from .stage import Hooks, Stage, StageContext, fingerprints, run_stage
+from .stage import Hooks, Stage, StageContext, damaged_files, fingerprints, refuse_damage, run_stage
 from .storage import Store, join
 from .summary import summarize
 from .workdir import EMBED, GRAPH, SELECT
@@ -57,6 +57,11 @@ def force_from(cfg: JobConfig, store: Store, name: str) -> None:
     the workdir)."""
     if name not in BY_NAME:
         raise UsageError(f"--force-from {name!r}: stages are {', '.join(STAGE_NAMES)}")
+    # the earlier stages are kept and read again: a damaged file there is refused (naming the stage
+    # to force from) before anything is removed
+    for stage in STAGES[:STAGE_NAMES.index(name)]:
+        if store.exists(join(stage.directory(cfg), workdir.SUCCESS)):
+            refuse_damage(stage.name, damaged_files(stage.name, cfg, store))
     for stage in STAGES[STAGE_NAMES.index(name):]:
         log.info("--force-from %s: removing %s", name, stage.directory(cfg))
         store.rm(stage.directory(cfg), recursive=True)
@@ -152,6 +157,8 @@ def run_stages(cfg: JobConfig, store: Store, names: list[str], hooks: Hooks | No
         workdir.is_committed(store, stage.directory(cfg), prints[stage.name], stage.name)
     results: dict[str, Any] = {"stats": {}, "seconds": {}, "skipped": []}
     hooks = _guarded(hooks or Hooks(), lease)
+    # the select stage's numba kernels compiled in the background while the earlier stages run
+    warmup.start_for_job(names, lambda n: workdir.is_committed(store, BY_NAME[n].directory(cfg), prints[n], n))
     for name in names:
         stage = BY_NAME[name]
         if lease is not None:

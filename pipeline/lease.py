@@ -7,6 +7,9 @@ heartbeat until it ends, also when it fails::
     lease = acquire(store, workdir, {"command": "d2prune run job.yaml"})   # LeaseHeldError (exit 5)
     try: ... finally: lease.release()
 
+A job stopped by SIGTERM or SIGINT releases its lease on the way out (the ``finally`` above, and
+:func:`release_all` for whatever the signal interrupted), so the next run starts at once.
+
 The record names its holder (host, pid, Ray job id when there is one, since when, its command),
 so the refusal says who to wait for; ``d2prune lease CONFIG`` prints it (:func:`holder`).
 
@@ -61,7 +64,7 @@ LOCK = "_LEASE.lock"
 TIMEOUT_S = 300.0  # a holder whose heartbeat is older than this is dead (minutes of clock skew are fine)
 SETTLE_S = 2.0  # object stores: wait before reading our write back (see the module docstring)
 
-__all__ = ["LEASE", "Lease", "LeaseHeldError", "LeaseLostError", "acquire", "describe", "holder"]
+__all__ = ["LEASE", "Lease", "LeaseHeldError", "LeaseLostError", "acquire", "describe", "holder", "release_all"]
 
 
 class LeaseLostError(RuntimeError):
@@ -321,18 +324,40 @@ class Lease:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         with self._lock, self.backend.critical():
-            if self.lost:
-                return
-            current, version = self.backend.read()
-            if current is not None and current.get("token") == self.token:
-                self.backend.delete(version)
-            self.lost = "released"
+            if not self.lost:
+                current, version = self.backend.read()
+                if current is not None and current.get("token") == self.token:
+                    self.backend.delete(version)
+                self.lost = "released"
+        with _HELD_LOCK:  # only once released (an interrupted release is retried by release_all)
+            _HELD.pop(id(self), None)
 
     def __enter__(self) -> "Lease":
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_HELD: dict[int, Lease] = {}  # the leases this process holds (released ones leave)
+_HELD_LOCK = threading.Lock()
+
+
+def release_all() -> list[str]:
+    """Release every lease this process still holds (the job was stopped by a signal: whatever
+    the stop interrupted, the next run must not wait out the takeover timeout); the workdirs.
+    Best effort: a lease that cannot be released is logged (a rerun on this machine takes it over
+    at once, elsewhere after its timeout)."""
+    with _HELD_LOCK:
+        held = list(_HELD.values())
+    released = []
+    for lease in held:
+        try:
+            lease.release()
+            released.append(lease.backend.workdir)
+        except Exception as err:  # noqa: BLE001 - stopping must go on
+            log.warning("could not release the lease on %s: %s: %s", lease.backend.workdir, type(err).__name__, err)
+    return released
 
 
 def holder(store: Store, workdir: str) -> dict[str, Any] | None:
@@ -380,6 +405,8 @@ def acquire(store: Store, workdir: str, owner_info: dict[str, Any] | None = None
             who = describe(readback) if readback else "nobody (the record vanished)"
             raise LeaseHeldError(f"workdir {workdir} was taken by another job at the same time: {who}")
     lease = Lease(backend, record, version, heartbeat_s or max(0.5, timeout_s / 10))
+    with _HELD_LOCK:
+        _HELD[id(lease)] = lease
     log.info("holding the lease on %s (heartbeat every %.0f s, taken over after %.0f s without one)", workdir,
              lease.heartbeat_s, timeout_s)
     return lease.start_heartbeat() if heartbeat else lease

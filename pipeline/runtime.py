@@ -17,6 +17,18 @@ stages ask Ray what they may use.
   cache, for clusters whose nodes do not share the driver's filesystem.
 * :func:`peak_rss_bytes`: this process's peak memory (what the stages report for their driver and
   workers).
+* :func:`stop_signals`: SIGTERM and SIGINT (a preempted pod, a Slurm time limit, ``ray job stop``,
+  ^C) stop the job the same way: the running stage is interrupted at once
+  (:class:`~pipeline.errors.JobInterrupted`), the lease is released, an embedded Ray is shut down
+  (a joined cluster is only disconnected from), one line on stderr, exit 128 + the signal (143, 130).
+
+Why the handlers are installed again after every ``ray.init``: Ray replaces the driver's SIGTERM
+handler twice on the way up, in Python (``sys.exit``; for an embedded Ray, a handler that drains the
+node for up to 30 s and exits 1) and in C++ (the core worker installs absl's failure signal handler
+for SIGTERM, which prints a stack through ``logging.cc`` and arms a 3 s ``alarm`` that ends the
+process with SIGABRT, whatever Python is doing by then). Installing ours afterwards replaces both
+(``signal.signal`` is a ``sigaction``) for SIGTERM only; absl keeps the real crash signals (SIGSEGV,
+SIGABRT, ...).
 """
 
 from __future__ import annotations
@@ -24,12 +36,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
+import sys
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 from .config import JobConfig, RayConfig
-from .errors import ConfigError
+from .errors import ConfigError, JobInterrupted
 from .storage import Store, expand_urls, is_local, node_local_files
 from .watchdog import beat
 
@@ -61,7 +77,8 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
     address, source = cluster_address(ray_cfg, address)
     local_only = {f"ray.{k}": getattr(ray_cfg, k) for k in ("num_cpus", "object_store_memory") if getattr(ray_cfg, k)}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        with _ray_handlers_replaced():
+            ray.init(address=address, log_to_driver=True)
         log.info("joined the Ray cluster at %s (from %s): %s", address, source, describe_cluster())
         if ray_cfg.address and ray_cfg.address != address:
             log.info("ray.address=%s in the config is ignored: %s wins", ray_cfg.address, source)
@@ -77,7 +94,8 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
             kwargs["num_cpus"] = ray_cfg.num_cpus
         if ray_cfg.object_store_memory:
             kwargs["object_store_memory"] = ray_cfg.object_store_memory
-        ray.init(**kwargs)
+        with _ray_handlers_replaced():
+            ray.init(**kwargs)
         log.info("started an embedded local Ray (%s) with %s; used: %s", source, ray.cluster_resources(),
                  ", ".join(f"{k}={v}" for k, v in local_only.items()) or "the machine's defaults")
         _watch_embedded_ray()
@@ -100,7 +118,11 @@ def _watch_embedded_ray() -> None:
     except Exception as err:  # noqa: BLE001 - a private API: without it, no watchdog (logged)
         log.debug("no Ray watchdog: raylet pid unknown (%s)", err)
         return
-    watchdog = reaper.start(raylet)
+    try:
+        node_id = str(worker._global_node.node_id)
+    except Exception:  # noqa: BLE001 - without it the agents are not found (pipeline.reaper)
+        node_id = None
+    watchdog = reaper.start(raylet, node_id)
     if watchdog is not None:
         _WATCHDOGS.append(watchdog)
 
@@ -340,6 +362,201 @@ def ship_file(path: str) -> ShippedFile:
     with open(path, "rb") as fh:
         data = fh.read()
     return ShippedFile(os.path.basename(path), hashlib.sha256(data).hexdigest(), (ray.put(data),))
+
+
+# -- stop signals -----------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# how long the clean-up after a stop signal may take (lease release, Ray shutdown) before the
+# process ends anyway with the same line and code: below Kubernetes' and Slurm's default 30 s
+# between SIGTERM and SIGKILL
+STOP_GRACE_S = 20.0
+
+
+class _Stopping:
+    """The state of :func:`stop_signals` in this process."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.previous: dict[int, Any] = {}
+        self.received: JobInterrupted | None = None
+        self.finished = threading.Event()
+        self._reported = False
+        self._lock = threading.Lock()
+
+    def report(self) -> None:
+        """The one line on stderr (once, whoever ends the process)."""
+        with self._lock:
+            if self._reported or self.received is None:
+                return
+            self._reported = True
+        print(f"d2prune: {self.received.message()}", file=sys.stderr, flush=True)
+
+    def deadline(self) -> None:
+        if not self.finished.wait(self.grace_s):
+            # the clean-up hung (a store that does not answer, Ray that does not stop): end the process; an
+            # embedded Ray's leftovers are ended by pipeline.reaper, an unreleased lease is taken over at
+            # once by a rerun on this machine
+            self.report()
+            os._exit(self.received.code)
+
+
+_stopping: _Stopping | None = None
+
+
+def _running_stage(frame) -> str | None:
+    """The stage the main thread was running when the signal came: the ``stage`` of the innermost
+    :func:`pipeline.stage.run_stage` call on its stack (None: before or between stages)."""
+    while frame is not None:
+        if frame.f_code.co_name == "run_stage" and frame.f_globals.get("__name__") == "pipeline.stage":
+            return getattr(frame.f_locals.get("stage"), "name", None)
+        frame = frame.f_back
+    return None
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    state = _stopping
+    if state is None:  # not ours any more (a handler left behind): behave like Python's default
+        raise KeyboardInterrupt
+    if state.received is not None:
+        return  # already stopping: a second SIGTERM (Slurm sends one to every process) or ^C waits for the first
+    state.received = JobInterrupted(signum, _running_stage(frame))
+    threading.Thread(target=state.deadline, name="d2prune-stop-deadline", daemon=True).start()
+    raise state.received
+
+
+def _install_stop_handlers() -> None:
+    if _stopping is not None and threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _on_stop_signal)
+
+
+@contextmanager
+def _ray_handlers_replaced() -> Iterator[None]:
+    """Around ``ray.init``: ours again afterwards (module docstring); a SIGTERM that Ray's own
+    handler turned into SystemExit meanwhile is the same stop."""
+    try:
+        yield
+    except SystemExit:
+        if _stopping is None:
+            raise
+        _stopping.received = _stopping.received or JobInterrupted(signal.SIGTERM)
+        raise _stopping.received from None
+    finally:
+        _install_stop_handlers()
+
+
+@contextmanager
+def stop_signals(grace_s: float = STOP_GRACE_S) -> Iterator[None]:
+    """While the block runs (the CLI's command), SIGTERM and SIGINT raise
+    :class:`~pipeline.errors.JobInterrupted` in the main thread, also after Ray started (module
+    docstring); the previous handlers come back afterwards. Outside the main thread: nothing."""
+    global _stopping
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    state = _Stopping(grace_s)
+    state.previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    _stopping = state
+    _install_stop_handlers()
+    try:
+        yield
+    finally:
+        state.finished.set()
+        _stopping = None
+        for sig, handler in state.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def stopped(err: BaseException) -> JobInterrupted | None:
+    """The stop signal behind `err` (whatever a library made of the interrupt on its way up), or
+    None when no stop signal came."""
+    state = _stopping
+    if state is not None and state.received is not None:
+        return state.received
+    return err if isinstance(err, JobInterrupted) else None
+
+
+def finish_stop(code: int) -> NoReturn:
+    """After a stop signal: release every lease still held, hand an embedded Ray to its watchdog
+    (:mod:`pipeline.reaper`, which ends its GCS, raylet, agents and workers the moment this process
+    is gone; a cluster joined by address is only left: ending this process disconnects it, the
+    cluster and its other jobs go on), print the one line on stderr, and end the process with
+    `code` at once.
+
+    Not ``ray.shutdown()``, and not ending Ray's processes from here: the interrupted stage leaves
+    Ray Data's threads (its prefetcher, its executor) running in this process, and the core worker
+    ends the process from C++ with exit 1 as soon as such a thread calls Ray after the shutdown
+    ("The core worker has already been shutdown") or the raylet is gone (measured with Ray 2.60),
+    before the line is printed. The watchdog acts only after ``os._exit``, so nothing can race it."""
+    from .lease import release_all
+
+    handed = False
+    try:
+        for workdir in release_all():
+            log.info("stopping: released the lease on %s", workdir)
+        handed = _hand_embedded_ray_over()
+    except BaseException as err:  # noqa: BLE001 - the line and the exit code matter more
+        log.warning("stopping: clean-up incomplete: %s: %s", type(err).__name__, err)
+    finally:
+        for handler in logging.getLogger().handlers + logging.getLogger("d2prune").handlers:
+            try:
+                handler.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        if _stopping is not None:
+            _stopping.report()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        if not handed:  # no watchdog (not Linux): ask the embedded Ray's processes to end, then go
+            _signal_embedded_ray(signal.SIGTERM)
+        os._exit(code)
+
+
+def _embedded_node():
+    """The Ray node this driver started (None: no Ray, or a cluster joined by address)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+    except Exception:  # noqa: BLE001 - a private API: without it, Ray's own fate-sharing
+        return None
+    return node if node is not None and node.head else None  # a driver that joined a cluster: never ended
+
+
+def _node_processes(node) -> list[int]:
+    return [info.process.pid for infos in node.all_processes.values() for info in infos
+            if info.process is not None and info.process.poll() is None]
+
+
+def _hand_embedded_ray_over() -> bool:
+    """Tell the embedded Ray's watchdog which processes to end once this driver is gone (True: it
+    was told; False: there is no embedded Ray, or no watchdog)."""
+    from . import reaper
+
+    node = _embedded_node()
+    if node is None or not _WATCHDOGS:
+        return node is None
+    processes = [(pid, start) for pid in _node_processes(node) if (start := reaper._start_ticks(pid)) is not None]
+    watchdog = _WATCHDOGS[-1]
+    watchdog.stdin.write(reaper.stop_message(processes))
+    watchdog.stdin.flush()
+    return True
+
+
+def _signal_embedded_ray(sig: int) -> None:
+    node = _embedded_node()
+    for pid in _node_processes(node) if node is not None else []:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
 
 
 def peak_rss_bytes() -> int:

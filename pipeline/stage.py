@@ -12,13 +12,17 @@ and :func:`run_stage` does the rest, identically for every stage:
 
 1. **skip**: committed (``_SUCCESS.json``) with the current fingerprint, and its outputs still
    intact → return the committed stats; committed with another fingerprint → StaleStageError (3);
+   a committed file missing or of another size than its commit's manifest → DamagedFileError (3)
+   naming it and the ``--force-from`` stage (output shards deleted outright: the stage runs again);
 2. **require**: every stage it reads is committed, else PreconditionError (4) naming the missing
-   one; the stage's own ``check`` of its inputs passes (before anything is written);
+   one, and its files are as committed (sizes against its manifest, DamagedFileError (3)); the
+   stage's own ``check`` of its inputs passes (before anything is written);
 3. **claim**: record the fingerprint before the first part is written (partial parts of a run with
    other settings are refused, never mixed);
 4. **run** the stage (it resumes from its own committed parts) under the stall detector
    (:mod:`pipeline.watchdog`: no committed part and no progress for ``job.stall_timeout_s`` ->
-   StallError, exit 1), then **commit**: stats, then the marker, last; then remove the stage's
+   StallError, exit 1), then **commit**: stats, the manifest of every file it committed
+   (:mod:`pipeline.formats.manifest`), then the marker, last; then remove the stage's
    node-local caches (``node_caches``) on every node of the cluster.
 
 A stage's fingerprint hashes its own settings and every earlier stage's, so changing an embed
@@ -38,7 +42,9 @@ from typing import Any, Callable
 
 from . import runtime, watchdog, workdir
 from .config import JobConfig
-from .errors import PreconditionError
+from .errors import DamagedFileError, PreconditionError
+from .formats import manifest
+from .formats.manifest import Damage
 from .storage import Store
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,9 @@ class Stage:
     # namespaces of node-local caches the stage fills (storage.node_local_copy); removed on every
     # node once the stage commits
     node_caches: Callable[[JobConfig], list[str]] | None = None
+    # what the stage commits outside the workdir: (output.url, the names under it), recorded in its
+    # manifest with the files of its folder (the write stage's shards, _PLAN.json, _stats.json)
+    outside: Callable[[JobConfig], tuple[str, list[str]]] | None = None
 
     def directory(self, cfg: JobConfig) -> str:
         return workdir.stage_dir(cfg.workdir, self.name)
@@ -120,13 +129,44 @@ def committed_stats(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContex
     if not workdir.is_committed(store, directory, ctx.fingerprint, stage.name):
         return None
     stats = workdir.read_stats(store, directory) or {}
+    damage = damaged_files(stage.name, cfg, store)
     if stage.missing_outputs is not None:
         missing = stage.missing_outputs(cfg, store, stats)
         if missing:
+            # outputs deleted outright are written again; anything else damaged is refused first,
+            # or the new commit's manifest would take it for committed
+            refuse_damage(stage.name, [d for d in damage if not (d.problem.startswith("missing")
+                                                                  and not d.url.startswith(directory + "/"))])
             log.warning("stage %s was committed but %d of its outputs are gone (e.g. %s): running it again",
                         stage.name, len(missing), missing[0])
             return None
+    refuse_damage(stage.name, damage)
     return stats
+
+
+def damaged_files(name: str, cfg: JobConfig, store: Store, etags: bool = False) -> list[Damage]:
+    """The files of committed stage `name` that are missing or whose size differs from its commit's
+    manifest (one listing of its folder, and of output.url for the write stage). A stage committed
+    before manifests were recorded is accepted as it is (a log line)."""
+    directory = workdir.stage_dir(cfg.workdir, name)
+    recorded = manifest.read(store, directory)
+    if recorded is None:
+        log.info("stage %s: committed without %s (before manifests were recorded): its files are not checked",
+                 name, manifest.MANIFEST)
+        return []
+    return manifest.check(store, directory, recorded, cfg.output.url, etags=etags)
+
+
+def refuse_damage(name: str, damage: list[Damage]) -> None:
+    """DamagedFileError (exit 3) naming the first damaged file of committed stage `name` and the fix."""
+    if not damage:
+        return
+    more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+    first = damage[0]
+    raise DamagedFileError(
+        f"the committed {name} stage has {len(damage)} damaged file(s): {first.url}: {first.problem}{more}; "
+        f"rerun `d2prune run` with --force-from {name} to recompute it and every later stage "
+        "(`d2prune verify CONFIG` lists every damaged file)")
 
 
 def require_read_stages(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext) -> None:
@@ -140,6 +180,8 @@ def require_read_stages(stage: Stage, cfg: JobConfig, store: Store, ctx: StageCo
                 f"the {stage.name} stage needs the committed {name} stage: no {workdir.SUCCESS} in "
                 f"{directory} (run `d2prune run` or `d2prune {name}` first)"
             )
+    for name in stage.reads:  # every file it reads is as committed (sizes: one listing per folder)
+        refuse_damage(name, damaged_files(name, cfg, store))
 
 
 def run_stage(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext,
@@ -157,7 +199,8 @@ def run_stage(stage: Stage, cfg: JobConfig, store: Store, ctx: StageContext,
     workdir.claim(store, directory, ctx.fingerprint, stage.name)
     with watchdog.Watchdog(stage.name, cfg.job.stall_timeout_s, describe=runtime.describe_cluster):
         stats = stage.run(cfg, store, ctx)
-    workdir.commit(store, directory, ctx.fingerprint, stage.name, stats)
+    workdir.commit(store, directory, ctx.fingerprint, stage.name, stats,
+                   stage.outside(cfg) if stage.outside is not None else None)
     if stage.node_caches is not None:
         runtime.clear_node_caches(stage.node_caches(cfg))
     return stats, True

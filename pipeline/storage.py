@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -37,6 +38,7 @@ import fsspec
 from fsspec.core import split_protocol
 
 from .config import StorageConfig
+from .errors import DamagedFileError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -257,6 +259,35 @@ class CheckedReader:
                                      f"{_identity_of(info)}); rerun to read the new version from the start")
 
 
+def content_tag(info: dict[str, Any]) -> str | None:
+    """The content checksum an object store's listing or HEAD gives without reading the object
+    (S3's ETag, GCS's md5Hash / crc32c), unquoted; None where there is none (local files)."""
+    for key in ("ETag", "etag", "md5Hash", "crc32c"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return None
+
+
+@contextmanager
+def damaged_on_error(url: str):
+    """Reading committed file `url`: a parquet reader's "not a parquet file" (ArrowInvalid: bad
+    magic bytes, a footer past the end, a corrupt page) becomes a :class:`DamagedFileError` naming
+    the file and the stage to recompute (transient I/O errors pass through unchanged)."""
+    try:
+        yield
+    except DamagedFileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - classified below
+        import pyarrow as pa
+
+        if not isinstance(err, pa.ArrowInvalid):
+            raise
+        from .workdir import rerun_hint  # workdir imports this module
+
+        raise DamagedFileError(f"{url} is damaged: not a readable parquet file ({str(err).splitlines()[0]})"
+                               f"{rerun_hint(url)}") from err
+
+
 def _identity_of(info: dict[str, Any]) -> str:
     """What identifies an object's content without reading it: size and ETag / modification time."""
     keys = ("size", "ETag", "etag", "LastModified", "mtime", "last_modified")
@@ -328,6 +359,28 @@ class Store:
         except FileNotFoundError:
             return []
         return sorted(basename(e) for e in entries)
+
+    def list_files(self, url: str) -> dict[str, dict[str, Any]]:
+        """Every file under the folder `url`, at any depth: path relative to `url` -> ``{"size": n,
+        "etag": ...}`` (the content checksum the store's listing gives for free: S3's ETag, GCS's
+        md5; None locally). One recursive listing (one paginated LIST on an object store, not a HEAD
+        per file); hidden files (interrupted local writes, ``.name.tmp-…``) are left out; empty when
+        the folder does not exist."""
+        fs = self.fs(url)
+        root = self.path(url).rstrip("/")
+        try:
+            found = self.retry_policy.call(lambda: fs.find(root, detail=True, withdirs=False), f"{url}: list")
+        except FileNotFoundError:
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for path, info in found.items():
+            if info.get("type", "file") != "file" or not path.startswith(root + "/"):
+                continue
+            rel = path[len(root) + 1:]
+            if any(part.startswith(".") for part in rel.split("/")):
+                continue
+            out[rel] = {"size": int(info.get("size") or 0), "etag": content_tag(info)}
+        return out
 
     def glob(self, url: str) -> list[str]:
         fs = self.fs(url)
@@ -409,7 +462,7 @@ class Store:
     def read_parquet(self, url: str, columns: list[str] | None = None):
         import pyarrow.parquet as pq
 
-        with self.open(url, "rb") as fh:
+        with damaged_on_error(url), self.open(url, "rb") as fh:
             return pq.read_table(fh, columns=columns)
 
     # -- atomic writes ---------------------------------------------------------------------------

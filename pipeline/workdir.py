@@ -21,6 +21,8 @@ Stages talk through files (docs/design.md#5-files-each-stage-commits)::
     WORKDIR/write/plan.json, plan/part-*.parquet  the write stage's fixed shard plan (its _join/ is temporary)
     WORKDIR/<stage>/_FINGERPRINT.json       the settings fingerprint of the run that wrote parts there
     WORKDIR/<stage>/_stats.json             the stage's stats
+    WORKDIR/<stage>/_MANIFEST.json          every file the stage committed: path, size (checksum where the
+                                            store's listing has one); written just before the marker
     WORKDIR/<stage>/_SUCCESS.json           the commit marker (written last)
 
 Each file's schema, writer and checked reader live in :mod:`pipeline.formats`; how a stage uses
@@ -97,11 +99,36 @@ def claim(store: Store, directory: str, fingerprint: str, stage: str) -> None:
         store.write_json(url, {"fingerprint": fingerprint})
 
 
-def commit(store: Store, directory: str, fingerprint: str, stage: str, stats: dict[str, Any]) -> None:
-    """Write the stage's stats and then its commit marker (the marker is always last)."""
+def commit(store: Store, directory: str, fingerprint: str, stage: str, stats: dict[str, Any],
+           outside: tuple[str, list[str]] | None = None) -> None:
+    """Write the stage's stats, then the manifest of every file it committed (sizes, and the
+    store's checksums where its listing has them: :mod:`pipeline.formats.manifest`), then its
+    commit marker (always last). `outside`: (output.url, the names under it the stage committed)."""
+    from .formats import manifest  # formats modules import this one
+
     store.write_json(join(directory, STATS), stats)
+    manifest.record(store, directory, stage, fingerprint, outside)
     store.write_json(join(directory, SUCCESS),
                      {"stage": stage, "fingerprint": fingerprint, "committed_at": time.time()})
+
+
+def stage_of(url: str) -> str | None:
+    """The stage whose folder holds `url` (by the folder names of :data:`STAGE_DIRS`, nearest
+    first), or None."""
+    folders = {d: s for s, d in STAGE_DIRS.items()}
+    for part in reversed(url.rstrip("/").split("/")[:-1]):
+        if part in folders:
+            return folders[part]
+    return None
+
+
+def rerun_hint(url: str) -> str:
+    """``; rerun ... --force-from STAGE ...`` for a damaged file of a stage folder (else empty)."""
+    stage = stage_of(url)
+    if stage is None:
+        return ""
+    return (f"; rerun `d2prune run` with --force-from {stage} to recompute the {stage} stage and every later one "
+            "(`d2prune verify CONFIG` lists every damaged file)")
 
 
 def committed_parts(store: Store, directory: str) -> list[str]:

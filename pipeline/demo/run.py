@@ -119,6 +119,11 @@ def run_demo(out_dir: str = "d2prune-demo", quick: bool = False) -> str:
 
     setup_logging()
     started = time.perf_counter()
+    # the select stage's numba kernels compiled on the CPU the pool's generation leaves idle (a
+    # no-op once they are cached; the job runner would start it otherwise, behind Ray and the embed stage)
+    from ..warmup import start as start_warmup
+
+    start_warmup()
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     suffix = "-quick" if quick else ""

@@ -10,6 +10,7 @@
 | ``OUTPUT/shards/NNNNN.{tar,parquet}``, ``NNNNN_stats.json``, ``OUTPUT/_PLAN.json`` | :mod:`.output` |
 | DataComp's metadata parquet + npz (input) | :mod:`.datacomp` |
 | ``WORKDIR/*/_join/*.parquet`` (uid-bucketed intermediates) | :mod:`.buckets` |
+| ``WORKDIR/<stage>/_MANIFEST.json`` (every committed file's size and checksum) | :mod:`.manifest` |
 
 Stages, the report, the demo, the tests and the benchmarks read and write these files only
 through these modules.

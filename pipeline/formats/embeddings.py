@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.knn import prepare_vectors
-from ..storage import Store, basename, join
+from ..storage import Store, basename, damaged_on_error, join
 from ..workdir import committed_parts
 from .columns import fixed_list_to_numpy, fixed_size_list
 
@@ -167,7 +167,7 @@ def _layout(store: Store, urls: list[str], vector: str | None) -> tuple[list[int
 
     rows, widths = [], None
     for url in urls:
-        with store.open(url, "rb") as fh:
+        with damaged_on_error(url), store.open(url, "rb") as fh:
             pf = pq.ParquetFile(fh)
             schema = pf.schema_arrow
             rows.append(pf.metadata.num_rows)
@@ -184,7 +184,7 @@ def vector_widths(store: Store, part: EmbeddingPart, vector: str) -> tuple[int, 
     :func:`read_raw_vectors` puts them side by side (:func:`list_parts` checked every part agrees)."""
     import pyarrow.parquet as pq
 
-    with store.open(part.url, "rb") as fh:
+    with damaged_on_error(part.url), store.open(part.url, "rb") as fh:
         return _schema_widths(part.url, pq.ParquetFile(fh).schema_arrow, vector)
 
 
@@ -265,7 +265,7 @@ def numeric_columns(store: Store, part: EmbeddingPart) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with store.open(part.url, "rb") as fh:
+    with damaged_on_error(part.url), store.open(part.url, "rb") as fh:
         schema = pq.ParquetFile(fh).schema_arrow
     return [f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
 
@@ -276,7 +276,7 @@ def read_filter_columns(store: Store, part: EmbeddingPart) -> dict[str, np.ndarr
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with store.open(part.url, "rb") as fh:
+    with damaged_on_error(part.url), store.open(part.url, "rb") as fh:
         pf = pq.ParquetFile(fh)
         missing = [c for c in FILTER_COLUMNS if c not in pf.schema_arrow.names]
         if missing:

@@ -64,7 +64,7 @@ import numba
 import numpy as np
 
 from ..core.basic_filter import RULES
-from ..storage import Store, join
+from ..storage import Store, damaged_on_error, join
 from ..workdir import committed_parts
 
 SELECTED = "selected.parquet"
@@ -104,7 +104,8 @@ def read_selected(store: Store, directory: str, columns: list[str] | None = None
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    with store.open(join(directory, SELECTED), "rb") as fh:
+    url = join(directory, SELECTED)
+    with damaged_on_error(url), store.open(url, "rb") as fh:
         pf = pq.ParquetFile(fh)
         flag = not ranked and "selected" in pf.schema_arrow.names
         cols = None if columns is None else list(dict.fromkeys(columns + (["selected"] if flag else [])))
@@ -133,7 +134,7 @@ def iter_node_batches(store: Store, url: str, columns: list[str], batch_rows: in
     rows, in its (node) order: a reader never holds more than one batch of a partition."""
     import pyarrow.parquet as pq
 
-    with store.open(url, "rb") as fh:
+    with damaged_on_error(url), store.open(url, "rb") as fh:
         for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns):
             yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..config import JobConfig, output_settings
 from ..errors import StaleStageError
-from ..formats.output import OUTPUT_PLAN, SIZES, STATS
+from ..formats.output import OUTPUT_PLAN, SHARDS_DIR, SIZES, STATS
 from ..runtime import init_ray
 from ..stage import Stage, StageContext
 from ..steps import Step, run_step
@@ -160,5 +160,10 @@ def _extract(stats: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, A
     return {k: stats.get(k) for k in keys} if stats else None
 
 
+def committed_outside(cfg: JobConfig) -> tuple[str, list[str]]:
+    """What the stage commits under output.url (recorded in its manifest, checked like its folder)."""
+    return cfg.output.url, [SHARDS_DIR, OUTPUT_PLAN, STATS]
+
+
 STAGE = Stage(name=WRITE, reads=(EMBED, SELECT), settings=settings, run=run,
-              missing_outputs=missing_outputs, clear_outputs=clear_output)
+              missing_outputs=missing_outputs, clear_outputs=clear_output, outside=committed_outside)
