@@ -46,11 +46,26 @@ def _start_ticks(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid`."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and _parent(int(name)) == pid]
+
+
 def instance_processes(raylet_pid: int, raylet_start: int, node_id: str | None = None) -> list[int]:
     """Live processes of this user started by the Ray instance whose raylet is `raylet_pid` (started
-    at `raylet_start`; its node `node_id`), the raylet included. (Ray 2.60 starts its agents with
-    ``RAY_NODE_ID`` but without ``RAY_RAYLET_PID`` in their environment: without the node id they
-    are not found.)"""
+    at `raylet_start`; its node `node_id`), the raylet included: its children (the agents: Ray 2.60
+    starts them with neither ``RAY_RAYLET_PID`` nor, in some set-ups, ``RAY_NODE_ID`` in their
+    environment, and they ignore SIGTERM) and whatever names the raylet or the node in its
+    environment (the workers)."""
     markers = {f"RAY_RAYLET_PID={raylet_pid}".encode()}
     if node_id:
         markers.add(f"RAY_NODE_ID={node_id}".encode())
@@ -66,7 +81,7 @@ def instance_processes(raylet_pid: int, raylet_start: int, node_id: str | None =
             start = _start_ticks(pid)
             if start is None or start < raylet_start:
                 continue
-            if pid == raylet_pid:
+            if pid == raylet_pid or _parent(pid) == raylet_pid:
                 found.append(pid)
                 continue
             with open(f"/proc/{pid}/environ", "rb") as fh:

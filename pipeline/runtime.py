@@ -543,7 +543,10 @@ def _hand_embedded_ray_over() -> bool:
     node = _embedded_node()
     if node is None or not _WATCHDOGS:
         return node is None
-    processes = [(pid, start) for pid in _node_processes(node) if (start := reaper._start_ticks(pid)) is not None]
+    pids = _node_processes(node)
+    # and the raylets' children (the agents): once a raylet is gone nothing else names them
+    pids += [child for pid in pids for child in reaper.children(pid)]
+    processes = [(pid, start) for pid in pids if (start := reaper._start_ticks(pid)) is not None]
     watchdog = _WATCHDOGS[-1]
     watchdog.stdin.write(reaper.stop_message(processes))
     watchdog.stdin.flush()

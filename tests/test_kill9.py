@@ -6,20 +6,19 @@ do not outlive it, a second concurrent run refuses (exit 5), and stdout holds on
 
 from __future__ import annotations
 
-import glob
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import yaml
 
 from pipeline.errors import EXIT_BUSY
 from pipeline.job import run_job
-from pipeline.reaper import _start_ticks, instance_processes
+from pipeline.reaper import instance_processes
 from pipeline.testing import write_pool
+
+from tiny_job import committed_files, raylet_of, wait_for, write_config  # tests/tiny_job.py (tests/ is on sys.path)
 
 pytestmark = pytest.mark.slow
 
@@ -36,65 +35,9 @@ KILL_POINTS = [
 ]
 
 
-def _config(root, pool, tiny_model_config) -> str:
-    raw = {
-        "workdir": str(root / "work"),
-        "input": {"shards": pool.shards},
-        "embed": {"model": "d2prune-tiny", "model_config_path": tiny_model_config, "pretrained": None,
-                  "batch_size": 8, "cpus_per_actor": 1, "torch_threads": 1},
-        "graph": {"k": 4, "index": "ivfflat", "nlist": 2, "nprobe": 2, "train_size": 1000, "recall_sample": 0},
-        "select": {"prune_rate": 0.5},
-        "output": {"url": str(root / "out"), "samples_per_shard": 10},
-        "ray": {"num_cpus": 2, "object_store_memory": 200_000_000},
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "job.yaml").write_text(yaml.safe_dump(raw))
-    return str(root / "job.yaml")
-
-
-def _artefacts(root) -> dict[str, bytes]:
-    out = {}
-    for pattern in ("work/embeddings/part-*.parquet", "work/graph/part-*.parquet", "work/selection/*.parquet",
-                    "work/selection/*.npy", "work/selection/nodes/*.parquet", "work/selection/decisions.parquet/*",
-                    "out/shards/*"):
-        for path in sorted(p for p in glob.glob(str(root / pattern)) if os.path.isfile(p)):
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, root)] = fh.read()
-    return out
-
-
 def _start(config: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", config], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def _raylet_of(pid: int) -> tuple[int, int] | None:
-    """(pid, start) of the raylet the driver `pid` started, if it has one yet."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                stat = fh.read()
-            with open(f"/proc/{name}/cmdline", "rb") as fh:
-                cmdline = fh.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if ppid == pid and b"raylet/raylet" in cmdline:
-            return int(name), _start_ticks(int(name))
-    return None
-
-
-def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 600) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -104,17 +47,17 @@ def pool(tmp_path_factory):
 
 def test_kill_9_everywhere_then_the_same_output(tmp_path, pool, tiny_model_config, ray_local):
     reference_root = tmp_path / "reference"
-    run_job(_config(reference_root, pool, tiny_model_config))
-    reference = _artefacts(reference_root)
+    run_job(write_config(reference_root, pool.shards, tiny_model_config))
+    reference = committed_files(reference_root)
 
     root = tmp_path / "killed"
-    config = _config(root, pool, tiny_model_config)
+    config = write_config(root, pool.shards, tiny_model_config)
     rayless = []
     for where, marker in KILL_POINTS:
         proc = _start(config)
         if where == KILL_POINTS[0][0]:
             # a second run while this one holds the workdir (frozen meanwhile, so it surely does)
-            assert _wait_for(str(root / "work" / "_LEASE.json"), proc, timeout=300)
+            assert wait_for(str(root / "work" / "_LEASE.json"), proc, timeout=300)
             proc.send_signal(signal.SIGSTOP)
             try:
                 second = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", config], capture_output=True,
@@ -123,8 +66,8 @@ def test_kill_9_everywhere_then_the_same_output(tmp_path, pool, tiny_model_confi
                 proc.send_signal(signal.SIGCONT)
             assert second.returncode == EXIT_BUSY, second.stderr[-2000:]
             assert f"pid {proc.pid}" in second.stderr.strip().splitlines()[-1]
-        appeared = _wait_for(str(root / marker), proc)
-        raylet = _raylet_of(proc.pid)
+        appeared = wait_for(str(root / marker), proc)
+        raylet = raylet_of(proc.pid)
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate()
         assert appeared, f"{where}: {marker} never appeared; the run ended with {proc.returncode}:\n{err[-3000:]}"
@@ -144,4 +87,4 @@ def test_kill_9_everywhere_then_the_same_output(tmp_path, pool, tiny_model_confi
     assert final.returncode == 0, err[-3000:]
     lines = out.strip().splitlines()
     assert lines[0] == "d2prune summary" and all(line.startswith("  ") for line in lines[1:]), out  # nothing else
-    assert _artefacts(root) == reference
+    assert committed_files(root) == reference

@@ -11,7 +11,6 @@ run finishes, and everything committed is byte-identical to an uninterrupted run
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import signal
@@ -20,15 +19,16 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from pipeline.job import run_job
 from pipeline.lease import LEASE, holder
-from pipeline.reaper import _start_ticks, instance_processes
+from pipeline.reaper import instance_processes
 from pipeline.runtime import STOP_GRACE_S
 from pipeline.storage import Store
 from pipeline.testing import write_pool
 from pipeline.workdir import SUCCESS, stage_dir
+
+from tiny_job import committed_files, processes, raylet_of, wait_for, write_config  # tests/tiny_job.py (tests/ is on sys.path)
 
 pytestmark = pytest.mark.slow
 
@@ -49,62 +49,6 @@ STOPS = [
 LINE = re.compile(r"^d2prune: stopped by (SIG[A-Z]+)(?: during the (\w+) stage)?; rerun the same command to resume$")
 
 
-def _config(root, pool, tiny_model_config) -> str:
-    raw = {
-        "workdir": str(root / "work"),
-        "input": {"shards": pool.shards},
-        "embed": {"model": "d2prune-tiny", "model_config_path": tiny_model_config, "pretrained": None,
-                  "batch_size": 8, "cpus_per_actor": 1, "torch_threads": 1},
-        "graph": {"k": 4, "index": "ivfflat", "nlist": 2, "nprobe": 2, "train_size": 1000, "recall_sample": 0},
-        "select": {"prune_rate": 0.5},
-        "output": {"url": str(root / "out"), "samples_per_shard": 10},
-        "ray": {"num_cpus": 2, "object_store_memory": 200_000_000},
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "job.yaml").write_text(yaml.safe_dump(raw))
-    return str(root / "job.yaml")
-
-
-def _artefacts(root) -> dict[str, bytes]:
-    """Every file the stages commit (parts, selection, subsets, output shards)."""
-    out = {}
-    for pattern in ("work/embeddings/part-*.parquet", "work/embeddings/_skipped/*.parquet", "work/graph/part-*.parquet",
-                    "work/selection/*.parquet", "work/selection/*.npy", "work/selection/nodes/*.parquet",
-                    "work/selection/decisions.parquet/*", "out/shards/*"):
-        for path in sorted(p for p in glob.glob(str(root / pattern)) if os.path.isfile(p)):
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, root)] = fh.read()
-    return out
-
-
-def _raylet_of(pid: int) -> tuple[int, int] | None:
-    """(pid, start) of the raylet the driver `pid` started."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                stat = fh.read()
-            with open(f"/proc/{name}/cmdline", "rb") as fh:
-                cmdline = fh.read()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and b"raylet/raylet" in cmdline:
-            return int(name), _start_ticks(int(name))
-    return None
-
-
-def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 600) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
-
-
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     return write_pool(str(tmp_path_factory.mktemp("signals-pool")), n_shards=4, per_shard=20, seed=21, broken=True)
@@ -112,21 +56,12 @@ def pool(tmp_path_factory):
 
 def _session(sid: int) -> list[str]:
     """Live (not zombie) processes of session `sid`: 'pid state command'."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                stat = fh.read()
-            with open(f"/proc/{name}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")[:120]
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-            found.append(f"{name} {fields[0]} {cmdline}")
-    return found
+    return [f"{pid} {fields[0]} {_command(cmdline)}" for pid, fields, cmdline in processes()
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X")]
+
+
+def _command(cmdline: bytes) -> str:
+    return cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
 
 
 def _gone_within(seconds: float, probe) -> list:
@@ -140,11 +75,11 @@ def _gone_within(seconds: float, probe) -> list:
 
 def test_sigterm_and_sigint_stop_cleanly_and_resume(tmp_path, pool, tiny_model_config, ray_local):
     reference_root = tmp_path / "reference"
-    run_job(_config(reference_root, pool, tiny_model_config))
-    reference = _artefacts(reference_root)
+    run_job(write_config(reference_root, pool.shards, tiny_model_config))
+    reference = committed_files(reference_root)
 
     root = tmp_path / "stopped"
-    config = _config(root, pool, tiny_model_config)
+    config = write_config(root, pool.shards, tiny_model_config)
     work = str(root / "work")
     for n, (what, where, sig, group, command) in enumerate(STOPS):
         stage = where.split(":")[0]
@@ -152,8 +87,8 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tmp_path, pool, tiny_model_c
         proc = subprocess.Popen(PARKED + [where, parked] + command + [config], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own session and group: the job's processes
-        appeared = _wait_for(parked, proc)
-        raylet = _raylet_of(proc.pid)
+        appeared = wait_for(parked, proc, poll_s=0.02)
+        raylet = raylet_of(proc.pid)
         sent = time.monotonic()
         (os.killpg if group else os.kill)(proc.pid, sig)
         try:
@@ -183,11 +118,12 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tmp_path, pool, tiny_model_c
         assert not os.path.exists(os.path.join(work, LEASE)) and holder(Store(), work) is None, what
 
         # nothing of the job is left: its session (driver, GCS, raylet, agents, workers), its Ray instance
-        assert _gone_within(10, lambda: _session(proc.pid)) == [], f"{what}: the job's processes survive"
+        left = _gone_within(10, lambda: _session(proc.pid))
+        assert left == [], f"{what}: the job's processes survive: {left}"
         assert _gone_within(10, lambda: instance_processes(*raylet)) == [], f"{what}: its Ray's processes survive"
 
     final = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", config], capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, final.stderr[-3000:]
     assert final.stdout.splitlines()[0] == "d2prune summary"
     assert "stage graph: already committed" in final.stderr  # it resumed what the stopped runs committed
-    assert _artefacts(root) == reference
+    assert committed_files(root) == reference

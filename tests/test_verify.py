@@ -10,7 +10,6 @@ import os
 import shutil
 
 import pytest
-import yaml
 
 from pipeline.cli import main
 from pipeline.errors import EXIT_OK, EXIT_STALE
@@ -18,23 +17,9 @@ from pipeline.formats import manifest
 from pipeline.storage import Store, join
 from pipeline.testing import write_pool
 
+from tiny_job import write_config  # tests/tiny_job.py (tests/ is on sys.path)
+
 pytestmark = pytest.mark.slow
-
-
-def _config(root, pool_shards, tiny_model_config) -> str:
-    raw = {
-        "workdir": str(root / "work"),
-        "input": {"shards": pool_shards},
-        "embed": {"model": "d2prune-tiny", "model_config_path": tiny_model_config, "pretrained": None,
-                  "batch_size": 8, "num_actors": 1, "cpus_per_actor": 1, "torch_threads": 1},
-        "graph": {"k": 4, "index": "flat", "recall_sample": 0},
-        "select": {"prune_rate": 0.5},
-        "output": {"url": str(root / "out"), "samples_per_shard": 10},
-        "ray": {"num_cpus": 2, "object_store_memory": 200_000_000},
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "job.yaml").write_text(yaml.safe_dump(raw))
-    return str(root / "job.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +28,8 @@ def committed(tmp_path_factory, tiny_model_config, ray_local):
     base = tmp_path_factory.mktemp("verify")
     pool = write_pool(str(base / "pool"), n_shards=3, per_shard=20, seed=3, broken=False)
     root = base / "job"
-    config = _config(root, pool.shards, tiny_model_config)
+    config = write_config(root, pool.shards, tiny_model_config, graph={"k": 4, "index": "flat", "recall_sample": 0},
+                          embed={"num_actors": 1})
     assert main(["run", config]) == 0
     for name in ("work", "out"):
         shutil.copytree(root / name, base / "pristine" / name)

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..core.d2 import NEGATIVE_DISTANCE_TOLERANCE
 from ..formats.buckets import BucketedWriter, gather_bucket, repeated_uids, uid_positions
-from ..formats.graph import NODES, read_part
+from ..formats.graph import NODES
 from ..formats.shuffle import ColumnFile, bucket_order, read_buckets, write_columns
 from ..storage import Store, join
 from .plan import GraphPart, SelectPlan
