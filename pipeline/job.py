@@ -25,31 +25,21 @@ from typing import Any, Iterator
 from . import warmup, workdir
 from .config import ConfigError, JobConfig, input_folders, load_config
 from .core.d2 import budget_for
-from .embed.stage import STAGE as EMBED_STAGE
 from .errors import LeaseHeldError, UsageError
-from .graph.stage import STAGE as GRAPH_STAGE
 from .graph.stage import index_sizes
 from .lease import Lease, acquire, describe, holder
 from .runtime import check_cluster_paths, init_ray
-from .select.stage import STAGE as SELECT_STAGE
-from .stage import Hooks, Stage, StageContext, damaged_files, fingerprints, refuse_damage, run_stage
+from .stage import Hooks, StageContext, damaged_files, refuse_damage, run_stage
+from .stages import BY_NAME, STAGE_NAMES, STAGES, stage_fingerprints  # noqa: F401 - STAGES: the runner's API too
 from .storage import Store, join
 from .summary import summarize
 from .workdir import EMBED, GRAPH, SELECT
-from .write.stage import STAGE as WRITE_STAGE
 
 log = logging.getLogger("d2prune")
 
-STAGES: tuple[Stage, ...] = (EMBED_STAGE, GRAPH_STAGE, SELECT_STAGE, WRITE_STAGE)
 # The report reads every sample's uid, shard, key and score into the driver; above this many it is
 # left to `d2prune report WORKDIR` rather than risk the job's driver memory after the work is done.
 REPORT_MAX_SAMPLES = 5_000_000
-STAGE_NAMES = tuple(s.name for s in STAGES)
-BY_NAME = {s.name: s for s in STAGES}
-
-
-def stage_fingerprints(cfg: JobConfig) -> dict[str, str]:
-    return fingerprints(cfg, STAGES)
 
 
 def force_from(cfg: JobConfig, store: Store, name: str) -> None:
@@ -91,9 +81,9 @@ def check_pool_size(cfg: JobConfig, store: Store, name: str, prints: dict[str, s
     lists that this N can hold and train (the graph stage's own rule). ConfigError (exit 2) naming the field."""
     if name not in (GRAPH, SELECT):
         return
-    if not workdir.is_committed(store, EMBED_STAGE.directory(cfg), prints[EMBED], EMBED):
+    if not workdir.is_committed(store, BY_NAME[EMBED].directory(cfg), prints[EMBED], EMBED):
         return  # the stage itself refuses (a stage it reads is not committed)
-    stats = workdir.read_stats(store, EMBED_STAGE.directory(cfg)) or {}
+    stats = workdir.read_stats(store, BY_NAME[EMBED].directory(cfg)) or {}
     n = int(stats.get("samples", 0))
     if n == 0:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted((stats.get("skipped") or {}).items())) or "nothing"
@@ -210,7 +200,7 @@ def job_summary(cfg: JobConfig, store: Store, results: dict[str, Any]) -> dict[s
     summary.update(
         seconds=results["seconds"],
         skipped_stages=results["skipped"],
-        selection=join(SELECT_STAGE.directory(cfg), "selected.parquet") if stats[SELECT] else None,
+        selection=join(BY_NAME[SELECT].directory(cfg), "selected.parquet") if stats[SELECT] else None,
     )
     return summary
 

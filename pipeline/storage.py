@@ -282,7 +282,7 @@ def damaged_on_error(url: str):
 
         if not isinstance(err, pa.ArrowInvalid):
             raise
-        from .workdir import rerun_hint  # workdir imports this module
+        from .stage_names import rerun_hint
 
         raise DamagedFileError(f"{url} is damaged: not a readable parquet file ({str(err).splitlines()[0]})"
                                f"{rerun_hint(url)}") from err

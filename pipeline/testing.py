@@ -777,7 +777,7 @@ def create_bucket(endpoint_url: str, bucket: str, region: str = "us-east-1") -> 
 def commit_stage(store: Store, cfg: JobConfig, stage: str, stats: dict[str, Any]) -> None:
     """Mark `stage` committed with `cfg`'s fingerprint, as the stage itself would (tests that write
     a stage's files by hand use it to stand in for the stage)."""
-    from .job import stage_fingerprints
+    from .stages import stage_fingerprints
     from .workdir import commit, stage_dir
 
     commit(store, stage_dir(cfg.workdir, stage), stage_fingerprints(cfg)[stage], stage, stats)
@@ -786,7 +786,7 @@ def commit_stage(store: Store, cfg: JobConfig, stage: str, stats: dict[str, Any]
 def is_committed(store: Store, cfg: JobConfig, stage: str) -> bool:
     """Whether `stage` is committed with `cfg`'s settings (StaleStageError when with others)."""
     from . import workdir
-    from .job import stage_fingerprints
+    from .stages import stage_fingerprints
 
     return workdir.is_committed(store, workdir.stage_dir(cfg.workdir, stage), stage_fingerprints(cfg)[stage], stage)
 

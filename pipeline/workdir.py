@@ -36,12 +36,9 @@ import time
 from typing import Any
 
 from .errors import StaleStageError
+from .stage_names import EMBED, GRAPH, SELECT, STAGE_DIRS, WRITE  # the stages' names and folders, re-exported
 from .storage import Store, basename, join
 
-# The stages' names (what a Stage declares and reads, what --force-from takes) and their folders:
-# every stage finds another's folder through stage_dir(workdir, NAME).
-EMBED, GRAPH, SELECT, WRITE = "embed", "graph", "select", "write"
-STAGE_DIRS = {EMBED: "embeddings", GRAPH: "graph", SELECT: "selection", WRITE: "write"}
 SUCCESS = "_SUCCESS.json"
 FINGERPRINT = "_FINGERPRINT.json"
 STATS = "_stats.json"
@@ -110,25 +107,6 @@ def commit(store: Store, directory: str, fingerprint: str, stage: str, stats: di
     manifest.record(store, directory, stage, fingerprint, outside)
     store.write_json(join(directory, SUCCESS),
                      {"stage": stage, "fingerprint": fingerprint, "committed_at": time.time()})
-
-
-def stage_of(url: str) -> str | None:
-    """The stage whose folder holds `url` (by the folder names of :data:`STAGE_DIRS`, nearest
-    first), or None."""
-    folders = {d: s for s, d in STAGE_DIRS.items()}
-    for part in reversed(url.rstrip("/").split("/")[:-1]):
-        if part in folders:
-            return folders[part]
-    return None
-
-
-def rerun_hint(url: str) -> str:
-    """``; rerun ... --force-from STAGE ...`` for a damaged file of a stage folder (else empty)."""
-    stage = stage_of(url)
-    if stage is None:
-        return ""
-    return (f"; rerun `d2prune run` with --force-from {stage} to recompute the {stage} stage and every later one "
-            "(`d2prune verify CONFIG` lists every damaged file)")
 
 
 def committed_parts(store: Store, directory: str) -> list[str]:

@@ -98,7 +98,7 @@ def read(store: Store, directory: str) -> dict[str, Any] | None:
     import json
 
     from ..errors import DamagedFileError
-    from ..workdir import rerun_hint
+    from ..stage_names import rerun_hint
 
     url = join(directory, MANIFEST)
     if not store.exists(url):
