@@ -36,23 +36,23 @@ log = logging.getLogger(__name__)
 GRACE_S = 3.0
 
 
-def _start_ticks(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (/proc/PID/stat field 22)."""
+def _stat_field(pid: int, index: int) -> int | None:
+    """Field `index` of /proc/PID/stat, counted from the one after the command name (None: gone)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             stat = fh.read()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    return int(stat[stat.rindex(")") + 2:].split()[index])
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot (/proc/PID/stat field 22)."""
+    return _stat_field(pid, 19)
 
 
 def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
+    return _stat_field(pid, 1)
 
 
 def children(pid: int) -> list[int]:
