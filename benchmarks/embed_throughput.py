@@ -2,6 +2,7 @@
 
     python benchmarks/embed_throughput.py --json benchmarks/results/embed_throughput.json
     python benchmarks/embed_throughput.py --quick        # under three minutes on a 2-core CPU
+    python benchmarks/embed_throughput.py --tiny-only    # the tiny model alone: the stage's own overheads
     python benchmarks/embed_throughput.py --device cuda --json embed_gpu.json --md embed_gpu.md
 
 For each model (open_clip's built-in ViT-B-32 with random weights, ``pretrained=None``: it costs what
@@ -22,6 +23,9 @@ a user's ViT-B-32 costs; then the tiny test model as a second row):
   Ray's processes apart from the driver's), before and after the stage, each time one warm-up
   batch then the best of two timed passes; the best of all is used, which makes the reported
   ratio a lower bound (noise on a shared machine only slows runs down).
+
+Each row also says what reached the stage's driver (``driver_received``: records and bytes from the
+actors, commit records; none of the rows, which writer actors commit) and how many writers committed.
 
 ``--device cuda`` (``benchmarks/gpu/run_embed_gpu.sh`` runs it in one go): ViT-B-32 and ViT-L-14 with
 random weights, bf16 autocast where the GPU has it. The batch is the stage's own ``batch_size:
@@ -320,6 +324,9 @@ def bench_model(name: str, model: str, model_config_path: str | None, shards: in
             "ratio_end_to_end": round(stats["samples"] / wall / bare, 3),
             "gpu_util_percent": r["gpu_util"],
             "cpu_cores_used": r["cpu_cores_used"],
+            # what passed through the driver (absent before the writer actors: every row did)
+            "driver_received": stats.get("driver_received"),
+            "part_writers": (stats.get("part_writers") or {}).get("actors"),
         })
     return out
 
@@ -362,6 +369,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="cuda: pool sized for about this many seconds at the bare loop's speed, per model")
     parser.add_argument("--max-samples", type=int, default=100_000, help="cuda: the most samples in a model's pool")
     parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--tiny-only", action="store_true",
+                        help="only the tiny test model (CPU): its forward is cheap enough to expose the stage's "
+                             "own overheads (the driver, the hand-off to the writers)")
+    parser.add_argument("--tiny-shards", type=int, default=None, help="tiny pool: shards (default 8, 4 with --quick)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -375,11 +386,16 @@ def main(argv: list[str] | None = None) -> dict:
     if gpu and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU")
     models = (args.models or ("ViT-B-32,ViT-L-14" if gpu else "ViT-B-32")).split(",")
+    if args.tiny_only:
+        if gpu or args.skip_tiny:
+            parser.error("--tiny-only runs the tiny model on the CPU (no --device cuda, no --skip-tiny)")
+        models = []
     threads = args.threads or (4 if gpu else os.cpu_count())
     image_size = args.image_size or (384 if gpu else 256)
     decode = {"cpu": (False,), "device": (True,), "both": (True, False)}[args.decode or ("both" if gpu else "cpu")]
     root = tempfile.mkdtemp(prefix="d2prune-embed-bench-")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+    loadavg_at_start = os.getloadavg()
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,  # its own Ray, not one already up here
              object_store_memory=(8 if gpu else 0.5) * 10**9, log_to_driver=False)
     # Start reading only once the model actor is up. Otherwise the read tasks decode the whole
     # (benchmark-sized) pool while the actor loads, and the measured window would see no decoding
@@ -403,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 bare_samples=2 * batch if args.quick else 4 * batch, decode_variants=decode)
         if not gpu and not args.skip_tiny:
             tiny_shards, tiny_per = (4, 256) if args.quick else (8, 512)
+            tiny_shards = args.tiny_shards or tiny_shards
             rows += bench_model("tiny", TINY_MODEL_NAME, tiny_model_config_path(), tiny_shards, tiny_per,
                                 256, threads, image_size, root, bare_samples=10**9, decode_variants=decode)
     finally:
@@ -415,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         "argv": list(argv if argv is not None else sys.argv[1:]),
         "quick": args.quick,
         "ratio": rows[0]["ratio"],
+        "loadavg_at_start": loadavg_at_start,
         "ratio_definition": "stage steady-state samples/s / bare model forward samples/s (first row)",
         "rows": rows,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -101,10 +101,12 @@ class StorageConfig(_Section):
 
 
 class InputConfig(_Section):
-    shards: str | list[str] = Field(
-        ...,
+    shards: str | list[str] | None = Field(
+        None,
         description="WebDataset shards: one URL, a brace pattern ('s3://b/pool/{00000..00099}.tar') "
-        "or a list of either. Any fsspec URL or local path.",
+        "or a list of either. Any fsspec URL or local path. Optional with embed.encoder 'precomputed': "
+        "without shards the pool is the metadata's rows and the job writes OUTPUT/metadata/ (filter "
+        "before you download).",
     )
     image_exts: list[str] = Field(
         ["jpg", "jpeg", "png", "webp"], description="Sample member extensions holding the image, in order of preference."
@@ -124,6 +126,12 @@ class InputConfig(_Section):
         description="A shard that is missing, not a tar, or still unreadable after storage.read_attempts is skipped "
         "(named in the embed stats and the summary) instead of failing the job. Part of the embed fingerprint.",
     )
+
+
+# Fields that shape a metadata-only job's parts only: out of the embed fingerprint a job with shards
+# gets (a workdir embedded before they existed is reused), in the metadata-only one
+# (pipeline.embed.metadata_only.settings)
+METADATA_ONLY = {AFFECTS_OUTPUT: False, "metadata_only": True}
 
 
 class PrecomputedConfig(_Section):
@@ -164,6 +172,30 @@ class PrecomputedConfig(_Section):
     shards_per_task: int = Field(
         16, gt=0, json_schema_extra=NOT_OUTPUT, description="Input shards read (json uids, captions, sizes) per Ray "
         "task of the join.",
+    )
+    layout: Literal["datacomp", "laion"] = Field(
+        "datacomp", json_schema_extra=METADATA_ONLY, description="datacomp: `metadata` names parquet files with an .npz beside each (image_key, "
+        "text_key arrays). laion: `metadata` is a folder holding img_emb/img_emb_{i}.npy, text_emb/text_emb_{i}.npy "
+        "and metadata/metadata_{i}.parquet, row-aligned (clip-retrieval inference, LAION's released embeddings); "
+        "metadata-only (no input.shards).",
+    )
+    id_column: str | None = Field(
+        None, json_schema_extra=METADATA_ONLY, description="Metadata-only: the column identifying a sample (default: 'uid' for datacomp, 'url' for "
+        "laion). A value of 32 hex digits is the sample's uid as it is (DataComp's); any other value becomes uid = "
+        "md5 of its UTF-8 text (DataComp's own rule: its uid is the md5 of the url), and OUTPUT/metadata keeps the "
+        "value itself as `id`.",
+    )
+    url_column: str = Field("url", json_schema_extra=METADATA_ONLY, description="Metadata-only: the column holding the image URL (OUTPUT/metadata `url`).")
+    caption_column: str | None = Field(
+        None, json_schema_extra=METADATA_ONLY, description="Metadata-only: the caption column (default: 'text' for datacomp, 'caption' for laion).")
+    use_sidecar: bool = Field(
+        True, json_schema_extra=NOT_OUTPUT, description="With input.shards: read each shard's img2dataset NNNNNNNN.parquet (status 'success' rows, "
+        "checked against NNNNNNNN_stats.json 'successes') instead of the whole tar; a shard without them, or whose "
+        "counts disagree, is read from its tar.",
+    )
+    part_rows: int = Field(
+        100_000, gt=0, json_schema_extra=METADATA_ONLY, description="Metadata-only: metadata rows per embedding part (a part is a fixed row range of "
+        "one metadata file, so node = part offset + row among the part's kept rows).",
     )
 
     @field_validator("image_key", "text_key")
@@ -239,9 +271,9 @@ class EmbedConfig(_Section):
     )
     uid_registry_actors: int | Literal["auto"] = Field(
         "auto", json_schema_extra=NOT_OUTPUT, description="Where the cross-shard duplicate-uid check keeps the uids "
-        "seen (8 bytes each): 1 = in the driver; n > 1 = split by uid hash over n Ray actors (0 CPUs each), so no "
-        "process holds the pool's uids. auto = one actor per 50 million uids the pool is estimated to hold (the "
-        "first committed shard's samples x the shard count), in the driver below that. Changes where, never what.",
+        "seen (8 bytes each): in n Ray actors (0 CPUs each), split by uid hash when n > 1, so no process holds a "
+        "large pool's uids (never the driver). auto = one actor per 50 million uids the pool is estimated to hold "
+        "(the first committed shard's samples x the shard count), at least one. Changes where, never what.",
     )
     precomputed: PrecomputedConfig | None = Field(None, description="Required when encoder = precomputed.")
 
@@ -362,6 +394,69 @@ class PrefilterConfig(_Section):
         "offline), more than 2 words and 5 characters, smaller image side >= 200 px, aspect ratio <= 3. The samples "
         "that pass are the pool selected from: prune_rate, keep_rates and beta are fractions of them.",
     )
+    exact_duplicates: bool = Field(
+        False, description="Samples whose image bytes are identical (the embedding parts' sha256 column) keep one, "
+        "the earliest by (shard, position) among those the basic filter keeps; the others leave the pool "
+        "(reason exact_duplicate, blame_uid = the kept sample). Applied after the basic filter, before "
+        "decontaminate and beta.",
+    )
+    decontaminate: DecontaminateConfig | None = Field(
+        None, description="Evaluation sets whose near-copies leave the pool (reason eval_duplicate): every sample "
+        "whose image vector has cosine >= threshold to an evaluation image. Applied after exact_duplicates, "
+        "before beta. null = off.",
+    )
+
+
+class EvalSetConfig(_Section):
+    """One evaluation set of ``select.prefilter.decontaminate``: WebDataset shards of images (embedded
+    by the job with the pool's own model) or precomputed image vectors with an id per row."""
+
+    name: str = Field(..., min_length=1, description="The set's name (decisions.parquet's eval_set).")
+    shards: str | list[str] | None = Field(
+        None, description="WebDataset shards of the evaluation images (brace pattern, glob or list of URLs), "
+        "embedded with embed's model; item id = the sample's key.",
+    )
+    vectors: str | None = Field(
+        None, description="Precomputed image vectors, the pool's width: .npy (2-D; ids are row numbers), .npz "
+        "(arrays 'vectors' and optional 'ids') or .parquet (columns 'id' and 'vector').",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EvalSetConfig":
+        if (self.shards is None) == (self.vectors is None):
+            raise ValueError(f"evaluation set {self.name!r}: give exactly one of shards or vectors")
+        if self.vectors is not None and not self.vectors.endswith((".npy", ".npz", ".parquet")):
+            raise ValueError(f"evaluation set {self.name!r}: vectors must be a .npy, .npz or .parquet file, "
+                             f"got {self.vectors}")
+        return self
+
+
+# cosine at or above which a pool image counts as a copy of an evaluation image: the highest F1 on
+# the copies with at most a 10% crop in benchmarks/results/decontaminate.md, with the demo's tiny
+# CLIP (which needs so high a value: it puts pictures of one shape and colour very close); a model
+# that tells pictures apart better wants a lower one, measured the same way
+DEFAULT_DECONTAMINATE_THRESHOLD = 0.9997
+
+
+class DecontaminateConfig(_Section):
+    threshold: float = Field(
+        DEFAULT_DECONTAMINATE_THRESHOLD, gt=0.0, le=1.0,
+        description="Cosine similarity (image vectors, L2-normalised) at or above which a pool sample is a copy "
+        "of an evaluation image; in (0, 1].",
+    )
+    sets: list[EvalSetConfig] = Field(..., min_length=1, description="The evaluation sets.")
+
+    @field_validator("sets")
+    @classmethod
+    def _unique_names(cls, value: list[EvalSetConfig]) -> list[EvalSetConfig]:
+        names = [s.name for s in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"evaluation set names repeat: {repeated}")
+        return value
+
+
+PrefilterConfig.model_rebuild()  # its decontaminate field names the classes above it
 
 
 # keys of the approximate partitioned mode, which left the select stage
@@ -521,7 +616,7 @@ class JobConfig(_Section):
     workdir: str = Field(..., description="Work directory (local path or fsspec URL) for intermediate stages.")
     seed: int = Field(0, description="Seed for every random choice (sampling, baselines, IVF training).")
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    input: InputConfig
+    input: InputConfig = Field(default_factory=InputConfig)  # optional: a metadata-only job has no shards
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     graph: GraphConfig = Field(default_factory=GraphConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
@@ -535,6 +630,16 @@ class JobConfig(_Section):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _shards_or_metadata_only(self) -> "JobConfig":
+        # without shards there is nothing to embed: only the precomputed metadata can be the pool
+        if self.input.shards is None and self.embed.encoder != "precomputed":
+            raise ValueError("input.shards is required unless embed.encoder is 'precomputed' (metadata-only)")
+        pc = self.embed.precomputed
+        if pc is not None and pc.layout == "laion" and self.input.shards is not None:
+            raise ValueError("embed.precomputed.layout 'laion' is metadata-only: leave input.shards unset")
+        return self
 
     @model_validator(mode="after")
     def _missing_shards_need_the_model_encoder(self) -> "JobConfig":
@@ -572,11 +677,11 @@ class JobConfig(_Section):
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 
 
-def input_folders(shards: str | list[str]) -> list[str]:
+def input_folders(shards: str | list[str] | None) -> list[str]:
     """The folders the input shard patterns point into (the text before the first brace or glob
-    character, up to its last '/'), without expanding them."""
+    character, up to its last '/'), without expanding them (none without shards: metadata-only)."""
     out: dict[str, None] = {}
-    for pattern in [shards] if isinstance(shards, str) else shards:
+    for pattern in [shards] if isinstance(shards, str) else shards or []:
         literal = re.split(r"[{*?\[]", pattern, maxsplit=1)[0]
         folder = literal.rsplit("/", 1)[0] if "/" in literal else ""
         out.setdefault(folder or ".", None)
@@ -658,10 +763,16 @@ def _is_relative_local(field: str, value: str) -> bool:
     return True
 
 
-def resolve_paths(raw: dict[str, Any], base_dir: str | None, source: str) -> dict[str, Any]:
+def resolve_paths(raw: dict[str, Any], base_dir: str | None, source: str,
+                  fields: tuple[str, ...] = PATH_FIELDS) -> dict[str, Any]:
     """Make the relative local paths of a raw config absolute against `base_dir` (in place); with
     no `base_dir` (a config read from a URL) a relative local path is a ConfigError naming it."""
-    for field in PATH_FIELDS:
+    # the evaluation sets of select.prefilter.decontaminate: a list of sections with paths of their own
+    decon = ((raw.get("select") or {}).get("prefilter") or {}).get("decontaminate") if fields is PATH_FIELDS else None
+    for entry in (decon.get("sets") or []) if isinstance(decon, dict) and isinstance(decon.get("sets"), list) else []:
+        if isinstance(entry, dict):
+            resolve_paths(entry, base_dir, source, ("shards", "vectors"))
+    for field in fields:
         *sections, key = field.split(".")
         node: Any = raw
         for section in sections:

@@ -186,6 +186,16 @@ def leased(cfg: JobConfig, store: Store, names: list[str], force: str | None = N
     if busy is not None:
         raise LeaseHeldError(f"workdir {cfg.workdir} is in use by another job: {describe(busy)}")
     checked = check_first_inputs(cfg, store, names, force)
+    if SELECT in names and cfg.select.prefilter.decontaminate is not None:
+        # evaluation sets that cannot be read or are of another width: before any stage runs
+        from .formats.embeddings import list_parts
+        from .select.eval_sets import check_eval_sets
+
+        embed_dir = BY_NAME[EMBED].directory(cfg)
+        kept = force is None or force != EMBED
+        parts = list_parts(store, embed_dir)[0] if kept and workdir.is_committed(
+            store, embed_dir, stage_fingerprints(cfg)[EMBED], EMBED) else None
+        check_eval_sets(cfg, store, parts)
     with acquire(store, cfg.workdir, {"command": command or "d2prune"}) as lease:
         if force:
             force_from(cfg, store, force)

@@ -2,7 +2,9 @@
 stages ask Ray what they may use.
 
 * :func:`init_ray`: an embedded local Ray, or the cluster at ``--address`` / ``RAY_ADDRESS`` /
-  ``ray.address`` (in that order), saying in the log which settings are used and which ignored.
+  ``ray.address`` (in that order), saying in the log which settings are used and which ignored; a
+  driver started in Ray's copy of the job's working dir leaves it first
+  (:func:`leave_ray_working_dir_copy`: another node may replace that copy under it).
 * :func:`resources`: CPUs and GPUs of the cluster and of its largest node (a one-worker step such
   as IVF training or the index merge takes a whole node's cores).
 * :func:`task_cpus`: inside a task, the CPUs Ray reserved for it (threads to use, so concurrent
@@ -38,6 +40,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import uuid
 from contextlib import contextmanager
@@ -77,6 +80,7 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
     address, source = cluster_address(ray_cfg, address)
     local_only = {f"ray.{k}": getattr(ray_cfg, k) for k in ("num_cpus", "object_store_memory") if getattr(ray_cfg, k)}
     if address:
+        leave_ray_working_dir_copy()
         with _ray_handlers_replaced():
             ray.init(address=address, log_to_driver=True)
         log.info("joined the Ray cluster at %s (from %s): %s", address, source, describe_cluster())
@@ -100,6 +104,34 @@ def init_ray(ray_cfg: RayConfig | None = None, address: str | None = None):
                  ", ".join(f"{k}={v}" for k, v in local_only.items()) or "the machine's defaults")
         _watch_embedded_ray()
     return ray
+
+
+# where Ray unpacks a job's working dir on a node (``ray job submit --working-dir``): the driver's
+# cwd, and every task's on that node
+RAY_WORKING_DIR_COPIES = os.path.join("runtime_resources", "working_dir_files")
+
+
+def leave_ray_working_dir_copy() -> str | None:
+    """Move the driver out of Ray's unpacked copy of the job's working dir (its cwd under ``ray job
+    submit --working-dir``) before the cluster runs any task, and return the directory left (None
+    when the cwd is not such a copy).
+
+    Why: Ray nodes that share a temp dir (several ``ray start`` on one machine take the head's) share
+    that copy's path, and a node setting up the working dir for its first task of the job deletes it
+    and unpacks it again (Ray's working-dir plugin unpacks with ``overwrite=True``). The driver's cwd
+    is then a deleted directory: ``os.getcwd()`` fails, and torch's bundled oneMKL cannot resolve its
+    own library and ends the process (``Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so``,
+    exit 2 or 139). The job needs no cwd once its config is loaded (its relative paths are resolved
+    by then), and the package stays importable through the copy's absolute path on ``sys.path``."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:  # already replaced under us: nothing left to lose
+        cwd = None
+    if cwd is not None and f"{os.sep}{RAY_WORKING_DIR_COPIES}{os.sep}" not in cwd:
+        return None
+    os.chdir(tempfile.gettempdir())
+    log.debug("left Ray's copy of the working dir %s for %s (another node may replace it)", cwd, os.getcwd())
+    return cwd or "(deleted)"
 
 
 _WATCHDOGS: list = []  # kept for the driver's lifetime: their stdin pipes are the driver's heartbeat

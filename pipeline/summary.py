@@ -27,7 +27,13 @@ def summarize(stats: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
         for rule, count in (basic.get("dropped_by") or {}).items():
             if count:
                 dropped[f"basic filter: {rule}"] = int(count)
-        # prefiltered counts both pre-filters; prefiltered_beta is β's share (absent in older stats)
+        exact = (select.get("exact_duplicates") or {}).get("dropped")
+        if exact:
+            dropped["exact duplicates (same image bytes)"] = int(exact)
+        for name, count in ((select.get("decontaminate") or {}).get("dropped_by_set") or {}).items():
+            if count:
+                dropped[f"copies of evaluation images: {name}"] = int(count)
+        # prefiltered counts every pre-filter; prefiltered_beta is β's share (absent in older stats)
         beta = select.get("prefiltered_beta", select.get("prefiltered"))
         if beta:
             dropped[f"pre-filter (lowest {select.get('prefilter_beta', 0):g} of scores)"] = int(beta)

@@ -865,11 +865,12 @@ def write_graph_stages(store: Store, cfg: JobConfig, neighbors: np.ndarray, sq_d
                        cells: np.ndarray, scores: np.ndarray, uids: list[str] | None = None, n_parts: int = 3,
                        vectors: np.ndarray | None = None, score_column: str = "score",
                        return_uids: bool = True, captions: list[str] | None = None, widths=None,
-                       heights=None) -> list[str] | None:
+                       heights=None, sha256s=None) -> list[str] | None:
     """Commit the embed and graph stages of ``cfg`` holding exactly this kNN graph, in the stages'
     own formats: ``n_parts`` embedding parts (uids, float32 ``clip_score`` = the scores, the
     float64 scores also as ``score_column``, ``vectors`` or 2-d zeros as both embeddings,
-    ``captions`` (default "") and original ``widths``/``heights`` (default unknown) per node),
+    ``captions`` (default "") and original ``widths``/``heights`` (default unknown) and
+    ``sha256s`` (default unknown) per node),
     ``nodes.parquet`` and one graph part per embedding part. ``uids`` default to each node id
     as 32 hex digits (built part by part). Returns the uids."""
     import pyarrow as pa
@@ -891,7 +892,8 @@ def write_graph_stages(store: Store, cfg: JobConfig, neighbors: np.ndarray, sq_d
                            np.asarray(scores[lo:hi], np.float32), vectors[lo:hi], vectors[lo:hi],
                            [""] * (hi - lo) if captions is None else list(captions[lo:hi]),
                            [None] * (hi - lo) if widths is None else list(widths[lo:hi]),
-                           [None] * (hi - lo) if heights is None else list(heights[lo:hi]))
+                           [None] * (hi - lo) if heights is None else list(heights[lo:hi]),
+                           None if sha256s is None else list(sha256s[lo:hi]))
         table = table.append_column(score_column, pa.array(np.asarray(scores[lo:hi], np.float64)))
         store.write_parquet(join(emb_dir, f"{part_name(p)}.parquet"), table)
         store.write_parquet(join(graph_dir, f"{part_name(p)}.parquet"),

@@ -163,7 +163,7 @@ def start_for_job(names: Iterable[str], committed: Callable[[str], bool]) -> sub
         if SELECT not in names or committed(SELECT):
             return None
         earlier = names[: names.index(SELECT)]
-        if not any(not committed(n) for n in earlier):
+        if all(committed(n) for n in earlier):  # select would start at once: nothing to overlap
             return None
     except Exception as err:  # noqa: BLE001
         log.warning("numba warm-up not started: %s: %s", type(err).__name__, err)

@@ -86,6 +86,35 @@ def _name(pid: int) -> str:
         return ""
 
 
+def kill_processes_mentioning(*needles: str) -> list[int]:
+    """SIGKILL every process (but this one) whose command line contains one of `needles`, and their
+    descendants. A cluster's Ray processes carry its temp dir (``--temp-dir``, ``--session-dir``,
+    ``--log-dir``, ...; also those started detached by ``ray start`` without ``--block``) or its GCS
+    address (the head's Ray client server); a Ray worker renames itself (``ray::IDLE``), so only its
+    raylet ancestor names them. The pids killed."""
+    named = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmdline = fh.read()
+            except OSError:
+                continue
+            if any(needle.encode() in cmdline for needle in needles):
+                named.append(int(entry))
+    targets = list(dict.fromkeys(named + [kid for pid in named for kid in _children(pid)]))
+    killed = []
+    for pid in targets:
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
+    return killed
+
+
 @dataclass
 class Node:
     name: str
@@ -239,18 +268,7 @@ class LocalRayCluster:
         for node in reversed(self.nodes):
             self._kill_node(node)
         # Ray workers re-parented away from a node's process tree: ours by their temp dir
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                        mine = self.base.encode() in fh.read()
-                except OSError:
-                    continue
-                if mine and int(entry) != os.getpid():
-                    try:
-                        os.kill(int(entry), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+        kill_processes_mentioning(self.base, self.address)
 
     def logs(self) -> str:
         return "\n".join(f"--- {n.name}\n{open(n.log).read()[-3000:]}" for n in self.nodes)

@@ -10,24 +10,44 @@ submitted through the Job Submission API with a working dir, data on S3 (a moto 
 * relative paths: resolved against the config file (and then seen by every node), or refused
   with exit 2 naming the path when the nodes would each see their own copy.
 
-A few minutes on 2 cores: one small pool, the tiny model, one cluster for the module.
+And the README's one-machine recipe ("The same on one machine" in "Run on a cluster") read from
+the README and run by bash as written: ``ray start`` for a head and two workers, the wait for the
+job agent, ``ray job submit --working-dir . -- python jobs/filter_pool.py CONFIG``. What that test
+changes, and why: the ports (6379, 8265, 52365) are free ports of its own and CONFIG is its config
+file; bash runs with ``TMPDIR`` set to the test's own directory (Ray's default temp dir, which the
+worker nodes take from the head, is then not another run's ``/tmp/ray``) and the venv's bin first on
+``PATH`` (an activated venv); a worker's ``ray start`` runs through the same ``ray start`` command
+line with Ray's replacement of 127.0.0.1 by the machine's address switched off
+(:data:`cluster.WORKER_START`, a bash function ``ray`` in front of the recipe); instead of ``ray
+stop`` (which ends every Ray of the machine's user) its processes are ended by pid. The regression
+it guards: the driver ended with ``Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so`` once
+a worker node unpacked the working dir over the driver's cwd
+(:func:`pipeline.runtime.leave_ray_working_dir_copy`).
+
+A few minutes on 2 cores: one small pool, the tiny model, one cluster for the module (and the
+README's three nodes, up only during their test, which runs first).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from pipeline.storage import Store
 from pipeline.testing import make_config, save_random_checkpoint, write_pool
 
-from cluster import start_cluster  # tests/cluster.py (tests/ is on sys.path, not a package)
+# tests/cluster.py (tests/ is on sys.path, not a package)
+from cluster import WORKER_START, free_port, kill_processes_mentioning, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -144,6 +164,105 @@ def wait(cluster, job_id: str, timeout_s: float = 480) -> tuple[str, str, object
         time.sleep(2)
     client.stop_job(job_id)
     raise TimeoutError(f"job {job_id} did not finish in {timeout_s} s:\n{client.get_job_logs(job_id)[-4000:]}")
+
+
+RECIPE_HEADING = "**The same on one machine**"
+# in front of the recipe: a worker node's `ray start` through cluster.WORKER_START (same arguments)
+RAY_FUNCTION = """ray() {
+    if [ "$1" = start ] && [ "$2" != --head ]; then python -c "$D2PRUNE_WORKER_START" "$@"; else command ray "$@"; fi
+}
+"""
+
+
+def readme_recipe() -> list[str]:
+    """The command lines of the README's one-machine cluster recipe (its first indented block)."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(RECIPE_HEADING))
+    block: list[str] = []
+    for line in lines[start + 1:]:
+        if line.startswith("    "):
+            if block and block[-1].endswith("\\"):  # a continued line
+                block[-1] = block[-1][:-1] + line.strip()
+            else:
+                block.append(line.strip())
+        elif block:
+            break
+    return block
+
+
+def test_the_readmes_one_machine_cluster_recipe_runs_the_job():
+    """Over 60 s: three Ray nodes start one after another as the README starts them, and a job runs
+    on them (412 s measured at load 40; the recipe's own pace, nothing to share with the module's
+    cluster, which is started its own way)."""
+    recipe = readme_recipe()
+    assert [line.split()[:3] for line in recipe] == [
+        ["export", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN=$(python"],
+        ["ray", "start", "--head"], ["ray", "start", "--address"], ["ray", "start", "--address"],
+        ["until", "ray", "job"], ["ray", "job", "submit"]], recipe
+    base = tempfile.mkdtemp(prefix="d2prune-readme-cluster-")  # short: Ray's socket paths live under it
+    pool = write_pool(os.path.join(base, "pool"), n_shards=2, per_shard=12, seed=3, broken=False)
+    workdir, output = os.path.join(base, "work"), os.path.join(base, "out")
+    config = os.path.join(base, "job.yaml")
+    raw = make_config(workdir, pool.shards, output).model_dump(mode="json")
+    Path(config).write_text(yaml.safe_dump(raw, sort_keys=False))
+    gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
+    script = "\n".join(line.replace(":6379", f":{gcs_port}").replace(" 6379", f" {gcs_port}")
+                       .replace(":8265", f":{dashboard_port}").replace(" 8265", f" {dashboard_port}")
+                       .replace(" 52365", f" {agent_port}").replace(" CONFIG", f" {config}") for line in recipe)
+    assert str(agent_port) in script and config in script
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS") and not k.startswith("RAY_AUTH")}
+    env.update(TMPDIR=base, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               D2PRUNE_WORKER_START=WORKER_START,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    try:
+        run_recipe_and_check_output(script, env, base, gcs_port, config, workdir, output, pool.n_kept)
+    finally:
+        kill_processes_mentioning(base, f"127.0.0.1:{gcs_port}")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_recipe_and_check_output(script: str, env: dict[str, str], base: str, gcs_port: int, config: str,
+                                workdir: str, output: str, n_samples: int) -> None:
+    run = subprocess.run(["bash", "-euc", RAY_FUNCTION + script], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600, stdin=subprocess.DEVNULL)
+    kill_processes_mentioning(base, f"127.0.0.1:{gcs_port}")  # the cluster's work is done (its CPUs back)
+    logs = run.stdout + run.stderr
+    assert run.returncode == 0, logs[-8000:]
+    assert f"joined the Ray cluster at 127.0.0.1:{gcs_port}" in logs and "3 alive node(s)" in logs, logs[-8000:]
+    assert "oneMKL" not in logs
+    # the job's output: every committed file intact, and the output shards hold the selected samples
+    verify = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", config], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    selected = sorted(pq.read_table(os.path.join(workdir, "selection", "selected.parquet"), columns=["uid"])
+                      .column("uid").to_pylist())
+    written = sorted(uid for part in sorted(Path(output, "shards").glob("*.parquet"))
+                     for uid in pq.read_table(part, columns=["uid"]).column("uid").to_pylist())
+    assert 0 < len(selected) < n_samples and written == selected
+
+
+LEFT_COPY_SCRIPT = """
+import os, shutil, sys
+copy = sys.argv[1]
+os.chdir(copy)
+shutil.rmtree(copy); os.makedirs(copy)  # what another node's runtime-env agent does to the copy
+from pipeline.runtime import leave_ray_working_dir_copy
+left = leave_ray_working_dir_copy()
+import torch  # torch's oneMKL ends the process here when the cwd is gone
+print(left, os.getcwd(), float((torch.ones(8, 8) @ torch.ones(8, 8)).sum()))
+"""
+
+
+def test_a_driver_whose_working_dir_copy_was_replaced_leaves_it_and_imports_torch(tmp_path):
+    """The cause of the README recipe's oneMKL failure in one process: the cwd (Ray's unpacked
+    working dir) deleted and unpacked again, then ``import torch``; left first, torch works."""
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    run = subprocess.run([sys.executable, "-c", LEFT_COPY_SCRIPT, str(copy)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stdout + run.stderr
+    left, cwd, total = run.stdout.split()
+    assert left == "(deleted)" and cwd == tempfile.gettempdir() and float(total) == 512.0
 
 
 def test_submitted_job_equals_a_local_run(cluster, reference, cluster_pool, s3_checkpoint, s3_server, tmp_path):

@@ -148,9 +148,10 @@ def test_demo_pool_junk_captions_and_tail(tmp_path):
     assert counts[0] > 2 * counts[-1]  # Zipf weights: the first common shape far more frequent than the last
 
 
-# About 4 minutes on 2 free cores; far longer when other jobs load them (15 minutes at load 20).
 @pytest.mark.timeout(2400)
 def test_quick_run_end_to_end(tmp_path):
+    """Over 60 s (76 s idle; 15 minutes at load 20): --quick, the protocol's smallest run, trains 14
+    small CLIPs through the pipeline's stages, then reruns to show every training resumes."""
     out = tmp_path / "quick.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "datacomp_mini.py"), "--quick", "--cache", str(tmp_path / "cache"),

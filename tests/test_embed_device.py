@@ -318,11 +318,12 @@ def test_device_decode_stage_is_deterministic_and_resumes(device_run, small_pool
     with pytest.raises(Killed):
         run_one(cfg, store, "embed", Hooks(part_committed=kill_after_two))
     directory = stage_dir(cfg.workdir, "embed")
-    assert [u.rsplit("/", 1)[-1] for u in committed_parts(store, directory)] == ["part-00000.parquet",
-                                                                                  "part-00001.parquet"]
+    # the writer actors commit in parallel: parts after the second may be in too
+    committed = [int(u.rsplit("-", 1)[-1].split(".")[0]) for u in committed_parts(store, directory)]
+    assert committed[:2] == [0, 1]
     embedded = []
     stats = run_one(cfg, store, "embed", Hooks(part_committed=lambda stage, i: embedded.append(i)))
-    assert embedded == [2, 3] and stats["shards_resumed"] == 2
+    assert embedded == [i for i in range(4) if i not in committed] and stats["shards_resumed"] == len(committed)
     assert Counter(stats["skipped"]) == Counter(small_pool.skipped_total)
     # another run (other actor count, interrupted and resumed) gives the same bytes
     for a, b in zip(reference, _parts(store, cfg, len(small_pool.shards))):

@@ -108,9 +108,10 @@ def test_fine_level_handles_small_cells_deterministically():
 
 def test_two_level_training_is_deterministic_and_numbers_lists_by_coarse_cell():
     x = clustered(6000, 16, clusters=20, seed=3)
-    a, owner = ivf.train_two_level(x, 150, seed=2)
-    b, owner_b = ivf.train_two_level(x, 150, seed=2)
+    a, owner, coarse = ivf.train_two_level(x, 150, seed=2)
+    b, owner_b, coarse_b = ivf.train_two_level(x, 150, seed=2)
     assert a.shape == (150, 16) and a.dtype == np.float32
+    assert coarse.shape == (ivf.coarse_count(150), 16) and np.array_equal(coarse, coarse_b)
     assert np.array_equal(a, b) and np.array_equal(owner, owner_b)
     assert (np.diff(owner) >= 0).all() and owner.max() + 1 == ivf.coarse_count(150)  # adjacent by cell
     assert not np.array_equal(ivf.train_two_level(x, 150, seed=3)[0], a)
@@ -122,9 +123,59 @@ def test_two_level_training_is_deterministic_and_numbers_lists_by_coarse_cell():
 # assignment and groups
 # ------------------------------------------------------------------------------------------------
 
+def test_probes_through_the_coarse_level_equal_exhaustive_ones_where_they_must():
+    """A vector's probes found through its routed coarse cells are the exhaustive ones whenever its
+    exhaustive probes all lie in those cells (the same lists up to exact distance ties), and always
+    when every cell is routed; a vector whose routed cells hold fewer than nprobe lists gets the
+    exhaustive probes. Batch-invariant, as the exhaustive rule."""
+    x = clustered(3000, 24, clusters=10, seed=4)
+    centroids, cell, coarse = ivf.train_two_level(x, 60, seed=0)
+    nprobe, k1 = 8, len(coarse)
+    _, exhaustive = ivf.probe_lists(centroids, x, nprobe)
+    d64 = ((x[:, None, :].astype(np.float64) - centroids[None, :, :]) ** 2).sum(-1)
+
+    def same_lists(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Rows whose probes are the same lists, or lists at the same float64 distances (ties)."""
+        da, db = np.take_along_axis(d64[rows], a.astype(np.int64), 1), np.take_along_axis(d64[rows], b.astype(np.int64), 1)
+        return (np.sort(a, 1) == np.sort(b, 1)).all(1) | np.isclose(np.sort(da, 1), np.sort(db, 1), rtol=1e-5).all(1)
+
+    for routed in (2, 3, k1):
+        home, probes = ivf.probe_lists_two_level(coarse, centroids, cell, x, nprobe, routed)
+        assert probes.dtype == np.int32 and probes.shape == (3000, nprobe) and np.array_equal(home, probes[:, 0])
+        assert all(len(set(row)) == nprobe for row in probes.tolist())
+        assert (np.diff(np.take_along_axis(d64, probes.astype(np.int64), 1), axis=1) >= -1e-6).all()  # nearest first
+        cells = np.unique(cell)
+        _, routed_cells = ivf.probe_lists(coarse[cells], x, min(routed, len(cells)))
+        inside = (cells[routed_cells][:, None, :] == cell[exhaustive][:, :, None]).any(axis=2).all(axis=1)
+        must = inside if routed < k1 else np.ones(3000, bool)
+        assert must.sum() > 1000  # the check is not vacuous
+        assert same_lists(must, probes[must], exhaustive[must]).all()
+        assert (probes[must] == exhaustive[must]).all(1).mean() > 0.99  # ties aside, in the same order
+        if routed < k1:  # elsewhere a probe may differ; routing through 3 of 8 cells finds most of them
+            overlap = np.mean([len(set(a) & set(b)) for a, b in zip(probes.tolist(), exhaustive.tolist())]) / nprobe
+            assert overlap > (0.9 if routed == 3 else 0.8), overlap
+        for lo, hi in [(0, 1), (7, 30), (100, 2900), (2990, 3000)]:
+            assert np.array_equal(ivf.probe_lists_two_level(coarse, centroids, cell, x[lo:hi], nprobe, routed)[1],
+                                  probes[lo:hi])
+    # one routed cell of ~7 lists cannot give 8 probes: those vectors get the exhaustive probes
+    _, one = ivf.probe_lists_two_level(coarse, centroids, cell, x, nprobe, 1)
+    lists_per_cell = np.bincount(cell)
+    _, first = ivf.probe_lists(coarse[np.unique(cell)], x, 1)
+    short = lists_per_cell[np.unique(cell)[first[:, 0]]] < nprobe
+    assert short.any() and np.array_equal(one[short], exhaustive[short])
+    half = x.astype(np.float16)
+    assert np.array_equal(ivf.probe_lists_two_level(coarse, centroids, cell, half, nprobe)[1],
+                          ivf.probe_lists_two_level(coarse, centroids, cell, half.astype(np.float32), nprobe)[1])
+    with pytest.raises(ValueError, match="graph.nprobe=61"):
+        ivf.probe_lists_two_level(coarse, centroids, cell, x, 61)
+    with pytest.raises(ValueError, match="coarse_cell"):
+        ivf.probe_lists_two_level(coarse, centroids, cell[::-1], x, nprobe)
+    assert ivf.coarse_probes_for(16) == ivf.COARSE_PROBES and ivf.coarse_probes_for(64) == 16
+
+
 def test_probe_lists_home_is_nearest_and_batch_invariant():
     x = clustered(3000, 24, clusters=10, seed=4)
-    centroids, _ = ivf.train_two_level(x, 60, seed=0)
+    centroids, _, _ = ivf.train_two_level(x, 60, seed=0)
     home, probes = ivf.probe_lists(centroids, x, 8)
     assert home.dtype == np.int32 and probes.dtype == np.int32 and probes.shape == (3000, 8)
     assert np.array_equal(home, probes[:, 0])
@@ -197,7 +248,7 @@ def test_search_group_pads_ignores_foreign_probes_and_rejects_repeated_queries()
 
 def test_grouped_search_equals_single_list_major_bit_for_bit():
     x = clustered(4000, 32, clusters=25, seed=7)
-    centroids, _ = ivf.train_two_level(x, 70, seed=1)
+    centroids, _, _ = ivf.train_two_level(x, 70, seed=1)
     reference = single_list_major(x, centroids, 10, 6)  # pipeline.graph's list-major search
     n_groups = set()
     for bound in (10**9, 20_000, 3000, 1):  # 1 group, a few, many, one list per group
@@ -211,7 +262,7 @@ def test_grouped_search_equals_single_list_major_bit_for_bit():
 
 def test_search_group_result_does_not_depend_on_arrival_order():
     x = clustered(1500, 16, clusters=8, seed=14)
-    centroids, _ = ivf.train_two_level(x, 25, seed=0)
+    centroids, _, _ = ivf.train_two_level(x, 25, seed=0)
     home, probes = ivf.probe_lists(centroids, x, 4)
     ids = np.arange(1500)
     d, i = ivf.search_group(ids, x, home, ids, x, probes, 7)
@@ -225,7 +276,7 @@ def test_raw_float16_embeddings_prepared_per_list_equal_prepared_vectors():
     """A task may hold the parts' raw float16 embeddings and prepare (normalise) them list by list."""
     raw = (3 * clustered(1200, 16, clusters=6, seed=15)).astype(np.float16)
     x = prepare_vectors(raw, None)
-    centroids, _ = ivf.train_two_level(x, 20, seed=0)
+    centroids, _, _ = ivf.train_two_level(x, 20, seed=0)
     prep = lambda rows: prepare_vectors(rows, None)  # noqa: E731
     home, probes = ivf.probe_lists(centroids, x, 4)
     home_raw, probes_raw = ivf.probe_lists(centroids, raw, 4, prepare=prep)
@@ -241,7 +292,7 @@ def test_grouping_invariance_with_ties_and_float16_base():
     float16 vectors, converted per list, give what their float32 values give."""
     base = clustered(700, 16, clusters=6, seed=8)
     x = np.repeat(base, 3, axis=0)[np.random.default_rng(8).permutation(2100)].astype(np.float16)
-    centroids, _ = ivf.train_two_level(x, 30, seed=0)
+    centroids, _, _ = ivf.train_two_level(x, 30, seed=0)
     ref = ivf.sharded_knn_graph(x.astype(np.float32), 4, nprobe=5, centroids=centroids, max_rows_per_group=10**9)
     for bound in (10**9, 2000, 1):
         out = ivf.sharded_knn_graph(x, 4, nprobe=5, centroids=centroids, max_rows_per_group=bound)
@@ -280,13 +331,18 @@ def test_sharded_graph_is_deterministic_for_a_seed():
         assert np.array_equal(u, v)
 
 
-def test_recall_on_clustered_512d_matches_one_level_kmeans():
+def test_recall_on_clustered_512d_matches_one_level_kmeans_and_exhaustive_assignment():
     n, k, nprobe, seed = 20_000, 10, 16, 0
     x = prepare_vectors(clip_like_vectors(n, 512, seed=12), None)
     sample = recall_sample_ids(n, 1500, seed)
     exact, _ = exact_knn(x, k, sample)
     nb, _, _ = ivf.sharded_knn_graph(x, k, nprobe=nprobe, seed=seed, max_rows_per_group=100_000)
     two_level = recall_at_k(nb[sample], exact)
+    # the probes found through the coarse level hold the recall of comparing every vector with every list
+    nb_all, _, _ = ivf.sharded_knn_graph(x, k, nprobe=nprobe, seed=seed, max_rows_per_group=100_000,
+                                         exhaustive_assign=True)
+    exhaustive_assign = recall_at_k(nb_all[sample], exact)
+    assert two_level >= exhaustive_assign - 0.01, (two_level, exhaustive_assign)
     # FAISS IndexIVFFlat with one-level k-means on the same training sample, same nlist and nprobe
     nlist = ivf.nlist_for(n)
     _, fine = ivf.training_sample_ids(n, nlist, seed)

@@ -46,6 +46,8 @@ def pool(tmp_path_factory):
 
 
 def test_kill_9_everywhere_then_the_same_output(tmp_path, pool, tiny_model_config, ray_local):
+    """Over 60 s (108 s idle): eight `d2prune run` processes, each starting its own embedded Ray (one
+    killed at each of the seven points, then the one that finishes), and the reference run."""
     reference_root = tmp_path / "reference"
     run_job(write_config(reference_root, pool.shards, tiny_model_config))
     reference = committed_files(reference_root)

@@ -348,7 +348,8 @@ CLUSTER_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_multinode_cluster_gives_the_same_selection(tmp_path):
     """Three Ray nodes on 127.0.0.1 (ray.cluster_utils.Cluster, in a subprocess so it owns its
-    Ray): the same selected.parquet, byte for byte, as one partition in-process."""
+    Ray): the same selected.parquet, byte for byte, as one partition in-process. Over 60 s when the
+    cores are busy (166 s at load 35): three nodes start, and the property needs several."""
     import yaml
 
     rng = np.random.default_rng(8)

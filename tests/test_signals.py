@@ -74,6 +74,8 @@ def _gone_within(seconds: float, probe) -> list:
 
 
 def test_sigterm_and_sigint_stop_cleanly_and_resume(tmp_path, pool, tiny_model_config, ray_local):
+    """Over 60 s (97 s idle) because it must be: a reference run, then a real job process per stop
+    point, each starting its own embedded Ray, signalled, reaped and resumed."""
     reference_root = tmp_path / "reference"
     run_job(write_config(reference_root, pool.shards, tiny_model_config))
     reference = committed_files(reference_root)

@@ -60,6 +60,8 @@ def _cache_files(cache: Path) -> set[str]:
 @pytest.mark.slow  # compiles every select kernel from a cold cache: ~25 CPU seconds
 @pytest.mark.timeout(900)
 def test_warmup_writes_a_cache_the_stage_loads_and_outputs_are_the_same_bytes(tmp_path):
+    """Over 60 s when the cores are busy (153 s at load 35): the kernels compile from a cold cache,
+    which is what is tested, and stages then run warm and cold in subprocesses."""
     cache = tmp_path / "numba-cache"
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO), "D2PRUNE_WARMUP": "0"}
     # the warm-up, as the job runner starts it, but in the foreground (a cold cache: ~20 s of compiling)

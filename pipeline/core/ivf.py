@@ -18,8 +18,11 @@ Steps and the functions for each:
    :func:`fine_level` (one coarse cell's fine centroids, seed :func:`fine_seed`). Concatenating the
    fine centroids in coarse-cell order defines the list ids, so lists of one coarse cell are
    adjacent; a flat ``IndexFlatL2`` over them is the quantiser.
-3. Assign: :func:`probe_lists` gives each vector its home list (where it is stored; its ``cell``)
-   and the ``nprobe`` lists it probes as a query, in one batch-invariant computation.
+3. Assign: :func:`probe_lists_two_level` gives each vector its home list (where it is stored; its
+   ``cell``) and the ``nprobe`` lists it probes as a query, in one batch-invariant computation,
+   through the coarse level (the vector's :func:`coarse_probes_for` nearest coarse cells, then
+   their fine centroids: ~(1 + COARSE_PROBES) * sqrt(nlist) centroids per vector, not all nlist);
+   :func:`probe_lists` is the exhaustive rule (every centroid).
 4. Group: :func:`group_cells` cuts the lists, in list-id order, into contiguous groups under a row
    bound; :func:`probes_by_group` splits each query's probes by group (a query is sent once to each
    group its probes fall in, with only that group's probes).
@@ -57,6 +60,22 @@ FINE_POINTS_PER_LIST = 64
 # probe_lists runs the quantiser on blocks of exactly this many rows (the last block zero-padded),
 # so a vector's probes do not depend on which batch it was assigned in (see probe_lists).
 PROBE_BLOCK = 4096
+# Coarse cells a vector is routed through by probe_lists_two_level, at least (coarse_probes_for): its
+# probes are the nearest lists among those cells' fine centroids (~COARSE_PROBES * sqrt(nlist) of them
+# instead of all nlist). On 512-d CLIP-like vectors at N = 10^5 (36 coarse cells of 35 lists, nprobe
+# 16), routing through 2 cells finds 99.0% of the exhaustive probes and 4 cells all of them (20,000
+# vectors checked); cells grow as sqrt(nlist), so 4 cells cover more lists at larger N.
+COARSE_PROBES = 4
+# ... and one more routed cell per PROBES_PER_COARSE_CELL probes beyond 4 * COARSE_PROBES.
+PROBES_PER_COARSE_CELL = 4
+# probe_lists_two_level's fine step computes one coarse cell's distances for exactly this many rows at
+# a time (the last chunk zero-padded): every row goes through the same-shaped product whatever batch
+# or unit it came in, as PROBE_BLOCK does for the flat quantiser.
+ROUTE_CHUNK = 512
+# Rows routed at a time by probe_lists_two_level (bounds its float32 copy and candidate buffer:
+# ASSIGN_BLOCK * (4 * dim + coarse_probes * nprobe * 12) bytes, 184 MB at 512-d, nprobe 16), large
+# enough that each cell's chunks are mostly full (3,100 rows per cell at N = 3*10^6).
+ASSIGN_BLOCK = 65_536
 # Queries of one list scanned by one faiss.knn call (bounds the per-thread copy of query rows to
 # LIST_QUERY_CHUNK * dim * 4 bytes). The chunks depend only on the list's full, sorted query set,
 # which is the same in every grouping.
@@ -270,8 +289,9 @@ def fine_level(points: np.ndarray, m: int, seed: int) -> np.ndarray:
 def train_two_level(
     vectors: np.ndarray, nlist: int, seed: int = 0, train_size: int | None = None,
     timings: dict | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Two-level k-means in one process: (centroids float32[nlist, d], coarse cell of each list int32[nlist]).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two-level k-means in one process: (centroids float32[nlist, d], coarse cell of each list
+    int32[nlist], coarse centroids float32[k1, d]; :func:`probe_lists_two_level` routes through them).
 
     Sample points per list, and why: FAISS wants at least MIN_POINTS_PER_LIST (39) training points
     per centroid (fewer gives badly placed centroids and very uneven lists) and gains little beyond
@@ -314,7 +334,7 @@ def train_two_level(
     out = np.ascontiguousarray(np.concatenate(centroids), dtype=np.float32).reshape(nlist, dim)
     if timings is not None:
         timings.update(train_coarse=t_coarse, train_fine=time.perf_counter() - clock - t_coarse)
-    return out, np.concatenate(owner)
+    return out, np.concatenate(owner), coarse
 
 
 # ================================================================================================
@@ -356,6 +376,97 @@ def probe_lists(
         block[hi - lo:] = 0
         _, i = quantizer.search(block, nprobe)
         probes[lo:hi] = i[: hi - lo]
+    return probes[:, 0].copy(), probes
+
+
+def coarse_probes_for(nprobe: int) -> int:
+    """Coarse cells a vector is routed through for `nprobe` probes: COARSE_PROBES, one more per
+    PROBES_PER_COARSE_CELL probes beyond 16 (a wider probe set spreads over more coarse cells)."""
+    return max(COARSE_PROBES, -(-int(nprobe) // PROBES_PER_COARSE_CELL))
+
+
+def probe_lists_two_level(
+    coarse: np.ndarray, centroids: np.ndarray, coarse_cell: np.ndarray, vectors: np.ndarray, nprobe: int,
+    coarse_probes: int | None = None, prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(home int32[n], probes int32[n, nprobe]) found through the coarse level of the two-level quantiser.
+
+    :func:`probe_lists` compares every vector with all nlist centroids: as many multiply-adds per
+    vector as its search (nprobe lists of ~N/nlist rows each, at nlist ~ 4*sqrt(N)). Here a vector is
+    compared with the k1 coarse centroids, routed to its `coarse_probes` (default
+    :func:`coarse_probes_for`) nearest coarse cells among those holding lists, and compared with
+    those cells' fine centroids only (the lists of a coarse cell are adjacent ids, `coarse_cell`
+    non-decreasing): ~(1 + coarse_probes) * sqrt(nlist) centroids instead of nlist. Its probes are
+    the nprobe nearest of those lists, nearest first (FAISS's merge of the cells' sorted candidates;
+    ties in a fixed order); home = probes[:, 0]. They equal :func:`probe_lists`'s whenever the
+    vector's nprobe nearest lists all lie in the cells it is routed to (always when coarse_probes
+    covers every cell); otherwise a probe is the next-nearest list of a routed cell, and recall is
+    held by routing to enough cells (COARSE_PROBES, measured). A vector whose routed cells hold fewer than nprobe lists
+    in all (tiny cells) gets :func:`probe_lists`'s exhaustive probes.
+
+    Batch-invariant like :func:`probe_lists`: the coarse distances come from its padded blocks, and
+    each cell's fine distances from ``faiss.knn`` on chunks of exactly ROUTE_CHUNK rows (the last one
+    zero-padded), so a vector's probes do not depend on the batch, unit or thread count. The cells
+    run side by side on faiss's thread count, one OpenMP thread per cell (:func:`_run_parallel`).
+    """
+    faiss = _faiss()
+    fine = np.ascontiguousarray(centroids, dtype=np.float32)
+    cell_of = np.asarray(coarse_cell, dtype=np.int64)
+    nlist, dim = fine.shape
+    nprobe = int(nprobe)
+    if len(cell_of) != nlist or (len(cell_of) and (np.diff(cell_of) < 0).any()):
+        raise ValueError(f"coarse_cell must give the coarse cell of each of the {nlist} lists, non-decreasing")
+    if nprobe < 1:
+        raise ValueError(f"graph.nprobe must be >= 1, got {nprobe}")
+    if nprobe > nlist:
+        raise ValueError(f"graph.nprobe={nprobe} exceeds graph.nlist={nlist} (the lists there are)")
+    coarse_probes = coarse_probes_for(nprobe) if coarse_probes is None else int(coarse_probes)
+    if coarse_probes < 1:
+        raise ValueError(f"coarse_probes must be >= 1, got {coarse_probes}")
+    cells = np.unique(cell_of)  # the coarse cells that hold lists (an empty cell gets none)
+    routers = np.ascontiguousarray(np.asarray(coarse, dtype=np.float32)[cells])
+    lo_of = np.searchsorted(cell_of, cells, "left")
+    hi_of = np.searchsorted(cell_of, cells, "right")
+    width = min(int(coarse_probes), len(cells))
+    n = vectors.shape[0]
+    probes = np.empty((n, nprobe), np.int32)
+    for start in range(0, n, ASSIGN_BLOCK):
+        stop = min(n, start + ASSIGN_BLOCK)
+        rows = vectors[start:stop]
+        x = np.ascontiguousarray(prepare(rows) if prepare is not None else rows, dtype=np.float32)
+        b = stop - start
+        _, routed = probe_lists(routers, x, width)  # [b, width] positions in `cells`
+        # candidates [width, b, nprobe]: routed cell `slot` of row `row` at slot * b + row
+        cand_d = np.full((width * b, nprobe), np.inf, np.float32)
+        cand_i = np.full((width * b, nprobe), -1, np.int64)
+        flat = routed.ravel().astype(np.int64)
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(len(cells) + 1))
+
+        def scan(c: int) -> None:
+            pairs = order[bounds[c]:bounds[c + 1]]  # flat indices of `routed`: row * width + slot
+            members = pairs // width
+            at = (pairs % width) * b + members
+            lists = fine[lo_of[c]:hi_of[c]]
+            top = min(nprobe, len(lists))
+            chunk = np.zeros((ROUTE_CHUNK, dim), np.float32)
+            for lo in range(0, len(pairs), ROUTE_CHUNK):
+                hi = min(len(pairs), lo + ROUTE_CHUNK)
+                np.take(x, members[lo:hi], axis=0, out=chunk[: hi - lo])
+                chunk[hi - lo:] = 0
+                d, local = faiss.knn(chunk, lists, top)
+                # each pair belongs to one cell: threads never write the same row
+                cand_d[at[lo:hi], :top] = d[: hi - lo]
+                cand_i[at[lo:hi], :top] = local[: hi - lo] + lo_of[c]
+
+        _run_parallel(scan, np.flatnonzero(np.diff(bounds)))
+        # each cell's candidates come sorted: FAISS merges them per row, row by row independently
+        _, best = faiss.merge_knn_results(cand_d.reshape(width, b, nprobe), cand_i.reshape(width, b, nprobe))
+        best = best.astype(np.int32)
+        short = np.flatnonzero(best[:, -1] < 0)  # routed cells with fewer than nprobe lists in all
+        if len(short):
+            best[short] = probe_lists(fine, x[short], nprobe)[1]
+        probes[start:stop] = best
     return probes[:, 0].copy(), probes
 
 
@@ -586,12 +697,19 @@ def sharded_knn_graph(
     max_rows_per_group: int = DEFAULT_MAX_ROWS_PER_GROUP,
     centroids: np.ndarray | None = None,
     timings: dict | None = None,
+    coarse: np.ndarray | None = None,
+    coarse_cell: np.ndarray | None = None,
+    coarse_probes: int | None = None,
+    exhaustive_assign: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Directed kNN graph by cell-group-sharded IVF-Flat: (neighbors int64[N,k], sq_distances
     float32[N,k], cells int32[N]), self removed by id, -1/inf padding.
 
     Train two-level centroids (:func:`train_two_level`, or use `centroids`), assign every vector its
-    home list and probes (:func:`probe_lists`), cut the lists into groups (:func:`group_cells`), search
+    home list and probes (:func:`probe_lists_two_level` through the coarse level, as the stage does;
+    `coarse_probes` cells, default :func:`coarse_probes_for`; :func:`probe_lists`, every centroid,
+    with `exhaustive_assign` or when `centroids` come without their `coarse` centroids and
+    `coarse_cell`), cut the lists into groups (:func:`group_cells`), search
     each group (:func:`search_group`) and merge each query's groups (:func:`merge_group_results`),
     then drop self and keep k. `vectors` are prepared graph vectors (float32, or float16: converted
     per list). The result does not depend on `max_rows_per_group` (bit for bit). When `timings` is
@@ -608,12 +726,15 @@ def sharded_knn_graph(
     steps: dict = {}
     clock = time.perf_counter()
     if centroids is None:
-        centroids, _ = train_two_level(vectors, nlist_for(n, nlist), seed, train_size, timings=steps)
+        centroids, coarse_cell, coarse = train_two_level(vectors, nlist_for(n, nlist), seed, train_size, timings=steps)
     lists = centroids.shape[0]
     steps["train"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    home, probes = probe_lists(centroids, vectors, nprobe)
+    if exhaustive_assign or coarse is None or coarse_cell is None:
+        home, probes = probe_lists(centroids, vectors, nprobe)
+    else:
+        home, probes = probe_lists_two_level(coarse, centroids, coarse_cell, vectors, nprobe, coarse_probes)
     steps["assign"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -649,8 +770,9 @@ def sharded_knn_graph(
 
 
 __all__ = [
-    "COARSE_POINTS_PER_CENTROID", "FINE_POINTS_PER_LIST", "MIN_POINTS_PER_LIST", "KMEANS_ITERATIONS",
+    "COARSE_POINTS_PER_CENTROID", "FINE_POINTS_PER_LIST", "MIN_POINTS_PER_LIST", "KMEANS_ITERATIONS", "COARSE_PROBES",
     "nlist_for", "coarse_count", "training_sample_ids", "fine_seed", "chain_order", "coarse_level", "fine_counts",
-    "fine_level", "train_two_level", "probe_lists", "group_cells", "group_rows", "probes_by_group",
+    "fine_level", "train_two_level", "probe_lists", "coarse_probes_for", "probe_lists_two_level", "group_cells",
+    "group_rows", "probes_by_group",
     "search_group", "merge_group_results", "sharded_knn_graph",
 ]

@@ -29,6 +29,7 @@ from .model import ClipEncoder, ModelSpec
 from .read import read_and_preprocess
 
 READ_WORKER_BASE_MEMORY = 640 * 2**20
+MODEL_INPUT_COLUMNS = ("image", "jpeg", "tokens", "chunk")  # a read chunk's columns the model consumes
 
 
 class ClipEmbedder(ClipEncoder):
@@ -45,13 +46,18 @@ class ClipEmbedder(ClipEncoder):
     On a GPU the next chunk is prepared (host work, pinned copies, decode queued) while the
     previous chunk's forward runs: its results are collected only after the next one is queued.
 
+    With `writers` (handles of :class:`.parts.ShardWriter` actors) the embedded rows go to the
+    writer of their shard and the actor returns only small records (:func:`hand_off`), so no row
+    travels to the driver; without, the rows themselves (what tests of the model call look at).
+
     `shipped` (a :class:`pipeline.runtime.ShippedFile`) is a driver-local checkpoint sent through
     the object store because this node may not see the driver's file: it is materialised in the
     node's checkpoint cache, keyed by its content, and loaded from there."""
 
     def __init__(self, spec: ModelSpec, store: Store, pp_json: str, use_gpu: bool = False,
                  precision: str = "auto", torch_threads: int | None = None, shipped=None,
-                 device_decode: bool = False):
+                 device_decode: bool = False, writers: list | None = None):
+        self.writers = writers
         if shipped is not None:
             spec = replace(spec, pretrained=shipped.local_path(spec.cache_namespace))
         super().__init__(spec, store, pp_json, use_gpu, precision, torch_threads)
@@ -90,6 +96,11 @@ class ClipEmbedder(ClipEncoder):
         return self.normalise(images), rows[keep], {int(rows[i]): r for i, r in dropped.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.embed(batch)
+        return out if self.writers is None else hand_off(out, self.writers)
+
+    def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch's rows with their embeddings (markers and filler rows passed through)."""
         is_marker = np.asarray(batch["is_marker"], dtype=bool)
         n = len(is_marker)
         image_emb = np.zeros((n, self.dim), dtype=np.float16)
@@ -120,12 +131,71 @@ class ClipEmbedder(ClipEncoder):
             queued = launched
         if queued is not None:
             collect(*queued)
-        out = {k: batch[k] for k in ("shard_index", "sample_index", "uid", "key", "caption", "original_width",
-                                     "original_height", "is_marker", "marker_samples", "marker_skipped",
-                                     "marker_error")}
+        # every column but the model's inputs goes on (what the reader adds reaches the part)
+        out = {k: v for k, v in batch.items() if k not in MODEL_INPUT_COLUMNS}
         out.update(image_embedding=image_emb, text_embedding=text_emb, clip_score=scores,
                    embedded_at=embedded_at, skip_reason=skip_reason)
         return out
+
+
+# what hand_off keeps for itself: the rest of a row (whatever columns the reader and the model
+# give it, e.g. sha256) travels to the writer
+CONTROL_COLUMNS = ("shard_index", "is_marker", "marker_samples", "marker_skipped", "marker_error",
+                   "embedded_at", "skip_reason")
+RECORD_COLUMNS = ("shard_index", "embedded_at", "rows", "event", "part_rows", "part_samples", "error")
+
+
+def hand_off(out: dict[str, np.ndarray], writers: list) -> dict[str, np.ndarray]:
+    """Send the embedded rows of `out` (one model batch) to their shards' writers and return what
+    the driver gets instead: per shard, one record per forward pass (its end time and row count,
+    for the steady rate) and one per writer event (a shard now complete, with its counts, or
+    unreadable). Waits for the writers to take the rows (backpressure: a slow writer slows the
+    actors, rows never pile up in a mailbox)."""
+    import ray
+
+    from .parts import writer_of
+
+    shard_index = np.asarray(out["shard_index"])
+    is_marker = np.asarray(out["is_marker"], dtype=bool)
+    dropped = np.asarray(out["skip_reason"]) != ""  # rows the actor could not decode (device decode)
+    real_marker = is_marker & (np.asarray(out["marker_samples"]) >= 0)  # not filler
+    carried = [k for k in out if k not in CONTROL_COLUMNS]
+    shards = np.unique(shard_index).tolist()
+    sent = []
+    for index in shards:
+        sel = shard_index == index
+        rows = sel & ~is_marker & ~dropped
+        drops = [(int(out["sample_index"][r]), str(out["key"][r]), str(out["uid"][r]), str(out["skip_reason"][r]))
+                 for r in np.flatnonzero(sel & dropped)]
+        m = np.flatnonzero(sel & real_marker)
+        marker = (int(out["marker_samples"][m[0]]), str(out["marker_skipped"][m[0]]),
+                  str(out["marker_error"][m[0]])) if len(m) else None
+        columns = {k: np.asarray(out[k])[rows] for k in carried} if rows.any() else None
+        sent.append(writers[writer_of(index, len(writers))].add.remote(index, columns, drops, marker))
+    events = ray.get(sent)
+    records: dict[str, list] = {k: [] for k in RECORD_COLUMNS}
+
+    def record(index, at=0.0, rows=0, event="", part_rows=0, part_samples=0, error=""):
+        for k, v in zip(RECORD_COLUMNS, (index, at, rows, event, part_rows, part_samples, error)):
+            records[k].append(v)
+
+    embedded_at = np.asarray(out["embedded_at"])
+    for index, event in zip(shards, events):
+        rows = (shard_index == index) & ~is_marker & ~dropped
+        times, counts = np.unique(embedded_at[rows], return_counts=True)
+        for at, n in zip(times.tolist(), counts.tolist()):
+            record(index, at, n)
+        if event is not None:
+            record(index, 0.0, 0, *event)
+        elif not len(times):
+            record(index)  # every shard of the batch answers (a batch of markers only too)
+    return {"shard_index": np.array(records["shard_index"], dtype=np.int64),
+            "embedded_at": np.array(records["embedded_at"], dtype=np.float64),
+            "rows": np.array(records["rows"], dtype=np.int64),
+            "event": np.array(records["event"], dtype=object),
+            "part_rows": np.array(records["part_rows"], dtype=np.int64),
+            "part_samples": np.array(records["part_samples"], dtype=np.int64),
+            "error": np.array(records["error"], dtype=object)}
 
 
 def shards_dataset(shards: list[tuple[int, str]]):
@@ -140,10 +210,11 @@ def shards_dataset(shards: list[tuple[int, str]]):
 def build_embed_dataset(cfg: JobConfig, store: Store, spec: ModelSpec, pp_json: str,
                         shards: list[tuple[int, str]], gpus: float, threads: int,
                         pool: tuple[int, int] | None = None, shipped=None, batch_size: int | None = None,
-                        device_decode: bool = False):
+                        device_decode: bool = False, writers: list | None = None):
     """The streaming Ray Dataset: shards -> read+decode tasks -> model actor pool (between
     ``pool`` = (min, max) actors, :func:`actor_pool_bounds`) -> rows with embeddings (plus one
-    marker row per shard). `batch_size` and `device_decode` are the resolved settings
+    marker row per shard; with `writers`, the rows go to those :class:`.parts.ShardWriter` actors
+    and the dataset yields only :func:`hand_off`'s records). `batch_size` and `device_decode` are the resolved settings
     (:func:`.stage.resolve_batch_size`, :func:`.stage.resolve_device_decode`)."""
     import ray.data
 
@@ -190,7 +261,7 @@ def build_embed_dataset(cfg: JobConfig, store: Store, spec: ModelSpec, pp_json: 
         else ray.data.ActorPoolStrategy(min_size=cfg.embed.min_actors, max_size=cfg.embed.num_actors),
         fn_constructor_kwargs={"spec": spec, "store": store, "pp_json": pp_json, "use_gpu": use_gpu,
                                "precision": cfg.embed.precision, "torch_threads": threads, "shipped": shipped,
-                               "device_decode": device_decode},
+                               "device_decode": device_decode, "writers": writers},
         num_gpus=gpus if use_gpu else None,
         num_cpus=cfg.embed.cpus_per_actor,
     )

@@ -15,7 +15,9 @@ files that exist, so a killed job resumes at the step it was in)::
 
     plan.json               metadata files with rows and array widths, buckets, shard tasks: fixed
                             by the first run (a resume never mixes two bucketings)
-    samples-TTTTT.json      (1) per task of `shards_per_task` input shards: per shard, usable samples;
+    samples-TTTTT.json      (1) per task of `shards_per_task` input shards: per shard, usable samples,
+                                whether its img2dataset sidecar (``NNNNNNNN.parquet`` checked against
+                                ``_stats.json``: :func:`read_sidecar`) or its tar was read, bytes read;
     samples-TTTTT.skipped.bkt   the samples the reader skips (shard, position, key, json uid, reason),
                                 one bucket per shard of the task; every usable sample's uid, shard,
     samples-TTTTT.bkt           position, key, caption and original size, bucketed by uid (the .bkt commits)
@@ -65,6 +67,7 @@ from ..formats.datacomp import (
     iter_metadata_chunks,
     json_original_size,
     metadata_files,
+    valid_sha256,
 )
 from ..formats.embeddings import part_table
 from ..formats.webdataset import DUPLICATE_UID, iter_shard_samples, json_uid, skip_record
@@ -75,7 +78,7 @@ from .parts import commit_part
 log = logging.getLogger(__name__)
 
 JOIN_DIR = "_join"
-JOIN_LAYOUT = 2  # of the _join/ files (2: skip records, not counts); a resume never mixes two
+JOIN_LAYOUT = 3  # of the _join/ files (2: skip records, not counts; 3: sha256); a resume never mixes two
 INFO = "precomputed.json"  # the join's counts, committed before _join/ is removed
 NO_UID = "no_uid"  # the sample's json has no uid: it cannot be looked up in the metadata
 NO_EMBEDDING = "no_embedding"  # in the shards, but its uid is on no metadata row
@@ -115,18 +118,29 @@ def inspect_inputs(cfg: JobConfig, store: Store) -> dict[str, Any]:
         raise MetadataError(f"image vectors ({pc.image_key}: {image_dim}) and text vectors ({pc.text_key}: "
                             f"{text_dim}) differ in width; choose keys of the same model")
     return {"files": [[i.parquet, i.npz, i.rows] for i in infos], "dim": image_dim,
-            "sizes_in_metadata": all(c in first.columns for c in ("original_width", "original_height"))}
+            "sizes_in_metadata": all(c in first.columns for c in ("original_width", "original_height")),
+            "sha256_in_metadata": "sha256" in first.columns}
+
+
+def resumed_plan(store: Store, directory: str, layout: int) -> dict[str, Any] | None:
+    """The plan.json of an interrupted run in `directory` when it is of `layout`; otherwise None,
+    and intermediates of another layout (another version's files) are removed: never resumed."""
+    url = join(directory, "plan.json")
+    if not store.exists(url):
+        return None
+    plan = store.read_json(url)
+    if plan.get("layout") == layout:
+        return plan
+    log.warning("%s holds intermediate files of another layout; starting over", directory)
+    store.rm(directory, recursive=True)
+    return None
 
 
 def _plan(cfg: JobConfig, store: Store, join_dir: str, n_shards: int) -> dict[str, Any]:
     url = join(join_dir, "plan.json")
-    if store.exists(url):
-        plan = store.read_json(url)
-        if plan.get("layout") == JOIN_LAYOUT:
-            return plan
-        # intermediates of an older version (skip counts, not records): they cannot be resumed
-        log.warning("precomputed join: %s holds files of an older layout; starting the join over", join_dir)
-        store.rm(join_dir, recursive=True)
+    resumed = resumed_plan(store, join_dir, JOIN_LAYOUT)
+    if resumed is not None:
+        return resumed
     pc = cfg.embed.precomputed
     plan = inspect_inputs(cfg, store)
     total = sum(rows for _, _, rows in plan["files"])
@@ -167,11 +181,84 @@ def skips_url(samples_url: str) -> str:
     return samples_url[: -len(".bkt")] + ".skipped.bkt"
 
 
+def sidecar_urls(shard_url: str) -> tuple[str, str] | None:
+    """img2dataset's ``NNNNNNNN.parquet`` and ``NNNNNNNN_stats.json`` beside a ``NNNNNNNN.tar``."""
+    if not shard_url.endswith(".tar"):
+        return None
+    stem = shard_url[: -len(".tar")]
+    return stem + ".parquet", stem + "_stats.json"
+
+
+def read_sidecar(store: Store, shard_url: str) -> tuple[Any, str | None]:
+    """The shard's img2dataset parquet rows with status ``success`` (uid, key, caption, original
+    sizes), in its order, when they can stand for the tar: both sidecar files there, the columns
+    there, as many success rows as ``_stats.json`` ``successes``, every key present. Otherwise
+    (None, why) and the join reads the tar."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    names = sidecar_urls(shard_url)
+    if names is None:
+        return None, "not a .tar name"
+    parquet, stats_url = names
+    try:
+        with store.open(parquet, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            have = set(pf.schema_arrow.names)
+            missing = [c for c in ("uid", "key", "status", "caption") if c not in have]
+            if missing:
+                return None, f"{parquet} has no column {missing}"
+            sizes = [c for c in ("original_width", "original_height") if c in have]
+            table = pf.read(columns=["uid", "key", "status", "caption"] + sizes)
+        successes = store.read_json(stats_url).get("successes")
+    except FileNotFoundError as err:
+        return None, f"missing {err.filename or parquet}"
+    except Exception as err:  # noqa: BLE001 - an unreadable sidecar is one more reason to read the tar
+        return None, f"{parquet} unreadable ({type(err).__name__}: {err})"
+    table = table.filter(pc.equal(table.column("status"), "success"))
+    if successes is None or int(successes) != table.num_rows:
+        return None, f"{parquet} has {table.num_rows} success rows, {stats_url} says successes={successes}"
+    if table.column("key").null_count:
+        return None, f"{parquet}: success rows without a key"
+    return table, None
+
+
+def _sidecar_rows(table, shard: int, rows: dict[str, list], skips: list) -> None:
+    """The usable samples and skip records of a shard from its sidecar rows, as the tar reader
+    gives them for img2dataset's successes: caption stripped (empty: ``missing_caption``), a
+    uid that is no non-empty string ``no_uid``, a uid repeated in the shard ``duplicate_uid``."""
+    from ..formats.webdataset import MISSING_CAPTION
+
+    cols = {c: table.column(c).to_pylist() for c in table.column_names}
+    seen: set[str] = set()
+    for i, key in enumerate(cols["key"]):
+        uid = cols["uid"][i]
+        uid = uid if isinstance(uid, str) and uid else ""
+        caption = (cols["caption"][i] or "").strip()
+        if not caption:
+            skips.append((shard, i, key, uid, MISSING_CAPTION))
+            continue
+        if not uid:
+            skips.append((shard, i, key, "", NO_UID))
+            continue
+        if uid in seen:
+            skips.append((shard, i, key, uid, DUPLICATE_UID))
+            continue
+        seen.add(uid)
+        size = json_original_size({c: cols[c][i] for c in ("original_width", "original_height") if c in cols})
+        width, height = size or (None, None)
+        for name, value in (("uid", uid), ("shard", shard), ("position", i), ("key", key), ("caption", caption),
+                            ("original_width", width), ("original_height", height)):
+            rows[name].append(value)
+
+
 def samples_task(store: Store, cfg: JobConfig, urls: list[str], lo: int, hi: int, n_buckets: int,
                  out_url: str) -> None:
-    """Stream input shards lo..hi-1 (the embed stage's reader: same samples, skips and uids) and
-    write their usable samples bucketed by uid, per shard the count, and the skipped samples'
-    records with one bucket per shard (so a parts task reads only its shard's)."""
+    """Stream input shards lo..hi-1 (the embed stage's reader: same samples, skips and uids; or,
+    with ``use_sidecar``, img2dataset's parquet beside the tar when it agrees with its stats:
+    :func:`read_sidecar`) and write their usable samples bucketed by uid, per shard the count,
+    where it was read from and the bytes read, and the skipped samples' records with one bucket
+    per shard (so a parts task reads only its shard's)."""
     import pyarrow as pa
 
     writer = BucketedWriter(_samples_schema(), n_buckets)
@@ -181,6 +268,15 @@ def samples_task(store: Store, cfg: JobConfig, urls: list[str], lo: int, hi: int
         url = urls[shard]
         skips: list[tuple[int, int, str, str, str]] = []
         rows: dict[str, list] = {name: [] for name in _samples_schema().names}
+        sidecar, why = read_sidecar(store, url) if cfg.embed.precomputed.use_sidecar else (None, "use_sidecar: false")
+        if sidecar is not None:
+            _sidecar_rows(sidecar, shard, rows, skips)
+            table = pa.table(rows, schema=_samples_schema())
+            writer.add_by_uid(table)
+            skips_writer.add(_skips_table(skips), np.full(len(skips), shard - lo, np.int64))
+            counts[str(shard)] = {"usable": table.num_rows, "read": "sidecar",
+                                  "bytes_read": sum(store.size(u) for u in sidecar_urls(url))}
+            continue
         for sample in iter_shard_samples(store, url, cfg.input, dedupe=True):
             if sample.problem is not None:
                 skips.append((shard, sample.index, *skip_record(sample, cfg.input)))
@@ -196,7 +292,8 @@ def samples_task(store: Store, cfg: JobConfig, urls: list[str], lo: int, hi: int
         table = pa.table(rows, schema=_samples_schema())
         writer.add_by_uid(table)
         skips_writer.add(_skips_table(skips), np.full(len(skips), shard - lo, np.int64))
-        counts[str(shard)] = {"usable": table.num_rows}
+        counts[str(shard)] = {"usable": table.num_rows, "read": "tar", "sidecar_problem": why,
+                              "bytes_read": store.size(url)}
     skips_writer.commit(store, skips_url(out_url))
     store.write_json(out_url[: -len(".bkt")] + ".json", counts)
     writer.commit(store, out_url)
@@ -207,7 +304,8 @@ def _metadata_schema(dim: int):
 
     return pa.schema([("uid", pa.string()), ("file", pa.int32()), ("row", pa.int64()), ("clip_score", pa.float32()),
                       ("image_embedding", pa.list_(pa.float16(), dim)), ("text_embedding", pa.list_(pa.float16(), dim)),
-                      ("ok", pa.bool_()), ("original_width", pa.int32()), ("original_height", pa.int32())])
+                      ("ok", pa.bool_()), ("original_width", pa.int32()), ("original_height", pa.int32()),
+                      ("sha256", pa.string())])
 
 
 def _normalised(arrays: dict[str, np.ndarray], keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -226,16 +324,19 @@ def _normalised(arrays: dict[str, np.ndarray], keys: list[str]) -> tuple[np.ndar
 
 
 def metadata_task(store: Store, pc: PrecomputedConfig, file_index: int, parquet: str, npz: str, dim: int,
-                  n_buckets: int, sizes_in_metadata: bool, out_url: str) -> None:
+                  n_buckets: int, sizes_in_metadata: bool, out_url: str, sha256_in_metadata: bool = False) -> None:
     """Stream one metadata file in row chunks and write its rows bucketed by uid: the score (the
-    cosine of the vectors where null) and the normalised vectors as float16."""
+    cosine of the vectors where null), the normalised vectors as float16, and the ``sha256``
+    (null where absent or not 64 hex digits; those counted)."""
     import pyarrow as pa
 
     image_keys, text_keys = keys_of(pc.image_key), keys_of(pc.text_key)
-    columns = ["uid", pc.score_column] + (["original_width", "original_height"] if sizes_in_metadata else [])
+    columns = ["uid", pc.score_column] + (["original_width", "original_height"] if sizes_in_metadata else []) \
+        + (["sha256"] if sha256_in_metadata else [])
     writer = BucketedWriter(_metadata_schema(dim), n_buckets)
     position = 0
     without_uid = 0
+    sha256_invalid = 0
     for batch, arrays in iter_metadata_chunks(store, parquet, npz, columns, _all_keys(pc), METADATA_CHUNK_ROWS):
         n = batch.num_rows
         uids = batch.column("uid").to_pylist()
@@ -249,6 +350,8 @@ def metadata_task(store: Store, pc: PrecomputedConfig, file_index: int, parquet:
         score[missing] = (image[missing] * text[missing]).sum(axis=1)
         sizes = {c: (batch.column(c).cast(pa.int32()) if sizes_in_metadata else pa.nulls(n, pa.int32()))
                  for c in ("original_width", "original_height")}
+        digests, bad = valid_sha256(batch.column("sha256").to_pylist()) if sha256_in_metadata else ([None] * n, 0)
+        sha256_invalid += bad
         table = pa.table({
             "uid": pa.array([str(u) if h else "" for u, h in zip(uids, has_uid)], pa.string()),
             "file": pa.array(np.full(n, file_index, np.int32)),
@@ -258,12 +361,15 @@ def metadata_task(store: Store, pc: PrecomputedConfig, file_index: int, parquet:
             "text_embedding": fixed_size_list(text, np.float16),
             "ok": pa.array(ok),
             **sizes,
+            "sha256": pa.array(digests, pa.string()),
         })
         keep = np.flatnonzero(has_uid)
         table = table.take(keep)
         writer.add_by_uid(table)
         position += n
-    store.write_json(out_url[: -len(".bkt")] + ".json", {"rows": position, "without_uid": without_uid})
+    store.write_json(out_url[: -len(".bkt")] + ".json", {"rows": position, "without_uid": without_uid,
+                                                         "sha256_invalid": sha256_invalid,
+                                                         "bytes_read": store.size(parquet) + store.size(npz)})
     writer.commit(store, out_url)
 
 
@@ -325,7 +431,7 @@ def join_task(store: Store, join_dir: str, bucket: int, sample_files: list[str],
         "shard": kept.column("shard"), "position": kept.column("position"), "uid": kept.column("uid"),
         "key": kept.column("key"), "clip_score": kept_meta.column("clip_score"),
         "image_embedding": kept_meta.column("image_embedding"), "text_embedding": kept_meta.column("text_embedding"),
-        "caption": kept.column("caption"), **sizes,
+        "caption": kept.column("caption"), **sizes, "sha256": kept_meta.column("sha256"),
     })
     writer = BucketedWriter(table.schema, n_groups)
     writer.add(table, groups[table.column("shard").to_numpy()] if table.num_rows else np.zeros(0, np.int64))
@@ -376,7 +482,7 @@ def parts_task(store: Store, directory: str, join_dir: str, group: int, urls: li
             else np.zeros((0, dim), np.float16)
         table = part_table(urls[shard], rows.column("uid").to_pylist(), rows.column("key").to_pylist(),
                            rows.column("clip_score").to_numpy(), image, text, rows.column("caption").to_pylist(),
-                           rows.column("original_width"), rows.column("original_height"))
+                           rows.column("original_width"), rows.column("original_height"), rows.column("sha256"))
         skips_file, bucket = tar_skips[str(shard)]
         reader_skips = read_bucket(store, skips_file, bucket)
         records = list(zip(*(reader_skips.column(c).to_pylist() for c in ("position", "key", "uid", "reason"))))
@@ -423,7 +529,8 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
                     for (lo, hi), url in zip(plan["shard_tasks"], sample_urls)],
                    outputs=sample_urls, unit="shard tasks")
     metadata = Step("embed.join.metadata", metadata_task,
-                    [(store, pc, m, parquet, npz, dim, n_buckets, plan["sizes_in_metadata"], url)
+                    [(store, pc, m, parquet, npz, dim, n_buckets, plan["sizes_in_metadata"], url,
+                      plan["sha256_in_metadata"])
                      for m, ((parquet, npz, _), url) in enumerate(zip(files, meta_urls))],
                     outputs=meta_urls, unit="metadata files")
     for side in [start_step(samples, store), start_step(metadata, store)]:
@@ -474,11 +581,17 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
     seconds["parts"] = round(time.perf_counter() - t2, 3)
 
     totals: Counter = Counter()
-    metadata_without_uid = 0
+    metadata_without_uid = sha256_invalid = metadata_bytes = 0
     for b in range(n_buckets):
         totals.update(store.read_json(join(join_dir, f"joined-{b:05d}.json")))
     for url in meta_urls:
-        metadata_without_uid += store.read_json(url[: -len(".bkt")] + ".json")["without_uid"]
+        counted = store.read_json(url[: -len(".bkt")] + ".json")
+        metadata_without_uid += counted["without_uid"]
+        sha256_invalid += counted["sha256_invalid"]
+        metadata_bytes += counted["bytes_read"]
+    read_from = Counter(c["read"] for c in counts.values())
+    sidecar_problems = [f"{urls[int(i)]}: {c['sidecar_problem']}" for i, c in sorted(counts.items(), key=lambda x: int(x[0]))
+                        if c["read"] == "tar"]
     info = {
         "encoder": "precomputed",
         "model": f"precomputed:{'+'.join(keys_of(pc.image_key))}/{'+'.join(keys_of(pc.text_key))}",
@@ -489,8 +602,15 @@ def run_precomputed(cfg: JobConfig, store: Store, directory: str, urls: list[str
         "not_in_shards": int(totals["not_in_shards"]),
         "metadata_duplicate_uid": int(totals["metadata_duplicate_uid"]),
         "metadata_without_uid": int(metadata_without_uid),
-        "join": {"buckets": n_buckets, "shard_groups": len(groups), "seconds": seconds},
+        "sha256_invalid": int(sha256_invalid),
+        "shards_read_from": {"sidecar": read_from["sidecar"], "tar": read_from["tar"]},
+        "sidecar_problems": sidecar_problems[:20],
+        "join": {"buckets": n_buckets, "shard_groups": len(groups), "seconds": seconds,
+                 "bytes_read": {"shards": sum(c["bytes_read"] for c in counts.values()), "metadata": metadata_bytes}},
     }
+    if read_from["tar"] and pc.use_sidecar:
+        log.warning("precomputed join: %d of %d shards read from their tar (no usable img2dataset sidecar), e.g. %s",
+                    read_from["tar"], len(urls), sidecar_problems[0])
     store.write_json(info_url, info)  # the join's counts outlive _join/ (a resume after this point reads them)
     store.rm(join_dir, recursive=True)
     log.info("precomputed join: %d metadata rows, %d not in the shards (failed downloads), %d repeated, %d without uid",

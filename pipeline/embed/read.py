@@ -26,6 +26,7 @@ Other shards keep flowing. Bad samples are recorded per reason, never raised.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Iterator
@@ -71,6 +72,7 @@ def _chunk(shard_index: int, chunk: int, rows: list[tuple], tokenizer, device_de
         "caption": np.array([r[4] for r in rows], dtype=object),
         "original_width": np.array([r[5] for r in rows], dtype=np.int32),
         "original_height": np.array([r[6] for r in rows], dtype=np.int32),
+        "sha256": np.array([r[8] for r in rows], dtype=object),
         "is_marker": np.zeros(n, dtype=bool),
         "marker_samples": np.zeros(n, dtype=np.int64),
         "marker_skipped": np.array([""] * n, dtype=object),
@@ -95,6 +97,7 @@ def _marker(shard_index: int, n_good: int, skips: list[tuple[int, str, str, str]
         "caption": np.array([""] * n, dtype=object),
         "original_width": np.zeros(n, dtype=np.int32),
         "original_height": np.zeros(n, dtype=np.int32),
+        "sha256": np.array([""] * n, dtype=object),
         "is_marker": np.ones(n, dtype=bool),
         "marker_samples": np.array([n_good] + [-1] * (n - 1), dtype=np.int64),  # -1: filler
         "marker_skipped": np.array([json.dumps(skips)] + [""] * (n - 1), dtype=object),
@@ -138,8 +141,10 @@ def read_and_preprocess(batch: dict[str, np.ndarray], store: Store, input_cfg: I
                     continue
                 # the size before img2dataset's resize when the json says it, else the image's own
                 width, height = json_original_size(sample.meta) or size
+                # the image member's bytes as stored, for select.prefilter.exact_duplicates
+                digest = hashlib.sha256(sample.image_bytes).hexdigest()
                 rows.append((sample.index, sample.uid, sample.key, pixels, sample.caption, width, height,
-                             jpeg_size is not None and not too_large))
+                             jpeg_size is not None and not too_large, digest))
                 if len(rows) == chunk_size:
                     yield _chunk(shard_index, n_good // chunk_size, rows, tokenizer, device_decode)
                     n_good += len(rows)

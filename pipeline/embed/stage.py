@@ -5,12 +5,16 @@ Data flow (open_clip encoder)::
 
     one row per pending shard ──► read+decode map task (:mod:`.read`, CPU, one shard per task)
     ──► ClipEmbedder actors (:mod:`.dataset`, one model per actor, GPU or CPU)
-    ──► driver: collects rows per shard; a shard is complete when its marker has arrived and as
-        many rows as the marker announces; complete shards are committed in shard order
-        (:mod:`.parts`).
+    ──► ShardWriter actors (:mod:`.parts`): gather each shard's rows; a shard is complete when its
+        marker has arrived and as many rows as the marker announces
+    ··► driver: small records only (forward times and counts, "shard complete"); it decides the
+        complete shards in shard order (duplicate uids, through the registry actors) and the
+        writers commit the parts, sending back their stats.
 
-A part is written only when all its rows are in, after its skip records and stats json; a killed
-job leaves no partial part, and a rerun embeds exactly the shards without a part.
+No embedding row passes through the driver (the stage's stats count what does:
+``driver_received``), so the stage's rate is not one process's. A part is written only when all
+its rows are in, after its skip records and stats json; a killed job leaves no partial part, and a
+rerun embeds exactly the shards without a part.
 
 The precomputed encoder joins DataComp's metadata to the shards by uid through bucketed files
 and Ray tasks that write the parts themselves (:mod:`.precomputed`).
@@ -31,7 +35,7 @@ import numpy as np
 from ..config import JobConfig, output_settings
 from ..errors import ConfigError, StaleStageError, innermost
 from ..formats.datacomp import subset_file_warning
-from ..formats.webdataset import ShardReadError, fallback_uid, listing, shard_urls, verify_shards
+from ..formats.webdataset import ShardReadError, listing, shard_urls, verify_shards
 from ..runtime import init_ray, resources, ship_file, unseen_paths
 from ..stage import Stage, StageContext
 from ..storage import Store, join
@@ -40,7 +44,7 @@ from .dataset import actor_gpus, actor_pool_bounds, build_embed_dataset
 from .device_preprocess import unsupported_reason
 from .model import (ClipEncoder, ModelSpec, check_pretrained, checkpoint_namespace, gpu_batch_size, image_pipeline,
                     is_local_checkpoint, model_embed_dim, model_spec, preprocess_config)
-from .parts import PartCommitter, ShardAccumulator, ShardResult, committed_indices
+from .parts import PartCommitter, committed_indices
 from .precomputed import run_precomputed, verify_precomputed_inputs
 
 log = logging.getLogger(__name__)
@@ -242,63 +246,59 @@ def _run_open_clip(cfg: JobConfig, store: Store, urls: list[str], pending: list[
         log.info("embed.pretrained %s is not on every node: shipped through the object store (%.1f MiB, sha256 %s)",
                  spec.pretrained, os.path.getsize(spec.pretrained) / 2**20, shipped.sha256[:12])
 
-    committer.dim = model_embed_dim(spec)
+    # the writers gather and commit the parts; the driver sees records and commit records only
+    committer.start_writers(max(1, min(max_actors, len(pending))), model_embed_dim(spec))
     ds = build_embed_dataset(cfg, store, spec, pp_json, [(i, urls[i]) for i in pending], gpus, threads,
                              pool=(min_actors, max_actors), shipped=shipped, batch_size=run["batch_size"],
-                             device_decode=run["device_decode"])
-    partial: dict[int, ShardAccumulator] = {}
-    failed: dict[int, str] = {}  # shards that could not be read (their late rows are dropped)
+                             device_decode=run["device_decode"], writers=committer.writers)
+    failed: dict[int, str] = {}  # shards that could not be read
     forward_times: Counter = Counter()  # forward end time -> rows (for the steady-state rate)
+    received = Counter()  # what the stream brought the driver: records and their bytes
     waiting = f"embedded batches from the actor pool ({len(pending)} shard(s) pending)"
     progress(waiting)
     for batch in _batches_or_config_error(ds, spec):
         progress(waiting)
-        markers = np.asarray(batch["is_marker"], dtype=bool)
-        shard_index = np.asarray(batch["shard_index"])
-        dropped = np.asarray(batch["skip_reason"]) != ""  # rows the actor could not decode (device decode)
-        forward_times.update(np.asarray(batch["embedded_at"])[~markers & ~dropped].tolist())
-        for index in np.unique(shard_index).tolist():
-            if index in failed:
-                continue
-            acc = partial.setdefault(index, ShardAccumulator())
-            sel = shard_index == index
-            rows = sel & ~markers & ~dropped
-            for r in np.flatnonzero(sel & dropped):
-                key, uid = str(batch["key"][r]), str(batch["uid"][r])
-                # the json uid only (as every skip record), never the md5 fallback
-                acc.drop((int(batch["sample_index"][r]), key, "" if uid == fallback_uid(urls[index], key) else uid,
-                          str(batch["skip_reason"][r])))
-            if rows.any():
-                acc.add({k: np.asarray(batch[k])[rows] for k in
-                         ("sample_index", "uid", "key", "clip_score", "image_embedding", "text_embedding",
-                          "caption", "original_width", "original_height")})
-            for m in np.flatnonzero(sel & markers & (np.asarray(batch["marker_samples"]) >= 0)):  # not filler
-                acc.expected = int(batch["marker_samples"][m])
-                acc.skips.extend(tuple(r) for r in json.loads(str(batch["marker_skipped"][m])))
-                acc.error = str(batch["marker_error"][m])
-            if acc.error:
-                # a shard that could not be read as a whole: never commit part of it
-                failed[index] = acc.error
-                partial.pop(index)
+        received.update(records=len(batch["shard_index"]), bytes=batch_bytes(batch))
+        at = np.asarray(batch["embedded_at"])
+        for t, n in zip(at[at > 0].tolist(), np.asarray(batch["rows"])[at > 0].tolist()):
+            forward_times[t] += n
+        for r in np.flatnonzero(np.asarray(batch["event"]) != "").tolist():
+            index, event = int(batch["shard_index"][r]), str(batch["event"][r])
+            if event == "failed":
+                failed[index] = str(batch["error"][r])
                 if cfg.input.allow_missing_shards:
-                    committer.add(index, ShardResult.unreadable(acc.error))
-            elif acc.complete:
-                committer.add(index, partial.pop(index).result())
+                    committer.add(index, 0, 0, missing=failed[index])
+            else:
+                committer.add(index, int(batch["part_rows"][r]), int(batch["part_samples"][r]))
+        committer.poll()
         if failed and not cfg.input.allow_missing_shards and committer.next_index in failed:
-            break  # nothing after the failed shard can be committed (shard order): stop the stream
+            break  # nothing after the failed shard can be decided (shard order): stop the stream
+    committer.poll(timeout=None)  # the commits under way finish (or fail) before the stage ends
     if failed and not cfg.input.allow_missing_shards:
         lines = [f"{urls[i]}: {reason}" for i, reason in sorted(failed.items())]
         raise ShardReadError(
             f"{len(failed)} input shard(s) could not be read; the {len(committer.stats)} shard(s) before them are "
             f"committed and a rerun resumes there (input.allow_missing_shards: true skips them):\n{listing(lines)}")
-    if partial or not committer.done:
+    if not committer.done or len(committer.stats) < len(pending):
         missing = sorted(set(pending) - set(committer.stats))
         raise RuntimeError(f"embed stage ended with incomplete shards: {[urls[i] for i in missing]}")
+    driver = {"records": received["records"], "bytes": received["bytes"], "commit_records": len(committer.stats),
+              "commit_record_bytes": committer.received_bytes}
     return {"encoder": "open_clip", "model": spec.name, "pretrained": spec.pretrained, "device": device,
             "precision": precision, "actors": [min_actors, max_actors], "torch_threads": threads,
             "batch_size": run["batch_size"], "device_decode": run["device_decode"],
             "gpus_per_actor": gpus, "preprocess": pp,
-            "steady_samples_per_s": steady_rate(forward_times)}
+            "steady_samples_per_s": steady_rate(forward_times), "driver_received": driver,
+            "part_writers": {"actors": len(committer.writers), "pids": sorted(committer.writer_pids)}}
+
+
+def batch_bytes(batch: dict[str, np.ndarray]) -> int:
+    """Bytes of a batch the driver received (strings by their length): what passes through it."""
+    total = 0
+    for values in batch.values():
+        values = np.asarray(values)
+        total += sum(len(str(v)) for v in values) if values.dtype == object else values.nbytes
+    return total
 
 
 def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from .webdataset import fallback_uid, listing
 UID_FALLBACK = "uid_fallback"  # the sample's json has no uid: d2prune used md5(shard/key)
 UID_NOT_HEX = "uid_not_32_hex"  # the json uid is not 32 hex digits
 _DATACOMP_UID = re.compile(r"^[0-9a-fA-F]{32}$")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -81,6 +82,21 @@ def subset_file_warning(notes: dict[str, int]) -> str | None:
     if not parts:
         return None
     return "; ".join(parts) + ". selected.parquet and the write stage's output are complete either way."
+
+
+def valid_sha256(values: list) -> tuple[list[str | None], int]:
+    """The metadata's ``sha256`` values as the embedding parts store them: lowercased when 64 hex
+    digits, else None; and how many non-empty values were not 64 hex digits (counted in the stats)."""
+    out, bad = [], 0
+    for v in values:
+        if v is None or v == "":
+            out.append(None)
+        elif isinstance(v, str) and _SHA256.match(v):
+            out.append(v.lower())
+        else:
+            out.append(None)
+            bad += 1
+    return out, bad
 
 
 def json_original_size(meta: dict[str, Any] | None) -> tuple[int, int] | None:
@@ -174,17 +190,22 @@ class MetadataInfo:
     dims: dict[str, int]  # npz key -> vector width
 
 
-def inspect_metadata(store: Store, parquet: str, npz: str, keys: list[str]) -> MetadataInfo:
-    """Rows and columns of a metadata parquet (its footer) and the width of each npz array in
-    `keys` (its .npy headers), checked to line up: every array is 2-D with one row per parquet row."""
+def parquet_footer(store: Store, parquet: str) -> tuple[int, tuple[str, ...]]:
+    """Rows and column names of a metadata parquet, from its footer (MetadataError when missing)."""
     import pyarrow.parquet as pq
 
     try:
         with store.open(parquet, "rb") as fh:
             meta = pq.ParquetFile(fh)
-            rows, columns = meta.metadata.num_rows, tuple(meta.schema_arrow.names)
+            return int(meta.metadata.num_rows), tuple(meta.schema_arrow.names)
     except FileNotFoundError:
         raise MetadataError(f"metadata file {parquet} not found") from None
+
+
+def inspect_metadata(store: Store, parquet: str, npz: str, keys: list[str]) -> MetadataInfo:
+    """Rows and columns of a metadata parquet (its footer) and the width of each npz array in
+    `keys` (its .npy headers), checked to line up: every array is 2-D with one row per parquet row."""
+    rows, columns = parquet_footer(store, parquet)
     dims: dict[str, int] = {}
     try:
         with store.open(npz, "rb") as fh, zipfile.ZipFile(fh) as zf:
@@ -208,21 +229,29 @@ def inspect_metadata(store: Store, parquet: str, npz: str, keys: list[str]) -> M
     return MetadataInfo(parquet, npz, int(rows), columns, dims)
 
 
-def inspect_all(store: Store, pairs: list[tuple[str, str]], keys: list[str],
-                max_workers: int = 16) -> list[MetadataInfo]:
-    """:func:`inspect_metadata` of every pair (threads; one footer and the npz directory each),
-    raising one MetadataError naming every bad file, and checking all files agree on widths."""
-    def one(pair):
+def inspect_each(inspect, items: list, what: str, max_workers: int = 16) -> list:
+    """`inspect(item)` of every item (threads: a footer and a few headers each), raising one
+    MetadataError naming every bad one (`what`: the kind of files, for the message)."""
+    def one(item):
         try:
-            return inspect_metadata(store, pair[0], pair[1], keys)
+            return inspect(item)
         except MetadataError as err:
             return str(err)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(pairs)))) as pool:
-        results = list(pool.map(one, pairs))
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items)))) as pool:
+        results = list(pool.map(one, items))
     bad = [r for r in results if isinstance(r, str)]
     if bad:
-        raise MetadataError(f"{len(bad)} of {len(pairs)} precomputed metadata files cannot be used:\n{listing(bad)}")
+        raise MetadataError(f"{len(bad)} of {len(items)} {what} cannot be used:\n{listing(bad)}")
+    return results
+
+
+def inspect_all(store: Store, pairs: list[tuple[str, str]], keys: list[str],
+                max_workers: int = 16) -> list[MetadataInfo]:
+    """:func:`inspect_metadata` of every pair (one footer and the npz directory each), raising one
+    MetadataError naming every bad file, and checking all files agree on widths."""
+    results = inspect_each(lambda pair: inspect_metadata(store, pair[0], pair[1], keys), pairs,
+                           "precomputed metadata files", max_workers)
     first = results[0]
     for info in results[1:]:
         if info.dims != first.dims:

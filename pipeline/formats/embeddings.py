@@ -12,6 +12,11 @@ Schema (column order and types are part of the contract)::
     original_width   int32    the image's size before img2dataset resized it: the json's
     original_height  int32    ``original_width/height`` when present, else the image's own size
                               (null when neither is known)
+    sha256           string   64 lowercase hex digits: the sha256 of the image member's bytes (the
+                              embed stage's reader; DataComp's metadata ``sha256`` on the
+                              precomputed path), null when unknown. Read by
+                              ``select.prefilter.exact_duplicates`` (:func:`read_sha256`); parts
+                              written before it existed lack it, and that reader names the part
 
 The last three are what DataComp's basic filter reads (:mod:`pipeline.core.basic_filter`). Parts
 written before they existed lack them; every reader except :func:`read_filter_columns` works on
@@ -44,6 +49,7 @@ samples and an empty file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,8 +58,11 @@ from ..storage import Store, basename, damaged_on_error, join
 from ..workdir import committed_parts
 from .columns import fixed_list_to_numpy, fixed_size_list
 
+if TYPE_CHECKING:  # pyarrow is imported where it is used (a reader of the schema alone needs none)
+    import pyarrow as pa
+
 COLUMNS = ("uid", "shard", "key", "clip_score", "image_embedding", "text_embedding", "caption",
-           "original_width", "original_height")
+           "original_width", "original_height", "sha256")
 SKIPPED_COLUMNS = ("shard", "key", "uid", "reason")
 SKIPPED_DIR = "_skipped"
 SKIPPED_SUFFIX_BEFORE = ".skipped.parquet"  # beside the part: the layout before SKIPPED_DIR
@@ -63,8 +72,9 @@ VECTOR_COLUMNS = {"image": ("image_embedding",), "text": ("text_embedding",),
 
 
 def part_table(shard: str, uids, keys, scores, image_emb: np.ndarray, text_emb: np.ndarray,
-               captions, widths, heights):
-    """A part in the contract's schema (`widths`/`heights`: ints, None where unknown)."""
+               captions, widths, heights, sha256s=None):
+    """A part in the contract's schema (`widths`/`heights`: ints, None where unknown; `sha256s`:
+    64-hex strings, None (all, or per row) where unknown)."""
     import pyarrow as pa
 
     n = len(uids)
@@ -78,6 +88,7 @@ def part_table(shard: str, uids, keys, scores, image_emb: np.ndarray, text_emb: 
         "caption": pa.array(list(captions), type=pa.string()),
         "original_width": _sizes(widths, n),
         "original_height": _sizes(heights, n),
+        "sha256": _digests(sha256s, n),
     })
 
 
@@ -128,6 +139,16 @@ def _sizes(values, n: int):
         return values.cast(pa.int32())
     values = [None if v is None or int(v) <= 0 else int(v) for v in list(values)] if n else []
     return pa.array(values, type=pa.int32())
+
+
+def _digests(values, n: int):
+    import pyarrow as pa
+
+    if values is None:
+        return pa.nulls(n, type=pa.string())
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.cast(pa.string())
+    return pa.array([v or None for v in list(values)], type=pa.string())
 
 
 @dataclass(frozen=True)
@@ -290,6 +311,25 @@ def read_filter_columns(store: Store, part: EmbeddingPart) -> dict[str, np.ndarr
     sizes = {c: table.column(c).cast(pa.float64()).to_numpy(zero_copy_only=False)
              for c in ("original_width", "original_height")}
     return {"caption": table.column("caption").to_numpy(zero_copy_only=False), **sizes}
+
+
+def read_sha256(store: Store, part: EmbeddingPart):
+    """One part's ``sha256`` column (pyarrow string array, null where unknown), in row order; a
+    part written before the column existed is an error naming it and ``--force-from embed``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with damaged_on_error(part.url), store.open(part.url, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        if "sha256" not in pf.schema_arrow.names:
+            raise ValueError(
+                f"embedding part {part.url} has no column 'sha256': it was written before the embed stage "
+                "recorded the images' sha256 (select.prefilter.exact_duplicates needs it); rerun with --force-from embed"
+            )
+        table = pf.read(columns=["sha256"])
+    if table.num_rows != part.rows:
+        raise RuntimeError(f"{part.url} has {table.num_rows} rows, {part.rows} when the stage started")
+    return table.column("sha256").combine_chunks().cast(pa.string())
 
 
 def part_skipped_url(store: Store, part: EmbeddingPart) -> str | None:

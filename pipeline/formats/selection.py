@@ -26,7 +26,8 @@ Only hex uids of at most 32 digits (DataComp's and our md5 default) can be writt
     prefiltered    bool     dropped by a pre-filter, DataComp's basic filter or β (then not in the
                             graph: no scores below)
     prefilter      string   which one: "" (kept), the basic filter's rule
-                            (:data:`pipeline.core.basic_filter.RULES`) or "beta"
+                            (:data:`pipeline.core.basic_filter.RULES`), "exact_duplicate",
+                            "eval_duplicate" or "beta"
     rank           int64    selection rank up to the largest budget, -1 when not ranked
     forward_score  float64  D2: the forward pass's score; baselines: the shifted score (NaN if pre-filtered)
     final_score    float64  D2: the score when picked, for the others the score after every
@@ -43,13 +44,20 @@ input shard; together one row per input sample): what happened to each sample an
     uid            string   "" when a skipped sample had none
     decision       string   skipped | prefiltered | selected | ranked | pruned
                             (:mod:`pipeline.core.decide`; ranked = only for a larger keep rate)
-    reason         string   skipped: the embed stage's reason; prefiltered: the basic filter's rule or
-                            "beta"; else ""
+    reason         string   skipped: the embed stage's reason; prefiltered: the basic filter's rule,
+                            "exact_duplicate", "eval_duplicate" or "beta"; else ""
     rank           int64    selection rank (selected, ranked), else -1
     score          float64  the raw ``select.score`` value (NaN when skipped)
     blame_uid      string   D2, a candidate not selected at the configured budget: the selected
-                            neighbour whose suppression of it was largest (``blame_node``); else ""
+                            neighbour whose suppression of it was largest (``blame_node``); an
+                            ``exact_duplicate``: the sample with the same image bytes that stayed
+                            (the earliest); else ""
     blame_amount   float64  that suppression (0.0 without one)
+
+    with select.prefilter.decontaminate only (appended; null except on ``eval_duplicate`` rows):
+    eval_set        string   the evaluation set's name
+    eval_id         string   the evaluation item's id (its key for a shards set, its id for vectors)
+    eval_similarity float64  the cosine of the two image vectors (>= the threshold)
 
 The embedded samples' rows come first, in the part's row order, then the part's skip records
 (``embeddings/_skipped/part-NNNNN.parquet``) when the embed stage wrote them.
@@ -140,10 +148,16 @@ def iter_node_batches(store: Store, url: str, columns: list[str], batch_rows: in
 
 
 BETA = "beta"
-# prefilter codes (int8): -1 kept, i < len(RULES) the basic filter's rule i, len(RULES) the β pre-filter
+EXACT_DUPLICATE = "exact_duplicate"
+EVAL_DUPLICATE = "eval_duplicate"
+# prefilter codes (int8): -1 kept, i < len(RULES) the basic filter's rule i, len(RULES) the β
+# pre-filter, then select.prefilter.exact_duplicates and select.prefilter.decontaminate (after β
+# in the numbering only: they run before it)
 PREFILTER_KEPT = -1
 PREFILTER_BETA = len(RULES)
-PREFILTER_LABELS = ("",) + RULES + (BETA,)
+PREFILTER_EXACT = len(RULES) + 1
+PREFILTER_EVAL = len(RULES) + 2
+PREFILTER_LABELS = ("",) + RULES + (BETA, EXACT_DUPLICATE, EVAL_DUPLICATE)
 
 
 def prefilter_labels(codes):
@@ -151,8 +165,8 @@ def prefilter_labels(codes):
     import pyarrow as pa
 
     codes = np.asarray(codes, np.int64)
-    if codes.size and (codes.min() < PREFILTER_KEPT or codes.max() > PREFILTER_BETA):
-        raise ValueError(f"prefilter codes must lie in {PREFILTER_KEPT}..{PREFILTER_BETA}")
+    if codes.size and (codes.min() < PREFILTER_KEPT or codes.max() > PREFILTER_EVAL):
+        raise ValueError(f"prefilter codes must lie in {PREFILTER_KEPT}..{PREFILTER_EVAL}")
     return pa.DictionaryArray.from_arrays(pa.array((codes + 1).astype(np.int32)),
                                           pa.array(PREFILTER_LABELS, pa.string())).cast(pa.string())
 
@@ -174,17 +188,27 @@ def nodes_table(node, uid, score, prefilter_codes, rank, forward, final, blame_n
     })
 
 
-def decisions_schema():
+def decisions_schema(eval_columns: bool = False):
+    """The decisions schema; ``eval_columns`` (select.prefilter.decontaminate on) appends
+    :data:`EVAL_COLUMNS`."""
     import pyarrow as pa
 
-    return pa.schema([("shard", pa.string()), ("key", pa.string()), ("uid", pa.string()),
-                      ("decision", pa.string()), ("reason", pa.string()), ("rank", pa.int64()),
-                      ("score", pa.float64()), ("blame_uid", pa.string()), ("blame_amount", pa.float64())])
+    fields = [("shard", pa.string()), ("key", pa.string()), ("uid", pa.string()),
+              ("decision", pa.string()), ("reason", pa.string()), ("rank", pa.int64()),
+              ("score", pa.float64()), ("blame_uid", pa.string()), ("blame_amount", pa.float64())]
+    if eval_columns:
+        fields += [("eval_set", pa.string()), ("eval_id", pa.string()), ("eval_similarity", pa.float64())]
+    return pa.schema(fields)
 
 
-def decisions_table(shard, key, uid, decision_codes, reason, rank, score, blame_uid, blame_amount):
+EVAL_COLUMNS = ("eval_set", "eval_id", "eval_similarity")
+
+
+def decisions_table(shard, key, uid, decision_codes, reason, rank, score, blame_uid, blame_amount, evals=None):
     """A ``decisions.parquet`` part (module docstring): string columns as pyarrow arrays,
-    ``decision_codes`` int8 indices into :data:`pipeline.core.decide.DECISIONS`."""
+    ``decision_codes`` int8 indices into :data:`pipeline.core.decide.DECISIONS`; ``evals`` (with
+    select.prefilter.decontaminate): (eval_set, eval_id, eval_similarity) arrays, null where the
+    row is not an ``eval_duplicate``."""
     import pyarrow as pa
 
     from ..core.decide import DECISIONS
@@ -193,7 +217,8 @@ def decisions_table(shard, key, uid, decision_codes, reason, rank, score, blame_
     decision = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(DECISIONS, pa.string())).cast(pa.string())
     return pa.Table.from_arrays([
         shard, key, uid, decision, reason, pa.array(np.asarray(rank, np.int64)), pa.array(np.asarray(score, np.float64)),
-        blame_uid, pa.array(np.asarray(blame_amount, np.float64))], schema=decisions_schema())
+        blame_uid, pa.array(np.asarray(blame_amount, np.float64))] + list(evals or ()),
+        schema=decisions_schema(evals is not None))
 
 
 @numba.njit(cache=True, nogil=True)

@@ -7,7 +7,8 @@ Layout under ``WORKDIR/graph/`` (the committed output first, then the stage's ow
     nodes.parquet          node -> uid (pipeline.formats.graph)
     lists.parquet          per IVF list: nodes, coarse cell, search group (pipeline.formats.graph)
     index/plan.json        the parts, sizes and units this run computes with (a resume checks them)
-    index/centroids.npz    the trained lists (float32 [nlist, d]) and the coarse cell of each
+    index/centroids.npz    the trained lists (float32 [nlist, d]), the coarse cell of each and the
+                           k1 coarse centroids (the assign step routes through them)
     index/groups.npz       the search groups: group of each list, list sizes, probe counts, bound
     train/sample-UUUUU     unit U's rows of the training samples      (blocked: coarse, fine)
     train/coarse.npz       the k1 coarse centroids

@@ -12,7 +12,9 @@ resumed run recomputes only what a missing output needs, with the same bytes):
 2. train, two-level k-means: gather the seeded samples (a task per unit) -> the coarse centroids
    (one task) -> split the fine sample by coarse cell (a task per unit) -> the fine centroids (a
    task per coarse cell, in parallel) -> the driver concatenates them (nlist x d floats);
-3. assign (a task per unit): each vector's home list and nprobe probes, computed once;
+3. assign (a task per unit): each vector's home list and nprobe probes, computed once, through the
+   coarse level (:func:`pipeline.core.ivf.probe_lists_two_level`: a few coarse cells, then their
+   fine centroids, not all nlist);
 4. group (driver): lists in id order cut into contiguous groups under the row bound;
 5. shuffle (a task per unit): base rows to the group of their home list, queries once to each group
    they probe, as blocked scratch files (:mod:`.scratch`: why files, and not the object store);
@@ -214,7 +216,8 @@ def _train(steps: _Steps, store: Store, cfg: JobConfig, layout: Layout, units: l
     if centroids.shape != (layout.nlist, layout.dim):
         raise RuntimeError(f"trained {centroids.shape} centroids, expected ({layout.nlist}, {layout.dim})")
     coarse_cell = np.repeat(np.arange(layout.k1, dtype=np.int32), counts)
-    tasks.save_arrays(store, layout.centroids_url, centroids=centroids, coarse_cell=coarse_cell)
+    (coarse,) = tasks.load_arrays(store, layout.coarse_url, ["centroids"])  # the assign step routes through them
+    tasks.save_arrays(store, layout.centroids_url, centroids=centroids, coarse_cell=coarse_cell, coarse=coarse)
     info["fine_s"] = round(time.perf_counter() - clock, 3)
     return info
 
@@ -289,17 +292,18 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         probe_counts = np.zeros(layout.nlist, np.int64)
         assigned: dict[int, Any] = {}
         if assign_todo:
-            (centroids,) = tasks.load_arrays(store, layout.centroids_url, ["centroids"])
-            centroids_ref = ray.put(centroids)
-            del centroids
+            coarse, centroids, coarse_cell = tasks.load_arrays(store, layout.centroids_url,
+                                                               ["coarse", "centroids", "coarse_cell"])
+            quantizer_ref = ray.put((coarse, centroids, coarse_cell))
+            del centroids, coarse_cell, coarse
             results = steps.run(Step("graph.assign", tasks.assign_unit,
-                                     [(store, layout, u, units[u], centroids_ref) for u in assign_todo],
+                                     [(store, layout, u, units[u], quantizer_ref) for u in assign_todo],
                                      outputs=[layout.assign(u) for u in assign_todo], unit="units"))
             assigned = {u: r for u, r in zip(assign_todo, results) if r is not None}
             for s, c in assigned.values():
                 sizes += s
                 probe_counts += c
-            del centroids_ref, results
+            del quantizer_ref, results
             steps.time("assign", clock, steps.take())
 
         # 4. group
@@ -384,6 +388,7 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         "index": g.index,
         "nlist": nlist,
         "nprobe": nprobe,
+        "coarse_probes": min(ivf.coarse_probes_for(nprobe), layout.k1),  # coarse cells each vector is routed through
         "parts": len(parts),
         "units": layout.n_units,
         "parts_searched": len(missing),

@@ -105,12 +105,15 @@ def train_fine(store: Store, layout: Layout, cell: int, count: int) -> float:
 # ------------------------------------------------------------------------------------------------
 
 def assign_unit(store: Store, layout: Layout, unit: int, parts: list[EmbeddingPart],
-                centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Home list and probes of every row of the unit, computed once (ivf.probe_lists); committed
-    with the unit's list sizes and probe counts, which are returned."""
+                quantizer: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Home list and probes of every row of the unit, computed once through the coarse level
+    (ivf.probe_lists_two_level; `quantizer` is (coarse centroids, fine centroids, coarse cell of each
+    list)); committed with the unit's list sizes and probe counts, which are returned."""
     _threads()
+    coarse, centroids, coarse_cell = quantizer
     raw = np.concatenate([read_raw_vectors(store, part, layout.vector) for part in parts])
-    home, probes = ivf.probe_lists(centroids, raw, layout.nprobe, prepare=layout.prepare)
+    home, probes = ivf.probe_lists_two_level(coarse, centroids, coarse_cell, raw, layout.nprobe,
+                                             prepare=layout.prepare)
     sizes = np.bincount(home, minlength=layout.nlist).astype(np.int64)
     probe_counts = np.bincount(probes.ravel(), minlength=layout.nlist).astype(np.int64)
     # the raw rows too (uncompressed): the shuffle reads them back instead of decoding the parts again

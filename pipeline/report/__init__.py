@@ -8,7 +8,9 @@ Sections (each built from what is there; a missing optional piece becomes a note
   embeddings (a seeded sample), thumbnails of kept and dropped samples with their captions, read
   from the input shards (the original bytes) or, for kept samples when the input is gone, from the
   output shards; the pruned samples closest to the selected sample that suppressed them
-  ("dropped as near-copy of …", :mod:`.near_copies`), when the selection recorded it;
+  ("dropped as near-copy of …", :mod:`.near_copies`), when the selection recorded it; the pool
+  samples removed as copies of evaluation images beside those images, with their cosine ("removed
+  as a copy of an evaluation image", :mod:`.eval_copies`), with ``select.prefilter.decontaminate``;
 * **stages**: every stage's ``_stats.json``.
 
 Every image and plot is embedded as a base64 ``data:`` URI and the page loads nothing from
@@ -32,6 +34,7 @@ from ..formats.webdataset import find_samples
 from ..storage import Store, basename, join
 from ..summary import SKIP_LABELS, summarize
 from ..workdir import EMBED, GRAPH, SELECT, STAGE_DIRS, read_stats, read_success, stage_dir
+from .eval_copies import find_eval_copies
 from .near_copies import find_near_copies
 from .plots import embedding_map, map_rows, pca_2d, score_histogram
 from .render import CSS, flatten, note, table, thumbnail_uri
@@ -44,6 +47,7 @@ REPORT_NAME = "report.html"
 JOIN_LABELS = set(SKIP_LABELS.values())
 EXAMPLES_PER_GRID = 16
 NEAR_COPY_TITLE = "Dropped as near-copy of a kept sample"
+EVAL_COPY_TITLE = "Removed as a copy of an evaluation image"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -77,6 +81,12 @@ def _summary_section(stats: dict[str, dict | None], kept_n: int | None, n_total:
         basic = select.get("basic_filter") or {}
         rows += [[f"DataComp basic filter: {rule}", count]
                  for rule, count in (basic.get("dropped_by") or {}).items() if count]
+        exact = select.get("exact_duplicates") or {}
+        if exact:
+            rows.append(["exact duplicates (same image bytes as an earlier sample)", exact.get("dropped")])
+        decon = select.get("decontaminate") or {}
+        rows += [[f"copies of evaluation images ({name}, cosine >= {decon.get('threshold')})", count]
+                 for name, count in (decon.get("dropped_by_set") or {}).items()]
         beta = select.get("prefiltered_beta", select.get("prefiltered"))  # older stats: β only
         if beta:
             rows.append([f"pre-filtered (lowest beta={select.get('prefilter_beta')} of scores)", beta])
@@ -224,6 +234,43 @@ def _near_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarra
     return "".join(note(t) for t in notes) + '<div class="pairs">' + "".join(cells) + "</div>"
 
 
+def _eval_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarray], input_cfg: InputConfig) -> str:
+    """The pool samples removed as copies of evaluation images (:mod:`.eval_copies`), most similar
+    first: the pool picture beside the evaluation picture and their cosine. "" when none."""
+    copies = find_eval_copies(store, stage_dir(workdir_url, SELECT))
+    if not copies:
+        return ""
+    row_of = {str(u): i for i, u in enumerate(pool["uid"])}
+    rows = [row_of[c.uid] for c in copies if c.uid in row_of]
+    members, missing_shards = _input_members(store, pool, rows, input_cfg)
+    evals: dict[tuple[str, str], dict[str, bytes]] = {}
+    for shard in {c.eval_shard for c in copies if c.eval_shard}:
+        keys = {c.eval_id for c in copies if c.eval_shard == shard}
+        try:
+            evals.update({(shard, k): s.members for k, s in find_samples(store, shard, keys, input_cfg).items()})
+        except (FileNotFoundError, OSError) as err:
+            missing_shards.append(f"{shard} ({type(err).__name__})")
+    cells = []
+    for c in copies:
+        pool_image, caption = _image_and_caption(members.get((c.shard, c.key)), input_cfg)
+        eval_image, _ = _image_and_caption(evals.get((c.eval_shard, c.eval_id)) if c.eval_shard else None, input_cfg)
+        figures = []
+        for role, image, text in (("removed", pool_image, caption),
+                                  (f"{c.eval_set}: {c.eval_id}", eval_image,
+                                   "" if c.eval_shard else "(the set was given as vectors: no picture)")):
+            img_html = f'<img src="{image}" alt="">' if image else '<div class="noimg">image not available</div>'
+            figures.append(f'<figure><span class="role">{html.escape(role)}</span>{img_html}'
+                           f'<figcaption>{html.escape(text[:140])}</figcaption></figure>')
+        cells.append(f'<div class="pair" data-removed="{html.escape(c.uid)}" data-eval="{html.escape(c.eval_id)}" '
+                     f'data-similarity="{c.similarity!r}">{figures[0]}<div class="dist">cosine<br>'
+                     f'<b>{c.similarity:.4f}</b></div>{figures[1]}</div>')
+    notes = [f"The {len(copies)} pool samples most similar to an evaluation image among those removed "
+             "(select.prefilter.decontaminate; decisions.parquet reason eval_duplicate), beside that image."]
+    if missing_shards:
+        notes.append("unreadable shards: " + "; ".join(missing_shards))
+    return "".join(note(t) for t in notes) + '<div class="pairs">' + "".join(cells) + "</div>"
+
+
 def _output_index(store: Store, write_stats: dict | None) -> dict[str, tuple[str, str]] | None:
     """uid -> (output tar URL, key) from the output shards' metadata parquet files."""
     if not write_stats or not write_stats.get("shards_url"):
@@ -262,6 +309,11 @@ def _what_was_kept(store: Store, workdir_url: str, pool, kept, stats, extras: Re
             log.warning("report: %s failed: %s", name, err)
             plots.append(note(f"{name} not drawn: {err}"))
     sections.append('<div class="plots">' + "".join(plots) + "</div>")
+    if (stats.get("embed") or {}).get("input") == "metadata-only":
+        # no images were downloaded: the pool is metadata rows, so there is nothing to show in a gallery
+        sections.append(note("Metadata-only job (no input shards): no pictures to show; the kept rows are in "
+                             "OUTPUT/metadata/, ready for img2dataset."))
+        return sections
 
     rng = np.random.default_rng(0)
     kept_rows = np.flatnonzero(kept)
@@ -295,6 +347,13 @@ def _what_was_kept(store: Store, workdir_url: str, pool, kept, stats, extras: Re
         gallery = note(f"near-copy gallery not shown: {err}")
     if gallery:
         sections.append(f'<h3 class="dropped-h">{NEAR_COPY_TITLE}</h3>' + gallery)
+    try:
+        copies = _eval_copy_gallery(store, workdir_url, pool, input_cfg)
+    except Exception as err:  # noqa: BLE001 - as the near-copy gallery: a note, not a failed report
+        log.warning("report: evaluation-copy gallery failed: %s", err)
+        copies = note(f"evaluation-copy gallery not shown: {err}")
+    if copies:
+        sections.append(f'<h3 class="dropped-h">{EVAL_COPY_TITLE}</h3>' + copies)
     return sections
 
 

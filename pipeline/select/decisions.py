@@ -29,12 +29,15 @@ from ..core.decide import DECISIONS, SKIPPED, decide
 from ..formats.embeddings import part_skipped_url, read_part_skipped
 from ..formats.selection import (
     DECISIONS_DIR,
+    PREFILTER_EVAL,
+    PREFILTER_EXACT,
     PREFILTER_KEPT,
     decisions_table,
     prefilter_labels,
 )
 from ..formats.shuffle import bucket_order, read_buckets, write_columns
 from ..storage import join
+from . import duplicates
 from .shuffle import ShuffleJob
 
 RECORD_COLUMNS = ["node", "code", "rank", "score", "blame_node", "blame_amount"]
@@ -101,6 +104,39 @@ def resolve_blame(job: ShuffleJob, g: int) -> int:
     return int(got["node"].size)
 
 
+def _eval_ids(job: ShuffleJob) -> list:
+    """Each evaluation set's item ids (a task loads the small sets once)."""
+    from .eval_sets import load_set
+
+    return [load_set(job.store, source)[0] for source in job.eval_sets]
+
+
+def _eval_columns(job: ShuffleJob, index: int, code: np.ndarray, eval_ids: list) -> tuple:
+    """(eval_set, eval_id, eval_similarity) of plan part ``index``'s rows: the match of each
+    ``eval_duplicate`` row, null elsewhere."""
+    import pyarrow as pa
+
+    from .eval_sets import read_matches
+
+    got = read_matches(job, index)
+    rows = np.flatnonzero(code == PREFILTER_EVAL)
+    names: list = [None] * code.size
+    ids: list = [None] * code.size
+    sims = np.full(code.size, np.nan)
+    for r in rows.tolist():
+        k = int(got["set"][r])
+        names[r], ids[r], sims[r] = job.eval_sets[k].name, eval_ids[k][int(got["item"][r])], got["similarity"][r]
+    mask = np.ones(code.size, bool)
+    mask[rows] = False
+    return pa.array(names, pa.string()), pa.array(ids, pa.string()), pa.array(sims, pa.float64(), mask=mask)
+
+
+def _no_eval_columns(n: int) -> tuple:
+    import pyarrow as pa
+
+    return pa.nulls(n, pa.string()), pa.nulls(n, pa.string()), pa.nulls(n, pa.float64())
+
+
 def _count(table) -> dict[str, int]:
     import pyarrow.compute as pc
 
@@ -115,12 +151,14 @@ def write_decisions(job: ShuffleJob, g: int, out_dir: str, budget: int) -> dict:
     Returns the decisions counted (every part's, written or found) and how many parts had no
     skip records."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     plan, store = job.plan, job.store
     a, b = plan.groups[g]
     counts = {d: 0 for d in DECISIONS}
     without = 0
     todo = [i for i in range(a, b) if not store.exists(decisions_url(out_dir, plan.parts[i]))]
+    eval_ids = _eval_ids(job) if todo and job.eval_sets else None
     if todo:
         lo, hi = plan.group_range(g)
         rec = read_buckets(store, [decide_url(job, p) for p in range(plan.n_partitions)], g, RECORD_COLUMNS)
@@ -149,9 +187,14 @@ def write_decisions(job: ShuffleJob, g: int, out_dir: str, budget: int) -> dict:
         s, e = part.lo - lo, part.hi - lo
         code, rank = rec["code"][s:e], rec["rank"][s:e]
         decision = decide(code != PREFILTER_KEPT, rank, budget)
+        blamed = blame_uid.slice(s, e - s)
+        if job.exact:  # an exact duplicate names the sample with the same bytes that stayed
+            kept = duplicates.read_kept(job, i)
+            blamed = pc.if_else(pa.array(code == PREFILTER_EXACT), kept, blamed)
+        evals = _eval_columns(job, i, code, eval_ids) if job.eval_sets else None
         tables = [decisions_table(emb["shard"].slice(s, e - s), emb["key"].slice(s, e - s), emb["uid"].slice(s, e - s),
                                   decision, prefilter_labels(code), rank, rec["score"][s:e],
-                                  blame_uid.slice(s, e - s), rec["blame_amount"][s:e])]
+                                  blamed, rec["blame_amount"][s:e], evals)]
         for d, c in zip(*np.unique(decision, return_counts=True)):
             counts[DECISIONS[d]] += int(c)
         if skipped is not None and skipped.num_rows:
@@ -159,7 +202,8 @@ def write_decisions(job: ShuffleJob, g: int, out_dir: str, budget: int) -> dict:
             tables.append(decisions_table(skipped.column("shard").combine_chunks(), skipped.column("key").combine_chunks(),
                                           skipped.column("uid").combine_chunks(), np.full(k, SKIPPED, np.int8),
                                           skipped.column("reason").combine_chunks(), np.full(k, -1, np.int64),
-                                          np.full(k, np.nan), pa.array([""] * k, pa.string()), np.zeros(k)))
+                                          np.full(k, np.nan), pa.array([""] * k, pa.string()), np.zeros(k),
+                                          _no_eval_columns(k) if job.eval_sets else None))
             counts["skipped"] += k
         store.write_parquet(url, pa.concat_tables(tables))
     return {"counts": counts, "without_skip_records": int(without)}

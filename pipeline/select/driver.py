@@ -6,8 +6,9 @@ One function per phase, in the order :func:`compute` runs them (the workers' sid
 
 1. :func:`_plan`: graph parts, per-cell counts (tasks), partitions of whole cells, workers;
 2. :func:`_basic_filter` (``select.prefilter.basic``): DataComp's basic filter per embedding part
-   (tasks, :mod:`.prefilter`); the M samples that pass are the pool: budget, keep rates and β are
-   fractions of M (:class:`Budgets`);
+   (tasks, :mod:`.prefilter`), then :func:`_copies` (``exact_duplicates``, ``decontaminate``:
+   tasks, :mod:`.duplicates`, :mod:`.eval_sets`); the M samples that pass are the pool:
+   budget, keep rates and β are fractions of M (:class:`Budgets`);
 3. :func:`_join_score_file` (``select.score_file``): hash join by uid (tasks);
 4. :func:`_shuffle` (tasks, :mod:`.shuffle`): each partition's rows, both directions; none for one
    partition;
@@ -25,7 +26,9 @@ One function per phase, in the order :func:`compute` runs them (the workers' sid
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,10 +41,10 @@ from ..errors import ConfigError
 from ..formats.selection import NODES_DIR, SELECTED, not_hex_message, subset_name
 from ..runtime import peak_rss_bytes
 from ..steps import Resources, Step, run_step
-from ..storage import Store, join, node_cache_root
+from ..storage import Store, expand_urls, join, node_cache_root
 from ..workdir import GRAPH, stage_dir
 from . import decisions as decision_files
-from . import outputs, prefilter, shuffle
+from . import duplicates, eval_sets, outputs, prefilter, shuffle
 from .hosts import HostSettings, Hosts, LocalHosts, RayHosts
 from .methods import SELECTORS, selector
 from .phases import PREFILTER
@@ -49,6 +52,9 @@ from .picking import MethodRun, rank_key
 from .plan import SelectPlan, graph_parts, make_plan, resolve_partitions
 
 log = logging.getLogger(__name__)
+
+# rows of the pool per sha256 bucket of select.prefilter.exact_duplicates (at most one per part)
+SHA256_BUCKET_ROWS = 1_000_000
 
 
 class Tasks:
@@ -136,14 +142,15 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
     clock = Clock()
     setup = _setup(cfg, store, use_ray, hook)
     chosen = selector(cfg.select.method)
-    planned = _plan(setup)
+    planned = _plan(setup, out_dir)
     clock.lap("plan")
     basic_stats = _basic_filter(setup, planned, clock)
-    budgets = _budgets(cfg, setup.n, basic_stats)
+    copies = _copies(setup, planned, clock)
+    budgets = _budgets(cfg, setup.n, basic_stats, copies)
     _join_score_file(setup, planned, clock)
     shuffled = _shuffle(setup, planned, chosen.uses_graph)
     clock.lap("shuffle")
-    stats = _initial_stats(setup, planned, budgets, shuffled, basic_stats)
+    stats = _initial_stats(setup, planned, budgets, shuffled, basic_stats, copies)
     hosts = _start_hosts(setup, planned)
     try:
         _load(hosts, chosen.uses_graph, budgets, stats)
@@ -186,7 +193,7 @@ def _setup(cfg: JobConfig, store: Store, use_ray: bool, hook) -> Setup:
                  sum(p.embedding.rows for p in parts))
 
 
-def _plan(setup: Setup) -> Planned:
+def _plan(setup: Setup, out_dir: str) -> Planned:
     """The partitions (from per-cell counts when they depend on cells) and the shuffle's job."""
     cfg, s, n = setup.cfg, setup.cfg.select, setup.n
     partitions = resolve_partitions(cfg, n, setup.cpus, setup.worker_bytes)
@@ -199,13 +206,23 @@ def _plan(setup: Setup) -> Planned:
         counts = np.zeros(max((len(c) for c in per_group), default=0), np.int64)
         for c in per_group:
             counts[: len(c)] += c
-    basic = bool(s.prefilter.basic)
-    # the node records carry the basic filter's codes only with it on: a plan of its own
+    pre = s.prefilter
+    basic, exact, decon = bool(pre.basic), bool(pre.exact_duplicates), pre.decontaminate
+    # the node records carry the pre-filters' codes only with one on: a plan of its own (each
+    # pre-filter, and the decontamination's sets and threshold, in the key only when on, so a
+    # config without them keeps its work directory)
     inputs = (setup.store.identity(s.score_file) if s.score_file else "") + ("+basic" if basic else "")
+    if exact:
+        inputs += "+exact"
+    if decon is not None:
+        inputs += "+eval:" + json.dumps(decon.model_dump(), sort_keys=True) + "".join(
+            setup.store.identity(e.vectors) for e in decon.sets if e.vectors)
     plan = make_plan(cfg, setup.parts, counts, partitions, setup.cpus, s.workers, inputs)
     join_buckets = shuffle.join_bucket_count(n, setup.cpus) if s.score_file else 0
     job = shuffle.ShuffleJob(setup.store, plan, graph_dir, s.score, cfg.graph.distance, s.score_file, join_buckets,
-                             basic)
+                             basic or exact or decon is not None, codes=prefilter.COMBINED if exact or decon else
+                             prefilter.BASIC, exact=exact,
+                             eval_sets=eval_sets.sources(cfg, out_dir) if decon is not None else ())
     return Planned(plan, job, join_buckets)
 
 
@@ -221,10 +238,61 @@ def _basic_filter(setup: Setup, planned: Planned, clock: Clock) -> dict | None:
     return counts
 
 
-def _budgets(cfg: JobConfig, n: int, basic_stats: dict | None) -> Budgets:
-    # the pool selected from: the samples that pass the basic filter; the budget, the keep rates
-    # and β are fractions of it (a sample the filter drops was never a candidate)
-    m = n - (basic_stats["dropped"] if basic_stats else 0)
+def _copies(setup: Setup, planned: Planned, clock: Clock) -> dict | None:
+    """``select.prefilter.exact_duplicates`` and ``decontaminate`` (tasks, :mod:`.duplicates`,
+    :mod:`.eval_sets`), then every pre-filter's first failed rule per part
+    (:func:`.prefilter.combine_part`): their counts (None: both off)."""
+    cfg, tasks = setup.cfg, setup.tasks
+    pre = cfg.select.prefilter
+    if not (pre.exact_duplicates or pre.decontaminate):
+        return None
+    job, n_parts = planned.job, len(planned.plan.parts)
+    parts = range(n_parts)
+    if pre.exact_duplicates:
+        # a function of the plan alone (a resumed stage finds the same buckets)
+        buckets = max(1, min(n_parts, math.ceil(setup.n / SHA256_BUCKET_ROWS)))
+        tasks.run("sha256_map", duplicates.map_part, [(job, i, buckets, bool(pre.basic)) for i in parts],
+                  [duplicates.map_url(job, i) for i in parts])
+        tasks.run("sha256_groups", duplicates.find_duplicates, [(job, h) for h in range(buckets)],
+                  [duplicates.dup_url(job, h) for h in range(buckets)])
+        tasks.run("sha256_gather", duplicates.gather_part, [(job, i, buckets) for i in parts],
+                  [duplicates.kept_url(job, i) for i in parts])
+        clock.lap("exact_duplicates")
+    threshold = None
+    if pre.decontaminate is not None:
+        threshold = pre.decontaminate.threshold
+        sources = job.eval_sets
+        embeds = [(cfg, setup.store, url, out) for s, src in zip(pre.decontaminate.sets, sources) if s.shards
+                  for url, out in zip(expand_urls(s.shards), src.parts)]
+        if embeds:
+            tasks.run("eval_embed", eval_sets.embed_eval_shard, embeds, [e[3] for e in embeds])
+            clock.lap("eval_embed")
+        tasks.run("eval_search", eval_sets.search_part, [(job, i, sources, threshold) for i in parts],
+                  [eval_sets.match_url(job, i) for i in parts])
+        clock.lap("decontaminate")
+    tasks.run("prefilter_combine", prefilter.combine_part, [(job, i, bool(pre.basic), threshold) for i in parts],
+              [shuffle.basic_codes_url(job, i) for i in parts])
+    counts = [setup.store.read_json(prefilter.combined_counts_url(job, i)) for i in parts]
+    clock.lap("prefilter_combine")
+    out: dict[str, Any] = {"dropped": sum(c["dropped"] for c in counts)}
+    if pre.exact_duplicates:
+        out["exact_duplicates"] = {"dropped": sum(c["exact_duplicate"] for c in counts),
+                                   "sha256_unknown": sum(c["sha256_unknown"] for c in counts)}
+    if pre.decontaminate is not None:
+        out["decontaminate"] = {
+            "threshold": threshold, "dropped": sum(c["eval_duplicate"] for c in counts),
+            "dropped_by_set": {e.name: sum(c["eval_duplicate_by_set"][e.name] for c in counts) for e in sources},
+            "matches": sum(c["eval_matches"] for c in counts)}
+    return out
+
+
+def _budgets(cfg: JobConfig, n: int, basic_stats: dict | None, copies: dict | None = None) -> Budgets:
+    # the pool selected from: the samples that pass the pre-filters before β; the budget, the keep
+    # rates and β are fractions of it (a sample a filter drops was never a candidate)
+    if copies is not None:  # every pre-filter's first failed rule: the basic filter's drops included
+        m = n - copies["dropped"]
+    else:
+        m = n - (basic_stats["dropped"] if basic_stats else 0)
     budget, rates = budgets_of(cfg, m)
     return Budgets(n, m, int(round(cfg.select.beta * m)), budget, rates)
 
@@ -268,7 +336,7 @@ def _shuffle(setup: Setup, planned: Planned, edges: bool) -> list[dict]:
 
 
 def _initial_stats(setup: Setup, planned: Planned, b: Budgets, shuffled: list[dict],
-                   basic_stats: dict | None) -> dict[str, Any]:
+                   basic_stats: dict | None, copies: dict | None = None) -> dict[str, Any]:
     """The stats known before the workers start; refuses budgets the pool cannot serve."""
     s, plan = setup.cfg.select, planned.plan
     stats: dict[str, Any] = {
@@ -287,9 +355,14 @@ def _initial_stats(setup: Setup, planned: Planned, b: Budgets, shuffled: list[di
     }
     if basic_stats is not None:
         stats["basic_filter"] = basic_stats
-        if b.budget == 0 and not b.rates:
-            raise ConfigError(f"select.prune_rate={s.prune_rate} keeps round((1-p)*M) = 0 of the M={b.m} samples "
-                              f"that pass the basic filter (of {b.n})")
+    for name in ("exact_duplicates", "decontaminate"):
+        if copies is not None and name in copies:
+            stats[name] = copies[name]
+    if (basic_stats is not None or copies is not None) and b.budget == 0 and not b.rates:
+        raise ConfigError(f"select.prune_rate={s.prune_rate} keeps round((1-p)*M) = 0 of the M={b.m} samples "
+                          f"that pass the pre-filters (of {b.n})" if copies is not None else
+                          f"select.prune_rate={s.prune_rate} keeps round((1-p)*M) = 0 of the M={b.m} samples "
+                          f"that pass the basic filter (of {b.n})")
     if b.m - b.n_drop < b.b_max:
         raise ValueError(f"select.beta={s.beta} leaves {b.m - b.n_drop} samples, fewer than the budget {b.b_max}")
     return stats

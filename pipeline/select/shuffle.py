@@ -62,7 +62,12 @@ class ShuffleJob:
     distance: str  # "sqeuclidean" | "euclidean"
     score_file: str | None = None
     join_buckets: int = 0  # > 0: scores come from the score-file join
-    basic: bool = False  # select.prefilter.basic: node records carry the basic filter's codes (.prefilter)
+    basic: bool = False  # a pre-filter is on: node records carry each node's pre-filter code (.prefilter)
+    # the file prefix of those codes: "basic" (the basic filter's own, when it is the only pre-filter)
+    # or "prefilter" (every pre-filter's first failed rule, .prefilter.combine_part)
+    codes: str = "basic"
+    exact: bool = False  # select.prefilter.exact_duplicates (.duplicates)
+    eval_sets: tuple = ()  # select.prefilter.decontaminate's sets (.eval_sets.EvalSource)
 
     @property
     def id_dtype(self):
@@ -261,7 +266,7 @@ def map_group(job: ShuffleJob, g: int, edges: bool = True) -> dict:
     label = labels_of(plan, data["cell"])
     order, offsets = bucket_order(label, plan.n_partitions)
     records = {"node": data["node"][order], "uid": data["uid"].take(order), "score": data["score"][order]}
-    if job.basic:  # each node's basic-filter code travels with its record to its partition
+    if job.basic:  # each node's pre-filter code travels with its record to its partition
         records["basic"] = read_basic_codes(job, *plan.groups[g])[order]
     written = write_columns(job.store, job.path(f"nodes-{g:05d}.col"), records, offsets)
     if not edges:
@@ -402,20 +407,21 @@ def join_bucket_count(n_nodes: int, cpus: int) -> int:
     return max(1, min(max(1, n_nodes), max(JOIN_BUCKETS_PER_CPU * max(1, cpus), math.ceil(n_nodes / 2_000_000))))
 
 
-def basic_codes_url(job: ShuffleJob, index: int) -> str:
-    """Plan part ``index``'s basic-filter codes (written by :func:`.prefilter.filter_part`)."""
-    return job.path(f"basic-{index:05d}.col")
+def basic_codes_url(job: ShuffleJob, index: int, prefix: str | None = None) -> str:
+    """Plan part ``index``'s pre-filter codes: the ones the node records carry (``job.codes``), or
+    those of ``prefix`` ("basic": :func:`.prefilter.filter_part`'s)."""
+    return job.path(f"{prefix or job.codes}-{index:05d}.col")
 
 
-def read_basic_codes(job: ShuffleJob, first: int, end: int) -> np.ndarray:
-    """The basic-filter codes (int8, -1 = passes) of plan parts ``first..end-1``, concatenated
-    (their node range), each checked to cover its part's rows."""
+def read_basic_codes(job: ShuffleJob, first: int, end: int, prefix: str | None = None) -> np.ndarray:
+    """The pre-filter codes (int8, -1 = passes) of plan parts ``first..end-1``, concatenated
+    (their node range), each checked to cover its part's rows (``prefix``: as :func:`basic_codes_url`)."""
     pieces = []
     for i in range(first, end):
-        with ColumnFile(job.store, basic_codes_url(job, i)) as f:
+        with ColumnFile(job.store, basic_codes_url(job, i, prefix)) as f:
             codes = f.read_rows(0, f.rows, ["code"])["code"]
         if codes.size != job.plan.parts[i].embedding.rows:
-            raise RuntimeError(f"{basic_codes_url(job, i)} has {codes.size} codes for the "
+            raise RuntimeError(f"{basic_codes_url(job, i, prefix)} has {codes.size} codes for the "
                                f"{job.plan.parts[i].embedding.rows} rows of its part")
         pieces.append(codes)
     return np.concatenate(pieces) if pieces else np.zeros(0, np.int8)

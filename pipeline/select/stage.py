@@ -37,7 +37,14 @@ WORK = "_work"
 
 def settings(cfg: JobConfig) -> dict[str, Any]:
     # graph.distance is applied here (the graph stage writes squared L2 whatever it says)
-    return {"select": output_settings(cfg.select), "distance": cfg.graph.distance, "seed": cfg.seed}
+    select = output_settings(cfg.select)
+    prefilter = select["prefilter"]
+    # the pre-filters added after the basic filter enter only when on: a config without them keeps
+    # the fingerprint (and so the committed selection) it had before they existed
+    for name in ("exact_duplicates", "decontaminate"):
+        if not prefilter.get(name):
+            prefilter.pop(name, None)
+    return {"select": select, "distance": cfg.graph.distance, "seed": cfg.seed}
 
 
 def check(cfg: JobConfig, store: Store) -> None:
@@ -66,6 +73,10 @@ def check(cfg: JobConfig, store: Store) -> None:
                 f"there: {numeric}; or give select.score_file"
             )
     check_size(cfg, sum(p.rows for p in parts))
+    if s.prefilter.decontaminate is not None:
+        from .eval_sets import check_eval_sets
+
+        check_eval_sets(cfg, store, parts)
 
 
 def _use_ray(store: Store, cfg: JobConfig, use_ray: bool | None) -> bool:

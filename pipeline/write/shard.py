@@ -66,11 +66,13 @@ def write_output_shard(store: Store, cfg: JobConfig, plan: dict[str, Any], index
         return {"index": index, "written": False, "samples": None}
     rows = read_plan_rows(store, stage_dir(cfg.workdir, WRITE), plan, index)
     found = find_planned_samples(store, cfg, rows)
-    missing = [rows["uid"][r] for r, sample in enumerate(found) if sample is None]
-    if missing:
+    gone = [r for r, sample in enumerate(found) if sample is None]
+    if gone:
         raise RuntimeError(
-            f"output shard {layout.name(index)}: {len(missing)} selected samples are no longer in their input "
-            f"shards, e.g. uids {missing[:5]} (was the pool changed after the embed stage?)"
+            f"output shard {layout.name(index)}: {len(gone)} selected samples are not in their input shards "
+            f"{sorted({rows['source_shard'][r] for r in gone})[:3]}, e.g. uids {[rows['uid'][r] for r in gone][:5]} (was "
+            "the pool changed after the embed stage, or does a shard's img2dataset .parquet name other uids than its "
+            "tar? embed.precomputed.use_sidecar: false reads the tars)"
         )
 
     meta: dict[str, list] = {c: [] for c in ("text", "url", "original_width", "original_height", "sha256")}

@@ -32,6 +32,7 @@ from ..steps import Step, run_step
 from ..storage import Store, join
 from ..summary import summarize
 from ..workdir import EMBED, SELECT, WRITE, read_stats, stage_dir
+from .metadata import METADATA_DIR, write_metadata
 from .plan import build_plan
 from .shard import check_shards, layout_of, write_shard_row
 
@@ -40,8 +41,16 @@ log = logging.getLogger(__name__)
 CHECK_SHARDS_PER_TASK = 16
 
 
+def _metadata_only(cfg: JobConfig) -> bool:
+    return cfg.input.shards is None
+
+
 def settings(cfg: JobConfig) -> dict[str, Any]:
-    return {"output": output_settings(cfg.output)}
+    # a metadata-only job writes OUTPUT/metadata/, not shards: another output, another fingerprint
+    out = {"output": output_settings(cfg.output)}
+    if _metadata_only(cfg):
+        out["mode"] = "metadata-only"
+    return out
 
 
 def check_output(store: Store, cfg: JobConfig, plan: dict[str, Any]) -> dict[str, Any]:
@@ -73,12 +82,15 @@ def check_output(store: Store, cfg: JobConfig, plan: dict[str, Any]) -> dict[str
 def clear_output(cfg: JobConfig, store: Store) -> None:
     """Remove what this stage writes under output.url (only its own files; used by --force-from)."""
     store.rm(layout_of(cfg).shards_dir, recursive=True)
+    store.rm(join(cfg.output.url, METADATA_DIR), recursive=True)
     for name in (OUTPUT_PLAN, STATS):
         store.rm(join(cfg.output.url, name))
 
 
 def missing_outputs(cfg: JobConfig, store: Store, stats: dict[str, Any]) -> list[str]:
     """Output shards of a committed write stage that are gone (the stage then writes them again)."""
+    if _metadata_only(cfg):
+        return [name for name in stats.get("files", []) if not store.exists(join(cfg.output.url, METADATA_DIR, name))]
     layout = layout_of(cfg)
     return [layout.name(i) for i in layout.missing(store, int(stats.get("output_shards", 0)))]
 
@@ -93,10 +105,10 @@ def _claim_output(store: Store, cfg: JobConfig, fingerprint: str) -> None:
                 f"{cfg.output.url} holds the output of another job or other settings (fingerprint "
                 f"{owner.get('fingerprint')} != {fingerprint}); rerun with --force-from write or use another output.url"
             )
-    elif store.ls(layout_of(cfg).shards_dir):
-        raise StaleStageError(
-            f"{layout_of(cfg).shards_dir} already holds files not written by this job; use an empty output.url"
-        )
+    else:
+        for folder in (layout_of(cfg).shards_dir, join(cfg.output.url, METADATA_DIR)):
+            if store.ls(folder):
+                raise StaleStageError(f"{folder} already holds files not written by this job; use an empty output.url")
 
 
 def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
@@ -106,6 +118,14 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     started = time.perf_counter()
     _claim_output(store, cfg, ctx.fingerprint)
     init_ray(cfg.ray)
+    if _metadata_only(cfg):
+        if not store.exists(out_plan_url):
+            store.write_json(out_plan_url, {"fingerprint": ctx.fingerprint, "workdir": cfg.workdir, "mode": "metadata-only"})
+        stats = write_metadata(cfg, store)
+        upstream = {s: read_stats(store, stage_dir(cfg.workdir, s)) for s in (EMBED, SELECT)}
+        store.write_json(join(cfg.output.url, STATS), {**stats, "job": summarize({**upstream, WRITE: stats}),
+                                                       "select": _extract(upstream[SELECT], SELECT_KEYS)})
+        return stats
     plan = build_plan(store, cfg)  # the one fixed by an earlier run when resuming
     n_samples, n_shards = plan["samples"], plan["output_shards"]
     if not store.exists(out_plan_url):
@@ -162,7 +182,7 @@ def _extract(stats: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, A
 
 def committed_outside(cfg: JobConfig) -> tuple[str, list[str]]:
     """What the stage commits under output.url (recorded in its manifest, checked like its folder)."""
-    return cfg.output.url, [SHARDS_DIR, OUTPUT_PLAN, STATS]
+    return cfg.output.url, [METADATA_DIR if _metadata_only(cfg) else SHARDS_DIR, OUTPUT_PLAN, STATS]
 
 
 STAGE = Stage(name=WRITE, reads=(EMBED, SELECT), settings=settings, run=run,
