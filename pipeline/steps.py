@@ -203,7 +203,9 @@ def _execute(step: Step, todo: list[int], use_ray: bool) -> Iterator[tuple[int, 
         return ((i, step.fn(*step.calls[i])) for i in todo)
     import ray
 
-    remote = ray.remote(**step.resources.ray_options())(_indexed)
+    # named after the step: Ray's dashboard, `ray list tasks` and the worker's process title say
+    # "graph.search", not the wrapper's name (memory samplers and operators find the step by it)
+    remote = ray.remote(**step.resources.ray_options())(_indexed).options(name=step.name)
     return as_completed([remote.remote(step.fn, i, *step.calls[i]) for i in todo])
 
 

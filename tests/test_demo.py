@@ -146,6 +146,8 @@ def test_shipped_tiny_clip_tells_matched_from_mismatched_captions():
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, ray_local, capsys):
+    """Over 60 s when the cores are shared: what `d2prune demo --quick` does, all of it (pool
+    generation, the four stages, the report), which is what it checks."""
     from pipeline.cli import main
     from pipeline.demo.report_section import GROUND_TRUTH_FILE
     from pipeline.demo.run import run_demo

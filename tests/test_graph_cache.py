@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 
 def test_graph_on_other_vectors_never_uses_a_stale_cached_index(tmp_path, s3_server, s3_bucket, s3_store,
                                                                 tiny_model_config, ray_local, monkeypatch):
+    """Over 60 s when the cores are shared: the embed stage, then the graph stage three times on S3
+    (image, text, image+text vectors), each after a run that left its node caches behind."""
     pool = write_pool(f"{s3_bucket}/gcache/pool", store=s3_store, n_shards=2, per_shard=30, seed=3, broken=False)
     raw = {
         "workdir": f"{s3_bucket}/gcache/work",

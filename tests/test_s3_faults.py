@@ -70,6 +70,8 @@ def reference(tmp_path_factory, s3_server, s3_bucket, s3_store, pool, tiny_model
 
 def test_transient_faults_are_retried_and_the_output_is_byte_identical(tmp_path, proxy, pool, reference, s3_bucket,
                                                                         s3_store, tiny_model_config, ray_local):
+    """Over 60 s: a whole job through the faulting proxy, whose retries back off as S3 clients do
+    (each injected slowdown and reset costs a real wait)."""
     proxy.clear()
     for shard, fault in zip(("00000.tar", "00001.tar", "00002.tar"), ("slowdown", "reset", "short")):
         proxy.add(fault, f"faults/pool/{shard}", times=2)
@@ -86,7 +88,8 @@ def test_a_shard_that_stays_unreadable_is_named_and_nothing_past_it_commits(tmp_
                                                                            ray_local, capsys):
     """Every read of shard 1 after its up-front check comes back empty (200, no body): exit 1 naming
     it; shard 0 is committed, shard 1 is never committed as damaged data (a truncated_tar with 0
-    samples), shard 2 waits; the rerun with a healthy store finishes byte-identical."""
+    samples), shard 2 waits; the rerun with a healthy store finishes byte-identical. Over 60 s:
+    the failing run spends its retries with back-off before it names the shard, then a whole rerun."""
     proxy.clear()
     proxy.add("empty", "faults/pool/00001.tar", after=1, times=None)
     config = _config(tmp_path, proxy.url, "stuck", pool, s3_bucket, tiny_model_config)
@@ -104,6 +107,8 @@ def test_a_shard_that_stays_unreadable_is_named_and_nothing_past_it_commits(tmp_
 
 def test_allow_missing_shards_skips_a_shard_that_stays_unreadable(tmp_path, proxy, pool, s3_bucket, s3_store,
                                                                   tiny_model_config, ray_local, capsys):
+    """Over 60 s: a whole job whose third shard fails every read, each with its retries and back-off,
+    before it is skipped."""
     proxy.clear()
     proxy.add("short", "faults/pool/00002.tar", after=1, times=None)
     config = _config(tmp_path, proxy.url, "skip", pool, s3_bucket, tiny_model_config, allow_missing_shards=True)

@@ -108,6 +108,14 @@ def _resources_of_task(i: int) -> tuple[int, float]:
     return os.getpid(), ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
 
 
+def _name_of_task(i: int) -> tuple[str, str]:
+    import ray
+
+    with open(f"/proc/{os.getpid()}/cmdline", "rb") as fh:  # the worker's process title while it runs
+        title = fh.read().split(b"\0")[0].decode()
+    return ray.get_runtime_context().get_task_name(), title
+
+
 @pytest.mark.slow
 def test_ray_tasks_get_the_step_resources_and_results_in_call_order(tmp_path, ray_local):
     import sys
@@ -124,3 +132,6 @@ def test_ray_tasks_get_the_step_resources_and_results_in_call_order(tmp_path, ra
     got = run_step(Step("demo.cpus", _resources_of_task, [(i,) for i in range(3)], resources=Resources(cpus=2)), store)
     assert [cpus for _, cpus in got] == [2.0, 2.0, 2.0]
     assert all(pid != os.getpid() for pid, _ in got)
+    # each task is named after its step (dashboard, `ray list tasks`, `ps`), not after the wrapper
+    named = run_step(Step("demo.named", _name_of_task, [(i,) for i in range(2)]), store)
+    assert named == [("demo.named", "ray::demo.named")] * 2
