@@ -1,7 +1,7 @@
 """Soak: the whole job (``d2prune run``, a real subprocess) over a large pool of small samples on a
 local S3 endpoint, at two pool sizes, with the peak memory of every process it starts.
 
-    nice .venv/bin/python benchmarks/soak.py --json benchmarks/results/soak.json           # 50k and 200k samples
+    .venv/bin/python benchmarks/soak.py --json benchmarks/results/soak.json           # 50k and 200k samples
     .venv/bin/python benchmarks/soak.py --quick                                           # 2k and 8k samples
 
 What it shows: the job finishes with its integrity check passed (every selected uid written once,
@@ -130,6 +130,10 @@ class TreeSampler(threading.Thread):
         self.peak = {"driver": 0, "largest_ray_worker": 0, "ray_system": 0, "tree_total": 0}
         self.largest_worker_name = ""
         self.processes_seen: set[int] = set()
+        # peak RSS of each kind of process, by its title's first word ("ray::graph.search",
+        # "ray::MapWorker(MapBatches(ClipEmbedder))", "raylet"...): the step tasks carry their
+        # step's name, so a process that grows with the pool is named
+        self.peak_by_name: dict[str, int] = {}
 
     def run(self) -> None:
         while not self.stop.wait(self.interval):
@@ -155,6 +159,8 @@ class TreeSampler(threading.Thread):
             _, rss, cmd = infos[pid]
             self.processes_seen.add(pid)
             total += rss
+            kind = "driver" if pid == self.root else os.path.basename(cmd.split(" ")[0])
+            self.peak_by_name[kind] = max(self.peak_by_name.get(kind, 0), rss)
             if pid == self.root:
                 self.peak["driver"] = max(self.peak["driver"], rss)
             elif cmd.startswith("ray::") and "Agent" not in cmd:
@@ -222,6 +228,8 @@ def run_size(endpoint: str, base: str, samples: int, shards: int, env: dict) -> 
         "integrity_passed": bool(integrity), "integrity": written["integrity"],
         "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in sampler.peak.items()},
         "largest_ray_worker": sampler.largest_worker_name, "processes_seen": len(sampler.processes_seen),
+        "peak_rss_by_process_mb": {k: round(v / 2**20, 1) for k, v in
+                                   sorted(sampler.peak_by_name.items(), key=lambda kv: -kv[1])},
         "under_cap": sampler.peak["tree_total"] <= CAP_TREE_BYTES and sampler.peak["driver"] <= CAP_DRIVER_BYTES,
     }
 
@@ -288,9 +296,8 @@ def markdown(r: dict) -> str:
     lines = [
         "# soak: the whole job over a large pool on a local S3 endpoint, at two sizes",
         "",
-        f"Machine: {r['machine']}. Command: `nice {r['command']}`. Load average (1/5/15 min) at start "
-        f"{r['load_average_start']}, at end {r['load_average_end']}: other jobs shared the cores, so read "
-        "the times as pessimistic and compare the two sizes with each other.",
+        f"Machine: {r['machine']}. Command: `{r['command']}`. Load average (1/5/15 min) at start "
+        f"{r['load_average_start']}, at end {r['load_average_end']}.",
         "",
         f"Stated cap: the job's whole process tree under {r['cap_mb']['tree_total']} MB summed RSS and the driver "
         f"under {r['cap_mb']['driver']} MB, whatever the pool size (Ray's object store is capped at 300 MB).",
@@ -318,7 +325,25 @@ def markdown(r: dict) -> str:
     lines += ["", f"Peak memory of the larger pool over the smaller (x{r['runs'][1]['samples'] / r['runs'][0]['samples']:.0f} "
               f"samples): driver x{growth['driver']}, largest worker x{growth['largest_ray_worker']}, whole tree "
               f"x{growth['tree_total']}.", ""]
+    lines += process_table(r["runs"])
     return "\n".join(lines)
+
+
+def process_table(runs: list[dict], most: int = 12) -> list[str]:
+    """Peak RSS of each kind of process (by title: step tasks carry their step's name) at both
+    sizes, the largest first; the ones seen at one size only are marked."""
+    small, large = (run.get("peak_rss_by_process_mb") for run in runs)
+    if not small or not large:
+        return []
+    names = sorted(set(small) | set(large), key=lambda n: -max(small.get(n, 0), large.get(n, 0)))[:most]
+    lines = ["Peak RSS by process (title's first word; the step tasks are named after their step):", "",
+             f"| process | {runs[0]['samples']:,} (MB) | {runs[1]['samples']:,} (MB) | larger / smaller |",
+             "|---|---|---|---|"]
+    for name in names:
+        a, b = small.get(name), large.get(name)
+        ratio = f"x{b / a:.2f}" if a and b else "one size only"
+        lines.append(f"| `{name}` | {a if a is not None else '-'} | {b if b is not None else '-'} | {ratio} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":
