@@ -160,25 +160,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def run_step(step: Step, store, use_ray: bool = True) -> list[Any]:
+def run_step(step: Step, store, use_ray: bool = True, actors: Sequence | None = None) -> list[Any]:
     """Run the step's missing tasks; their results in call order (None where a task was already
-    done). In this process when ``use_ray`` is false (small pools, tests), else as Ray tasks."""
-    return start_step(step, store, use_ray).wait()
+    done). In this process when ``use_ray`` is false (small pools, tests), else as Ray tasks, or
+    with ``actors`` as calls of their ``run_task`` (:func:`_on_actors`)."""
+    return start_step(step, store, use_ray, actors).wait()
 
 
-def start_step(step: Step, store, use_ray: bool = True) -> "StartedStep":
+def start_step(step: Step, store, use_ray: bool = True, actors: Sequence | None = None) -> "StartedStep":
     """Submit the step's missing tasks now (as Ray tasks; in this process they run in
     :meth:`StartedStep.wait`), so that the driver can go on with other steps meanwhile."""
-    return StartedStep(step, step.todo(store), use_ray)
+    return StartedStep(step, step.todo(store), use_ray, actors)
 
 
 class StartedStep:
     """A step whose missing tasks (``todo``: their indices) are submitted; :meth:`wait` collects
     their results (what :func:`run_step` returns)."""
 
-    def __init__(self, step: Step, todo: list[int], use_ray: bool):
+    def __init__(self, step: Step, todo: list[int], use_ray: bool, actors: Sequence | None = None):
         self.step, self.todo = step, todo
-        self._finished = _execute(step, todo, use_ray) if todo else iter(())
+        self._finished = _execute(step, todo, use_ray, actors) if todo else iter(())
 
     def wait(self) -> list[Any]:
         step = self.step
@@ -196,17 +197,43 @@ class StartedStep:
         return results
 
 
-def _execute(step: Step, todo: list[int], use_ray: bool) -> Iterator[tuple[int, Any]]:
+def _execute(step: Step, todo: list[int], use_ray: bool, actors: Sequence | None = None) -> Iterator[tuple[int, Any]]:
     """(index, result) of each task of `todo`, in completion order; Ray tasks are submitted before
     this returns."""
     if not use_ray:
         return ((i, step.fn(*step.calls[i])) for i in todo)
+    if actors:
+        return _on_actors(step, todo, actors)
     import ray
 
     # named after the step: Ray's dashboard, `ray list tasks` and the worker's process title say
     # "graph.search", not the wrapper's name (memory samplers and operators find the step by it)
     remote = ray.remote(**step.resources.ray_options())(_indexed).options(name=step.name)
     return as_completed([remote.remote(step.fn, i, *step.calls[i]) for i in todo])
+
+
+def _on_actors(step: Step, todo: list[int], actors: Sequence) -> Iterator[tuple[int, Any]]:
+    """The tasks as ``actor.run_task(fn, i, *args)`` calls on live actors whose processes have
+    already imported what the tasks need (Ray's ActorPool: one call per idle actor, the next as
+    one finishes). Why: a step of short tasks after a stage's workers hold the CPUs otherwise makes
+    Ray start a fresh worker process per CPU and import the pipeline in each (seconds per process,
+    more than the select stage's outputs and decisions take to compute at 10^6 nodes). The actors'
+    CPUs are already reserved, so the step's own resources are not asked for again."""
+    from ray.util import ActorPool
+
+    pool = ActorPool(list(actors))
+    for i in todo:  # the first len(actors) start now, the others queue in the pool
+        pool.submit(lambda actor, i: actor.run_task.options(name=step.name).remote(step.fn, i, *step.calls[i]), i)
+
+    def finished() -> Iterator[tuple[int, Any]]:
+        done = 0
+        while pool.has_next():
+            result = pool.get_next_unordered()
+            done += 1
+            watchdog.beat(f"the next of {len(todo)} calls of {step.name} on {len(actors)} actors ({done} done)")
+            yield result
+
+    return finished()
 
 
 def _indexed(fn, i, *args):

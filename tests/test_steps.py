@@ -135,3 +135,53 @@ def test_ray_tasks_get_the_step_resources_and_results_in_call_order(tmp_path, ra
     # each task is named after its step (dashboard, `ray list tasks`, `ps`), not after the wrapper
     named = run_step(Step("demo.named", _name_of_task, [(i,) for i in range(2)]), store)
     assert named == [("demo.named", "ray::demo.named")] * 2
+
+
+class _Warm:
+    """A stand-in for a stage's long-lived worker actor: it only runs tasks."""
+
+    def run_task(self, fn, i, *args):
+        return i, fn(*args)
+
+    def pid(self):
+        return os.getpid()
+
+
+def _pid_after(seconds: float, fail: bool = False) -> int:
+    import time
+
+    time.sleep(seconds)
+    if fail:
+        raise ValueError("task failed on purpose")
+    return os.getpid()
+
+
+@pytest.mark.slow
+def test_a_step_on_actors_runs_every_missing_task_on_their_processes(tmp_path, ray_local):
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    ray = ray_local
+    actors = [ray.remote(num_cpus=0)(_Warm).remote() for _ in range(2)]
+    pids = set(ray.get([a.pid.remote() for a in actors]))
+    store = Store()
+    urls = [str(tmp_path / f"out-{i}.txt") for i in range(6)]
+    _write(store, urls[2], "old")
+    seen = []
+    step = Step("demo.on_actors", _write, [(store, u, f"new-{i}") for i, u in enumerate(urls)], outputs=urls,
+                on_result=lambda i, value: seen.append(i))
+    results = run_step(step, store, actors=actors)
+    # results in call order, the committed task skipped, every other one run once
+    assert results == [f"new-{i}" if i != 2 else None for i in range(6)]
+    assert sorted(seen) == [0, 1, 3, 4, 5]
+    assert [store.read_bytes(u).decode() for u in urls] == [f"new-{i}" if i != 2 else "old" for i in range(6)]
+    # the tasks ran on the actors' own processes (more tasks than actors: queued, not dropped),
+    # both actors used when the first task is slower than the rest
+    ran_on = run_step(Step("demo.pids", _pid_after, [(0.5 if i == 0 else 0.0,) for i in range(5)]), store,
+                      actors=actors)
+    assert set(ran_on) == pids
+    # a failing task fails the step with its own error
+    with pytest.raises(ValueError, match="failed on purpose"):
+        run_step(Step("demo.fails", _pid_after, [(0.0, i == 1) for i in range(3)]), store, actors=actors)

@@ -375,8 +375,9 @@ class PartitionRows:
     rows :func:`~pipeline.core.d2.symmetrize_knn` gives, whatever order the records came in.
 
     Built in two passes over the records (:meth:`build`: ``sources`` is a list of callables
-    returning record chunks ``(rows, nbrs, dists, owners)``; called once to count, once to fill),
-    so a partition never holds all its records and its rows at once.
+    ``source(full)`` returning record chunks ``(rows, nbrs, dists, owners)``; called once with
+    ``full`` false to count, when only ``rows`` and ``nbrs`` are used and need be read, once with
+    it true to fill), so a partition never holds all its records and its rows at once.
 
     Attributes: ``owned`` (sorted global ids), ``indptr``, ``ent_id`` (neighbour global ids),
     ``ent_dist``, ``halo`` (sorted global ids of the neighbours owned elsewhere), ``halo_owner``,
@@ -401,7 +402,7 @@ class PartitionRows:
         deg = np.zeros(n_own, np.int64)
         own = self.own
         for source in sources:
-            rows, nbrs, _, _ = source()
+            rows, nbrs, _, _ = source(False)
             bad = _count_entries(deg, own.ids, own.shift, own.first, np.ascontiguousarray(rows, np.int64),
                                  np.ascontiguousarray(nbrs, np.int64))
             if bad:
@@ -415,7 +416,7 @@ class PartitionRows:
         ent_owner = np.empty(indptr[-1] if self.n_parts > 1 else 0, np.int32)
         pos = indptr[:-1].copy()
         for source in sources:
-            rows, nbrs, dists, owners = source()
+            rows, nbrs, dists, owners = source(True)
             _fill_entries(pos, ent_id, ent_dist, ent_owner, own.ids, own.shift, own.first,
                           np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(nbrs, np.int64),
                           np.ascontiguousarray(dists, dist_dtype),

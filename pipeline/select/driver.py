@@ -22,6 +22,12 @@ One function per phase, in the order :func:`compute` runs them (the workers' sid
    each partition's ranks; the method's final scores; the workers write ``nodes/part-*.parquet``
    and sorted subset runs; merges write ``subset*.npy``;
 9. :func:`_decisions` (tasks, :mod:`.decisions`): ``decisions.parquet``, one row per input sample.
+
+The subset merges of step 8 and the decisions of step 9 run on the partition workers' own
+processes (``on_workers``; by then they hold no partition): a Ray task per CPU would first start a
+fresh worker process and import the pipeline into it, which costs more than these tasks compute.
+The merge of ``selected.parquet`` runs while the workers still hold their partitions, so it stays
+a task of its own (on a worker it would add its buffers to that worker's peak).
 """
 
 from __future__ import annotations
@@ -64,13 +70,19 @@ class Tasks:
     def __init__(self, store: Store, use_ray: bool, hook: Callable[[int], None] | None = None):
         self.store, self.use_ray, self.hook = store, use_ray, hook
         self.count = 0
+        self.workers: Hosts | None = None  # while the partition workers are up
 
-    def run(self, name: str, fn, calls: list[tuple], outputs: list[str] | None = None, cpus: float = 1.0) -> list:
+    def run(self, name: str, fn, calls: list[tuple], outputs: list[str] | None = None, cpus: float = 1.0,
+            on_workers: bool = False) -> list:
         """``fn(*args)`` per call whose output (the file it commits last) is missing (every call
         without ``outputs``); results in call order, None for the ones already done. ``cpus=0``
-        for tasks that run while the partition workers hold the cluster's CPUs."""
+        for tasks that run while the partition workers hold the cluster's CPUs. ``on_workers``:
+        on the partition workers' processes while they are up (light tasks of bounded memory: no
+        fresh Ray worker process per CPU to start and import into, see
+        :func:`pipeline.steps._on_actors`)."""
         step = Step(f"select.{name}", fn, calls, outputs, Resources(cpus=cpus), on_result=self._done)
-        return run_step(step, self.store, self.use_ray)
+        actors = self.workers.actors if on_workers and self.workers is not None else None
+        return run_step(step, self.store, self.use_ray, actors)
 
     def _done(self, index: int, result) -> None:
         if self.hook is not None:
@@ -151,7 +163,7 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
     shuffled = _shuffle(setup, planned, chosen.uses_graph)
     clock.lap("shuffle")
     stats = _initial_stats(setup, planned, budgets, shuffled, basic_stats, copies)
-    hosts = _start_hosts(setup, planned)
+    hosts = setup.tasks.workers = _start_hosts(setup, planned)
     try:
         _load(hosts, chosen.uses_graph, budgets, stats)
         clock.lap("load")
@@ -166,12 +178,14 @@ def compute(cfg: JobConfig, store: Store, out_dir: str, use_ray: bool, hook=None
         clock.lap("final_scores")
         _write_outputs(setup, planned, hosts, budgets, out_dir, decisions, stats)
         clock.lap("outputs")
+        if decisions and planned.plan.n_groups:  # the workers hold no partition any more
+            _decisions(setup, planned, out_dir, budgets.budget, stats)
+            clock.lap("decisions")
+        hosts.memory()  # the workers' peaks include the tasks they ran
         _worker_stats(hosts, stats)
     finally:
+        setup.tasks.workers = None
         hosts.close()
-    if decisions and planned.plan.n_groups:  # once the workers are gone
-        _decisions(setup, planned, out_dir, budgets.budget, stats)
-        clock.lap("decisions")
     stats["selected"] = budgets.budget
     stats["pruned"] = budgets.m - budgets.budget - budgets.n_drop
     stats["driver_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
@@ -423,7 +437,7 @@ def _merge(setup: Setup, planned: Planned, hosts: Hosts, b: Budgets, out_dir: st
     hosts.write_run(runs_template)
     merged = setup.tasks.run("merge_selection", outputs.merge_selection, [(
         setup.store, [runs_template.format(p) for p in range(plan.n_partitions)], join(out_dir, SELECTED),
-        join(plan.work_dir, "ranks-{:05d}.bin"), b.b_max, b.budget)], cpus=0)[0]
+        join(plan.work_dir, "ranks-{:05d}.bin"), b.b_max, b.budget)], cpus=0)[0]  # not on a worker: they hold partitions
     if merged["rows"] != b.b_max:  # pragma: no cover - the runs hold at least b_max picks
         raise RuntimeError(f"the merge ranked {merged['rows']} nodes, expected {b.b_max}")
     stats["ranked"] = merged["rows"]
@@ -451,7 +465,7 @@ def _write_outputs(setup: Setup, planned: Planned, hosts: Hosts, b: Budgets, out
         return
     setup.tasks.run("merge_subset", outputs.merge_subset,
                     [(store, [t.format(p) for p in range(plan.n_partitions)], url)
-                     for t, url in zip(subset_runs, subsets)], cpus=0)
+                     for t, url in zip(subset_runs, subsets)], cpus=0, on_workers=True)
     stats["subset_file"] = subsets[0]
     stats["subset_files"] = {f"{r:g}": u for (r, _), u in zip(b.rates, subsets[1:])}
 
@@ -469,8 +483,9 @@ def _decisions(setup: Setup, planned: Planned, out_dir: str, budget: int, stats:
     groups = range(plan.n_groups)
     if not all(setup.store.exists(decision_files.decisions_url(out_dir, p)) for p in plan.parts):
         tasks.run("resolve_blame", decision_files.resolve_blame, [(job, g) for g in groups],
-                  [decision_files.blame_url(job, g) for g in groups])
-    reports = tasks.run("write_decisions", decision_files.write_decisions, [(job, g, out_dir, budget) for g in groups])
+                  [decision_files.blame_url(job, g) for g in groups], on_workers=True)
+    reports = tasks.run("write_decisions", decision_files.write_decisions, [(job, g, out_dir, budget) for g in groups],
+                        on_workers=True)
     stats["decisions"] = {k: sum(r["counts"][k] for r in reports) for k in reports[0]["counts"]}
     stats["decisions_without_skip_records"] = sum(r["without_skip_records"] for r in reports)
     if stats["decisions_without_skip_records"]:

@@ -337,6 +337,10 @@ class PartitionHost:
 
         return self._step((Shifted,), adopt_picks)
 
+    def memory(self) -> Reply[None]:
+        """Nothing done: the worker's peak memory and spill, reported."""
+        return Reply({}, 0.0, 0.0, peak_rss_bytes(), self.held.spilled_bytes, self.held.resident_bytes())
+
     # ---- outputs ---------------------------------------------------------------------------------
 
     def write_run(self, template: str) -> Reply[int]:
@@ -391,6 +395,12 @@ class Hosts(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop the workers and remove their parked partitions."""
+
+    @property
+    def actors(self) -> list | None:
+        """The workers as Ray actors that run a step's tasks (:func:`pipeline.steps.run_step`);
+        None in process."""
+        return None
 
     # typed steps (PartitionHost's methods of the same name)
     def load(self, edges: bool) -> dict[int, LoadReport]:
@@ -470,6 +480,9 @@ class Hosts(ABC):
                       decisions: bool) -> dict[int, dict]:
         return self.each(PartitionHost.write_outputs, ranks, nodes, subsets, budgets, decisions)
 
+    def memory(self) -> None:
+        self.each(PartitionHost.memory)
+
 
 class LocalHosts(Hosts):
     """The workers as objects of this process (same protocol)."""
@@ -508,6 +521,10 @@ class RayHosts(Hosts):
 
         return ray.get([getattr(h, method.__name__).remote(*args) for h in self.hosts])
 
+    @property
+    def actors(self) -> list:
+        return list(self.hosts)
+
     def close(self) -> None:
         import ray
 
@@ -526,6 +543,11 @@ class _RayHost(PartitionHost):
         return PartitionHost.deliver(self, kind, rnd, dst, src, payload)
 
     deliver.__ray_concurrency_group__ = "io"
+
+    def run_task(self, fn, i, *args):
+        """One task of a stage step, on this worker's already warm process (between the steps of
+        the method, in the default group: never beside one)."""
+        return i, fn(*args)
 
 
 __all__ = ["HostSettings", "Hosts", "LocalHosts", "PartitionHost", "RayHosts", "Reply"]

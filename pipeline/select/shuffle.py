@@ -116,8 +116,8 @@ def _group_scores(job: ShuffleJob, g: int) -> np.ndarray:
     return scores
 
 
-def read_group(job: ShuffleJob, g: int, edges: bool = True, uids: bool = True, part: int | None = None) -> dict:
-    """Range group g (or only its graph part ``part``, an index into the plan's parts) as arrays:
+def read_group(job: ShuffleJob, g: int, edges: bool = True, uids: bool = True) -> dict:
+    """Range group g as arrays:
     ``node``, ``cell``, ``score`` (raw, checked finite), ``uid`` (pyarrow) and, with ``edges``,
     the valid kNN entries ``row``, ``nbr``, ``dist`` (float32, clamped at 0, square-rooted for
     ``graph.distance: euclidean``). Checks every entry as :func:`pipeline.core.d2.symmetrize_knn`
@@ -125,7 +125,7 @@ def read_group(job: ShuffleJob, g: int, edges: bool = True, uids: bool = True, p
     import pyarrow as pa
 
     plan, store = job.plan, job.store
-    a, b = plan.groups[g] if part is None else (part, part + 1)
+    a, b = plan.groups[g]
     out: dict[str, list] = {"node": [], "cell": [], "score": [], "uid": [], "row": [], "nbr": [], "dist": []}
     joined = _group_scores(job, g) if job.join_buckets else None
     glo = plan.group_range(g)[0]
@@ -185,22 +185,25 @@ def _list_column(table, name: str, url: str) -> np.ndarray:
 
 def _valid_entries(part: GraphPart, nodes, nb, sq, n_total: int, distance: str):
     """(row, nbr, dist) of the valid entries of a part's kNN lists (-1 and self entries dropped),
-    checked like symmetrize_knn checks its input."""
-    if nb.shape != sq.shape:
+    checked like symmetrize_knn checks its input (``sq`` None: the ids only, ``dist`` None; which
+    entries are valid depends on the ids alone)."""
+    if sq is not None and nb.shape != sq.shape:
         raise ValueError(f"{part.url}: neighbors {nb.shape} and sq_distances {sq.shape} differ")
     bad = (nb < -1) | (nb >= n_total)
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ValueError(f"{part.url}: neighbors[{r}, {c}] = {int(nb[r, c])}: ids must be in 0..{n_total - 1}, "
                          "or -1 for missing")
+    rows = np.broadcast_to(nodes[:, None], nb.shape)
+    keep = (nb >= 0) & (nb != rows)
+    if sq is None:
+        return rows[keep].astype(np.int64), nb[keep].astype(np.int64), None
     d = np.asarray(sq, np.float32)
     bad = (nb >= 0) & ~((d >= -NEGATIVE_DISTANCE_TOLERANCE) & np.isfinite(d))
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ValueError(f"{part.url}: sq_distances[{r}, {c}] = {float(d[r, c])!r}: distances of valid "
                          "neighbours must be finite and >= 0")
-    rows = np.broadcast_to(nodes[:, None], nb.shape)
-    keep = (nb >= 0) & (nb != rows)
     dist = np.maximum(d[keep], np.float32(0))  # FAISS's tiny negatives for near-duplicates
     if distance == "euclidean":
         dist = np.sqrt(dist)
@@ -304,12 +307,22 @@ def reduce_group(job: ShuffleJob, g: int) -> dict:
                                   *partition_records(row, nbr, got["dist"], got["row_part"], label[nbr - glo])))
 
 
-def part_records(job: ShuffleJob, g: int, part: int):
+def part_records(job: ShuffleJob, part: int, dists: bool = True):
     """One partition only: a graph part's edge records straight from the file (what the shuffle
-    files would hold): (rows, nbrs, dists, owners=None). Part by part, so that a worker building
-    its rows holds one part's records at a time."""
-    data = read_group(job, g, edges=True, uids=False, part=part)
-    return data["row"], data["nbr"], data["dist"], None
+    files would hold): (rows, nbrs, dists, owners=None); without ``dists`` (the counting pass of
+    :meth:`~pipeline.core.partition.PartitionRows.build`) only the ``neighbors`` column is read
+    and ``dists`` is None. Part by part, so that a worker building its rows holds one part's
+    records at a time; nothing else of the part (cells, scores, uids: the pool has them) is read."""
+    gp = job.plan.parts[part]
+    table = job.store.read_parquet(gp.url, columns=["node", "neighbors"] + (["sq_distances"] if dists else []))
+    nodes = table.column("node").to_numpy()
+    if not np.array_equal(nodes, np.arange(gp.lo, gp.hi)):
+        raise ValueError(f"{gp.url}: nodes are not {gp.lo}..{gp.hi - 1} in order (the rows of "
+                         f"{gp.embedding.url}): rerun with --force-from graph")
+    nb = _list_column(table, "neighbors", gp.url)
+    sq = _list_column(table, "sq_distances", gp.url) if dists else None
+    row, nbr, dist = _valid_entries(gp, nodes.astype(np.int64), nb, sq, job.plan.n_nodes, job.distance)
+    return row, nbr, dist, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,15 +446,17 @@ def read_nodes(job: ShuffleJob, p: int, columns: list[str]) -> dict:
 
 
 def edge_sources(job: ShuffleJob, p: int) -> list:
-    """Callables returning partition p's edge-record chunks (rows, nbrs, dists, owners)."""
+    """Callables ``source(full)`` returning partition p's edge-record chunks (rows, nbrs, dists,
+    owners); without ``full`` only (rows, nbrs) are read (dists, owners None): the counting pass
+    of :meth:`~pipeline.core.partition.PartitionRows.build` needs no more."""
     plan = job.plan
     if plan.direct:
-        return [lambda g=g, i=i: part_records(job, g, i) for g in range(plan.n_groups) for i in range(*plan.groups[g])]
+        return [lambda full, i=i: part_records(job, i, full) for i in range(len(plan.parts))]
 
-    def source(url: str):
+    def source(url: str, full: bool):
         with ColumnFile(job.store, url) as f:
-            got = f.read_bucket(p, ["row", "nbr", "dist", "owner"])
-        return got["row"], got["nbr"], got["dist"], got["owner"]
+            got = f.read_bucket(p, ["row", "nbr", "dist", "owner"] if full else ["row", "nbr"])
+        return got["row"], got["nbr"], got.get("dist"), got.get("owner")
 
     urls = job.files("edges-a", job.plan.n_groups) + job.files("edges-b", job.plan.n_groups)
-    return [lambda u=u: source(u) for u in urls]
+    return [lambda full, u=u: source(u, full) for u in urls]
