@@ -183,24 +183,63 @@ def _count_entries(deg, ids, shift, first, rows, nbrs):
     return bad
 
 
+# _fill_entries: owned rows per block of the reverse side's bucketing (their ``pos`` slots, 256 KiB,
+# stay in a core's cache) and records per pass (the bucket buffers: 20 MiB)
+FILL_BLOCK_BITS = 15
+FILL_PASS_RECORDS = 1 << 20
+
+
 @numba.njit(cache=True, nogil=True)
 def _fill_entries(pos, ent_id, ent_dist, ent_owner, ids, shift, first, rows, nbrs, dists, owners, me):
+    """Enter each record in its row (``pos``: each row's next free entry) and, when the partition
+    owns ``nbr`` too, in nbr's row. The rows come in node order, so the first side writes nearly
+    in sequence; nbr is anywhere, so its side is first bucketed by block of rows (a counting sort
+    of each pass of records) and then written block by block, where ``pos`` and the entries written
+    stay in cache: writing it in record order cost three cache misses per record (45 s of a
+    10^7-node partition's 85 s load). A row's entries then hold the same (neighbour, distance)
+    pairs in another order, which :func:`_sort_dedupe_rows` makes canonical (sorted by id, the
+    smaller distance of a repeated neighbour)."""
     with_owner = ent_owner.shape[0] > 0
-    for i in range(rows.shape[0]):
-        s = _find(ids, shift, first, rows[i])
-        if s < 0:
-            continue
-        p = pos[s]
-        ent_id[p] = nbrs[i]
-        ent_dist[p] = dists[i]
-        if with_owner:
-            ent_owner[p] = owners[i]
-        pos[s] = p + 1
-        t = _find(ids, shift, first, nbrs[i])
-        if t >= 0:
+    n_blocks = (pos.shape[0] >> FILL_BLOCK_BITS) + 1
+    size = min(FILL_PASS_RECORDS, rows.shape[0])
+    t_of = np.empty(size, np.int64)
+    starts = np.zeros(n_blocks + 1, np.int64)
+    bt = np.empty(size, np.int64)
+    br = np.empty(size, ent_id.dtype)
+    bd = np.empty(size, ent_dist.dtype)
+    for lo in range(0, rows.shape[0], FILL_PASS_RECORDS):
+        hi = min(rows.shape[0], lo + FILL_PASS_RECORDS)
+        starts[:] = 0
+        for i in range(lo, hi):
+            s = _find(ids, shift, first, rows[i])
+            t = -1
+            if s >= 0:
+                p = pos[s]
+                ent_id[p] = nbrs[i]
+                ent_dist[p] = dists[i]
+                if with_owner:
+                    ent_owner[p] = owners[i]
+                pos[s] = p + 1
+                t = _find(ids, shift, first, nbrs[i])
+                if t >= 0:
+                    starts[(t >> FILL_BLOCK_BITS) + 1] += 1
+            t_of[i - lo] = t
+        for b in range(n_blocks):
+            starts[b + 1] += starts[b]
+        for i in range(lo, hi):  # the counting sort: stable, so each row keeps record order
+            t = t_of[i - lo]
+            if t >= 0:
+                b = t >> FILL_BLOCK_BITS
+                q = starts[b]
+                bt[q] = t
+                br[q] = rows[i]
+                bd[q] = dists[i]
+                starts[b] = q + 1
+        for q in range(starts[n_blocks - 1]):
+            t = bt[q]
             p = pos[t]
-            ent_id[p] = rows[i]
-            ent_dist[p] = dists[i]
+            ent_id[p] = br[q]
+            ent_dist[p] = bd[q]
             if with_owner:
                 ent_owner[p] = me
             pos[t] = p + 1
