@@ -180,7 +180,6 @@ def run_reference(base: str, partitions: list[int]) -> dict:
     # the yardstick is the faster of two runs (one run's seconds varied 2.4-3.9 s at 10^6 on an
     # idle machine; the faster one makes every "x greedy" the more demanding)
     runs = []
-    graph = sel = None
     for _ in range(2):
         graph = sel = None  # the first run's memory freed before the second (peak RSS: one run's)
         t0 = time.perf_counter()
