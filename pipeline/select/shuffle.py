@@ -132,10 +132,7 @@ def read_group(job: ShuffleJob, g: int, edges: bool = True, uids: bool = True) -
     for part in plan.parts[a:b]:
         cols = ["node", "cell"] + (["neighbors", "sq_distances"] if edges else [])
         table = store.read_parquet(part.url, columns=cols)
-        nodes = table.column("node").to_numpy()
-        if not np.array_equal(nodes, np.arange(part.lo, part.hi)):
-            raise ValueError(f"{part.url}: nodes are not {part.lo}..{part.hi - 1} in order (the rows of "
-                             f"{part.embedding.url}): rerun with --force-from graph")
+        nodes = _part_nodes(part, table)
         cells = table.column("cell").to_numpy().astype(np.int64)
         if cells.size and cells.min() < 0:
             raise ValueError(f"{part.url}: negative cell id {int(cells.min())}")
@@ -175,6 +172,15 @@ def read_group(job: ShuffleJob, g: int, edges: bool = True, uids: bool = True) -
     if not edges:
         del res["row"], res["nbr"], res["dist"]
     return res
+
+
+def _part_nodes(part: GraphPart, table) -> np.ndarray:
+    """A graph part's ``node`` column, checked to be its node range in order."""
+    nodes = table.column("node").to_numpy()
+    if not np.array_equal(nodes, np.arange(part.lo, part.hi)):
+        raise ValueError(f"{part.url}: nodes are not {part.lo}..{part.hi - 1} in order (the rows of "
+                         f"{part.embedding.url}): rerun with --force-from graph")
+    return nodes
 
 
 def _list_column(table, name: str, url: str) -> np.ndarray:
@@ -315,10 +321,7 @@ def part_records(job: ShuffleJob, part: int, dists: bool = True):
     records at a time; nothing else of the part (cells, scores, uids: the pool has them) is read."""
     gp = job.plan.parts[part]
     table = job.store.read_parquet(gp.url, columns=["node", "neighbors"] + (["sq_distances"] if dists else []))
-    nodes = table.column("node").to_numpy()
-    if not np.array_equal(nodes, np.arange(gp.lo, gp.hi)):
-        raise ValueError(f"{gp.url}: nodes are not {gp.lo}..{gp.hi - 1} in order (the rows of "
-                         f"{gp.embedding.url}): rerun with --force-from graph")
+    nodes = _part_nodes(gp, table)
     nb = _list_column(table, "neighbors", gp.url)
     sq = _list_column(table, "sq_distances", gp.url) if dists else None
     row, nbr, dist = _valid_entries(gp, nodes.astype(np.int64), nb, sq, job.plan.n_nodes, job.distance)
