@@ -342,6 +342,13 @@ class GraphConfig(_Section):
         "(benchmarks/results/graph_scale.md); lists are grouped under it (a single larger list gets a task of its "
         "own). Changes the tasks, not the graph.",
     )
+    scratch_gb: float | None = Field(
+        8.0, gt=0,
+        json_schema_extra=NOT_OUTPUT, description="Disk bound of the search's shuffle files at once, in GiB: the "
+        "search groups are shuffled and searched in waves under it, each wave's files removed once it is searched "
+        "(every wave reads the assigned rows again). The shuffle is about 1 KiB per (row, search group) at 512-d "
+        "float16; null = one wave. Changes the tasks, not the graph; lower it and resume after a full disk.",
+    )
     distance: Literal["sqeuclidean", "euclidean"] = Field(
         "sqeuclidean", json_schema_extra=used_by("select"),
         description="Edge distance: squared L2 (what FAISS returns) or plain L2."

@@ -438,7 +438,7 @@ def test_stage_resume_redoes_only_missing_scratch_and_regroups_when_the_bound_ch
     with pytest.raises(KeyboardInterrupt):
         run_one(cfg, store, "graph", Hooks(step_done=StopAfterStep("graph", "search")))
     # a killed shuffle and search left one unit's buckets and one group's candidates unwritten
-    for name in ("buckets/query-00001.idx", "candidates/group-00002.idx", "train/fine-00000.npz"):
+    for name in ("buckets/wave-000/query-00001.idx", "candidates/group-00002.idx", "train/fine-00000.npz"):
         os.remove(f"{gdir}/{name}")
     stats = run_graph_stage(cfg, store)
     assert stats["tasks_run"]["shuffle"] == 1 and "assign" not in stats["tasks_run"] and "train" not in stats["tasks_run"]
@@ -453,6 +453,68 @@ def test_stage_resume_redoes_only_missing_scratch_and_regroups_when_the_bound_ch
     stats = run_graph_stage(smaller, Store(smaller.storage))
     assert "group" in stats["steps_run"] and stats["max_task_rows"] == 300 and stats["parts_searched"] == 2
     assert read_graph(smaller).equals(expected)
+
+
+class WaveWatch:
+    """A stage hook: the shuffle files on disk after each wave's shuffle (bytes, wave folders); with
+    `stop_at_search`, stops the stage after that many waves were searched (a killed job)."""
+
+    def __init__(self, gdir: str, stop_at_search: int | None = None):
+        self.gdir, self.stop_at_search = gdir, stop_at_search
+        self.after_shuffle: list[tuple[int, list[str]]] = []
+        self.searched = 0
+
+    def __call__(self, stage: str, step: str) -> None:
+        buckets = os.path.join(self.gdir, "buckets")
+        if step == "shuffle":
+            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(buckets) for f in fs)
+            self.after_shuffle.append((size, sorted(os.listdir(buckets))))
+        if step == "search":
+            self.searched += 1
+            if self.searched == self.stop_at_search:
+                raise KeyboardInterrupt(f"stopped after wave {self.searched}'s search")
+
+
+@pytest.mark.slow
+def test_stage_in_waves_under_the_scratch_bound_is_the_same_graph_and_resumes_wave_by_wave(tmp_path, ray_local):
+    """The search cut into waves by graph.scratch_gb: the same bytes as one wave; the shuffle files on
+    disk at any time are one wave's, within the bound; a job killed between waves resumes with the
+    waves not searched; a lower bound on resume recuts the waves and keeps the searched groups."""
+    write_embedding_parts(str(tmp_path / "one"), seed=4)
+    one = make_cfg(str(tmp_path / "one"), max_task_rows=300)
+    stats_one = run_graph_stage(one, Store(one.storage))
+    expected = read_graph(one)
+    assert stats_one["waves"] == 1 and stats_one["groups"] >= 6
+
+    write_embedding_parts(str(tmp_path / "w"), seed=4)
+    bound = stats_one["search"]["shuffled_bytes"] // 4  # bytes: four or more waves
+    cfg = make_cfg(str(tmp_path / "w"), max_task_rows=300, scratch_gb=bound / 2**30)
+    store = Store(cfg.storage)
+    gdir = workdir.stage_dir(cfg.workdir, "graph")
+    watch = WaveWatch(gdir, stop_at_search=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_one(cfg, store, "graph", Hooks(step_done=watch))
+    assert [folders for _, folders in watch.after_shuffle] == [["wave-000"], ["wave-001"]]  # the last one removed
+    assert all(size <= bound for size, _ in watch.after_shuffle)
+    starts = np.load(f"{gdir}/index/waves.npz")["starts"]
+    assert len(starts) - 1 >= 4 and starts[0] == 0 and starts[-1] == stats_one["groups"]
+    searched = sorted(int(f[6:11]) for f in os.listdir(f"{gdir}/candidates") if f.endswith(".idx"))
+    assert searched == list(range(int(starts[2])))  # the first two waves' groups, nothing else
+
+    lower = make_cfg(str(tmp_path / "w"), max_task_rows=300, scratch_gb=bound / 3 / 2**30)
+    watch = WaveWatch(gdir)
+    stats = run_one(lower, store, "graph", Hooks(step_done=watch))
+    assert "assign" not in stats["steps_run"] and "train" not in stats["steps_run"]
+    assert stats["tasks_run"]["search"] == stats_one["groups"] - int(starts[2])  # searched groups stay searched
+    assert stats["waves"] > len(starts) - 1 and stats["scratch_gb"] == lower.graph.scratch_gb
+    recut = np.load(f"{gdir}/index/waves.npz")["starts"]
+    shuffled = [(a, b) for a, b in zip(recut[:-1], recut[1:]) if b > starts[2]]  # waves with groups to search
+    assert len(watch.after_shuffle) == len(shuffled)
+    for (size, folders), (a, b) in zip(watch.after_shuffle, shuffled):
+        assert len(folders) == 1 and (size <= bound / 3 or b - a == 1)  # a group larger than the bound: alone
+    assert read_graph(lower).equals(expected)
+    assert stats["groups_per_query"] is None or stats["groups_per_query"] >= 1.0
+    assert not os.path.exists(f"{gdir}/buckets") or not os.listdir(f"{gdir}/buckets")
 
 
 @pytest.mark.slow

@@ -10,18 +10,22 @@ Layout under ``WORKDIR/graph/`` (the committed output first, then the stage's ow
     index/centroids.npz    the trained lists (float32 [nlist, d]), the coarse cell of each and the
                            k1 coarse centroids (the assign step routes through them)
     index/groups.npz       the search groups: group of each list, list sizes, probe counts, bound
+    index/waves.npz        the waves: first group of each wave (then G), the disk bound they were cut under
+    index/pairs/wave-WWW.npz  wave W's (query, group) pairs per group (from its query files' indexes)
     train/sample-UUUUU     unit U's rows of the training samples      (blocked: coarse, fine)
     train/coarse.npz       the k1 coarse centroids
     train/split-UUUUU      unit U's fine-sample rows by coarse cell   (blocked: k1 cells)
     train/fine-CCCCC.npz   coarse cell C's fine centroids
     assign/unit-UUUUU.npz  unit U's home lists and probes, list sizes, probe counts, raw rows
-    buckets/base-UUUUU     unit U's rows by the group of their home list     (blocked: G groups)
-    buckets/query-UUUUU    unit U's queries by the groups they probe         (blocked: G groups)
+    buckets/wave-WWW/base-UUUUU   unit U's rows by the group of their home list   (blocked: wave W's groups)
+    buckets/wave-WWW/query-UUUUU  unit U's queries by the groups they probe       (blocked: wave W's groups)
     candidates/group-GGGGG group G's top-(k+1) per query by merge unit       (blocked: M units)
 
 A *unit* is a contiguous run of embedding parts (a node-id range) balanced by rows: the map side of
-every shuffle (gather, split, assign, shuffle) and the merge of candidates work per unit. train/,
-assign/, buckets/ and candidates/ are scratch: removed once every graph part is committed.
+every shuffle (gather, split, assign, shuffle) and the merge of candidates work per unit. A *wave*
+is a contiguous run of search groups whose shuffle files fit ``graph.scratch_gb``: a wave's buckets
+are written, searched and removed before the next wave's are written. train/, assign/, buckets/ and
+candidates/ are scratch: removed once every graph part is committed.
 """
 
 from __future__ import annotations
@@ -109,11 +113,21 @@ class Layout:
     def assign(self, unit: int) -> str:
         return join(self.graph_dir, f"assign/unit-{unit:05d}.npz")
 
-    def base(self, unit: int) -> str:
-        return join(self.graph_dir, f"buckets/base-{unit:05d}")
+    @property
+    def waves_url(self) -> str:
+        return join(self.graph_dir, "index/waves.npz")
 
-    def query(self, unit: int) -> str:
-        return join(self.graph_dir, f"buckets/query-{unit:05d}")
+    def pairs(self, wave: int) -> str:
+        return join(self.graph_dir, f"index/pairs/wave-{wave:03d}.npz")
+
+    def wave_dir(self, wave: int) -> str:
+        return join(self.graph_dir, f"buckets/wave-{wave:03d}")
+
+    def base(self, unit: int, wave: int) -> str:
+        return join(self.wave_dir(wave), f"base-{unit:05d}")
+
+    def query(self, unit: int, wave: int) -> str:
+        return join(self.wave_dir(wave), f"query-{unit:05d}")
 
     def candidates(self, group: int) -> str:
         return join(self.graph_dir, f"candidates/group-{group:05d}")

@@ -15,10 +15,15 @@ resumed run recomputes only what a missing output needs, with the same bytes):
 3. assign (a task per unit): each vector's home list and nprobe probes, computed once, through the
    coarse level (:func:`pipeline.core.ivf.probe_lists_two_level`: a few coarse cells, then their
    fine centroids, not all nlist);
-4. group (driver): lists in id order cut into contiguous groups under the row bound;
-5. shuffle (a task per unit): base rows to the group of their home list, queries once to each group
-   they probe, as blocked scratch files (:mod:`.scratch`: why files, and not the object store);
-6. search (a task per group): list-major top-(k+1), candidates written by merge unit;
+4. group (driver): lists in id order cut into contiguous groups under the row bound, and groups
+   into contiguous *waves* whose shuffle files fit ``graph.scratch_gb`` (the (query, group) pairs
+   counted by a task per unit from the probes, when one pair per probe would not fit);
+5. shuffle (a task per unit, per wave): base rows to the group of their home list, queries once to
+   each group they probe, as blocked scratch files (:mod:`.scratch`: why files, and not the object
+   store); only the wave's groups;
+6. search (a task per group of the wave): list-major top-(k+1), candidates written by merge unit;
+   then the wave's shuffle files are removed, so the disk holds one wave's at a time (each wave
+   reads the assigned rows again);
 7. merge (a task per unit with a missing part): every group's candidates of its nodes, self dropped
    by id, one graph part per embedding part (cell = home list); nodes.parquet is written by a task;
 8. recall@k of the written graph on a seeded sample against exact search (in ``_stats.json``);
@@ -42,6 +47,7 @@ import numpy as np
 from ..config import JobConfig, output_settings
 from ..core import ivf
 from ..core.knn import merge_topk, recall_at_k, recall_sample_ids, remove_self
+from ..core.runs import consecutive_runs
 from ..errors import ConfigError, StaleStageError
 from ..formats.embeddings import EmbeddingPart, list_parts, rows_by_part, vector_widths
 from ..formats.graph import LISTS, NODES, read_part, write_lists
@@ -159,9 +165,10 @@ class _Steps:
         """Step `name` took since `started`; with `tasks` (how many it ran) it ran and is
         committed: the hooks hear of it."""
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 3)
-        if tasks is not None:
-            self.ran.append(name)
-            self.tasks[name] = tasks
+        if tasks is not None:  # a step runs once per wave (shuffle, search): counted together
+            if name not in self.ran:
+                self.ran.append(name)
+            self.tasks[name] = self.tasks.get(name, 0) + tasks
             self.ctx.step_done("graph", name)
 
 
@@ -234,10 +241,83 @@ def _groups(store: Store, layout: Layout, max_task_rows: int) -> dict[str, np.nd
         return groups
     log.info("graph: graph.max_task_rows changed from %d to %d: regrouping the search", int(groups["max_task_rows"]),
              max_task_rows)
-    for name in ("buckets", "candidates"):
-        store.rm(join(layout.graph_dir, name), recursive=True)
+    _remove_search_scratch(store, layout)
     store.rm(layout.groups_url)
     return None
+
+
+def _remove_search_scratch(store: Store, layout: Layout) -> None:
+    """Everything made with the current search groups: buckets, candidates, waves and their counts."""
+    for name in ("buckets", "candidates", "index/pairs"):
+        store.rm(join(layout.graph_dir, name), recursive=True)
+    store.rm(layout.waves_url)
+
+
+def _waves(steps: "_Steps", store: Store, layout: Layout, groups: dict[str, np.ndarray],
+           scratch_gb: float | None) -> tuple[np.ndarray, bool]:
+    """The first group of each wave, then G: contiguous runs of groups whose shuffle files (base rows
+    plus (query, group) pairs) fit the disk bound; and whether they were cut now (else committed
+    before under the same bound). The pairs are counted by tasks from the committed probes only
+    when the upper bound (one pair per probe) does not fit in one wave."""
+    budget = -1 if scratch_gb is None else int(scratch_gb * 2**30)
+    if store.exists(layout.waves_url):
+        starts, saved = tasks.load_arrays(store, layout.waves_url, ["starts", "budget"])
+        if int(saved) == budget:
+            return starts, False
+        log.info("graph: graph.scratch_gb changed: the search is cut into waves again (its groups are kept)")
+        for name in ("buckets", "index/pairs"):  # wave numbers change; searched groups stay searched
+            store.rm(join(layout.graph_dir, name), recursive=True)
+    list_group = groups["list_group"]
+    n_groups = int(list_group.max()) + 1
+    base = np.bincount(list_group, weights=groups["sizes"], minlength=n_groups).astype(np.int64)
+    base_bytes = base * layout.base_schema.row_bytes
+    probes = np.bincount(list_group, weights=groups["probe_counts"], minlength=n_groups).astype(np.int64)
+    if budget < 0 or int((base_bytes + probes * layout.query_schema.row_bytes).sum()) <= budget:
+        starts = np.array([0, n_groups], np.int64)
+    else:
+        import ray
+
+        group_ref = ray.put(list_group)
+        counts = steps.run(Step("graph.count_pairs", tasks.count_pairs,
+                                [(store, layout, u, group_ref) for u in range(layout.n_units)], unit="units"))
+        pairs = np.sum(counts, axis=0)
+        runs = consecutive_runs(base_bytes + pairs * layout.query_schema.row_bytes, budget)
+        starts = np.array([a for a, _ in runs] + [n_groups], np.int64)
+        log.info("graph: the search's %d groups in %d waves under graph.scratch_gb=%g (%.1f GiB of shuffle files "
+                 "in all)", n_groups, len(starts) - 1, scratch_gb,
+                 (base_bytes.sum() + pairs.sum() * layout.query_schema.row_bytes) / 2**30)
+    tasks.save_arrays(store, layout.waves_url, starts=starts, budget=np.int64(budget))
+    return starts, True
+
+
+def _search_wave(steps: "_Steps", store: Store, layout: Layout, groups: dict[str, np.ndarray], wave: int,
+                 span: tuple[int, int], todo: list[int]) -> tuple[list[dict], int]:
+    """Shuffle the units whose buckets of this wave are missing, count the wave's pairs, search the
+    groups in `todo` (of ``span[0] <= g < span[1]``). Returns the search results and bytes shuffled."""
+    import ray
+
+    clock = time.perf_counter()
+    units = [u for u in range(layout.n_units) if not (scratch.exists(store, layout.base(u, wave))
+                                                      and scratch.exists(store, layout.query(u, wave)))]
+    written = 0
+    if units:
+        group_ref = ray.put(groups["list_group"])
+        # the query file is written after the base file: its index commits the unit
+        shuffled = steps.run(Step(
+            "graph.shuffle", tasks.shuffle_unit, [(store, layout, u, group_ref, wave, span) for u in units],
+            outputs=[scratch.index_url(layout.query(u, wave)) for u in units], unit="units"))
+        written = sum(b for b in shuffled if b is not None)
+        del group_ref
+        steps.time("shuffle", clock, steps.take())
+    if not store.exists(layout.pairs(wave)):
+        pairs = sum(scratch.block_rows(store, layout.query(u, wave)) for u in range(layout.n_units))
+        tasks.save_arrays(store, layout.pairs(wave), pairs=np.asarray(pairs, np.int64))
+    clock = time.perf_counter()
+    searched = steps.run(Step(
+        "graph.search", tasks.search_group, [(store, layout, q, wave, q - span[0]) for q in todo],
+        resources=SEARCH_TASK, outputs=[scratch.index_url(layout.candidates(q)) for q in todo], unit="groups"))
+    steps.time("search", clock, steps.take())
+    return [r for r in searched if r is not None], written
 
 
 def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
@@ -274,11 +354,9 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         n_groups = None if groups is None else int(groups["list_group"].max()) + 1
         search_todo = (None if n_groups is None else
                        [q for q in range(n_groups) if not scratch.exists(store, layout.candidates(q))])
-        shuffle_todo = (list(range(layout.n_units)) if search_todo is None else
-                        [u for u in range(layout.n_units) if search_todo and not (
-                            scratch.exists(store, layout.base(u)) and scratch.exists(store, layout.query(u)))])
+        # every wave's shuffle reads every unit's assigned rows; the merge reads its units' home lists
         assign_todo = [u for u in range(layout.n_units) if not store.exists(layout.assign(u))
-                       and (groups is None or u in shuffle_todo or u in merge_todo)]
+                       and (search_todo is None or bool(search_todo) or u in merge_todo)]
 
         # 2. train
         clock = time.perf_counter()
@@ -306,9 +384,10 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
             del quantizer_ref, results
             steps.time("assign", clock, steps.take())
 
-        # 4. group
+        # 4. group, and cut the groups into waves under the scratch bound
         clock = time.perf_counter()
-        if groups is None:
+        regroup = groups is None
+        if regroup:
             for u in range(layout.n_units):
                 if u not in assigned:
                     s, c = tasks.load_arrays(store, layout.assign(u), ["sizes", "probe_counts"])
@@ -317,35 +396,24 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
             slots = max(1, int(cluster.cpus // SEARCH_TASK.cpus))
             bound = min(g.max_task_rows, max(1, math.ceil(int((sizes + probe_counts).sum()) / slots)))
             list_group = ivf.group_cells(sizes, probe_counts, bound)
-            for name in ("buckets", "candidates"):  # made with other groups, if any
-                store.rm(join(graph_dir, name), recursive=True)
+            _remove_search_scratch(store, layout)  # made with other groups, if any
             tasks.save_arrays(store, layout.groups_url, list_group=list_group, sizes=sizes, probe_counts=probe_counts,
                               max_task_rows=np.int64(g.max_task_rows), bound=np.int64(bound))
             groups = _groups(store, layout, g.max_task_rows)
             n_groups = int(list_group.max()) + 1
             search_todo = list(range(n_groups))
-            shuffle_todo = list(range(layout.n_units))
-            steps.time("group", clock, 0)
+        wave_starts, cut = _waves(steps, store, layout, groups, g.scratch_gb)
+        if regroup or cut:
+            steps.time("group", clock, steps.take())
 
-        # 5. shuffle
-        clock = time.perf_counter()
-        if shuffle_todo:
-            group_ref = ray.put(groups["list_group"])
-            # the query file is written after the base file: its index commits the unit
-            shuffled = steps.run(Step(
-                "graph.shuffle", tasks.shuffle_unit, [(store, layout, u, group_ref) for u in shuffle_todo],
-                outputs=[scratch.index_url(layout.query(u)) for u in shuffle_todo], unit="units"))
-            shuffled_bytes = sum(b for b in shuffled if b is not None)
-            steps.time("shuffle", clock, steps.take())
-
-        # 6. search
-        clock = time.perf_counter()
-        if search_todo:
-            searched = steps.run(Step(
-                "graph.search", tasks.search_group, [(store, layout, q) for q in search_todo], resources=SEARCH_TASK,
-                outputs=[scratch.index_url(layout.candidates(q)) for q in search_todo], unit="groups"))
-            search_results = [r for r in searched if r is not None]
-            steps.time("search", clock, steps.take())
+        # 5-6. shuffle and search, wave by wave: a wave's buckets are removed once it is searched
+        for wave, (g_lo, g_hi) in enumerate(zip(wave_starts[:-1], wave_starts[1:])):
+            todo = [q for q in search_todo if g_lo <= q < g_hi]
+            if todo:
+                searched, wave_bytes = _search_wave(steps, store, layout, groups, wave, (g_lo, g_hi), todo)
+                search_results += searched
+                shuffled_bytes += wave_bytes
+            store.rm(layout.wave_dir(wave), recursive=True)
 
         # 7. merge
         clock = time.perf_counter()
@@ -413,6 +481,8 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
             "group_rows_mean": round(float(rows.mean()), 1),
             "groups_over_bound": int(((rows > groups["bound"]) & (lists_per_group == 1)).sum()),
             "groups_per_query": None if queries_sent is None else round(queries_sent / n_nodes, 4),
+            "scratch_gb": g.scratch_gb,
+            "waves": _wave_count(store, layout),
         })
     if search_results:
         stats["search"] = {
@@ -427,12 +497,21 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
     return stats
 
 
-def _queries_sent(store: Store, layout: Layout) -> int | None:
-    """(query, group) pairs the shuffle sent, from the query files' indexes (None once removed)."""
-    urls = [layout.query(u) for u in range(layout.n_units)]
-    if not all(scratch.exists(store, u) for u in urls):
+def _wave_count(store: Store, layout: Layout) -> int | None:
+    if not store.exists(layout.waves_url):
         return None
-    return int(sum(scratch.block_rows(store, u).sum() for u in urls))
+    return len(tasks.load_arrays(store, layout.waves_url, ["starts"])[0]) - 1
+
+
+def _queries_sent(store: Store, layout: Layout) -> int | None:
+    """(query, group) pairs the shuffle sent, from each wave's counts (None when one is missing)."""
+    if not store.exists(layout.waves_url):
+        return None
+    (starts,) = tasks.load_arrays(store, layout.waves_url, ["starts"])
+    urls = [layout.pairs(w) for w in range(len(starts) - 1)]
+    if not all(store.exists(u) for u in urls):
+        return None
+    return int(sum(tasks.load_arrays(store, u, ["pairs"])[0].sum() for u in urls))
 
 
 def _unit_items(layout: Layout, units: list[list[EmbeddingPart]], ids: np.ndarray):

@@ -121,36 +121,45 @@ def assign_unit(store: Store, layout: Layout, unit: int, parts: list[EmbeddingPa
     return sizes, probe_counts
 
 
-def shuffle_unit(store: Store, layout: Layout, unit: int, list_group: np.ndarray) -> int:
-    """Send the unit's rows to the search groups: as base rows to the group holding their home list,
-    as queries once to each group their probes fall in (with only that group's probes). Returns the
-    bytes written."""
+def count_pairs(store: Store, layout: Layout, unit: int, list_group: np.ndarray) -> np.ndarray:
+    """(query, group) pairs the unit's rows will send to each search group: what the shuffle writes
+    as queries, counted from the committed probes alone (the waves are cut on these counts)."""
+    (probes,) = load_arrays(store, layout.assign(unit), ["probes"])
+    _, pair_group, _ = ivf.probes_by_group(probes, list_group)
+    return np.bincount(pair_group, minlength=int(list_group.max()) + 1).astype(np.int64)
+
+
+def shuffle_unit(store: Store, layout: Layout, unit: int, list_group: np.ndarray, wave: int,
+                 groups: tuple[int, int]) -> int:
+    """Send the unit's rows to the search groups ``groups[0] <= g < groups[1]`` (one wave): as base
+    rows to the group holding their home list, as queries once to each group their probes fall in
+    (with only that group's probes). Returns the bytes written."""
     lo, _ = layout.unit_range(unit)
     home, probes, raw = load_arrays(store, layout.assign(unit), ["home", "probes", "raw"])
     ids = np.arange(lo, lo + len(home), dtype=np.int64)
-    n_groups = int(list_group.max()) + 1
+    wanted = np.arange(groups[0], groups[1] + 1)  # the wave's block edges
     base_group = list_group[home]
     order = np.argsort(base_group, kind="stable")
-    b = np.searchsorted(base_group[order], np.arange(n_groups + 1))
+    b = np.searchsorted(base_group[order], wanted)
     pair_query, pair_group, pair_probes = ivf.probes_by_group(probes, list_group)
-    p = np.searchsorted(pair_group, np.arange(n_groups + 1))
+    p = np.searchsorted(pair_group, wanted)
     base = ({"id": ids[order[b[g]:b[g + 1]]], "list": home[order[b[g]:b[g + 1]]], "raw": raw[order[b[g]:b[g + 1]]]}
-            for g in range(n_groups))
-    rows = scratch.write(store, layout.base(unit), layout.base_schema, base)
+            for g in range(len(wanted) - 1))
+    rows = scratch.write(store, layout.base(unit, wave), layout.base_schema, base)
     queries = ({"id": ids[pair_query[p[g]:p[g + 1]]], "probes": pair_probes[p[g]:p[g + 1]],
-                "raw": raw[pair_query[p[g]:p[g + 1]]]} for g in range(n_groups))
-    pairs = scratch.write(store, layout.query(unit), layout.query_schema, queries)
+                "raw": raw[pair_query[p[g]:p[g + 1]]]} for g in range(len(wanted) - 1))
+    pairs = scratch.write(store, layout.query(unit, wave), layout.query_schema, queries)
     return int(rows.sum() * layout.base_schema.row_bytes + pairs.sum() * layout.query_schema.row_bytes)
 
 
-def search_group(store: Store, layout: Layout, group: int) -> dict:
-    """Top-(k+1) of every query sent to `group` over the group's lists (ivf.search_group), written
-    as candidates split by merge unit."""
+def search_group(store: Store, layout: Layout, group: int, wave: int, block: int) -> dict:
+    """Top-(k+1) of every query sent to `group` (block `block` of wave `wave`'s buckets) over the
+    group's lists (ivf.search_group), written as candidates split by merge unit."""
     threads = _threads()
     start = time.perf_counter()
     units = range(layout.n_units)
-    base = scratch.read_blocks(store, [layout.base(u) for u in units], layout.base_schema, group)
-    queries = scratch.read_blocks(store, [layout.query(u) for u in units], layout.query_schema, group)
+    base = scratch.read_blocks(store, [layout.base(u, wave) for u in units], layout.base_schema, block)
+    queries = scratch.read_blocks(store, [layout.query(u, wave) for u in units], layout.query_schema, block)
     read_s = time.perf_counter() - start
     # Each query is scanned against every list it probes here (13 of 16 on average at N = 10^6):
     # prepare it once (float32, 2*d bytes more per query) rather than once per list.
@@ -231,5 +240,5 @@ def exact_topk(store: Store, vector: str, k: int, queries: np.ndarray, parts: li
     return d, i
 
 
-__all__ = ["gather_sample", "train_coarse", "split_sample", "train_fine", "assign_unit", "shuffle_unit",
+__all__ = ["gather_sample", "train_coarse", "split_sample", "train_fine", "assign_unit", "count_pairs", "shuffle_unit",
            "search_group", "merge_unit", "nodes_file", "gather_prepared", "exact_topk"]
