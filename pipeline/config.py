@@ -344,10 +344,11 @@ class GraphConfig(_Section):
     )
     scratch_gb: float | None = Field(
         8.0, gt=0,
-        json_schema_extra=NOT_OUTPUT, description="Disk bound of the search's shuffle files at once, in GiB: the "
-        "search groups are shuffled and searched in waves under it, each wave's files removed once it is searched "
-        "(every wave reads the assigned rows again). The shuffle is about 1 KiB per (row, search group) at 512-d "
-        "float16; null = one wave. Changes the tasks, not the graph; lower it and resume after a full disk.",
+        json_schema_extra=NOT_OUTPUT, description="Disk bound of the graph search's scratch at once, in GiB: a "
+        "raw copy of the vectors (2 bytes x d per row, kept only when it fits in half the bound; else every wave "
+        "decodes the embedding parts again) plus one wave's shuffle files (about 1 KiB per (row, search group) at "
+        "512-d): the search groups are shuffled and searched in waves, each wave's files removed once searched. "
+        "null = one wave, with the copy. Changes the tasks, not the graph; lower it and resume after a full disk.",
     )
     distance: Literal["sqeuclidean", "euclidean"] = Field(
         "sqeuclidean", json_schema_extra=used_by("select"),

@@ -485,6 +485,7 @@ def test_stage_in_waves_under_the_scratch_bound_is_the_same_graph_and_resumes_wa
     stats_one = run_graph_stage(one, Store(one.storage))
     expected = read_graph(one)
     assert stats_one["waves"] == 1 and stats_one["groups"] >= 6
+    assert json.load(open(f"{workdir.stage_dir(one.workdir, 'graph')}/index/plan.json"))["raw_copy"] is True
 
     write_embedding_parts(str(tmp_path / "w"), seed=4)
     bound = stats_one["search"]["shuffled_bytes"] // 4  # bytes: four or more waves
@@ -496,6 +497,8 @@ def test_stage_in_waves_under_the_scratch_bound_is_the_same_graph_and_resumes_wa
         run_one(cfg, store, "graph", Hooks(step_done=watch))
     assert [folders for _, folders in watch.after_shuffle] == [["wave-000"], ["wave-001"]]  # the last one removed
     assert all(size <= bound for size, _ in watch.after_shuffle)
+    # a copy of the raw rows would take more than half the bound: every wave decodes the parts again
+    assert json.load(open(f"{gdir}/index/plan.json"))["raw_copy"] is False
     starts = np.load(f"{gdir}/index/waves.npz")["starts"]
     assert len(starts) - 1 >= 4 and starts[0] == 0 and starts[-1] == stats_one["groups"]
     searched = sorted(int(f[6:11]) for f in os.listdir(f"{gdir}/candidates") if f.endswith(".idx"))

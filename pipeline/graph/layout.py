@@ -16,7 +16,7 @@ Layout under ``WORKDIR/graph/`` (the committed output first, then the stage's ow
     train/coarse.npz       the k1 coarse centroids
     train/split-UUUUU      unit U's fine-sample rows by coarse cell   (blocked: k1 cells)
     train/fine-CCCCC.npz   coarse cell C's fine centroids
-    assign/unit-UUUUU.npz  unit U's home lists and probes, list sizes, probe counts, raw rows
+    assign/unit-UUUUU.npz  unit U's home lists and probes, list sizes, probe counts, raw rows (raw_copy)
     buckets/wave-WWW/base-UUUUU   unit U's rows by the group of their home list   (blocked: wave W's groups)
     buckets/wave-WWW/query-UUUUU  unit U's queries by the groups they probe       (blocked: wave W's groups)
     candidates/group-GGGGG group G's top-(k+1) per query by merge unit       (blocked: M units)
@@ -55,6 +55,10 @@ class Layout:
     seed: int
     unit_parts: tuple[tuple[int, int], ...]  # [first part, end part) of each unit
     unit_starts: tuple[int, ...]  # first node of each unit, then N
+    # the assign files keep each unit's raw rows for the shuffle (decoding float16 parquet columns is
+    # ~25 us per 512-d row); false when that copy (N rows) would not fit graph.scratch_gb beside a
+    # wave: then every wave's shuffle reads the embedding parts again
+    raw_copy: bool = True
     rows_schema: BlockSchema = field(init=False, compare=False)
     base_schema: BlockSchema = field(init=False, compare=False)
     query_schema: BlockSchema = field(init=False, compare=False)
@@ -145,7 +149,8 @@ class Layout:
     def from_json(cls, graph_dir: str, plan: dict) -> "Layout":
         return cls(graph_dir=graph_dir, vector=plan["vector"], widths=tuple(plan["widths"]), n_nodes=plan["n_nodes"],
                    nlist=plan["nlist"], nprobe=plan["nprobe"], k=plan["k"], seed=plan["seed"],
-                   unit_parts=tuple(tuple(u) for u in plan["unit_parts"]), unit_starts=tuple(plan["unit_starts"]))
+                   unit_parts=tuple(tuple(u) for u in plan["unit_parts"]), unit_starts=tuple(plan["unit_starts"]),
+                   raw_copy=plan.get("raw_copy", True))  # plans before the flag always kept the copy
 
 
 def plan_units(part_rows: list[int], unit_rows: int) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:

@@ -130,9 +130,15 @@ def _plan(store: Store, cfg: JobConfig, graph_dir: str, parts: list[EmbeddingPar
     unit_rows = min(int(cfg.graph.max_task_rows * UNIT_ROWS_FRACTION),
                     max(MIN_UNIT_ROWS, math.ceil(n / (UNITS_PER_CPU * max(1.0, cpus)))))
     unit_parts, unit_starts = plan_units([p.rows for p in parts], unit_rows)
-    layout = Layout(graph_dir=graph_dir, vector=cfg.graph.vector, widths=vector_widths(store, parts[0], cfg.graph.vector),
+    widths = vector_widths(store, parts[0], cfg.graph.vector)
+    budget = cfg.graph.scratch_gb
+    raw_copy = budget is None or n * 2 * sum(widths) <= budget * 2**30 / 2  # the copy and a wave, half each
+    layout = Layout(graph_dir=graph_dir, vector=cfg.graph.vector, widths=widths,
                     n_nodes=n, nlist=nlist, nprobe=nprobe, k=cfg.graph.k, seed=cfg.seed,
-                    unit_parts=unit_parts, unit_starts=unit_starts)
+                    unit_parts=unit_parts, unit_starts=unit_starts, raw_copy=raw_copy)
+    if not raw_copy:
+        log.info("graph: the %d rows' raw copy (%.1f GiB) does not fit graph.scratch_gb=%g beside a wave: every "
+                 "wave's shuffle reads the embedding parts again", n, n * 2 * sum(widths) / 2**30, budget)
     store.write_json(url, dict(current, **layout.to_json()))
     return layout
 
@@ -256,7 +262,7 @@ def _remove_search_scratch(store: Store, layout: Layout) -> None:
 def _waves(steps: "_Steps", store: Store, layout: Layout, groups: dict[str, np.ndarray],
            scratch_gb: float | None) -> tuple[np.ndarray, bool]:
     """The first group of each wave, then G: contiguous runs of groups whose shuffle files (base rows
-    plus (query, group) pairs) fit the disk bound; and whether they were cut now (else committed
+    plus (query, group) pairs) fit the disk bound beside the raw copy; and whether they were cut now (else committed
     before under the same bound). The pairs are counted by tasks from the committed probes only
     when the upper bound (one pair per probe) does not fit in one wave."""
     budget = -1 if scratch_gb is None else int(scratch_gb * 2**30)
@@ -267,12 +273,14 @@ def _waves(steps: "_Steps", store: Store, layout: Layout, groups: dict[str, np.n
         log.info("graph: graph.scratch_gb changed: the search is cut into waves again (its groups are kept)")
         for name in ("buckets", "index/pairs"):  # wave numbers change; searched groups stay searched
             store.rm(join(layout.graph_dir, name), recursive=True)
+    # the raw copy of the assigned rows (when planned: at most half the bound) shares the bound with a wave
+    room = max(1, budget - (layout.n_nodes * 2 * layout.dim if layout.raw_copy else 0))
     list_group = groups["list_group"]
     n_groups = int(list_group.max()) + 1
     base = np.bincount(list_group, weights=groups["sizes"], minlength=n_groups).astype(np.int64)
     base_bytes = base * layout.base_schema.row_bytes
     probes = np.bincount(list_group, weights=groups["probe_counts"], minlength=n_groups).astype(np.int64)
-    if budget < 0 or int((base_bytes + probes * layout.query_schema.row_bytes).sum()) <= budget:
+    if budget < 0 or int((base_bytes + probes * layout.query_schema.row_bytes).sum()) <= room:
         starts = np.array([0, n_groups], np.int64)
     else:
         import ray
@@ -281,7 +289,7 @@ def _waves(steps: "_Steps", store: Store, layout: Layout, groups: dict[str, np.n
         counts = steps.run(Step("graph.count_pairs", tasks.count_pairs,
                                 [(store, layout, u, group_ref) for u in range(layout.n_units)], unit="units"))
         pairs = np.sum(counts, axis=0)
-        runs = consecutive_runs(base_bytes + pairs * layout.query_schema.row_bytes, budget)
+        runs = consecutive_runs(base_bytes + pairs * layout.query_schema.row_bytes, room)
         starts = np.array([a for a, _ in runs] + [n_groups], np.int64)
         log.info("graph: the search's %d groups in %d waves under graph.scratch_gb=%g (%.1f GiB of shuffle files "
                  "in all)", n_groups, len(starts) - 1, scratch_gb,
@@ -290,8 +298,8 @@ def _waves(steps: "_Steps", store: Store, layout: Layout, groups: dict[str, np.n
     return starts, True
 
 
-def _search_wave(steps: "_Steps", store: Store, layout: Layout, groups: dict[str, np.ndarray], wave: int,
-                 span: tuple[int, int], todo: list[int]) -> tuple[list[dict], int]:
+def _search_wave(steps: "_Steps", store: Store, layout: Layout, parts: list[list[EmbeddingPart]],
+                 groups: dict[str, np.ndarray], wave: int, span: tuple[int, int], todo: list[int]) -> tuple[list[dict], int]:
     """Shuffle the units whose buckets of this wave are missing, count the wave's pairs, search the
     groups in `todo` (of ``span[0] <= g < span[1]``). Returns the search results and bytes shuffled."""
     import ray
@@ -304,7 +312,7 @@ def _search_wave(steps: "_Steps", store: Store, layout: Layout, groups: dict[str
         group_ref = ray.put(groups["list_group"])
         # the query file is written after the base file: its index commits the unit
         shuffled = steps.run(Step(
-            "graph.shuffle", tasks.shuffle_unit, [(store, layout, u, group_ref, wave, span) for u in units],
+            "graph.shuffle", tasks.shuffle_unit, [(store, layout, u, parts[u], group_ref, wave, span) for u in units],
             outputs=[scratch.index_url(layout.query(u, wave)) for u in units], unit="units"))
         written = sum(b for b in shuffled if b is not None)
         del group_ref
@@ -410,7 +418,7 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
         for wave, (g_lo, g_hi) in enumerate(zip(wave_starts[:-1], wave_starts[1:])):
             todo = [q for q in search_todo if g_lo <= q < g_hi]
             if todo:
-                searched, wave_bytes = _search_wave(steps, store, layout, groups, wave, (g_lo, g_hi), todo)
+                searched, wave_bytes = _search_wave(steps, store, layout, units, groups, wave, (g_lo, g_hi), todo)
                 search_results += searched
                 shuffled_bytes += wave_bytes
             store.rm(layout.wave_dir(wave), recursive=True)

@@ -116,8 +116,9 @@ def assign_unit(store: Store, layout: Layout, unit: int, parts: list[EmbeddingPa
                                              prepare=layout.prepare)
     sizes = np.bincount(home, minlength=layout.nlist).astype(np.int64)
     probe_counts = np.bincount(probes.ravel(), minlength=layout.nlist).astype(np.int64)
-    # the raw rows too (uncompressed): the shuffle reads them back instead of decoding the parts again
-    save_arrays(store, layout.assign(unit), home=home, probes=probes, sizes=sizes, probe_counts=probe_counts, raw=raw)
+    # the raw rows too (uncompressed) when planned: the shuffle reads them back instead of decoding the parts again
+    copy = {"raw": raw} if layout.raw_copy else {}
+    save_arrays(store, layout.assign(unit), home=home, probes=probes, sizes=sizes, probe_counts=probe_counts, **copy)
     return sizes, probe_counts
 
 
@@ -129,13 +130,17 @@ def count_pairs(store: Store, layout: Layout, unit: int, list_group: np.ndarray)
     return np.bincount(pair_group, minlength=int(list_group.max()) + 1).astype(np.int64)
 
 
-def shuffle_unit(store: Store, layout: Layout, unit: int, list_group: np.ndarray, wave: int,
-                 groups: tuple[int, int]) -> int:
+def shuffle_unit(store: Store, layout: Layout, unit: int, parts: list[EmbeddingPart], list_group: np.ndarray,
+                 wave: int, groups: tuple[int, int]) -> int:
     """Send the unit's rows to the search groups ``groups[0] <= g < groups[1]`` (one wave): as base
     rows to the group holding their home list, as queries once to each group their probes fall in
     (with only that group's probes). Returns the bytes written."""
     lo, _ = layout.unit_range(unit)
-    home, probes, raw = load_arrays(store, layout.assign(unit), ["home", "probes", "raw"])
+    if layout.raw_copy:
+        home, probes, raw = load_arrays(store, layout.assign(unit), ["home", "probes", "raw"])
+    else:
+        home, probes = load_arrays(store, layout.assign(unit), ["home", "probes"])
+        raw = np.concatenate([read_raw_vectors(store, part, layout.vector) for part in parts])
     ids = np.arange(lo, lo + len(home), dtype=np.int64)
     wanted = np.arange(groups[0], groups[1] + 1)  # the wave's block edges
     base_group = list_group[home]
