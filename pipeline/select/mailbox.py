@@ -79,13 +79,15 @@ class Mailbox:
 
 
 def nbytes(obj, seen=None) -> int:
-    """Bytes of the numpy arrays an object holds (through nested plain objects)."""
+    """Bytes of the numpy (and pyarrow) arrays an object holds (through nested plain objects)."""
     seen = set() if seen is None else seen
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
     if isinstance(obj, np.ndarray):
         return int(obj.nbytes) if obj.base is None else 0
+    if type(obj).__module__.startswith("pyarrow"):  # a pool's uids (pyarrow strings)
+        return int(getattr(obj, "nbytes", 0))
     if isinstance(obj, dict):
         return sum(nbytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):

@@ -5,6 +5,7 @@ its share of the outputs (``nodes/part-P.parquet``, sorted subset runs, decision
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from ..formats.selection import PREFILTER_BETA, PREFILTER_KEPT, hex_uid_pairs
 from ..formats.shuffle import write_columns
@@ -52,9 +53,23 @@ def read_uids(job: ShuffleJob, pid: int, positions):
     return pa.concat_arrays(pieces).take(np.argsort(order, kind="stable"))
 
 
+def pool_uids(job: ShuffleJob, pool: Pool):
+    """Every owned node's uid, in pool order: read on first use and kept with the pool."""
+    if pool.uids is None:
+        if job.plan.direct:
+            groups = range(job.plan.n_groups)
+            pool.uids = pa.concat_arrays([read_group(job, g, edges=False, uids=True)["uid"] for g in groups]) \
+                if job.plan.n_groups else pa.array([], pa.string())
+        else:
+            pool.uids = read_nodes(job, pool.pid, ["uid"])["uid"]
+        if len(pool.uids) != pool.owned.size:
+            raise RuntimeError(f"partition {pool.pid}: {len(pool.uids)} uids read for {pool.owned.size} nodes")
+    return pool.uids
+
+
 def write_run(job: ShuffleJob, url: str, pool: Pool, picks: Picks) -> int:
     """The partition's sorted run of picks, for the merge (:mod:`.outputs`)."""
-    uids = read_uids(job, pool.pid, np.searchsorted(pool.owned, picks.nodes))
+    uids = pool_uids(job, pool).take(np.searchsorted(pool.owned, picks.nodes))
     write_columns(job.store, url, {
         "major": np.asarray(picks.major, np.int64), "minor": np.asarray(picks.minor, np.int64), "node": picks.nodes,
         "owner": np.full(picks.nodes.size, pool.pid, np.int32), "forward": np.asarray(picks.forward, np.float64),
@@ -87,7 +102,7 @@ def write_outputs(job: ShuffleJob, done: Finished, ranks_url: str, nodes_url: st
     got = read_ranks(job.store, ranks_url)
     ranked = done.picks.nodes[: got.size] if got.size else np.zeros(0, np.int64)
     rank, columns = node_columns(done, ranked, got)
-    uids = read_uids(job, pool.pid, np.arange(pool.owned.size))
+    uids = pool_uids(job, pool)
     codes = np.full(pool.owned.size, PREFILTER_KEPT, np.int8) if pool.basic is None else pool.basic.copy()
     codes[~done.keep & (codes == PREFILTER_KEPT)] = PREFILTER_BETA  # passed the basic filter, not β
     write_nodes_file(job.store, nodes_url, pool.owned, uids, pool.raw, codes, rank, columns)
@@ -129,5 +144,5 @@ def write_nodes_file(store, url: str, owned, uids, raw, prefilter_codes, rank, c
     store.write_file(url, fill)
 
 
-__all__ = ["NODES_FILE_ROWS", "node_columns", "read_pool", "read_uids", "write_nodes_file", "write_outputs",
+__all__ = ["NODES_FILE_ROWS", "node_columns", "pool_uids", "read_pool", "read_uids", "write_nodes_file", "write_outputs",
            "write_run"]
