@@ -607,6 +607,8 @@ def test_decisions_account_for_every_input_sample_once(tmp_path):
             assert dec["blame_uid"][i] in selected
             blamed += 1
     assert blamed > 0.5 * count["pruned"]
+    # blame inside a partition is resolved by the partition, across partitions by the owner's group
+    assert 0 < stats["blame_requests"] < sum(bn >= 0 for bn in nodes["blame_node"])
     assert all(np.isnan(s) and r == -1 for s, r, d in zip(dec["score"], dec["rank"], dec["decision"]) if d == "skipped")
     assert not store.exists(join(sel_dir, "_work"))
 

@@ -8,11 +8,14 @@ parts, at most ``GROUP_MAX_NODES`` nodes) in three steps through the work direct
 through the driver:
 
 1. each partition, while writing its nodes file (:func:`.partition_io.write_outputs`),
-   writes ``decide-P`` (node, pre-filter code, rank, raw score, blame node and amount) bucketed by
-   the node's range group, and ``blame-req-P`` (blamed node, node) bucketed by the *blamed* node's
-   range group;
-2. :func:`resolve_blame` per range group g: the uids of the blamed nodes in g (from g's embedding
-   parts), written to ``blame-uid-g`` (node, blame uid) bucketed by the blamed-for node's group;
+   writes ``decide-P`` (node, pre-filter code, rank, raw score, blame node and amount, and the
+   blame uid when the blamed node is its own: it holds its nodes' uids) bucketed by the node's
+   range group, and ``blame-req-P`` (blamed node, node) for the blamed nodes owned elsewhere,
+   bucketed by the *blamed* node's range group (most blame stays inside a partition: with one
+   partition there are no requests);
+2. :func:`resolve_blame` per range group g: the uids of the requested blamed nodes in g (from g's
+   embedding parts, read only when there are requests), written to ``blame-uid-g`` (node, blame
+   uid) bucketed by the blamed-for node's group;
 3. :func:`write_decisions` per range group: bucket g of every ``decide-*`` and ``blame-uid-*``
    (exactly g's nodes), joined by row with g's embedding parts (uid, shard, key) and followed by
    each part's skip records; one file per part. A file already there is kept (a resumed stage
@@ -40,7 +43,7 @@ from ..storage import join
 from . import duplicates
 from .shuffle import ShuffleJob
 
-RECORD_COLUMNS = ["node", "code", "rank", "score", "blame_node", "blame_amount"]
+RECORD_COLUMNS = ["node", "code", "rank", "score", "blame_node", "blame_amount", "blame_uid"]
 
 
 def decide_url(job: ShuffleJob, pid: int) -> str:
@@ -64,17 +67,26 @@ def _group_of(job: ShuffleJob, nodes: np.ndarray) -> np.ndarray:
     return np.searchsorted(job.plan.group_starts, nodes, side="right") - 1
 
 
-def write_decision_records(job: ShuffleJob, pid: int, owned, codes, rank, raw, blame_node, blame_amount) -> None:
-    """Step 1 for partition ``pid`` (module docstring)."""
+def write_decision_records(job: ShuffleJob, pid: int, owned, codes, rank, raw, blame_node, blame_amount,
+                           uids) -> int:
+    """Step 1 for partition ``pid`` (module docstring); `uids` are the owned nodes' uids. Returns the
+    blame requests written (blamed nodes owned by other partitions)."""
+    import pyarrow as pa
+
+    at = np.minimum(np.searchsorted(owned, blame_node), max(owned.size - 1, 0))
+    local = (blame_node >= 0) & (owned[at] == blame_node) if owned.size else np.zeros(blame_node.size, bool)
+    # "" = no blame here: none, or resolved by the blamed node's owner (step 2)
+    blame_uid = pa.concat_arrays([uids, pa.array([""], pa.string())]).take(np.where(local, at, owned.size))
     order, offsets = bucket_order(_group_of(job, owned), job.plan.n_groups)
     write_columns(job.store, decide_url(job, pid), {
         "node": owned[order], "code": np.asarray(codes, np.int8)[order], "rank": rank[order],
         "score": np.asarray(raw, np.float64)[order], "blame_node": blame_node[order],
-        "blame_amount": np.asarray(blame_amount, np.float64)[order]}, offsets)
-    blamed = blame_node >= 0
-    order, offsets = bucket_order(_group_of(job, blame_node[blamed]), job.plan.n_groups)
-    write_columns(job.store, request_url(job, pid), {"blamed": blame_node[blamed][order],
-                                                     "node": owned[blamed][order]}, offsets)
+        "blame_amount": np.asarray(blame_amount, np.float64)[order], "blame_uid": blame_uid.take(order)}, offsets)
+    remote = (blame_node >= 0) & ~local
+    order, offsets = bucket_order(_group_of(job, blame_node[remote]), job.plan.n_groups)
+    write_columns(job.store, request_url(job, pid), {"blamed": blame_node[remote][order],
+                                                     "node": owned[remote][order]}, offsets)
+    return int(remote.sum())
 
 
 def _group_columns(job: ShuffleJob, g: int, columns: list[str]) -> dict:
@@ -98,7 +110,12 @@ def resolve_blame(job: ShuffleJob, g: int) -> int:
     plan = job.plan
     lo, _ = plan.group_range(g)
     got = read_buckets(job.store, [request_url(job, p) for p in range(plan.n_partitions)], g, ["blamed", "node"])
-    uids = _group_columns(job, g, ["uid"])["uid"].take(got["blamed"] - lo)
+    if got["node"].size:
+        uids = _group_columns(job, g, ["uid"])["uid"].take(got["blamed"] - lo)
+    else:  # every blame of this group was resolved by its partition: nothing to read
+        import pyarrow as pa
+
+        uids = pa.array([], pa.string())
     order, offsets = bucket_order(_group_of(job, got["node"]), plan.n_groups)
     write_columns(job.store, blame_url(job, g), {"node": got["node"][order], "blame_uid": uids.take(order)}, offsets)
     return int(got["node"].size)
@@ -163,15 +180,19 @@ def write_decisions(job: ShuffleJob, g: int, out_dir: str, budget: int) -> dict:
         lo, hi = plan.group_range(g)
         rec = read_buckets(store, [decide_url(job, p) for p in range(plan.n_partitions)], g, RECORD_COLUMNS)
         order = np.argsort(rec["node"], kind="stable")
-        rec = {k: v[order] for k, v in rec.items()}
+        rec = {k: v[order] if isinstance(v, np.ndarray) else v.take(order) for k, v in rec.items()}
         if not np.array_equal(rec["node"], np.arange(lo, hi)):
             raise RuntimeError(f"the partitions' decision records of range group {g} are not its nodes {lo}..{hi - 1}")
         got = read_buckets(store, [blame_url(job, h) for h in range(plan.n_groups)], g, ["node", "blame_uid"])
-        where = np.full(hi - lo, got["node"].size, np.int64)  # the "" appended below: no blame
-        where[got["node"] - lo] = np.arange(got["node"].size)
-        if not np.array_equal(where < got["node"].size, rec["blame_node"] >= 0):
+        remote = np.zeros(hi - lo, bool)
+        remote[got["node"] - lo] = True
+        local = pc.not_equal(rec["blame_uid"], "").to_numpy(zero_copy_only=False)
+        if np.any(remote & local) or not np.array_equal(remote | local, rec["blame_node"] >= 0):
             raise RuntimeError(f"range group {g}: blame uids do not match the blamed nodes")
-        blame_uid = pa.concat_arrays([got["blame_uid"], pa.array([""], pa.string())]).take(where)
+        # the owners' answers (step 2) where the blamed node was another partition's
+        where = np.arange(hi - lo)
+        where[got["node"] - lo] = hi - lo + np.arange(got["node"].size)
+        blame_uid = pa.concat_arrays([rec["blame_uid"], got["blame_uid"]]).take(where)
         emb = _group_columns(job, g, ["uid", "shard", "key"])
     for i in range(a, b):
         part = plan.parts[i]

@@ -453,6 +453,8 @@ def _write_outputs(setup: Setup, planned: Planned, hosts: Hosts, b: Budgets, out
     written = hosts.write_outputs(join(plan.work_dir, "ranks-{:05d}.bin"),
                                   join(out_dir, NODES_DIR, "part-{:05d}.parquet"), subset_runs,
                                   [k for _, k in rate_budgets], decisions)
+    if decisions:  # blamed nodes owned by another partition: their uids are looked up by range group
+        stats["blame_requests"] = sum(v["blame_requests"] for v in written.values())
     n_bad = max((v["bad_uids"] for v in written.values()), default=0)
     subsets = [join(out_dir, subset_name(r)) for r, _ in rate_budgets]
     if n_bad:

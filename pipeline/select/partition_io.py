@@ -106,9 +106,10 @@ def write_outputs(job: ShuffleJob, done: Finished, ranks_url: str, nodes_url: st
     codes = np.full(pool.owned.size, PREFILTER_KEPT, np.int8) if pool.basic is None else pool.basic.copy()
     codes[~done.keep & (codes == PREFILTER_KEPT)] = PREFILTER_BETA  # passed the basic filter, not β
     write_nodes_file(job.store, nodes_url, pool.owned, uids, pool.raw, codes, rank, columns)
+    requests = 0
     if decisions:
-        write_decision_records(job, pool.pid, pool.owned, codes, rank, pool.raw, columns["blame_node"],
-                               columns["blame_amount"])
+        requests = write_decision_records(job, pool.pid, pool.owned, codes, rank, pool.raw, columns["blame_node"],
+                                          columns["blame_amount"], uids)
     bad: list[str] = []
     n_bad = 0
     for b, url in zip(budgets, subsets):
@@ -119,7 +120,8 @@ def write_outputs(job: ShuffleJob, done: Finished, ranks_url: str, nodes_url: st
             bad = [str(u) for u in uids.take(sel[~ok][:5]).to_pylist()]
         order = np.lexsort((lo, hi))
         write_columns(job.store, url, {"hi": hi[order], "lo": lo[order]})
-    return {"bad_uids": n_bad, "bad_examples": bad, "ranked": int(got.size)}
+    return {"bad_uids": n_bad, "bad_examples": bad, "ranked": int(got.size),
+            "blame_requests": requests}
 
 
 def write_nodes_file(store, url: str, owned, uids, raw, prefilter_codes, rank, columns: dict) -> None:
