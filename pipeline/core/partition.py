@@ -143,6 +143,14 @@ def _find(ids, shift, first, g):
     return -1
 
 
+def positions_of(ids: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Position of each of ``g`` in the sorted distinct ``ids`` (-1 where absent), through
+    :class:`SortedIds`: numpy's searchsorted of 10^7 ids in random order misses the cache at every
+    level of its binary search (~1 s per 10^7 lookups; 25 s of a 10^7-node select stage)."""
+    ids = np.asarray(ids, np.int64)
+    return SortedIds(ids, int(ids[-1]) + 1 if ids.size else 0).find(g)
+
+
 class SortedIds:
     """Sorted distinct ids with O(1)-expected lookup (:func:`_index_sorted`)."""
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.decide import DECISIONS, SKIPPED, decide
+from ..core.partition import positions_of
 from ..formats.embeddings import part_skipped_url, read_part_skipped
 from ..formats.selection import (
     DECISIONS_DIR,
@@ -73,8 +74,8 @@ def write_decision_records(job: ShuffleJob, pid: int, owned, codes, rank, raw, b
     blame requests written (blamed nodes owned by other partitions)."""
     import pyarrow as pa
 
-    at = np.minimum(np.searchsorted(owned, blame_node), max(owned.size - 1, 0))
-    local = (blame_node >= 0) & (owned[at] == blame_node) if owned.size else np.zeros(blame_node.size, bool)
+    at = positions_of(owned, blame_node)  # -1: no blame, or a node owned elsewhere
+    local = at >= 0
     # "" = no blame here: none, or resolved by the blamed node's owner (step 2)
     blame_uid = pa.concat_arrays([uids, pa.array([""], pa.string())]).take(np.where(local, at, owned.size))
     order, offsets = bucket_order(_group_of(job, owned), job.plan.n_groups)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from ..core.partition import positions_of
 from ..formats.selection import PREFILTER_BETA, PREFILTER_KEPT, hex_uid_pairs
 from ..formats.shuffle import write_columns
 from .decisions import write_decision_records
@@ -69,7 +70,7 @@ def pool_uids(job: ShuffleJob, pool: Pool):
 
 def write_run(job: ShuffleJob, url: str, pool: Pool, picks: Picks) -> int:
     """The partition's sorted run of picks, for the merge (:mod:`.outputs`)."""
-    uids = pool_uids(job, pool).take(np.searchsorted(pool.owned, picks.nodes))
+    uids = pool_uids(job, pool).take(positions_of(pool.owned, picks.nodes))
     write_columns(job.store, url, {
         "major": np.asarray(picks.major, np.int64), "minor": np.asarray(picks.minor, np.int64), "node": picks.nodes,
         "owner": np.full(picks.nodes.size, pool.pid, np.int32), "forward": np.asarray(picks.forward, np.float64),
@@ -82,7 +83,7 @@ def node_columns(done: Finished, ranked: np.ndarray, ranks: np.ndarray) -> tuple
     owned = done.pool.owned
     n = owned.size
     rank = np.full(n, -1, np.int64)
-    rank[np.searchsorted(owned, ranked)] = ranks
+    rank[positions_of(owned, ranked)] = ranks
     columns = {"forward": np.full(n, np.nan), "final": np.full(n, np.nan),
                "blame_node": np.full(n, -1, np.int64), "blame_amount": np.zeros(n)}
     columns["forward"][done.keep] = done.forward

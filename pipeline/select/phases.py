@@ -27,7 +27,7 @@ import numpy as np
 
 from ..core import coreset, d2
 from ..core.d2_exact import PartitionState
-from ..core.partition import PartitionRows
+from ..core.partition import PartitionRows, positions_of
 
 # the search kind of the β pre-filter's threshold (a cut selector's kinds are methods.Cut)
 PREFILTER = "prefilter"
@@ -272,7 +272,7 @@ def exact_picks(built: Built, threshold, limit: int, shift_bits: int) -> Picked:
     st = built.state
     gids, qs = st.picks_above(threshold)
     gids, qs = gids[:limit], qs[:limit]
-    picks = Picks(gids, qs, gids, st.forward_scores[np.searchsorted(st.owned, gids)],
+    picks = Picks(gids, qs, gids, st.forward_scores[positions_of(st.owned, gids)],
                   d2.dequantize_scores(qs, shift_bits))
     return Picked(built.pool, built.keep, built.shifted, picks, st)
 
@@ -306,7 +306,7 @@ def ranked_cut(shifted: Shifted, order_keys) -> Picked:
     """A cut selector's picks in its ranking (``order_keys(ids, scores)``: major keys), the
     shifted score as forward and final."""
     gids = np.concatenate(shifted.cut) if shifted.cut else np.zeros(0, np.int64)
-    s = shifted.shifted[np.searchsorted(shifted.kept_ids, gids)]
+    s = shifted.shifted[positions_of(shifted.kept_ids, gids)]
     major = np.asarray(order_keys(gids, s), np.int64)
     order = coreset.ranking_order(major, gids)
     picks = Picks(gids[order], major[order], gids[order], s[order], s[order])
@@ -315,7 +315,7 @@ def ranked_cut(shifted: Shifted, order_keys) -> Picked:
 
 def adopted(shifted: Shifted, nodes: np.ndarray, major: np.ndarray) -> Picked:
     """Picks made elsewhere (a one-task selector), in their order, the shifted score as scores."""
-    s = shifted.shifted[np.searchsorted(shifted.kept_ids, nodes)]
+    s = shifted.shifted[positions_of(shifted.kept_ids, nodes)]
     return Picked(shifted.pool, shifted.keep, shifted.shifted, Picks(nodes, major, nodes, s, s), None)
 
 
