@@ -37,10 +37,6 @@ from .workdir import EMBED, GRAPH, SELECT
 
 log = logging.getLogger("d2prune")
 
-# The report reads every sample's uid, shard, key and score into the driver; above this many it is
-# left to `d2prune report WORKDIR` rather than risk the job's driver memory after the work is done.
-REPORT_MAX_SAMPLES = 5_000_000
-
 
 def force_from(cfg: JobConfig, store: Store, name: str) -> None:
     """Remove the output of stage `name` and of every later stage (and what they wrote outside
@@ -215,16 +211,11 @@ def job_summary(cfg: JobConfig, store: Store, results: dict[str, Any]) -> dict[s
     return summary
 
 
-def write_report(cfg: JobConfig, store: Store, summary: dict[str, Any]) -> str | None:
+def write_report(cfg: JobConfig, store: Store) -> str | None:
     """WORKDIR/report.html after a whole job; its URL, or None (with a warning) when it could not
     be built: the job's outputs are complete either way."""
     from .report import build_report
 
-    if (summary.get("embedded") or 0) > REPORT_MAX_SAMPLES:
-        log.warning("report not built: %s samples is more than the report reads in one process (%d); "
-                    "`d2prune report %s` builds it on a machine with the memory", summary["embedded"],
-                    REPORT_MAX_SAMPLES, cfg.workdir)
-        return None
     try:
         return build_report(cfg.workdir, store, input_cfg=cfg.input)
     except Exception as err:  # noqa: BLE001 - the report must never fail a finished job
@@ -252,5 +243,5 @@ def run_job(config: str, overrides: list[str] | None = None, force: str | None =
         results = run_stages(cfg, store, names, hooks, lease, checked)
         summary = job_summary(cfg, store, results)
         if report if report is not None else stages is None:
-            summary["report"] = write_report(cfg, store, summary)
+            summary["report"] = write_report(cfg, store)
         return summary

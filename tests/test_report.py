@@ -28,13 +28,13 @@ def _fixed_list(values: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
 
 
-@pytest.fixture()
-def workdir(tmp_path):
-    """A committed-looking work dir over a 200-sample demo pool; the first 60 samples selected."""
+def _make_workdir(tmp_path, n_samples: int = 200, samples_per_shard: int = 100, selected_n: int = 60) -> dict:
+    """A committed-looking work dir over a generated demo pool, one embedding part per shard (as
+    the embed stage writes them); the first `selected_n` samples selected."""
     import pyarrow.parquet as pq
 
     pool_dir = str(tmp_path / "pool")
-    manifest = generate_pool(pool_dir, PoolSpec(n_samples=200, samples_per_shard=100, seed=3))
+    manifest = generate_pool(pool_dir, PoolSpec(n_samples=n_samples, samples_per_shard=samples_per_shard, seed=3))
     gt = pq.read_table(manifest["ground_truth"])
     store = Store()
     wd = str(tmp_path / "work")
@@ -56,21 +56,36 @@ def workdir(tmp_path):
                          {"shard": shard, "samples": n, "skipped": {}})
         store.write_parquet(join(wd, "embeddings", f"part-{i:05d}.parquet"), table)
     store.write_json(join(wd, "embeddings", "_stats.json"),
-                     {"samples": 200, "skipped": {"undecodable_image": 2}, "seconds": 1.5})
-    store.write_json(join(wd, "graph", "_stats.json"), {"n_nodes": 200, "k": 5, "recall_at_k": 0.97})
-    selected = gt.column("uid").to_pylist()[:60]
-    store.write_parquet(join(wd, "selection", "selected.parquet"), pa.table({
-        "uid": pa.array(selected), "rank": pa.array(np.arange(60, dtype=np.int64)),
-        "forward_score": pa.array(np.ones(60)), "final_score": pa.array(np.ones(60)),
-        "partition": pa.array(np.zeros(60, np.int32)),
-    }))
-    store.write_json(join(wd, "selection", "_stats.json"),
-                     {"method": "d2", "budget": 60, "selected": 60, "pruned": 140, "prefiltered": 0,
-                      "overlap_with_exact": 0.95})
-    for stage_dir in ("embeddings", "graph", "selection"):
+                     {"samples": n_samples, "skipped": {"undecodable_image": 2}, "seconds": 1.5})
+    store.write_json(join(wd, "graph", "_stats.json"), {"n_nodes": n_samples, "k": 5, "recall_at_k": 0.97})
+    selected = gt.column("uid").to_pylist()[:selected_n]
+    _write_selection(store, wd, selected, n_samples)
+    for stage_dir in ("embeddings", "graph"):
         store.write_json(join(wd, stage_dir, "_SUCCESS.json"), {"stage": stage_dir, "fingerprint": "x",
                                                                 "committed_at": 0})
     return {"workdir": wd, "manifest": manifest, "selected": selected}
+
+
+def _write_selection(store, wd: str, selected: list[str], n_samples: int) -> None:
+    """selected.parquet (without decisions.parquet: a selection committed before it existed) and
+    the select stage's stats."""
+    b = len(selected)
+    store.write_parquet(join(wd, "selection", "selected.parquet"), pa.table({
+        "uid": pa.array(selected, pa.string()), "rank": pa.array(np.arange(b, dtype=np.int64)),
+        "forward_score": pa.array(np.ones(b)), "final_score": pa.array(np.ones(b)),
+        "partition": pa.array(np.zeros(b, np.int32)),
+    }))
+    store.write_json(join(wd, "selection", "_stats.json"),
+                     {"method": "d2", "budget": b, "selected": b, "pruned": n_samples - b, "prefiltered": 0,
+                      "overlap_with_exact": 0.95})
+    store.write_json(join(wd, "selection", "_SUCCESS.json"), {"stage": "selection", "fingerprint": "x",
+                                                              "committed_at": 0})
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    """A committed-looking work dir over a 200-sample demo pool; the first 60 samples selected."""
+    return _make_workdir(tmp_path)
 
 
 def _images(page: str) -> list[str]:
@@ -329,3 +344,136 @@ def test_near_copies_edges_in_either_direction_and_the_memory_cap(tmp_path):
     assert not capped.exact and (5, 4) not in [(c.pruned, c.kept) for c in capped.pairs]
     # no nodes files: no gallery
     assert find_near_copies(store, join(wd, "nowhere"), graph_dir, parts) is None
+
+
+# -- memory: the pool is read one embedding part at a time -------------------------------------------
+
+SKIPS_PER_PART = 2
+
+
+def _write_decisions(store, wd: str, selected: list[str]) -> None:
+    """selection/decisions.parquet as the select stage writes it: per embedding part its rows in
+    order (selected or pruned), then SKIPS_PER_PART skip records of its shard."""
+    from pipeline.core.decide import PRUNED, SELECTED, SKIPPED
+    from pipeline.formats.selection import decisions_table
+
+    rank_of = {u: i for i, u in enumerate(selected)}
+    for url in sorted(store.glob(join(wd, "embeddings", "part-*.parquet"))):
+        part = store.read_parquet(url, columns=["uid", "shard", "key"]).to_pydict()
+        uids, k = part["uid"], SKIPS_PER_PART
+        n = len(uids) + k
+
+        def strings(values):
+            return pa.array(values, pa.string())
+
+        table = decisions_table(
+            strings(part["shard"] + part["shard"][:1] * k), strings(part["key"] + [f"bad{i}" for i in range(k)]),
+            strings(uids + [""] * k), np.array([SELECTED if u in rank_of else PRUNED for u in uids] + [SKIPPED] * k),
+            strings([""] * len(uids) + ["undecodable_image"] * k),
+            np.array([rank_of.get(u, -1) for u in uids] + [-1] * k), np.zeros(n), strings([""] * n), np.zeros(n))
+        store.write_parquet(join(wd, "selection", "decisions.parquet", os.path.basename(url)), table)
+
+
+def _whole_pool(store, wd: str, selected: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """What the report computed before it streamed: every part's scores concatenated, kept by uid."""
+    tables = [store.read_parquet(u, columns=["uid", "clip_score"])
+              for u in sorted(store.glob(join(wd, "embeddings", "part-*.parquet")))]
+    uids = np.concatenate([t.column("uid").to_numpy(zero_copy_only=False) for t in tables]).astype(str)
+    scores = np.concatenate([t.column("clip_score").to_numpy() for t in tables]).astype(float)
+    return scores, np.isin(uids, np.array(selected, str))
+
+
+def _without_build_time(page: str) -> str:
+    return re.sub(r"built \d{4}-\d\d-\d\d \d\d:\d\d UTC", "", page)
+
+
+def test_report_reads_one_part_at_a_time_and_shows_what_the_whole_pool_gives(tmp_path, monkeypatch):
+    """Six parts of 40 rows, a random third selected: no read returns more than one part's rows
+    (decisions: plus its skip records), no vector column is read whole, and the histogram counts,
+    the map's rows and the example rows are those the whole pool in memory gives."""
+    import pipeline.formats.embeddings as embeddings
+    import pipeline.report as report
+    from pipeline.formats.embeddings import list_parts, read_vectors_at
+    from pipeline.report.plots import map_rows
+
+    rows_per_part = 40
+    made = _make_workdir(tmp_path, n_samples=240, samples_per_shard=rows_per_part)
+    store, wd = Store(), made["workdir"]
+    uids = [u for url in sorted(store.glob(join(wd, "embeddings", "part-*.parquet")))
+            for u in store.read_parquet(url, columns=["uid"]).column("uid").to_pylist()]
+    selected = [str(u) for u in np.random.default_rng(1).choice(uids, 80, replace=False)]
+    _write_selection(store, wd, selected, len(uids))
+    _write_decisions(store, wd, selected)
+    scores, kept = _whole_pool(store, wd, selected)
+
+    reads = []
+    real_read = Store.read_parquet
+
+    def counted_read(self, url, columns=None):
+        table = real_read(self, url, columns)
+        reads.append((url, tuple(columns or ()), table.num_rows))
+        return table
+
+    def whole_column(*args, **kwargs):
+        raise AssertionError("the report read a column of the whole pool")
+
+    drawn, asked = {}, []
+    real_histogram, real_map, real_samples = report.score_histogram, report.embedding_map, report.read_samples
+
+    def histogram(*args):
+        drawn["histogram"] = args
+        return real_histogram(*args)
+
+    def embedding_map(*args):
+        drawn["map"] = args
+        return real_map(*args)
+
+    def samples(store_, parts, rows):
+        asked.append(np.asarray(rows).tolist())
+        return real_samples(store_, parts, rows)
+
+    monkeypatch.setattr(Store, "read_parquet", counted_read)
+    monkeypatch.setattr(embeddings, "read_column", whole_column)
+    monkeypatch.setattr(report, "score_histogram", histogram)
+    monkeypatch.setattr(report, "embedding_map", embedding_map)
+    monkeypatch.setattr(report, "read_samples", samples)
+    page = open(build_report(wd, store), encoding="utf-8").read()
+    _assert_self_contained(page)
+    report_reads = list(reads)
+
+    # bounded: one part's rows per read (decisions files: plus the shard's skip records)
+    assert report_reads and max(n for _, _, n in report_reads) <= rows_per_part + SKIPS_PER_PART
+    assert not any("image_embedding" in cols or "text_embedding" in cols for _, cols, _ in report_reads)
+    assert not any(url.endswith("selected.parquet") for url, _, _ in report_reads)  # no uid join
+    # the histogram: the old whole-pool bins and counts (integers: no floating-point tolerance)
+    edges, kept_counts, dropped_counts, kept_n, dropped_n = drawn["histogram"]
+    np.testing.assert_array_equal(edges, np.linspace(scores.min(), scores.max() + 1e-9, 40))
+    np.testing.assert_array_equal(kept_counts, np.histogram(scores[kept], edges)[0])
+    np.testing.assert_array_equal(dropped_counts, np.histogram(scores[~kept], edges)[0])
+    assert (kept_n, dropped_n) == (80, 160) == (kept_counts.sum(), dropped_counts.sum())
+    # the map: the same seeded rows, their kept flags and vectors
+    vectors, map_kept, n = drawn["map"]
+    assert n == 240
+    np.testing.assert_array_equal(map_kept, kept[map_rows(240)])
+    parts, _ = list_parts(store, join(wd, "embeddings"), "image")
+    np.testing.assert_array_equal(vectors, read_vectors_at(store, parts, "image", map_rows(240)))
+    # the example grids: the rows the whole-pool sampling drew (same seed, same draws)
+    rng = np.random.default_rng(0)
+    kept_rows, dropped_rows = np.flatnonzero(kept), np.flatnonzero(~kept)
+    assert asked == [np.sort(rng.choice(kept_rows, 16, replace=False)).tolist(),
+                     np.sort(rng.choice(dropped_rows, 16, replace=False)).tolist(),
+                     dropped_rows[np.argsort(scores[dropped_rows], kind="stable")][:16].tolist()]
+    lowest = re.search(r"Dropped with the lowest CLIP scores</h3>(.*?)</div>", page, re.S).group(1)
+    assert re.findall(r"score (\d\.\d{3})", lowest) == [f"{scores[r]:.3f}" for r in asked[2]]
+
+    # a selection committed before decisions.parquet: joined by uid, the same page
+    store.rm(join(wd, "selection", "decisions.parquet"), recursive=True)
+    legacy = open(build_report(wd, store), encoding="utf-8").read()
+    assert _without_build_time(legacy) == _without_build_time(page)
+
+    # a decisions file that does not start with its part's rows is named, not trusted
+    _write_decisions(store, wd, selected)
+    url = join(wd, "selection", "decisions.parquet", "part-00002.parquet")
+    store.write_parquet(url, real_read(store, url).slice(0, 10))
+    broken = open(build_report(wd, store), encoding="utf-8").read()
+    assert "embeddings or selection unreadable" in broken and "part-00002" in broken

@@ -15,6 +15,11 @@ Sections (each built from what is there; a missing optional piece becomes a note
 
 Every image and plot is embedded as a base64 ``data:`` URI and the page loads nothing from
 anywhere (no CDN, no fonts, no scripts), so it opens offline and can be mailed as one file.
+
+Memory is bounded whatever the pool: the pool is read one embedding part at a time (:mod:`.pool`:
+histogram counts summed part by part, kept flags from the selection's per-part decisions files,
+the seeded sample drawn as counts before its rows are read), and only the rows shown are read in
+full, so the report's process holds one part's columns and O(shown) rows.
 """
 
 from __future__ import annotations
@@ -28,15 +33,16 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import InputConfig
-from ..formats.embeddings import list_parts, read_column, read_vectors_at
-from ..formats.selection import SELECTED, read_selected
+from ..formats.embeddings import EmbeddingPart, list_parts, read_vectors_sample
+from ..formats.selection import SELECTED
 from ..formats.webdataset import find_samples
 from ..storage import Store, basename, join
 from ..summary import SKIP_LABELS, summarize
 from ..workdir import EMBED, GRAPH, SELECT, STAGE_DIRS, read_stats, read_success, stage_dir
 from .eval_copies import find_eval_copies
 from .near_copies import find_near_copies
-from .plots import embedding_map, map_rows, pca_2d, score_histogram
+from .plots import embedding_map, map_rows, pca_2d, score_bins, score_histogram
+from .pool import PoolScan, PoolTally, Sample, count_selected, kept_reader, read_samples, scan_pool, tally_pool
 from .render import CSS, flatten, note, table, thumbnail_uri
 
 __all__ = ["REPORT_NAME", "ReportExtras", "build_report", "pca_2d"]
@@ -134,14 +140,14 @@ def _stage_section(stage: str, stats: dict | None, success: dict | None) -> str:
             f"{table(key_rows or [[k, v] for k, v in rows], cls='kv')}{details}</div>")
 
 
-def _input_members(store: Store, pool: dict[str, np.ndarray], rows, input_cfg: InputConfig
+def _input_members(store: Store, samples: list[tuple[str, str]], input_cfg: InputConfig
                    ) -> tuple[dict[tuple[str, str], dict[str, bytes]], list[str]]:
-    """The members of the samples at `rows` of the pool table, read from their input shards (each
-    shard once, stopping at its last wanted key): {(shard, key): members}, and the shards that
-    could not be read."""
+    """The members of the samples at (shard, key), read from their input shards (each shard once,
+    stopping at its last wanted key): {(shard, key): members}, and the shards that could not be
+    read."""
     wanted: dict[str, set[str]] = {}
-    for r in rows:
-        wanted.setdefault(str(pool["shard"][r]), set()).add(str(pool["key"][r]))
+    for shard, key in samples:
+        wanted.setdefault(shard, set()).add(key)
     members: dict[tuple[str, str], dict[str, bytes]] = {}
     missing_shards = []
     for shard, keys in wanted.items():
@@ -163,67 +169,69 @@ def _image_and_caption(m: dict[str, bytes] | None, input_cfg: InputConfig) -> tu
     return (thumbnail_uri(m[ext]) if ext else None), (m[cap].decode("utf-8", "replace") if cap else "")
 
 
-def _example_grid(store: Store, pool: dict[str, np.ndarray], rows: np.ndarray, labels: dict[str, str],
-                  input_cfg: InputConfig, output_index: Callable[[], dict[str, tuple[str, str]] | None] | None) -> str:
-    """Thumbnails with captions of the samples at `rows` of the pool table. `output_index`
-    (uid -> output shard and key) is called only when some input shard lacks a sample."""
-    members, missing_shards = _input_members(store, pool, rows, input_cfg)
-    index = None  # kept samples whose input shard is gone: the output shards have them
-    if output_index is not None and any((str(pool["shard"][r]), str(pool["key"][r])) not in members for r in rows):
-        index = output_index()
+OutputIndex = Callable[[set[str]], "dict[str, tuple[str, str]] | None"]
+
+
+def _example_grid(store: Store, samples: list[Sample], labels: dict[str, str], input_cfg: InputConfig,
+                  output_index: OutputIndex | None) -> str:
+    """Thumbnails with captions of `samples`. `output_index` (their uids -> output shard and key)
+    is called only for the samples some input shard lacks."""
+    members, missing_shards = _input_members(store, [(s.shard, s.key) for s in samples], input_cfg)
+    absent = [s for s in samples if (s.shard, s.key) not in members]
+    # kept samples whose input shard is gone: the output shards have them
+    index = output_index({s.uid for s in absent}) if output_index is not None and absent else None
     if index is not None:
         fallback: dict[str, set[str]] = {}
-        for r in rows:
-            uid = str(pool["uid"][r])
-            if (str(pool["shard"][r]), str(pool["key"][r])) not in members and uid in index:
-                shard, key = index[uid]
+        for s in absent:
+            if s.uid in index:
+                shard, key = index[s.uid]
                 fallback.setdefault(shard, set()).add(key)
         for shard, keys in fallback.items():
             try:
                 got = find_samples(store, shard, keys, input_cfg)
             except (FileNotFoundError, OSError):
                 continue
-            for r in rows:
-                uid = str(pool["uid"][r])
-                if uid in index and index[uid][0] == shard and index[uid][1] in got:
-                    members[(str(pool["shard"][r]), str(pool["key"][r]))] = got[index[uid][1]].members
+            for s in absent:
+                if s.uid in index and index[s.uid][0] == shard and index[s.uid][1] in got:
+                    members[(s.shard, s.key)] = got[index[s.uid][1]].members
     cells = []
-    for r in rows:
-        image, caption = _image_and_caption(members.get((str(pool["shard"][r]), str(pool["key"][r]))), input_cfg)
-        badge = labels.get(str(pool["uid"][r]), "")
+    for s in samples:
+        image, caption = _image_and_caption(members.get((s.shard, s.key)), input_cfg)
+        badge = labels.get(s.uid, "")
         img_html = f'<img src="{image}" alt="">' if image else '<div class="noimg">image not available</div>'
         cells.append(
-            f'<figure>{img_html}<figcaption><span class="score">score {float(pool["clip_score"][r]):.3f}</span>'
+            f'<figure>{img_html}<figcaption><span class="score">score {s.clip_score:.3f}</span>'
             f'{f" <span class=badge>{html.escape(badge)}</span>" if badge else ""}'
             f'<br>{html.escape(caption[:140])}</figcaption></figure>')
     shown = note("unreadable shards: " + "; ".join(missing_shards)) if missing_shards else ""
     return shown + '<div class="grid">' + "".join(cells) + "</div>"
 
 
-def _near_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarray], labels: dict[str, str],
+def _near_copy_gallery(store: Store, workdir_url: str, parts: list[EmbeddingPart], labels: dict[str, str],
                        input_cfg: InputConfig) -> str:
     """The "dropped as near-copy of …" pairs (:mod:`.near_copies`) side by side: the pruned sample,
     the selected sample that suppressed it most, both captions and their graph distance. "" when
     the selection has no per-node blame (older workdirs, a baseline method)."""
-    parts, _ = list_parts(store, stage_dir(workdir_url, EMBED))
     found = find_near_copies(store, stage_dir(workdir_url, SELECT), stage_dir(workdir_url, GRAPH), parts)
     if found is None or not found.pairs:
         return ""
     rows = [r for c in found.pairs for r in (c.pruned, c.kept)]
-    members, missing_shards = _input_members(store, pool, rows, input_cfg)
+    shown = read_samples(store, parts, rows)  # the pairs' rows only: node ids are pool rows
+    members, missing_shards = _input_members(store, [(shown[r].shard, shown[r].key) for r in rows], input_cfg)
     cells = []
     for c in found.pairs:
         figures = []
         for role, r in (("pruned", c.pruned), ("kept", c.kept)):
-            image, caption = _image_and_caption(members.get((str(pool["shard"][r]), str(pool["key"][r]))), input_cfg)
+            s = shown[r]
+            image, caption = _image_and_caption(members.get((s.shard, s.key)), input_cfg)
             img_html = f'<img src="{image}" alt="">' if image else '<div class="noimg">image not available</div>'
-            badge = labels.get(str(pool["uid"][r]), "")
+            badge = labels.get(s.uid, "")
             figures.append(f'<figure class="{role}">{img_html}<figcaption><span class="role">{role}</span> '
-                           f'<span class="score">score {float(pool["clip_score"][r]):.3f}</span>'
+                           f'<span class="score">score {s.clip_score:.3f}</span>'
                            f'{f" <span class=badge>{html.escape(badge)}</span>" if badge else ""}'
                            f'<br>{html.escape(caption[:140])}</figcaption></figure>')
-        cells.append(f'<div class="pair" data-pruned="{html.escape(str(pool["uid"][c.pruned]))}" '
-                     f'data-kept="{html.escape(str(pool["uid"][c.kept]))}" data-distance="{c.distance!r}">'
+        cells.append(f'<div class="pair" data-pruned="{html.escape(shown[c.pruned].uid)}" '
+                     f'data-kept="{html.escape(shown[c.kept].uid)}" data-distance="{c.distance!r}">'
                      f'{figures[0]}<div class="dist">distance<br><b>{c.distance:.4f}</b></div>{figures[1]}</div>')
     notes = [f"The {len(found.pairs)} pruned samples closest in the kNN graph to the selected sample that "
              "suppressed them most (selection/nodes blame_node), with their graph distance (L2 of the graph vectors)."]
@@ -234,15 +242,14 @@ def _near_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarra
     return "".join(note(t) for t in notes) + '<div class="pairs">' + "".join(cells) + "</div>"
 
 
-def _eval_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarray], input_cfg: InputConfig) -> str:
+def _eval_copy_gallery(store: Store, workdir_url: str, input_cfg: InputConfig) -> str:
     """The pool samples removed as copies of evaluation images (:mod:`.eval_copies`), most similar
     first: the pool picture beside the evaluation picture and their cosine. "" when none."""
     copies = find_eval_copies(store, stage_dir(workdir_url, SELECT))
     if not copies:
         return ""
-    row_of = {str(u): i for i, u in enumerate(pool["uid"])}
-    rows = [row_of[c.uid] for c in copies if c.uid in row_of]
-    members, missing_shards = _input_members(store, pool, rows, input_cfg)
+    # the decisions rows name each copy's shard and key: no lookup in the pool
+    members, missing_shards = _input_members(store, [(c.shard, c.key) for c in copies], input_cfg)
     evals: dict[tuple[str, str], dict[str, bytes]] = {}
     for shard in {c.eval_shard for c in copies if c.eval_shard}:
         keys = {c.eval_id for c in copies if c.eval_shard == shard}
@@ -271,13 +278,19 @@ def _eval_copy_gallery(store: Store, workdir_url: str, pool: dict[str, np.ndarra
     return "".join(note(t) for t in notes) + '<div class="pairs">' + "".join(cells) + "</div>"
 
 
-def _output_index(store: Store, write_stats: dict | None) -> dict[str, tuple[str, str]] | None:
-    """uid -> (output tar URL, key) from the output shards' metadata parquet files."""
+def _output_index(store: Store, write_stats: dict | None, uids: set[str]) -> dict[str, tuple[str, str]] | None:
+    """uid -> (output tar URL, key) of `uids`, from the output shards' metadata parquet files, one
+    file at a time keeping only those uids."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if not write_stats or not write_stats.get("shards_url"):
         return None
+    wanted = pa.array(sorted(uids), pa.string())
     index: dict[str, tuple[str, str]] = {}
     for url in store.glob(join(write_stats["shards_url"], "*.parquet")):
         meta = store.read_parquet(url, columns=["uid", "key"])
+        meta = meta.filter(pc.fill_null(pc.is_in(meta.column("uid").cast(pa.string()), value_set=wanted), False))
         tar_url = url[: -len(".parquet")] + ".tar"
         for uid, key in zip(meta.column("uid").to_pylist(), meta.column("key").to_pylist()):
             index[uid] = (tar_url, key)
@@ -288,67 +301,83 @@ def _output_index(store: Store, write_stats: dict | None) -> dict[str, tuple[str
 # The page
 # ------------------------------------------------------------------------------------------------
 
-def _what_was_kept(store: Store, workdir_url: str, pool, kept, stats, extras: ReportExtras,
-                   input_cfg: InputConfig) -> list[str]:
-    n_total = len(pool["uid"])
-    sections = []
-    plots = []
-    drawn = map_rows(n_total)
+def _draw_ordinals(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Sorted ordinals (the i-th kept row, ...) of a grid's random sample among `count` rows: the
+    draw ``rng.choice(rows, ...)`` makes of the rows themselves, so the sample is the same as one
+    drawn from the pool's rows in memory."""
+    if not count:
+        return np.zeros(0, np.int64)
+    return np.sort(rng.choice(count, min(EXAMPLES_PER_GRID, count), replace=False))
+
+
+def _plots(store: Store, workdir_url: str, scan: PoolScan, tally: PoolTally, edges: np.ndarray | None,
+           drawn: np.ndarray) -> str:
+    """The CLIP-score histograms and the embedding map, side by side."""
+    def draw_histogram() -> str:
+        if edges is None:
+            raise ValueError("no finite CLIP scores")
+        return score_histogram(edges, tally.kept_counts, tally.dropped_counts, scan.kept_n, scan.dropped_n)
 
     def draw_map() -> str:
         parts, _ = list_parts(store, stage_dir(workdir_url, EMBED), "image")
-        if parts[-1].offset + parts[-1].rows != n_total:
-            raise RuntimeError(f"the embedding parts now hold another number of rows than {n_total}")
-        return embedding_map(read_vectors_at(store, parts, "image", drawn), kept[drawn], n_total)
+        if parts[-1].offset + parts[-1].rows != scan.n:
+            raise RuntimeError(f"the embedding parts now hold another number of rows than {scan.n}")
+        return embedding_map(read_vectors_sample(store, parts, "image", drawn), tally.map_kept, scan.n)
 
-    for name, fn in (("CLIP score histogram", lambda: score_histogram(pool["clip_score"].astype(float), kept)),
-                     ("embedding map", draw_map)):
+    plots = []
+    for name, fn in (("CLIP score histogram", draw_histogram), ("embedding map", draw_map)):
         try:
             plots.append(f'<img class="plot half" alt="{name}" src="{fn()}">')
         except Exception as err:  # noqa: BLE001 - a plot that fails is a note, not a failed report
             log.warning("report: %s failed: %s", name, err)
             plots.append(note(f"{name} not drawn: {err}"))
-    sections.append('<div class="plots">' + "".join(plots) + "</div>")
+    return '<div class="plots">' + "".join(plots) + "</div>"
+
+
+def _what_was_kept(store: Store, workdir_url: str, parts: list[EmbeddingPart], kept_of, scan: PoolScan, stats,
+                   extras: ReportExtras, input_cfg: InputConfig) -> list[str]:
+    drawn = map_rows(scan.n)
+    rng = np.random.default_rng(0)  # the grids' samples: drawn from the counts, then found in the second pass
+    kept_ordinals, dropped_ordinals = _draw_ordinals(rng, scan.kept_n), _draw_ordinals(rng, scan.dropped_n)
+    edges = score_bins(scan.low, scan.high) if np.isfinite(scan.low) else None
+    try:
+        tally = tally_pool(store, parts, kept_of, edges, drawn, kept_ordinals, dropped_ordinals)
+    except Exception as err:  # noqa: BLE001 - a part that changed or broke since the first pass
+        log.warning("report: second pass over the pool failed: %s", err)
+        return [note(f"embeddings or selection unreadable: {err}")]
+    sections = [_plots(store, workdir_url, scan, tally, edges, drawn)]
     if (stats.get("embed") or {}).get("input") == "metadata-only":
         # no images were downloaded: the pool is metadata rows, so there is nothing to show in a gallery
         sections.append(note("Metadata-only job (no input shards): no pictures to show; the kept rows are in "
                              "OUTPUT/metadata/, ready for img2dataset."))
         return sections
 
-    rng = np.random.default_rng(0)
-    kept_rows = np.flatnonzero(kept)
-    dropped_rows = np.flatnonzero(~kept)
-    scores = pool["clip_score"].astype(float)
-    grids = [  # (css class, title, candidate rows, random sample of them or their first ones)
-        ("kept-h", "Kept (a random sample)", kept_rows, True),
-        ("dropped-h", "Dropped (a random sample)", dropped_rows, True),
-        ("dropped-h", "Dropped with the lowest CLIP scores",
-         dropped_rows[np.argsort(scores[dropped_rows], kind="stable")], False),
+    grids = [  # (css class, title, rows: a random sample or the lowest scores, in the order shown)
+        ("kept-h", "Kept (a random sample)", tally.kept_rows),
+        ("dropped-h", "Dropped (a random sample)", tally.dropped_rows),
+        ("dropped-h", "Dropped with the lowest CLIP scores", scan.lowest_dropped),
     ]
-    for cls, title, pool_rows, sampled in grids:
-        if not len(pool_rows):
+    for cls, title, rows in grids:
+        if not len(rows):
             continue
-        if sampled:
-            rows = np.sort(rng.choice(pool_rows, min(EXAMPLES_PER_GRID, len(pool_rows)), replace=False))
-        else:
-            rows = pool_rows[:EXAMPLES_PER_GRID]
         # only kept samples are in the output shards, the fallback when an input shard is gone
-        out_index = (lambda: _output_index(store, stats.get("write"))) if cls == "kept-h" else None
+        out_index = (lambda uids: _output_index(store, stats.get("write"), uids)) if cls == "kept-h" else None
         try:
-            grid = _example_grid(store, pool, rows, extras.labels, input_cfg, out_index)
+            shown = read_samples(store, parts, rows)
+            grid = _example_grid(store, [shown[r] for r in rows.tolist()], extras.labels, input_cfg, out_index)
         except Exception as err:  # noqa: BLE001
             log.warning("report: examples failed: %s", err)
             grid = note(f"examples not shown: {err}")
         sections.append(f'<h3 class="{cls}">{title}</h3>' + grid)
     try:
-        gallery = _near_copy_gallery(store, workdir_url, pool, extras.labels, input_cfg)
+        gallery = _near_copy_gallery(store, workdir_url, parts, extras.labels, input_cfg)
     except Exception as err:  # noqa: BLE001 - a damaged nodes or graph file is a note, not a failed report
         log.warning("report: near-copy gallery failed: %s", err)
         gallery = note(f"near-copy gallery not shown: {err}")
     if gallery:
         sections.append(f'<h3 class="dropped-h">{NEAR_COPY_TITLE}</h3>' + gallery)
     try:
-        copies = _eval_copy_gallery(store, workdir_url, pool, input_cfg)
+        copies = _eval_copy_gallery(store, workdir_url, input_cfg)
     except Exception as err:  # noqa: BLE001 - as the near-copy gallery: a note, not a failed report
         log.warning("report: evaluation-copy gallery failed: %s", err)
         copies = note(f"evaluation-copy gallery not shown: {err}")
@@ -371,34 +400,36 @@ def build_report(workdir_url: str, store: Store | None = None, extras: ReportExt
     success = {s: read_success(store, stage_dir(workdir_url, s)) for s in STAGE_DIRS}
 
     sections: list[str] = []
-    pool = selected = kept = None
+    parts = kept_of = scan = None
+    kept_n = None
+    sel_dir = stage_dir(workdir_url, SELECT)
     try:
         try:
             parts, _ = list_parts(store, stage_dir(workdir_url, EMBED))
-            pool = {c: read_column(store, parts, c) for c in ("uid", "shard", "key", "clip_score")}
         except FileNotFoundError:
-            pool = None
-        sel_dir = stage_dir(workdir_url, SELECT)
-        selected = read_selected(store, sel_dir, columns=["uid"]).column("uid").to_numpy(zero_copy_only=False) \
-            if store.exists(join(sel_dir, SELECTED)) else None
+            parts = None
+        if parts is not None:
+            kept_of = kept_reader(store, sel_dir, parts)
+            if kept_of is not None:  # the first pass: counts, score range (one part at a time)
+                scan = scan_pool(store, parts, kept_of, EXAMPLES_PER_GRID)
+                kept_n = scan.kept_n
+        elif store.exists(join(sel_dir, SELECTED)):
+            kept_n = count_selected(store, sel_dir)
     except Exception as err:  # noqa: BLE001 - a damaged part is named on the page; the stage stats still show
         log.warning("report: could not read embeddings/selection: %s", err)
         sections.append(note(f"embeddings or selection unreadable: {err}"))
-    if pool is not None and selected is not None:
-        kept = np.isin(pool["uid"].astype(str), selected.astype(str))
-    n_total = len(pool["uid"]) if pool is not None else None
-    kept_n = int(kept.sum()) if kept is not None else (len(selected) if selected is not None else None)
+    n_total = sum(p.rows for p in parts) if parts is not None else None
 
     sections.append("<h2>Summary</h2>" + _summary_section(stats, kept_n, n_total))
     for heading, body in extras.sections:
         sections.append(f"<h2>{html.escape(heading)}</h2>" + body)
     sections.append("<h2>What was kept</h2>")
-    if pool is None:
+    if parts is None:
         sections.append(note("No committed embedding parts: no score histogram, map or examples."))
-    elif kept is None:
+    elif scan is None:
         sections.append(note("No selection committed yet: no kept/dropped split to show."))
     else:
-        sections += _what_was_kept(store, workdir_url, pool, kept, stats, extras, input_cfg)
+        sections += _what_was_kept(store, workdir_url, parts, kept_of, scan, stats, extras, input_cfg)
 
     sections.append("<h2>Stages</h2><div class=\"stages\">" +
                     "".join(_stage_section(s, stats[s], success[s]) for s in STAGE_DIRS) + "</div>")

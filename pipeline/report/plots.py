@@ -9,16 +9,29 @@ from .render import DROPPED_COLOUR, KEPT_COLOUR, png_data_uri
 MAP_POINTS = 4000  # points in the PCA map (a seeded sample of larger pools)
 
 
-def score_histogram(scores: np.ndarray, kept: np.ndarray) -> str:
+HISTOGRAM_EDGES = 40  # bin edges of the CLIP-score histogram (39 bins)
+
+
+def score_bins(low: float, high: float) -> np.ndarray:
+    """The histogram's bin edges over the pool's score range [low, high]: fixed by the range alone,
+    so counts can be summed part by part (the top edge nudged up so `high` falls in the last bin)."""
+    return np.linspace(float(low), float(high) + 1e-9, HISTOGRAM_EDGES)
+
+
+def score_histogram(edges: np.ndarray, kept_counts: np.ndarray, dropped_counts: np.ndarray,
+                    kept_n: int, dropped_n: int) -> str:
+    """Kept and dropped samples per score bin (counts from :func:`pipeline.report.pool.tally_pool`;
+    `kept_n`, `dropped_n`: every kept and dropped sample, the legend's numbers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.4, 4.2))
-    bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-9, 40)
-    ax.hist(scores[~kept], bins=bins, color=DROPPED_COLOUR, alpha=0.6, label=f"dropped ({int((~kept).sum()):,})")
-    ax.hist(scores[kept], bins=bins, color=KEPT_COLOUR, alpha=0.6, label=f"kept ({int(kept.sum()):,})")
+    # one weighted point per bin, at its centre: the bars ax.hist draws of the scores themselves
+    centres = (edges[:-1] + edges[1:]) / 2
+    ax.hist(centres, bins=edges, weights=dropped_counts, color=DROPPED_COLOUR, alpha=0.6, label=f"dropped ({dropped_n:,})")
+    ax.hist(centres, bins=edges, weights=kept_counts, color=KEPT_COLOUR, alpha=0.6, label=f"kept ({kept_n:,})")
     ax.set_xlabel("CLIP score (cosine of image and caption embeddings)")
     ax.set_ylabel("samples (log scale)")
     ax.set_yscale("log")
