@@ -178,11 +178,19 @@ def _reset_peak(pid: int) -> None:
         pass
 
 
-class Meter:
-    """Samples the stage's driver tree and the Ray head's tree until stopped."""
+def _volume_used(path: str) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
-    def __init__(self, head_pid: int, driver_pid: int):
-        self.head_pid, self.driver_pid = head_pid, driver_pid
+
+class Meter:
+    """Samples the stage's driver tree and the Ray head's tree until stopped, and the used bytes of
+    the work directory's volume (its growth over the stage's start: the stage's scratch and outputs,
+    on an otherwise idle disk)."""
+
+    def __init__(self, head_pid: int, driver_pid: int, volume: str):
+        self.head_pid, self.driver_pid, self.volume = head_pid, driver_pid, volume
+        self.volume_start = self.volume_peak = _volume_used(volume)
         self.base: dict[int, dict] = {}
         for pid in _tree(head_pid):
             _reset_peak(pid)
@@ -196,6 +204,7 @@ class Meter:
         self.thread.start()
 
     def _sample(self) -> None:
+        self.volume_peak = max(self.volume_peak, _volume_used(self.volume))
         driver = _tree(self.driver_pid)
         self.driver_tree.update(driver)
         for pid in set(driver) | set(_tree(self.head_pid)):
@@ -219,7 +228,12 @@ class Meter:
             written += info["wchar"] - base["wchar"]
             if pid not in self.driver_tree and ("ray::" in info["cmd"] or "default_worker" in info["cmd"]):
                 worker_peak = max(worker_peak, info["hwm"])
-        return {"bytes_read": read, "bytes_written": written, "max_worker_peak_rss_mb": round(worker_peak / 2**20, 1)}
+        # the driver's own high-water mark (VmHWM, per process image): wait4's ru_maxrss would also
+        # count the RSS this benchmark process had when it forked the driver (kept across exec)
+        driver_peak = max((self.last[p]["hwm"] for p in self.driver_tree if p in self.last), default=0)
+        return {"bytes_read": read, "bytes_written": written, "max_worker_peak_rss_mb": round(worker_peak / 2**20, 1),
+                "driver_peak_rss_mb": round(driver_peak / 2**20, 1),
+                "disk_growth_peak_mb": round((self.volume_peak - self.volume_start) / 2**20, 1)}
 
 
 def _wait_for_head(ray_cli: str, address: str, timeout_s: float = 300) -> None:
@@ -232,12 +246,13 @@ def _wait_for_head(ray_cli: str, address: str, timeout_s: float = 300) -> None:
 
 
 def _run_stage(args: list[str], head_pid: int, address: str, log_path: str, attempt: int = 1) -> dict:
+    volume = os.path.dirname(log_path)
     started = time.perf_counter()
     with open(log_path, "a") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli"] + args, cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": address})
-    meter = Meter(head_pid, proc.pid)
-    _, status, usage = os.wait4(proc.pid, 0)
+    meter = Meter(head_pid, proc.pid, volume)
+    _, status, _ = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     measured = meter.finish()
     if proc.returncode != 0:
@@ -247,8 +262,7 @@ def _run_stage(args: list[str], head_pid: int, address: str, log_path: str, atte
         if "Failed to connect to Ray cluster" in tail and attempt < 3:  # a loaded machine: the head answers late
             return _run_stage(args, head_pid, address, log_path, attempt + 1)
         raise RuntimeError(f"d2prune {' '.join(args)} exited {proc.returncode} (see the log)")
-    return {**measured, "wall_seconds": round(time.perf_counter() - started, 2),
-            "driver_peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {**measured, "wall_seconds": round(time.perf_counter() - started, 2)}
 
 
 # -- the floor ----------------------------------------------------------------------------------------
@@ -303,6 +317,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--port", type=int, default=6390, help="the Ray head's port (one per concurrent run)")
     ap.add_argument("--partitions-check", action="store_true", help="run select again with 8 partitions, compare")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the run directory of an earlier run with the same settings (stages resume)")
+    ap.add_argument("--scratch-gb", type=float, default=None,
+                    help="graph.scratch_gb: the disk bound of the search's shuffle files (default: the config's)")
     args = ap.parse_args()
     n = args.n or (100_000 if args.quick else 1_000_000)
     rows_per_file = args.rows_per_file or (25_000 if n <= 200_000 else 1_500_000)
@@ -316,16 +334,20 @@ def main() -> None:
     meta_dir = os.path.join(pool_root, "metadata")
     source_bytes = sum(os.path.getsize(os.path.join(meta_dir, f)) for f in os.listdir(meta_dir))
     run_dir = os.path.join(args.root, f"run-{n}-{args.dim}")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    os.makedirs(run_dir)
     raw = {"workdir": os.path.join(run_dir, "work"),
            "embed": {"encoder": "precomputed", "precomputed": {"metadata": meta_dir}},
-           "graph": {"k": 10},
+           "graph": {"k": 10, **({} if args.scratch_gb is None else {"scratch_gb": args.scratch_gb})},
            "select": {"method": "d2", "prune_rate": 0.7},
            "output": {"url": os.path.join(run_dir, "out")}}
     config = os.path.join(run_dir, "config.yaml")
-    with open(config, "w") as fh:
-        yaml.safe_dump(raw, fh)
+    # --resume: the same config's committed stages are skipped (each reports the seconds it took when
+    # it ran); a stage cut off mid-way resumes, its seconds then being those of the rest only
+    resumed = args.resume and os.path.exists(config) and yaml.safe_load(open(config)) == raw
+    if not resumed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.makedirs(run_dir)
+        with open(config, "w") as fh:
+            yaml.safe_dump(raw, fh)
 
     floor_s = floor_pass(meta_dir, os.path.join(run_dir, "floor_subset.npy"))
     print(f"floor (read scores, keep top 30%, write subset): {floor_s} s", flush=True)
@@ -371,17 +393,18 @@ def main() -> None:
     work_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(raw["workdir"]) for f in fs)
     total = round(sum(results[s]["seconds"] for s in STAGES), 2)
     out = {"n": n, "dim": args.dim, "rows_per_file": rows_per_file, "metadata_files": embed["metadata_files"],
-           "source_bytes": source_bytes, "workdir_bytes": work_bytes, "generate_seconds": generate_s,
+           "source_bytes": source_bytes, "workdir_bytes": work_bytes, "generate_seconds": generate_s, "resumed": resumed,
            "stages": results, "total_seconds": total, "floor_seconds": floor_s,
            "ratio_to_floor": round(total / floor_s, 1) if floor_s else None, "checks": checks,
-           "embed_io": embed.get("io"),
+           "embed_io": embed.get("io"), "graph": _graph_summary(raw["workdir"]),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                        "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}}
-    print(f"\n{'stage':<8} {'seconds':>9} {'read MB':>10} {'written MB':>11} {'driver MB':>10} {'worker MB':>10}")
+    print(f"\n{'stage':<8} {'seconds':>9} {'read MB':>10} {'written MB':>11} {'driver MB':>10} {'worker MB':>10} "
+          f"{'disk peak MB':>13}")
     for stage in STAGES + ("report",):
         r = results[stage]
         print(f"{stage:<8} {r['seconds']:>9} {r['bytes_read'] / 2**20:>10.0f} {r['bytes_written'] / 2**20:>11.0f} "
-              f"{r['driver_peak_rss_mb']:>10} {r['max_worker_peak_rss_mb']:>10}")
+              f"{r['driver_peak_rss_mb']:>10} {r['max_worker_peak_rss_mb']:>10} {r['disk_growth_peak_mb']:>13}")
     print(f"total {total} s (stages' own seconds), floor {floor_s} s, ratio {out['ratio_to_floor']}; checks {checks}")
     if args.json:
         with open(args.json, "w") as fh:
@@ -390,22 +413,32 @@ def main() -> None:
             fh.write(markdown(out))
 
 
+def _graph_summary(work: str) -> dict:
+    """The graph stage's own account of its search: groups, waves under graph.scratch_gb, bytes shuffled."""
+    stats = json.load(open(os.path.join(work, "graph", "_stats.json")))
+    return {k: stats.get(k) for k in ("nlist", "groups", "groups_per_query", "scratch_gb", "waves", "recall_at_k",
+                                      "seconds")} | {"shuffled_bytes": (stats.get("search") or {}).get("shuffled_bytes")}
+
+
 def markdown(out: dict) -> str:
     """The results as the table committed beside the json."""
     lines = [f"# pool_scale: N = {out['n']:,}, {out['dim']}-d, metadata-only", "",
              f"{out['metadata_files']} metadata files of {out['rows_per_file']:,} rows ({out['source_bytes'] / 2**30:.2f} GiB); "
              f"workdir after the job {out['workdir_bytes'] / 2**30:.2f} GiB. Machine: {out['machine']['cpus']} CPUs, "
              f"load average at the end {out['machine']['load_average_at_end']}.", "",
-             "| stage | seconds | read MB | written MB | driver peak MB | largest worker MB |", "|---|---|---|---|---|---|"]
+             "| stage | seconds | read MB | written MB | driver peak MB | largest worker MB | disk peak MB |",
+             "|---|---|---|---|---|---|---|"]
     for stage in STAGES + ("report",):
         r = out["stages"][stage]
         lines.append(f"| {stage} | {r['seconds']} | {r['bytes_read'] / 2**20:.0f} | {r['bytes_written'] / 2**20:.0f} | "
-                     f"{r['driver_peak_rss_mb']} | {r['max_worker_peak_rss_mb']} |")
+                     f"{r['driver_peak_rss_mb']} | {r['max_worker_peak_rss_mb']} | {r.get('disk_growth_peak_mb')} |")
     lines += ["", f"Total (the stages' own seconds): {out['total_seconds']} s; floor (read the score column, keep the "
               f"top 30%, write subset.npy): {out['floor_seconds']} s; ratio {out['ratio_to_floor']}.",
-              f"Checks: {out['checks']}.", "",
+              f"Checks: {out['checks']}.", "", f"Graph search: {json.dumps(out.get('graph'))}.", "",
               "read/written: rchar/wchar of the stage's driver and of the Ray cluster's processes (files and sockets; "
-              "an upper bound). The embed stage's own file-level counts: " + json.dumps(out.get("embed_io")), ""]
+              "an upper bound). disk peak: the largest growth of the volume's used bytes over the stage's start "
+              "(its scratch and outputs; the disk was otherwise idle). The embed stage's own file-level counts: "
+              + json.dumps(out.get("embed_io")), ""]
     return "\n".join(lines)
 
 

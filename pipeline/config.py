@@ -348,7 +348,9 @@ class GraphConfig(_Section):
         "raw copy of the vectors (2 bytes x d per row, kept only when it fits in half the bound; else every wave "
         "decodes the embedding parts again) plus one wave's shuffle files (about 1 KiB per (row, search group) at "
         "512-d): the search groups are shuffled and searched in waves, each wave's files removed once searched. "
-        "null = one wave, with the copy. Changes the tasks, not the graph; lower it and resume after a full disk.",
+        "The bound is the whole cluster's (the work directory's), and a wave runs only its own groups' search "
+        "tasks: too small a bound leaves CPUs idle (warned). null = one wave, with the copy. Changes the tasks, "
+        "not the graph; lower it and resume after a full disk.",
     )
     distance: Literal["sqeuclidean", "euclidean"] = Field(
         "sqeuclidean", json_schema_extra=used_by("select"),

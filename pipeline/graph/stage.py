@@ -72,6 +72,11 @@ UNITS_PER_CPU = 4
 SEARCH_TASK = Resources(cpus=1)
 
 
+def slots_for(cluster) -> int:
+    """Search tasks the cluster runs side by side."""
+    return max(1, int(cluster.cpus // SEARCH_TASK.cpus))
+
+
 def settings(cfg: JobConfig) -> dict[str, Any]:
     return {"graph": output_settings(cfg.graph), "seed": cfg.seed}
 
@@ -261,10 +266,10 @@ def _remove_search_scratch(store: Store, layout: Layout) -> None:
 
 def _waves(steps: "_Steps", store: Store, layout: Layout, groups: dict[str, np.ndarray],
            scratch_gb: float | None) -> tuple[np.ndarray, bool]:
-    """The first group of each wave, then G: contiguous runs of groups whose shuffle files (base rows
-    plus (query, group) pairs) fit the disk bound beside the raw copy; and whether they were cut now (else committed
-    before under the same bound). The pairs are counted by tasks from the committed probes only
-    when the upper bound (one pair per probe) does not fit in one wave."""
+    """The first group of each wave, then G: contiguous runs of groups whose shuffle files (base
+    rows plus (query, group) pairs) fit the disk bound beside the raw copy; and whether they were
+    cut now (else committed before under the same bound). The pairs are counted by tasks from the
+    committed probes only when the upper bound (one pair per probe) does not fit in one wave."""
     budget = -1 if scratch_gb is None else int(scratch_gb * 2**30)
     if store.exists(layout.waves_url):
         starts, saved = tasks.load_arrays(store, layout.waves_url, ["starts", "budget"])
@@ -401,7 +406,7 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
                     s, c = tasks.load_arrays(store, layout.assign(u), ["sizes", "probe_counts"])
                     sizes += s
                     probe_counts += c
-            slots = max(1, int(cluster.cpus // SEARCH_TASK.cpus))
+            slots = slots_for(cluster)
             bound = min(g.max_task_rows, max(1, math.ceil(int((sizes + probe_counts).sum()) / slots)))
             list_group = ivf.group_cells(sizes, probe_counts, bound)
             _remove_search_scratch(store, layout)  # made with other groups, if any
@@ -411,6 +416,12 @@ def run(cfg: JobConfig, store: Store, ctx: StageContext) -> dict[str, Any]:
             n_groups = int(list_group.max()) + 1
             search_todo = list(range(n_groups))
         wave_starts, cut = _waves(steps, store, layout, groups, g.scratch_gb)
+        per_wave = int(np.diff(wave_starts).min())
+        if cut and len(wave_starts) > 2 and per_wave < slots_for(cluster):
+            # a wave searches only its own groups: fewer than the CPUs leave CPUs idle
+            log.warning("graph: a wave of the search holds %d group(s) for %d search slots: CPUs idle while it "
+                        "runs; raise graph.scratch_gb (it bounds the whole cluster's search scratch)", per_wave,
+                        slots_for(cluster))
         if regroup or cut:
             steps.time("group", clock, steps.take())
 
