@@ -246,6 +246,33 @@ def test_search_group_pads_ignores_foreign_probes_and_rejects_repeated_queries()
                          np.array([[0], [0]]), kk=1)
 
 
+@pytest.mark.parametrize("block", [65_536, 7, 1])
+def test_search_group_keeps_a_row_per_pair_and_reduces_queries_block_by_block(monkeypatch, block):
+    """Candidates are kept per (query, probed list) pair and each query's top-kk is taken a block of
+    queries at a time: whatever the block, the result is the lexicographic (distance, id) top-kk of
+    the query's probed lists here (integer vectors: exact distances, many ties)."""
+    monkeypatch.setattr(ivf, "REDUCE_QUERY_BLOCK", block)
+    rng = np.random.default_rng(21)
+    base = rng.integers(0, 3, (600, 8)).astype(np.float32)
+    base_ids = rng.permutation(10_000)[:600]
+    base_lists = rng.integers(0, 30, 600)
+    queries = rng.integers(0, 3, (250, 8)).astype(np.float32)
+    query_ids = rng.permutation(5000)[:250]
+    probes = np.stack([rng.permutation(40)[:6] for _ in range(250)])  # lists 30..39: in other groups
+    probes[probes >= 30] = -1
+    probes[::17] = -1  # queries with no probe here at all
+    kk = 9
+    d, i = ivf.search_group(base_ids, base, base_lists, query_ids, queries, probes, kk)
+    for q in range(250):
+        mine = np.isin(base_lists, probes[q][probes[q] >= 0])
+        dist = ((base[mine] - queries[q]) ** 2).sum(axis=1)
+        order = np.lexsort((base_ids[mine], dist))[:kk]
+        want_d = np.full(kk, np.inf, np.float32)
+        want_i = np.full(kk, -1, np.int64)
+        want_d[:len(order)], want_i[:len(order)] = dist[order], base_ids[mine][order]
+        assert np.array_equal(d[q], want_d) and np.array_equal(i[q], want_i), q
+
+
 def test_grouped_search_equals_single_list_major_bit_for_bit():
     x = clustered(4000, 32, clusters=25, seed=7)
     centroids, _, _ = ivf.train_two_level(x, 70, seed=1)

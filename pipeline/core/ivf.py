@@ -80,6 +80,8 @@ ASSIGN_BLOCK = 65_536
 # LIST_QUERY_CHUNK * dim * 4 bytes). The chunks depend only on the list's full, sorted query set,
 # which is the same in every grouping.
 LIST_QUERY_CHUNK = 32_768
+# Queries reduced to their top-kk at a time after a group's scan (bounds the padded buffer).
+REDUCE_QUERY_BLOCK = 65_536
 # Default bound of sharded_knn_graph's groups: base rows + (query, probed list) pairs.
 DEFAULT_MAX_ROWS_PER_GROUP = 4_000_000
 
@@ -610,8 +612,9 @@ def search_group(
     base rows to the group holding it).
 
     Memory: the base rows and query rows as given (1 KiB per row at 512-d float16), a candidate
-    buffer of nq * w * kk * 12 bytes (w = the most probes any query has in this group, <= nprobe),
-    and per running list its float32 base and query-chunk copies.
+    buffer of kk * 12 bytes per (query, probed list) pair, per running list its float32 base and
+    query-chunk copies, and at the end a padded [REDUCE_QUERY_BLOCK, w, kk] block (w = the most
+    probes any query has in this group, <= nprobe).
     """
     faiss = _faiss()
     convert = prepare or _as_float32
@@ -629,20 +632,19 @@ def search_group(
         raise ValueError("a query was sent twice to one group")
     if kk < 1:
         raise ValueError(f"kk must be >= 1, got {kk}")
-    # Compact each query's probes in this group to the left: candidates [nq, width, kk].
+    # Each query's probes in this group, compacted to the left (slot = rank among them).
     valid = qp >= 0
     counts = valid.sum(axis=1)
-    width = max(1, int(counts.max())) if nq else 1
-    cand_d = np.full((nq, width, kk), np.inf, np.float32)
-    cand_i = np.full((nq, width, kk), -1, np.int64)
     if nq == 0 or len(base_ids) == 0:
-        return cand_d[:, 0, :], cand_i[:, 0, :]
+        return np.full((nq, kk), np.inf, np.float32), np.full((nq, kk), -1, np.int64)
     slot = np.cumsum(valid, axis=1) - 1
     pq_row, pq_col = np.nonzero(valid)
     pair_list = qp[pq_row, pq_col]
     pair_slot = slot[pq_row, pq_col]
+    del valid, slot
     pair_order = np.lexsort((query_ids[pq_row], pair_list))  # by list, then ascending query id
     pair_row, pair_slot, pair_list = pq_row[pair_order], pair_slot[pair_order], pair_list[pair_order]
+    del pq_row, pq_col, pair_order
 
     base_order = np.lexsort((base_ids, base_lists))  # by list, then ascending id
     sorted_lists = base_lists[base_order]
@@ -651,6 +653,12 @@ def search_group(
     b_hi = np.searchsorted(sorted_lists, lists, "right")
     p_lo = np.searchsorted(pair_list, lists, "left")
     p_hi = np.searchsorted(pair_list, lists, "right")
+    del pair_list, sorted_lists
+    # One candidate row per (query, probed list) pair, in scan order: pairs * kk * 12 bytes. A
+    # [query, slot] buffer would take nq * (the most probes any one query has here) * kk * 12, up to
+    # nprobe / (mean probes per query in the group) times more (5x at N = 1.28e7: 1.3 GB a task).
+    cand_d = np.full((len(pair_row), kk), np.inf, np.float32)
+    cand_i = np.full((len(pair_row), kk), -1, np.int64)
 
     def scan(j: int) -> None:
         if b_hi[j] == b_lo[j]:
@@ -661,14 +669,35 @@ def search_group(
         top = min(kk, len(rows_b))
         for lo in range(p_lo[j], p_hi[j], LIST_QUERY_CHUNK):
             hi = min(p_hi[j], lo + LIST_QUERY_CHUNK)
-            rows_q = pair_row[lo:hi]
-            d, local = faiss.knn(convert_queries(query_vectors[rows_q]), base, top)
-            # distinct (row, slot) cells per pair: threads never write the same cell
-            cand_d[rows_q, pair_slot[lo:hi], :top] = d
-            cand_i[rows_q, pair_slot[lo:hi], :top] = np.where(local >= 0, ids[np.maximum(local, 0)], -1)
+            d, local = faiss.knn(convert_queries(query_vectors[pair_row[lo:hi]]), base, top)
+            # each pair's own row: threads never write the same cell
+            cand_d[lo:hi, :top] = d
+            cand_i[lo:hi, :top] = np.where(local >= 0, ids[np.maximum(local, 0)], -1)
 
     _run_parallel(scan, range(len(lists)))
-    return _topk_rows(cand_d.reshape(nq, width * kk), cand_i.reshape(nq, width * kk), kk)
+    return _topk_of_pairs(cand_d, cand_i, pair_row, pair_slot, counts, kk)
+
+
+def _topk_of_pairs(cand_d: np.ndarray, cand_i: np.ndarray, pair_row: np.ndarray, pair_slot: np.ndarray,
+                   counts: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the lexicographic top-kk over the candidates of its pairs (``cand_*[p]`` belongs
+    to query ``pair_row[p]``, probe slot ``pair_slot[p]``; ``counts`` pairs per query), a block of
+    queries at a time: the block's [queries, slots, kk] buffer is the only padded copy."""
+    nq, block = len(counts), REDUCE_QUERY_BLOCK
+    out_d = np.empty((nq, kk), np.float32)
+    out_i = np.empty((nq, kk), np.int64)
+    by_query = np.argsort(pair_row, kind="stable")  # each query's pairs contiguous
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for a in range(0, nq, block):
+        b = min(nq, a + block)
+        width = max(1, int(counts[a:b].max()))
+        sel = by_query[starts[a]:starts[b]]
+        d = np.full((b - a, width, kk), np.inf, np.float32)
+        i = np.full((b - a, width, kk), -1, np.int64)
+        d[pair_row[sel] - a, pair_slot[sel]] = cand_d[sel]
+        i[pair_row[sel] - a, pair_slot[sel]] = cand_i[sel]
+        out_d[a:b], out_i[a:b] = _topk_rows(d.reshape(b - a, width * kk), i.reshape(b - a, width * kk), kk)
+    return out_d, out_i
 
 
 def merge_group_results(

@@ -326,6 +326,10 @@ def _search_wave(steps: "_Steps", store: Store, layout: Layout, parts: list[list
         pairs = sum(scratch.block_rows(store, layout.query(u, wave)) for u in range(layout.n_units))
         tasks.save_arrays(store, layout.pairs(wave), pairs=np.asarray(pairs, np.int64))
     clock = time.perf_counter()
+    # Largest first (distances to compute: list size x probes of the list): the wave ends when its
+    # last task does, and a large group started last would leave the other CPUs idle meanwhile.
+    work = np.bincount(groups["list_group"], weights=groups["sizes"] * groups["probe_counts"].astype(np.float64))
+    todo = sorted(todo, key=lambda q: (-work[q], q))
     searched = steps.run(Step(
         "graph.search", tasks.search_group, [(store, layout, q, wave, q - span[0]) for q in todo],
         resources=SEARCH_TASK, outputs=[scratch.index_url(layout.candidates(q)) for q in todo], unit="groups"))
