@@ -338,9 +338,10 @@ class GraphConfig(_Section):
     max_task_rows: int = Field(
         2_000_000, gt=0,
         json_schema_extra=NOT_OUTPUT, description="Memory bound of one search task, in rows: the vectors of its "
-        "group of IVF lists plus its (query, probed list) pairs. About 1 KiB per row at 512-d float16 "
-        "(benchmarks/results/graph_scale.md); lists are grouped under it (a single larger list gets a task of its "
-        "own). Changes the tasks, not the graph.",
+        "group of IVF lists plus its (query, probed list) pairs; lists are grouped under it (a single larger list "
+        "gets a task of its own). At 512-d float16 a task holds ~1 KiB per base row, ~3 KiB per distinct query "
+        "(its row and a float32 copy) and 132 bytes per pair: ~3 GB for the 2*10^6 default at N = 1.28*10^7, "
+        "where ~0.5-1*10^6 distinct queries share a group's ~1.9*10^6 pairs. Changes the tasks, not the graph.",
     )
     scratch_gb: float | None = Field(
         8.0, gt=0,
