@@ -656,7 +656,7 @@ def search_group(
     del pair_list, sorted_lists
     # One candidate row per (query, probed list) pair, in scan order: pairs * kk * 12 bytes. A
     # [query, slot] buffer would take nq * (the most probes any one query has here) * kk * 12, up to
-    # nprobe / (mean probes per query in the group) times more (5x at N = 1.28e7: 1.3 GB a task).
+    # nprobe / (mean probes per query in the group) times more (~2 GB of a 5.5 GB task at N = 1.28e7).
     cand_d = np.full((len(pair_row), kk), np.inf, np.float32)
     cand_i = np.full((len(pair_row), kk), -1, np.int64)
 
