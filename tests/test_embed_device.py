@@ -323,7 +323,12 @@ def test_device_decode_stage_is_deterministic_and_resumes(device_run, small_pool
     assert committed[:2] == [0, 1]
     embedded = []
     stats = run_one(cfg, store, "embed", Hooks(part_committed=lambda stage, i: embedded.append(i)))
-    assert embedded == [i for i in range(4) if i not in committed] and stats["shards_resumed"] == len(committed)
+    # a writer actor busy when the driver stopped may still commit its part after `committed` was
+    # listed (atomically, same bytes): the resumed run then keeps it too. Every part is embedded
+    # exactly once across the two runs, and nothing committed before the restart is redone.
+    resumed = [i for i in range(4) if i not in embedded]
+    assert not set(committed) - set(resumed)
+    assert len(set(embedded)) == len(embedded) and stats["shards_resumed"] == len(resumed)
     assert Counter(stats["skipped"]) == Counter(small_pool.skipped_total)
     # another run (other actor count, interrupted and resumed) gives the same bytes
     for a, b in zip(reference, _parts(store, cfg, len(small_pool.shards))):

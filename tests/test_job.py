@@ -258,7 +258,8 @@ def test_resume_after_kill_inside_the_write_stage(job, full_run, capsys):
         if a.endswith(".tar"):
             assert store.read_bytes(a) == store.read_bytes(b)
     stats = store.read_json(join(out, "_stats.json"))
-    assert stats["shards_reused"] == len(committed) and stats["samples_written"] == len(
+    # tasks still in flight when the job failed may have committed their shards since: reused too
+    assert stats["shards_reused"] >= len(committed) and stats["samples_written"] == len(
         store.read_parquet(join(fork, "selection", "selected.parquet")))
 
 
