@@ -10,9 +10,16 @@ The pool (``--root``, reused when its ``pool.json`` says the same settings): has
 ``<md5>.parquet`` + ``<md5>.npz`` files of ``--rows-per-file`` rows (DataComp's metadata files hold
 1-2·10^6), columns uid (md5 of the url), url, text, original_width/height, sha256,
 clip_l14_similarity_score; the npz holds float16 unit vectors ``l14_img``/``l14_txt``
-(``--dim``, 768 as DataComp's L/14; 512 as ``b32_img``): clusters whose sizes follow a long tail
-(Zipf), 5% near-duplicates of earlier rows, text vectors near their image vector. The npz is
-written member by member in chunks (no array of the whole file in memory).
+(``--dim``, 768 as DataComp's L/14; 512 as ``b32_img``): √N clusters whose sizes follow a long tail
+(Zipf, exponent 1.1), 5% near-duplicates of earlier rows, text vectors near their image vector. A
+cluster has CLIP's low-dimensional shape (as ``pipeline.testing.clip_like_chunks``, which the graph
+benchmarks use): its centre and its spread live in a 64-d latent space (centres grouped under 20
+topics) mapped to ``--dim`` by a fixed random matrix, plus a little isotropic noise and a shared
+offset. (Pool version 1, until 2026-12-08, spread each cluster by isotropic ``--dim``-d noise 0.9-3.6
+times the centre's norm: vectors nearly uniform on the sphere, where a nearest neighbour is barely
+nearer than a random row and an IVF index has no structure to use; the 1.28·10^7 run of
+``results/pool_scale_12.8m`` used it.) The npz is written member by member in chunks (no array of
+the whole file in memory).
 
 How it is measured: one Ray head (``ray start --head``, 2 CPUs) for the whole run; each stage
 (``d2prune embed|graph|select|write CONFIG --address``, then ``d2prune report``) is its own driver
@@ -69,7 +76,7 @@ def generate(root: str, n: int, dim: int, rows_per_file: int, seed: int = 0, chu
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    spec = {"n": n, "dim": dim, "rows_per_file": rows_per_file, "seed": seed, "version": 1}
+    spec = {"n": n, "dim": dim, "rows_per_file": rows_per_file, "seed": seed, "version": 2}
     meta_dir = os.path.join(root, "metadata")
     done = os.path.join(root, "pool.json")
     if os.path.exists(done) and json.load(open(done)) == spec:
@@ -78,7 +85,13 @@ def generate(root: str, n: int, dim: int, rows_per_file: int, seed: int = 0, chu
     os.makedirs(meta_dir)
     rng = np.random.default_rng(seed)
     n_clusters = max(8, int(np.sqrt(n)))
-    centers = _unit(rng.normal(size=(n_clusters, dim)).astype(np.float32))
+    # CLIP-like geometry (module docstring): latent 64-d centres under 20 topics, a spread per cluster
+    latent = 64
+    projection = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
+    topics = rng.normal(size=(20, latent))
+    centres = (topics[rng.integers(0, 20, n_clusters)] + 0.7 * rng.normal(size=(n_clusters, latent))).astype(np.float32)
+    spreads = rng.uniform(0.5, 1.0, size=n_clusters).astype(np.float32)
+    offset = 2.0 * rng.normal(size=dim).astype(np.float32) / np.sqrt(dim)
     weights = 1.0 / np.arange(1, n_clusters + 1) ** 1.1  # a long tail of rare clusters
     weights /= weights.sum()
     words = np.array("a photo of the cat dog house tree car street beach mountain red blue small large "
@@ -100,8 +113,8 @@ def generate(root: str, n: int, dim: int, rows_per_file: int, seed: int = 0, chu
                 for c0 in range(0, rows, chunk):
                     m = min(chunk, rows - c0)
                     cluster = rng.choice(n_clusters, size=m, p=weights)
-                    spread = rng.uniform(0.3, 1.2, size=(m, 1)).astype(np.float32)
-                    img = _unit(centers[cluster] + spread * rng.normal(size=(m, dim)).astype(np.float32) / np.sqrt(dim) * 3)
+                    z = centres[cluster] + spreads[cluster, None] * rng.normal(size=(m, latent)).astype(np.float32)
+                    img = _unit(z @ projection + 0.05 * rng.normal(size=(m, dim)).astype(np.float32) + offset)
                     if len(recent):
                         dup = rng.random(m) < 0.05
                         src = rng.integers(0, len(recent), size=int(dup.sum()))
