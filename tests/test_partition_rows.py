@@ -55,6 +55,35 @@ def test_one_partition_rows_are_symmetrize_knns_rows(chunks):
     np.testing.assert_array_equal(built.ent_dist, graph.distances)
 
 
+@pytest.mark.parametrize("budget_chunks", [0, 1, 3])
+def test_records_read_once_under_a_budget_give_the_same_rows(budget_chunks):
+    """select.shuffle._read_once: chunks within the byte budget are read once (the counting pass
+    reads them whole and keeps them), the rest twice; the rows do not depend on it."""
+    from pipeline.select.shuffle import _read_once
+
+    n, k = 20_000, 6
+    nb, dist = _graph(n, k, seed=9)
+    rows, nbrs, d = _records(nb, dist)
+    cuts = np.linspace(0, rows.size, 4).astype(int)
+    reads: list[tuple[int, bool]] = []
+
+    def source(full, i, a, b):
+        reads.append((i, full))
+        return rows[a:b].copy(), nbrs[a:b].copy(), d[a:b].copy() if full else None, None
+
+    chunk_bytes = max(20 * (b - a) for a, b in zip(cuts[:-1], cuts[1:]))
+    sources = _read_once([lambda full, i=i, a=a, b=b: source(full, i, a, b)
+                          for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))], budget=budget_chunks * chunk_bytes)
+    built = PartitionRows(0, 1, n, np.arange(n, dtype=np.int64)).build(sources)
+    graph = d2.symmetrize_knn(nb, dist)
+    np.testing.assert_array_equal(built.indptr, graph.indptr)
+    np.testing.assert_array_equal(built.ent_id, graph.indices)
+    np.testing.assert_array_equal(built.ent_dist, graph.distances)
+    read_twice = [i for i in range(3) if reads.count((i, True)) + reads.count((i, False)) == 2]
+    assert len(read_twice) == 3 - budget_chunks
+    assert len(reads) == 6 - budget_chunks
+
+
 def test_each_partitions_rows_are_symmetrize_knns_rows_of_its_nodes():
     n, k, parts = 150_000, 10, 3
     nb, dist = _graph(n, k, seed=5)

@@ -300,13 +300,19 @@ RAY_CASES = {
     "budgetN-P6": (lambda: random_graph(np.random.default_rng(4), 200, 4, 9), {"partitions": 6, "prune_rate": 0.0}),
     "beta-P9": (lambda: random_graph(np.random.default_rng(5), 500, 5, 30), {"partitions": 9, "beta": 0.2}),
     "cells-P1": (lambda: random_graph(np.random.default_rng(6), 300, 5, 1), {"partitions": "cells"}),
+    # selected.parquet merged by a task of its own (partitions above MERGE_ON_WORKER_MAX_NODES)
+    "merge-task-P4": (lambda: random_graph(np.random.default_rng(7), 400, 5, 20), {"partitions": 4, "workers": 2}),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(RAY_CASES))
-def test_ray_stage_equals_d2_select_on_hard_cases(tmp_path, ray_local, case):
+def test_ray_stage_equals_d2_select_on_hard_cases(tmp_path, ray_local, case, monkeypatch):
     make, select = RAY_CASES[case]
+    if case.startswith("merge-task"):
+        from pipeline.select import driver
+
+        monkeypatch.setattr(driver, "MERGE_ON_WORKER_MAX_NODES", 0)
     nb, sq, cells, scores = make()
     cfg, store, uids = make_case(tmp_path, nb, sq, cells, scores, select)
     stats = select_stage.run(cfg, store, StageContext("f", {}), use_ray=True)

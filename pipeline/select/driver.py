@@ -26,8 +26,9 @@ One function per phase, in the order :func:`compute` runs them (the workers' sid
 The subset merges of step 8 and the decisions of step 9 run on the partition workers' own
 processes (``on_workers``; by then they hold no partition): a Ray task per CPU would first start a
 fresh worker process and import the pipeline into it, which costs more than these tasks compute.
-The merge of ``selected.parquet`` runs while the workers still hold their partitions, so it stays
-a task of its own (on a worker it would add its buffers to that worker's peak).
+The merge of ``selected.parquet`` runs while the workers still hold their partitions: on a worker
+only when every worker's partitions are small (``MERGE_ON_WORKER_MAX_NODES``), else a task of its own
+(on a worker it would add its buffers to that worker's peak).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ from .picking import MethodRun, rank_key
 from .plan import SelectPlan, graph_parts, make_plan, resolve_partitions
 
 log = logging.getLogger(__name__)
+
+# the largest partition worker (its nodes) beside which the merge of selected.parquet runs on the
+# worker's own process: ~1.5 GB of partition at 2*10^6 nodes, next to the merge's ~150 MB of buffers
+MERGE_ON_WORKER_MAX_NODES = 2_000_000
 
 # rows of the pool per sha256 bucket of select.prefilter.exact_duplicates (at most one per part)
 SHA256_BUCKET_ROWS = 1_000_000
@@ -435,9 +440,15 @@ def _merge(setup: Setup, planned: Planned, hosts: Hosts, b: Budgets, out_dir: st
     plan = planned.plan
     runs_template = join(plan.work_dir, "run-{:05d}.col")
     hosts.write_run(runs_template)
+    # the merge streams (its buffers: outputs.ROW_GROUP_ROWS rows at most): beside partitions small
+    # enough it runs on a partition worker's process, sparing a fresh Ray worker's start and imports
+    # (seconds: most of the merge's time below a few million nodes); beside larger ones it is a
+    # task of its own, so that it adds nothing to the largest worker's peak
+    per_host = np.bincount(np.asarray(plan.host_of, np.int64), weights=np.asarray(plan.partition_sizes, np.float64))
     merged = setup.tasks.run("merge_selection", outputs.merge_selection, [(
         setup.store, [runs_template.format(p) for p in range(plan.n_partitions)], join(out_dir, SELECTED),
-        join(plan.work_dir, "ranks-{:05d}.bin"), b.b_max, b.budget)], cpus=0)[0]  # not on a worker: they hold partitions
+        join(plan.work_dir, "ranks-{:05d}.bin"), b.b_max, b.budget)], cpus=0,
+        on_workers=bool(per_host.max(initial=0) <= MERGE_ON_WORKER_MAX_NODES))[0]
     if merged["rows"] != b.b_max:  # pragma: no cover - the runs hold at least b_max picks
         raise RuntimeError(f"the merge ranked {merged['rows']} nodes, expected {b.b_max}")
     stats["ranked"] = merged["rows"]

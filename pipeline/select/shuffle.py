@@ -50,6 +50,10 @@ JOIN_BUCKETS_PER_CPU = 2
 # rows of the score file read by one map task
 SCORE_FILE_ROWS_PER_TASK = 2_000_000
 
+# edge records a partition worker keeps between the two passes of its rows' build (read once):
+# all of them up to ~10^6 nodes at k = 10 (20 bytes per record)
+EDGE_CACHE_BYTES = 256 * 2**20
+
 
 @dataclass(frozen=True)
 class ShuffleJob:
@@ -454,7 +458,7 @@ def edge_sources(job: ShuffleJob, p: int) -> list:
     of :meth:`~pipeline.core.partition.PartitionRows.build` needs no more."""
     plan = job.plan
     if plan.direct:
-        return [lambda full, i=i: part_records(job, i, full) for i in range(len(plan.parts))]
+        return _read_once([lambda full, i=i: part_records(job, i, full) for i in range(len(plan.parts))])
 
     def source(url: str, full: bool):
         with ColumnFile(job.store, url) as f:
@@ -462,4 +466,27 @@ def edge_sources(job: ShuffleJob, p: int) -> list:
         return got["row"], got["nbr"], got.get("dist"), got.get("owner")
 
     urls = job.files("edges-a", job.plan.n_groups) + job.files("edges-b", job.plan.n_groups)
-    return [lambda full, u=u: source(u, full) for u in urls]
+    return _read_once([lambda full, u=u: source(u, full) for u in urls])
+
+
+def _read_once(sources: list, budget: int | None = None) -> list:
+    """The sources, each chunk read whole by the counting pass and kept for the filling pass while
+    the kept chunks total at most ``budget`` bytes (EDGE_CACHE_BYTES): a small partition's records
+    are read and decoded once, a large one's twice (its worker never holds all its records beside
+    its rows). The chunks are the same either way, so the rows are too."""
+    left = [EDGE_CACHE_BYTES if budget is None else budget]
+    kept: dict[int, tuple] = {}
+
+    def cached(i: int, source, full: bool):
+        if full and i in kept:
+            return kept.pop(i)
+        if full or left[0] <= 0:
+            return source(full)
+        got = source(True)
+        size = sum(a.nbytes for a in got if a is not None)
+        if size <= left[0]:
+            kept[i] = got
+            left[0] -= size
+        return got
+
+    return [lambda full, i=i, s=s: cached(i, s, full) for i, s in enumerate(sources)]
