@@ -470,23 +470,25 @@ def edge_sources(job: ShuffleJob, p: int) -> list:
 
 
 def _read_once(sources: list, budget: int | None = None) -> list:
-    """The sources, each chunk read whole by the counting pass and kept for the filling pass while
-    the kept chunks total at most ``budget`` bytes (EDGE_CACHE_BYTES): a small partition's records
-    are read and decoded once, a large one's twice (its worker never holds all its records beside
-    its rows). The chunks are the same either way, so the rows are too."""
+    """The sources, each chunk read whole by the counting pass and kept for the filling pass, as long
+    as all of them total at most ``budget`` bytes (EDGE_CACHE_BYTES): a small partition's records are
+    read and decoded once. Past the budget every kept chunk is let go and the rest are read twice,
+    as without this, so a large partition's worker never holds records beside its rows (its peak,
+    in the filling pass, is unchanged). The chunks are the same either way, so the rows are too."""
     left = [EDGE_CACHE_BYTES if budget is None else budget]
     kept: dict[int, tuple] = {}
 
     def cached(i: int, source, full: bool):
         if full and i in kept:
             return kept.pop(i)
-        if full or left[0] <= 0:
+        if full or left[0] < 0:
             return source(full)
         got = source(True)
-        size = sum(a.nbytes for a in got if a is not None)
-        if size <= left[0]:
+        left[0] -= sum(a.nbytes for a in got if a is not None)
+        if left[0] >= 0:
             kept[i] = got
-            left[0] -= size
+        else:  # over the budget: none kept
+            kept.clear()
         return got
 
     return [lambda full, i=i, s=s: cached(i, s, full) for i, s in enumerate(sources)]
