@@ -371,3 +371,14 @@ def test_the_dataset_of_gpu_actors_can_be_built(ray_local, tmp_path):
     ds = build_embed_dataset(cfg, Store(), TINY, _pp_json(), [(0, "/x/00000.tar")], gpus=0.5, threads=1,
                              batch_size=8, device_decode=True)
     assert ds is not None
+
+
+def test_the_image_tower_alone_gives_the_image_vectors_of_the_whole_forward():
+    """ClipEncoder.encode_images (the evaluation sets' embedding: no caption) against encode."""
+    from pipeline.embed.model import ClipEncoder
+
+    encoder = ClipEncoder(TINY, Store(), _pp_json(), torch_threads=1)
+    rng = np.random.default_rng(4)
+    pixels = np.stack([encoder.images(render_image(rng, 40 + 7 * i)[0]) for i in range(5)])
+    image, _, _ = encoder.encode(pixels, np.zeros((len(pixels), encoder.context), np.int32))
+    assert np.array_equal(encoder.encode_images(pixels), image)

@@ -359,6 +359,15 @@ class ClipEncoder:
     def encode(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.collect(self.forward(self.pixels_to_tensor(pixels), tokens))
 
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """The image tower alone (no caption to score): the same image vectors :meth:`encode` gives."""
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode(), self._autocast():
+            features = self.model.encode_image(self.pixels_to_tensor(pixels))
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
+
 
 def probe_batch_size(try_batch: Callable[[int], int], capacity: int, start: int = 32, limit: int = 1024) -> int:
     """The largest power-of-two batch (`start`..`limit`) whose forward peaks under `capacity`

@@ -246,8 +246,7 @@ def embed_eval_shard(cfg: JobConfig, store: Store, shard_url: str, out_url: str)
 
     def flush():
         if pixels:
-            image, _, _ = encoder.encode(np.stack(pixels), np.zeros((len(pixels), encoder.context), np.int32))
-            vectors.append(image.astype(np.float32))
+            vectors.append(encoder.encode_images(np.stack(pixels)).astype(np.float32))
             pixels.clear()
 
     # the pool's input rules (image extensions, size limit) read the evaluation shards too; a sample
