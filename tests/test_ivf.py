@@ -231,6 +231,37 @@ def test_probes_by_group_sends_each_query_once_per_group_with_its_probes():
     assert len(q) == sum(len(np.unique(list_group[row])) for row in probes)
 
 
+def _probes_by_group_lexsort(probes, list_group):
+    """The first implementation (a lexsort of (group, query) over every probe): the reference."""
+    n, nprobe = probes.shape
+    flat_q = np.repeat(np.arange(n, dtype=np.int64), nprobe)
+    flat_g = np.asarray(list_group, np.int64)[probes].ravel()
+    order = np.lexsort((flat_q, flat_g))
+    sq, sg = flat_q[order], flat_g[order]
+    new = np.ones(len(order), bool)
+    new[1:] = (sq[1:] != sq[:-1]) | (sg[1:] != sg[:-1])
+    pair_probes = np.full((int(new.sum()), nprobe), -1, np.int32)
+    pair_probes[np.cumsum(new) - 1, order % nprobe] = probes.ravel()[order]
+    return sq[new], sg[new].astype(np.int32), pair_probes
+
+
+@pytest.mark.parametrize("n_lists,n_groups", [(40, 7), (300_000, 70_000)])  # radix (16-bit) and wide keys
+def test_probes_by_group_equals_the_lexsort_whole_and_by_wave(n_lists, n_groups):
+    rng = np.random.default_rng(8)
+    probes = rng.integers(0, n_lists, size=(5_000, 16)).astype(np.int32)
+    list_group = np.sort(rng.integers(0, n_groups, n_lists)).astype(np.int32)
+    want = _probes_by_group_lexsort(probes, list_group)
+    got = ivf.probes_by_group(probes, list_group)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    cuts = np.unique(np.r_[0, rng.integers(0, n_groups, 4), n_groups, n_groups + 3])
+    for lo, hi in zip(cuts[:-1], cuts[1:]):  # one wave's groups: the whole result's entries for them
+        keep = (want[1] >= lo) & (want[1] < hi)
+        got = ivf.probes_by_group(probes, list_group, (int(lo), int(hi)))
+        for a, b in zip(got, want):
+            assert np.array_equal(a, b[keep])
+
+
 # ------------------------------------------------------------------------------------------------
 # search
 # ------------------------------------------------------------------------------------------------

@@ -503,29 +503,41 @@ def group_rows(list_group: np.ndarray, list_sizes: np.ndarray, probe_counts: np.
     return np.bincount(g, weights=np.asarray(list_sizes) + np.asarray(probe_counts), minlength=n_groups).astype(np.int64)
 
 
-def probes_by_group(probes: np.ndarray, list_group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def probes_by_group(probes: np.ndarray, list_group: np.ndarray,
+                    groups: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split each query's probes by the group they fall in.
 
     Returns (pair_query int64[P], pair_group int32[P], pair_probes int32[P, nprobe]), one entry per
     (query, group its probes touch), sorted by group then query row: `pair_query` is the row in
     `probes`, `pair_probes` that query's probes with those of other groups set to -1 (slots kept).
     A shuffle sends query pair_query[p] to group pair_group[p] once, with pair_probes[p].
+    ``groups`` = (lo, hi): only the pairs of groups lo <= g < hi (one wave's), the same entries
+    as the whole result's for those groups.
     """
     probes = np.asarray(probes)
     n, nprobe = probes.shape
-    if n == 0:
+    group_of = np.asarray(list_group)
+    flat_g = group_of[probes].ravel()  # [n * nprobe], query-major: flat index // nprobe is the query
+    if groups is not None:
+        flat = np.flatnonzero((flat_g >= groups[0]) & (flat_g < groups[1]))
+        flat_g = flat_g[flat]
+    else:
+        flat = None
+    if flat_g.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, nprobe), np.int32)
-    groups = np.asarray(list_group, dtype=np.int64)[probes]  # [n, nprobe]
-    flat_q = np.repeat(np.arange(n, dtype=np.int64), nprobe)
-    flat_g = groups.ravel()
-    order = np.lexsort((flat_q, flat_g))
-    sq, sg = flat_q[order], flat_g[order]
+    # a stable sort by group alone orders by (group, query, slot): the flat entries are already in
+    # (query, slot) order. Group ids fit 16 bits up to 65,536 groups, where numpy's stable sort is
+    # a radix sort (linear), much cheaper than a lexsort of two keys over n * nprobe entries.
+    keys = flat_g.astype(np.uint16) if int(flat_g.max()) < 2**16 and int(flat_g.min()) >= 0 else flat_g
+    order = np.argsort(keys, kind="stable")
+    entry = order if flat is None else flat[order]  # flat index into probes
+    sq, sg = entry // nprobe, flat_g[order]
     new = np.ones(len(order), bool)
     new[1:] = (sq[1:] != sq[:-1]) | (sg[1:] != sg[:-1])
     pair_of = np.cumsum(new) - 1
     pair_probes = np.full((int(new.sum()), nprobe), -1, np.int32)
-    pair_probes[pair_of, order % nprobe] = probes.ravel()[order]
-    return sq[new], sg[new].astype(np.int32), pair_probes
+    pair_probes[pair_of, entry % nprobe] = probes.ravel()[entry]
+    return sq[new].astype(np.int64), sg[new].astype(np.int32), pair_probes
 
 
 # ================================================================================================

@@ -143,10 +143,12 @@ def shuffle_unit(store: Store, layout: Layout, unit: int, parts: list[EmbeddingP
         raw = np.concatenate([read_raw_vectors(store, part, layout.vector) for part in parts])
     ids = np.arange(lo, lo + len(home), dtype=np.int64)
     wanted = np.arange(groups[0], groups[1] + 1)  # the wave's block edges
+    # only the wave's rows and pairs are sorted (each wave's work is its share of the unit's)
     base_group = list_group[home]
-    order = np.argsort(base_group, kind="stable")
+    order = np.flatnonzero((base_group >= groups[0]) & (base_group < groups[1]))
+    order = order[np.argsort(base_group[order], kind="stable")]
     b = np.searchsorted(base_group[order], wanted)
-    pair_query, pair_group, pair_probes = ivf.probes_by_group(probes, list_group)
+    pair_query, pair_group, pair_probes = ivf.probes_by_group(probes, list_group, groups)
     p = np.searchsorted(pair_group, wanted)
     base = ({"id": ids[order[b[g]:b[g + 1]]], "list": home[order[b[g]:b[g + 1]]], "raw": raw[order[b[g]:b[g + 1]]]}
             for g in range(len(wanted) - 1))
