@@ -12,8 +12,8 @@ The pool (``--root``, reused when its ``pool.json`` says the same settings): has
 clip_l14_similarity_score; the npz holds float16 unit vectors ``l14_img``/``l14_txt``
 (``--dim``, 768 as DataComp's L/14; 512 as ``b32_img``): √N clusters whose sizes follow a long tail
 (Zipf, exponent 1.1), 5% near-duplicates of earlier rows, text vectors near their image vector. A
-cluster has CLIP's low-dimensional shape (as ``pipeline.testing.clip_like_chunks``, which the graph
-benchmarks use): its centre and its spread live in a 64-d latent space (centres grouped under 20
+cluster has CLIP's low-dimensional shape (``pipeline.testing.ClipLikeClusters``, as the graph
+benchmarks' ``clip_like_chunks``): its centre and its spread live in a 64-d latent space (centres grouped under 20
 topics) mapped to ``--dim`` by a fixed random matrix, plus a little isotropic noise and a shared
 offset. (Pool version 1, until 2026-12-08, spread each cluster by isotropic ``--dim``-d noise 0.9-3.6
 times the centre's norm: vectors nearly uniform on the sphere, where a nearest neighbour is barely
@@ -76,6 +76,8 @@ def generate(root: str, n: int, dim: int, rows_per_file: int, seed: int = 0, chu
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.testing import ClipLikeClusters
+
     spec = {"n": n, "dim": dim, "rows_per_file": rows_per_file, "seed": seed, "version": 2}
     meta_dir = os.path.join(root, "metadata")
     done = os.path.join(root, "pool.json")
@@ -85,13 +87,7 @@ def generate(root: str, n: int, dim: int, rows_per_file: int, seed: int = 0, chu
     os.makedirs(meta_dir)
     rng = np.random.default_rng(seed)
     n_clusters = max(8, int(np.sqrt(n)))
-    # CLIP-like geometry (module docstring): latent 64-d centres under 20 topics, a spread per cluster
-    latent = 64
-    projection = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
-    topics = rng.normal(size=(20, latent))
-    centres = (topics[rng.integers(0, 20, n_clusters)] + 0.7 * rng.normal(size=(n_clusters, latent))).astype(np.float32)
-    spreads = rng.uniform(0.5, 1.0, size=n_clusters).astype(np.float32)
-    offset = 2.0 * rng.normal(size=dim).astype(np.float32) / np.sqrt(dim)
+    geometry = ClipLikeClusters(rng, n_clusters, dim)  # CLIP-like clusters (module docstring)
     weights = 1.0 / np.arange(1, n_clusters + 1) ** 1.1  # a long tail of rare clusters
     weights /= weights.sum()
     words = np.array("a photo of the cat dog house tree car street beach mountain red blue small large "
@@ -113,8 +109,7 @@ def generate(root: str, n: int, dim: int, rows_per_file: int, seed: int = 0, chu
                 for c0 in range(0, rows, chunk):
                     m = min(chunk, rows - c0)
                     cluster = rng.choice(n_clusters, size=m, p=weights)
-                    z = centres[cluster] + spreads[cluster, None] * rng.normal(size=(m, latent)).astype(np.float32)
-                    img = _unit(z @ projection + 0.05 * rng.normal(size=(m, dim)).astype(np.float32) + offset)
+                    img = geometry.rows(rng, cluster)
                     if len(recent):
                         dup = rng.random(m) < 0.05
                         src = rng.integers(0, len(recent), size=int(dup.sum()))

@@ -924,25 +924,40 @@ def _write_row_groups(store: Store, url: str, tables: list) -> None:
 # -- synthetic embeddings (graph tests and benchmarks) ------------------------------------------
 
 
+class ClipLikeClusters:
+    """CLIP-like cluster geometry: `clusters` centres grouped under 20 topics in a `latent`-d space
+    (spreads drawn from [0.5, 1.0]), mapped to `dim` by a fixed random matrix, plus isotropic noise
+    and a shared offset (CLIP embeddings share a common direction). Drawn from `rng` in a fixed order,
+    so the same rng state gives the same clusters; :meth:`rows` draws unit vectors of given clusters."""
+
+    def __init__(self, rng: np.random.Generator, clusters: int, dim: int, latent: int = 64):
+        self.latent = latent
+        self.projection = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
+        topics = rng.normal(size=(20, latent))
+        self.centres = (topics[rng.integers(0, 20, clusters)]
+                        + 0.7 * rng.normal(size=(clusters, latent))).astype(np.float32)
+        self.spreads = rng.uniform(0.5, 1.0, size=clusters).astype(np.float32)
+        self.offset = 2.0 * rng.normal(size=dim).astype(np.float32) / np.sqrt(dim)
+
+    def rows(self, rng: np.random.Generator, cluster: np.ndarray) -> np.ndarray:
+        """Unit vectors (float32 [len(cluster), dim]), one of each given cluster."""
+        m = len(cluster)
+        z = self.centres[cluster] + self.spreads[cluster, None] * rng.normal(size=(m, self.latent)).astype(np.float32)
+        x = z @ self.projection + 0.05 * rng.normal(size=(m, self.projection.shape[1])).astype(np.float32) + self.offset
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+
 def clip_like_chunks(n: int, dim: int = 512, seed: int = 0, latent: int = 64, chunk: int = 100_000):
     """Unit vectors with CLIP-like structure, `chunk` rows at a time (float32 [rows, dim] each): N/500
-    clusters grouped under 20 topics in a 64-d latent space (cluster spreads drawn from [0.5, 1.0]),
-    mapped to `dim` by a fixed random matrix, plus isotropic noise and a shared offset (CLIP
-    embeddings share a common direction). The chunks of one (n, seed) are the same whatever reads them."""
+    equally likely clusters of :class:`ClipLikeClusters`. The chunks of one (n, seed) are the same
+    whatever reads them."""
     rng = np.random.default_rng(seed)
     clusters = max(50, n // 500)
-    projection = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
-    topics = rng.normal(size=(20, latent))
-    centres = (topics[rng.integers(0, 20, clusters)] + 0.7 * rng.normal(size=(clusters, latent))).astype(np.float32)
-    spreads = rng.uniform(0.5, 1.0, size=clusters).astype(np.float32)
-    offset = 2.0 * rng.normal(size=dim).astype(np.float32) / np.sqrt(dim)
+    geometry = ClipLikeClusters(rng, clusters, dim, latent)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        c = rng.integers(0, clusters, stop - start)
-        z = centres[c] + spreads[c, None] * rng.normal(size=(stop - start, latent)).astype(np.float32)
-        x = z @ projection + 0.05 * rng.normal(size=(stop - start, dim)).astype(np.float32) + offset
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        yield x
+        yield geometry.rows(rng, rng.integers(0, clusters, stop - start))
 
 
 def clip_like_vectors(n: int, dim: int = 512, seed: int = 0, latent: int = 64, chunk: int = 100_000) -> np.ndarray:
