@@ -26,6 +26,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from select_scale import timed_greedy  # noqa: E402  (this file's folder is on sys.path when run)
 
 
 def main() -> None:
@@ -56,15 +57,7 @@ def main() -> None:
     neighbors, uids = g["neighbors"], g["uids"]
     lengths = g["sq_distances"] if args.distance == "sqeuclidean" else np.sqrt(g["sq_distances"])
     del g
-    d2.d2_select(d2.symmetrize_knn(neighbors[:1000] % 1000, lengths[:1000]), np.ones(1000), 10)  # numba warm-up
-    runs = []
-    for _ in range(2):
-        graph = sel = None  # the first run's memory freed before the second (peak RSS: one run's)
-        t0 = time.perf_counter()
-        graph = d2.symmetrize_knn(neighbors, lengths)
-        shifted, _ = d2.shift_nonnegative(scores)
-        sel = d2.d2_select(graph, shifted, budget, 1.0, 1.0)
-        runs.append(time.perf_counter() - t0)
+    runs, _, sel = timed_greedy(neighbors, lengths, scores, budget, 1.0)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"workdir": args.workdir, "n": n, "budget": budget, "read_s": round(read_s, 2),
            "greedy_s": round(min(runs), 3), "greedy_runs_s": [round(r, 3) for r in runs],

@@ -344,10 +344,9 @@ class ClipEncoder:
         import torch.nn.functional as F
 
         text = self.to_device(np.asarray(tokens)).long()
+        image_features = self._image_features(images)
         with torch.inference_mode(), self._autocast():
-            image_features = self.model.encode_image(images)
             text_features = self.model.encode_text(text)
-        image_features = F.normalize(image_features.float(), dim=-1)
         text_features = F.normalize(text_features.float(), dim=-1)
         scores = (image_features * text_features).sum(dim=-1)
         return image_features, text_features, scores
@@ -359,14 +358,18 @@ class ClipEncoder:
     def encode(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.collect(self.forward(self.pixels_to_tensor(pixels), tokens))
 
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """The image tower alone (no caption to score): the same image vectors :meth:`encode` gives."""
+    def _image_features(self, images):
+        """L2-normalised image vectors of a model input on the device (left there)."""
         import torch
         import torch.nn.functional as F
 
         with torch.inference_mode(), self._autocast():
-            features = self.model.encode_image(self.pixels_to_tensor(pixels))
-        return F.normalize(features.float(), dim=-1).cpu().numpy()
+            features = self.model.encode_image(images)
+        return F.normalize(features.float(), dim=-1)
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """The image tower alone (no caption to score): the same image vectors :meth:`encode` gives."""
+        return self._image_features(self.pixels_to_tensor(pixels)).cpu().numpy()
 
 
 def probe_batch_size(try_batch: Callable[[int], int], capacity: int, start: int = 32, limit: int = 1024) -> int:

@@ -475,17 +475,18 @@ def _read_once(sources: list, budget: int | None = None) -> list:
     read and decoded once. Past the budget every kept chunk is let go and the rest are read twice,
     as without this, so a large partition's worker never holds records beside its rows (its peak,
     in the filling pass, is unchanged). The chunks are the same either way, so the rows are too."""
-    left = [EDGE_CACHE_BYTES if budget is None else budget]
+    left = EDGE_CACHE_BYTES if budget is None else budget
     kept: dict[int, tuple] = {}
 
     def cached(i: int, source, full: bool):
+        nonlocal left
         if full and i in kept:
             return kept.pop(i)
-        if full or left[0] < 0:
+        if full or left < 0:
             return source(full)
         got = source(True)
-        left[0] -= sum(a.nbytes for a in got if a is not None)
-        if left[0] >= 0:
+        left -= sum(a.nbytes for a in got if a is not None)
+        if left >= 0:
             kept[i] = got
         else:  # over the budget: none kept
             kept.clear()
